@@ -1,0 +1,5 @@
+import sys
+
+from reprobuild.cli import main
+
+sys.exit(main())

@@ -1,0 +1,101 @@
+"""The command line: parses arguments, runs one subcommand, prints errors, picks exit codes.
+
+Only this module prints errors and chooses exit codes; library code raises
+:class:`~reprobuild.errors.ReprobuildError`. Exit codes: 0 success or identical, 1 a build
+failed or is not reproducible, 2 usage, recipe or environment error, 130 interrupted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import sys
+import traceback
+from collections.abc import Sequence
+
+from reprobuild import __version__
+from reprobuild.errors import ReprobuildError
+
+# name -> module in reprobuild.commands. Imported lazily: only the chosen one is loaded.
+COMMANDS: dict[str, str] = {
+    "build": "build",
+    "show": "show",
+    "log": "log",
+    "path": "path",
+    "fetch": "fetch",
+    "store": "store",
+    "gc": "gc",
+    "shell": "shell",
+    "image": "image",
+    "verity": "verity",
+    "fsverity": "fsverity",
+    "check": "check",
+    "diff": "diff",
+    "sign": "sign",
+    "challenge": "challenge",
+}
+
+
+def default_store() -> str:
+    """The embedded default store: $XDG_CACHE_HOME/reprobuild (no server needed)."""
+    cache = os.environ.get("XDG_CACHE_HOME") or os.path.join(
+        os.path.expanduser("~"), ".cache")
+    return os.path.join(cache, "reprobuild")
+
+
+def _common(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--store", metavar="DIR", default=None,
+                        help="store directory (default: $XDG_CACHE_HOME/reprobuild)")
+    parser.add_argument("--debug", action="store_true",
+                        help="print tracebacks and every sandbox operation")
+
+
+def build_parser(argv: Sequence[str]) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="reprobuild",
+        description="Build reproducible filesystem and disk images from recipes.")
+    parser.add_argument("--version", action="version", version=f"reprobuild {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+    # Load only the requested command's module; list the others by name.
+    wanted = next((a for a in argv if not a.startswith("-")), None)
+    for name, module_name in COMMANDS.items():
+        if name != wanted:
+            sub.add_parser(name, help=f"(see reprobuild {name} --help)")
+            continue
+        module = importlib.import_module(f"reprobuild.commands.{module_name}")
+        cmd = sub.add_parser(name, help=module.HELP, description=module.HELP)
+        _common(cmd)
+        module.add_arguments(cmd)
+        cmd.set_defaults(run=module.run)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args_list = list(sys.argv[1:] if argv is None else argv)
+    try:
+        parser = build_parser(args_list)
+    except ModuleNotFoundError as exc:
+        print(f"reprobuild: command not available: {exc.name}", file=sys.stderr)
+        return 2
+    args = parser.parse_args(args_list)
+    if getattr(args, "store", None) is None and hasattr(args, "store"):
+        args.store = default_store()
+    try:
+        code: int = args.run(args)
+        return code
+    except ReprobuildError as exc:
+        if getattr(args, "debug", False):
+            traceback.print_exc()
+        print(f"reprobuild: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("reprobuild: interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Run one command in an unprivileged, hermetic Linux sandbox. Never imports reprobuild."""

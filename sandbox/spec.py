@@ -1,0 +1,66 @@
+"""The one small interface between a caller (the engine) and the sandbox.
+
+The caller describes a run as a :class:`SandboxSpec` and hands it to a :class:`Runner`;
+the sandbox decides nothing about the caller's world beyond what the spec says.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Protocol
+
+
+@dataclass(frozen=True)
+class Mount:
+    """A host file or directory made visible at ``target`` inside the sandbox."""
+
+    source: str  # absolute host path
+    target: str  # absolute path inside the sandbox
+    writable: bool = False
+
+
+@dataclass(frozen=True)
+class SandboxSpec:
+    """Everything a sandboxed run sees. Nothing of the host is visible unless listed.
+
+    ``env`` holds the caller's variables; the sandbox adds the fixed ones (HOME, TMPDIR,
+    TZ=UTC, LANG=C.UTF-8, SOURCE_DATE_EPOCH from ``epoch``, the core count from
+    ``cores``) and they win over the caller's.
+    """
+
+    argv: tuple[str, ...]
+    mounts: tuple[Mount, ...] = ()
+    env: tuple[tuple[str, str], ...] = ()
+    cwd: str = "/build"
+    epoch: int = 0
+    cores: int = 1
+    timeout: float | None = None  # seconds; the whole pid namespace dies when it passes
+    interactive: bool = False  # inherit the caller's terminal (for `reprobuild shell`)
+    debug: bool = False  # describe every namespace and mount operation on the log
+    extra: tuple[tuple[str, str], ...] = field(default=())
+
+
+@dataclass(frozen=True)
+class SandboxResult:
+    """How a run ended. ``returncode`` is None when it was killed by a signal."""
+
+    returncode: int | None
+    signal: int | None = None
+    timed_out: bool = False
+    duration: float = 0.0
+
+    @property
+    def ok(self) -> bool:
+        return self.returncode == 0 and not self.timed_out
+
+
+class Runner(Protocol):
+    """Runs sandboxed commands; safe to call from any thread of the caller."""
+
+    def run(self, spec: SandboxSpec, *, log_fd: int) -> SandboxResult:
+        """Run ``spec`` with stdout and stderr going to ``log_fd``; stdin is /dev/null."""
+        ...
+
+    def close(self) -> None:
+        """Stop the runner; running sandboxes are killed."""
+        ...

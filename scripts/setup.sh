@@ -1,0 +1,40 @@
+#!/bin/sh
+# Installs what reprobuild needs on a new Debian 12 machine, into ./.venv.
+#   scripts/setup.sh          the tool and the host programs its shipped recipes use
+#   scripts/setup.sh --test   also the reference tools and Python packages the tests use
+# The venv is made from Debian's /usr/bin/python3 so that an unprivileged uid can run it.
+set -eu
+cd "$(dirname "$0")/.."
+
+with_tests=no
+[ "${1:-}" = "--test" ] && with_tests=yes
+
+runtime_debs="python3-venv python3-dev gcc busybox-static ca-certificates"
+test_debs="e2fsprogs squashfs-tools erofs-utils cryptsetup-bin fsverity gdisk fdisk
+  bubblewrap cpio tar util-linux mmdebstrap diffoscope-minimal zstd xz-utils lz4"
+
+debs=$runtime_debs
+[ "$with_tests" = yes ] && debs="$debs $test_debs"
+
+missing=""
+for deb in $debs; do
+  dpkg-query -W -f='${Status}' "$deb" 2>/dev/null | grep -q "install ok installed" \
+    || missing="$missing $deb"
+done
+if [ -n "$missing" ]; then
+  if [ "$(id -u)" = 0 ]; then sudo=""; else sudo="sudo"; fi
+  echo "setup: installing Debian packages:$missing"
+  $sudo apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends $missing >/dev/null
+fi
+
+if [ ! -x .venv/bin/python ]; then
+  /usr/bin/python3 -m venv .venv
+fi
+.venv/bin/python -m pip install -q --disable-pip-version-check --upgrade pip
+if [ "$with_tests" = yes ]; then
+  .venv/bin/python -m pip install -q --disable-pip-version-check -e '.[test]'
+else
+  .venv/bin/python -m pip install -q --disable-pip-version-check -e .
+fi
+echo "setup: done (.venv/bin/reprobuild)"

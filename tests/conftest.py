@@ -1,0 +1,172 @@
+"""Shared test fixtures: capability probes, reference-tool checks, unprivileged runs.
+
+Probes try the operation once and skip with a reason; under CI (``CI=true``) a skip for a
+missing tool or capability is a failure, so nothing is silently untested.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import shutil
+import subprocess
+import sys
+import sysconfig
+import tempfile
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+IN_CI = os.environ.get("CI") == "true"
+NOBODY = 65534
+
+
+def need(condition: bool, reason: str) -> None:
+    """Skip (or, in CI, fail) the current test when ``condition`` is false."""
+    if condition:
+        return
+    if IN_CI:
+        pytest.fail(f"CI must not skip: {reason}")
+    pytest.skip(reason)
+
+
+def need_tool(*names: str) -> None:
+    for name in names:
+        need(shutil.which(name) is not None or os.path.exists(f"/usr/sbin/{name}")
+             or os.path.exists(f"/sbin/{name}"),
+             f"missing tool {name} (run scripts/setup.sh --test)")
+
+
+@functools.cache
+def can_loop_mount() -> bool:
+    if os.geteuid() != 0:
+        return False
+    with tempfile.TemporaryDirectory() as tmp:
+        img = Path(tmp, "probe.img")
+        mnt = Path(tmp, "mnt")
+        mnt.mkdir()
+        with img.open("wb") as f:
+            f.truncate(8 << 20)
+        if subprocess.run(["mkfs.ext4", "-q", str(img)], capture_output=True).returncode:
+            return False
+        ok = subprocess.run(["mount", "-o", "loop,ro", str(img), str(mnt)],
+                            capture_output=True).returncode == 0
+        if ok:
+            subprocess.run(["umount", str(mnt)], check=False)
+        return ok
+
+
+@functools.cache
+def can_unshare_user() -> bool:
+    cmd = ["unshare", "--user", "--map-root-user", "--mount", "--pid", "--fork", "--net", "true"]
+    if os.geteuid() == 0:
+        cmd = ["setpriv", "--reuid", str(NOBODY), "--regid", str(NOBODY), "--clear-groups", *cmd]
+    try:
+        return subprocess.run(cmd, capture_output=True, timeout=20).returncode == 0
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+
+
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    if item.get_closest_marker("root"):
+        need(can_loop_mount(), "needs root and loop mounts")
+    if item.get_closest_marker("userns"):
+        need(can_unshare_user(), "needs unprivileged user namespaces")
+
+
+@pytest.fixture()
+def mount_image(tmp_path: Path) -> Iterator[object]:
+    """Loop-mount an image read-only: ``mount_image(path, fstype) -> Path``; unmounted after."""
+    mounted: list[Path] = []
+
+    def mount(image: Path, fstype: str, *, offset: int | None = None) -> Path:
+        need(can_loop_mount(), "needs root and loop mounts")
+        target = tmp_path / f"mnt{len(mounted)}"
+        target.mkdir()
+        opts = "loop,ro" + (f",offset={offset}" if offset is not None else "")
+        subprocess.run(["mount", "-t", fstype, "-o", opts, str(image), str(target)],
+                       check=True, capture_output=True)
+        mounted.append(target)
+        return target
+
+    yield mount
+    for target in reversed(mounted):
+        subprocess.run(["umount", str(target)], check=False)
+
+
+class Unprivileged:
+    """Runs Python code of this checkout as uid 65534 (or as the caller when not root).
+
+    The checkout may live under a 0700 home, so the packages and the venv's site-packages
+    are copied once into a world-readable directory and run with Debian's /usr/bin/python3
+    (the venv is made from it, so compiled modules match).
+    """
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.as_root = os.geteuid() == 0
+        purelib = Path(sysconfig.get_paths()["purelib"])
+        site = root / "site"
+        shutil.copytree(purelib, site, symlinks=True,
+                        ignore=shutil.ignore_patterns("__pycache__", "*.pth", "__editable__*",
+                                                      "reprobuild*"))
+        for pkg in ("reprobuild", "sandbox"):
+            shutil.copytree(REPO / pkg, root / "src" / pkg,
+                            ignore=shutil.ignore_patterns("__pycache__"))
+        self.python = "/usr/bin/python3" if self.as_root else sys.executable
+        for dirpath, dirnames, filenames in os.walk(root):
+            for name in dirnames:
+                os.chmod(os.path.join(dirpath, name), 0o755)
+            for name in filenames:
+                p = os.path.join(dirpath, name)
+                if not os.path.islink(p):
+                    os.chmod(p, 0o755 if os.access(p, os.X_OK) else 0o644)
+        os.chmod(root, 0o755)
+        self.pythonpath = f"{root / 'src'}:{site}"
+
+    def command(self, argv: Sequence[str]) -> list[str]:
+        if self.as_root:
+            return ["setpriv", "--reuid", str(NOBODY), "--regid", str(NOBODY),
+                    "--clear-groups", "--", *argv]
+        return list(argv)
+
+    def run(self, argv: Sequence[str], *, env: dict[str, str] | None = None,
+            cwd: str | Path | None = None, timeout: float = 300,
+            check: bool = False) -> subprocess.CompletedProcess[str]:
+        """Run ``argv`` (``python`` as first word means the test interpreter) unprivileged."""
+        argv = [self.python if a == "python" else a for a in argv]
+        full_env = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "LANG": "C.UTF-8",
+                    "HOME": str(self.root / "home"), "PYTHONPATH": self.pythonpath,
+                    "PYTHONDONTWRITEBYTECODE": "1"}
+        full_env.update(env or {})
+        return subprocess.run(self.command(argv), env=full_env, cwd=cwd or self.root,
+                              capture_output=True, text=True, timeout=timeout, check=check)
+
+    def reprobuild(self, *args: str, **kwargs: object) -> subprocess.CompletedProcess[str]:
+        return self.run(["python", "-m", "reprobuild", *args], **kwargs)  # type: ignore[arg-type]
+
+    def scratch(self, name: str) -> Path:
+        """A fresh directory the unprivileged uid owns."""
+        path = self.root / "scratch" / name
+        path.mkdir(parents=True)
+        if self.as_root:
+            for p in (self.root / "scratch", path):
+                os.chown(p, NOBODY, NOBODY)
+        return path
+
+
+@pytest.fixture(scope="session")
+def unprivileged() -> Iterator[Unprivileged]:
+    need(can_unshare_user(), "needs unprivileged user namespaces")
+    root = Path(tempfile.mkdtemp(prefix="reprobuild-unpriv-"))
+    try:
+        home = root / "home"
+        yield_obj = Unprivileged(root)
+        home.mkdir()
+        if yield_obj.as_root:
+            os.chown(home, NOBODY, NOBODY)
+        yield yield_obj
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
