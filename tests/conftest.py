@@ -170,3 +170,32 @@ def unprivileged() -> Iterator[Unprivileged]:
         yield yield_obj
     finally:
         shutil.rmtree(root, ignore_errors=True)
+
+
+MINBASE_CACHE = Path(os.environ.get("REPROBUILD_TEST_CACHE", "/var/tmp/reprobuild-test-cache"))
+
+
+@pytest.fixture(scope="session")
+def debian_minbase_tar() -> Path:
+    """A Debian bookworm minbase root filesystem as a tar (made once, then cached).
+
+    Made with mmdebstrap from the host's own apt sources (no mirror name here).
+    """
+    target = MINBASE_CACHE / "bookworm-minbase.tar"
+    if target.exists():
+        return target
+    need_tool("mmdebstrap")
+    MINBASE_CACHE.mkdir(parents=True, exist_ok=True)
+    sources = next((p for p in ("/etc/apt/sources.list.d/debian.sources",
+                                "/etc/apt/sources.list") if Path(p).exists()), None)
+    need(sources is not None, "no apt sources on this host for mmdebstrap")
+    partial = target.with_suffix(".partial")
+    cmd = ["mmdebstrap", "--variant=minbase", "--quiet", "bookworm", str(partial)]
+    if sources and sources.endswith(".list"):
+        cmd.append(sources)
+    else:
+        cmd += [f"--setup-hook=cp {sources} \"$1\"/etc/apt/sources.list.d/"]
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=1800)
+    need(result.returncode == 0, f"mmdebstrap failed: {result.stderr[-2000:]}")
+    partial.rename(target)
+    return target
