@@ -190,12 +190,12 @@ def debian_minbase_tar() -> Path:
                                 "/etc/apt/sources.list") if Path(p).exists()), None)
     need(sources is not None, "no apt sources on this host for mmdebstrap")
     partial = target.with_suffix(".partial")
-    cmd = ["mmdebstrap", "--variant=minbase", "--quiet", "bookworm", str(partial)]
-    if sources and sources.endswith(".list"):
-        cmd.append(sources)
-    else:
-        cmd += [f"--setup-hook=cp {sources} \"$1\"/etc/apt/sources.list.d/"]
-    result = subprocess.run(cmd, capture_output=True, text=True, timeout=1800)
+    # "-" reads the host's apt sources (one-line or deb822 format) from stdin.
+    cmd = ["mmdebstrap", "--variant=minbase", "--quiet", "bookworm", str(partial), "-"]
+    assert sources is not None
+    with open(sources, "rb") as stdin:
+        result = subprocess.run(cmd, stdin=stdin, capture_output=True, text=True,
+                                timeout=1800)
     need(result.returncode == 0, f"mmdebstrap failed: {result.stderr[-2000:]}")
     partial.rename(target)
     return target
