@@ -1,0 +1,49 @@
+"""`reprobuild challenge`: compare build records from independent builders."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
+from reprobuild import records
+from reprobuild.errors import ReprobuildError
+
+HELP = ("compare build records of the same derivations from independent builders; "
+        "exit 1 when any output differs")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("records", nargs="+", metavar="RECORD",
+                        help="build records (plain or signed envelopes)")
+    parser.add_argument("--key", action="append", default=[], metavar="PUBKEY",
+                        help="a trusted public key; every record must be signed by a "
+                             "trusted key (repeatable)")
+    parser.add_argument("--trusted-keys", metavar="DIR",
+                        help="a directory of trusted *.pub keys")
+    parser.add_argument("--json", action="store_true", help="print the result as JSON")
+
+
+def run(args: argparse.Namespace) -> int:
+    keys: dict[str, Ed25519PublicKey] | None = None
+    if args.key or args.trusted_keys:
+        keys = {}
+        if args.trusted_keys:
+            keys.update(records.load_trusted_keys(args.trusted_keys))
+        for path in args.key:
+            key = records.load_public_key(path)
+            keys[records.key_id(key)] = key
+    loaded = [records.load_record(path, keys) for path in args.records]
+    if not loaded:
+        raise ReprobuildError("no records given")
+    results = records.challenge(loaded)
+    if args.json:
+        doc = [{"derivation": r.derivation_id, "target": r.target, "agree": r.agree,
+                "outputs": [{"digest": dict(d), "builders": list(b)} for d, b in r.groups]}
+               for r in results]
+        sys.stdout.write(json.dumps(doc, indent=2, sort_keys=True) + "\n")
+    else:
+        sys.stdout.write(records.format_challenge(results))
+    return 0 if all(r.agree for r in results) else 1
