@@ -30,6 +30,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import (
 
 from reprobuild import __version__
 from reprobuild.errors import ReprobuildError, VerifyError
+from reprobuild.integrity import fsverity
 
 STATEMENT_TYPE = "https://in-toto.io/Statement/v1"
 PREDICATE_TYPE = "https://slsa.dev/provenance/v1"
@@ -196,40 +197,13 @@ def make_record(
 
 
 # -- digests of a file ----------------------------------------------------------------
-FSVERITY_BLOCK = 4096
-
-
 def file_digests(path: str | os.PathLike[str]) -> tuple[str, str]:
     """The sha256 and the fs-verity sha256 digest (4 KiB blocks, no salt) of a file, hex."""
     sha = hashlib.sha256()
-    leaves: list[bytes] = []
-    size = 0
     with open(path, "rb") as stream:
-        while block := stream.read(FSVERITY_BLOCK):
-            sha.update(block)
-            size += len(block)
-            leaves.append(hashlib.sha256(block.ljust(FSVERITY_BLOCK, b"\0")).digest())
-    return sha.hexdigest(), _fsverity_sha256(leaves, size).hex()
-
-
-def _fsverity_sha256(leaves: list[bytes], size: int) -> bytes:
-    # Documentation/filesystems/fsverity.rst: Merkle tree of zero-padded hash blocks,
-    # then H(fsverity_descriptor); an empty file has an all-zero root hash.
-    level = leaves
-    if size == 0:
-        root = bytes(32)
-    else:
-        while len(level) > 1:
-            joined = b"".join(level)
-            level = [hashlib.sha256(joined[i:i + FSVERITY_BLOCK].ljust(FSVERITY_BLOCK, b"\0"))
-                     .digest() for i in range(0, len(joined), FSVERITY_BLOCK)]
-        root = level[0]
-    # struct fsverity_descriptor: version u8, hash_algorithm u8 (1 = sha256),
-    # log_blocksize u8, salt_size u8, reserved le32, data_size le64, root_hash[64],
-    # salt[32], reserved[144]
-    descriptor = (bytes([1, 1, FSVERITY_BLOCK.bit_length() - 1, 0]) + bytes(4)
-                  + size.to_bytes(8, "little") + root.ljust(64, b"\0") + bytes(32 + 144))
-    return hashlib.sha256(descriptor).digest()
+        while chunk := stream.read(1 << 20):
+            sha.update(chunk)
+    return sha.hexdigest(), fsverity.digest_file(path).hex()
 
 
 # -- keys and DSSE signatures ---------------------------------------------------------
