@@ -1,0 +1,148 @@
+"""Canonical outputs on disk: normalise like Nix, hash a tree, sync it, remove it.
+
+An output is a regular file, a symlink or a directory of those. Canonical form: every
+mtime is the epoch, regular files are 0444 or 0555 (any execute bit), directories 0555,
+no setuid/setgid/sticky bits, no xattrs; ownership is ignored. The content hash is blake3
+over a serialisation of the tree that depends on nothing else:
+
+    node      = file | symlink | directory
+    file      = b"F" + (b"x" | b"-") + u64le(size) + bytes
+    symlink   = b"L" + u64le(len) + target
+    directory = b"D" + u64le(count) + count * (u64le(len) + name + node)
+
+with the header ``b"reprobuild-tree/1\\0"`` in front and names sorted bytewise.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import stat
+import struct
+
+import blake3
+
+from reprobuild.errors import BuildError
+
+HEADER = b"reprobuild-tree/1\0"
+U64 = struct.Struct("<Q")
+CHUNK = 1 << 20
+
+
+def _display(path: bytes) -> str:
+    return path.decode("utf-8", "backslashreplace")
+
+
+def canonicalize(path: str | bytes, *, epoch: int, top_mode: bool = True) -> None:
+    """Normalise the output at ``path`` in place; refuse anything but files, dirs, links.
+
+    With ``top_mode=False`` the top directory keeps its mode (so it can still be renamed
+    into the store by an unprivileged user; the caller sets it afterwards).
+    """
+    root = os.fsencode(path)
+    _canon(root, root, epoch, top_mode=top_mode)
+
+
+def _strip_xattrs(path: bytes) -> None:
+    try:
+        names = os.listxattr(path, follow_symlinks=False)
+    except OSError:
+        return
+    for name in names:
+        with contextlib.suppress(OSError):
+            os.removexattr(path, name, follow_symlinks=False)
+
+
+def _canon(root: bytes, path: bytes, epoch: int, *, top_mode: bool) -> None:
+    st = os.lstat(path)
+    mode = st.st_mode
+    if stat.S_ISLNK(mode):
+        os.utime(path, ns=(epoch * 10**9, epoch * 10**9), follow_symlinks=False)
+        return
+    if stat.S_ISREG(mode):
+        _strip_xattrs(path)
+        os.chmod(path, 0o555 if mode & 0o111 else 0o444)
+    elif stat.S_ISDIR(mode):
+        if not mode & 0o200 or not mode & 0o100:
+            os.chmod(path, 0o755)
+        for name in os.listdir(path):
+            _canon(root, path + b"/" + name, epoch, top_mode=True)
+        _strip_xattrs(path)
+        if path != root or top_mode:
+            os.chmod(path, 0o555)
+    else:
+        rel = _display(os.path.relpath(path, root)) if path != root else "the output"
+        kind = "device node" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode) else (
+            "fifo" if stat.S_ISFIFO(mode) else "socket")
+        raise BuildError(f"output contains a {kind} at {rel}",
+                         hint="outputs hold only regular files, directories and symlinks; "
+                              "device nodes belong in an image's [files] overrides")
+    os.utime(path, ns=(epoch * 10**9, epoch * 10**9), follow_symlinks=False)
+
+
+def hash_path(path: str | bytes) -> str:
+    """The content hash (hex) of a file, symlink or directory tree, as described above."""
+    hasher = blake3.blake3(HEADER)
+    _hash(hasher, os.fsencode(path))
+    return hasher.hexdigest()
+
+
+def _hash(hasher: blake3.blake3, path: bytes) -> None:
+    st = os.lstat(path)
+    if stat.S_ISLNK(st.st_mode):
+        target = os.readlink(path)
+        hasher.update(b"L" + U64.pack(len(target)) + target)
+    elif stat.S_ISREG(st.st_mode):
+        hasher.update(b"F" + (b"x" if st.st_mode & 0o111 else b"-") + U64.pack(st.st_size))
+        size = 0
+        with open(path, "rb") as f:
+            while chunk := f.read(CHUNK):
+                hasher.update(chunk)
+                size += len(chunk)
+        if size != st.st_size:
+            raise BuildError(f"{_display(path)} changed while it was being hashed")
+    elif stat.S_ISDIR(st.st_mode):
+        names = sorted(os.listdir(path))
+        hasher.update(b"D" + U64.pack(len(names)))
+        for name in names:
+            hasher.update(U64.pack(len(name)) + name)
+            _hash(hasher, path + b"/" + name)
+    else:
+        raise BuildError(f"{_display(path)} is not a regular file, directory or symlink")
+
+
+def fsync_tree(path: str | bytes) -> None:
+    """fsync every file and directory under ``path`` (symlinks live in their directory)."""
+    top = os.fsencode(path)
+    st = os.lstat(top)
+    if stat.S_ISLNK(st.st_mode):
+        return
+    if stat.S_ISDIR(st.st_mode):
+        for name in os.listdir(top):
+            fsync_tree(top + b"/" + name)
+    fsync_path(top)
+
+
+def fsync_path(path: str | bytes) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def remove_tree(path: str | bytes) -> None:
+    """Delete a file or tree even when its directories are read-only (store outputs)."""
+    top = os.fsencode(path)
+    try:
+        st = os.lstat(top)
+    except FileNotFoundError:
+        return
+    if not stat.S_ISDIR(st.st_mode):
+        os.unlink(top)
+        return
+    if stat.S_IMODE(st.st_mode) & 0o700 != 0o700:
+        os.chmod(top, 0o700)
+    for name in os.listdir(top):
+        remove_tree(top + b"/" + name)
+    os.rmdir(top)
