@@ -103,3 +103,17 @@ def test_one_bit_changes_digest() -> None:
 def test_bad_parameters_are_refused(algorithm: str, block_size: int, salt: bytes) -> None:
     with pytest.raises(ImageError):
         fsverity.digest_bytes(b"abc", algorithm=algorithm, block_size=block_size, salt=salt)
+
+
+@pytest.mark.tool
+def test_cli_prints_like_fsverity(files: dict[int, Path],
+                                  capsys: pytest.CaptureFixture[str]) -> None:
+    from reprobuild.cli import main
+
+    need_tool("fsverity")
+    paths = [str(files[0]), str(files[4097])]
+    args = ["--hash-alg=sha512", "--block-size=1024", "--salt=0a0b"]
+    assert main(["fsverity", "digest", *paths, *args]) == 0
+    expected = subprocess.run(["fsverity", "digest", *paths, *args], check=True,
+                              capture_output=True, text=True).stdout
+    assert capsys.readouterr().out == expected

@@ -168,3 +168,22 @@ def test_bad_inputs_are_refused(tmp_path: Path) -> None:
     with pytest.raises(ImageError, match="block size"):
         verity.plan(algorithm="sha256", data_block_size=3000, hash_block_size=4096,
                     data_blocks=1)
+
+
+def test_cli_format_and_verify(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from reprobuild.cli import main
+
+    data, hash_file = tmp_path / "data", tmp_path / "hash"
+    data.write_bytes(pattern(40 * 4096, seed=7))
+    assert main(["verity", "format", str(data), str(hash_file), "--salt", "00ff",
+                 "--uuid", UUID]) == 0
+    root = capsys.readouterr().out.strip()
+    assert root == verity.format(data, tmp_path / "again", salt=b"\x00\xff",
+                                 uuid=UUID).root_hash_hex
+    assert main(["verity", "verify", str(data), str(hash_file), root]) == 0
+    with data.open("r+b") as f:
+        f.seek(39 * 4096)
+        f.write(b"\x01")
+    capsys.readouterr()
+    assert main(["verity", "verify", str(data), str(hash_file), root]) == 1
+    assert "data block 39 " in capsys.readouterr().err
