@@ -8,7 +8,7 @@ device numbers, fifos, symlink targets as given, hardlinks, and xattrs from pax
 expanded: holes become zero bytes of content.
 
 Where the bytes live: for an uncompressed tar file, regular members are read in place
-(a :class:`TarSliceSource` of offset and size in the archive, nothing copied); members of
+(a :class:`SliceSource` of offset and size in the archive, nothing copied); members of
 a compressed tar, and sparse members, are copied once into a content-addressed
 :class:`Spool` directory (file name = blake3 of the bytes, identical files stored once),
 never held whole in memory. The archive and the spool must outlive the tree.
@@ -121,7 +121,7 @@ class _SliceReader(io.RawIOBase):
 
 
 @dataclass(frozen=True)
-class TarSliceSource:
+class SliceSource:
     """A member's bytes read in place from an uncompressed archive (or image) file."""
 
     path: bytes
@@ -281,7 +281,7 @@ def _member(archive: tarfile.TarFile, info: tarfile.TarInfo, path: bytes, what: 
     entry = _entry_of(info, rel, kind, label)
     if kind is EntryType.REGULAR:
         if in_place and not info.issparse():
-            content = Content(info.size, TarSliceSource(path, info.offset_data, info.size))
+            content = Content(info.size, SliceSource(path, info.offset_data, info.size))
         else:
             data = archive.extractfile(info)
             assert data is not None

@@ -1,0 +1,248 @@
+"""cpio "newc" archives (Linux initramfs): same tree and epoch, same bytes, on any host.
+
+The plan, computed before any byte is written:
+
+* members in canonical order; the root is ``.``, other names are relative paths;
+* inode numbers 1, 2, ... in canonical order; the paths of a hardlink group share the
+  number of the group's first path; the file's bytes go with the *last* path of the
+  group (earlier ones have size 0), which is what the kernel's initramfs unpacker and
+  GNU cpio expect;
+* nlink: the group size for regular files, 2 + subdirectories for directories, 1 else;
+* mtimes are whole seconds, clamped to the epoch (fractions are dropped: newc has none);
+  devmajor/devminor (the device of the archived file system) are 0, check is 0;
+* the archive ends with ``TRAILER!!!`` and is zero-padded to a 512-byte block.
+
+What newc cannot hold is refused with an ImageError naming the path: sizes, ids or mtimes
+beyond 32 bits, names longer than PATH_MAX (4096 bytes with the NUL), and xattrs (unless
+the option ``xattrs = "ignore"`` is given, which drops them).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import BinaryIO
+
+from reprobuild.errors import ImageError
+from reprobuild.images.registry import ImageOptions
+from reprobuild.images.tar import check_archive_options
+from reprobuild.tarinput import SliceSource
+from reprobuild.tree import Content, Entry, EntryType, Tree, check_relative_path, path_key
+from reprobuild.treebuilder import TreeBuilder
+
+VERSION = "1"
+
+NEWC_MAGIC = b"070701"
+CRC_MAGIC = b"070702"
+# struct cpio_newc_header (cpio(5); kernel init/initramfs.c), 110 bytes, all fields
+# 8 hex digits: c_magic[6] @0, c_ino @6, c_mode @14, c_uid @22, c_gid @30, c_nlink @38,
+# c_mtime @46, c_filesize @54, c_devmajor @62, c_devminor @70, c_rdevmajor @78,
+# c_rdevminor @86, c_namesize @94, c_check @102.
+NEWC_HEADER_SIZE = 110
+NEWC_FIELDS = 13
+TRAILER = b"TRAILER!!!"
+PATH_MAX = 4096
+U32 = 0xFFFFFFFF
+BLOCK = 512
+
+
+@dataclass(frozen=True)
+class CpioMember:
+    """One planned member: header and name (padded) and the data to follow."""
+
+    header: bytes
+    content: Content | None  # regular file data or None
+    inline: bytes  # symlink target (written as data)
+    path: bytes
+
+
+def newc_header(name: bytes, *, ino: int, mode: int, uid: int, gid: int, nlink: int,
+                mtime: int, filesize: int, rdevmajor: int = 0, rdevminor: int = 0) -> bytes:
+    """Header plus NUL-terminated name, padded to a multiple of 4 bytes."""
+    fields = (ino, mode, uid, gid, nlink, mtime, filesize, 0, 0, rdevmajor, rdevminor,
+              len(name) + 1, 0)
+    header = NEWC_MAGIC + b"".join(b"%08X" % value for value in fields) + name + b"\0"
+    return header + b"\0" * (-len(header) % 4)
+
+
+def _u32(value: int, what: str, shown: str) -> int:
+    if not 0 <= value <= U32:
+        raise ImageError(f"{shown}: {what} {value} does not fit in a cpio newc header",
+                         hint="newc holds 32-bit sizes, ids and times")
+    return value
+
+
+def plan(tree: Tree, options: ImageOptions) -> list[CpioMember]:
+    """Every member's header in archive order (no file bytes read)."""
+    check_archive_options(options, "cpio")
+    ignore_xattrs = options.get("xattrs") == "ignore"
+    groups = tree.hardlink_groups()
+    group_of: dict[bytes, list[bytes]] = {}
+    for paths in groups.values():
+        ordered = sorted(paths, key=path_key)
+        for path in ordered:
+            group_of[path] = ordered
+    inode_of: dict[bytes, int] = {}
+    subdirs: dict[bytes, int] = {}
+    for entry in tree:
+        if entry.type is EntryType.DIRECTORY and entry.path:
+            subdirs[entry.parent] = subdirs.get(entry.parent, 0) + 1
+    members = []
+    epoch_ns = options.epoch * 1_000_000_000
+    for entry in tree:
+        shown = entry.display()
+        inode = tree.resolve(entry)
+        group = group_of.get(entry.path)
+        first = group[0] if group else entry.path
+        if first not in inode_of:
+            inode_of[first] = len(inode_of) + 1
+        if inode.xattrs and not ignore_xattrs:
+            raise ImageError(f"{shown}: cpio newc cannot store xattrs",
+                             hint="drop them with the image option xattrs = \"ignore\"")
+        name = entry.path or b"."
+        if len(name) + 1 > PATH_MAX:
+            raise ImageError(f"{shown}: name of {len(name)} bytes is longer than PATH_MAX")
+        content = None
+        inline = b""
+        if entry.type is EntryType.SYMLINK:
+            inline = entry.target or b""
+            size = len(inline)
+        elif inode.type is EntryType.REGULAR and (group is None or entry.path == group[-1]):
+            content = inode.content
+            size = inode.size
+        else:
+            size = 0
+        if entry.type is EntryType.DIRECTORY:
+            nlink = 2 + subdirs.get(entry.path, 0)
+        else:
+            nlink = len(group) if group else 1
+        mtime = min(inode.mtime_ns, epoch_ns)
+        header = newc_header(
+            name, ino=inode_of[first], mode=inode.st_mode,
+            uid=_u32(inode.uid, "uid", shown), gid=_u32(inode.gid, "gid", shown),
+            nlink=nlink, mtime=_u32(mtime // 1_000_000_000, "mtime", shown),
+            filesize=_u32(size, "size", shown),
+            rdevmajor=_u32(entry.rdev_major, "device major", shown),
+            rdevminor=_u32(entry.rdev_minor, "device minor", shown))
+        members.append(CpioMember(header, content, inline, entry.path))
+    return members
+
+
+def write(tree: Tree, output: BinaryIO, options: ImageOptions) -> None:
+    """Write the newc archive of ``tree`` to ``output``."""
+    total = 0
+    for member in plan(tree, options):
+        output.write(member.header)
+        total += len(member.header)
+        data_size = len(member.inline)
+        if member.inline:
+            output.write(member.inline)
+        elif member.content is not None:
+            for chunk in member.content.chunks():
+                output.write(chunk)
+                data_size += len(chunk)
+            if data_size != member.content.size:
+                raise ImageError(
+                    f"/{member.path.decode(errors='replace')}: content is {data_size} bytes,"
+                    f" expected {member.content.size}",
+                    hint="do not modify the source tree during a build")
+        padding = -data_size % 4
+        output.write(b"\0" * padding)
+        total += data_size + padding
+    trailer = newc_header(TRAILER, ino=0, mode=0, uid=0, gid=0, nlink=1, mtime=0, filesize=0)
+    total += len(trailer)
+    output.write(trailer + b"\0" * (-total % BLOCK))
+
+
+# -- reading ---------------------------------------------------------------------------
+@dataclass(frozen=True)
+class _Record:
+    name: bytes
+    fields: tuple[int, ...]
+    data_offset: int
+
+
+def _records(path: bytes) -> list[_Record]:
+    shown = path.decode("utf-8", "backslashreplace")
+    records: list[_Record] = []
+    with open(path, "rb") as archive:
+        offset = 0
+        while True:
+            head = archive.read(NEWC_HEADER_SIZE)
+            if len(head) < NEWC_HEADER_SIZE or head[:6] not in (NEWC_MAGIC, CRC_MAGIC):
+                raise ImageError(f"{shown}: no newc header at offset {offset}",
+                                 hint="only newc (070701/070702) cpio archives are read")
+            try:
+                fields = tuple(int(head[6 + 8 * i:14 + 8 * i], 16) for i in range(NEWC_FIELDS))
+            except ValueError:
+                raise ImageError(f"{shown}: bad newc header at offset {offset}") from None
+            namesize = fields[11]
+            name_end = offset + NEWC_HEADER_SIZE + namesize
+            raw_name = archive.read(namesize)
+            if len(raw_name) != namesize or not raw_name.endswith(b"\0"):
+                raise ImageError(f"{shown}: bad name at offset {offset}")
+            name = raw_name[:-1]
+            data_offset = name_end + (-name_end % 4)
+            if name == TRAILER:
+                return records
+            records.append(_Record(name, fields, data_offset))
+            offset = data_offset + fields[6]
+            offset += -offset % 4
+            archive.seek(offset)
+
+
+def read(path: str | bytes) -> Tree:
+    """Read a newc archive back into a tree; contents stay in the archive file."""
+    path = os.fsencode(path)
+    shown = path.decode("utf-8", "backslashreplace")
+    builder = TreeBuilder(what=shown)
+    groups: dict[tuple[int, ...], list[tuple[bytes, _Record]]] = {}
+    for record in _records(path):
+        ino, mode, nlink = record.fields[0], record.fields[1], record.fields[4]
+        label = f"{shown}: member {record.name!r}"
+        rel = check_relative_path(record.name, label)
+        kind = _kind(mode, label)
+        if kind is EntryType.REGULAR and nlink > 1:
+            groups.setdefault((record.fields[7], record.fields[8], ino), []).append(
+                (rel, record))
+            continue
+        entry = _entry(path, rel, kind, record, label)
+        builder.add(entry, record.name.decode("utf-8", "backslashreplace"))
+    for links in groups.values():
+        ordered = sorted(links, key=lambda item: path_key(item[0]))
+        with_data = [r for _, r in links if r.fields[6]]
+        record = with_data[-1] if with_data else links[-1][1]
+        first = ordered[0][0]
+        builder.add(_entry(path, first, EntryType.REGULAR, record, shown),
+                    first.decode("utf-8", "backslashreplace"))
+        for rel, _ in ordered[1:]:
+            builder.link(rel, first, rel.decode("utf-8", "backslashreplace"),
+                         replace_existing=False)
+    return builder.build()
+
+
+def _kind(mode: int, label: str) -> EntryType:
+    kinds = {0o100000: EntryType.REGULAR, 0o040000: EntryType.DIRECTORY,
+             0o120000: EntryType.SYMLINK, 0o020000: EntryType.CHAR,
+             0o060000: EntryType.BLOCK, 0o010000: EntryType.FIFO,
+             0o140000: EntryType.SOCKET}
+    kind = kinds.get(mode & 0o170000)
+    if kind is None:
+        raise ImageError(f"{label} has an unknown file type (mode {mode:o})")
+    return kind
+
+
+def _entry(path: bytes, rel: bytes, kind: EntryType, record: _Record, label: str) -> Entry:
+    _ino, mode, uid, gid, _nlink, mtime, size = record.fields[:7]
+    content = None
+    target = None
+    if kind is EntryType.REGULAR:
+        content = Content(size, SliceSource(path, record.data_offset, size))
+    elif kind is EntryType.SYMLINK:
+        with open(path, "rb") as archive:
+            archive.seek(record.data_offset)
+            target = archive.read(size)
+        if len(target) != size or not target:
+            raise ImageError(f"{label}: bad symlink target")
+    return Entry(rel, kind, mode & 0o7777, uid, gid, mtime * 1_000_000_000, content=content,
+                 target=target, rdev_major=record.fields[9], rdev_minor=record.fields[10])

@@ -1,0 +1,272 @@
+"""Canonical POSIX pax tar: the same tree and epoch give the same bytes on any host.
+
+Written by our own header code (not :mod:`tarfile`, whose output changed between Python
+versions), from a plan computed first:
+
+* members in canonical order (root ``./`` first, depth-first, siblings bytewise);
+  directories end in ``/``; a hardlink group's first path in canonical order carries the
+  data, the others are link members (typeflag ``1``) naming it;
+* ustar headers (magic ``ustar\\0``, version ``00``) with numeric owners only (uname and
+  gname empty), mtimes clamped to the epoch, devmajor/devminor always written, no atime
+  or ctime anywhere;
+* a pax extended header (named ``././@PaxHeader``, mode 0, owner 0, mtime 0) only when a
+  value does not fit ustar: a path longer than the ustar name/prefix split allows, a link
+  target over 100 bytes, a size of 8 GiB or more, a uid/gid over 2097151, an mtime with a
+  fraction of a second or out of range, and xattrs (``SCHILY.xattr.NAME``, as GNU tar
+  writes). Records are sorted by keyword; non-UTF-8 names add ``hdrcharset=BINARY``;
+* the archive ends with two zero blocks and is padded to a 10240-byte record.
+
+Sockets cannot be stored in tar and are refused.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import BinaryIO
+
+from reprobuild.errors import ImageError
+from reprobuild.images.registry import ImageOptions
+from reprobuild.tarinput import tree_from_tar
+from reprobuild.tree import Content, Entry, EntryType, Tree, path_key
+
+VERSION = "1"
+
+BLOCK = 512
+RECORD = 10240
+NAME_MAX = 100
+PREFIX_MAX = 155
+MAX_ID = 8**7 - 1
+MAX_SIZE = 8**11 - 1
+MAX_MTIME = 8**11 - 1
+
+# POSIX ustar header (pax.h / GNU tar src/tar.h struct posix_header), 512 bytes:
+# name[100] @0, mode[8] @100, uid[8] @108, gid[8] @116, size[12] @124, mtime[12] @136,
+# chksum[8] @148, typeflag @156, linkname[100] @157, magic[6] @257, version[2] @263,
+# uname[32] @265, gname[32] @297, devmajor[8] @329, devminor[8] @337, prefix[155] @345.
+TYPEFLAG: dict[EntryType, bytes] = {
+    EntryType.REGULAR: b"0",
+    EntryType.HARDLINK: b"1",
+    EntryType.SYMLINK: b"2",
+    EntryType.CHAR: b"3",
+    EntryType.BLOCK: b"4",
+    EntryType.DIRECTORY: b"5",
+    EntryType.FIFO: b"6",
+}
+PAX_TYPEFLAG = b"x"
+PAX_NAME = b"././@PaxHeader"
+
+
+@dataclass(frozen=True)
+class TarMember:
+    """One planned member: its header blocks (pax header included) and its data."""
+
+    header: bytes
+    content: Content | None
+    path: bytes
+
+
+def _octal(value: int, width: int) -> bytes:
+    return b"%0*o\0" % (width - 1, value)
+
+
+def pax_record(keyword: bytes, value: bytes) -> bytes:
+    """One ``"LEN KEYWORD=VALUE\\n"`` record; LEN counts its own digits."""
+    body = b" " + keyword + b"=" + value + b"\n"
+    length = len(body) + 1
+    while len(str(length)) + len(body) != length:
+        length = len(str(length)) + len(body)
+    return str(length).encode() + body
+
+
+def format_pax_time(ns: int) -> bytes:
+    sign = b"-" if ns < 0 else b""
+    seconds, frac = divmod(abs(ns), 1_000_000_000)
+    text = b"%d" % seconds
+    if frac:
+        text += b".%09d" % frac
+        text = text.rstrip(b"0")
+    return sign + text
+
+
+def split_name(name: bytes) -> tuple[bytes, bytes] | None:
+    """(prefix, name) fitting the ustar fields, or None when a pax path is needed."""
+    if len(name) <= NAME_MAX:
+        return b"", name
+    # The split point is a '/' with at most 155 bytes before it and 100 after it.
+    start = max(len(name) - NAME_MAX - 1, 0)
+    for i in range(start, min(len(name), PREFIX_MAX + 1)):
+        if name[i:i + 1] == b"/" and i > 0 and len(name) - i - 1 <= NAME_MAX:
+            return name[:i], name[i + 1:]
+    return None
+
+
+def _is_utf8(value: bytes) -> bool:
+    try:
+        value.decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    return True
+
+
+def ustar_header(*, name: bytes, prefix: bytes, mode: int, uid: int, gid: int, size: int,
+                 mtime: int, typeflag: bytes, linkname: bytes, devmajor: int,
+                 devminor: int) -> bytes:
+    """A 512-byte ustar header with its checksum; every value must already fit."""
+    header = bytearray(BLOCK)
+    header[0:len(name)] = name
+    header[100:108] = _octal(mode, 8)
+    header[108:116] = _octal(uid, 8)
+    header[116:124] = _octal(gid, 8)
+    header[124:136] = _octal(size, 12)
+    header[136:148] = _octal(mtime, 12)
+    header[148:156] = b" " * 8
+    header[156:157] = typeflag
+    header[157:157 + len(linkname)] = linkname
+    header[257:263] = b"ustar\0"
+    header[263:265] = b"00"
+    header[329:337] = _octal(devmajor, 8)
+    header[337:345] = _octal(devminor, 8)
+    header[345:345 + len(prefix)] = prefix
+    header[148:156] = b"%06o\0 " % sum(header)
+    return bytes(header)
+
+
+def _member_name(entry: Entry) -> bytes:
+    if entry.path == b"":
+        return b"./"
+    if entry.type is EntryType.DIRECTORY:
+        return entry.path + b"/"
+    return entry.path
+
+
+def plan_member(entry: Entry, inode: Entry, *, epoch: int, link_to: bytes | None) -> TarMember:
+    """Header blocks for ``entry``; ``inode`` holds the metadata (the hardlink primary)."""
+    shown = entry.display()
+    if entry.type is EntryType.SOCKET:
+        raise ImageError(f"{shown}: tar cannot store a socket",
+                         hint="remove sockets from the tree; they are made at run time")
+    kind = EntryType.HARDLINK if link_to is not None else entry.type
+    typeflag = TYPEFLAG[kind]
+    name = _member_name(entry)
+    linkname = link_to if link_to is not None else (entry.target or b"")
+    content = inode.content if kind is EntryType.REGULAR else None
+    size = content.size if content is not None else 0
+    mtime_ns = min(inode.mtime_ns, epoch * 1_000_000_000)
+    records: list[tuple[bytes, bytes]] = []
+    split = split_name(name)
+    if split is None:
+        records.append((b"path", name))
+        if not _is_utf8(name):
+            records.append((b"hdrcharset", b"BINARY"))
+        split = (b"", name[:NAME_MAX])
+    if len(linkname) > NAME_MAX:
+        records.append((b"linkpath", linkname))
+        if not _is_utf8(linkname) and (b"hdrcharset", b"BINARY") not in records:
+            records.append((b"hdrcharset", b"BINARY"))
+        linkname = linkname[:NAME_MAX]
+    header_size = size
+    if size > MAX_SIZE:
+        records.append((b"size", b"%d" % size))
+        header_size = 0
+    uid, gid = inode.uid, inode.gid
+    if uid > MAX_ID:
+        records.append((b"uid", b"%d" % uid))
+        uid = 0
+    if gid > MAX_ID:
+        records.append((b"gid", b"%d" % gid))
+        gid = 0
+    seconds = mtime_ns // 1_000_000_000
+    if mtime_ns % 1_000_000_000 or not 0 <= seconds <= MAX_MTIME:
+        records.append((b"mtime", format_pax_time(mtime_ns)))
+        seconds = min(max(seconds, 0), MAX_MTIME)
+    for xname, xvalue in inode.xattrs:
+        if b"=" in xname or b"\0" in xname or b"\n" in xname:
+            raise ImageError(f"{shown}: xattr name {xname!r} cannot be stored in a pax record")
+        records.append((b"SCHILY.xattr." + xname, xvalue))
+    devmajor, devminor = entry.rdev_major, entry.rdev_minor
+    if devmajor > MAX_ID or devminor > MAX_ID:
+        raise ImageError(f"{shown}: device number {devmajor}:{devminor} does not fit in tar")
+    header = ustar_header(
+        name=split[1], prefix=split[0], mode=inode.mode & 0o7777, uid=uid, gid=gid,
+        size=header_size, mtime=seconds, typeflag=typeflag, linkname=linkname,
+        devmajor=devmajor, devminor=devminor)
+    if records:
+        body = b"".join(pax_record(k, v) for k, v in sorted(records))
+        pax = ustar_header(name=PAX_NAME, prefix=b"", mode=0, uid=0, gid=0, size=len(body),
+                           mtime=0, typeflag=PAX_TYPEFLAG, linkname=b"", devmajor=0,
+                           devminor=0)
+        header = pax + body + b"\0" * (-len(body) % BLOCK) + header
+    return TarMember(header, content, entry.path)
+
+
+def check_archive_options(options: ImageOptions, fmt: str) -> None:
+    for name, value in (("size", options.size), ("uuid", options.uuid),
+                        ("label", options.label), ("block_size", options.block_size)):
+        if value is not None:
+            raise ImageError(f"the {fmt} format has no {name.replace('_', ' ')}",
+                             hint=f"leave out --{name.replace('_', '-')} for {fmt} images")
+    if options.compress not in (None, "none"):
+        raise ImageError(f"the {fmt} format is written uncompressed, not {options.compress!r}",
+                         hint="compress the output in a later step if needed")
+
+
+def plan(tree: Tree, options: ImageOptions) -> list[TarMember]:
+    """Every member's headers in archive order (no file bytes read)."""
+    check_archive_options(options, "tar")
+    # The first path of a hardlink group in canonical order carries the data.
+    first_of: dict[bytes, bytes] = {}
+    for paths in tree.hardlink_groups().values():
+        first = min(paths, key=path_key)
+        for path in paths:
+            first_of[path] = first
+    members = []
+    for entry in tree:
+        inode = tree.resolve(entry)
+        group_first = first_of.get(entry.path)
+        link_to = group_first if group_first not in (None, entry.path) else None
+        members.append(plan_member(entry, inode, epoch=options.epoch, link_to=link_to))
+    return members
+
+
+def write(tree: Tree, output: BinaryIO, options: ImageOptions) -> None:
+    """Write the canonical pax tar of ``tree`` to ``output``."""
+    total = 0
+    for member in plan(tree, options):
+        output.write(member.header)
+        total += len(member.header)
+        if member.content is not None:
+            total += _write_content(member, output)
+    end = 2 * BLOCK
+    end += -(total + end) % RECORD
+    output.write(b"\0" * end)
+
+
+def _write_content(member: TarMember, output: BinaryIO) -> int:
+    assert member.content is not None
+    written = 0
+    for chunk in member.content.chunks():
+        output.write(chunk)
+        written += len(chunk)
+    if written != member.content.size:
+        raise ImageError(f"/{member.path.decode(errors='replace')}: content is {written} bytes,"
+                         f" expected {member.content.size}",
+                         hint="do not modify the source tree during a build")
+    padding = -written % BLOCK
+    output.write(b"\0" * padding)
+    return written + padding
+
+
+def read(path: str | bytes) -> Tree:
+    """Read a tar (ours or any other) back into a tree; contents stay in the archive."""
+    return tree_from_tar(path)
+
+
+def identity(options: ImageOptions) -> dict[str, str]:
+    return {}
+
+
+def iter_member_names(tree: Tree) -> Iterator[bytes]:
+    """Member names in archive order (for listings and tests)."""
+    for entry in tree:
+        yield _member_name(entry)
