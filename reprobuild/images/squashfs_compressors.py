@@ -1,0 +1,184 @@
+"""The squashfs compressors: gzip (zlib), xz (liblzma), lz4, zstd, and none.
+
+Each compressor knows its squashfs id, the compressor-options block it writes (only when
+its settings differ from what the kernel and unsquashfs assume, except lz4 which always
+has one), how to compress one block from any thread, how to decompress one, and its
+library's name and version (FORMATS.md trap 8: they change the bytes, so they enter the
+derivation id).
+
+``compress`` is called from worker threads: zlib, liblzma, lz4 and libzstd release the
+GIL while they work, so blocks compress in parallel. Stateful compressor objects are kept
+per thread.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import lzma
+import struct
+import threading
+import zlib
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import lz4
+import lz4.block
+import zstandard
+
+from reprobuild.errors import ImageError
+from reprobuild.images.squashfs_format import (
+    LZ4_COMPRESSION,
+    XZ_COMPRESSION,
+    ZLIB_COMPRESSION,
+    ZSTD_COMPRESSION,
+)
+
+NAMES = ("zstd", "gzip", "xz", "lz4", "none")
+DEFAULT = "zstd"
+# Default levels are mksquashfs's, so images compare like for like with it.
+DEFAULT_LEVELS = {"zstd": 15, "gzip": 9}
+LEVEL_RANGES = {"zstd": (1, 22), "gzip": (1, 9)}
+
+# Compressor options (format.adoc "Compression Options").
+GZIP_OPTIONS = struct.Struct("<IHH")  # compression_level, window_size, strategies
+ZSTD_OPTIONS = struct.Struct("<I")  # compression_level
+LZ4_OPTIONS = struct.Struct("<II")  # version (1 = legacy), flags (1 = high compression)
+XZ_OPTIONS = struct.Struct("<II")  # dictionary_size, filters
+
+
+@dataclass(frozen=True)
+class Compressor:
+    """One configured compressor; ``compress`` is safe to call from many threads."""
+
+    name: str
+    squashfs_id: int
+    level: int | None
+    block_size: int
+    options: bytes | None  # the compressor-options block's payload, when one is written
+    _local: threading.local = field(default_factory=threading.local, compare=False,
+                                    repr=False)
+
+    @property
+    def compresses(self) -> bool:
+        return self.name != "none"
+
+    def compress(self, data: bytes) -> bytes:
+        """The compressed form of one block (the caller keeps it only if smaller)."""
+        if self.name == "zstd":
+            cctx = getattr(self._local, "cctx", None)
+            if cctx is None:
+                cctx = zstandard.ZstdCompressor(level=self.level or 15,
+                                                write_content_size=True)
+                self._local.cctx = cctx
+            return cctx.compress(data)  # type: ignore[no-any-return]
+        if self.name == "gzip":
+            return zlib.compress(data, self.level or 9)
+        if self.name == "xz":
+            return lzma.compress(data, format=lzma.FORMAT_XZ, check=lzma.CHECK_CRC32,
+                                 filters=[{"id": lzma.FILTER_LZMA2, "preset": 6,
+                                           "dict_size": self.block_size}])
+        if self.name == "lz4":
+            return lz4.block.compress(data, mode="default", store_size=False)  # type: ignore[no-any-return]
+        return data
+
+    def decompress(self, data: bytes, limit: int) -> bytes:
+        """The bytes of one compressed block, at most ``limit`` of them."""
+        try:
+            if self.name == "zstd":
+                dctx = getattr(self._local, "dctx", None)
+                if dctx is None:
+                    dctx = zstandard.ZstdDecompressor()
+                    self._local.dctx = dctx
+                out = dctx.decompress(data, max_output_size=limit)
+            elif self.name == "gzip":
+                out = zlib.decompress(data)
+            elif self.name == "xz":
+                out = lzma.decompress(data, format=lzma.FORMAT_XZ)
+            elif self.name == "lz4":
+                out = lz4.block.decompress(data, uncompressed_size=limit)
+            else:
+                out = data
+        except (zlib.error, lzma.LZMAError, zstandard.ZstdError, lz4.block.LZ4BlockError) as err:
+            raise ImageError(f"squashfs: a {self.name} block does not decompress: {err}",
+                             hint="the image is corrupt or truncated") from None
+        if len(out) > limit:
+            raise ImageError(f"squashfs: a {self.name} block decompresses to {len(out)}"
+                             f" bytes, more than {limit}")
+        return bytes(out)
+
+
+def make_compressor(name: str, block_size: int, level: int | None = None) -> Compressor:
+    """The compressor ``name`` for blocks of ``block_size``; ``level`` where it applies."""
+    if name not in NAMES:
+        raise ImageError(f"squashfs: unknown compressor {name!r}",
+                         hint=f"use one of: {', '.join(NAMES)}")
+    if level is not None and name not in LEVEL_RANGES:
+        raise ImageError(f"squashfs: compressor {name} takes no compression level",
+                         hint="only zstd (1-22) and gzip (1-9) take a level")
+    if level is not None:
+        low, high = LEVEL_RANGES[name]
+        if not low <= level <= high:
+            raise ImageError(f"squashfs: {name} compression level {level} is out of range",
+                             hint=f"use {low} to {high}")
+    default = DEFAULT_LEVELS.get(name)
+    level = level if level is not None else default
+    options: bytes | None = None
+    if name == "zstd":
+        squashfs_id = ZSTD_COMPRESSION
+        if level != default:
+            options = ZSTD_OPTIONS.pack(level)
+    elif name == "gzip":
+        squashfs_id = ZLIB_COMPRESSION
+        if level != default:
+            options = GZIP_OPTIONS.pack(level, 15, 0)
+    elif name == "xz":
+        squashfs_id = XZ_COMPRESSION  # dictionary = block size, no BCJ: the defaults
+    elif name == "lz4":
+        squashfs_id = LZ4_COMPRESSION
+        options = LZ4_OPTIONS.pack(1, 0)  # squashfs-tools requires lz4 options
+    else:
+        squashfs_id = ZLIB_COMPRESSION  # "none": every table and block flagged uncompressed
+    return Compressor(name, squashfs_id, level, block_size, options)
+
+
+def compressor_from_superblock(squashfs_id: int, block_size: int, *,
+                               uncompressed: bool) -> Compressor:
+    """The compressor an existing image names (for the reader)."""
+    names = {ZLIB_COMPRESSION: "gzip", XZ_COMPRESSION: "xz", LZ4_COMPRESSION: "lz4",
+             ZSTD_COMPRESSION: "zstd"}
+    if squashfs_id not in names:
+        raise ImageError(f"squashfs: compressor id {squashfs_id} is not supported",
+                         hint="supported: gzip, xz, lz4, zstd")
+    name = "none" if uncompressed and squashfs_id == ZLIB_COMPRESSION else names[squashfs_id]
+    return Compressor(name, squashfs_id, None, block_size, None)
+
+
+def _liblzma_version() -> str:
+    import _lzma
+
+    try:
+        lib = ctypes.CDLL(_lzma.__file__)
+        version_string: Callable[[], bytes] = lib.lzma_version_string
+        version_string.restype = ctypes.c_char_p  # type: ignore[attr-defined]
+        return version_string().decode()
+    except (OSError, AttributeError):
+        return "unknown"
+
+
+def library_identity(name: str, level: int | None) -> dict[str, str]:
+    """The compressor, its level and its library's version, for the derivation id."""
+    if name == "none":
+        return {"compressor": "none"}
+    if name == "zstd":
+        library = "libzstd " + ".".join(str(p) for p in zstandard.ZSTD_VERSION)
+    elif name == "gzip":
+        library = "zlib " + zlib.ZLIB_RUNTIME_VERSION
+    elif name == "xz":
+        library = "liblzma " + _liblzma_version()
+    else:
+        library = "lz4 " + str(lz4.library_version_string())
+    level = level if level is not None else DEFAULT_LEVELS.get(name)
+    identity = {"compressor": name, "library": library}
+    if level is not None:
+        identity["level"] = str(level)
+    return identity
