@@ -1,0 +1,61 @@
+"""reprobuild build: build a recipe's targets and link the results."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from reprobuild.commands.common import add_build_options, add_recipe, load, make_engine
+from reprobuild.engine import BuildReport
+
+HELP = "build targets of a recipe (default: all images, else all steps)"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    add_recipe(parser)
+    add_build_options(parser)
+    parser.add_argument("--json", action="store_true",
+                        help='print [{"target", "derivation", "path", "hash", "fsverity"}]')
+    parser.add_argument("--out-link", "-o", metavar="PATH", default=None,
+                        help="result link (several targets: PATH-TARGET; default "
+                             "result-TARGET)")
+    parser.add_argument("--no-out-link", action="store_true",
+                        help="create no result links (the outputs may then be collected)")
+
+
+def print_failures(report: BuildReport) -> None:
+    for failure in report.failures:
+        print(f"reprobuild: error: {failure.message}", file=sys.stderr)
+    if report.skipped:
+        print(f"reprobuild: not built because a dependency failed: "
+              f"{', '.join(report.skipped)}", file=sys.stderr)
+
+
+def run(args: argparse.Namespace) -> int:
+    _recipe, store, plan = load(args, args.targets)
+    engine = make_engine(args, store, quiet=False)
+    try:
+        report = engine.build(plan)
+    finally:
+        engine.close()
+    if not report.ok:
+        print_failures(report)
+        return 1
+    rows = []
+    for target in plan.targets:
+        entry = report.entries[target]
+        if not args.no_out_link:
+            if args.out_link is None:
+                link = f"result-{target}"
+            else:
+                link = args.out_link if len(plan.targets) == 1 else f"{args.out_link}-{target}"
+            store.make_result_link(link, entry.derivation_id)
+        rows.append({"target": target, "derivation": entry.derivation_id, "path": entry.path,
+                     "hash": entry.hash, "fsverity": entry.fsverity})
+    if args.json:
+        print(json.dumps(rows, indent=2))
+    else:
+        for row in rows:
+            print(f"{row['target']} {row['path']}")
+    return 0

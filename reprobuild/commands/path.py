@@ -1,0 +1,28 @@
+"""reprobuild path: print the store paths of built targets."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from reprobuild.commands.common import add_recipe, load
+
+HELP = "print the store path of each target (exit 1 when one is not built)"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    add_recipe(parser)
+
+
+def run(args: argparse.Namespace) -> int:
+    _recipe, store, plan = load(args, args.targets)
+    status = 0
+    for target in plan.targets:
+        entry = store.lookup(plan.nodes[target].id)
+        if entry is None:
+            print(f"reprobuild: {target} is not built (reprobuild build {args.recipe} "
+                  f"{target})", file=sys.stderr)
+            status = 1
+        else:
+            print(entry.path)
+    return status

@@ -1,0 +1,70 @@
+"""reprobuild shell: an interactive shell in exactly the sandbox a step would get."""
+
+from __future__ import annotations
+
+import argparse
+import os
+
+from reprobuild import canon, sandboxing
+from reprobuild.commands.build import print_failures
+from reprobuild.commands.common import add_build_options, add_recipe, load, make_engine
+from reprobuild.errors import BuildError, RecipeError
+from reprobuild.plan import Plan
+from reprobuild.recipe import Step
+
+HELP = "open a shell in the sandbox of a step, with its inputs (as nix develop does)"
+SHELLS = ("sh", "bash", "dash", "ash")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    add_recipe(parser, targets="1")
+    add_build_options(parser)
+    parser.add_argument("--command", "-c", nargs=argparse.REMAINDER, default=None,
+                        help="run this argv instead of a shell (first word as in builder)")
+
+
+def shell_argv(step: Step) -> list[str]:
+    """A shell from the builder: ``busybox sh ...`` -> busybox sh; ``sh ...`` -> sh."""
+    first = step.builder[0]
+    if len(step.builder) > 1 and step.builder[1] in SHELLS:
+        return [first, step.builder[1]]
+    if os.path.basename(first) in SHELLS:
+        return [first]
+    raise RecipeError(f"cannot tell which shell step {step.name} has ({first})",
+                      hint="pass --command PROGRAM [ARGS...]")
+
+
+def run(args: argparse.Namespace) -> int:
+    recipe, store, full = load(args, [args.target])
+    node = full.nodes[args.target]
+    if not isinstance(node.what, Step):
+        raise RecipeError(f"{args.target} is not a step", hint="shell opens a step's sandbox")
+    argv = args.command or shell_argv(node.what)
+    runner = sandboxing.start_runner(debug=args.debug)
+    engine = make_engine(args, store)
+    engine.runner = runner
+    try:
+        deps = Plan(recipe, list(node.deps), full.nodes)
+        report = engine.build(deps)
+        if not report.ok:
+            print_failures(report)
+            return 1
+        build_dir = store.new_build_dir("shell")
+        try:
+            os.makedirs(os.path.join(build_dir, "build"))
+            os.makedirs(os.path.join(build_dir, "output"))
+            inputs = {name: (full.nodes[name], report.entries[name].path)
+                      for name in node.derivation.inputs}
+            spec = sandboxing.step_spec(node, inputs, os.path.join(build_dir, "build"),
+                                        os.path.join(build_dir, "output"),
+                                        epoch=recipe.epoch, cores=engine.options.cores,
+                                        debug=args.debug, argv=argv, interactive=True)
+            with sandboxing.sandbox_errors():
+                result = runner.run(spec, log_fd=1)
+        finally:
+            canon.remove_tree(build_dir)
+    finally:
+        engine.close()
+    if result.returncode is None:
+        raise BuildError(f"the shell was killed by signal {result.signal}")
+    return result.returncode

@@ -1,0 +1,302 @@
+"""The engine: builds a plan's missing nodes in parallel, in dependency order, once each.
+
+Everything already in the store is reused without starting anything. The rest runs on a
+thread pool of ``jobs`` workers; sandboxed nodes go through a :class:`sandbox.spec.Runner`
+that the caller starts before any thread exists (see :mod:`reprobuild.sandboxing`). Each
+node is built under its store lock, so two processes asking for the same derivation build
+it once. A failure keeps its log, names the step, the log file and its last lines, and
+stops the steps that depend on it; ``keep_going`` lets independent steps finish.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterable
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from dataclasses import dataclass, field
+
+from reprobuild import canon, fetch, inputs, sandboxing
+from reprobuild.errors import BuildError, FetchError, ReprobuildError
+from reprobuild.plan import Node, Plan
+from reprobuild.progress import Progress
+from reprobuild.recipe import DebSource, HostSource, PathSource
+from reprobuild.store import Store, StoreEntry
+from sandbox.spec import Runner, SandboxSpec
+
+TAIL_LINES = 10
+
+
+@dataclass(frozen=True)
+class Failure:
+    key: str
+    message: str
+    log: str | None = None
+
+
+@dataclass
+class BuildReport:
+    """What a build did: the entries of every built or found node, and what failed."""
+
+    entries: dict[str, StoreEntry] = field(default_factory=dict)
+    built: list[str] = field(default_factory=list)
+    failures: list[Failure] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.failures and not self.skipped
+
+
+@dataclass(frozen=True)
+class Options:
+    jobs: int = 1
+    keep_going: bool = False
+    keep_failed: bool = False
+    offline: bool = False
+    cores: int = 1
+    debug: bool = False
+
+
+def tail(path: str, lines: int = TAIL_LINES) -> list[str]:
+    """The last lines of a log file (decoded leniently)."""
+    try:
+        with open(path, "rb") as f:
+            f.seek(0, os.SEEK_END)
+            size = f.tell()
+            f.seek(max(0, size - 8192))
+            data = f.read()
+    except OSError:
+        return []
+    return data.decode("utf-8", "replace").splitlines()[-lines:]
+
+
+def missing_fetches(plan: Plan, store: Store) -> list[Node]:
+    """The fetch nodes a build of ``plan`` would need to run (outputs missing)."""
+    needed: list[Node] = []
+    for node in plan.order():
+        if node.derivation.kind != "fetch-deb" or store.lookup(node.id) is not None:
+            continue
+        dependents = [n for n in plan.order() if node.key in n.deps]
+        if not dependents or any(store.lookup(n.id) is None for n in dependents):
+            needed.append(node)
+    return needed
+
+
+class Engine:
+    """Builds plans into a store. ``runner_factory`` is called at most once, before threads."""
+
+    def __init__(self, store: Store, runner_factory: Callable[[], Runner], options: Options,
+                 progress: Progress | None = None) -> None:
+        self.store = store
+        self.runner_factory = runner_factory
+        self.runner: Runner | None = None
+        self.options = options
+        self.progress = progress or Progress(enabled=False)
+
+    def close(self) -> None:
+        if self.runner is not None:
+            self.runner.close()
+            self.runner = None
+
+    # -- scheduling -----------------------------------------------------------------
+    def build(self, plan: Plan) -> BuildReport:
+        """Build every node of ``plan`` that is not in the store yet."""
+        report = BuildReport()
+        with self.store.session():
+            todo = self._cached(plan, report)
+            if not todo:
+                return report
+            if self.options.offline:
+                fetches = [n for n in todo if n.derivation.kind == "fetch-deb"]
+                if fetches:
+                    raise offline_error(plan, fetches)
+            if self.runner is None and any(n.sandboxed for n in todo):
+                self.runner = self.runner_factory()
+            self._run(plan, todo, report)
+        return report
+
+    def _cached(self, plan: Plan, report: BuildReport) -> list[Node]:
+        """Record what the store has; return what must be built (never below a hit)."""
+        needed: set[str] = set()
+        stack = list(plan.targets)
+        while stack:
+            key = stack.pop()
+            if key in needed or key in report.entries:
+                continue
+            entry = self.store.lookup(plan.nodes[key].id)
+            if entry is not None:
+                report.entries[key] = entry
+                continue
+            needed.add(key)
+            stack.extend(plan.nodes[key].deps)
+        return [n for n in plan.order() if n.key in needed]
+
+    def _run(self, plan: Plan, todo: list[Node], report: BuildReport) -> None:
+        waiting = {n.key: {d for d in n.deps if d not in report.entries} for n in todo}
+        nodes = {n.key: n for n in todo}
+        dependents: dict[str, list[str]] = {}
+        for node in todo:
+            for dep in waiting[node.key]:
+                dependents.setdefault(dep, []).append(node.key)
+        running: dict[Future[StoreEntry], str] = {}
+        stopped = False
+        self.progress.start(total=len(todo))
+        try:
+            with ThreadPoolExecutor(max_workers=max(1, self.options.jobs)) as pool:
+                while True:
+                    if not stopped:
+                        ready = [k for k, deps in waiting.items() if not deps]
+                        for key in ready:
+                            del waiting[key]
+                            node = nodes[key]
+                            self.progress.started(key, node.display,
+                                                  self.store.log_path(node.id))
+                            running[pool.submit(self._build_node, plan, node,
+                                                dict(report.entries))] = key
+                    if not running:
+                        break
+                    done, _ = wait(list(running), return_when=FIRST_COMPLETED)
+                    for future in done:
+                        key = running.pop(future)
+                        try:
+                            entry = future.result()
+                        except ReprobuildError as exc:
+                            log = self.store.log_path(nodes[key].id)
+                            report.failures.append(Failure(
+                                key, str(exc), log if os.path.exists(log) else None))
+                            self.progress.finished(key, ok=False)
+                            skipped = _drop_dependents(key, waiting, dependents)
+                            report.skipped.extend(skipped)
+                            if not self.options.keep_going:
+                                stopped = True
+                            continue
+                        report.entries[key] = entry
+                        report.built.append(key)
+                        self.progress.finished(key, ok=True)
+                        for child in dependents.get(key, []):
+                            if child in waiting:
+                                waiting[child].discard(key)
+                if stopped:
+                    report.skipped.extend(sorted(k for k in waiting if k not in report.skipped))
+        finally:
+            self.progress.stop()
+
+    # -- one node -------------------------------------------------------------------
+    def _build_node(self, plan: Plan, node: Node, done: dict[str, StoreEntry]) -> StoreEntry:
+        with self.store.lock(node.id):
+            entry = self.store.lookup(node.id)
+            if entry is not None:  # another process built it while we waited
+                return entry
+            build_dir = self.store.new_build_dir(node.id[:16])
+            try:
+                output = os.path.join(build_dir, "output", "out")
+                os.makedirs(os.path.join(build_dir, "output"))
+                os.makedirs(os.path.join(build_dir, "build"))
+                self._produce(plan, node, done, build_dir, output)
+                input_meta = {name: {"derivation": node.derivation.inputs[name],
+                                     "hash": done[name].hash if name in done else ""}
+                              for name in node.derivation.inputs}
+                if node.derivation.kind == "deb":
+                    input_meta = {"deb": {"derivation": node.derivation.inputs["deb"],
+                                          "hash": done[node.deps[0]].hash}}
+                entry = self.store.register(
+                    node.id, output, derivation=node.derivation.to_json(), inputs=input_meta,
+                    epoch=plan.recipe.epoch if node.sandboxed else 0)
+                if isinstance(node.what, PathSource | HostSource):
+                    expected = node.derivation.attrs["hash"]
+                    if entry.hash != expected:
+                        raise BuildError(f"{node.key}: the imported copy hashes to {entry.hash}"
+                                         f" but the source hashed to {expected}",
+                                         hint="do not change sources during a build")
+            except BaseException as exc:
+                if self.options.keep_failed and node.sandboxed and isinstance(exc, BuildError):
+                    kept = self._keep(node, build_dir)
+                    exc.hint = (exc.hint + "; " if exc.hint else "") + \
+                        f"kept /build and $out in {kept}"
+                canon.remove_tree(build_dir)
+                raise
+            canon.remove_tree(build_dir)
+            return entry
+
+    def _keep(self, node: Node, build_dir: str) -> str:
+        kept = os.path.join(self.store.root, "tmp", f"failed-{node.key}-{node.id[:12]}")
+        canon.remove_tree(kept)
+        os.rename(build_dir, kept)
+        return kept
+
+    def _produce(self, plan: Plan, node: Node, done: dict[str, StoreEntry], build_dir: str,
+                 output: str) -> None:
+        kind = node.derivation.kind
+        what = node.what
+        if kind == "fetch-deb":
+            assert isinstance(what, DebSource)
+            if self.options.offline:
+                raise offline_error(plan, [node])
+            fetch.apt_download(what.package, what.version, what.sha256, output)
+        elif kind == "deb":
+            fetch.unpack_deb(done[node.deps[0]].path, output)
+        elif kind == "path":
+            assert isinstance(what, PathSource)
+            inputs.copy_path(what.path, output)
+        elif kind == "host":
+            assert node.closure is not None
+            inputs.materialise(node.closure.files, output)
+        else:
+            self._sandboxed(plan, node, done, build_dir)
+
+    def _sandboxed(self, plan: Plan, node: Node, done: dict[str, StoreEntry],
+                   build_dir: str) -> None:
+        assert self.runner is not None
+        deps = {name: (plan.nodes[name], done[name].path) for name in node.derivation.inputs}
+        make = sandboxing.step_spec if node.derivation.kind == "step" else sandboxing.image_spec
+        spec: SandboxSpec = make(node, deps, os.path.join(build_dir, "build"),
+                                 os.path.join(build_dir, "output"), epoch=plan.recipe.epoch,
+                                 cores=self.options.cores, debug=self.options.debug)
+        log = self.store.log_path(node.id)
+        fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
+        try:
+            with sandboxing.sandbox_errors():
+                result = self.runner.run(spec, log_fd=fd)
+        finally:
+            os.close(fd)
+        if result.ok:
+            if not os.path.lexists(os.path.join(build_dir, "output", "out")):
+                raise BuildError(f"{node.key} succeeded but made no $out",
+                                 hint=f"the builder must create $out (a file or a directory); "
+                                      f"log: {log}")
+            return
+        if result.timed_out:
+            how = f"timed out after {spec.timeout:g} s"
+        elif result.signal:
+            how = f"was killed by signal {result.signal}"
+        else:
+            how = f"failed with exit status {result.returncode}"
+        lines = "\n".join("    " + line for line in tail(log))
+        raise BuildError(f"{node.key} {how}; log: {log}"
+                         + (f"\n  last lines:\n{lines}" if lines else ""),
+                         hint=f"reprobuild log {plan.recipe.path} {node.key}")
+
+
+def _drop_dependents(key: str, waiting: dict[str, set[str]],
+                     dependents: dict[str, list[str]]) -> list[str]:
+    dropped = []
+    stack = list(dependents.get(key, []))
+    while stack:
+        child = stack.pop()
+        if child in waiting:
+            del waiting[child]
+            dropped.append(child)
+            stack.extend(dependents.get(child, []))
+    return sorted(dropped)
+
+
+def offline_error(plan: Plan, fetches: Iterable[Node]) -> FetchError:
+    """The --offline error naming each missing input and the command that fetches it."""
+    lines = []
+    for node in fetches:
+        source = node.what
+        assert isinstance(source, DebSource)
+        lines.append(f"  {source.name}: {source.package}={source.version} "
+                     f"(sha256 {source.sha256[:16]}…) is not in the store")
+    return FetchError("offline, and these inputs must be fetched:\n" + "\n".join(lines),
+                      hint=f"run `{fetch.fetch_command(plan.recipe.path)}` while online")

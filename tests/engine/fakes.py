@@ -1,0 +1,56 @@
+"""A fake sandbox Runner for engine tests: runs the argv with subprocess, no namespaces.
+
+Mount targets are emulated by rewriting every argv word and environment value that
+starts with a mount's target to the mount's host source (longest target first), and the
+working directory is the source of the ``/build`` mount. Good enough for shell builders
+that use ``$out``, ``$NAME`` and ``/inputs/...``; it proves nothing about isolation.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import threading
+import time
+
+from sandbox.spec import SandboxResult, SandboxSpec
+
+
+class FakeRunner:
+    def __init__(self) -> None:
+        self.runs: list[SandboxSpec] = []
+        self.lock = threading.Lock()
+        self.closed = False
+
+    def _rewrite(self, spec: SandboxSpec, word: str) -> str:
+        for mount in sorted(spec.mounts, key=lambda m: -len(m.target)):
+            if word == mount.target or word.startswith(mount.target + "/"):
+                return mount.source + word[len(mount.target):]
+        return word.replace("/output/out", self._source(spec, "/output") + "/out")
+
+    @staticmethod
+    def _source(spec: SandboxSpec, target: str) -> str:
+        return next(m.source for m in spec.mounts if m.target == target)
+
+    def run(self, spec: SandboxSpec, *, log_fd: int) -> SandboxResult:
+        with self.lock:
+            self.runs.append(spec)
+        argv = [self._rewrite(spec, w) for w in spec.argv]
+        env = {k: self._rewrite(spec, v) for k, v in spec.env}
+        env.update({"SOURCE_DATE_EPOCH": str(spec.epoch), "HOME": "/homeless",
+                    "PATH": "/usr/bin:/bin", "LANG": "C.UTF-8", "TZ": "UTC"})
+        start = time.monotonic()
+        try:
+            proc = subprocess.run(argv, env=env, cwd=self._source(spec, "/build"),
+                                  stdin=subprocess.DEVNULL, stdout=log_fd, stderr=log_fd,
+                                  timeout=spec.timeout, check=False)
+        except subprocess.TimeoutExpired:
+            return SandboxResult(None, 9, timed_out=True,
+                                 duration=time.monotonic() - start)
+        code = proc.returncode
+        if code < 0:
+            return SandboxResult(None, -code, duration=time.monotonic() - start)
+        return SandboxResult(code, duration=time.monotonic() - start)
+
+    def close(self) -> None:
+        self.closed = True
