@@ -10,6 +10,7 @@ file bytes are read once, through ``Content.chunks()``, straight into the data a
 
 from __future__ import annotations
 
+import os
 import uuid as uuidlib
 from typing import BinaryIO
 
@@ -52,9 +53,10 @@ def write(tree: Tree, output: BinaryIO, options: ImageOptions) -> None:
     """Write ``tree`` as an uncompressed EROFS image to the empty, seekable ``output``."""
     _check_options(options)
     volume_name = _volume_name(options.label)
+    given_uuid = _parse_uuid(options.uuid) if options.uuid is not None else None
     layout = plan(tree, options.epoch)
     meta = bytearray(layout.data_blkaddr * BLOCK_SIZE)
-    hasher = blake3.blake3(max_threads=blake3.blake3.AUTO) if options.uuid is None else None
+    hasher = blake3.blake3() if given_uuid is None else None
 
     end = layout.shared_xattr_offset + len(layout.shared_xattrs)
     meta[layout.shared_xattr_offset:end] = layout.shared_xattrs
@@ -90,15 +92,16 @@ def write(tree: Tree, output: BinaryIO, options: ImageOptions) -> None:
         output.seek(size - 1)
         output.write(b"\0")
 
-    if hasher is not None:
+    if given_uuid is not None:
+        volume_uuid = given_uuid
+    else:
+        assert hasher is not None
         hasher.update(meta)
         hasher.update(b"reprobuild-erofs\0%d\0%d\0" % (options.epoch, size) + volume_name)
         raw = bytearray(hasher.digest(length=16))
         raw[6] = (raw[6] & 0x0F) | 0x40  # shaped like an RFC 4122 version 4 UUID
         raw[8] = (raw[8] & 0x3F) | 0x80
         volume_uuid = bytes(raw)
-    else:
-        volume_uuid = _parse_uuid(options.uuid or "")
     _put_superblock(meta, layout, size // BLOCK_SIZE, volume_uuid, volume_name)
     output.seek(0)
     output.write(meta)
@@ -221,18 +224,17 @@ def _put_superblock(meta: bytearray, layout: Layout, blocks: int, volume_uuid: b
     meta[at:at + 4] = checksum.to_bytes(4, "little")
 
 
-def read(path: str | bytes) -> Tree:
+def read(path: str | bytes | os.PathLike[str]) -> Tree:
     """Read an EROFS image back into a tree whose file contents stream from the image."""
     from reprobuild.images.erofs_read import read_image
 
     return read_image(path)
 
 
-def composefs_digest(image_path: str | bytes) -> str:
+def composefs_digest(image_path: str | bytes | os.PathLike[str]) -> str:
     """The composefs digest of an EROFS image: its fs-verity sha256 digest (4 KiB blocks,
     no salt), as lowercase hex."""
-    from reprobuild.integrity.fsverity import digest_file  # type: ignore[import-not-found]
+    from reprobuild.integrity.fsverity import digest_file
 
-    digest: bytes = digest_file(image_path, algorithm="sha256", block_size=4096, salt=b"")
-    return digest.hex()
+    return digest_file(image_path, algorithm="sha256", block_size=4096, salt=b"").hex()
 

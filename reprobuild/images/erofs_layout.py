@@ -177,17 +177,18 @@ def plan(tree: Tree, epoch: int) -> Layout:
     primaries: list[Entry] = []
     nlink: list[int] = []
     for entry in entries:
-        if entry.type is EntryType.HARDLINK:
+        if entry.type is not EntryType.HARDLINK:
+            index_of[entry.path] = len(primaries)
+            primaries.append(entry)
+            nlink.append(2 if entry.type is EntryType.DIRECTORY else 1)
+            if entry.type is EntryType.DIRECTORY and entry.path:
+                nlink[index_of[entry.parent]] += 1
+    for entry in entries:
+        if entry.type is EntryType.HARDLINK:  # its primary may come later in canonical order
             assert entry.target is not None
             primary = index_of[entry.target]
             index_of[entry.path] = primary
             nlink[primary] += 1
-            continue
-        index_of[entry.path] = len(primaries)
-        primaries.append(entry)
-        nlink.append(2 if entry.type is EntryType.DIRECTORY else 1)
-        if entry.type is EntryType.DIRECTORY and entry.path:
-            nlink[index_of[entry.parent]] += 1
 
     # Directories: ".", ".." and the children, all sorted bytewise together.
     directories: dict[int, tuple[tuple[DirentPlan, ...], ...]] = {}

@@ -198,7 +198,7 @@ class _Image:
         return found
 
 
-def read_image(path: str | bytes) -> Tree:
+def read_image(path: str | bytes | os.PathLike[str]) -> Tree:
     """The tree stored in the EROFS image at ``path``."""
     image_path = os.fsencode(path)
     with open(image_path, "rb") as stream, \
