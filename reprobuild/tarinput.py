@@ -281,6 +281,9 @@ def _member(archive: tarfile.TarFile, info: tarfile.TarInfo, path: bytes, what: 
     entry = _entry_of(info, rel, kind, label)
     if kind is EntryType.REGULAR:
         if in_place and not info.issparse():
+            if info.offset_data + info.size > os.path.getsize(path):
+                raise ImageError(f"{label}: the archive ends inside the member",
+                                 hint="the tar file is truncated")
             content = Content(info.size, SliceSource(path, info.offset_data, info.size))
         else:
             data = archive.extractfile(info)

@@ -133,7 +133,7 @@ class TreeBuilder:
         node = self.nodes.get(target)
         if node is None:
             raise ImageError(
-                f"{self.what}: hardlink {member!r} points at {_show(target)}, which is not"
+                f"{self.what}: hardlink member {member!r} points at {_show(target)}, which is not"
                 " an earlier member",
                 hint="a hardlink must name a file that comes before it in the archive")
         if path in self.nodes:
@@ -146,7 +146,7 @@ class TreeBuilder:
             self.remove(path)
         if isinstance(node, Entry):
             if node.type is EntryType.DIRECTORY:
-                raise ImageError(f"{self.what}: hardlink {member!r} points at directory"
+                raise ImageError(f"{self.what}: hardlink member {member!r} points at directory"
                                  f" {_show(target)}")
             # A hardlinked symlink or device has no inode sharing in the tree model: it
             # becomes a copy with the same metadata.
