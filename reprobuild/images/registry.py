@@ -64,6 +64,7 @@ FORMATS: dict[str, Format] = {
         Format("cpio", "reprobuild.images.cpio", "tree", "cpio newc (initramfs)"),
         Format("tar", "reprobuild.images.tar", "tree", "POSIX pax tar"),
         Format("gpt", "reprobuild.images.gpt", "disk", "GPT disk from other images"),
+        Format("verity", "reprobuild.images.verity", "disk", "dm-verity hash tree of an image"),
     )
 }
 

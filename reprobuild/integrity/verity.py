@@ -246,13 +246,15 @@ def format(data_path: str | os.PathLike[str], hash_path: str | os.PathLike[str],
            algorithm: str = "sha256", data_block_size: int = 4096,
            hash_block_size: int = 4096, salt: bytes | None = None, uuid: str | None = None,
            hash_offset: int = 0, data_blocks: int | None = None,
-           threads: int | None = None) -> VerityResult:
+           content_digest: bytes | None = None, threads: int | None = None) -> VerityResult:
     """Write the superblock and hash tree of ``data_path`` into ``hash_path``.
 
     ``hash_path`` may be ``data_path`` itself (the tree appended at ``hash_offset``, which
     must then lie past the data). A separate hash file is created or truncated when
     ``hash_offset`` is 0; otherwise bytes before ``hash_offset`` are kept. ``data_blocks``
     defaults to the data's size, which must then be a whole number of blocks.
+    ``content_digest``, the blake3 of the data blocks when the caller knows it, saves a
+    pass over the data when the salt or UUID is derived.
     """
     if salt is not None and len(salt) > MAX_SALT_SIZE:
         raise ImageError(f"dm-verity salt is {len(salt)} bytes",
@@ -280,7 +282,9 @@ def format(data_path: str | os.PathLike[str], hash_path: str | os.PathLike[str],
                              f"data in {os.fspath(data_path)}",
                              hint=f"use a hash offset of at least {data_length}")
         if salt is None or uuid is None:
-            derived_salt, derived_uuid = derive_salt_and_uuid(content_digest_of(fd, data_length))
+            if content_digest is None:
+                content_digest = content_digest_of(fd, data_length)
+            derived_salt, derived_uuid = derive_salt_and_uuid(content_digest)
             salt = derived_salt if salt is None else salt
             uuid = derived_uuid if uuid is None else uuid
         uuid = _normalise_uuid(uuid)
