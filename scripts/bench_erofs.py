@@ -1,0 +1,88 @@
+"""Time our EROFS writer against mkfs.erofs on the same tree, in the same run.
+
+Runs our writer (a subprocess: walk the directory, plan, write, content-derived UUID not
+used so both sides get the same given UUID) and
+``mkfs.erofs -T EPOCH -U UUID --all-root -x -1 --quiet OUT TREE`` (erofs-utils 1.5 always
+uses 4 KiB blocks here; -T fixes every mtime and the build time, --all-root the owners,
+-x -1 leaves xattrs out as our default walk does), alternating, best of N each. Prints
+the times, the time ratio (ours / mkfs.erofs; target <= 1.5) and the size ratio, and
+checks our image with fsck.erofs. The source is a directory argument or the generated
+benchmark tree (scripts/benchtree.py, ~200 MB in 10,000 files).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent
+EPOCH = 1_700_000_000
+UUID = "6a7e0c52-61d4-4f0e-9c3b-2f0a8f5d1e42"
+TARGET = 1.5
+
+OURS = """
+import sys
+from reprobuild.images import erofs
+from reprobuild.images.registry import ImageOptions
+from reprobuild.tree import tree_from_directory
+tree = tree_from_directory(sys.argv[1], epoch={epoch})
+with open(sys.argv[2], "wb") as output:
+    erofs.write(tree, output, ImageOptions(epoch={epoch}, uuid="{uuid}"))
+"""
+
+
+def timed(argv: list[str], output: str) -> float:
+    if os.path.exists(output):
+        os.unlink(output)
+    start = time.perf_counter()
+    subprocess.run(argv, check=True, stdout=subprocess.DEVNULL)
+    return time.perf_counter() - start
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("tree", nargs="?", type=Path, help="source directory")
+    parser.add_argument("--repeat", type=int, default=3, help="best of N runs each")
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory(prefix="bench-erofs-") as tmp:
+        tree = args.tree
+        if tree is None:
+            sys.path.insert(0, str(HERE))
+            from benchtree import make_tree
+
+            tree = make_tree(Path(tmp) / "tree")
+        # Warm the page cache so neither side pays for the first read.
+        subprocess.run(["tar", "-cf", "/dev/null", "-C", str(tree), "."], check=True)
+        ours_out = os.path.join(tmp, "ours.erofs")
+        ref_out = os.path.join(tmp, "mkfs.erofs")
+        ours_argv = [sys.executable, "-c", OURS.format(epoch=EPOCH, uuid=UUID), str(tree),
+                     ours_out]
+        ref_argv = ["mkfs.erofs", "-T", str(EPOCH), "-U", UUID, "--all-root", "-x", "-1",
+                    "--quiet", ref_out, str(tree)]
+        ours_times: list[float] = []
+        ref_times: list[float] = []
+        for _ in range(args.repeat):
+            ref_times.append(timed(ref_argv, ref_out))
+            ours_times.append(timed(ours_argv, ours_out))
+        ref_time, our_time = min(ref_times), min(ours_times)
+        ref_size, our_size = os.path.getsize(ref_out), os.path.getsize(ours_out)
+        check = subprocess.run(["fsck.erofs", ours_out], capture_output=True, text=True)
+        ratio = our_time / ref_time
+        verdict = "ok" if ratio <= TARGET and check.returncode == 0 else "MISSED"
+        print(f"erofs: ours {our_time:.3f} s, mkfs.erofs {ref_time:.3f} s, "
+              f"time ratio {ratio:.2f} (target <= {TARGET}); "
+              f"size ours {our_size} B, mkfs.erofs {ref_size} B, "
+              f"size ratio {our_size / ref_size:.4f}; fsck.erofs "
+              f"{'clean' if check.returncode == 0 else 'FAILED: ' + check.stderr.strip()}"
+              f" [{verdict}]", flush=True)
+        return 0 if verdict == "ok" else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
