@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from reprobuild import records
+from reprobuild import records, signing
 from reprobuild.cli import main
 from reprobuild.errors import VerifyError
 from reprobuild.records import Dependency
@@ -65,18 +65,18 @@ def test_fsverity_digest_matches_tool(tmp_path: Path) -> None:
 
 def test_sign_and_verify(tmp_path: Path) -> None:
     key_path = tmp_path / "key"
-    private, public = records.generate_key(key_path)
+    private, public = signing.generate_key(key_path)
     assert stat.S_IMODE(private.stat().st_mode) == 0o600
-    key = records.load_private_key(private)
+    key = signing.load_private_key(private)
     payload = _record()
-    envelope_bytes = records.sign_payload(payload, key)
-    envelope = records.parse_envelope(envelope_bytes)
+    envelope_bytes = signing.sign_payload(payload, key)
+    envelope = signing.parse_envelope(envelope_bytes)
     assert envelope.payload == payload
-    pub = records.load_public_key(public)
-    keys = {records.key_id(pub): pub}
-    assert records.verify_envelope(envelope, keys) == records.key_id(pub)
+    pub = signing.load_public_key(public)
+    keys = {signing.key_id(pub): pub}
+    assert signing.verify_envelope(envelope, keys) == signing.key_id(pub)
     # keyid is sha256 of the raw public key
-    assert json.loads(envelope_bytes)["signatures"][0]["keyid"] == records.key_id(pub)
+    assert json.loads(envelope_bytes)["signatures"][0]["keyid"] == signing.key_id(pub)
 
     # Tampered payload: refused.
     doc = json.loads(envelope_bytes)
@@ -85,26 +85,26 @@ def test_sign_and_verify(tmp_path: Path) -> None:
     bad = tmp_path / "bad.dsse"
     bad.write_text(json.dumps(doc))
     with pytest.raises(VerifyError, match="does not verify"):
-        records.load_record(bad, keys)
+        signing.load_record(bad, keys)
 
     # Wrong key: refused.
-    other = records.generate_key(tmp_path / "other")[1]
-    other_pub = records.load_public_key(other)
+    other = signing.generate_key(tmp_path / "other")[1]
+    other_pub = signing.load_public_key(other)
     good = tmp_path / "good.dsse"
     good.write_bytes(envelope_bytes)
     with pytest.raises(VerifyError):
-        records.load_record(good, {records.key_id(other_pub): other_pub})
-    assert records.load_record(good, keys).record.content_hash == "c0ffee"
+        signing.load_record(good, {signing.key_id(other_pub): other_pub})
+    assert signing.load_record(good, keys).record.content_hash == "c0ffee"
 
     # Unsigned record with keys required: refused.
     plain = tmp_path / "plain.json"
     plain.write_bytes(payload)
     with pytest.raises(VerifyError, match="not signed"):
-        records.load_record(plain, keys)
+        signing.load_record(plain, keys)
 
 
 def test_pae_matches_dsse_spec() -> None:
-    assert records.pae("http://example.com/HelloWorld", b"hello world") == (
+    assert signing.pae("http://example.com/HelloWorld", b"hello world") == (
         b"DSSEv1 29 http://example.com/HelloWorld 11 hello world")
 
 
@@ -142,8 +142,8 @@ def test_sign_command_and_challenge(tmp_path: Path, capsys: pytest.CaptureFixtur
     assert by_drv["drv1"]["agree"] and not by_drv["drv2"]["agree"]
     groups = by_drv["drv2"]["outputs"]
     assert sorted(g["digest"]["blake3"] for g in groups) == ["bbbb", "cccc"]
-    alice = records.key_id(records.load_public_key(keys_dir / "alice.pub"))
-    bob = records.key_id(records.load_public_key(keys_dir / "bob.pub"))
+    alice = signing.key_id(signing.load_public_key(keys_dir / "alice.pub"))
+    bob = signing.key_id(signing.load_public_key(keys_dir / "bob.pub"))
     assert by_drv["drv1"]["outputs"][0]["builders"] == sorted([alice, bob])
 
     # Unsigned records compare too, named by file; a differing one exits 1.

@@ -8,7 +8,7 @@ import sys
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
-from reprobuild import records
+from reprobuild import challenge, signing
 from reprobuild.errors import ReprobuildError
 
 HELP = ("compare build records of the same derivations from independent builders; "
@@ -31,19 +31,19 @@ def run(args: argparse.Namespace) -> int:
     if args.key or args.trusted_keys:
         keys = {}
         if args.trusted_keys:
-            keys.update(records.load_trusted_keys(args.trusted_keys))
+            keys.update(signing.load_trusted_keys(args.trusted_keys))
         for path in args.key:
-            key = records.load_public_key(path)
-            keys[records.key_id(key)] = key
-    loaded = [records.load_record(path, keys) for path in args.records]
+            key = signing.load_public_key(path)
+            keys[signing.key_id(key)] = key
+    loaded = [signing.load_record(path, keys) for path in args.records]
     if not loaded:
         raise ReprobuildError("no records given")
-    results = records.challenge(loaded)
+    results = challenge.challenge(loaded)
     if args.json:
         doc = [{"derivation": r.derivation_id, "target": r.target, "agree": r.agree,
                 "outputs": [{"digest": dict(d), "builders": list(b)} for d, b in r.groups]}
                for r in results]
         sys.stdout.write(json.dumps(doc, indent=2, sort_keys=True) + "\n")
     else:
-        sys.stdout.write(records.format_challenge(results))
+        sys.stdout.write(challenge.format_challenge(results))
     return 0 if all(r.agree for r in results) else 1

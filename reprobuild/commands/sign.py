@@ -6,7 +6,7 @@ import argparse
 import os
 from pathlib import Path
 
-from reprobuild import records
+from reprobuild import signing
 from reprobuild.errors import ReprobuildError
 
 HELP = "sign build records with an ed25519 key, or make a key pair"
@@ -25,8 +25,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     if args.generate_key:
-        private, public = records.generate_key(args.generate_key)
-        kid = records.key_id(records.load_public_key(public))
+        private, public = signing.generate_key(args.generate_key)
+        kid = signing.key_id(signing.load_public_key(public))
         print(f"private key: {private}\npublic key: {public}\nkey id: {kid}")
         if not args.records:
             return 0
@@ -36,14 +36,14 @@ def run(args: argparse.Namespace) -> int:
         raise ReprobuildError("no signing key given", hint="use --key KEY")
     if args.output and len(args.records) != 1:
         raise ReprobuildError("--output works with one record only")
-    key = records.load_private_key(args.key or args.generate_key)
+    key = signing.load_private_key(args.key or args.generate_key)
     for name in args.records:
-        loaded = records.load_record(name)
+        loaded = signing.load_record(name)
         if loaded.signed:
             raise ReprobuildError(f"{name} is already a signed envelope",
                                   hint="sign the plain record instead")
         payload = Path(name).read_bytes()
-        envelope = records.sign_payload(payload, key)
+        envelope = signing.sign_payload(payload, key)
         target = Path(args.output or os.fspath(name) + ".dsse")
         partial = target.with_name(target.name + ".partial")
         partial.write_bytes(envelope)

@@ -1,0 +1,172 @@
+"""`reprobuild check`: rebuilds under varied host conditions are compared bit for bit."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import tempfile
+from collections.abc import Callable, Mapping
+from pathlib import Path
+
+import pytest
+
+from reprobuild import check, variations
+from reprobuild.store import Store
+from tests.conftest import need
+
+EPOCH = 1700000000
+DRV = "d" * 64
+INPUT_DRV = "e" * 64
+
+FakeRunner = Callable[[list[str], Mapping[str, str], str, int | None],
+                      "subprocess.CompletedProcess[str]"]
+
+
+def _recipe(tmp_path: Path) -> str:
+    directory = tmp_path / "recipe"
+    directory.mkdir()
+    (directory / "files").mkdir()
+    for name in ("b", "a", "c"):
+        (directory / "files" / name).write_text(name)
+    path = directory / "r.toml"
+    path.write_text(f'epoch = {EPOCH}\n[sources.files]\npath = "files"\n'
+                    '[steps.leaky]\ninputs = ["files"]\nbuilder = ["files/a"]\n')
+    return str(path)
+
+
+def fake_engine(leak: Callable[[Mapping[str, str], str, int | None, str], bytes]) -> FakeRunner:
+    """A stand-in for `reprobuild build --json`: one input, one step whose output holds
+    ``leak(env, cwd, umask, input_dir)`` (what a leaky builder would let through)."""
+
+    def run(argv: list[str], env: Mapping[str, str], cwd: str,
+            umask: int | None) -> subprocess.CompletedProcess[str]:
+        store = Store(argv[argv.index("--store") + 1])
+        if store.lookup(INPUT_DRV) is None:
+            build = store.new_build_dir("input")
+            out = os.path.join(build, "out")
+            os.mkdir(out)
+            for name in ("a", "b", "c"):  # imported in sorted order
+                Path(out, name).write_text(name)
+            store.register(INPUT_DRV, out, derivation={"name": "files", "kind": "path"},
+                           inputs={}, epoch=0)
+        if store.lookup(DRV) is None:
+            build = store.new_build_dir("leaky")
+            out = os.path.join(build, "out")
+            os.mkdir(out)
+            Path(out, "same").write_text("same\n")
+            Path(out, "leak").write_bytes(leak(env, cwd, umask,
+                                               store.output_path(INPUT_DRV)))
+            store.register(DRV, out, derivation={"name": "leaky", "kind": "step"},
+                           inputs={"files": {"derivation": INPUT_DRV, "hash": "x"}},
+                           epoch=EPOCH)
+        entry = store.lookup(DRV)
+        assert entry is not None
+        rows = [{"target": "leaky", "derivation": DRV, "path": entry.path,
+                 "hash": entry.hash}]
+        return subprocess.CompletedProcess(argv, 0, json.dumps(rows), "")
+
+    return run
+
+
+SAFE = tuple(v for v in variations.VARIATION_NAMES if v != "uid")
+
+
+def _run(tmp_path: Path, leak: Callable[[Mapping[str, str], str, int | None, str], bytes],
+         chosen: tuple[str, ...] = SAFE, rounds: int = 1) -> check.CheckResult:
+    return check.run_check(_recipe(tmp_path), [], str(tmp_path / "store"), rounds=rounds,
+                           chosen=chosen, runner=fake_engine(leak))
+
+
+def _differences(result: check.CheckResult) -> set[tuple[str, str]]:
+    found = set()
+    for rnd in result.rounds:
+        for out in rnd.outputs:
+            if out.report is not None:
+                found |= set(out.report.summary())
+    return found
+
+
+@pytest.mark.parametrize("what, leak", [
+    ("build directory", lambda env, cwd, umask, inp: cwd.encode()),
+    ("umask", lambda env, cwd, umask, inp: oct(umask if umask is not None else
+                                               os.umask(os.umask(0))).encode()),
+    ("timezone", lambda env, cwd, umask, inp: env.get("TZ", "UTC").encode()),
+    ("environment", lambda env, cwd, umask, inp: env.get("USER", "").encode()),
+    ("readdir order", lambda env, cwd, umask, inp: "\n".join(os.listdir(inp)).encode()),
+])
+def test_leaks_are_caught(tmp_path: Path, what: str,
+                          leak: Callable[[Mapping[str, str], str, int | None, str], bytes]
+                          ) -> None:
+    result = _run(tmp_path, leak)
+    assert not result.identical, what
+    assert ("/leak", "content") in _differences(result)
+    assert ("/same", "content") not in _differences(result)
+    text = result.render()
+    assert "DIFFERS" in text and "/leak: content" in text and "NOT reproducible: leaky" in text
+    # The step is marked in the main store.
+    meta = Store(str(tmp_path / "store")).metadata(DRV)
+    assert meta is not None
+    marked = meta["unreproducible"]["differences"]
+    assert {"path": "/leak", "kind": "content"} in marked
+    assert all(d["path"] == "/leak" for d in marked)
+
+
+def test_reproducible_step_passes(tmp_path: Path) -> None:
+    result = _run(tmp_path, lambda env, cwd, umask, inp: b"constant", rounds=2)
+    assert result.identical
+    assert len(result.rounds) == 2
+    assert [o.name for o in result.rounds[0].outputs] == ["leaky"]  # inputs copied
+    assert "unreproducible" not in (Store(str(tmp_path / "store")).metadata(DRV) or {})
+    assert "2 rounds" in result.render()
+
+
+def test_variations_are_applied(tmp_path: Path) -> None:
+    seen: list[tuple[dict[str, str], str, int | None, list[str]]] = []
+    engine = fake_engine(lambda env, cwd, umask, inp: b"x")
+
+    def spy(argv: list[str], env: Mapping[str, str], cwd: str,
+            umask: int | None) -> subprocess.CompletedProcess[str]:
+        seen.append((dict(env), cwd, umask, list(argv)))
+        return engine(argv, env, cwd, umask)
+
+    check.run_check(_recipe(tmp_path), [], str(tmp_path / "store"), chosen=SAFE,
+                    runner=spy)
+    reference, variant = seen
+    assert variant[2] is not None and variant[2] != 0o022
+    assert variant[0]["TZ"] != reference[0].get("TZ")
+    assert variant[0]["LC_ALL"] != reference[0].get("LC_ALL")
+    assert variant[0]["USER"] == "another-user"
+    assert variant[1] != reference[1]
+    assert "-j" in variant[3] and "--offline" in variant[3]
+    store_arg = variant[3][variant[3].index("--store") + 1]
+    assert store_arg != str(tmp_path / "store")
+    # The recipe was moved to another directory; the targets follow it.
+    assert variant[3][-1] == "leaky"
+    assert "recipe-in-another-directory" in variant[3][-2]
+
+
+def test_parse_variations() -> None:
+    assert variations.parse_variations(None) == variations.VARIATION_NAMES
+    assert variations.parse_variations("umask,env") == ("env", "umask")
+    assert variations.parse_variations("none") == ()
+    with pytest.raises(Exception, match="unknown variation"):
+        variations.parse_variations("umsak")
+
+
+def test_copy_tree_inverts_listing(tmp_path: Path) -> None:
+    src = tmp_path / "src"
+    src.mkdir()
+    for name in ("a", "b", "c", "d", "e"):
+        (src / name).write_text(name)
+    base = variations.import_order_dir()
+    need(base is not None, "no filesystem that lists directories in creation order")
+    assert base is not None
+    dest = Path(tempfile.mkdtemp(dir=base)) / "copy"
+    try:
+        variations.copy_tree(str(src), str(dest), invert=variations.listing_policy(base))
+        assert os.listdir(dest) == os.listdir(src)[::-1]
+        assert (dest / "c").read_text() == "c"
+    finally:
+        shutil.rmtree(dest.parent)
