@@ -145,7 +145,8 @@ class Engine:
             with ThreadPoolExecutor(max_workers=max(1, self.options.jobs)) as pool:
                 while True:
                     if not stopped:
-                        ready = [k for k, deps in waiting.items() if not deps]
+                        free = max(1, self.options.jobs) - len(running)
+                        ready = [k for k, deps in waiting.items() if not deps][:max(0, free)]
                         for key in ready:
                             del waiting[key]
                             node = nodes[key]

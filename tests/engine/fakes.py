@@ -8,7 +8,6 @@ that use ``$out``, ``$NAME`` and ``/inputs/...``; it proves nothing about isolat
 
 from __future__ import annotations
 
-import os
 import subprocess
 import threading
 import time
