@@ -1,0 +1,310 @@
+"""Serialise an ext4 :class:`~reprobuild.images.ext4_layout.Layout` to bytes.
+
+Metadata (superblocks, group descriptors, bitmaps, inode tables) is built in memory one
+group at a time; directory, xattr and extent blocks are sealed with their checksums and
+written in block order; file data streams through ``Content.chunks()`` straight to its
+extents. Nothing is read from the host except the file contents the tree names.
+"""
+
+from __future__ import annotations
+
+from typing import BinaryIO
+
+from reprobuild.errors import ImageError
+from reprobuild.images.ext4_dir import KIND_DX_NODE, KIND_DX_ROOT, KIND_LEAF, DirBlock
+from reprobuild.images.ext4_format import (
+    BG_INODE_ZEROED,
+    BLOCK_SIZE,
+    BLOCKS_PER_GROUP,
+    DEFAULT_MOUNT_OPTS,
+    DESC_SIZE,
+    DX_NODE_LIMIT,
+    DX_ROOT_LIMIT,
+    EXT4_GROUP_DESC,
+    EXT4_INODE,
+    EXT4_SUPER_BLOCK,
+    EXT4_SUPER_MAGIC,
+    EXTRA_ISIZE,
+    FEATURE_COMPAT,
+    FEATURE_INCOMPAT,
+    FEATURE_RO_COMPAT,
+    FIRST_INO,
+    GD_CHECKSUM_OFFSET,
+    INODE_SIZE,
+    SB_CHECKSUM_OFFSET,
+    SB_FLAGS_UNSIGNED_HASH,
+    SUPERBLOCK_OFFSET,
+    crc32c_raw,
+    encode_time,
+    fs_checksum_seed,
+    has_super_backup,
+    inode_checksum_seed,
+)
+from reprobuild.images.ext4_layout import Extent, InodePlan, Layout, aligned_chunks
+from reprobuild.tree import Content
+
+LEAF_CSUM_AT = BLOCK_SIZE - 4
+TREE_CSUM_AT = 12 + 340 * 12  # ext4_extent_tail after eh_max entries
+XATTR_CSUM_AT = 16
+
+
+def _set_bits(bitmap: bytearray, start: int, count: int) -> None:
+    end = start + count
+    while start < end and start & 7:
+        bitmap[start >> 3] |= 1 << (start & 7)
+        start += 1
+    full = end & ~7
+    if full > start:
+        bitmap[start >> 3: full >> 3] = b"\xff" * ((full - start) >> 3)
+        start = full
+    while start < end:
+        bitmap[start >> 3] |= 1 << (start & 7)
+        start += 1
+
+
+def _popcount(data: bytes | bytearray) -> int:
+    return int.from_bytes(data, "little").bit_count()
+
+
+def superblock(layout: Layout, free_blocks: int, free_inodes: int, group: int) -> bytes:
+    """The 1024-byte superblock (or the backup copy held by ``group``), checksummed."""
+    groups = layout.group_count
+    flex = max(4, (groups - 1).bit_length())
+    epoch = layout.epoch & 0xFFFFFFFF
+    fields = (
+        layout.inodes_count, layout.blocks_count & 0xFFFFFFFF, 0, free_blocks & 0xFFFFFFFF,
+        free_inodes, 0, 2, 2, BLOCKS_PER_GROUP, BLOCKS_PER_GROUP, layout.inodes_per_group,
+        0, epoch,
+        0, 0xFFFF, EXT4_SUPER_MAGIC, 1, 1, 0,
+        epoch, 0, 0, 1,
+        0, 0,
+        FIRST_INO,
+        INODE_SIZE, group,
+        FEATURE_COMPAT, FEATURE_INCOMPAT, FEATURE_RO_COMPAT,
+        layout.uuid, layout.label, b"",
+        0, 0, 0, 0,
+        b"", 0, 0, 0,
+        layout.hash_seed, layout.hash_version, 0, DESC_SIZE,
+        DEFAULT_MOUNT_OPTS, 0, epoch,
+        b"",
+        layout.blocks_count >> 32, 0, free_blocks >> 32,
+        EXTRA_ISIZE, EXTRA_ISIZE,
+        SB_FLAGS_UNSIGNED_HASH,
+        0, 0, 0, 0,
+        flex, 1,
+    )
+    sb = bytearray(1024)
+    EXT4_SUPER_BLOCK.pack_into(sb, 0, *fields)
+    sb[SB_CHECKSUM_OFFSET:] = crc32c_raw(0xFFFFFFFF, sb[:SB_CHECKSUM_OFFSET]).to_bytes(4, "little")
+    return bytes(sb)
+
+
+def encode_inode(node: InodePlan, epoch: int, fs_seed: int) -> bytes:
+    """The 256-byte on-disk inode, checksummed (times clamped to the epoch)."""
+    entry = node.entry
+    seconds, extra = encode_time(min(entry.mtime_ns, epoch * 1_000_000_000))
+    sectors = node.blocks * (BLOCK_SIZE // 512)
+    if entry.uid >> 32 or entry.gid >> 32:
+        raise ImageError(f"{entry.display()}: uid/gid {entry.uid}:{entry.gid} beyond 32 bits")
+    raw = bytearray(INODE_SIZE)
+    EXT4_INODE.pack_into(
+        raw, 0,
+        entry.st_mode, entry.uid & 0xFFFF, node.size & 0xFFFFFFFF, seconds, seconds, seconds, 0,
+        entry.gid & 0xFFFF, node.links, sectors & 0xFFFFFFFF, node.flags, 0, node.i_block,
+        0, node.xattr_block & 0xFFFFFFFF, node.size >> 32, 0,
+        sectors >> 32, node.xattr_block >> 32, entry.uid >> 16, entry.gid >> 16, 0, 0,
+        EXTRA_ISIZE, 0, extra, extra, extra, seconds, extra, 0, 0,
+    )
+    if node.ibody_xattrs:
+        raw[128 + EXTRA_ISIZE:] = node.ibody_xattrs
+    return _seal_inode(raw, node.ino, fs_seed)
+
+
+def _seal_inode(raw: bytearray, ino: int, fs_seed: int) -> bytes:
+    crc = crc32c_raw(inode_checksum_seed(fs_seed, ino), raw)
+    raw[124:126] = (crc & 0xFFFF).to_bytes(2, "little")
+    raw[130:132] = (crc >> 16).to_bytes(2, "little")
+    return bytes(raw)
+
+
+def seal_dir_block(block: DirBlock, inode_seed: int) -> bytes:
+    """A directory block with its dirent-tail or dx-tail checksum filled in."""
+    data = bytearray(block.data)
+    if block.kind == KIND_LEAF:
+        crc = crc32c_raw(inode_seed, data[:LEAF_CSUM_AT - 8])
+        data[LEAF_CSUM_AT:] = crc.to_bytes(4, "little")
+        return bytes(data)
+    count_offset, limit = (32, DX_ROOT_LIMIT) if block.kind == KIND_DX_ROOT else (8,
+                                                                                  DX_NODE_LIMIT)
+    assert block.kind in (KIND_DX_ROOT, KIND_DX_NODE)
+    tail = count_offset + limit * 8
+    crc = crc32c_raw(inode_seed, data[:count_offset + block.count * 8])
+    crc = crc32c_raw(crc, data[tail:tail + 4] + b"\0\0\0\0")
+    data[tail + 4: tail + 8] = crc.to_bytes(4, "little")
+    return bytes(data)
+
+
+def write_image(layout: Layout, output: BinaryIO, cache: dict[int, bytes]) -> None:
+    """Write the planned image to ``output`` (seekable, initially empty)."""
+    fs_seed = fs_checksum_seed(layout.uuid)
+    groups = layout.group_count
+    per_group = layout.inodes_per_group
+
+    # Block bitmap of the whole filesystem, one block per group, padding bits set.
+    block_bitmap = bytearray(groups * BLOCK_SIZE)
+    for start, count in layout.used_runs:
+        _set_bits(block_bitmap, start, count)
+    free_per_group = []
+    for g in range(groups):
+        in_group = min(BLOCKS_PER_GROUP, layout.blocks_count - g * BLOCKS_PER_GROUP)
+        used = _popcount(block_bitmap[g * BLOCK_SIZE: (g + 1) * BLOCK_SIZE])
+        free_per_group.append(in_group - used)
+    tail_bits = groups * BLOCKS_PER_GROUP - layout.blocks_count
+    if tail_bits:
+        _set_bits(block_bitmap, layout.blocks_count, tail_bits)
+
+    descriptors = bytearray(layout.gdt_blocks * BLOCK_SIZE)
+    free_inodes_total = 0
+    for g, group in enumerate(layout.groups):
+        bb = bytes(block_bitmap[g * BLOCK_SIZE: (g + 1) * BLOCK_SIZE])
+        ib = bytearray(BLOCK_SIZE)
+        _set_bits(ib, 0, group.used_inodes)
+        _set_bits(ib, per_group, BLOCKS_PER_GROUP - per_group)
+        bb_csum = crc32c_raw(fs_seed, bb[: BLOCKS_PER_GROUP // 8])
+        ib_csum = crc32c_raw(fs_seed, ib[: per_group // 8])
+        free_inodes = per_group - group.used_inodes
+        free_inodes_total += free_inodes
+        unused = per_group - group.used_inodes
+        free_blocks = free_per_group[g]
+        offset = g * DESC_SIZE
+        EXT4_GROUP_DESC.pack_into(
+            descriptors, offset,
+            group.block_bitmap & 0xFFFFFFFF, group.inode_bitmap & 0xFFFFFFFF,
+            group.inode_table & 0xFFFFFFFF, free_blocks & 0xFFFF, free_inodes & 0xFFFF,
+            group.used_dirs & 0xFFFF, BG_INODE_ZEROED, 0, bb_csum & 0xFFFF, ib_csum & 0xFFFF,
+            unused & 0xFFFF, 0,
+            group.block_bitmap >> 32, group.inode_bitmap >> 32, group.inode_table >> 32,
+            free_blocks >> 16, free_inodes >> 16, group.used_dirs >> 16, unused >> 16, 0,
+            bb_csum >> 16, ib_csum >> 16, 0,
+        )
+        crc = crc32c_raw(fs_seed, g.to_bytes(4, "little"))
+        crc = crc32c_raw(crc, descriptors[offset: offset + DESC_SIZE]) & 0xFFFF
+        descriptors[offset + GD_CHECKSUM_OFFSET: offset + GD_CHECKSUM_OFFSET + 2] = \
+            crc.to_bytes(2, "little")
+        output.seek(group.block_bitmap * BLOCK_SIZE)
+        output.write(bb)
+        output.seek(group.inode_bitmap * BLOCK_SIZE)
+        output.write(ib)
+
+    free_blocks_total = sum(free_per_group)
+    for g in range(groups):
+        if not has_super_backup(g):
+            continue
+        sb = superblock(layout, free_blocks_total, free_inodes_total, g)
+        start = g * BLOCKS_PER_GROUP * BLOCK_SIZE
+        output.seek(start + (SUPERBLOCK_OFFSET if g == 0 else 0))
+        output.write(sb)
+        output.seek(start + BLOCK_SIZE)
+        output.write(descriptors)
+
+    _write_inode_tables(layout, output, fs_seed)
+    _write_small_blocks(layout, output, fs_seed)
+    for ino, content, extents in layout.files:
+        _write_file(output, content, extents, cache.pop(ino, None))
+    end = output.seek(0, 2)
+    if end < layout.image_size:
+        output.seek(layout.image_size - 1)
+        output.write(b"\0")
+
+
+def _write_inode_tables(layout: Layout, output: BinaryIO, fs_seed: int) -> None:
+    per_group = layout.inodes_per_group
+    plans = {node.ino: node for node in layout.inodes}
+    empty = bytearray(INODE_SIZE)
+    empty[128:130] = EXTRA_ISIZE.to_bytes(2, "little")
+    for g, group in enumerate(layout.groups):
+        if not group.used_inodes:
+            continue  # all zero: the output starts empty
+        table = bytearray(group.used_inodes * INODE_SIZE)
+        first = g * per_group + 1
+        for i in range(group.used_inodes):
+            ino = first + i
+            node = plans.get(ino)
+            if node is not None:
+                raw = encode_inode(node, layout.epoch, fs_seed)
+            else:  # reserved inodes 1 and 3-10: empty, but with a valid checksum
+                raw = _seal_inode(bytearray(empty), ino, fs_seed)
+            table[i * INODE_SIZE: (i + 1) * INODE_SIZE] = raw
+        output.seek(group.inode_table * BLOCK_SIZE)
+        output.write(table)
+
+
+def _write_small_blocks(layout: Layout, output: BinaryIO, fs_seed: int) -> None:
+    blocks: dict[int, bytes] = {}
+    seeds: dict[int, int] = {}
+
+    def seed_of(ino: int) -> int:
+        if ino not in seeds:
+            seeds[ino] = inode_checksum_seed(fs_seed, ino)
+        return seeds[ino]
+
+    for physical, ino, block in layout.dir_blocks:
+        blocks[physical] = seal_dir_block(block, seed_of(ino))
+    for physical, ino, node in layout.tree_blocks:
+        crc = crc32c_raw(seed_of(ino), node[:TREE_CSUM_AT])
+        blocks[physical] = node[:TREE_CSUM_AT] + crc.to_bytes(4, "little")
+    for physical, xblock in layout.xattr_blocks:
+        crc = crc32c_raw(fs_seed, physical.to_bytes(8, "little"))
+        crc = crc32c_raw(crc, xblock)
+        blocks[physical] = (xblock[:XATTR_CSUM_AT] + crc.to_bytes(4, "little")
+                            + xblock[XATTR_CSUM_AT + 4:])
+    for physical, raw in layout.raw_blocks:
+        blocks[physical] = raw
+    run_start = -1
+    run: list[bytes] = []
+    for physical in sorted(blocks):
+        if run and physical != run_start + len(run):
+            output.seek(run_start * BLOCK_SIZE)
+            output.write(b"".join(run))
+            run = []
+        if not run:
+            run_start = physical
+        run.append(blocks[physical])
+    if run:
+        output.seek(run_start * BLOCK_SIZE)
+        output.write(b"".join(run))
+
+
+def _write_file(output: BinaryIO, content: Content, extents: tuple[Extent, ...],
+                cached: bytes | None) -> None:
+    if not extents:
+        return
+    if cached is not None:
+        view = memoryview(cached)
+        for ext in extents:
+            piece = view[ext.logical * BLOCK_SIZE: (ext.logical + ext.length) * BLOCK_SIZE]
+            output.seek(ext.physical * BLOCK_SIZE)
+            output.write(piece)
+            short = ext.length * BLOCK_SIZE - len(piece)
+            if short:
+                output.write(bytes(short))
+        return
+    index = 0
+    position = 0  # in blocks
+    for chunk in aligned_chunks(content):
+        view = memoryview(chunk)
+        end = position + -(-len(chunk) // BLOCK_SIZE)
+        while index < len(extents) and extents[index].logical < end:
+            ext = extents[index]
+            first = max(ext.logical, position)
+            last = min(ext.logical + ext.length, end)
+            piece = view[(first - position) * BLOCK_SIZE: (last - position) * BLOCK_SIZE]
+            output.seek((ext.physical + first - ext.logical) * BLOCK_SIZE)
+            output.write(piece)
+            short = (last - first) * BLOCK_SIZE - len(piece)
+            if short:
+                output.write(bytes(short))
+            if ext.logical + ext.length > end:
+                break
+            index += 1
+        position = end
