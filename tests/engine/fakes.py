@@ -22,6 +22,10 @@ class FakeRunner:
         self.closed = False
 
     def _rewrite(self, spec: SandboxSpec, word: str) -> str:
+        if word.startswith("{"):  # a built-in step's JSON job: rewrite quoted paths
+            for mount in sorted(spec.mounts, key=lambda m: -len(m.target)):
+                word = word.replace(f'"{mount.target}', f'"{mount.source}')
+            return word
         for mount in sorted(spec.mounts, key=lambda m: -len(m.target)):
             if word == mount.target or word.startswith(mount.target + "/"):
                 return mount.source + word[len(mount.target):]
