@@ -58,8 +58,8 @@ def write(tree: Tree, output: BinaryIO, options: ImageOptions) -> None:
     meta = bytearray(layout.data_blkaddr * BLOCK_SIZE)
     hasher = blake3.blake3() if given_uuid is None else None
 
-    end = layout.shared_xattr_offset + len(layout.shared_xattrs)
-    meta[layout.shared_xattr_offset:end] = layout.shared_xattrs
+    for offset, xattr_entry in layout.shared_xattrs:
+        meta[offset:offset + len(xattr_entry)] = xattr_entry
     nid_of = [inode.nid for inode in layout.inodes]
     output.seek(layout.data_blkaddr * BLOCK_SIZE)
     for inode in layout.inodes:

@@ -7,16 +7,16 @@ tested without serialising anything. Layout, from the start of the image:
   (``meta_blkaddr = xattr_blkaddr = 0``, as mkfs.erofs does), so nid = offset / 32;
 * the root inode first (its nid must fit the superblock's 16-bit ``root_nid``), then the
   shared xattr entries, then every other inode in canonical tree order, each with its
-  inline xattrs and, for FLAT_INLINE, its tail. A record that carries inline data never
-  crosses a block boundary (the kernel refuses inline data that does); a record that does
-  not fit the rest of the current block goes into the first earlier gap it fits, else
-  starts the next block;
+  inline xattrs and, for FLAT_INLINE, its tail. Records are packed best-fit into the
+  metadata blocks and one that fits a block never crosses a block boundary (the kernel
+  refuses inline data that does);
 * the data area: every inode's whole blocks (files, directories, long symlinks), in the
   same canonical order.
 """
 
 from __future__ import annotations
 
+import heapq
 from collections import Counter
 from dataclasses import dataclass
 
@@ -47,7 +47,6 @@ DirentPlan = tuple[bytes, int, int]  # (name, inode index, EROFS file type)
 SHARE_THRESHOLD = 2
 """An xattr (name and value) carried by at least this many inodes is stored once, shared."""
 
-_MAX_GAPS = 64  # earlier gaps in the metadata area remembered for first-fit placement
 
 
 @dataclass(frozen=True, slots=True)
@@ -83,9 +82,8 @@ class Layout:
     epoch: int
     inodes: tuple[InodePlan, ...]  # by index; inodes[0] is the root
     directories: dict[int, tuple[tuple[DirentPlan, ...], ...]]  # inode index -> blocks
-    shared_xattrs: bytes  # the shared xattr entries, stored at shared_xattr_offset
-    shared_xattr_offset: int
-    meta_size: int  # bytes from the image start to the end of the last inode record
+    shared_xattrs: tuple[tuple[int, bytes], ...]  # (offset, entry); id = offset / 4
+    meta_size: int  # bytes from the image start to the end of the metadata area
     data_blkaddr: int  # first block of the data area
     blocks: int  # total image blocks
 
@@ -132,40 +130,45 @@ def _needs_extended(entry: Entry, nlink: int, size: int, epoch_ns: int) -> bool:
 
 
 class _MetaAllocator:
-    """Places records at 32-byte slots: first fit in a remembered gap, else at the end."""
+    """Best-fit placement of metadata records in 32-byte slots.
+
+    Every partly used block is a gap, kept in buckets by its free slot count (a bitmask
+    says which buckets hold gaps). A record up to a block long takes the smallest gap it
+    fits, lowest offset first, else a new block; so it never crosses a block boundary.
+    A longer record (huge inline xattrs) starts a block of its own.
+    """
+
+    _SLOTS = BLOCK_SIZE // ISLOT_SIZE
 
     def __init__(self, start: int) -> None:
-        self.end = start
-        self.gaps: list[list[int]] = []  # [start, end) pairs, oldest first
+        self.end = -(-start // BLOCK_SIZE) * BLOCK_SIZE  # first block not yet in use
+        self.buckets: list[list[int]] = [[] for _ in range(self._SLOTS + 1)]
+        self.mask = 0
+        self._gap(-(-start // ISLOT_SIZE) * ISLOT_SIZE, self.end)
 
     def _gap(self, start: int, end: int) -> None:
-        start = -(-start // ISLOT_SIZE) * ISLOT_SIZE
-        if end - start >= ISLOT_SIZE:
-            self.gaps.append([start, end])
-            if len(self.gaps) > _MAX_GAPS:
-                del self.gaps[0]
+        slots = (end - start) // ISLOT_SIZE
+        if slots:
+            heapq.heappush(self.buckets[slots], start)
+            self.mask |= 1 << slots
 
-    def place(self, size: int, *, align: int = ISLOT_SIZE, use_gaps: bool = True) -> int:
-        size = -(-size // align) * align
-        self.end = -(-self.end // align) * align
-        if size <= BLOCK_SIZE:
-            for gap in self.gaps if use_gaps else ():
-                if gap[1] - gap[0] >= size:
-                    at = gap[0]
-                    gap[0] += size
-                    if gap[1] - gap[0] < ISLOT_SIZE:
-                        self.gaps.remove(gap)
-                    return at
-            room = BLOCK_SIZE - self.end % BLOCK_SIZE
-            if size > room:
-                self._gap(self.end, self.end + room)
-                self.end += room
-        elif self.end % BLOCK_SIZE:
-            room = BLOCK_SIZE - self.end % BLOCK_SIZE
-            self._gap(self.end, self.end + room)
-            self.end += room
-        at = self.end
-        self.end += size
+    def place(self, size: int) -> int:
+        slots = -(-size // ISLOT_SIZE)
+        if slots > self._SLOTS:
+            at = self.end
+            self.end += -(-size // BLOCK_SIZE) * BLOCK_SIZE
+            self._gap(at + slots * ISLOT_SIZE, self.end)
+            return at
+        fitting = self.mask >> slots
+        if not fitting:
+            self._gap(self.end, self.end + BLOCK_SIZE)
+            self.end += BLOCK_SIZE
+            fitting = self.mask >> slots
+        bucket = slots + (fitting & -fitting).bit_length() - 1
+        at = heapq.heappop(self.buckets[bucket])
+        if not self.buckets[bucket]:
+            self.mask &= ~(1 << bucket)
+        self._gap(at + slots * ISLOT_SIZE, at + bucket * ISLOT_SIZE)
         return at
 
 
@@ -266,18 +269,16 @@ def plan(tree: Tree, epoch: int) -> Layout:
     offsets = [0] * len(primaries)
     offsets[0] = allocator.place(record_size(0))
     shared_id: dict[XattrKey, int] = {}
-    shared_offset = allocator.end
-    shared_area = bytearray()
+    shared_entries: list[tuple[int, bytes]] = []
     for key in shared:
-        raw = encoded[key]
-        at = allocator.place(len(raw), align=4, use_gaps=False)
-        shared_area += b"\0" * (at - shared_offset - len(shared_area)) + raw
+        at = allocator.place(len(encoded[key]))
+        shared_entries.append((at, encoded[key]))
         shared_id[key] = at // 4
     for index in range(1, len(primaries)):
         offsets[index] = allocator.place(record_size(index))
     if offsets[0] // ISLOT_SIZE > 0xFFFF:
         raise ImageError("the EROFS root inode does not fit a 16-bit nid")
-    meta_size = max(allocator.end, EROFS_SUPER_OFFSET + EROFS_SUPER_BLOCK.size)
+    meta_size = allocator.end
 
     # Data blocks, in canonical order after the metadata area.
     data_blkaddr = -(-meta_size // BLOCK_SIZE)
@@ -305,5 +306,5 @@ def plan(tree: Tree, epoch: int) -> Layout:
         raise ImageError("the tree is too large for a 32-bit EROFS block address")
     return Layout(
         epoch=epoch, inodes=tuple(inodes), directories=directories,
-        shared_xattrs=bytes(shared_area), shared_xattr_offset=shared_offset,
+        shared_xattrs=tuple(shared_entries),
         meta_size=meta_size, data_blkaddr=data_blkaddr, blocks=next_block)

@@ -64,6 +64,8 @@ def sample_tree() -> Tree:
          xattrs=((b"user.big", b"x" * 200),))
     file(b"dir/exactly-fits", data(BLOCK_SIZE - 32, 4))
     file(b"dir/big", data(300_000, 5), mode=0o4755)
+    file(b"dir/huge-xattrs", data(5000, 6),  # an inode record larger than a block
+         xattrs=((b"user.big", b"v" * 65535), (b"user.more", b"m" * 3000)))
     file(b"dir/acl", b"acl\n", xattrs=((b"system.posix_acl_access", ACL),))
     file(b"owners", b"high ids\n", uid=100_000, gid=200_000)
     file(b"old", b"old mtime\n", mtime_ns=EPOCH_NS - 1_234_567_890)
@@ -262,6 +264,24 @@ def test_composefs_digest_matches_fsverity(sample_image: Path) -> None:
     result = subprocess.run(["fsverity", "digest", str(sample_image)], capture_output=True,
                             text=True, check=True)
     assert result.stdout.split()[0] == "sha256:" + erofs.composefs_digest(sample_image)
+
+
+@pytest.mark.tool
+def test_reader_reads_mkfs_erofs_images(tmp_path: Path) -> None:
+    need_tool("mkfs.erofs")
+    src = tmp_path / "src"
+    (src / "sub").mkdir(parents=True)
+    for i in range(300):
+        (src / "sub" / f"file-{i:03d}-{'x' * (i % 40)}").write_bytes(data(i * 61, i))
+    (src / "big").write_bytes(data(3 * BLOCK_SIZE + 17, 9))
+    os.link(src / "big", src / "big-link")
+    (src / "sym").symlink_to("sub/file-001-x")
+    os.mkfifo(src / "fifo")
+    image = tmp_path / "mkfs.img"
+    subprocess.run(["mkfs.erofs", "-T", str(EPOCH), "--all-root", "-x", "-1", "--quiet",
+                    str(image), str(src)], check=True, capture_output=True)
+    expected = tree_from_directory(src, epoch=EPOCH)
+    assert [d.display() for d in diff_trees(expected, erofs.read(image))] == []
 
 
 # -- host conditions ------------------------------------------------------------------------
