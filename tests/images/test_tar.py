@@ -32,7 +32,7 @@ def tar_of(tree: Tree, options: ImageOptions = OPTIONS) -> bytes:
 
 
 def members_of(data: bytes) -> list[tarfile.TarInfo]:
-    with members_of(data) as archive:
+    with tarfile.open(fileobj=io.BytesIO(data)) as archive:
         return archive.getmembers()
 
 
