@@ -1,7 +1,7 @@
 """Time our EROFS writer against mkfs.erofs on the same tree, in the same run.
 
-Runs our writer (a subprocess: walk the directory, plan, write, content-derived UUID not
-used so both sides get the same given UUID) and
+Runs our writer (a subprocess: walk the directory, plan, write; once with the same given
+UUID as mkfs.erofs, once deriving it from the content, which hashes every byte) and
 ``mkfs.erofs -T EPOCH -U UUID --all-root -x -1 --quiet OUT TREE`` (erofs-utils 1.5 always
 uses 4 KiB blocks here; -T fixes every mtime and the build time, --all-root the owners,
 -x -1 leaves xattrs out as our default walk does), alternating, best of N each. Prints
@@ -33,7 +33,7 @@ from reprobuild.images.registry import ImageOptions
 from reprobuild.tree import tree_from_directory
 tree = tree_from_directory(sys.argv[1], epoch={epoch})
 with open(sys.argv[2], "wb") as output:
-    erofs.write(tree, output, ImageOptions(epoch={epoch}, uuid="{uuid}"))
+    erofs.write(tree, output, ImageOptions(epoch={epoch}, uuid=sys.argv[3] or None))
 """
 
 
@@ -61,22 +61,27 @@ def main() -> int:
         subprocess.run(["tar", "-cf", "/dev/null", "-C", str(tree), "."], check=True)
         ours_out = os.path.join(tmp, "ours.erofs")
         ref_out = os.path.join(tmp, "mkfs.erofs")
-        ours_argv = [sys.executable, "-c", OURS.format(epoch=EPOCH, uuid=UUID), str(tree),
-                     ours_out]
+        ours_argv = [sys.executable, "-c", OURS.format(epoch=EPOCH), str(tree), ours_out, UUID]
+        derived_argv = [*ours_argv[:-1], ""]
         ref_argv = ["mkfs.erofs", "-T", str(EPOCH), "-U", UUID, "--all-root", "-x", "-1",
                     "--quiet", ref_out, str(tree)]
         ours_times: list[float] = []
         ref_times: list[float] = []
+        derived_times: list[float] = []
         for _ in range(args.repeat):
             ref_times.append(timed(ref_argv, ref_out))
+            derived_times.append(timed(derived_argv, ours_out))
             ours_times.append(timed(ours_argv, ours_out))
         ref_time, our_time = min(ref_times), min(ours_times)
+        derived_ratio = min(derived_times) / ref_time
         ref_size, our_size = os.path.getsize(ref_out), os.path.getsize(ours_out)
         check = subprocess.run(["fsck.erofs", ours_out], capture_output=True, text=True)
         ratio = our_time / ref_time
-        verdict = "ok" if ratio <= TARGET and check.returncode == 0 else "MISSED"
+        verdict = ("ok" if max(ratio, derived_ratio) <= TARGET and check.returncode == 0
+                   else "MISSED")
         print(f"erofs: ours {our_time:.3f} s, mkfs.erofs {ref_time:.3f} s, "
-              f"time ratio {ratio:.2f} (target <= {TARGET}); "
+              f"time ratio {ratio:.2f} (target <= {TARGET}), "
+              f"{derived_ratio:.2f} with the UUID derived from the content; "
               f"size ours {our_size} B, mkfs.erofs {ref_size} B, "
               f"size ratio {our_size / ref_size:.4f}; fsck.erofs "
               f"{'clean' if check.returncode == 0 else 'FAILED: ' + check.stderr.strip()}"
