@@ -178,8 +178,10 @@ def build_reference(recipe: str, targets: Sequence[str], store: str, *,
                                                       env.get("PYTHONPATH")]))
     result = runner(build_command(store, recipe, targets), env, os.getcwd(), None)
     if result.returncode != 0:
-        raise BuildError(f"building {recipe} failed before it could be checked "
-                         f"(exit {result.returncode}):\n{_tail(result.stderr)}")
+        # Keep the build's verdict: 1 a step failed, 2 a recipe or environment error.
+        error = BuildError if result.returncode == 1 else ReprobuildError
+        raise error(f"building {recipe} failed before it could be checked "
+                    f"(exit {result.returncode}):\n{_tail(result.stderr)}")
     return _parse_built(result.stdout, recipe)
 
 

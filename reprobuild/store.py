@@ -32,7 +32,7 @@ from typing import Any
 from reprobuild import __version__, canon
 from reprobuild.errors import BuildError, StoreError
 
-_SUBDIRS = ("out", "meta", "logs", "locks", "tmp", "roots")
+_SUBDIRS = ("out", "meta", "logs", "locks", "tmp", "roots", "records")
 
 
 @dataclass(frozen=True)
@@ -44,6 +44,8 @@ class StoreEntry:
     hash: str  # blake3 over the canonical serialisation (see reprobuild.canon)
     fsverity: str | None  # fs-verity sha256 digest (4 KiB blocks, no salt) of a file output
     type: str  # "file", "directory" or "symlink"
+    # Set by `reprobuild check` when a rebuild differed: what differed, under what.
+    unreproducible: Mapping[str, Any] | None = None
 
 
 @dataclass(frozen=True)
@@ -116,6 +118,10 @@ class Store:
     def log_path(self, derivation_id: str) -> str:
         return os.path.join(self.root, "logs", derivation_id + ".log")
 
+    def record_path(self, derivation_id: str) -> str:
+        """The build record (in-toto statement, see reprobuild.records) of an entry."""
+        return os.path.join(self.root, "records", derivation_id + ".json")
+
     # -- lookups --------------------------------------------------------------------
     def lookup(self, derivation_id: str) -> StoreEntry | None:
         """The valid entry for ``derivation_id``, or None when it is not (completely) built."""
@@ -126,7 +132,7 @@ class Store:
         if not os.path.lexists(path):
             return None
         return StoreEntry(derivation_id, path, meta["hash"], meta.get("fsverity"),
-                          meta.get("type", "directory"))
+                          meta.get("type", "directory"), meta.get("unreproducible"))
 
     def metadata(self, derivation_id: str) -> dict[str, Any] | None:
         """The JSON metadata of a valid entry (see :meth:`register`), or None."""
@@ -220,6 +226,11 @@ class Store:
         }
         if extra:
             meta.update(extra)
+        # The record first: a valid entry (metadata present) always has its record.
+        from reprobuild import records
+
+        _write_atomic(self.record_path(derivation_id),
+                      records.record_bytes(records.record_from_metadata(meta, final)))
         _write_atomic(self.meta_path(derivation_id),
                       json.dumps(meta, indent=1, sort_keys=True).encode())
         return StoreEntry(derivation_id, final, content_hash, fsverity, kind)
@@ -342,7 +353,7 @@ class Store:
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(self.meta_path(did))
                 canon.remove_tree(self.output_path(did))
-                for path in (self.log_path(did),
+                for path in (self.log_path(did), self.record_path(did),
                              os.path.join(self.root, "locks", did + ".lock")):
                     with contextlib.suppress(FileNotFoundError):
                         os.unlink(path)

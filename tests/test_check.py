@@ -6,6 +6,7 @@ import json
 import os
 import shutil
 import subprocess
+import sys
 import tempfile
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -170,3 +171,102 @@ def test_copy_tree_inverts_listing(tmp_path: Path) -> None:
         assert (dest / "c").read_text() == "c"
     finally:
         shutil.rmtree(dest.parent)
+
+
+# -- the real engine and store, with the engine tests' fake (leaky) sandbox runner ---------
+# The fake runner runs builders on the host, in the host build directory, with the host's
+# umask: the leaks a real sandbox removes. check must catch each of them.
+LEAKY_RECIPE = """\
+epoch = 1700000000
+[sources.sh]
+host = "/bin/sh"
+[sources.files]
+path = "files"
+[steps.clock]
+inputs = ["sh"]
+builder = ["sh", "-c", "mkdir $out; date +%s%N > $out/time; echo same > $out/same"]
+[steps.builddir]
+inputs = ["sh"]
+builder = ["sh", "-c", "mkdir $out; pwd > $out/builddir; echo same > $out/same"]
+[steps.umask]
+inputs = ["sh"]
+builder = ["sh", "-c", "mkdir $out; umask > $out/umask; echo same > $out/same"]
+[steps.readdir]
+inputs = ["sh", "files"]
+builder = ["sh", "-c", "mkdir $out; ls -f $files > $out/listing; echo same > $out/same"]
+[steps.honest]
+inputs = ["sh", "files"]
+builder = ["sh", "-c", "mkdir $out; ls $files > $out/listing; cat $files/a > $out/a"]
+"""
+
+
+def _leaky_recipe(tmp_path: Path) -> str:
+    files = tmp_path / "files"
+    files.mkdir()
+    for name in ("c", "a", "e", "b", "d", "f"):
+        (files / name).write_text(name + "\n")
+    path = tmp_path / "leaky.toml"
+    path.write_text(LEAKY_RECIPE)
+    return str(path)
+
+
+def fake_sandbox(argv: list[str], env: Mapping[str, str], cwd: str,
+                 umask: int | None) -> subprocess.CompletedProcess[str]:
+    """Run `reprobuild build` with the engine tests' fake sandbox runner."""
+    argv = ["tests.engine.fakecli" if a == "reprobuild" and argv[i - 1] == "-m" else a
+            for i, a in enumerate(argv)]
+    return check.run_process(argv, env, cwd, umask)
+
+
+def test_leaky_steps_are_caught_with_the_real_engine(tmp_path: Path) -> None:
+    store = tmp_path / "store"
+    result = check.run_check(_leaky_recipe(tmp_path), [], str(store), runner=fake_sandbox)
+    outputs = {o.name: o for o in result.rounds[0].outputs}
+    assert set(outputs) == {"clock", "builddir", "umask", "readdir", "honest"}
+    expected = {"clock": "/time", "builddir": "/builddir", "umask": "/umask",
+                "readdir": "/listing"}
+    for name, path in expected.items():
+        out = outputs[name]
+        assert not out.identical, name
+        assert out.report is not None
+        assert {p for p, _ in out.report.summary()} == {path}, (name, out.report.render())
+        assert (path, "content") in out.report.summary()
+    assert outputs["honest"].identical
+    assert not result.identical
+    text = result.render()
+    assert "/umask: content: first differing byte" in text
+    # Marked in the main store; a later build says so.
+    main = Store(str(store))
+    assert main.lookup(outputs["umask"].derivation_id).unreproducible is not None  # type: ignore[union-attr]
+    assert main.lookup(outputs["honest"].derivation_id).unreproducible is None  # type: ignore[union-attr]
+    later = fake_sandbox([sys.executable, "-m", "reprobuild", "build", "--store", str(store),
+                          "--no-out-link", str(tmp_path / "leaky.toml")],
+                         {**os.environ, "PYTHONPATH": str(Path(__file__).parent.parent)},
+                         str(tmp_path), None)
+    assert later.returncode == 0, later.stderr
+    assert "warning: umask is not reproducible" in later.stderr
+    assert "/umask (content)" in later.stderr
+    assert "honest is not reproducible" not in later.stderr
+
+
+def test_one_variation_at_a_time(tmp_path: Path) -> None:
+    result = check.run_check(_leaky_recipe(tmp_path), ["umask", "honest", "readdir"],
+                             str(tmp_path / "store"), chosen=("umask",),
+                             runner=fake_sandbox, mark=False)
+    verdict = {o.name: o.identical for o in result.rounds[0].outputs}
+    assert verdict == {"umask": False, "honest": True, "readdir": True}
+    assert result.rounds[0].variations == ("umask",)
+
+
+def test_check_command_exit_codes(tmp_path: Path) -> None:
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parent.parent)}
+    recipe = _leaky_recipe(tmp_path)
+    base = [sys.executable, "-m", "reprobuild", "check", "--store", str(tmp_path / "store"),
+            recipe]
+    ok = subprocess.run([*base, "honest", "--json"], env=env, capture_output=True, text=True)
+    # The check command runs the real sandbox; without it, it must fail cleanly (exit 2).
+    assert ok.returncode in (0, 2), ok.stderr
+    if ok.returncode == 0:
+        assert json.loads(ok.stdout)["identical"] is True
+    bad = subprocess.run([*base, "nosuchstep"], env=env, capture_output=True, text=True)
+    assert bad.returncode == 2 and "nosuchstep" in bad.stderr

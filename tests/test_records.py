@@ -164,3 +164,40 @@ def test_cli_module_runs() -> None:
     result = subprocess.run([sys.executable, "-m", "reprobuild", "challenge", "--help"],
                             capture_output=True, text=True)
     assert result.returncode == 0 and "RECORD" in result.stdout
+
+
+def test_store_writes_a_record_per_output(tmp_path: Path) -> None:
+    from reprobuild.store import Store
+
+    store = Store(str(tmp_path / "store"))
+    src = tmp_path / "build"
+    src.mkdir()
+    (src / "image").write_bytes(b"\x00" * 5000)
+    inp = store.register("a" * 64, str(src / "image"), derivation={
+        "name": "img", "kind": "image", "attrs": {"epoch": 1700000000}}, inputs={},
+        epoch=1700000000)
+    (src / "dir").mkdir()
+    (src / "dir" / "f").write_text("x")
+    out = store.register("b" * 64, str(src / "dir"), derivation={
+        "name": "rootfs", "kind": "step", "attrs": {"epoch": 1700000000}},
+        inputs={"img": {"derivation": "a" * 64, "hash": inp.hash}}, epoch=1700000000)
+    img_record = records.parse_statement(Path(store.record_path("a" * 64)).read_bytes())
+    digest = dict(img_record.output_digest)
+    assert digest["blake3"] == inp.hash
+    assert digest["fsverity-sha256"] == inp.fsverity
+    assert digest["sha256"] == __import__("hashlib").sha256(b"\x00" * 5000).hexdigest()
+    dir_record = records.parse_statement(Path(store.record_path("b" * 64)).read_bytes())
+    assert dir_record.derivation_id == "b" * 64 and dir_record.target == "rootfs"
+    assert dict(dir_record.output_digest) == {"blake3": out.hash}
+    assert dir_record.dependencies == (
+        Dependency("img", (("blake3", inp.hash),), "a" * 64),)
+    assert dir_record.epoch == 1700000000
+    # Two stores, same build: byte-identical records (no wall clock, no host path).
+    other = Store(str(tmp_path / "other"))
+    (src / "dir2").mkdir()
+    (src / "dir2" / "f").write_text("x")
+    other.register("b" * 64, str(src / "dir2"), derivation={
+        "name": "rootfs", "kind": "step", "attrs": {"epoch": 1700000000}},
+        inputs={"img": {"derivation": "a" * 64, "hash": inp.hash}}, epoch=1700000000)
+    assert Path(other.record_path("b" * 64)).read_bytes() == \
+        Path(store.record_path("b" * 64)).read_bytes()

@@ -32,6 +32,19 @@ def print_failures(report: BuildReport) -> None:
               f"{', '.join(report.skipped)}", file=sys.stderr)
 
 
+def warn_unreproducible(report: BuildReport) -> None:
+    """Say which outputs `reprobuild check` found not reproducible."""
+    for key, entry in sorted(report.entries.items()):
+        marked = entry.unreproducible
+        if not marked:
+            continue
+        paths = ", ".join(f"{d.get('path') or '/'} ({d.get('kind')})"
+                          for d in marked.get("differences", [])[:3])
+        print(f"reprobuild: warning: {key} is not reproducible: a rebuild under "
+              f"{', '.join(marked.get('variations', [])) or 'no variation'} differed"
+              + (f" at {paths}" if paths else ""), file=sys.stderr)
+
+
 def run(args: argparse.Namespace) -> int:
     _recipe, store, plan = load(args, args.targets)
     engine = make_engine(args, store, quiet=False)
@@ -42,6 +55,7 @@ def run(args: argparse.Namespace) -> int:
     if not report.ok:
         print_failures(report)
         return 1
+    warn_unreproducible(report)
     rows = []
     for target in plan.targets:
         entry = report.entries[target]
@@ -52,7 +66,8 @@ def run(args: argparse.Namespace) -> int:
                 link = args.out_link if len(plan.targets) == 1 else f"{args.out_link}-{target}"
             store.make_result_link(link, entry.derivation_id)
         rows.append({"target": target, "derivation": entry.derivation_id, "path": entry.path,
-                     "hash": entry.hash, "fsverity": entry.fsverity})
+                     "hash": entry.hash, "fsverity": entry.fsverity,
+                     "record": store.record_path(entry.derivation_id)})
     if args.json:
         print(json.dumps(rows, indent=2))
     else:
