@@ -242,7 +242,7 @@ def resolve_inputs(inputs: Mapping[str, str], table: Mapping[str, object]
 
 
 def _content_digest(path: str | None) -> bytes:
-    state = blake3.blake3(max_threads=blake3.blake3.AUTO)
+    state = blake3.blake3()  # one thread: memory-bound, and rayon threads cost more on a busy host
     if path is not None:
         with open(path, "rb") as f:
             while chunk := f.read(_COPY_CHUNK):

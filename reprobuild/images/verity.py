@@ -73,12 +73,21 @@ def build(inputs: dict[str, str], table: Mapping[str, object], options: ImageOpt
             salt = bytes.fromhex(str(salt_hex))
         except ValueError:
             raise ImageError(f"`salt` {salt_hex!r} is not hex") from None
-    os.mkdir(output)
+    data_block_size = _int(table, "data-block-size", default_block)
+    hash_block_size = _int(table, "hash-block-size", default_block)
+    size = os.path.getsize(data)
+    if size % data_block_size:
+        raise ImageError(f"verity input {source!r} is {size} bytes, not a multiple of the "
+                         f"data block size {data_block_size}",
+                         hint="make the image a whole number of blocks (or change "
+                         "data-block-size)")
+    verity.plan(algorithm=algorithm, data_block_size=data_block_size,
+                hash_block_size=hash_block_size, data_blocks=max(size // data_block_size, 1))
     with open(data, "rb") as f:
-        content_digest = verity.content_digest_of(f.fileno(), os.fstat(f.fileno()).st_size)
+        content_digest = verity.content_digest_of(f.fileno(), size)
+    os.mkdir(output)
     result = verity.format(data, os.path.join(output, HASH_FILE), algorithm=algorithm,
-                           data_block_size=_int(table, "data-block-size", default_block),
-                           hash_block_size=_int(table, "hash-block-size", default_block),
+                           data_block_size=data_block_size, hash_block_size=hash_block_size,
                            salt=salt, uuid=options.uuid, content_digest=content_digest)
     with open(os.path.join(output, ROOTHASH_FILE), "w", encoding="ascii") as f:
         f.write(result.root_hash_hex + "\n")

@@ -204,7 +204,7 @@ def derive_salt_and_uuid(content_digest: bytes) -> tuple[bytes, str]:
 
 def content_digest_of(fd: int, length: int) -> bytes:
     """blake3 of the first ``length`` bytes of ``fd``."""
-    state = blake3.blake3(max_threads=blake3.blake3.AUTO)
+    state = blake3.blake3()  # one thread: memory-bound, and rayon threads cost more on a busy host
     offset = 0
     while offset < length:
         chunk = os.pread(fd, min(SEGMENT_SIZE, length - offset), offset)

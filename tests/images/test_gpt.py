@@ -257,3 +257,57 @@ def test_kernel_mounts_a_partition_read_back_from_the_disk(
     differences = diff_trees(tree.normalized(epoch=1700000000), back, compare_mtime=False,
                              compare_root=False)
     assert differences == []
+
+
+@pytest.mark.tool
+def test_verity_image_output(tmp_path: Path) -> None:
+    need_tool("veritysetup")
+    data = tmp_path / "root.img"
+    data.write_bytes(payload(MiB, 7))
+    out = tmp_path / "v"
+    table = {"from": "root", "format": "verity", "hash-algorithm": "sha512",
+             "data-block-size": 1024, "salt": "abcd"}
+    options = ImageOptions(epoch=0, uuid="11111111-2222-4333-8444-555555555555")
+    assert verity_image.inputs_of(table) == ["root"]
+    verity_image.build({"root": str(data)}, table, options, str(out))
+    root_hash = (out / "roothash").read_text()
+    assert root_hash.endswith("\n") and len(root_hash.strip()) == 128
+    info = json.loads((out / "verity.json").read_text())
+    assert info["salt"] == "abcd" and info["uuid"] == options.uuid
+    assert info["data_blocks"] == 1024 and info["hash_algorithm"] == "sha512"
+    subprocess.run(["veritysetup", "verify", str(data), str(out / "hash"), root_hash.strip()],
+                   check=True, capture_output=True)
+    assert [e.path for e in verity_image.read(out) if e.path] == [b"hash", b"roothash",
+                                                                   b"verity.json"]
+    odd = tmp_path / "odd.img"
+    odd.write_bytes(b"x" * 5000)
+    with pytest.raises(ImageError, match="not a multiple"):
+        verity_image.build({"root": str(odd)}, {"from": "root"}, OPTIONS, str(tmp_path / "o"))
+
+
+@pytest.mark.root
+@pytest.mark.tool
+def test_4k_sector_disk_on_a_4k_loop_device(tmp_path: Path) -> None:
+    need_tool("sgdisk", "sfdisk", "losetup")
+    data = tmp_path / "data.img"
+    data.write_bytes(payload(MiB, 8))
+    out = tmp_path / "disk"
+    gpt.build({"data": str(data)}, {"format": "gpt", "seed": "s", "sector-size": 4096,
+                                    "partitions": [{"from": "data", "type": "srv"}]},
+              OPTIONS, str(out))
+    loop = subprocess.run(["losetup", "--find", "--show", "--read-only", "--sector-size",
+                           "4096", str(out / "disk.img")], capture_output=True, text=True)
+    if loop.returncode:
+        pytest.skip(f"no 4K loop device: {loop.stderr.strip()}")
+    device = loop.stdout.strip()
+    try:
+        check = subprocess.run(["sgdisk", "-v", device], capture_output=True, text=True)
+        assert "No problems found" in check.stdout, check.stdout
+        listed = json.loads(subprocess.run(["sfdisk", "--json", device], check=True,
+                                           capture_output=True, text=True).stdout)
+        (part,) = listed["partitiontable"]["partitions"]
+        assert listed["partitiontable"]["sectorsize"] == 4096
+        assert part["start"] == 256 and part["name"] == "data"
+        assert part["type"].lower() == gpt_layout.PARTITION_TYPES["srv"]
+    finally:
+        subprocess.run(["losetup", "--detach", device], check=False)
