@@ -303,9 +303,12 @@ def _diff(a: Path, b: Path, *, compare_owner: bool, store_outputs: bool,
         try:
             tree_a = read_tree(a, kind_a, store_output=store_outputs)
             tree_b = read_tree(b, kind_b, store_output=store_outputs)
-        except ReaderMissing as exc:
+        except ImageError as exc:
+            # No reader yet, or an image the reader refuses: the bytes still tell.
+            reason = exc.message if isinstance(exc, ReaderMissing) else \
+                f"cannot read both sides as trees ({exc.message})"
             return _with(base, byte_difference=byte_diff,
-                         notes=(f"{exc.message}; comparing bytes only",))
+                         notes=(f"{reason}; comparing bytes only",))
         diffs = diff_trees(tree_a, tree_b, compare_owner=compare_owner)
         notes: tuple[str, ...] = ()
         if not diffs and byte_diff is not None:

@@ -133,18 +133,51 @@ def test_images(tmp_path: Path, kind: str) -> None:
     assert diffreport.diff_paths(ia, ia).identical
 
 
-def _gpt_disk(path: Path, part_name: str, payload: bytes) -> Path:
+def _write_ours(kind: str, src: Path, out: Path, **options: object) -> Path:
+    from reprobuild.images.registry import ImageOptions, get_format
+    from reprobuild.tree import tree_from_directory
+
+    module = get_format(kind).load()
+    tree = tree_from_directory(src, epoch=EPOCH, preserve_mtime=True)
+    with out.open("w+b") as stream:
+        module.write(tree, stream, ImageOptions(epoch=EPOCH, **options))  # type: ignore[arg-type]
+    return out
+
+
+@pytest.mark.parametrize("kind", ["tar", "cpio", "ext4", "squashfs", "erofs"])
+def test_our_images(tmp_path: Path, kind: str) -> None:
+    need(_has_reader(kind), f"no {kind} reader yet (reprobuild.images.{kind}.read)")
+    a = _make_tree(tmp_path / "a", variant=False)
+    b = _make_tree(tmp_path / "b", variant=True)
+    ia = _write_ours(kind, a, tmp_path / f"a.{kind}")
+    ib = _write_ours(kind, b, tmp_path / f"b.{kind}")
+    assert diffreport.detect(ia) == kind
+    report = diffreport.diff_paths(ia, ib)
+    assert _kinds(report) >= EXPECTED, report.render()
+    assert not {k for _, k in report.summary()} & {"bytes"}
+    if kind in ("ext4", "erofs"):
+        # Same tree, another UUID: the trees agree, the bytes do not, and the report
+        # says so with the offset.
+        ic = _write_ours(kind, a, tmp_path / f"c.{kind}",
+                         uuid="01234567-89ab-cdef-0123-456789abcdef")
+        other = diffreport.diff_paths(ia, ic)
+        assert not other.identical and other.differences == ()
+        assert other.byte_difference is not None
+        assert "trees are identical, but the image bytes differ" in other.render()
+
+
+def _gpt_disk(path: Path, part_name: str, payload: bytes, part1_mib: int = 1) -> Path:
     need_tool("sgdisk")
     with path.open("wb") as f:
-        f.truncate(4 << 20)
+        f.truncate((part1_mib + 3) << 20)
     subprocess.run(["sgdisk", "-U", "11111111-2222-3333-4444-555555555555",
-                    "-n", "1:2048:+1M", "-c", f"1:{part_name}",
+                    "-n", f"1:2048:+{part1_mib}M", "-c", f"1:{part_name}",
                     "-u", "1:aaaaaaaa-2222-3333-4444-555555555555",
                     "-n", "2:0:+1M", "-c", "2:data",
                     "-u", "2:bbbbbbbb-2222-3333-4444-555555555555", str(path)],
                    check=True, capture_output=True)
     with path.open("r+b") as f:
-        f.seek(2048 * 512 + 1024 * 1024 + 4096)  # inside partition 2
+        f.seek(2048 * 512 + (part1_mib << 20) + 4096)  # inside partition 2
         f.write(payload)
     return path
 
@@ -169,6 +202,26 @@ def test_gpt(tmp_path: Path) -> None:
     c = tmp_path / "c.img"
     shutil.copy(a, c)
     assert diffreport.diff_paths(a, c).identical
+
+
+@pytest.mark.tool
+def test_gpt_partitions_compared_as_trees(tmp_path: Path) -> None:
+    need(_has_reader("ext4"), "no ext4 reader yet")
+    disks = []
+    for name, variant in (("a", False), ("b", True)):
+        image = _image("ext4", _make_tree(tmp_path / name, variant=variant),
+                       tmp_path / f"{name}.ext4")
+        disk = _gpt_disk(tmp_path / f"{name}.img", "root", b"", part1_mib=4)
+        with disk.open("r+b") as f:
+            f.seek(2048 * 512)
+            f.write(image.read_bytes())
+        disks.append(disk)
+    report = diffreport.diff_paths(*disks)
+    part1 = next(v for k, v in report.parts if k.startswith("partition 1"))
+    assert part1.kind_a == "ext4"
+    assert set(part1.summary()) >= EXPECTED, part1.render()
+    assert any(p.startswith("partition 1") and p.endswith("/bin/tool") and k == "mode"
+               for p, k in report.summary())
 
 
 @pytest.mark.tool
