@@ -112,6 +112,15 @@ def inputs_of(table: Mapping[str, object]) -> list[str]:
     """The images or steps the partitions come from, in order, without repeats."""
     names: list[str] = []
     for index, part in enumerate(_partitions(table)):
+        where = f"partitions[{index}]"
+        type_value = part.get("type")
+        if not isinstance(type_value, str):
+            raise ImageError(f"{where}: `type` is required", hint='e.g. type = "root-x86-64"')
+        layout_mod.type_guid(type_value)  # a typo is a recipe error, found at load time
+        for flag in ATTRIBUTE_BITS:
+            _flag(part, flag, where)
+        if "size" in part:
+            _size(part["size"], f"{where}.size")
         source = part.get("from")
         if source is None:
             continue

@@ -311,3 +311,36 @@ def test_4k_sector_disk_on_a_4k_loop_device(tmp_path: Path) -> None:
         assert part["type"].lower() == gpt_layout.PARTITION_TYPES["srv"]
     finally:
         subprocess.run(["losetup", "--detach", device], check=False)
+
+
+def test_recipe_mistakes_surface_from_inputs_of() -> None:
+    with pytest.raises(ImageError, match="unknown partition type 'root-x86'"):
+        gpt.inputs_of({"partitions": [{"from": "a", "type": "root-x86"}]})
+    with pytest.raises(ImageError, match="read-only must be true or false"):
+        gpt.inputs_of({"partitions": [{"from": "a", "type": "esp", "read-only": "yes"}]})
+    with pytest.raises(ImageError, match="type` is required"):
+        gpt.inputs_of({"partitions": [{"from": "a"}]})
+    with pytest.raises(ImageError, match="needs `partitions`"):
+        gpt.inputs_of({"seed": "x"})
+
+
+def test_shipped_sealed_disk_recipe_loads() -> None:
+    from reprobuild.recipe import load_recipe
+
+    recipe = load_recipe(str(Path(__file__).resolve().parents[2] / "recipes" /
+                             "sealed-disk.toml"))
+    disk = recipe.images["disk"]
+    assert disk.kind == "disk" and disk.inputs == ("root", "root-verity")
+    assert recipe.images["root-verity"].inputs == ("root",)
+    assert recipe.images["root"].format == "erofs"
+
+
+def test_recipe_error_names_the_partition(tmp_path: Path) -> None:
+    from reprobuild.errors import RecipeError
+    from reprobuild.recipe import load_recipe
+
+    path = tmp_path / "r.toml"
+    path.write_text('epoch = 1\n[steps.s]\nbuilder = ["/bin/true"]\n[images.disk]\nformat = "gpt"\n'
+                    'partitions = [{ from = "s", type = "rot-x86-64" }]\n')
+    with pytest.raises(RecipeError, match=r"images\.disk.*rot-x86-64"):
+        load_recipe(str(path))
