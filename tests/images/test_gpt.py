@@ -19,7 +19,7 @@ from reprobuild.images.registry import ImageOptions
 from reprobuild.integrity import verity
 from reprobuild.tree import Content, Entry, EntryType, Tree, tree_from_directory
 from reprobuild.treediff import diff_trees
-from tests.conftest import need_tool
+from tests.conftest import need, need_tool
 
 OPTIONS = ImageOptions(epoch=1700000000)
 MiB = 1 << 20
@@ -297,8 +297,7 @@ def test_4k_sector_disk_on_a_4k_loop_device(tmp_path: Path) -> None:
               OPTIONS, str(out))
     loop = subprocess.run(["losetup", "--find", "--show", "--read-only", "--sector-size",
                            "4096", str(out / "disk.img")], capture_output=True, text=True)
-    if loop.returncode:
-        pytest.skip(f"no 4K loop device: {loop.stderr.strip()}")
+    need(loop.returncode == 0, f"no 4K-sector loop device: {loop.stderr.strip()}")
     device = loop.stdout.strip()
     try:
         check = subprocess.run(["sgdisk", "-v", device], capture_output=True, text=True)
