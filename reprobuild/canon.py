@@ -112,15 +112,20 @@ def _hash(hasher: blake3.blake3, path: bytes) -> None:
 
 
 def fsync_tree(path: str | bytes) -> None:
-    """fsync every file and directory under ``path`` (symlinks live in their directory)."""
+    """fsync the data of every regular file under ``path``.
+
+    Directory entries are metadata, which journaling filesystems (ext4, xfs, btrfs)
+    commit in order: the store's later rename of the metadata file cannot persist
+    without the earlier renames and creations it depends on, so only file data needs an
+    explicit sync before the entry is made valid.
+    """
     top = os.fsencode(path)
     st = os.lstat(top)
-    if stat.S_ISLNK(st.st_mode):
-        return
     if stat.S_ISDIR(st.st_mode):
         for name in os.listdir(top):
             fsync_tree(top + b"/" + name)
-    fsync_path(top)
+    elif stat.S_ISREG(st.st_mode):
+        fsync_path(top)
 
 
 def fsync_path(path: str | bytes) -> None:

@@ -266,6 +266,8 @@ class Engine:
                                  hint=f"the builder must create $out (a file or a directory); "
                                       f"log: {log}")
             return
+        if getattr(result, "interrupted", False):
+            raise KeyboardInterrupt
         if result.timed_out:
             how = f"timed out after {spec.timeout:g} s"
         elif result.signal:

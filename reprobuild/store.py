@@ -10,10 +10,12 @@ Layout under the store root (default ``$XDG_CACHE_HOME/reprobuild``)::
     roots/           symlinks to result links (gc roots)
     gc.lock          shared by builders, exclusive for gc
 
-Registration is atomic: the output is canonicalised and hashed in ``tmp/``, fsynced,
-renamed to ``out/ID``, then the metadata is written to a temporary file, fsynced and
-renamed. A process killed at any moment leaves either no metadata (the output, if any, is
-garbage and is replaced by the next build) or a complete, valid entry.
+Registration is atomic: the output is canonicalised and hashed in ``tmp/``, its file
+data fsynced, renamed to ``out/ID``, then the metadata is written to a temporary file and
+renamed over ``meta/ID.json``. A process killed at any moment leaves either no metadata
+(the output, if any, is garbage and is replaced by the next build) or a complete, valid
+entry. After a power loss, journaling filesystems keep renames in order, and metadata
+that does not parse counts as absent, so an entry is valid only with its synced output.
 """
 
 from __future__ import annotations
@@ -63,24 +65,21 @@ class GcResult:
     freed_bytes: int
 
 
-def _fsync_dir(path: str) -> None:
-    canon.fsync_path(path)
-
-
-def _write_atomic(path: str, data: bytes) -> None:
+def _write_atomic(path: str, data: bytes, *, sync: bool = True) -> None:
+    """Replace ``path`` by a rename; ``sync`` fsyncs the data first."""
     directory = os.path.dirname(path)
     fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-")
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
+            if sync:
+                f.flush()
+                os.fsync(f.fileno())
         os.rename(tmp, path)
     except BaseException:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
-    _fsync_dir(directory)
 
 
 def _tree_size(path: str) -> int:
@@ -141,9 +140,11 @@ class Store:
                 meta: dict[str, Any] = json.load(f)
         except FileNotFoundError:
             return None
-        except (OSError, ValueError) as exc:
+        except ValueError:
+            return None  # torn by a power loss: the entry is not valid and will be rebuilt
+        except OSError as exc:
             raise StoreError(f"store metadata {self.meta_path(derivation_id)} is unreadable: "
-                             f"{exc}", hint="delete it; the output will be rebuilt") from None
+                             f"{exc.strerror}", hint="check the store's permissions") from None
         return meta
 
     def paths(self) -> list[StoreEntry]:
@@ -212,8 +213,6 @@ class Store:
         os.rename(output, final)
         if kind == "directory":
             os.chmod(final, 0o555)
-            canon.fsync_path(final)
-        _fsync_dir(os.path.dirname(final))
         meta: dict[str, Any] = {
             "derivation_id": derivation_id,
             "derivation": dict(derivation),
@@ -229,10 +228,14 @@ class Store:
         # The record first: a valid entry (metadata present) always has its record.
         from reprobuild import records
 
+        # Not fsynced: a metadata file torn by a power loss does not parse, and an entry
+        # whose metadata does not parse is not valid (see metadata()), so it is rebuilt.
+        # The output's data, which the metadata vouches for, was fsynced above.
         _write_atomic(self.record_path(derivation_id),
-                      records.record_bytes(records.record_from_metadata(meta, final)))
+                      records.record_bytes(records.record_from_metadata(meta, final)),
+                      sync=False)
         _write_atomic(self.meta_path(derivation_id),
-                      json.dumps(meta, indent=1, sort_keys=True).encode())
+                      json.dumps(meta, indent=1, sort_keys=True).encode(), sync=False)
         return StoreEntry(derivation_id, final, content_hash, fsverity, kind)
 
     def mark_unreproducible(self, derivation_id: str, report: Mapping[str, Any]) -> None:
