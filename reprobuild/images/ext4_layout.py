@@ -18,6 +18,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 import blake3
+import msgpack
 
 from reprobuild.errors import ImageError
 from reprobuild.images.ext4_dir import (
@@ -64,8 +65,9 @@ from reprobuild.images.registry import ImageOptions
 from reprobuild.tree import Content, Entry, EntryType, Tree
 
 ZERO_BLOCK = bytes(BLOCK_SIZE)
-CACHE_FILE_MAX = 1 << 20
-CACHE_BUDGET = 96 << 20
+ZERO_CHUNK = bytes(1 << 20)
+CACHE_FILE_MAX = 256 << 10
+CACHE_BUDGET = 128 << 20
 """Small files read while planning are kept for the write (bounded, for peak memory)."""
 
 FILE_TYPES = {
@@ -153,16 +155,24 @@ class Layout:
 
 
 def aligned_chunks(content: Content) -> Iterator[bytes]:
-    """The content in chunks whose lengths are whole blocks (the last one may be short)."""
+    """The content in chunks whose lengths are whole blocks (the last one may be short).
+
+    The chunks of ``Content.chunks()`` pass through uncopied when they are already
+    aligned, and the last one always does (one look-ahead tells which is last).
+    """
     carry = b""
+    pending: bytes | None = None
     for chunk in content.chunks():
-        if carry:
-            chunk = carry + chunk
-        cut = len(chunk) - len(chunk) % BLOCK_SIZE
-        carry = chunk[cut:]
-        if cut:
-            yield chunk[:cut] if carry else chunk
-    if carry:
+        if pending is not None:
+            data = carry + pending if carry else pending
+            cut = len(data) - len(data) % BLOCK_SIZE
+            carry = data[cut:]
+            if cut:
+                yield data[:cut] if carry else data
+        pending = chunk
+    if pending is not None:
+        yield carry + pending if carry else pending
+    elif carry:
         yield carry
 
 
@@ -181,7 +191,8 @@ def scan_content(content: Content, where: str, cache: dict[int, bytes] | None = 
         if keep:
             kept.append(chunk)
         count = -(-len(chunk) // BLOCK_SIZE)
-        if ZERO_BLOCK[: len(chunk)] == chunk:
+        if (chunk[0] == 0 and chunk[-1] == 0 and len(chunk) <= len(ZERO_CHUNK)
+                and ZERO_CHUNK[: len(chunk)] == chunk):
             block += count
             continue
         if len(chunk) < BLOCK_SIZE or ZERO_BLOCK not in chunk:
@@ -262,23 +273,17 @@ class _Numbering:
 def _tree_digest(tree: Tree, scans: dict[int, FileScan], numbering: _Numbering,
                  epoch: int) -> bytes:
     """blake3 over the canonical description of the tree (with content digests)."""
-    h = blake3.blake3(b"reprobuild ext4 tree v1\0")
     clamp = epoch * 10**9
+    packer = msgpack.Packer()
+    parts = [b"reprobuild ext4 tree v1\0"]
+    ino_of = numbering.ino_of
     for entry in tree:
-        ino = numbering.ino_of[entry.path]
-        fields = [entry.path, entry.type.value.encode(), b"%o" % entry.mode,
-                  b"%d:%d" % (entry.uid, entry.gid), b"%d" % min(entry.mtime_ns, clamp),
-                  entry.target or b"", b"%d:%d" % (entry.rdev_major, entry.rdev_minor),
-                  b"%d" % entry.size]
-        for name, value in entry.xattrs:
-            fields += [name, value]
-        scan = scans.get(ino)
-        if scan is not None and entry.type is EntryType.REGULAR:
-            fields.append(scan.digest)
-        for f in fields:
-            h.update(len(f).to_bytes(8, "little"))
-            h.update(f)
-    return h.digest()
+        scan = scans.get(ino_of[entry.path]) if entry.type is EntryType.REGULAR else None
+        parts.append(packer.pack((
+            entry.path, entry.type.value, entry.mode, entry.uid, entry.gid,
+            min(entry.mtime_ns, clamp), entry.target, entry.rdev_major, entry.rdev_minor,
+            entry.size, entry.xattrs, scan.digest if scan is not None else None)))
+    return blake3.blake3(b"".join(parts)).digest()
 
 
 def derive_ids(digest: bytes, options: ImageOptions) -> tuple[bytes, bytes]:

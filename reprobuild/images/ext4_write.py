@@ -8,6 +8,8 @@ extents. Nothing is read from the host except the file contents the tree names.
 
 from __future__ import annotations
 
+import io
+import os
 from typing import BinaryIO
 
 from reprobuild.errors import ImageError
@@ -46,6 +48,59 @@ from reprobuild.tree import Content
 LEAF_CSUM_AT = BLOCK_SIZE - 4
 TREE_CSUM_AT = 12 + 340 * 12  # ext4_extent_tail after eh_max entries
 XATTR_CSUM_AT = 16
+
+
+class _Sink:
+    """Coalesces writes at consecutive offsets into few large ones (pwrite when possible)."""
+
+    LIMIT = 8 << 20
+
+    def __init__(self, output: BinaryIO) -> None:
+        self.output = output
+        self.fd: int | None
+        try:
+            output.flush()
+            self.fd = output.fileno()
+        except (AttributeError, OSError, io.UnsupportedOperation):
+            self.fd = None
+        self.start = 0
+        self.size = 0
+        self.parts: list[bytes | memoryview] = []
+
+    def put(self, offset: int, data: bytes | memoryview) -> None:
+        if self.parts and offset == self.start + self.size and self.size < self.LIMIT:
+            self.parts.append(data)
+            self.size += len(data)
+            return
+        self.flush()
+        self.start, self.size, self.parts = offset, len(data), [data]
+
+    def flush(self) -> None:
+        if not self.parts:
+            return
+        data = self.parts[0] if len(self.parts) == 1 else b"".join(self.parts)
+        if self.fd is not None:
+            view = memoryview(data)
+            offset = self.start
+            while view:
+                written = os.pwrite(self.fd, view, offset)
+                view = view[written:]
+                offset += written
+        else:
+            self.output.seek(self.start)
+            self.output.write(data)
+        self.parts = []
+        self.size = 0
+
+    def finish(self, image_size: int) -> None:
+        self.flush()
+        if self.fd is not None:
+            if os.fstat(self.fd).st_size < image_size:
+                os.ftruncate(self.fd, image_size)
+            return
+        if self.output.seek(0, 2) < image_size:
+            self.output.seek(image_size - 1)
+            self.output.write(b"\0")
 
 
 def _set_bits(bitmap: bytearray, start: int, count: int) -> None:
@@ -147,6 +202,7 @@ def seal_dir_block(block: DirBlock, inode_seed: int) -> bytes:
 def write_image(layout: Layout, output: BinaryIO, cache: dict[int, bytes]) -> None:
     """Write the planned image to ``output`` (seekable, initially empty)."""
     fs_seed = fs_checksum_seed(layout.uuid)
+    sink = _Sink(output)
     groups = layout.group_count
     per_group = layout.inodes_per_group
 
@@ -191,10 +247,8 @@ def write_image(layout: Layout, output: BinaryIO, cache: dict[int, bytes]) -> No
         crc = crc32c_raw(crc, descriptors[offset: offset + DESC_SIZE]) & 0xFFFF
         descriptors[offset + GD_CHECKSUM_OFFSET: offset + GD_CHECKSUM_OFFSET + 2] = \
             crc.to_bytes(2, "little")
-        output.seek(group.block_bitmap * BLOCK_SIZE)
-        output.write(bb)
-        output.seek(group.inode_bitmap * BLOCK_SIZE)
-        output.write(ib)
+        sink.put(group.block_bitmap * BLOCK_SIZE, bb)
+        sink.put(group.inode_bitmap * BLOCK_SIZE, bytes(ib))
 
     free_blocks_total = sum(free_per_group)
     for g in range(groups):
@@ -202,22 +256,20 @@ def write_image(layout: Layout, output: BinaryIO, cache: dict[int, bytes]) -> No
             continue
         sb = superblock(layout, free_blocks_total, free_inodes_total, g)
         start = g * BLOCKS_PER_GROUP * BLOCK_SIZE
-        output.seek(start + (SUPERBLOCK_OFFSET if g == 0 else 0))
-        output.write(sb)
-        output.seek(start + BLOCK_SIZE)
-        output.write(descriptors)
+        if g == 0:
+            sink.put(0, bytes(SUPERBLOCK_OFFSET) + sb + bytes(BLOCK_SIZE - 2048))
+        else:
+            sink.put(start, sb + bytes(BLOCK_SIZE - 1024))
+        sink.put(start + BLOCK_SIZE, bytes(descriptors))
 
-    _write_inode_tables(layout, output, fs_seed)
-    _write_small_blocks(layout, output, fs_seed)
+    _write_inode_tables(layout, sink, fs_seed)
+    _write_small_blocks(layout, sink, fs_seed)
     for ino, content, extents in layout.files:
-        _write_file(output, content, extents, cache.pop(ino, None))
-    end = output.seek(0, 2)
-    if end < layout.image_size:
-        output.seek(layout.image_size - 1)
-        output.write(b"\0")
+        _write_file(sink, content, extents, cache.pop(ino, None))
+    sink.finish(layout.image_size)
 
 
-def _write_inode_tables(layout: Layout, output: BinaryIO, fs_seed: int) -> None:
+def _write_inode_tables(layout: Layout, sink: _Sink, fs_seed: int) -> None:
     per_group = layout.inodes_per_group
     plans = {node.ino: node for node in layout.inodes}
     empty = bytearray(INODE_SIZE)
@@ -235,11 +287,10 @@ def _write_inode_tables(layout: Layout, output: BinaryIO, fs_seed: int) -> None:
             else:  # reserved inodes 1 and 3-10: empty, but with a valid checksum
                 raw = _seal_inode(bytearray(empty), ino, fs_seed)
             table[i * INODE_SIZE: (i + 1) * INODE_SIZE] = raw
-        output.seek(group.inode_table * BLOCK_SIZE)
-        output.write(table)
+        sink.put(group.inode_table * BLOCK_SIZE, bytes(table))
 
 
-def _write_small_blocks(layout: Layout, output: BinaryIO, fs_seed: int) -> None:
+def _write_small_blocks(layout: Layout, sink: _Sink, fs_seed: int) -> None:
     blocks: dict[int, bytes] = {}
     seeds: dict[int, int] = {}
 
@@ -260,22 +311,11 @@ def _write_small_blocks(layout: Layout, output: BinaryIO, fs_seed: int) -> None:
                             + xblock[XATTR_CSUM_AT + 4:])
     for physical, raw in layout.raw_blocks:
         blocks[physical] = raw
-    run_start = -1
-    run: list[bytes] = []
     for physical in sorted(blocks):
-        if run and physical != run_start + len(run):
-            output.seek(run_start * BLOCK_SIZE)
-            output.write(b"".join(run))
-            run = []
-        if not run:
-            run_start = physical
-        run.append(blocks[physical])
-    if run:
-        output.seek(run_start * BLOCK_SIZE)
-        output.write(b"".join(run))
+        sink.put(physical * BLOCK_SIZE, blocks[physical])
 
 
-def _write_file(output: BinaryIO, content: Content, extents: tuple[Extent, ...],
+def _write_file(sink: _Sink, content: Content, extents: tuple[Extent, ...],
                 cached: bytes | None) -> None:
     if not extents:
         return
@@ -283,11 +323,7 @@ def _write_file(output: BinaryIO, content: Content, extents: tuple[Extent, ...],
         view = memoryview(cached)
         for ext in extents:
             piece = view[ext.logical * BLOCK_SIZE: (ext.logical + ext.length) * BLOCK_SIZE]
-            output.seek(ext.physical * BLOCK_SIZE)
-            output.write(piece)
-            short = ext.length * BLOCK_SIZE - len(piece)
-            if short:
-                output.write(bytes(short))
+            _put_blocks(sink, ext.physical, ext.length, piece)
         return
     index = 0
     position = 0  # in blocks
@@ -299,12 +335,16 @@ def _write_file(output: BinaryIO, content: Content, extents: tuple[Extent, ...],
             first = max(ext.logical, position)
             last = min(ext.logical + ext.length, end)
             piece = view[(first - position) * BLOCK_SIZE: (last - position) * BLOCK_SIZE]
-            output.seek((ext.physical + first - ext.logical) * BLOCK_SIZE)
-            output.write(piece)
-            short = (last - first) * BLOCK_SIZE - len(piece)
-            if short:
-                output.write(bytes(short))
+            _put_blocks(sink, ext.physical + first - ext.logical, last - first, piece)
             if ext.logical + ext.length > end:
                 break
             index += 1
         position = end
+    sink.flush()  # the chunk buffers are reused by nobody, but keep memory bounded
+
+
+def _put_blocks(sink: _Sink, physical: int, count: int, piece: memoryview) -> None:
+    sink.put(physical * BLOCK_SIZE, piece)
+    short = count * BLOCK_SIZE - len(piece)
+    if short:
+        sink.put(physical * BLOCK_SIZE + len(piece), bytes(short))
