@@ -50,6 +50,8 @@ class OutputCheck:
     actual_hash: str | None  # None: the rebuild made no such output
     report: diffreport.DiffReport | None = None
     diffoscope: str | None = None
+    stored_path: str | None = None
+    rebuilt_path: str | None = None  # only meaningful while the round's store is kept
 
     @property
     def identical(self) -> bool:
@@ -97,8 +99,9 @@ class CheckResult:
                 if out.actual_hash is None:
                     lines.append("    the rebuild made no output for this derivation")
                     continue
-                lines.append(f"    stored  blake3 {out.expected_hash}")
-                lines.append(f"    rebuilt blake3 {out.actual_hash}")
+                lines.append(f"    stored  blake3 {out.expected_hash}  {out.stored_path}")
+                lines.append(f"    rebuilt blake3 {out.actual_hash}"
+                             + (f"  {out.rebuilt_path}" if rnd.kept else ""))
                 if out.report is not None:
                     lines.extend("    " + line for line in out.report.render().splitlines())
                 if out.diffoscope:
@@ -126,6 +129,8 @@ class CheckResult:
                 "outputs": [{
                     "name": o.name, "derivation": o.derivation_id, "identical": o.identical,
                     "expected_hash": o.expected_hash, "actual_hash": o.actual_hash,
+                    "stored_path": o.stored_path,
+                    "rebuilt_path": o.rebuilt_path if r.kept else None,
                     "report": o.report.to_json() if o.report is not None else None,
                 } for o in r.outputs],
             } for r in self.rounds],
@@ -347,7 +352,8 @@ def _compare(plan: _Plan, main: Store, variant: Store, did: str, round_index: in
             "stored_hash": expected.hash, "rebuilt_hash": actual.hash,
             "differences": [{"path": p, "kind": k} for p, k in report.summary()][:100],
         })
-    return OutputCheck(name, did, expected.hash, actual.hash, report, text)
+    return OutputCheck(name, did, expected.hash, actual.hash, report, text, expected.path,
+                       actual.path)
 
 
 def run_check(recipe_path: str, targets: Sequence[str], store_root: str, *,
