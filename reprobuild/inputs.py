@@ -58,10 +58,13 @@ def elf_interpreter(path: str) -> str | None:
     return None
 
 
-def elf_closure(program: str) -> list[str]:
-    """``program``, its interpreter and the shared libraries the loader resolves, sorted."""
-    interp = elf_interpreter(program)
-    if interp is None:
+def elf_closure(program: str, *, loader: str | None = None) -> list[str]:
+    """``program``, its interpreter and the shared libraries the loader resolves, sorted.
+
+    A shared library has no interpreter of its own: pass the ``loader`` that will load it.
+    """
+    interp = elf_interpreter(program) or loader
+    if interp is None or not _is_elf(program):
         return [program]
     result = subprocess.run([interp, "--list", program], capture_output=True, text=True,
                             env={"PATH": "/usr/bin:/bin", "LC_ALL": "C"}, check=False)
@@ -80,6 +83,11 @@ def elf_closure(program: str) -> list[str]:
         elif line.startswith("/"):
             files.add(line.split(" (", 1)[0])
     return sorted(files, key=os.fsencode)
+
+
+def _is_elf(path: str) -> bool:
+    with open(path, "rb") as f:
+        return f.read(4) == b"\x7fELF"
 
 
 def _file_node(hasher: blake3.blake3, host: str) -> None:

@@ -23,8 +23,8 @@ import sysconfig
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
-from reprobuild.errors import SandboxError
-from reprobuild.inputs import elf_closure
+from reprobuild.errors import ReprobuildError, SandboxError
+from reprobuild.inputs import elf_closure, elf_interpreter
 from reprobuild.plan import INPUTS_DIR, OUT, OUTPUT_DIR, Node
 from reprobuild.recipe import HostSource, Image, Step
 from sandbox.spec import Mount, Runner, SandboxSpec
@@ -174,9 +174,10 @@ def python_runtime() -> PythonRuntime:
         if os.path.isdir(top):
             for dirpath, _dirs, names in os.walk(top):
                 shared += [os.path.join(dirpath, n) for n in names if ".so" in n]
+    loader = elf_interpreter(python)
     for lib in sorted(shared):
-        with contextlib.suppress(Exception):
-            files.update(f for f in elf_closure(lib) if f != lib)
+        with contextlib.suppress(ReprobuildError, OSError):
+            files.update(f for f in elf_closure(lib, loader=loader) if f != lib)
     mounts = {f: Mount(f, f) for f in files if not f.startswith(stdlib + "/")}
     mounts[stdlib] = Mount(stdlib, stdlib)
     path_dirs: list[str] = []

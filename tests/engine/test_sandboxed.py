@@ -1,0 +1,88 @@
+"""End to end with the real sandbox, as an unprivileged uid: the shipped hello recipe."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import shutil
+import tarfile
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import REPO, Unprivileged, need
+
+pytestmark = pytest.mark.userns
+
+
+def need_sandbox() -> None:
+    need(importlib.util.find_spec("sandbox.runner") is not None, "sandbox.runner not written")
+
+
+def copy_recipes(unprivileged: Unprivileged, name: str) -> Path:
+    work = unprivileged.scratch(name)
+    shutil.copytree(REPO / "recipes", work / "recipes")
+    unprivileged.run(["chmod", "-R", "a+rX", str(work)], check=False)
+    return work
+
+
+def test_hello_builds_and_is_a_noop_the_second_time(unprivileged: Unprivileged) -> None:
+    need_sandbox()
+    work = copy_recipes(unprivileged, "hello")
+    if unprivileged.as_root:
+        shutil.chown(work / "recipes", 65534, 65534)
+    store = str(work / "store")
+    first = unprivileged.reprobuild("build", "--json", "--store", store,
+                                    "recipes/hello.toml", cwd=work)
+    assert first.returncode == 0, first.stderr
+    rows = json.loads(first.stdout)
+    assert [r["target"] for r in rows] == ["root"]
+    image = Path(rows[0]["path"])
+    assert Path(work / "result-root").resolve() == image
+    second = unprivileged.reprobuild("build", "--json", "--store", store,
+                                     "recipes/hello.toml", cwd=work)
+    assert second.returncode == 0, second.stderr
+    assert json.loads(second.stdout) == rows
+    assert "done" not in second.stderr  # nothing was built again
+    verify = unprivileged.reprobuild("store", "verify", "--store", store, cwd=work)
+    assert verify.returncode == 0, verify.stderr
+    if rows[0]["path"].endswith(".tar") or tarfile.is_tarfile(image):
+        with tarfile.open(image) as tar:
+            names = tar.getnames()
+            greeting = tar.extractfile("etc/greeting")
+            assert greeting is not None and greeting.read() == b"hi\n"
+            epoch = tar.extractfile("etc/build-epoch")
+            assert epoch is not None and epoch.read() == b"1700000000\n"
+        assert "bin/busybox" in names
+
+
+def test_step_sees_inputs_read_only_at_fixed_paths(unprivileged: Unprivileged) -> None:
+    need_sandbox()
+    work = unprivileged.scratch("inputs")
+    (work / "files").mkdir()
+    (work / "files" / "f").write_text("data\n")
+    (work / "r.toml").write_text("""
+epoch = 1
+[sources.bb]
+host = "/bin/busybox"
+[sources.files]
+path = "files"
+[steps.probe]
+inputs = ["bb", "files"]
+builder = ["bb", "sh", "-c", '''
+mkdir $out
+echo "$files" > $out/files-var
+pwd > $out/cwd
+cat /inputs/files/f > $out/copy
+if echo x > /inputs/files/f 2>/dev/null; then echo writable; else echo read-only; fi > $out/ro
+''']
+""")
+    unprivileged.run(["chmod", "-R", "a+rwX", str(work)], check=False)
+    result = unprivileged.reprobuild("build", "--json", "--store", str(work / "store"),
+                                     str(work / "r.toml"), cwd=work)
+    assert result.returncode == 0, result.stderr
+    out = Path(json.loads(result.stdout)[0]["path"])
+    assert (out / "files-var").read_text() == "/inputs/files\n"
+    assert (out / "cwd").read_text() == "/build\n"
+    assert (out / "copy").read_text() == "data\n"
+    assert (out / "ro").read_text() == "read-only\n"
