@@ -46,10 +46,11 @@ class Progress:
             display, _log = self.running.pop(key, (key, ""))
             self.done += 1
             self.failed += 0 if ok else 1
-            if self.enabled and not self.live:
+            if self.enabled:
                 state = "done" if ok else "FAILED"
-                print(f"[{self.done}/{self.total}] {display}: {state}", file=self.stream,
-                      flush=True)
+                clear = "\r\x1b[K" if self.live else ""
+                print(f"{clear}[{self.done}/{self.total}] {display}: {state}",
+                      file=self.stream, flush=True)
 
     def stop(self) -> None:
         if self.thread is not None:
