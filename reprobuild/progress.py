@@ -76,8 +76,10 @@ class Progress:
 
     def _redraw_loop(self) -> None:
         while not self.stop_event.wait(0.1):
-            self.stream.write("\r\x1b[K" + self._status())
-            self.stream.flush()
+            status = self._status()
+            with self.lock:  # never in the middle of a finished() line
+                self.stream.write("\r\x1b[K" + status)
+                self.stream.flush()
 
 
 def _last_line(path: str) -> str:
