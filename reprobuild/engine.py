@@ -16,7 +16,7 @@ from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 
 from reprobuild import canon, fetch, inputs, sandboxing
-from reprobuild.errors import BuildError, FetchError, ReprobuildError
+from reprobuild.errors import BuildError, FetchError, ReprobuildError, SandboxError
 from reprobuild.plan import Node, Plan
 from reprobuild.progress import Progress
 from reprobuild.recipe import DebSource, HostSource, PathSource
@@ -161,6 +161,8 @@ class Engine:
                         key = running.pop(future)
                         try:
                             entry = future.result()
+                        except SandboxError:
+                            raise  # the host cannot sandbox at all: not one step's failure
                         except ReprobuildError as exc:
                             log = self.store.log_path(nodes[key].id)
                             report.failures.append(Failure(
