@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import hashlib
+import itertools
 import subprocess
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from reprobuild.errors import ImageError
 from reprobuild.integrity import blockhash, fsverity
@@ -117,3 +120,20 @@ def test_cli_prints_like_fsverity(files: dict[int, Path],
     expected = subprocess.run(["fsverity", "digest", *paths, *args], check=True,
                               capture_output=True, text=True).stdout
     assert capsys.readouterr().out == expected
+
+
+@settings(max_examples=40, deadline=None)
+@given(data=st.binary(max_size=20000), cuts=st.lists(st.integers(0, 20000), max_size=6),
+       block_size=st.sampled_from([1024, 4096]), salt=st.binary(max_size=32))
+def test_streaming_equals_whole(data: bytes, cuts: list[int], block_size: int,
+                                salt: bytes) -> None:
+    bounds = sorted({0, len(data), *(min(c, len(data)) for c in cuts)})
+    chunks = [data[a:b] for a, b in itertools.pairwise(bounds)]
+    kwargs = {"block_size": block_size, "salt": salt}
+    batch = fsverity._BATCH
+    fsverity._BATCH = 3000  # exercise the batching with small inputs
+    try:
+        streamed = fsverity.digest_chunks(chunks, **kwargs)
+    finally:
+        fsverity._BATCH = batch
+    assert streamed == fsverity.digest_bytes(data, **kwargs)
