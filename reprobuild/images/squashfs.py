@@ -4,8 +4,10 @@ Options: ``compress`` is zstd (default; the zstandard wheel pins libzstd), gzip,
 or none; ``block_size`` is a power of two from 4 KiB to 1 MiB (default 128 KiB); extra
 options ``exportable`` (write the NFS export table), ``compression_level`` (zstd 1-22,
 default 15; gzip 1-9, default 9), ``tail_fragments`` (pack the tails of files larger than
-a block into fragments too; default true) and ``threads`` (compression threads; the bytes
-never depend on it). The superblock's time is ``options.epoch``.
+a block into fragments too; default true), ``probe`` (store blocks that zstd level 1
+cannot shrink at all uncompressed without running the configured compressor; default
+true) and ``threads`` (compression threads; the bytes never depend on it). The
+superblock's time is ``options.epoch``.
 """
 
 from __future__ import annotations
@@ -70,7 +72,8 @@ def write(tree: Tree, output: BinaryIO, options: ImageOptions) -> None:
         raise ImageError(f"squashfs: epoch {options.epoch} does not fit the superblock's"
                          " 32-bit time")
     block_size = _block_size(options)
-    compressor = make_compressor(options.compress or DEFAULT, block_size, _level(options))
+    compressor = make_compressor(options.compress or DEFAULT, block_size, _level(options),
+                                 probe=_flag(options, "probe", True))
     threads = options.get("threads")
     workers = threads if isinstance(threads, int) and threads > 0 else default_workers()
     settings = WriteSettings(compressor=compressor, mkfs_time=options.epoch,
@@ -88,4 +91,4 @@ def identity(options: ImageOptions) -> dict[str, str]:
     """The compressor, its level and its library version (they change the bytes)."""
     name = options.compress or DEFAULT
     make_compressor(name, _block_size(options), _level(options))  # validates
-    return library_identity(name, _level(options))
+    return library_identity(name, _level(options), probe=_flag(options, "probe", True))

@@ -44,6 +44,7 @@ GZIP_OPTIONS = struct.Struct("<IHH")  # compression_level, window_size, strategi
 ZSTD_OPTIONS = struct.Struct("<I")  # compression_level
 LZ4_OPTIONS = struct.Struct("<II")  # version (1 = legacy), flags (1 = high compression)
 XZ_OPTIONS = struct.Struct("<II")  # dictionary_size, filters
+PROBE_SAMPLE = 16384
 
 
 @dataclass(frozen=True)
@@ -55,12 +56,33 @@ class Compressor:
     level: int | None
     block_size: int
     options: bytes | None  # the compressor-options block's payload, when one is written
+    probe: bool = True  # skip blocks that zstd level 1 cannot shrink at all
     _local: threading.local = field(default_factory=threading.local, compare=False,
                                     repr=False)
 
     @property
     def compresses(self) -> bool:
         return self.name != "none"
+
+    def incompressible(self, data: bytes) -> bool:
+        """True when a fast zstd pass cannot shrink ``data`` by a single byte.
+
+        Such blocks (already-compressed or random data) are stored uncompressed without
+        running the slow configured compressor, which would gain next to nothing on them.
+        The probe is libzstd from the pinned zstandard wheel, so it is a deterministic
+        function of the block; it is part of ``library_identity``.
+        """
+        if not self.probe or self.name in ("none", "lz4"):
+            return False
+        probe = getattr(self._local, "probe", None)
+        if probe is None:
+            probe = zstandard.ZstdCompressor(level=1, write_content_size=True)
+            self._local.probe = probe
+        # A compressible block is nearly always compressible in its first 16 KiB: test
+        # that first, so the probe costs little where it does not help.
+        if len(data) > PROBE_SAMPLE and len(probe.compress(data[:PROBE_SAMPLE])) < PROBE_SAMPLE:
+            return False
+        return len(probe.compress(data)) >= len(data)
 
     def compress(self, data: bytes) -> bytes:
         """The compressed form of one block (the caller keeps it only if smaller)."""
@@ -107,7 +129,8 @@ class Compressor:
         return bytes(out)
 
 
-def make_compressor(name: str, block_size: int, level: int | None = None) -> Compressor:
+def make_compressor(name: str, block_size: int, level: int | None = None, *,
+                    probe: bool = True) -> Compressor:
     """The compressor ``name`` for blocks of ``block_size``; ``level`` where it applies."""
     if name not in NAMES:
         raise ImageError(f"squashfs: unknown compressor {name!r}",
@@ -138,7 +161,7 @@ def make_compressor(name: str, block_size: int, level: int | None = None) -> Com
         options = LZ4_OPTIONS.pack(1, 0)  # squashfs-tools requires lz4 options
     else:
         squashfs_id = ZLIB_COMPRESSION  # "none": every table and block flagged uncompressed
-    return Compressor(name, squashfs_id, level, block_size, options)
+    return Compressor(name, squashfs_id, level, block_size, options, probe)
 
 
 def compressor_from_superblock(squashfs_id: int, block_size: int, *,
@@ -165,7 +188,7 @@ def _liblzma_version() -> str:
         return "unknown"
 
 
-def library_identity(name: str, level: int | None) -> dict[str, str]:
+def library_identity(name: str, level: int | None, *, probe: bool = True) -> dict[str, str]:
     """The compressor, its level and its library's version, for the derivation id."""
     if name == "none":
         return {"compressor": "none"}
@@ -181,4 +204,6 @@ def library_identity(name: str, level: int | None) -> dict[str, str]:
     identity = {"compressor": name, "library": library}
     if level is not None:
         identity["level"] = str(level)
+    if probe and name in ("zstd", "gzip", "xz"):
+        identity["probe"] = "libzstd " + ".".join(str(p) for p in zstandard.ZSTD_VERSION)
     return identity

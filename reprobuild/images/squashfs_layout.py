@@ -1,17 +1,18 @@
-"""Plan a squashfs image: inode order and numbers, ids, xattr sets, data and fragments.
+"""Plan a squashfs image: inode order and numbers, ids, xattr sets, file data.
 
-The plan depends only on the tree and the block size (and, for duplicate detection, on
-file contents through their digests). It fixes everything the writer needs except the
-positions and sizes that compression decides:
+The plan depends only on the tree and the block size; it reads no file. It fixes:
 
 * inodes in the order the inode table holds them: for each directory (depth first, in
   bytewise name order) the subdirectories' contents first, then the directory's own
   children, so a directory's listing can name its children's inodes and the directory's
   inode can name its listing; the root comes last. Inode numbers follow that order;
 * the id table (sorted uids and gids) and the distinct xattr sets;
-* the regular files in canonical path order with, for each, whether it duplicates an
-  earlier file (same size and blake3), how many full blocks it has, and where its tail
-  goes in which fragment block (tails packed in order while they fit).
+* the regular files in canonical path order with, for each, how many full blocks it
+  has and whether another file has the same size (so it may be a duplicate).
+
+What depends on the bytes of the files is decided while they stream, in this order and
+so deterministically: which files duplicate an earlier one (same size and blake3), which
+blocks are all zero (stored sparse), which compress, and how tails pack into fragments.
 """
 
 from __future__ import annotations
@@ -70,13 +71,17 @@ class DirectoryPlan:
 
 @dataclass(frozen=True)
 class FilePlan:
-    """Where one regular file's bytes go."""
+    """One regular file's data: how many full data blocks, and whether it may duplicate.
+
+    ``may_duplicate`` is true when another file has the same size; the writer then
+    compares digests (duplicates share the first copy's blocks and fragment). The file's
+    tail (``size - full_blocks * block_size`` bytes, when not zero) goes to a fragment.
+    """
 
     entry: Entry
     size: int
-    full_blocks: int  # blocks written as data blocks (the tail, if any, is a fragment)
-    duplicate_of: int | None  # index of an earlier file with the same content
-    fragment: tuple[int, int] | None  # (fragment block index, offset in it)
+    full_blocks: int
+    may_duplicate: bool
 
 
 @dataclass(frozen=True)
@@ -91,8 +96,6 @@ class SquashfsPlan:
     ids: tuple[int, ...]
     xattr_sets: tuple[XattrSet, ...]
     files: tuple[FilePlan, ...]  # canonical path order; the order data is written in
-    fragment_sizes: tuple[int, ...]  # bytes used in each fragment block
-    fragment_last_file: tuple[int, ...]  # the file whose tail completes each fragment
 
     @property
     def root_index(self) -> int:
@@ -177,44 +180,20 @@ def plan_image(tree: Tree, block_size: int, *, tail_fragments: bool = True) -> S
         key: XattrSet = tuple(parts)
         inode_xattr.append(xattr_sets.setdefault(key, len(xattr_sets)))
 
-    # Files in canonical path order: duplicates, full blocks and fragments.
+    # Files in canonical path order, the order their data is written in.
     files: list[FilePlan] = []
     file_index: dict[bytes, int] = {}
     regulars = [e for e in tree if e.type is EntryType.REGULAR]
     size_count: dict[int, int] = {}
     for entry in regulars:
         size_count[entry.size] = size_count.get(entry.size, 0) + 1
-    first_of: dict[tuple[int, bytes], int] = {}
-    fragment_sizes: list[int] = []
-    fragment_last: list[int] = []
     for entry in regulars:
-        assert entry.content is not None
-        size = entry.size
-        duplicate_of = None
-        if size > 0 and size_count[size] > 1:
-            key2 = (size, entry.content.blake3)
-            duplicate_of = first_of.get(key2)
-            if duplicate_of is None:
-                first_of[key2] = len(files)
-        if duplicate_of is not None:
-            original = files[duplicate_of]
-            plan = FilePlan(entry, size, original.full_blocks, duplicate_of,
-                            original.fragment)
-        else:
-            full, tail = divmod(size, block_size)
-            fragment = None
-            if tail and not tail_fragments and full:
-                full, tail = full + 1, 0
-            if tail:
-                if not fragment_sizes or fragment_sizes[-1] + tail > block_size:
-                    fragment_sizes.append(0)
-                    fragment_last.append(len(files))
-                fragment = (len(fragment_sizes) - 1, fragment_sizes[-1])
-                fragment_sizes[-1] += tail
-                fragment_last[-1] = len(files)
-            plan = FilePlan(entry, size, full, None, fragment)
+        full, tail = divmod(entry.size, block_size)
+        if tail and full and not tail_fragments:
+            full += 1
         file_index[entry.path] = len(files)
-        files.append(plan)
+        files.append(FilePlan(entry, entry.size, full,
+                              entry.size > 0 and size_count[entry.size] > 1))
 
     count = len(order)
     parent_of: dict[bytes, int] = {b"": count + 1}
@@ -246,8 +225,6 @@ def plan_image(tree: Tree, block_size: int, *, tail_fragments: bool = True) -> S
         ids=ids,
         xattr_sets=tuple(xattr_sets),
         files=tuple(files),
-        fragment_sizes=tuple(fragment_sizes),
-        fragment_last_file=tuple(fragment_last),
     )
 
 

@@ -239,6 +239,10 @@ class _Reader:
     fragments: tuple[tuple[int, int], ...] = ()
     xattr_ids: tuple[tuple[int, int, int], ...] = ()
     xattr_start: int = 0
+    # path -> (on-disk inode type, directory headers); filled by the walk, for inspection
+    layout: dict[bytes, tuple[int, int]] = field(default_factory=dict)
+    last_kind: int = 0
+    last_headers: int = 0
 
     def xattrs(self, index: int) -> tuple[tuple[bytes, bytes], ...]:
         if index == SQUASHFS_INVALID_XATTR:
@@ -283,6 +287,7 @@ class _Reader:
         xattr = SQUASHFS_INVALID_XATTR
         extra: tuple[int, ...]
         basic = kind - SQUASHFS_EXTENDED if kind > SQUASHFS_EXTENDED else kind
+        self.last_kind = kind
         if kind == SQUASHFS_DIR_TYPE:
             start, _, size, off, _ = SQUASHFS_DIR_INODE.unpack(take(SQUASHFS_DIR_INODE.size))
             extra = (number, start, off, size)
@@ -337,7 +342,9 @@ class _Reader:
         position = self.sb.directory_table_start + start
         remaining = size - 3
         out = []
+        self.last_headers = 0
         while remaining > 0:
+            self.last_headers += 1
             head, position, offset = self.metadata.read(position, offset,
                                                         SQUASHFS_DIR_HEADER.size)
             remaining -= len(head)
@@ -365,6 +372,15 @@ TYPES = {
 
 def read_image(path: str | bytes) -> Tree:
     """The tree stored in the squashfs image at ``path``."""
+    return _read(path)[0]
+
+
+def inspect_image(path: str | bytes) -> dict[bytes, tuple[int, int]]:
+    """Per path: the on-disk inode type and, for directories, the number of headers."""
+    return _read(path)[1]
+
+
+def _read(path: str | bytes) -> tuple[Tree, dict[bytes, tuple[int, int]]]:
     image_path = os.fsencode(path)
     with open(image_path, "rb") as image:
         sb = read_superblock(image)
@@ -392,7 +408,7 @@ def read_image(path: str | bytes) -> Tree:
             reader.xattr_start = start
             reader.xattr_ids = tuple(SQUASHFS_XATTR_ID.unpack_from(raw_xids, 16 * i)
                                      for i in range(count))
-        return _walk(reader)
+        return _walk(reader), reader.layout
 
 
 def _walk(reader: _Reader) -> Tree:
@@ -401,12 +417,16 @@ def _walk(reader: _Reader) -> Tree:
         raise ImageError("squashfs: the root inode is not a directory")
     tree = Tree(Entry(b"", EntryType.DIRECTORY, **fields))  # type: ignore[arg-type]
     found: list[tuple[bytes, EntryType, dict[str, object], int]] = []
+    reader.layout[b""] = (reader.last_kind, 0)
     stack: list[tuple[bytes, tuple[int, ...]]] = [(b"", extra)]
     while stack:
         path, (_, start, offset, size) = stack.pop()
-        for name, ref in reader.listing(start, offset, size):
+        listing = reader.listing(start, offset, size)
+        reader.layout[path] = (reader.layout[path][0], reader.last_headers)
+        for name, ref in listing:
             child = path + b"/" + name if path else name
             kind, fields, extra = reader.inode(ref)
+            reader.layout[child] = (reader.last_kind, 0)
             found.append((child, TYPES[kind], fields, extra[0]))
             if kind == SQUASHFS_DIR_TYPE:
                 stack.append((child, extra))

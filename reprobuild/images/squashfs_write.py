@@ -14,8 +14,10 @@ import os
 from collections import deque
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import BinaryIO
+
+import blake3
 
 from reprobuild.errors import ImageError
 from reprobuild.images.squashfs_compressors import Compressor
@@ -74,6 +76,7 @@ from reprobuild.tree import Content, EntryType
 
 PAD_TO = 4096
 IN_FLIGHT_PER_WORKER = 4
+HOLD_LIMIT = 16 << 20  # files sharing a size are held in memory up to this size
 
 
 @dataclass(frozen=True)
@@ -144,7 +147,7 @@ def compress_metadata(compressor: Compressor, raw: bytes) -> bytes:
 
 def compress_block(compressor: Compressor, raw: bytes) -> tuple[bytes, int]:
     """A data or fragment block as stored, and its size field (bit 24: uncompressed)."""
-    if compressor.compresses:
+    if compressor.compresses and not compressor.incompressible(raw):
         packed = compressor.compress(raw)
         if len(packed) < len(raw):
             return packed, len(packed)
@@ -153,9 +156,12 @@ def compress_block(compressor: Compressor, raw: bytes) -> tuple[bytes, int]:
 
 @dataclass
 class FileResult:
+    """Where one file's data went (shared by the files that duplicate it)."""
+
     start: int = 0
-    sizes: list[int] | None = None
+    sizes: list[int] = field(default_factory=list)
     sparse: int = 0
+    fragment: tuple[int, int] | None = None  # (fragment block index, offset in it)
 
 
 class ImageFile:
@@ -241,27 +247,54 @@ def file_blocks(content: Content, block_size: int, where: str) -> Iterator[bytes
                          f" {content.size}", hint="do not modify the source during a build")
 
 
-def write_data(plan: SquashfsPlan, image: ImageFile, compressor: Compressor,
-               workers: int) -> tuple[list[FileResult], list[tuple[int, int]]]:
-    """Write every file's blocks and the fragment blocks; where each went."""
-    block_size = plan.block_size
-    zero_block = bytes(block_size)
-    results = [FileResult() for _ in plan.files]
-    fragments: list[tuple[int, int]] = [(0, 0)] * len(plan.fragment_sizes)
-    # (file index or -1 for a fragment, block number or fragment index, length, future)
-    pending: deque[tuple[int, int, int, Future[tuple[bytes, int]] | None]] = deque()
-    limit = max(1, workers) * IN_FLIGHT_PER_WORKER
+Job = tuple[int, int, int, "Future[tuple[bytes, int]] | None"]
 
-    def drain(keep: int) -> None:
+
+class DataWriter:
+    """Streams file blocks and fragment blocks through the compression threads in order.
+
+    Jobs are (file index or -1 for a fragment, block number or fragment index, length,
+    future or None for a sparse block); they are written strictly in submission order,
+    with at most ``limit`` in flight, so memory stays bounded and the bytes never depend
+    on thread timing.
+    """
+
+    def __init__(self, image: ImageFile, compressor: Compressor, pool: ThreadPoolExecutor,
+                 limit: int, results: list[FileResult]) -> None:
+        self.image = image
+        self.compressor = compressor
+        self.pool = pool
+        self.limit = limit
+        self.results = results
+        self.pending: deque[Job] = deque()
+        self.fragments: list[tuple[int, int]] = []
+
+    def block(self, file_index: int, number: int, data: bytes) -> None:
+        self.pending.append((file_index, number, len(data),
+                             self.pool.submit(compress_block, self.compressor, data)))
+        self.drain(self.limit)
+
+    def sparse(self, file_index: int, number: int, length: int) -> None:
+        self.pending.append((file_index, number, length, None))
+        self.drain(self.limit)
+
+    def fragment(self, data: bytes) -> None:
+        self.fragments.append((0, 0))
+        self.pending.append((-1, len(self.fragments) - 1, len(data),
+                             self.pool.submit(compress_block, self.compressor, data)))
+        self.drain(self.limit)
+
+    def drain(self, keep: int) -> None:
+        pending = self.pending
+        image = self.image
         while len(pending) > keep:
             file_index, number, length, future = pending.popleft()
             if file_index < 0:
                 assert future is not None
                 data, size_field = future.result()
-                fragments[number] = (image.write(data), size_field)
+                self.fragments[number] = (image.write(data), size_field)
                 continue
-            result = results[file_index]
-            assert result.sizes is not None
+            result = self.results[file_index]
             if number == 0:
                 result.start = image.position
             if future is None:
@@ -272,43 +305,62 @@ def write_data(plan: SquashfsPlan, image: ImageFile, compressor: Compressor,
                 image.write(data)
                 result.sizes.append(size_field)
 
+
+def write_data(plan: SquashfsPlan, image: ImageFile, compressor: Compressor,
+               workers: int) -> tuple[list[FileResult], list[tuple[int, int]]]:
+    """Write every file's blocks and the fragment blocks; where each went.
+
+    Each file is read once. A file that shares its size with another is read whole (up to
+    HOLD_LIMIT, else hashed in a first pass) and hashed before its blocks are queued, so
+    a duplicate of an earlier file is never written. Tails pack into fragment blocks in
+    file order; a fragment block is queued when the next tail does not fit.
+    """
+    block_size = plan.block_size
+    zero_block = bytes(block_size)
+    results = [FileResult() for _ in plan.files]
+    first_of: dict[tuple[int, bytes], int] = {}
     fragment_buffer = bytearray()
     with ThreadPoolExecutor(max_workers=max(1, workers),
                             thread_name_prefix="squashfs-compress") as pool:
+        writer = DataWriter(image, compressor, pool, max(1, workers) * IN_FLIGHT_PER_WORKER,
+                            results)
         for index, file in enumerate(plan.files):
-            result = results[index]
-            result.sizes = []
-            if file.duplicate_of is not None or file.size == 0:
+            if file.size == 0:
                 continue
-            assert file.entry.content is not None
-            for number, block in enumerate(file_blocks(file.entry.content, block_size,
-                                                       file.entry.display())):
-                if number >= file.full_blocks:
-                    fragment_buffer += block
-                    continue
-                if block == zero_block or (len(block) < block_size
-                                           and block == bytes(len(block))):
-                    pending.append((index, number, len(block), None))
+            content = file.entry.content
+            assert content is not None
+            blocks: Iterator[bytes] = file_blocks(content, block_size, file.entry.display())
+            if file.may_duplicate:
+                if content.known_blake3 is None and file.size <= HOLD_LIMIT:
+                    held = list(blocks)
+                    hasher = blake3.blake3()
+                    for block in held:
+                        hasher.update(block)
+                    digest = hasher.digest()
+                    blocks = iter(held)
                 else:
-                    pending.append((index, number, len(block),
-                                    pool.submit(compress_block, compressor, block)))
-                drain(limit)
-            if file.fragment is not None and plan.fragment_last_file[file.fragment[0]] == index:
-                number = file.fragment[0]
-                if len(fragment_buffer) != plan.fragment_sizes[number]:
-                    raise ImageError(f"squashfs: fragment {number} has"
-                                     f" {len(fragment_buffer)} bytes, planned"
-                                     f" {plan.fragment_sizes[number]}")
-                pending.append((-1, number, len(fragment_buffer),
-                                pool.submit(compress_block, compressor,
-                                            bytes(fragment_buffer))))
-                fragment_buffer.clear()
-                drain(limit)
-        drain(0)
-    for index, file in enumerate(plan.files):
-        if file.duplicate_of is not None:
-            results[index] = results[file.duplicate_of]
-    return results, fragments
+                    digest = content.blake3
+                original = first_of.setdefault((file.size, digest), index)
+                if original != index:
+                    results[index] = results[original]
+                    continue
+            result = results[index]
+            for number, block in enumerate(blocks):
+                if number >= file.full_blocks:
+                    if len(fragment_buffer) + len(block) > block_size:
+                        writer.fragment(bytes(fragment_buffer))
+                        fragment_buffer.clear()
+                    result.fragment = (len(writer.fragments), len(fragment_buffer))
+                    fragment_buffer += block
+                elif block == zero_block or (len(block) < block_size
+                                             and not block.strip(b"\0")):
+                    writer.sparse(index, number, len(block))
+                else:
+                    writer.block(index, number, block)
+        if fragment_buffer:
+            writer.fragment(bytes(fragment_buffer))
+        writer.drain(0)
+    return results, writer.fragments
 
 
 # -- inodes and directories ---------------------------------------------------------------
@@ -446,8 +498,8 @@ def encode_inode(plan: SquashfsPlan, inode: InodePlan, results: list[FileResult]
         assert inode.file_index is not None
         file = plan.files[inode.file_index]
         result = results[inode.file_index]
-        sizes = result.sizes or []
-        fragment, frag_offset = file.fragment or (SQUASHFS_INVALID_FRAG, 0)
+        sizes = result.sizes
+        fragment, frag_offset = result.fragment or (SQUASHFS_INVALID_FRAG, 0)
         block_list = b"".join(U32.pack(s) for s in sizes)
         if (file.size >= 1 << 32 or result.start >= 1 << 32 or inode.nlink > 1
                 or has_xattr or result.sparse):

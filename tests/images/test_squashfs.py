@@ -1,0 +1,473 @@
+"""squashfs writer and reader: plan, unsquashfs, kernel mount, round trip, host conditions."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import socket
+import stat
+import subprocess
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import blake3
+import pytest
+
+from reprobuild.errors import ImageError
+from reprobuild.images import squashfs
+from reprobuild.images.registry import ImageOptions
+from reprobuild.images.squashfs_format import (
+    SQUASHFS_DIR_COUNT,
+    SQUASHFS_DIR_TYPE,
+    SQUASHFS_LDIR_TYPE,
+    SQUASHFS_LREG_TYPE,
+    SQUASHFS_REG_TYPE,
+    SQUASHFS_SUPER_BLOCK,
+    SQUASHFS_SYMLINK_TYPE,
+    decode_rdev,
+    encode_rdev,
+)
+from reprobuild.images.squashfs_read import inspect_image
+from reprobuild.tree import Content, Entry, EntryType, Tree, tree_from_directory
+from reprobuild.treediff import diff_trees
+from tests.conftest import need_tool
+
+EPOCH = 1_700_000_000
+COMPRESSORS = ("zstd", "gzip", "xz", "lz4", "none")
+BIG_DIR_ENTRIES = 700
+
+
+def pseudo_random(seed: str, size: int) -> bytes:
+    return blake3.blake3(seed.encode()).digest(length=size)
+
+
+def text(seed: str, size: int) -> bytes:
+    line = f"{seed}: the quick brown fox jumps over the lazy dog\n".encode()
+    return (line * (size // len(line) + 1))[:size]
+
+
+def sample_tree(block_size: int = 131072) -> Tree:
+    """Every entry type, hardlinks, xattrs, sparse content, duplicates, a big directory."""
+    t = 1_650_000_000 * 10**9
+    tree = Tree(Entry(b"", EntryType.DIRECTORY, 0o755, mtime_ns=t,
+                      xattrs=((b"user.root", b"yes"),)))
+
+    def add(path: bytes, kind: EntryType, mode: int, **kw: object) -> None:
+        kw.setdefault("mtime_ns", t)
+        tree.add(Entry(path, kind, mode, **kw))  # type: ignore[arg-type]
+
+    def file(path: bytes, data: bytes, mode: int = 0o644, **kw: object) -> None:
+        add(path, EntryType.REGULAR, mode, content=Content.from_bytes(data), **kw)
+
+    add(b"bin", EntryType.DIRECTORY, 0o755)
+    add(b"etc", EntryType.DIRECTORY, 0o750, uid=1000, gid=1000,
+        xattrs=((b"trusted.dir", b"\x00\x01"),))
+    add(b"empty-dir", EntryType.DIRECTORY, 0o700, uid=65534, gid=65534)
+    file(b"empty", b"")
+    file(b"small", b"hello\n", mtime_ns=t - 86400 * 10**9)
+    file(b"exact", text("exact", block_size))
+    file(b"tail", text("tail", 3 * block_size + 100), 0o4755)
+    file(b"bin/dup", text("tail", 3 * block_size + 100), 0o755)
+    file(b"random", pseudo_random("random", 2 * block_size + 77), 0o600, uid=1234567,
+         gid=7654321)
+    sparse = (text("head", block_size) + bytes(3 * block_size) + text("mid", block_size)
+              + bytes(block_size) + b"end")
+    file(b"sparse", sparse)
+    file(b"zeros", bytes(2 * block_size + 10))
+    file(b"xattrs", b"with xattrs\n",
+         xattrs=((b"security.test", b"sec"), (b"trusted.t", b""), (b"user.a", b"1"),
+                 (b"user.b", pseudo_random("x", 300))))
+    file(b"bin/hl", text("hardlinked", 5000), 0o755, xattrs=((b"user.hl", b"1"),))
+    add(b"etc/hl", EntryType.HARDLINK, 0o755, target=b"bin/hl")
+    add(b"hl", EntryType.HARDLINK, 0o755, target=b"bin/hl")
+    add(b"link", EntryType.SYMLINK, 0o777, target=b"small")
+    add(b"etc/xlink", EntryType.SYMLINK, 0o777, target=b"/" + b"x" * 300,
+        xattrs=((b"trusted.link", b"1"),))
+    add(b"null", EntryType.CHAR, 0o666, rdev_major=1, rdev_minor=3)
+    add(b"disk", EntryType.BLOCK, 0o660, gid=6, rdev_major=259, rdev_minor=300000)
+    add(b"xnull", EntryType.CHAR, 0o600, rdev_major=1, rdev_minor=5,
+        xattrs=((b"trusted.dev", b"x"),))
+    add(b"fifo", EntryType.FIFO, 0o644)
+    add(b"xfifo", EntryType.FIFO, 0o644, xattrs=((b"security.f", b"1"),))
+    add(b"sock", EntryType.SOCKET, 0o755)
+    add(b"xsock", EntryType.SOCKET, 0o755, xattrs=((b"trusted.s", b"1"),))
+    for name in (b"\xffhigh", b"Zeta", b"a b", b"alpha", b"-dash"):
+        file(b"bin/" + name, name)
+    add(b"many", EntryType.DIRECTORY, 0o755)
+    for i in range(BIG_DIR_ENTRIES):
+        name = f"entry-{i:04d}-{'n' * (i % 50)}".encode()
+        if i % 97 == 0:
+            add(b"many/" + name, EntryType.DIRECTORY, 0o755)
+        elif i % 13 == 0:
+            add(b"many/" + name, EntryType.SYMLINK, 0o777, target=b"../small")
+        else:
+            file(b"many/" + name, f"{i}\n".encode())
+    return tree
+
+
+def build(tree: Tree, path: Path, **kw: object) -> Path:
+    extra = tuple((k, v) for k, v in kw.items() if k not in ("compress", "block_size"))
+    options = ImageOptions(epoch=EPOCH, compress=kw.get("compress"),  # type: ignore[arg-type]
+                           block_size=kw.get("block_size"),  # type: ignore[arg-type]
+                           extra=extra)  # type: ignore[arg-type]
+    with path.open("wb") as output:
+        squashfs.write(tree, output, options)
+    return path
+
+
+def seconds(tree: Tree) -> Tree:
+    """The tree with mtimes truncated to seconds, as squashfs stores them."""
+    out = Tree(replace(tree.root, mtime_ns=tree.root.mtime_ns // 10**9 * 10**9))
+    for entry in tree:
+        if entry.path:
+            out.add(replace(entry, mtime_ns=entry.mtime_ns // 10**9 * 10**9))
+    return out
+
+
+# -- pure parts ---------------------------------------------------------------------------
+def test_rdev_encoding_round_trips() -> None:
+    for major, minor in ((1, 3), (259, 300000), (4095, 0xFFFFF), (0, 0)):
+        assert decode_rdev(encode_rdev(major, minor)) == (major, minor)
+
+
+def test_plan_orders_inodes_children_first_and_root_last() -> None:
+    tree = sample_tree()
+    plan = squashfs.plan(tree, ImageOptions(epoch=EPOCH))
+    assert [i.number for i in plan.inodes] == list(range(1, len(plan.inodes) + 1))
+    root = plan.inodes[plan.root_index]
+    assert root.entry.path == b"" and root.parent_number == len(plan.inodes) + 1
+    # One inode per hardlink group; nlink counts its paths, directories 2 + subdirs.
+    assert len(plan.inodes) == len(tree) - 2
+    by_path = {i.entry.path: i for i in plan.inodes}
+    assert by_path[b"bin/hl"].nlink == 3
+    assert by_path[b"many"].nlink == 2 + len(range(0, BIG_DIR_ENTRIES, 97))
+    position = {s: n for n, s in enumerate(plan.steps)}
+    for number, directory in enumerate(plan.directories):
+        names = [name for name, _ in directory.children]
+        assert names == sorted(names)
+        for _, child in directory.children:
+            assert position[("inode", child)] < position[("dir", number)]
+        assert position[("dir", number)] < position[("inode", directory.inode_index)]
+    assert list(plan.ids) == sorted({0, 6, 1000, 65534, 1234567, 7654321})
+    sizes = {f.entry.path: f for f in plan.files}
+    assert sizes[b"exact"].full_blocks == 1
+    assert sizes[b"tail"].full_blocks == 3 and sizes[b"tail"].may_duplicate
+    assert not sizes[b"small"].may_duplicate
+
+
+def test_rejects_what_squashfs_cannot_store(tmp_path: Path) -> None:
+    tree = Tree()
+    tree.add(Entry(b"f", EntryType.REGULAR, 0o644, xattrs=((b"system.posix_acl_access", b""),)))
+    with pytest.raises(ImageError, match="prefix"):
+        build(tree, tmp_path / "a.sqfs")
+    with pytest.raises(ImageError, match="block size"):
+        build(Tree(), tmp_path / "b.sqfs", block_size=3000)
+    with pytest.raises(ImageError, match="compressor"):
+        build(Tree(), tmp_path / "c.sqfs", compress="brotli")
+
+
+@pytest.mark.parametrize("compress", COMPRESSORS)
+def test_reader_round_trip(tmp_path: Path, compress: str) -> None:
+    tree = sample_tree(4096)
+    image = build(tree, tmp_path / "img.sqfs", compress=compress, block_size=4096)
+    assert diff_trees(seconds(tree), squashfs.read(image)) == []
+
+
+def test_superblock_and_structure(tmp_path: Path) -> None:
+    tree = sample_tree()
+    image = build(tree, tmp_path / "img.sqfs", compress="gzip", exportable=True)
+    data = image.read_bytes()
+    fields = SQUASHFS_SUPER_BLOCK.unpack_from(data)
+    assert fields[0] == 0x73717368 and fields[2] == EPOCH and fields[3] == 131072
+    assert fields[9:11] == (4, 0)
+    assert fields[12] <= len(data) and len(data) % 4096 == 0
+    assert fields[18] != 0xFFFFFFFFFFFFFFFF  # export table written on request
+    # Duplicates share blocks: the image holds the 'tail' text once.
+    copy = tmp_path / "nodup.sqfs"
+    single = Tree()
+    single.add(Entry(b"tail", EntryType.REGULAR, 0o644,
+                     content=Content.from_bytes(text("tail", 3 * 131072 + 100))))
+    build(single, copy, compress="none")
+    assert image.stat().st_size < 3 * 131072 * 2
+
+
+@pytest.mark.parametrize("block_size", [4096, 131072])
+def test_on_disk_inode_kinds(tmp_path: Path, block_size: int) -> None:
+    tree = sample_tree(block_size)
+    image = build(tree, tmp_path / "img.sqfs", block_size=block_size)
+    layout = inspect_image(image)
+    # The big directory spans metadata blocks: extended inode with an index, and more
+    # headers than 256-entry runs alone would need.
+    kind, headers = layout[b"many"]
+    assert kind == SQUASHFS_LDIR_TYPE
+    assert headers > BIG_DIR_ENTRIES // SQUASHFS_DIR_COUNT + 1
+    assert layout[b"bin"] == (SQUASHFS_DIR_TYPE, 1)
+    assert layout[b"etc"][0] == SQUASHFS_LDIR_TYPE  # xattrs
+    assert layout[b"small"][0] == SQUASHFS_REG_TYPE
+    for extended in (b"sparse", b"xattrs", b"bin/hl", b"hl"):
+        assert layout[extended][0] == SQUASHFS_LREG_TYPE, extended
+    assert layout[b"etc/xlink"][0] == SQUASHFS_SYMLINK_TYPE + 7
+    assert layout[b"link"][0] == SQUASHFS_SYMLINK_TYPE
+    assert layout[b"xnull"][0] == layout[b"null"][0] + 7
+    assert layout[b"xfifo"][0] == layout[b"fifo"][0] + 7
+    assert layout[b"xsock"][0] == layout[b"sock"][0] + 7
+
+
+def test_threads_do_not_change_bytes(tmp_path: Path) -> None:
+    tree = sample_tree(4096)
+    one = build(tree, tmp_path / "one.sqfs", block_size=4096, threads=1).read_bytes()
+    four = build(tree, tmp_path / "four.sqfs", block_size=4096, threads=4).read_bytes()
+    assert one == four
+
+
+def test_identity_names_compressor_and_library() -> None:
+    ident = squashfs.identity(ImageOptions(epoch=0))
+    assert ident["compressor"] == "zstd" and ident["library"].startswith("libzstd ")
+    assert squashfs.identity(ImageOptions(epoch=0, compress="gzip"))["library"].startswith(
+        "zlib ")
+    assert squashfs.identity(ImageOptions(epoch=0, compress="xz"))["library"].startswith(
+        "liblzma ")
+    assert squashfs.identity(ImageOptions(epoch=0, compress="none")) == {"compressor": "none"}
+
+
+# -- reference tool and kernel ------------------------------------------------------------
+LLN = re.compile(rb"^(\S{10}) (\d+)/(\d+) +(\d+(?:, *\d+)?) (\S+ \S+) squashfs-root(.*)$")
+
+
+def unsquashfs_listing(image: Path) -> dict[bytes, tuple[bytes, int, int, bytes, bytes]]:
+    result = subprocess.run(["unsquashfs", "-lln", str(image)], capture_output=True,
+                            env={**os.environ, "TZ": "UTC"}, check=True)
+    listing = {}
+    for line in result.stdout.splitlines():
+        match = LLN.match(line)
+        assert match, line
+        perms, uid, gid, size, when, name = match.groups()
+        listing[name.split(b" -> ")[0].lstrip(b"/")] = (perms, int(uid), int(gid),
+                                                        size.replace(b" ", b""), when)
+    return listing
+
+
+@pytest.mark.tool
+@pytest.mark.parametrize("compress", COMPRESSORS)
+def test_unsquashfs_lists_the_tree(tmp_path: Path, compress: str) -> None:
+    need_tool("unsquashfs")
+    tree = sample_tree()
+    listing = unsquashfs_listing(build(tree, tmp_path / "img.sqfs", compress=compress))
+    assert len(listing) == len(tree)
+    for entry in tree:
+        perms, uid, gid, size, _ = listing[entry.path]
+        inode = tree.resolve(entry)
+        assert perms == stat.filemode(inode.st_mode).encode(), entry.path
+        assert (uid, gid) == (inode.uid, inode.gid), entry.path
+        if inode.type is EntryType.REGULAR:
+            assert int(size) == inode.size
+        elif inode.type in (EntryType.CHAR, EntryType.BLOCK):
+            # unsquashfs lists the raw 32-bit number as (rdev >> 8, rdev & 0xff).
+            rdev = encode_rdev(inode.rdev_major, inode.rdev_minor)
+            assert size == f"{rdev >> 8},{rdev & 0xFF}".encode()
+        elif inode.type is EntryType.SYMLINK:
+            assert int(size) == len(inode.target or b"")
+
+
+@pytest.mark.tool
+@pytest.mark.root
+@pytest.mark.parametrize("compress", ["zstd", "gzip", "none"])
+def test_unsquashfs_extracts_the_tree(tmp_path: Path, compress: str) -> None:
+    need_tool("unsquashfs")
+    tree = sample_tree()
+    image = build(tree, tmp_path / "img.sqfs", compress=compress)
+    out = tmp_path / "out"
+    subprocess.run(["unsquashfs", "-q", "-n", "-d", str(out), str(image)], check=True,
+                   capture_output=True)
+    back = tree_from_directory(out, preserve_owner=True, preserve_mtime=True, read_xattrs=True)
+    # unsquashfs does not set the times of symlinks it makes.
+    differences = [d for d in diff_trees(seconds(tree), back)
+                   if not (d.kind == "mtime" and (tree.get(d.path) or tree.root).type
+                           is EntryType.SYMLINK)]
+    assert differences == []
+
+
+@pytest.mark.root
+@pytest.mark.parametrize("compress", COMPRESSORS)
+@pytest.mark.parametrize("block_size", [4096, 131072])
+def test_kernel_mounts_the_image(tmp_path: Path, mount_image: object, compress: str,
+                                 block_size: int) -> None:
+    tree = sample_tree(block_size)
+    image = build(tree, tmp_path / "img.sqfs", compress=compress, block_size=block_size,
+                  exportable=block_size == 4096)
+    mnt = mount_image(image, "squashfs")  # type: ignore[operator]
+    back = tree_from_directory(mnt, preserve_owner=True, preserve_mtime=True, read_xattrs=True)
+    assert diff_trees(seconds(tree), back) == []
+    assert (mnt / "many").stat().st_nlink == 2 + len(range(0, BIG_DIR_ENTRIES, 97))
+    # Lookups by name go through the directory index of the big directory.
+    for i in (0, 255, 256, 257, 511, 600, BIG_DIR_ENTRIES - 1):
+        name = f"entry-{i:04d}-{'n' * (i % 50)}"
+        assert os.path.lexists(mnt / "many" / name), name
+        assert not os.path.lexists(mnt / "many" / (name + "x"))
+
+
+# -- host conditions ----------------------------------------------------------------------
+def materialise(tree: Tree, root: Path, *, reverse: bool = False, sparse: bool = False,
+                reverse_xattrs: bool = False) -> None:
+    """Write ``tree`` to disk as root, in some creation order and layout."""
+    entries = [e for e in tree if e.path]
+    if reverse:
+        # Parents still first, but siblings and files in reverse order.
+        entries.sort(key=lambda e: (e.path.count(b"/"), e.path), reverse=True)
+        entries.sort(key=lambda e: e.path.count(b"/") if e.type is EntryType.DIRECTORY
+                     else 1 << 30)
+    root.mkdir(parents=True, exist_ok=True)
+    hardlinks = []
+    for entry in entries:
+        path = os.fsencode(root) + b"/" + entry.path
+        if entry.type is EntryType.DIRECTORY:
+            os.mkdir(path)
+        elif entry.type is EntryType.REGULAR:
+            assert entry.content is not None
+            data = entry.content.read()
+            with open(path, "wb") as f:
+                if sparse:
+                    for at in range(0, len(data), 4096):
+                        chunk = data[at:at + 4096]
+                        if chunk.count(0) == len(chunk):
+                            f.seek(len(chunk), 1)
+                        else:
+                            f.write(chunk)
+                    f.truncate(len(data))
+                else:
+                    f.write(data)
+        elif entry.type is EntryType.HARDLINK:
+            hardlinks.append(entry)
+            continue
+        elif entry.type is EntryType.SYMLINK:
+            os.symlink(entry.target or b"", path)  # noqa: PTH211 - bytes paths
+        elif entry.type is EntryType.SOCKET:
+            with socket.socket(socket.AF_UNIX) as s:
+                s.bind(path)
+        else:
+            kind = {EntryType.CHAR: stat.S_IFCHR, EntryType.BLOCK: stat.S_IFBLK,
+                    EntryType.FIFO: stat.S_IFIFO}[entry.type]
+            os.mknod(path, kind | 0o600, os.makedev(entry.rdev_major, entry.rdev_minor))
+    for entry in hardlinks:
+        os.link(os.fsencode(root) + b"/" + (entry.target or b""),
+                os.fsencode(root) + b"/" + entry.path)
+    for entry in sorted((e for e in tree), key=lambda e: e.path.count(b"/"), reverse=True):
+        if entry.type is EntryType.HARDLINK:
+            continue
+        path = os.fsencode(root) + (b"/" + entry.path if entry.path else b"")
+        xattrs = list(entry.xattrs)
+        for name, value in reversed(xattrs) if reverse_xattrs else xattrs:
+            os.setxattr(path, name, value, follow_symlinks=False)
+        os.chown(path, entry.uid, entry.gid, follow_symlinks=False)
+        if entry.type is not EntryType.SYMLINK:
+            os.chmod(path, entry.mode)
+        os.utime(path, ns=(entry.mtime_ns, entry.mtime_ns), follow_symlinks=False)
+
+
+def source_tree() -> Tree:
+    """The sample tree without what a plain directory cannot hold for every uid."""
+    return sample_tree(4096)
+
+
+WRITE_FROM_DISK = f"""
+import sys
+from reprobuild.images import squashfs
+from reprobuild.images.registry import ImageOptions
+from reprobuild.tree import tree_from_directory
+tree = tree_from_directory(sys.argv[1], preserve_owner=True, preserve_mtime=True,
+                           read_xattrs=True)
+with open(sys.argv[2], "wb") as out:
+    squashfs.write(tree, out, ImageOptions(epoch={EPOCH}, block_size=4096))
+"""
+
+
+@pytest.mark.root
+def test_host_conditions_give_identical_bytes(tmp_path: Path) -> None:
+    tree = source_tree()
+    shm = Path("/dev/shm")
+    variants = {
+        "ext4": (tmp_path / "ext4", {}),
+        "reversed": (tmp_path / "reversed", {"reverse": True}),
+        "sparse": (tmp_path / "sparse", {"sparse": True}),
+        "xattr-order": (tmp_path / "xattrs", {"reverse_xattrs": True}),
+    }
+    tmpfs_root = Path(shm, f"squashfs-test-{os.getpid()}") if shm.is_dir() else None
+    if tmpfs_root is not None:
+        variants["tmpfs"] = (tmpfs_root, {})
+    images = {}
+    try:
+        for root, kw in variants.values():
+            materialise(tree, root, **kw)  # type: ignore[arg-type]
+        for name, (root, _) in variants.items():
+            out = tmp_path / f"{name}.sqfs"
+            env = {**os.environ}
+            cwd = None
+            if name == "reversed":
+                env.update(TZ="Pacific/Kiritimati", LC_ALL="C", LANG="C")
+                cwd = "/"
+            if name == "sparse":
+                env.update(TZ="America/New_York", LC_ALL="C.UTF-8")
+            cmd = [sys.executable, "-c", WRITE_FROM_DISK, str(root), str(out)]
+            if name == "xattr-order":
+                cmd = ["sh", "-c", 'umask 077 && exec "$@"', "sh", *cmd]
+            subprocess.run(cmd, env=env, cwd=cwd or tmp_path, check=True)
+            images[name] = out.read_bytes()
+    finally:
+        if tmpfs_root is not None:
+            shutil.rmtree(tmpfs_root, ignore_errors=True)
+    reference = images.pop("ext4")
+    for name, data in images.items():
+        assert data == reference, name
+    # And the in-memory tree gives the same image as its copy on disk.
+    direct = build(tree, tmp_path / "direct.sqfs", block_size=4096).read_bytes()
+    assert direct == reference
+
+
+WRITE_SAMPLE = """
+import sys
+from tests.images.test_squashfs import build, sample_tree
+from pathlib import Path
+build(sample_tree(), Path(sys.argv[1]), compress=sys.argv[2])
+"""
+
+
+@pytest.mark.userns
+def test_other_uid_gives_identical_bytes(tmp_path: Path, unprivileged: object) -> None:
+    scratch = unprivileged.scratch("squashfs")  # type: ignore[attr-defined]
+    tests_dir = scratch / "tests"
+    shutil.copytree(Path(__file__).resolve().parent.parent, tests_dir,
+                    ignore=shutil.ignore_patterns("__pycache__"))
+    for dirpath, _, filenames in os.walk(scratch):
+        os.chmod(dirpath, 0o755)
+        for name in filenames:
+            os.chmod(os.path.join(dirpath, name), 0o644)
+    out = scratch / "img.sqfs"
+    result = unprivileged.run(  # type: ignore[attr-defined]
+        ["python", "-c", WRITE_SAMPLE, str(out), "gzip"], cwd=scratch,
+        env={"PYTHONPATH": f"{scratch}:{unprivileged.pythonpath}",  # type: ignore[attr-defined]
+             "TZ": "Asia/Kolkata"})
+    assert result.returncode == 0, result.stderr
+    mine = build(sample_tree(), tmp_path / "img.sqfs", compress="gzip").read_bytes()
+    assert out.read_bytes() == mine
+
+
+# -- a real distribution tree -------------------------------------------------------------
+@pytest.mark.slow
+@pytest.mark.root
+@pytest.mark.tool
+def test_debian_minbase(tmp_path: Path, debian_minbase_tar: Path, mount_image: object) -> None:
+    need_tool("unsquashfs")
+    root = tmp_path / "root"
+    root.mkdir()
+    subprocess.run(["tar", "--numeric-owner", "--xattrs", "--xattrs-include=*", "-xpf",
+                    str(debian_minbase_tar), "-C", str(root)], check=True)
+    tree = seconds(tree_from_directory(root, preserve_owner=True, preserve_mtime=True,
+                                       read_xattrs=True))
+    image = build(tree, tmp_path / "debian.sqfs")
+    assert len(unsquashfs_listing(image)) == len(tree)
+    mnt = mount_image(image, "squashfs")  # type: ignore[operator]
+    back = tree_from_directory(mnt, preserve_owner=True, preserve_mtime=True, read_xattrs=True)
+    assert diff_trees(tree, back) == []
+    assert diff_trees(tree, squashfs.read(image)) == []
