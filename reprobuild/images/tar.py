@@ -1,19 +1,26 @@
 """Canonical POSIX pax tar: the same tree and epoch give the same bytes on any host.
 
 Written by our own header code (not :mod:`tarfile`, whose output changed between Python
-versions), from a plan computed first:
+versions), from a plan computed first. The rules are those of GNU tar 1.34 run as
+``tar --sort=name --format=pax --numeric-owner --mtime=@EPOCH --clamp-mtime
+--pax-option=delete=atime,delete=ctime [--xattrs --xattrs-include='*'] -cf OUT -C ROOT .``
+on the tree unpacked as root, and for such a tree the bytes are identical (a test checks
+it), except that we sort xattrs by name where GNU tar keeps the file system's order:
 
-* members in canonical order (root ``./`` first, depth-first, siblings bytewise);
-  directories end in ``/``; a hardlink group's first path in canonical order carries the
-  data, the others are link members (typeflag ``1``) naming it;
+* members in canonical order (root ``./`` first, depth-first, siblings bytewise), every
+  name starting ``./``, directories ending in ``/``; a hardlink group's first path in
+  canonical order carries the data and the xattrs, the others are link members
+  (typeflag ``1``) naming it;
 * ustar headers (magic ``ustar\\0``, version ``00``) with numeric owners only (uname and
-  gname empty), mtimes clamped to the epoch, devmajor/devminor always written, no atime
-  or ctime anywhere;
-* a pax extended header (named ``././@PaxHeader``, mode 0, owner 0, mtime 0) only when a
-  value does not fit ustar: a path longer than the ustar name/prefix split allows, a link
-  target over 100 bytes, a size of 8 GiB or more, a uid/gid over 2097151, an mtime with a
-  fraction of a second or out of range, and xattrs (``SCHILY.xattr.NAME``, as GNU tar
-  writes). Records are sorted by keyword; non-UTF-8 names add ``hdrcharset=BINARY``;
+  gname empty), mtimes clamped to the epoch, devmajor/devminor written as octal zeros
+  for non-devices, no atime or ctime anywhere; the ustar prefix field is never used;
+* a pax extended header only when a value does not fit: a name over 100 bytes or with
+  non-ASCII bytes (``path``), a link target over 100 bytes (``linkpath``), a uid/gid over
+  2097151, a size of 8 GiB or more, an mtime with a fraction of a second or out of range,
+  xattrs (``SCHILY.xattr.NAME``). Records in the order linkpath, path, uid, gid, size,
+  mtime, xattrs; names are raw bytes (no ``hdrcharset``, as GNU tar writes them). The pax
+  header member is named ``DIR/PaxHeaders/NAME`` cut to 100 bytes, mode 0644, owner 0,
+  mtime the epoch;
 * the archive ends with two zero blocks and is padded to a 10240-byte record.
 
 Sockets cannot be stored in tar and are refused.
@@ -30,12 +37,11 @@ from reprobuild.images.registry import ImageOptions
 from reprobuild.tarinput import tree_from_tar
 from reprobuild.tree import Content, Entry, EntryType, Tree, path_key
 
-VERSION = "1"
+VERSION = "2"
 
 BLOCK = 512
 RECORD = 10240
 NAME_MAX = 100
-PREFIX_MAX = 155
 MAX_ID = 8**7 - 1
 MAX_SIZE = 8**11 - 1
 MAX_MTIME = 8**11 - 1
@@ -54,7 +60,6 @@ TYPEFLAG: dict[EntryType, bytes] = {
     EntryType.FIFO: b"6",
 }
 PAX_TYPEFLAG = b"x"
-PAX_NAME = b"././@PaxHeader"
 
 
 @dataclass(frozen=True)
@@ -89,30 +94,13 @@ def format_pax_time(ns: int) -> bytes:
     return sign + text
 
 
-def split_name(name: bytes) -> tuple[bytes, bytes] | None:
-    """(prefix, name) fitting the ustar fields, or None when a pax path is needed."""
-    if len(name) <= NAME_MAX:
-        return b"", name
-    # The split point is a '/' with at most 155 bytes before it and 100 after it.
-    start = max(len(name) - NAME_MAX - 1, 0)
-    for i in range(start, min(len(name), PREFIX_MAX + 1)):
-        if name[i:i + 1] == b"/" and i > 0 and len(name) - i - 1 <= NAME_MAX:
-            return name[:i], name[i + 1:]
-    return None
+def ustar_header(*, name: bytes, mode: int, uid: int, gid: int, size: int, mtime: int,
+                 typeflag: bytes, linkname: bytes = b"", devmajor: int | None = 0,
+                 devminor: int | None = 0) -> bytes:
+    """A 512-byte ustar header with its checksum; every value must already fit.
 
-
-def _is_utf8(value: bytes) -> bool:
-    try:
-        value.decode("utf-8")
-    except UnicodeDecodeError:
-        return False
-    return True
-
-
-def ustar_header(*, name: bytes, prefix: bytes, mode: int, uid: int, gid: int, size: int,
-                 mtime: int, typeflag: bytes, linkname: bytes, devmajor: int,
-                 devminor: int) -> bytes:
-    """A 512-byte ustar header with its checksum; every value must already fit."""
+    ``devmajor``/``devminor`` of None leave the fields empty (pax header members).
+    """
     header = bytearray(BLOCK)
     header[0:len(name)] = name
     header[100:108] = _octal(mode, 8)
@@ -125,9 +113,9 @@ def ustar_header(*, name: bytes, prefix: bytes, mode: int, uid: int, gid: int, s
     header[157:157 + len(linkname)] = linkname
     header[257:263] = b"ustar\0"
     header[263:265] = b"00"
-    header[329:337] = _octal(devmajor, 8)
-    header[337:345] = _octal(devminor, 8)
-    header[345:345 + len(prefix)] = prefix
+    if devmajor is not None and devminor is not None:
+        header[329:337] = _octal(devmajor, 8)
+        header[337:345] = _octal(devminor, 8)
     header[148:156] = b"%06o\0 " % sum(header)
     return bytes(header)
 
@@ -136,8 +124,17 @@ def _member_name(entry: Entry) -> bytes:
     if entry.path == b"":
         return b"./"
     if entry.type is EntryType.DIRECTORY:
-        return entry.path + b"/"
-    return entry.path
+        return b"./" + entry.path + b"/"
+    return b"./" + entry.path
+
+
+def pax_header_name(name: bytes) -> bytes:
+    """``DIR/PaxHeaders/BASE`` of a member name, cut to the 100-byte name field."""
+    bare = name.rstrip(b"/") or b"."
+    directory, _, base = bare.rpartition(b"/")
+    if not directory:
+        directory, base = b".", bare
+    return (directory + b"/PaxHeaders/" + base)[:NAME_MAX]
 
 
 def plan_member(entry: Entry, inode: Entry, *, epoch: int, link_to: bytes | None) -> TarMember:
@@ -147,28 +144,16 @@ def plan_member(entry: Entry, inode: Entry, *, epoch: int, link_to: bytes | None
         raise ImageError(f"{shown}: tar cannot store a socket",
                          hint="remove sockets from the tree; they are made at run time")
     kind = EntryType.HARDLINK if link_to is not None else entry.type
-    typeflag = TYPEFLAG[kind]
     name = _member_name(entry)
-    linkname = link_to if link_to is not None else (entry.target or b"")
+    linkname = b"./" + link_to if link_to is not None else (entry.target or b"")
     content = inode.content if kind is EntryType.REGULAR else None
     size = content.size if content is not None else 0
     mtime_ns = min(inode.mtime_ns, epoch * 1_000_000_000)
     records: list[tuple[bytes, bytes]] = []
-    split = split_name(name)
-    if split is None:
-        records.append((b"path", name))
-        if not _is_utf8(name):
-            records.append((b"hdrcharset", b"BINARY"))
-        split = (b"", name[:NAME_MAX])
     if len(linkname) > NAME_MAX:
         records.append((b"linkpath", linkname))
-        if not _is_utf8(linkname) and (b"hdrcharset", b"BINARY") not in records:
-            records.append((b"hdrcharset", b"BINARY"))
-        linkname = linkname[:NAME_MAX]
-    header_size = size
-    if size > MAX_SIZE:
-        records.append((b"size", b"%d" % size))
-        header_size = 0
+    if len(name) > NAME_MAX or not name.isascii():
+        records.append((b"path", name))
     uid, gid = inode.uid, inode.gid
     if uid > MAX_ID:
         records.append((b"uid", b"%d" % uid))
@@ -176,26 +161,32 @@ def plan_member(entry: Entry, inode: Entry, *, epoch: int, link_to: bytes | None
     if gid > MAX_ID:
         records.append((b"gid", b"%d" % gid))
         gid = 0
+    header_size = size
+    if size > MAX_SIZE:
+        records.append((b"size", b"%d" % size))
+        header_size = 0
     seconds = mtime_ns // 1_000_000_000
     if mtime_ns % 1_000_000_000 or not 0 <= seconds <= MAX_MTIME:
         records.append((b"mtime", format_pax_time(mtime_ns)))
         seconds = min(max(seconds, 0), MAX_MTIME)
-    for xname, xvalue in inode.xattrs:
-        if b"=" in xname or b"\0" in xname or b"\n" in xname:
-            raise ImageError(f"{shown}: xattr name {xname!r} cannot be stored in a pax record")
-        records.append((b"SCHILY.xattr." + xname, xvalue))
+    if kind is not EntryType.HARDLINK:
+        for xname, xvalue in inode.xattrs:
+            if b"=" in xname or b"\0" in xname or b"\n" in xname:
+                raise ImageError(f"{shown}: xattr name {xname!r} cannot be stored in a pax"
+                                 " record")
+            records.append((b"SCHILY.xattr." + xname, xvalue))
     devmajor, devminor = entry.rdev_major, entry.rdev_minor
     if devmajor > MAX_ID or devminor > MAX_ID:
         raise ImageError(f"{shown}: device number {devmajor}:{devminor} does not fit in tar")
     header = ustar_header(
-        name=split[1], prefix=split[0], mode=inode.mode & 0o7777, uid=uid, gid=gid,
-        size=header_size, mtime=seconds, typeflag=typeflag, linkname=linkname,
+        name=name[:NAME_MAX], mode=inode.mode & 0o7777, uid=uid, gid=gid, size=header_size,
+        mtime=seconds, typeflag=TYPEFLAG[kind], linkname=linkname[:NAME_MAX],
         devmajor=devmajor, devminor=devminor)
     if records:
-        body = b"".join(pax_record(k, v) for k, v in sorted(records))
-        pax = ustar_header(name=PAX_NAME, prefix=b"", mode=0, uid=0, gid=0, size=len(body),
-                           mtime=0, typeflag=PAX_TYPEFLAG, linkname=b"", devmajor=0,
-                           devminor=0)
+        body = b"".join(pax_record(k, v) for k, v in records)
+        pax = ustar_header(name=pax_header_name(name), mode=0o644, uid=0, gid=0,
+                           size=len(body), mtime=min(max(epoch, 0), MAX_MTIME),
+                           typeflag=PAX_TYPEFLAG, devmajor=None, devminor=None)
         header = pax + body + b"\0" * (-len(body) % BLOCK) + header
     return TarMember(header, content, entry.path)
 
