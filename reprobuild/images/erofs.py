@@ -1,9 +1,11 @@
-"""Write uncompressed EROFS images (and read them back) without mkfs.erofs.
+"""Write EROFS images (and read them back) without mkfs.erofs.
 
 The image depends only on the tree and the options: 4 KiB blocks, superblock with a
 crc32c checksum, compact inodes wherever they can hold the metadata, FLAT_PLAIN and
 FLAT_INLINE (tail-packed) data, name-sorted directory blocks, inline and shared xattrs,
 build time from the epoch, UUID from the content unless given, label as volume name.
+``compress="lz4"`` stores regular files longer than a block LZ4-compressed
+(:mod:`reprobuild.images.erofs_compress`); the default is uncompressed.
 The layout is planned first (:mod:`reprobuild.images.erofs_layout`), then serialised;
 file bytes are read once, through ``Content.chunks()``, straight into the data area.
 """
@@ -12,12 +14,22 @@ from __future__ import annotations
 
 import os
 import uuid as uuidlib
+from dataclasses import replace
 from typing import BinaryIO
 
 import blake3
 import crc32c
 
 from reprobuild.errors import ImageError
+from reprobuild.images.erofs_compress import (
+    AVAILABLE_COMPR_ALGS,
+    COMPR_CFGS,
+    COMPRESSED_FULL,
+    FEATURE_INCOMPAT_COMPR_CFGS,
+    FEATURE_INCOMPAT_ZERO_PADDING,
+    write_compressed,
+)
+from reprobuild.images.erofs_compress import identity as compress_identity
 from reprobuild.images.erofs_format import (
     BLOCK_BITS,
     BLOCK_SIZE,
@@ -45,16 +57,17 @@ _ZEROS = bytes(BLOCK_SIZE)
 
 
 def identity(options: ImageOptions) -> dict[str, str]:
-    """Nothing outside the options shapes an uncompressed EROFS image."""
-    return {}
+    """The LZ4 library's version for compressed images; nothing for uncompressed ones."""
+    _check_options(options)
+    return compress_identity() if options.compress == "lz4" else {}
 
 
 def write(tree: Tree, output: BinaryIO, options: ImageOptions) -> None:
-    """Write ``tree`` as an uncompressed EROFS image to the empty, seekable ``output``."""
+    """Write ``tree`` as an EROFS image to the empty, seekable ``output``."""
     _check_options(options)
     volume_name = _volume_name(options.label)
     given_uuid = _parse_uuid(options.uuid) if options.uuid is not None else None
-    layout = plan(tree, options.epoch)
+    layout = plan(tree, options.epoch, compress=options.compress == "lz4")
     meta = bytearray(layout.data_blkaddr * BLOCK_SIZE)
     hasher = blake3.blake3() if given_uuid is None else None
 
@@ -62,7 +75,11 @@ def write(tree: Tree, output: BinaryIO, options: ImageOptions) -> None:
         meta[offset:offset + len(xattr_entry)] = xattr_entry
     nid_of = [inode.nid for inode in layout.inodes]
     output.seek(layout.data_blkaddr * BLOCK_SIZE)
+    compressed: list[InodePlan] = []
     for inode in layout.inodes:
+        if inode.datalayout == COMPRESSED_FULL:
+            compressed.append(inode)
+            continue
         header = _inode_header(inode)
         at = inode.offset
         meta[at:at + len(header)] = header
@@ -82,7 +99,10 @@ def write(tree: Tree, output: BinaryIO, options: ImageOptions) -> None:
             continue
         meta[at:at + len(tail)] = tail
 
-    size = layout.blocks * BLOCK_SIZE
+    blocks = layout.blocks
+    for inode in compressed:  # their blocks follow the planned data area
+        blocks += _write_compressed(output, inode, blocks, meta, hasher)
+    size = blocks * BLOCK_SIZE
     if options.size is not None:
         if options.size % BLOCK_SIZE or options.size < size:
             raise ImageError(
@@ -102,7 +122,8 @@ def write(tree: Tree, output: BinaryIO, options: ImageOptions) -> None:
         raw[6] = (raw[6] & 0x0F) | 0x40  # shaped like an RFC 4122 version 4 UUID
         raw[8] = (raw[8] & 0x3F) | 0x80
         volume_uuid = bytes(raw)
-    _put_superblock(meta, layout, size // BLOCK_SIZE, volume_uuid, volume_name)
+    _put_superblock(meta, layout, size // BLOCK_SIZE, volume_uuid, volume_name,
+                    compress=options.compress == "lz4")
     output.seek(0)
     output.write(meta)
     output.seek(size)
@@ -112,9 +133,9 @@ def _check_options(options: ImageOptions) -> None:
     if options.block_size not in (None, BLOCK_SIZE):
         raise ImageError(f"EROFS block size {options.block_size} is not supported",
                          hint="reprobuild writes EROFS with 4096-byte blocks")
-    if options.compress not in (None, "none"):
+    if options.compress not in (None, "none", "lz4"):
         raise ImageError(f"EROFS compression {options.compress!r} is not supported",
-                         hint="reprobuild writes uncompressed EROFS; use compress = \"none\"")
+                         hint='use compress = "none" (the default) or "lz4"')
 
 
 def _volume_name(label: str | None) -> bytes:
@@ -210,12 +231,41 @@ def _write_content(output: BinaryIO, inode: InodePlan, hasher: blake3.blake3 | N
     return b"".join(tail)
 
 
+def _write_compressed(output: BinaryIO, inode: InodePlan, first_block: int,
+                      meta: bytearray, hasher: blake3.blake3 | None) -> int:
+    """Compress a regular file into blocks from ``first_block``; fill in its inode, xattrs
+    and lcluster indexes; return the number of blocks written."""
+    content = inode.entry.content
+    assert content is not None
+
+    def emit(block: bytes) -> None:
+        output.write(block)
+        if hasher is not None:
+            hasher.update(block)
+
+    nblocks, indexes, read = write_compressed(emit, content.chunks(), inode.size, first_block)
+    if read != inode.size:
+        raise ImageError(
+            f"{inode.entry.display()}: expected {inode.size} bytes, read {read}",
+            hint="do not modify the source tree during a build")
+    header = _inode_header(replace(inode, blkaddr=nblocks))
+    record = header + inode.xattr_ibody
+    record += bytes(-len(record) % 8) + indexes
+    assert len(record) == inode.record_size
+    meta[inode.offset:inode.offset + len(record)] = record
+    return nblocks
+
+
 def _put_superblock(meta: bytearray, layout: Layout, blocks: int, volume_uuid: bytes,
-                    volume_name: bytes) -> None:
+                    volume_name: bytes, *, compress: bool) -> None:
+    incompat = FEATURE_INCOMPAT_ZERO_PADDING | FEATURE_INCOMPAT_COMPR_CFGS if compress else 0
     superblock = EROFS_SUPER_BLOCK.pack(
         EROFS_SUPER_MAGIC, 0, FEATURE_COMPAT_SB_CHKSUM | FEATURE_COMPAT_MTIME, BLOCK_BITS, 0,
         layout.root_nid, len(layout.inodes), layout.epoch, 0, blocks, 0, 0, volume_uuid,
-        volume_name, 0, 0, 0, 0, 0, 0, 0, 0, 0, b"")
+        volume_name, incompat, AVAILABLE_COMPR_ALGS if compress else 0, 0, 0, 0, 0, 0, 0,
+        0, b"")
+    if compress:
+        superblock += COMPR_CFGS
     meta[EROFS_SUPER_OFFSET:EROFS_SUPER_OFFSET + len(superblock)] = superblock
     # The kernel computes crc32c(~0, block 0 from the superblock on) without the final
     # inversion, over the block with the checksum field zeroed.

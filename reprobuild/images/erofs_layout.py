@@ -21,6 +21,7 @@ from collections import Counter
 from dataclasses import dataclass
 
 from reprobuild.errors import ImageError
+from reprobuild.images.erofs_compress import COMPR_CFGS, COMPRESSED_FULL, index_area_size
 from reprobuild.images.erofs_format import (
     BLOCK_SIZE,
     EROFS_DIRENT,
@@ -64,11 +65,12 @@ class InodePlan:
     blkaddr: int  # first data block; NULL_ADDR when all data is inline, 0 when empty
     nblocks: int  # data blocks in the data area (the last one zero-padded)
     inline_size: int  # tail bytes stored right after the inode and its xattrs
+    index_size: int = 0  # compressed files: map header and lcluster indexes after xattrs
 
     @property
     def record_size(self) -> int:
         header = EROFS_INODE_EXTENDED.size if self.extended else EROFS_INODE_COMPACT.size
-        return header + len(self.xattr_ibody) + self.inline_size
+        return header + len(self.xattr_ibody) + self.inline_size + self.index_size
 
     @property
     def offset(self) -> int:
@@ -172,8 +174,12 @@ class _MetaAllocator:
         return at
 
 
-def plan(tree: Tree, epoch: int) -> Layout:
-    """Lay out ``tree`` as an uncompressed EROFS image built at ``epoch``."""
+def plan(tree: Tree, epoch: int, *, compress: bool = False) -> Layout:
+    """Lay out ``tree`` as an EROFS image built at ``epoch``.
+
+    With ``compress``, regular files longer than a block become COMPRESSED_FULL inodes
+    whose data blocks are not allocated here: the writer appends them after ``blocks``.
+    """
     epoch_ns = epoch * 1_000_000_000
     entries = list(tree)
     index_of: dict[bytes, int] = {}
@@ -233,6 +239,8 @@ def plan(tree: Tree, epoch: int) -> Layout:
                 raise ImageError(f"{entry.display()}: xattr {name!r} value over 65535 bytes")
             keys.append((index, suffix, value))
         keys.sort()
+        if len({(k[0], k[1]) for k in keys}) != len(keys):
+            raise ImageError(f"{entry.display()}: the same xattr name appears twice")
         xattr_keys.append(tuple(keys))
         uses.update(keys)
     shared = sorted(key for key, count in uses.items() if count >= SHARE_THRESHOLD)
@@ -245,7 +253,8 @@ def plan(tree: Tree, epoch: int) -> Layout:
             4 if uses[k] >= SHARE_THRESHOLD else len(encoded[k]) for k in keys)
 
     # Per inode: compact or extended, inline tail or not.
-    shapes: list[tuple[bool, int, int, int]] = []  # extended, datalayout, nblocks, inline
+    shapes: list[tuple[bool, int, int, int, int]] = []  # extended, layout, nblocks, inline,
+    # index bytes
     for index, entry in enumerate(primaries):
         size = sizes[index]
         extended = _needs_extended(entry, nlink[index], size, epoch_ns)
@@ -254,18 +263,23 @@ def plan(tree: Tree, epoch: int) -> Layout:
         if (ibody_len - EROFS_XATTR_IBODY_HEADER.size) // 4 + 1 > 0xFFFF:
             raise ImageError(f"{entry.display()}: too many inline xattrs for EROFS")
         tail = size % BLOCK_SIZE
-        if tail and isize + ibody_len + tail <= BLOCK_SIZE:
-            shapes.append((extended, INODE_FLAT_INLINE, size // BLOCK_SIZE, tail))
+        if compress and entry.type is EntryType.REGULAR and size > BLOCK_SIZE:
+            shapes.append((extended, COMPRESSED_FULL, 0, 0,
+                           index_area_size(isize + ibody_len, size)))
+        elif tail and isize + ibody_len + tail <= BLOCK_SIZE:
+            shapes.append((extended, INODE_FLAT_INLINE, size // BLOCK_SIZE, tail, 0))
         else:
-            shapes.append((extended, INODE_FLAT_PLAIN, -(-size // BLOCK_SIZE), 0))
+            shapes.append((extended, INODE_FLAT_PLAIN, -(-size // BLOCK_SIZE), 0, 0))
 
     def record_size(index: int) -> int:
-        extended, _, _, inline = shapes[index]
+        extended, _, _, inline, index_bytes = shapes[index]
         isize = EROFS_INODE_EXTENDED.size if extended else EROFS_INODE_COMPACT.size
-        return isize + ibody_size(xattr_keys[index]) + inline
+        return isize + ibody_size(xattr_keys[index]) + inline + index_bytes
 
     # Metadata placement: root, shared xattrs, then the rest in canonical order.
-    allocator = _MetaAllocator(EROFS_SUPER_OFFSET + EROFS_SUPER_BLOCK.size)
+    # Compression configurations (lz4) follow the superblock.
+    allocator = _MetaAllocator(EROFS_SUPER_OFFSET + EROFS_SUPER_BLOCK.size
+                               + (len(COMPR_CFGS) if compress else 0))
     offsets = [0] * len(primaries)
     offsets[0] = allocator.place(record_size(0))
     shared_id: dict[XattrKey, int] = {}
@@ -285,7 +299,7 @@ def plan(tree: Tree, epoch: int) -> Layout:
     next_block = data_blkaddr
     inodes: list[InodePlan] = []
     for index, entry in enumerate(primaries):
-        extended, datalayout, nblocks, inline = shapes[index]
+        extended, datalayout, nblocks, inline, index_bytes = shapes[index]
         if nblocks:
             blkaddr = next_block
             next_block += nblocks
@@ -301,7 +315,7 @@ def plan(tree: Tree, epoch: int) -> Layout:
         inodes.append(InodePlan(
             index=index, entry=entry, nid=offsets[index] // ISLOT_SIZE, extended=extended,
             datalayout=datalayout, size=sizes[index], nlink=nlink[index], xattr_ibody=ibody,
-            blkaddr=blkaddr, nblocks=nblocks, inline_size=inline))
+            blkaddr=blkaddr, nblocks=nblocks, inline_size=inline, index_size=index_bytes))
     if next_block > 0xFFFFFFFF:
         raise ImageError("the tree is too large for a 32-bit EROFS block address")
     return Layout(

@@ -17,6 +17,7 @@ from typing import BinaryIO
 import crc32c
 
 from reprobuild.errors import ImageError
+from reprobuild.images.erofs_compress import COMPRESSED_FULL, index_area_size, read_compressed
 from reprobuild.images.erofs_format import (
     EROFS_DIRENT,
     EROFS_INODE_COMPACT,
@@ -88,6 +89,20 @@ class ErofsDataSource:
 
 
 @dataclass(frozen=True)
+class ErofsCompressedSource:
+    """A compressed regular file inside an EROFS image, decompressed when opened."""
+
+    image: bytes
+    index_base: int
+    size: int
+
+    def open(self) -> BinaryIO:
+        with open(self.image, "rb") as stream, \
+                mmap.mmap(stream.fileno(), 0, access=mmap.ACCESS_READ) as data:
+            return io.BytesIO(read_compressed(data, self.index_base, self.size))
+
+
+@dataclass(frozen=True)
 class _Inode:
     st_mode: int
     nlink: int
@@ -98,6 +113,7 @@ class _Inode:
     rdev: int
     ranges: tuple[tuple[int, int], ...]
     xattrs: tuple[tuple[bytes, bytes], ...]
+    index_base: int | None = None  # compressed: where the lcluster indexes start
 
 
 class _Image:
@@ -138,9 +154,13 @@ class _Image:
         xattr_size = EROFS_XATTR_IBODY_HEADER.size + 4 * (icount - 1) if icount else 0
         xattrs = self._xattrs(at + isize, xattr_size) if icount else ()
         ranges: tuple[tuple[int, int], ...] = ()
+        index_base = None
         kind = stat.S_IFMT(mode)
         if kind in (stat.S_IFREG, stat.S_IFDIR, stat.S_IFLNK) and size:
-            if datalayout == INODE_FLAT_PLAIN:
+            if datalayout == COMPRESSED_FULL and kind == stat.S_IFREG:
+                end = at + isize + xattr_size
+                index_base = end + index_area_size(isize + xattr_size, 0)
+            elif datalayout == INODE_FLAT_PLAIN:
                 ranges = ((i_u * self.block_size, size),)
             elif datalayout == INODE_FLAT_INLINE:
                 plain = (-(-size // self.block_size) - 1) * self.block_size
@@ -150,7 +170,7 @@ class _Image:
                     f"EROFS inode {nid} uses data layout {datalayout}, which reprobuild"
                     " cannot read", hint="only uncompressed flat EROFS images can be read")
         return _Inode(mode, nlink, size, uid, gid, mtime * 1_000_000_000 + mtime_nsec,
-                      i_u, tuple(r for r in ranges if r[1]), xattrs)
+                      i_u, tuple(r for r in ranges if r[1]), xattrs, index_base)
 
     def _xattrs(self, at: int, size: int) -> tuple[tuple[bytes, bytes], ...]:
         _, shared_count, _ = EROFS_XATTR_IBODY_HEADER.unpack_from(self.data, at)
@@ -235,7 +255,10 @@ def _entry(image: _Image, path: bytes, inode: _Inode) -> Entry:
     major, minor = decode_dev(inode.rdev) if kind in (EntryType.CHAR, EntryType.BLOCK) else (0, 0)
     content = None
     target = None
-    if kind is EntryType.REGULAR:
+    if kind is EntryType.REGULAR and inode.index_base is not None:
+        content = Content(inode.size,
+                          ErofsCompressedSource(image.path, inode.index_base, inode.size))
+    elif kind is EntryType.REGULAR:
         content = Content(inode.size, ErofsDataSource(image.path, inode.ranges))
     elif kind is EntryType.SYMLINK:
         target = image.bytes_of(inode)
