@@ -33,7 +33,8 @@ from reprobuild.images.registry import ImageOptions
 from reprobuild.tree import tree_from_directory
 tree = tree_from_directory(sys.argv[1], epoch={epoch})
 with open(sys.argv[2], "wb") as output:
-    erofs.write(tree, output, ImageOptions(epoch={epoch}, uuid=sys.argv[3] or None))
+    erofs.write(tree, output, ImageOptions(epoch={epoch}, uuid=sys.argv[3] or None,
+                                           compress=sys.argv[4] if len(sys.argv) > 4 else None))
 """
 
 
@@ -49,6 +50,8 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("tree", nargs="?", type=Path, help="source directory")
     parser.add_argument("--repeat", type=int, default=3, help="best of N runs each")
+    parser.add_argument("--lz4", action="store_true",
+                        help="also compare LZ4 images with mkfs.erofs -zlz4 (no target)")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="bench-erofs-") as tmp:
         tree = args.tree
@@ -86,6 +89,17 @@ def main() -> int:
               f"size ratio {our_size / ref_size:.4f}; fsck.erofs "
               f"{'clean' if check.returncode == 0 else 'FAILED: ' + check.stderr.strip()}"
               f" [{verdict}]", flush=True)
+        if args.lz4:
+            lz4_ours = [*ours_argv, "lz4"]
+            lz4_ref = [*ref_argv[:1], "-zlz4", *ref_argv[1:]]
+            ref_lz4 = min(timed(lz4_ref, ref_out) for _ in range(args.repeat))
+            our_lz4 = min(timed(lz4_ours, ours_out) for _ in range(args.repeat))
+            check = subprocess.run(["fsck.erofs", ours_out], capture_output=True, text=True)
+            print(f"erofs lz4 (no target): ours {our_lz4:.3f} s, mkfs.erofs -zlz4 "
+                  f"{ref_lz4:.3f} s, time ratio {our_lz4 / ref_lz4:.2f}; size ours "
+                  f"{os.path.getsize(ours_out)} B, mkfs.erofs {os.path.getsize(ref_out)} B, "
+                  f"size ratio {os.path.getsize(ours_out) / os.path.getsize(ref_out):.4f}; "
+                  f"fsck.erofs {'clean' if check.returncode == 0 else 'FAILED'}", flush=True)
         return 0 if verdict == "ok" else 1
 
 
