@@ -19,7 +19,7 @@ import os
 import stat
 
 from reprobuild.errors import ImageError
-from reprobuild.oci import is_oci_layout, tree_from_oci
+from reprobuild.oci import DEFAULT_PLATFORM, is_oci_layout, tree_from_oci
 from reprobuild.tarinput import Spool, tree_from_tar
 from reprobuild.tree import Tree, tree_from_directory
 
@@ -38,14 +38,18 @@ def source_kind(path: bytes | str) -> str:
     raise ImageError(f"source {raw.decode(errors='replace')} is neither a directory nor a file")
 
 
-def load_tree(path: bytes | str, *, epoch: int, spool: Spool | None = None) -> Tree:
-    """The normalised tree of a directory, tar file or OCI layout at ``path``."""
+def load_tree(path: bytes | str, *, epoch: int, spool: Spool | None = None,
+              platform: tuple[str, str] = DEFAULT_PLATFORM) -> Tree:
+    """The normalised tree of a directory, tar file or OCI layout at ``path``.
+
+    ``platform`` (os, architecture) picks the manifest of a multi-platform OCI index.
+    """
     kind = source_kind(path)
     implied = epoch * 1_000_000_000
     if kind == "directory":
         tree = tree_from_directory(os.fsencode(path), epoch=epoch)
     elif kind == "oci":
-        tree = tree_from_oci(path, implied_mtime_ns=implied, spool=spool)
+        tree = tree_from_oci(path, platform=platform, implied_mtime_ns=implied, spool=spool)
     else:
         tree = tree_from_tar(path, implied_mtime_ns=implied, spool=spool)
     return tree.normalized(epoch=epoch)

@@ -14,6 +14,7 @@ import tempfile
 
 from reprobuild.errors import ImageError, ReprobuildError
 from reprobuild.images.registry import FORMATS, ImageOptions, OptionValue, get_format
+from reprobuild.oci import DEFAULT_PLATFORM
 from reprobuild.overrides import apply_overrides, load_overrides_file
 from reprobuild.source import load_tree
 from reprobuild.tarinput import Spool
@@ -46,6 +47,13 @@ def _option(text: str) -> tuple[str, OptionValue]:
     return key, value
 
 
+def _platform(text: str) -> tuple[str, str]:
+    os_name, sep, arch = text.partition("/")
+    if not sep or not os_name or not arch:
+        raise argparse.ArgumentTypeError(f"platform must be OS/ARCH like linux/arm64, not {text!r}")
+    return os_name, arch
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     tree_formats = sorted(name for name, f in FORMATS.items() if f.kind == "tree")
     parser.add_argument("--format", "-t", required=True, choices=tree_formats,
@@ -66,6 +74,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--compress", default=None,
                         help="compressor (squashfs: zstd, gzip, xz, lz4, none)")
     parser.add_argument("--block-size", type=int, default=None, help="block size in bytes")
+    parser.add_argument("--platform", type=_platform, default=DEFAULT_PLATFORM,
+                        metavar="OS/ARCH", help="manifest of a multi-platform OCI image "
+                        "(default: linux/amd64)")
     parser.add_argument("--option", "-o", dest="extra", type=_option, action="append",
                         default=[], metavar="KEY=VALUE", help="a format-specific option")
 
@@ -79,7 +90,8 @@ def default_epoch() -> int:
 
 
 def build_image(source: str, output: str, fmt: str, options: ImageOptions, *,
-                files: str | None = None) -> int:
+                files: str | None = None,
+                platform: tuple[str, str] = DEFAULT_PLATFORM) -> int:
     """Build ``output`` from ``source``; returns its size in bytes."""
     module = get_format(fmt)
     if module.kind != "tree":
@@ -88,7 +100,8 @@ def build_image(source: str, output: str, fmt: str, options: ImageOptions, *,
     writer = module.load()
     directory = os.path.dirname(os.path.abspath(output))
     with tempfile.TemporaryDirectory(prefix="reprobuild-spool-") as spool_dir:
-        tree = load_tree(source, epoch=options.epoch, spool=Spool(spool_dir))
+        tree = load_tree(source, epoch=options.epoch, spool=Spool(spool_dir),
+                         platform=platform)
         if files is not None:
             tree = apply_overrides(tree, load_overrides_file(files), where=files)
         fd, partial = tempfile.mkstemp(dir=directory,
@@ -113,6 +126,7 @@ def run(args: argparse.Namespace) -> int:
         epoch=args.epoch if args.epoch is not None else default_epoch(),
         size=args.size, uuid=args.uuid, label=args.label, compress=args.compress,
         block_size=args.block_size, extra=tuple(sorted(args.extra)))
-    size = build_image(args.source, args.output, args.format, options, files=args.files)
+    size = build_image(args.source, args.output, args.format, options, files=args.files,
+                       platform=args.platform)
     print(f"{args.output}: {args.format} image, {size} bytes")
     return 0

@@ -124,3 +124,15 @@ def test_units() -> None:
     for bad in ("0s", "1d", "", -3):
         with pytest.raises(ValueError, match="duration"):
             parse_duration(bad)
+
+
+def test_platform_option(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    layout = make_layout(tmp_path / "oci", [([file("a", b"1")], "gzip")],
+                         platforms=[("linux", "arm64"), ("linux", "s390x")])
+    out = tmp_path / "o.tar"
+    assert main(["image", "-t", "tar", str(layout), str(out)]) == 2
+    assert "no manifest for linux/amd64" in capsys.readouterr().err
+    assert main(["image", "-t", "tar", "--platform", "linux/s390x", str(layout), str(out)]) == 0
+    assert tar.read(out).get(b"a") is not None
+    with pytest.raises(SystemExit):
+        main(["image", "-t", "tar", "--platform", "arm64", str(layout), str(out)])
