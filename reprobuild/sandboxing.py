@@ -161,6 +161,17 @@ def _module_root(name: str) -> str | None:
     return path if os.path.basename(file).startswith("__init__.") else file
 
 
+def _dist_info(distribution: str) -> str | None:
+    from importlib import metadata
+
+    try:
+        dist = metadata.distribution(distribution)
+    except metadata.PackageNotFoundError:
+        return None
+    path = getattr(dist, "_path", None)  # PathDistribution: its .dist-info directory
+    return str(path) if path is not None and os.path.isdir(str(path)) else None
+
+
 @functools.cache
 def python_runtime() -> PythonRuntime:
     """The interpreter and libraries a built-in step needs, at their host paths."""
@@ -189,5 +200,9 @@ def python_runtime() -> PythonRuntime:
         parent = os.path.dirname(root)
         if parent not in path_dirs:
             path_dirs.append(parent)
+    for name in BUILTIN_DEPENDENCIES:  # importlib.metadata.version() reads the dist-info
+        info = _dist_info(name)
+        if info:
+            mounts[info] = Mount(info, info)
     ordered = [mounts[k] for k in sorted(mounts)]
     return PythonRuntime(python, ordered, ":".join(path_dirs))

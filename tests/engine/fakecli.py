@@ -1,13 +1,18 @@
-"""Run the reprobuild CLI with the fake runner (``python -m tests.engine.fakecli ARGS``)."""
+"""Run the reprobuild CLI with a test runner (``python -m tests.engine.fakecli ARGS``)."""
 
 from __future__ import annotations
 
+import os
 import sys
 
 from reprobuild import cli
 from reprobuild.commands import common
+from tests.engine.bwrap import BwrapRunner
 from tests.engine.fakes import FakeRunner
 
 if __name__ == "__main__":
-    common.start_runner = lambda *, debug=False: FakeRunner()  # type: ignore[assignment]
+    # REPROBUILD_TEST_RUNNER=bwrap checks the mount layout in a real empty root.
+    kind = os.environ.get("REPROBUILD_TEST_RUNNER", "fake")
+    runner = BwrapRunner if kind == "bwrap" else FakeRunner
+    common.start_runner = lambda *, debug=False: runner()  # type: ignore[assignment]
     sys.exit(cli.main(sys.argv[1:]))

@@ -4,15 +4,16 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 import shutil
+import subprocess
+import sys
 import tarfile
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import REPO, Unprivileged, need
-
-pytestmark = pytest.mark.userns
+from tests.conftest import REPO, Unprivileged, need, need_tool
 
 
 def need_sandbox() -> None:
@@ -26,6 +27,7 @@ def copy_recipes(unprivileged: Unprivileged, name: str) -> Path:
     return work
 
 
+@pytest.mark.userns
 def test_hello_builds_and_is_a_noop_the_second_time(unprivileged: Unprivileged) -> None:
     need_sandbox()
     work = copy_recipes(unprivileged, "hello")
@@ -56,6 +58,7 @@ def test_hello_builds_and_is_a_noop_the_second_time(unprivileged: Unprivileged) 
         assert "bin/busybox" in names
 
 
+@pytest.mark.userns
 def test_step_sees_inputs_read_only_at_fixed_paths(unprivileged: Unprivileged) -> None:
     need_sandbox()
     work = unprivileged.scratch("inputs")
@@ -86,3 +89,22 @@ if echo x > /inputs/files/f 2>/dev/null; then echo writable; else echo read-only
     assert (out / "cwd").read_text() == "/build\n"
     assert (out / "copy").read_text() == "data\n"
     assert (out / "ro").read_text() == "read-only\n"
+
+
+@pytest.mark.tool
+def test_hello_in_an_empty_bwrap_root(tmp_path: Path) -> None:
+    """The engine's mount layout (host closures, the built-in step's Python) in a real
+    empty root, independent of the sandbox package's progress."""
+    need_tool("bwrap")
+    env = {**os.environ, "PYTHONPATH": str(REPO), "REPROBUILD_TEST_RUNNER": "bwrap"}
+    probe = subprocess.run(["bwrap", "--unshare-all", "--ro-bind", "/", "/", "true"],
+                           capture_output=True, check=False)
+    need(probe.returncode == 0, f"bwrap cannot run here: {probe.stderr!r}")
+    result = subprocess.run([sys.executable, "-m", "tests.engine.fakecli", "build", "--json",
+                             "--store", str(tmp_path / "store"),
+                             str(REPO / "recipes" / "hello.toml")],
+                            cwd=tmp_path, env=env, capture_output=True, text=True,
+                            check=False)
+    assert result.returncode == 0, result.stderr
+    image = json.loads(result.stdout)[0]["path"]
+    assert Path(image).read_bytes()[1080:1082] == b"\x53\xef"  # ext4 superblock magic
