@@ -19,6 +19,7 @@ from collections.abc import Callable, Iterable, Iterator
 import lz4
 import lz4.block
 
+from reprobuild.errors import ImageError
 from reprobuild.images.erofs_format import BLOCK_SIZE
 
 COMPRESSED_FULL = 1  # EROFS_INODE_COMPRESSED_FULL
@@ -140,8 +141,12 @@ def read_compressed(image: bytes | bytearray | memoryview | mmap.mmap, index_bas
         if kind == LCLUSTER_PLAIN:
             out += block[:length]
         elif kind == LCLUSTER_HEAD1:
-            out += lz4.block.decompress(block.lstrip(b"\0"), uncompressed_size=length)
+            try:
+                out += lz4.block.decompress(block.lstrip(b"\0"), uncompressed_size=length)
+            except lz4.block.LZ4BlockError as exc:
+                raise ImageError(f"EROFS: bad LZ4 data in block {blkaddr} ({exc})") from None
         else:
-            raise ValueError(f"unsupported EROFS lcluster type {kind}")
+            raise ImageError(f"EROFS lcluster type {kind} is not supported",
+                             hint="reprobuild reads the LZ4 layout it writes")
         lcn += count
     return bytes(out)

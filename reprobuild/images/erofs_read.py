@@ -11,6 +11,7 @@ import io
 import mmap
 import os
 import stat
+import struct
 from dataclasses import dataclass
 from typing import BinaryIO
 
@@ -219,32 +220,46 @@ class _Image:
 
 
 def read_image(path: str | bytes | os.PathLike[str]) -> Tree:
-    """The tree stored in the EROFS image at ``path``."""
+    """The tree stored in the EROFS image at ``path``; a damaged image is an ImageError."""
     image_path = os.fsencode(path)
-    with open(image_path, "rb") as stream, \
-            mmap.mmap(stream.fileno(), 0, access=mmap.ACCESS_READ) as data:
-        image = _Image(image_path, data)
-        root = image.inode(image.root_nid)
-        tree = Tree(_entry(image, b"", root))
-        first_path: dict[int, bytes] = {}
-        stack: list[tuple[bytes, int]] = [(b"", image.root_nid)]
-        while stack:
-            dir_path, nid = stack.pop()
-            directory = root if nid == image.root_nid and not dir_path else image.inode(nid)
-            subdirs: list[tuple[bytes, int]] = []
-            for name, child_nid in sorted(image.dirents(directory)):
-                path = dir_path + b"/" + name if dir_path else name
-                if child_nid in first_path:
-                    tree.add(Entry(path, EntryType.HARDLINK, 0o644,
-                                   target=first_path[child_nid]))
-                    continue
-                child = image.inode(child_nid)
-                tree.add(_entry(image, path, child))
-                if stat.S_ISDIR(child.st_mode):
-                    subdirs.append((path, child_nid))
-                elif stat.S_ISREG(child.st_mode) and child.nlink > 1:
-                    first_path[child_nid] = path
-            stack.extend(reversed(subdirs))
+    with open(image_path, "rb") as stream:
+        if os.fstat(stream.fileno()).st_size == 0:
+            raise ImageError(f"{image_path.decode(errors='replace')} is empty, not EROFS")
+        with mmap.mmap(stream.fileno(), 0, access=mmap.ACCESS_READ) as data:
+            try:
+                return _walk(_Image(image_path, data))
+            except (struct.error, IndexError, ValueError, UnicodeError) as exc:
+                raise ImageError(f"{image_path.decode(errors='replace')}: damaged EROFS"
+                                 f" image ({exc})") from None
+
+
+def _walk(image: _Image) -> Tree:
+    root = image.inode(image.root_nid)
+    tree = Tree(_entry(image, b"", root))
+    first_path: dict[int, bytes] = {}
+    seen_dirs = {image.root_nid}
+    stack: list[tuple[bytes, int, _Inode]] = [(b"", image.root_nid, root)]
+    while stack:
+        dir_path, _, directory = stack.pop()
+        subdirs: list[tuple[bytes, int, _Inode]] = []
+        for name, child_nid in sorted(image.dirents(directory)):
+            path = dir_path + b"/" + name if dir_path else name
+            if b"/" in name or not name:
+                raise ImageError(f"EROFS directory entry {path!r} has an invalid name")
+            if child_nid in first_path:
+                tree.add(Entry(path, EntryType.HARDLINK, 0o644, target=first_path[child_nid]))
+                continue
+            child = image.inode(child_nid)
+            tree.add(_entry(image, path, child))
+            if stat.S_ISDIR(child.st_mode):
+                if child_nid in seen_dirs:
+                    raise ImageError(f"EROFS directory /{path.decode(errors='replace')}"
+                                     " appears twice (a directory loop)")
+                seen_dirs.add(child_nid)
+                subdirs.append((path, child_nid, child))
+            elif stat.S_ISREG(child.st_mode) and child.nlink > 1:
+                first_path[child_nid] = path
+        stack.extend(reversed(subdirs))
     return tree
 
 

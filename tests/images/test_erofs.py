@@ -207,6 +207,20 @@ def test_options(tmp_path: Path) -> None:
     assert erofs.identity(ImageOptions(epoch=0)) == {}
 
 
+def test_damaged_images_are_refused(sample_image: Path, tmp_path: Path) -> None:
+    raw = bytearray(sample_image.read_bytes())
+    raw[1024 + 64] ^= 0xFF  # volume name: the checksum no longer matches
+    (tmp_path / "sum.img").write_bytes(raw)
+    with pytest.raises(ImageError, match="checksum"):
+        erofs.read(tmp_path / "sum.img")
+    (tmp_path / "short.img").write_bytes(sample_image.read_bytes()[:BLOCK_SIZE + 100])
+    with pytest.raises(ImageError):
+        erofs.read(tmp_path / "short.img")
+    (tmp_path / "zero.img").write_bytes(bytes(8192))
+    with pytest.raises(ImageError, match="not an EROFS"):
+        erofs.read(tmp_path / "zero.img")
+
+
 def test_content_changing_size_is_refused() -> None:
     tree = Tree()
     tree.add(Entry(b"f", EntryType.REGULAR, 0o644, content=Content(10, Content.from_bytes(
