@@ -16,6 +16,8 @@ from typing import Any
 
 import blake3
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from reprobuild.errors import ImageError
 from reprobuild.images import erofs
@@ -155,6 +157,58 @@ def test_dirents_sorted_across_blocks() -> None:
     assert flat == names
     for block in blocks:
         assert sum(12 + len(d[0]) for d in block) <= BLOCK_SIZE
+
+
+names = st.binary(min_size=1, max_size=40).filter(
+    lambda n: b"/" not in n and b"\0" not in n and n not in (b".", b".."))
+
+
+@st.composite
+def random_trees(draw: st.DrawFn) -> Tree:
+    tree = Tree(Entry(b"", EntryType.DIRECTORY, 0o755, mtime_ns=EPOCH_NS))
+    dirs = [b""]
+    regular: list[bytes] = []
+    for _ in range(draw(st.integers(0, 60))):
+        parent = draw(st.sampled_from(dirs))
+        name = draw(names)
+        path = parent + b"/" + name if parent else name
+        if path in tree:
+            continue
+        kind = draw(st.sampled_from(["file", "dir", "link", "sym", "fifo"]))
+        xattrs = tuple(sorted(draw(st.dictionaries(
+            st.sampled_from([b"trusted.a", b"trusted.b", b"user.c", b"security.d"]),
+            st.sampled_from([b"", b"v", b"w" * 300]), max_size=3)).items()))
+        mtime = draw(st.sampled_from([EPOCH_NS, EPOCH_NS - 1, 0]))
+        uid = draw(st.sampled_from([0, 1000, 70_000]))
+        if kind == "dir":
+            tree.add(Entry(path, EntryType.DIRECTORY, 0o755, uid=uid, mtime_ns=mtime,
+                           xattrs=xattrs))
+            dirs.append(path)
+        elif kind == "link" and regular:
+            tree.add(Entry(path, EntryType.HARDLINK, 0o644,
+                           target=draw(st.sampled_from(regular))))
+        elif kind == "sym":
+            tree.add(Entry(path, EntryType.SYMLINK, 0o777, mtime_ns=mtime,
+                           target=draw(st.binary(min_size=1, max_size=4095)) or b"x"))
+        elif kind == "fifo":
+            tree.add(Entry(path, EntryType.FIFO, 0o644, uid=uid, mtime_ns=mtime))
+        else:
+            size = draw(st.sampled_from([0, 1, 4095, 4096, 4097, 8191, 70_000]))
+            tree.add(Entry(path, EntryType.REGULAR, 0o644, uid=uid, mtime_ns=mtime,
+                           xattrs=xattrs, content=Content.from_bytes(data(size, len(path)))))
+            regular.append(path)
+    return tree
+
+
+@settings(max_examples=30, deadline=None,
+          suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+@given(tree=random_trees(), compress=st.sampled_from([None, "lz4"]))
+def test_random_trees_round_trip(tree: Tree, compress: str | None, tmp_path: Path) -> None:
+    image = build(tree, tmp_path / "random.img", compress=compress)
+    assert [d.display() for d in diff_trees(tree, erofs.read(image))] == []
+    if shutil.which("fsck.erofs"):
+        result = subprocess.run(["fsck.erofs", str(image)], capture_output=True, text=True)
+        assert result.returncode == 0, result.stdout + result.stderr
 
 
 # -- serialised bytes ---------------------------------------------------------------------
