@@ -11,6 +11,7 @@ stops the steps that depend on it; ``keep_going`` lets independent steps finish.
 from __future__ import annotations
 
 import os
+import threading
 from collections.abc import Callable, Iterable
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
@@ -92,6 +93,8 @@ class Engine:
         self.runner: Runner | None = None
         self.options = options
         self.progress = progress or Progress(enabled=False)
+        self._spare: list[str] = []
+        self._spare_lock = threading.Lock()
 
     def close(self) -> None:
         if self.runner is not None:
@@ -112,7 +115,10 @@ class Engine:
                     raise offline_error(plan, fetches)
             if self.runner is None and any(n.sandboxed for n in todo):
                 self.runner = self.runner_factory()
-            self._run(plan, todo, report)
+            try:
+                self._run(plan, todo, report)
+            finally:
+                self._drop_spare_build_dirs()
         return report
 
     def _cached(self, plan: Plan, report: BuildReport) -> list[Node]:
@@ -190,11 +196,9 @@ class Engine:
             entry = self.store.lookup(node.id)
             if entry is not None:  # another process built it while we waited
                 return entry
-            build_dir = self.store.new_build_dir(node.id[:16])
+            build_dir = self._take_build_dir()
             try:
                 output = os.path.join(build_dir, "output", "out")
-                os.makedirs(os.path.join(build_dir, "output"))
-                os.makedirs(os.path.join(build_dir, "build"))
                 self._produce(plan, node, done, build_dir, output)
                 input_meta = {name: {"derivation": node.derivation.inputs[name],
                                      "hash": done[name].hash if name in done else ""}
@@ -202,15 +206,12 @@ class Engine:
                 if node.derivation.kind == "deb":
                     input_meta = {"deb": {"derivation": node.derivation.inputs["deb"],
                                           "hash": done[node.deps[0]].hash}}
+                expected = None
+                if isinstance(node.what, PathSource | HostSource):
+                    expected = str(node.derivation.attrs["hash"])
                 entry = self.store.register(
                     node.id, output, derivation=node.derivation.to_json(), inputs=input_meta,
-                    epoch=plan.recipe.epoch if node.sandboxed else 0)
-                if isinstance(node.what, PathSource | HostSource):
-                    expected = node.derivation.attrs["hash"]
-                    if entry.hash != expected:
-                        raise BuildError(f"{node.key}: the imported copy hashes to {entry.hash}"
-                                         f" but the source hashed to {expected}",
-                                         hint="do not change sources during a build")
+                    epoch=plan.recipe.epoch if node.sandboxed else 0, expected_hash=expected)
             except BaseException as exc:
                 if self.options.keep_failed and node.sandboxed and isinstance(exc, BuildError):
                     kept = self._keep(node, build_dir)
@@ -218,8 +219,34 @@ class Engine:
                         f"kept /build and $out in {kept}"
                 canon.remove_tree(build_dir)
                 raise
-            canon.remove_tree(build_dir)
+            self._give_back_build_dir(build_dir)
             return entry
+
+    def _take_build_dir(self) -> str:
+        """An empty ``build/`` + ``output/`` pair under the store's tmp (reused: directory
+        creation and removal are what a trivial step mostly costs on a busy filesystem)."""
+        with self._spare_lock:
+            if self._spare:
+                return self._spare.pop()
+        build_dir = self.store.new_build_dir("build")
+        os.mkdir(os.path.join(build_dir, "output"))
+        os.mkdir(os.path.join(build_dir, "build"))
+        return build_dir
+
+    def _give_back_build_dir(self, build_dir: str) -> None:
+        scratch = os.path.join(build_dir, "build")
+        for name in os.listdir(scratch):
+            canon.remove_tree(os.path.join(scratch, name))
+        for name in os.listdir(os.path.join(build_dir, "output")):
+            canon.remove_tree(os.path.join(build_dir, "output", name))
+        with self._spare_lock:
+            self._spare.append(build_dir)
+
+    def _drop_spare_build_dirs(self) -> None:
+        with self._spare_lock:
+            spare, self._spare = self._spare, []
+        for build_dir in spare:
+            canon.remove_tree(build_dir)
 
     def _keep(self, node: Node, build_dir: str) -> str:
         kept = os.path.join(self.store.root, "tmp", f"failed-{node.key}-{node.id[:12]}")

@@ -187,19 +187,25 @@ class Store:
 
     def register(self, derivation_id: str, output: str, *, derivation: Mapping[str, Any],
                  inputs: Mapping[str, Mapping[str, str]], epoch: int,
-                 extra: Mapping[str, Any] | None = None) -> StoreEntry:
+                 extra: Mapping[str, Any] | None = None,
+                 expected_hash: str | None = None) -> StoreEntry:
         """Canonicalise ``output``, hash it and make it the valid entry of the derivation.
 
         Call with :meth:`lock` held. ``output`` must be on the store's filesystem (under
         :meth:`new_build_dir`); it is moved. ``inputs`` maps input names to
         ``{"derivation": id, "hash": content hash}``. The metadata records the derivation,
         the inputs, the output's content hash and type, the fs-verity digest of a file
-        output, reprobuild's version and the log path.
+        output, reprobuild's version and the log path. With ``expected_hash`` (a
+        fixed-output import) a different content hash is an error and nothing is stored.
         """
         if not os.path.lexists(output):
             raise StoreError(f"the build made no output at {output}")
         canon.canonicalize(output, epoch=epoch, top_mode=False)
         content_hash = canon.hash_path(output)
+        if expected_hash is not None and content_hash != expected_hash:
+            raise StoreError(f"the output of {derivation_id} hashes to {content_hash}, "
+                             f"expected {expected_hash}",
+                             hint="a source changed while it was imported; build again")
         st = os.lstat(output)
         kind = ("directory" if stat.S_ISDIR(st.st_mode) else
                 "symlink" if stat.S_ISLNK(st.st_mode) else "file")

@@ -4,7 +4,8 @@
 Runs `reprobuild build` as a user would (a fresh process each time) on a generated recipe
 whose 200 independent steps each write one small file with the host's static busybox.
 Targets on a 2-core machine: cold < 2 s, no-op < 0.3 s. ``--fake`` runs the steps with
-the engine tests' fake runner (no namespaces) to separate engine and sandbox costs.
+the engine tests' fake runner (no namespaces) and ``--runner bwrap`` with bubblewrap, to
+separate the engine's costs from the sandbox's.
 """
 
 from __future__ import annotations
@@ -32,11 +33,11 @@ def make_recipe(directory: Path, steps: int) -> Path:
     return path
 
 
-def timed_build(recipe: Path, store: Path, jobs: int, fake: bool) -> float:
-    module = "tests.engine.fakecli" if fake else "reprobuild"
+def timed_build(recipe: Path, store: Path, jobs: int, runner: str) -> float:
+    module = "reprobuild" if runner == "sandbox" else "tests.engine.fakecli"
     argv = [sys.executable, "-m", module, "build", "--store", str(store), "-j", str(jobs),
             "--no-out-link", str(recipe), "all"]
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    env = {**os.environ, "PYTHONPATH": str(REPO), "REPROBUILD_TEST_RUNNER": runner}
     start = time.perf_counter()
     result = subprocess.run(argv, env=env, capture_output=True, text=True, check=False)
     elapsed = time.perf_counter() - start
@@ -49,16 +50,16 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=200)
     parser.add_argument("-j", "--jobs", type=int, default=os.cpu_count() or 1)
-    parser.add_argument("--fake", action="store_true", help="fake runner (no sandbox)")
+    parser.add_argument("--runner", choices=("sandbox", "fake", "bwrap"), default="sandbox",
+                        help="sandbox (default), the tests' fake runner, or bubblewrap")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="reprobuild-bench-") as tmp:
         root = Path(tmp)
         os.chmod(root, 0o755)
         recipe = make_recipe(root, args.steps)
-        cold = timed_build(recipe, root / "store", args.jobs, args.fake)
-        noop = timed_build(recipe, root / "store", args.jobs, args.fake)
-    runner = "fake runner" if args.fake else "sandbox"
-    print(f"engine ({runner}, -j {args.jobs}): {args.steps} trivial steps cold "
+        cold = timed_build(recipe, root / "store", args.jobs, args.runner)
+        noop = timed_build(recipe, root / "store", args.jobs, args.runner)
+    print(f"engine ({args.runner}, -j {args.jobs}): {args.steps} trivial steps cold "
           f"{cold:.2f} s (target < 2 s, {cold / 2:.2f}x of target); "
           f"no-op {noop:.3f} s (target < 0.3 s, {noop / 0.3:.2f}x of target)")
     return 0
