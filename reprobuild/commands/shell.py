@@ -6,6 +6,7 @@ import argparse
 import os
 
 from reprobuild import canon, sandboxing
+from reprobuild.commands import common
 from reprobuild.commands.build import print_failures
 from reprobuild.commands.common import add_build_options, add_recipe, load, make_engine
 from reprobuild.errors import BuildError, RecipeError
@@ -40,7 +41,7 @@ def run(args: argparse.Namespace) -> int:
     if not isinstance(node.what, Step):
         raise RecipeError(f"{args.target} is not a step", hint="shell opens a step's sandbox")
     argv = args.command or shell_argv(node.what)
-    runner = sandboxing.start_runner(debug=args.debug)
+    runner = common.start_runner(debug=args.debug)  # before any thread exists
     engine = make_engine(args, store)
     engine.runner = runner
     try:
