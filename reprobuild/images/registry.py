@@ -60,7 +60,7 @@ FORMATS: dict[str, Format] = {
     for f in (
         Format("ext4", "reprobuild.images.ext4", "tree", "ext4, read-only, no journal"),
         Format("squashfs", "reprobuild.images.squashfs", "tree", "squashfs 4.0"),
-        Format("erofs", "reprobuild.images.erofs", "tree", "EROFS, uncompressed"),
+        Format("erofs", "reprobuild.images.erofs", "tree", "EROFS, uncompressed or lz4"),
         Format("cpio", "reprobuild.images.cpio", "tree", "cpio newc (initramfs)"),
         Format("tar", "reprobuild.images.tar", "tree", "POSIX pax tar"),
         Format("gpt", "reprobuild.images.gpt", "disk", "GPT disk from other images"),
