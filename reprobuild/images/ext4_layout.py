@@ -235,6 +235,7 @@ class _Numbering:
         self.ino_of: dict[bytes, int] = {}
         self.lost_found_synthetic = False
         next_ino = FIRST_INO + 1
+        links: list[Entry] = []
         lost = tree.get(b"lost+found")
         if lost is not None and lost.type is not EntryType.DIRECTORY:
             raise ImageError("/lost+found in the tree is not a directory",
@@ -243,12 +244,7 @@ class _Numbering:
             if len(entry.name) > MAX_NAME:
                 raise ImageError(f"{entry.display()}: name longer than {MAX_NAME} bytes")
             if entry.type is EntryType.HARDLINK:
-                assert entry.target is not None
-                ino = self.ino_of[entry.target]
-                self.ino_of[entry.path] = ino
-                self.nodes[ino].links += 1
-                if self.nodes[ino].links > MAX_LINKS:
-                    raise ImageError(f"{entry.display()}: more than {MAX_LINKS} hardlinks")
+                links.append(entry)  # numbered below: the primary may come later
                 continue
             if entry.path == b"":
                 ino = ROOT_INO
@@ -261,6 +257,13 @@ class _Numbering:
             self.nodes[ino] = _Node(ino, entry)
             if entry.type is EntryType.DIRECTORY and entry.path:
                 self.nodes[self.ino_of[entry.parent]].subdirs += 1
+        for entry in links:
+            assert entry.target is not None
+            ino = self.ino_of[entry.target]
+            self.ino_of[entry.path] = ino
+            self.nodes[ino].links += 1
+            if self.nodes[ino].links > MAX_LINKS:
+                raise ImageError(f"{entry.display()}: more than {MAX_LINKS} hardlinks")
         if lost is None:
             self.lost_found_synthetic = True
             lf = Entry(b"lost+found", EntryType.DIRECTORY, 0o700, mtime_ns=epoch * 10**9)
@@ -507,7 +510,7 @@ def plan(tree: Tree, options: ImageOptions, cache: dict[int, bytes] | None = Non
             kids.sort(key=lambda c: c.name)
         parent = ROOT_INO if entry.path == b"" else numbering.ino_of[entry.parent]
         dirs[ino] = directory_blocks(ino, parent, kids, hash_version=hash_version,
-                                     hash_seed=seed_words)  # type: ignore[arg-type]
+                                     hash_seed=seed_words)
     ibody: dict[int, bytes] = {}
     block_xattrs: dict[int, tuple[DiskXattr, ...]] = {}
     for ino in sorted(nodes):

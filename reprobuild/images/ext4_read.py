@@ -253,24 +253,27 @@ def read_image(path: str | bytes | os.PathLike[str]) -> Tree:
         root_raw = image.inode(ROOT_INO)
         tree = Tree(_entry(image, b"", ROOT_INO, root_raw))
         seen: dict[int, bytes] = {}
-        stack = [(b"", ROOT_INO, root_raw)]
+        # Depth-first, children in name order: canonical order, so the first path of a
+        # hardlink group (the primary) is the one the tree model expects.
+        stack = [(b"", iter(image.dir_entries(root_raw, ROOT_INO)))]
         while stack:
-            path_, ino, raw = stack.pop()
-            subdirs = []
-            for name, child in image.dir_entries(raw, ino):
-                child_path = path_ + b"/" + name if path_ else name
-                if child in seen:
-                    tree.add(Entry(child_path, EntryType.HARDLINK, 0, target=seen[child]))
-                    continue
-                child_raw = image.inode(child)
-                entry = _entry(image, child_path, child, child_raw)
-                if entry.type is EntryType.REGULAR and struct.unpack_from("<H", child_raw,
-                                                                          26)[0] > 1:
-                    seen[child] = child_path
-                tree.add(entry)
-                if entry.type is EntryType.DIRECTORY:
-                    subdirs.append((child_path, child, child_raw))
-            stack.extend(reversed(subdirs))
+            parent, children = stack[-1]
+            step = next(children, None)
+            if step is None:
+                stack.pop()
+                continue
+            name, child = step
+            child_path = parent + b"/" + name if parent else name
+            if child in seen:
+                tree.add(Entry(child_path, EntryType.HARDLINK, 0, target=seen[child]))
+                continue
+            child_raw = image.inode(child)
+            entry = _entry(image, child_path, child, child_raw)
+            if entry.type is EntryType.REGULAR and struct.unpack_from("<H", child_raw, 26)[0] > 1:
+                seen[child] = child_path
+            tree.add(entry)
+            if entry.type is EntryType.DIRECTORY:
+                stack.append((child_path, iter(image.dir_entries(child_raw, child))))
     return tree
 
 

@@ -328,6 +328,8 @@ def _write_file(sink: _Sink, content: Content, extents: tuple[Extent, ...],
     index = 0
     position = 0  # in blocks
     for chunk in aligned_chunks(content):
+        if index == len(extents):
+            break  # the rest is holes
         view = memoryview(chunk)
         end = position + -(-len(chunk) // BLOCK_SIZE)
         while index < len(extents) and extents[index].logical < end:
