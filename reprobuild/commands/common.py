@@ -10,6 +10,8 @@ from reprobuild.plan import Plan, plan
 from reprobuild.progress import Progress
 from reprobuild.recipe import Recipe, load_recipe
 from reprobuild.sandboxing import start_runner
+
+__all__ = ["add_build_options", "add_recipe", "load", "make_engine", "start_runner"]
 from reprobuild.store import Store
 
 
