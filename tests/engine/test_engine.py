@@ -203,3 +203,22 @@ def test_cli_recipe_error_exit_code(tmp_path: Path) -> None:
     _, err = proc.communicate()
     assert proc.returncode == 2
     assert "did you mean 'builder'" in err
+
+
+def test_cli_log_path_and_store_ls(tmp_path: Path) -> None:
+    path = recipe(tmp_path, step("talk", "echo saying-hello; echo x > $out"))
+    store = str(tmp_path / "store")
+    missing = fakecli("path", "--store", store, path, "talk", cwd=tmp_path)
+    _, err = missing.communicate()
+    assert missing.returncode == 1 and "not built" in err
+    built = fakecli("build", "--store", store, path, cwd=tmp_path)
+    built.communicate()
+    log = fakecli("log", "--store", store, path, "talk", cwd=tmp_path)
+    out, _ = log.communicate()
+    assert log.returncode == 0 and out == "saying-hello\n"
+    where = fakecli("path", "--store", store, path, "talk", cwd=tmp_path)
+    out, _ = where.communicate()
+    assert where.returncode == 0 and Path(out.strip()).read_text() == "x\n"
+    listing = fakecli("store", "ls", "--store", store, cwd=tmp_path)
+    out, _ = listing.communicate()
+    assert any(line.endswith(" talk") for line in out.splitlines())
