@@ -140,20 +140,23 @@ class Spool:
         self.directory = os.fsencode(directory)
         os.makedirs(self.directory, exist_ok=True)
 
-    def store(self, stream: IO[bytes], size: int, what: str) -> Content:
-        """Copy exactly ``size`` bytes of ``stream`` into the spool; return their Content."""
+    def store(self, stream: IO[bytes], size: int | None, what: str) -> Content:
+        """Copy ``size`` bytes (None: all) of ``stream`` into the spool; their Content."""
         hasher = blake3.blake3()
         fd, tmp = tempfile.mkstemp(dir=self.directory, prefix=b".part-")
         try:
+            copied = 0
             with os.fdopen(fd, "wb") as out:
-                left = size
-                while left:
-                    chunk = stream.read(min(CHUNK, left))
+                while size is None or copied < size:
+                    want = CHUNK if size is None else min(CHUNK, size - copied)
+                    chunk = stream.read(want)
                     if not chunk:
+                        if size is None:
+                            break
                         raise ImageError(f"{what}: archive ended inside the member")
                     hasher.update(chunk)
                     out.write(chunk)
-                    left -= len(chunk)
+                    copied += len(chunk)
             digest = hasher.digest()
             final = self.directory + b"/" + digest.hex().encode()
             if os.path.exists(final):
@@ -164,7 +167,7 @@ class Spool:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(tmp)
             raise
-        return Content(size, FileSource(final), digest)
+        return Content(copied, FileSource(final), digest)
 
 
 _default_spool: Spool | None = None

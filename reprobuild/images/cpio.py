@@ -15,19 +15,38 @@ The plan, computed before any byte is written:
 What newc cannot hold is refused with an ImageError naming the path: sizes, ids or mtimes
 beyond 32 bits, names longer than PATH_MAX (4096 bytes with the NUL), and xattrs (unless
 the option ``xattrs = "ignore"`` is given, which drops them).
+``compress = "zstd"`` or ``"gzip"`` compresses the whole archive, as the kernel accepts
+for an initramfs (:mod:`reprobuild.images.archive_compress`).
 """
 
 from __future__ import annotations
 
+import lzma
 import os
+import zlib
 from dataclasses import dataclass
 from typing import BinaryIO
 
+import zstandard
+
 from reprobuild.errors import ImageError
+from reprobuild.images.archive_compress import (
+    check_compress,
+    compressed_writer,
+    compressor_identity,
+)
 from reprobuild.images.registry import ImageOptions
 from reprobuild.images.tar import check_archive_options
-from reprobuild.tarinput import SliceSource
-from reprobuild.tree import Content, Entry, EntryType, Tree, check_relative_path, path_key
+from reprobuild.tarinput import SliceSource, default_spool, detect_compression, open_decompressed
+from reprobuild.tree import (
+    Content,
+    Entry,
+    EntryType,
+    FileSource,
+    Tree,
+    check_relative_path,
+    path_key,
+)
 from reprobuild.treebuilder import TreeBuilder
 
 VERSION = "1"
@@ -129,9 +148,15 @@ def plan(tree: Tree, options: ImageOptions) -> list[CpioMember]:
 
 
 def write(tree: Tree, output: BinaryIO, options: ImageOptions) -> None:
-    """Write the newc archive of ``tree`` to ``output``."""
+    """Write the newc archive of ``tree`` to ``output`` (compressed if asked)."""
+    members = plan(tree, options)
+    with compressed_writer(output, check_compress(options.compress, "cpio")) as stream:
+        _write_members(members, stream)
+
+
+def _write_members(members: list[CpioMember], output: BinaryIO) -> None:
     total = 0
-    for member in plan(tree, options):
+    for member in members:
         output.write(member.header)
         total += len(member.header)
         data_size = len(member.inline)
@@ -191,10 +216,35 @@ def _records(path: bytes) -> list[_Record]:
             archive.seek(offset)
 
 
+def identity(options: ImageOptions) -> dict[str, str]:
+    return compressor_identity(options.compress)
+
+
+def _uncompressed(path: bytes) -> bytes:
+    """``path`` itself, or a spooled, decompressed copy of a compressed archive."""
+    with open(path, "rb") as raw:
+        compression = detect_compression(raw.read(6))
+        if compression is None:
+            return path
+        raw.seek(0)
+        try:
+            with open_decompressed(raw, compression) as stream:
+                content = default_spool().store(stream, None, path.decode(errors="replace"))
+        except (OSError, EOFError, zlib.error, lzma.LZMAError, zstandard.ZstdError) as exc:
+            raise ImageError(f"{path.decode(errors='replace')}: cannot decompress ({exc})"
+                             ) from None
+    assert isinstance(content.source, FileSource)
+    return content.source.path
+
+
 def read(path: str | bytes) -> Tree:
-    """Read a newc archive back into a tree; contents stay in the archive file."""
-    path = os.fsencode(path)
-    shown = path.decode("utf-8", "backslashreplace")
+    """Read a newc archive (plain, or compressed like a kernel initramfs) into a tree.
+
+    Contents stay in the archive file; a compressed archive is decompressed once into
+    the spool directory first.
+    """
+    shown = os.fsencode(path).decode("utf-8", "backslashreplace")
+    path = _uncompressed(os.fsencode(path))
     builder = TreeBuilder(what=shown)
     groups: dict[tuple[int, ...], list[tuple[bytes, _Record]]] = {}
     for record in _records(path):

@@ -21,7 +21,9 @@ it), except that we sort xattrs by name where GNU tar keeps the file system's or
   mtime, xattrs; names are raw bytes (no ``hdrcharset``, as GNU tar writes them). The pax
   header member is named ``DIR/PaxHeaders/NAME`` cut to 100 bytes, mode 0644, owner 0,
   mtime the epoch;
-* the archive ends with two zero blocks and is padded to a 10240-byte record.
+* the archive ends with two zero blocks and is padded to a 10240-byte record;
+* ``compress = "zstd"`` or ``"gzip"`` compresses the whole stream
+  (:mod:`reprobuild.images.archive_compress`).
 
 Sockets cannot be stored in tar and are refused.
 """
@@ -33,6 +35,11 @@ from dataclasses import dataclass
 from typing import BinaryIO
 
 from reprobuild.errors import ImageError
+from reprobuild.images.archive_compress import (
+    check_compress,
+    compressed_writer,
+    compressor_identity,
+)
 from reprobuild.images.registry import ImageOptions
 from reprobuild.tarinput import tree_from_tar
 from reprobuild.tree import Content, Entry, EntryType, Tree, path_key
@@ -197,9 +204,7 @@ def check_archive_options(options: ImageOptions, fmt: str) -> None:
         if value is not None:
             raise ImageError(f"the {fmt} format has no {name.replace('_', ' ')}",
                              hint=f"leave out --{name.replace('_', '-')} for {fmt} images")
-    if options.compress not in (None, "none"):
-        raise ImageError(f"the {fmt} format is written uncompressed, not {options.compress!r}",
-                         hint="compress the output in a later step if needed")
+    check_compress(options.compress, fmt)
 
 
 def plan(tree: Tree, options: ImageOptions) -> list[TarMember]:
@@ -221,16 +226,18 @@ def plan(tree: Tree, options: ImageOptions) -> list[TarMember]:
 
 
 def write(tree: Tree, output: BinaryIO, options: ImageOptions) -> None:
-    """Write the canonical pax tar of ``tree`` to ``output``."""
+    """Write the canonical pax tar of ``tree`` to ``output`` (compressed if asked)."""
+    members = plan(tree, options)
     total = 0
-    for member in plan(tree, options):
-        output.write(member.header)
-        total += len(member.header)
-        if member.content is not None:
-            total += _write_content(member, output)
-    end = 2 * BLOCK
-    end += -(total + end) % RECORD
-    output.write(b"\0" * end)
+    with compressed_writer(output, check_compress(options.compress, "tar")) as stream:
+        for member in members:
+            stream.write(member.header)
+            total += len(member.header)
+            if member.content is not None:
+                total += _write_content(member, stream)
+        end = 2 * BLOCK
+        end += -(total + end) % RECORD
+        stream.write(b"\0" * end)
 
 
 def _write_content(member: TarMember, output: BinaryIO) -> int:
@@ -254,7 +261,7 @@ def read(path: str | bytes) -> Tree:
 
 
 def identity(options: ImageOptions) -> dict[str, str]:
-    return {}
+    return compressor_identity(options.compress)
 
 
 def iter_member_names(tree: Tree) -> Iterator[bytes]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import io
 import os
+import shutil
 import stat
 import subprocess
 from pathlib import Path
@@ -111,6 +112,23 @@ def test_refusals() -> None:
         cpio_of(long)
     with pytest.raises(ImageError, match="no block size"):
         cpio_of(Tree(), ImageOptions(epoch=0, block_size=4096))
+
+
+@pytest.mark.parametrize("compress", ["gzip", "zstd"])
+def test_compressed_output(tmp_path: Path, compress: str) -> None:
+    tree = sample_tree(xattrs=False)
+    options = ImageOptions(epoch=EPOCH, compress=compress)
+    path = tmp_path / "initrd.img"
+    path.write_bytes(cpio_of(tree, options))
+    assert path.read_bytes() == cpio_of(tree, options)
+    assert [d.display() for d in diff_trees(whole_seconds(tree), cpio.read(path))] == []
+    assert cpio.identity(options)["compressor"].startswith(
+        "zlib" if compress == "gzip" else "zstandard")
+    tool = {"gzip": "gzip", "zstd": "zstd"}[compress]
+    if shutil.which(tool):
+        plain = subprocess.run([tool, "-dc", str(path)], check=True,
+                               capture_output=True).stdout
+        assert plain == cpio_of(tree)
 
 
 def test_bytes_are_stable() -> None:

@@ -124,8 +124,27 @@ def test_refusals() -> None:
         tar_of(tree)
     with pytest.raises(ImageError, match="no size"):
         tar_of(Tree(), ImageOptions(epoch=0, size=1 << 20))
-    with pytest.raises(ImageError, match="uncompressed"):
-        tar_of(Tree(), ImageOptions(epoch=0, compress="gzip"))
+    with pytest.raises(ImageError, match="cannot be compressed with 'xz'"):
+        tar_of(Tree(), ImageOptions(epoch=0, compress="xz"))
+
+
+@pytest.mark.parametrize("compress", ["gzip", "zstd"])
+def test_compressed_output(tmp_path: Path, compress: str) -> None:
+    import gzip
+
+    import zstandard
+
+    tree = sample_tree()
+    options = ImageOptions(epoch=EPOCH, compress=compress)
+    packed = tar_of(tree, options)
+    assert packed == tar_of(tree, options)
+    plain = (gzip.decompress(packed) if compress == "gzip"
+             else zstandard.ZstdDecompressor().stream_reader(io.BytesIO(packed)).read())
+    assert plain == tar_of(tree)
+    path = tmp_path / "t.tar.z"
+    path.write_bytes(packed)
+    assert diff_trees(tree, tar.read(path)) == []
+    assert "compressor" in tar.identity(options) and tar.identity(OPTIONS) == {}
 
 
 def test_bytes_are_stable_across_python_versions() -> None:
