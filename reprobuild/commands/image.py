@@ -72,7 +72,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="owners, modes, xattrs and device nodes to set, as in a "
                              "recipe's [images.X.files] table")
     parser.add_argument("--compress", default=None,
-                        help="compressor (squashfs: zstd, gzip, xz, lz4, none)")
+                        help="compressor (squashfs: zstd, gzip, xz, lz4, none; "
+                             "tar and cpio: zstd, gzip, none)")
     parser.add_argument("--block-size", type=int, default=None, help="block size in bytes")
     parser.add_argument("--platform", type=_platform, default=DEFAULT_PLATFORM,
                         metavar="OS/ARCH", help="manifest of a multi-platform OCI image "
