@@ -183,7 +183,7 @@ def scan_content(content: Content, where: str, cache: dict[int, bytes] | None = 
     runs: list[tuple[int, int]] = []
     block = 0
     size = 0
-    keep = cache is not None and content.size <= CACHE_FILE_MAX
+    keep = cache is not None
     kept: list[bytes] = []
     for chunk in aligned_chunks(content):
         hasher.update(chunk)
@@ -479,15 +479,21 @@ def plan(tree: Tree, options: ImageOptions, cache: dict[int, bytes] | None = Non
     nodes = numbering.nodes
 
     scans: dict[int, FileScan] = {}
-    cache_used = 0
-    for ino in sorted(nodes):
-        entry = nodes[ino].entry
-        if entry.type is EntryType.REGULAR:
-            assert entry.content is not None
-            use_cache = cache if cache is not None and cache_used < CACHE_BUDGET else None
-            scans[ino] = scan_content(entry.content, entry.display(), use_cache, ino)
-            if use_cache is not None and ino in use_cache:
-                cache_used += len(use_cache[ino])
+    regular = [ino for ino in sorted(nodes) if nodes[ino].entry.type is EntryType.REGULAR]
+    # Keep the smallest files for the write (opening a file costs more than reading it).
+    cached: set[int] = set()
+    if cache is not None:
+        room = CACHE_BUDGET
+        for size, ino in sorted((nodes[ino].entry.size, ino) for ino in regular):
+            if size > CACHE_FILE_MAX or size > room:
+                break
+            cached.add(ino)
+            room -= size
+    for ino in regular:
+        content = nodes[ino].entry.content
+        assert content is not None
+        scans[ino] = scan_content(content, nodes[ino].entry.display(),
+                                  cache if ino in cached else None, ino)
     digest = _tree_digest(tree, scans, numbering, epoch)
     fs_uuid, hash_seed = derive_ids(digest, options)
     seed_words = tuple(int.from_bytes(hash_seed[i: i + 4], "little") for i in range(0, 16, 4))
