@@ -222,3 +222,9 @@ def test_cli_log_path_and_store_ls(tmp_path: Path) -> None:
     listing = fakecli("store", "ls", "--store", store, cwd=tmp_path)
     out, _ = listing.communicate()
     assert any(line.endswith(" talk") for line in out.splitlines())
+
+
+def test_timeout_is_reported(tmp_path: Path) -> None:
+    path = recipe(tmp_path, step("hang", "sleep 20") + 'timeout = "1s"\n')
+    report, _ = build(path, tmp_path / "store")
+    assert "hang timed out after 1 s" in report.failures[0].message
