@@ -5,17 +5,20 @@ Runs `reprobuild build` as a user would (a fresh process each time) on a generat
 whose 200 independent steps each write one small file with the host's static busybox.
 Targets on a 2-core machine: cold < 2 s, no-op < 0.3 s. ``--fake`` runs the steps with
 the engine tests' fake runner (no namespaces) and ``--runner bwrap`` with bubblewrap, to
-separate the engine's costs from the sandbox's.
+separate the engine's costs from the sandbox's. The reference, measured in the same run,
+is the same steps as bare ``bwrap --unshare-all`` processes with no engine at all.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
@@ -46,6 +49,28 @@ def timed_build(recipe: Path, store: Path, jobs: int, runner: str) -> float:
     return elapsed
 
 
+def bwrap_reference(directory: Path, steps: int, jobs: int) -> float | None:
+    """The same steps as bare ``bwrap --unshare-all`` runs, ``jobs`` at a time, no engine."""
+    if shutil.which("bwrap") is None:
+        return None
+    out = directory / "reference"
+    out.mkdir()
+
+    def one(i: int) -> int:
+        argv = ["bwrap", "--unshare-all", "--die-with-parent", "--clearenv",
+                "--proc", "/proc", "--dev", "/dev", "--tmpfs", "/tmp",
+                "--ro-bind", "/bin/busybox", "/bin/busybox", "--bind", str(out), "/output",
+                "--setenv", "out", f"/output/{i}", "--", "/bin/busybox", "sh", "-c",
+                f"echo {i} > $out"]
+        return subprocess.run(argv, capture_output=True, check=False).returncode
+
+    start = time.perf_counter()
+    with ThreadPoolExecutor(max_workers=jobs) as pool:
+        codes = list(pool.map(one, range(steps)))
+    elapsed = time.perf_counter() - start
+    return elapsed if not any(codes) else None
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=200)
@@ -59,9 +84,14 @@ def main() -> int:
         recipe = make_recipe(root, args.steps)
         cold = timed_build(recipe, root / "store", args.jobs, args.runner)
         noop = timed_build(recipe, root / "store", args.jobs, args.runner)
+        reference = bwrap_reference(root, args.steps, args.jobs)
     print(f"engine ({args.runner}, -j {args.jobs}): {args.steps} trivial steps cold "
           f"{cold:.2f} s (target < 2 s, {cold / 2:.2f}x of target); "
           f"no-op {noop:.3f} s (target < 0.3 s, {noop / 0.3:.2f}x of target)")
+    if reference is not None:
+        print(f"reference: the same {args.steps} steps as bare bwrap runs, -j {args.jobs}, "
+              f"no engine: {reference:.2f} s; engine cold / bare bwrap = "
+              f"{cold / reference:.2f}")
     return 0
 
 
