@@ -40,8 +40,8 @@ with open(sys.argv[2], "wb") as output:
 
 
 def timed(argv: list[str], output: str, env: dict[str, str] | None = None
-          ) -> tuple[float, int]:
-    """(seconds, peak RSS in KiB) of one run of ``argv``."""
+          ) -> tuple[float, int, float]:
+    """(wall seconds, peak RSS in KiB, CPU seconds) of one run of ``argv``."""
     if os.path.exists(output):
         os.unlink(output)
     start = time.perf_counter()
@@ -51,7 +51,7 @@ def timed(argv: list[str], output: str, env: dict[str, str] | None = None
     proc.returncode = os.waitstatus_to_exitcode(status)
     if proc.returncode:
         raise SystemExit(f"{argv[0]} failed with exit code {proc.returncode}")
-    return elapsed, usage.ru_maxrss
+    return elapsed, usage.ru_maxrss, usage.ru_utime + usage.ru_stime
 
 
 def tree_bytes(tree: Path) -> int:
@@ -88,11 +88,16 @@ def main() -> int:
                        SOURCE_DATE_EPOCH=str(EPOCH))
         ours_times: list[float] = []
         ref_times: list[float] = []
+        ours_cpu: list[float] = []
+        ref_cpu: list[float] = []
         peak_kib = 0
         for _ in range(args.repeat):
-            ref_times.append(timed(ref_argv, ref_out, ref_env)[0])
-            elapsed, rss = timed(ours_argv, ours_out)
+            elapsed, _, cpu = timed(ref_argv, ref_out, ref_env)
+            ref_times.append(elapsed)
+            ref_cpu.append(cpu)
+            elapsed, rss, cpu = timed(ours_argv, ours_out)
             ours_times.append(elapsed)
+            ours_cpu.append(cpu)
             peak_kib = max(peak_kib, rss)
         ref_time, our_time = min(ref_times), min(ours_times)
         check = subprocess.run(["e2fsck", "-fn", ours_out], capture_output=True, text=True)
@@ -100,7 +105,9 @@ def main() -> int:
         peak_mb = peak_kib / 1024
         ok = ratio <= TARGET and peak_mb < MEMORY_TARGET_MB and check.returncode == 0
         print(f"ext4: ours {our_time:.3f} s, mke2fs -d {ref_time:.3f} s, "
-              f"time ratio {ratio:.2f} (target <= {TARGET}); peak memory {peak_mb:.0f} MB "
+              f"time ratio {ratio:.2f} (target <= {TARGET}); CPU ours {min(ours_cpu):.3f} s, "
+              f"mke2fs {min(ref_cpu):.3f} s, ratio {min(ours_cpu) / min(ref_cpu):.2f}; "
+              f"peak memory {peak_mb:.0f} MB "
               f"(target < {MEMORY_TARGET_MB}); size ours {os.path.getsize(ours_out)} B, "
               f"mke2fs {os.path.getsize(ref_out)} B; e2fsck -fn "
               f"{'clean' if check.returncode == 0 else 'FAILED: ' + check.stdout[-500:]}"

@@ -67,7 +67,7 @@ from reprobuild.tree import Content, Entry, EntryType, Tree
 ZERO_BLOCK = bytes(BLOCK_SIZE)
 ZERO_CHUNK = bytes(1 << 20)
 CACHE_FILE_MAX = 256 << 10
-CACHE_BUDGET = 128 << 20
+CACHE_BUDGET = 64 << 20
 """Small files read while planning are kept for the write (bounded, for peak memory)."""
 
 FILE_TYPES = {
