@@ -13,7 +13,8 @@ The plan, computed before any byte is written:
 * the archive ends with ``TRAILER!!!`` and is zero-padded to a 512-byte block.
 
 What newc cannot hold is refused with an ImageError naming the path: sizes, ids or mtimes
-beyond 32 bits, names longer than PATH_MAX (4096 bytes with the NUL), and xattrs (unless
+beyond 32 bits, names longer than PATH_MAX (4096 bytes with the NUL), a top-level file
+named ``TRAILER!!!`` (it would end the archive), and xattrs (unless
 the option ``xattrs = "ignore"`` is given, which drops them).
 ``compress = "zstd"`` or ``"gzip"`` compresses the whole archive, as the kernel accepts
 for an initramfs (:mod:`reprobuild.images.archive_compress`).
@@ -119,6 +120,9 @@ def plan(tree: Tree, options: ImageOptions) -> list[CpioMember]:
             raise ImageError(f"{shown}: cpio newc cannot store xattrs",
                              hint="drop them with the image option xattrs = \"ignore\"")
         name = entry.path or b"."
+        if name == TRAILER:
+            raise ImageError(f"{shown}: a top-level {TRAILER.decode()} would end the archive",
+                             hint="rename it; newc cannot hold this name")
         if len(name) + 1 > PATH_MAX:
             raise ImageError(f"{shown}: name of {len(name)} bytes is longer than PATH_MAX")
         content = None

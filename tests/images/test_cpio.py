@@ -110,6 +110,10 @@ def test_refusals() -> None:
         long.add(Entry(path, EntryType.DIRECTORY, 0o755))
     with pytest.raises(ImageError, match="PATH_MAX"):
         cpio_of(long)
+    trailer = Tree()
+    trailer.add(Entry(b"TRAILER!!!", EntryType.FIFO, 0o644))
+    with pytest.raises(ImageError, match="would end the archive"):
+        cpio_of(trailer)
     with pytest.raises(ImageError, match="no block size"):
         cpio_of(Tree(), ImageOptions(epoch=0, block_size=4096))
 
