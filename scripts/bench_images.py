@@ -13,7 +13,8 @@ import tempfile
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-PARTS = ("bench_ext4.py", "bench_squashfs.py", "bench_erofs.py", "bench_verity.py")
+PARTS = ("bench_ext4.py", "bench_squashfs.py", "bench_erofs.py", "bench_verity.py",
+         "bench_archives.py")
 
 
 def main() -> int:
