@@ -506,11 +506,13 @@ def test_host_conditions_give_identical_bytes(unprivileged: Unprivileged,
 def test_hundred_thousand_entry_directory(tmp_path: Path, mount_image: MountImage) -> None:
     tree = Tree(Entry(b"", EntryType.DIRECTORY, 0o755, mtime_ns=EPOCH_NS))
     tree.add(Entry(b"d", EntryType.DIRECTORY, 0o755, mtime_ns=EPOCH_NS))
-    for i in range(100_000):
-        tree.add(Entry(b"d/file-%06d-%s" % (i, b"z" * (i % 50)), EntryType.REGULAR, 0o644,
+    for i in range(100_000):  # 66,000 subdirectories: more links than an inode counts
+        kind = EntryType.DIRECTORY if i < 66_000 else EntryType.REGULAR
+        tree.add(Entry(b"d/file-%06d-%s" % (i, b"z" * (i % 50)), kind, 0o644,
                        mtime_ns=EPOCH_NS))
     image = build(tree, tmp_path / "wide.img")
     e2fsck_clean(image)
+    assert "Links: 1 " in debugfs(image, "stat /d")  # dir_nlink
     assert "Indirect levels: 1" in debugfs(image, "htree_dump /d")[:2000]
     assert diff_trees(tree, without_lost_found(ext4.read(image))) == []
     if os.geteuid() == 0:
