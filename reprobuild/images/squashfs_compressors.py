@@ -94,7 +94,10 @@ class Compressor:
                 self._local.cctx = cctx
             return cctx.compress(data)  # type: ignore[no-any-return]
         if self.name == "gzip":
-            return zlib.compress(data, self.level or 9)
+            # A compress object, not zlib.compress: only its compress() releases the GIL
+            # on Python 3.11. The settings are zlib.compress's (15-bit window, memLevel 8).
+            deflate = zlib.compressobj(self.level or 9)
+            return deflate.compress(data) + deflate.flush()
         if self.name == "xz":
             return lzma.compress(data, format=lzma.FORMAT_XZ, check=lzma.CHECK_CRC32,
                                  filters=[{"id": lzma.FILTER_LZMA2, "preset": 6,
