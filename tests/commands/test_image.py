@@ -136,3 +136,23 @@ def test_platform_option(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> 
     assert tar.read(out).get(b"a") is not None
     with pytest.raises(SystemExit):
         main(["image", "-t", "tar", "--platform", "arm64", str(layout), str(out)])
+
+
+def test_same_bytes_as_another_user(tmp_path: Path, unprivileged: object) -> None:
+    """Another uid, umask, HOME and working directory: the same image bytes."""
+    from tests.conftest import Unprivileged
+
+    assert isinstance(unprivileged, Unprivileged)
+    scratch = unprivileged.scratch("image-uid")
+    src = source_dir(scratch / "src")
+    for path in [src, *src.rglob("*")]:
+        path.chmod(0o755 if path.is_dir() else 0o644)
+    for fmt in ("tar", "cpio"):
+        mine = tmp_path / f"mine.{fmt}"
+        assert main(["image", "-t", fmt, "--epoch", str(EPOCH), str(src), str(mine)]) == 0
+        theirs = scratch / f"theirs.{fmt}"
+        result = unprivileged.reprobuild("image", "-t", fmt, "--epoch", str(EPOCH), str(src),
+                                         str(theirs), env={"TZ": "Pacific/Chatham"},
+                                         cwd=scratch)
+        assert result.returncode == 0, result.stderr
+        assert theirs.read_bytes() == mine.read_bytes()
