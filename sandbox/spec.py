@@ -48,10 +48,11 @@ class SandboxResult:
     signal: int | None = None
     timed_out: bool = False
     duration: float = 0.0
+    interrupted: bool = False  # killed because the supervisor got SIGINT/SIGTERM/SIGHUP
 
     @property
     def ok(self) -> bool:
-        return self.returncode == 0 and not self.timed_out
+        return self.returncode == 0 and not self.timed_out and not self.interrupted
 
 
 class Runner(Protocol):

@@ -1,0 +1,329 @@
+"""Namespace and mount operations as small values with ``execute()`` and ``describe()``.
+
+``describe()`` is a shell command a person can read and re-run (inside ``unshare``) to
+repeat the step by hand; ``--debug`` prints each one before it is executed.
+"""
+
+from __future__ import annotations
+
+import os
+import shlex
+import socket
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from sandbox import syscalls
+from sandbox.syscalls import (
+    MNT_DETACH,
+    MS_BIND,
+    MS_NODEV,
+    MS_NOEXEC,
+    MS_NOSUID,
+    MS_PRIVATE,
+    MS_RDONLY,
+    MS_REC,
+    MS_REMOUNT,
+)
+
+_FLAG_NAMES = ((MS_RDONLY, "ro"), (MS_NOSUID, "nosuid"), (MS_NODEV, "nodev"),
+               (MS_NOEXEC, "noexec"))
+
+
+def _q(text: str) -> str:
+    return shlex.quote(text)
+
+
+def _options(flags: int, data: str | None = None) -> str:
+    words = [name for bit, name in _FLAG_NAMES if flags & bit]
+    if data:
+        words.append(data)
+    return ",".join(words)
+
+
+class Operation:
+    """One step of setting a sandbox up."""
+
+    def execute(self) -> None:
+        raise NotImplementedError
+
+    def describe(self) -> str:
+        raise NotImplementedError
+
+
+@dataclass(frozen=True)
+class Unshare(Operation):
+    flags: int
+
+    _NAMES = ((syscalls.CLONE_NEWUSER, "--user"), (syscalls.CLONE_NEWNS, "--mount"),
+              (syscalls.CLONE_NEWPID, "--pid"), (syscalls.CLONE_NEWNET, "--net"),
+              (syscalls.CLONE_NEWUTS, "--uts"), (syscalls.CLONE_NEWIPC, "--ipc"),
+              (syscalls.CLONE_NEWCGROUP, "--cgroup"))
+
+    def execute(self) -> None:
+        syscalls.unshare(self.flags)
+
+    def describe(self) -> str:
+        names = [name for bit, name in self._NAMES if self.flags & bit]
+        return "unshare " + " ".join(names) + " --fork sh  # the rest runs as its pid 1"
+
+
+@dataclass(frozen=True)
+class EnterUserNamespace(Operation):
+    """unshare(CLONE_NEWUSER), deny setgroups and map one uid and one gid.
+
+    A process may write its own maps, except that mapping the parent's uid 0 needs
+    CAP_SETFCAP in the parent namespace (Linux >= 5.12): when the caller is root, a
+    helper forked before the unshare writes them from outside.
+    """
+
+    uid_map: str  # "inside outside 1"
+    gid_map: str
+
+    def _files(self) -> tuple[tuple[str, str], ...]:
+        return (("setgroups", "deny"), ("uid_map", self.uid_map), ("gid_map", self.gid_map))
+
+    def execute(self) -> None:
+        if os.geteuid() != 0:
+            syscalls.unshare(syscalls.CLONE_NEWUSER)
+            _write_proc_files("self", self._files())
+            return
+        ready_r, ready_w = os.pipe2(os.O_CLOEXEC)
+        parent = os.getpid()
+        helper = os.fork()
+        if helper == 0:
+            os.close(ready_w)
+            code = 0
+            try:
+                if os.read(ready_r, 1):
+                    _write_proc_files(str(parent), self._files())
+            except OSError as exc:
+                code = exc.errno or 1
+            os._exit(code)
+        os.close(ready_r)
+        try:
+            syscalls.unshare(syscalls.CLONE_NEWUSER)
+            os.write(ready_w, b"u")
+        finally:
+            os.close(ready_w)
+            _, status = os.waitpid(helper, 0)
+        code = os.waitstatus_to_exitcode(status)
+        if code:
+            raise OSError(code, f"writing the uid and gid maps: {os.strerror(code)}")
+
+    def describe(self) -> str:
+        writes = "; ".join(f"echo {_q(text)} > /proc/$$/{name}" for name, text in self._files())
+        return f"unshare --user sh  # then from outside: {writes}"
+
+
+def _write_proc_files(pid: str, files: Sequence[tuple[str, str]]) -> None:
+    for name, content in files:
+        fd = os.open(f"/proc/{pid}/{name}", os.O_WRONLY | os.O_CLOEXEC)
+        try:
+            os.write(fd, content.encode())
+        finally:
+            os.close(fd)
+
+
+@dataclass(frozen=True)
+class SetHostname(Operation):
+    hostname: str
+    domainname: str
+
+    def execute(self) -> None:
+        socket.sethostname(self.hostname)
+        syscalls.setdomainname(self.domainname.encode())
+
+    def describe(self) -> str:
+        return f"hostname {_q(self.hostname)}; domainname {_q(self.domainname)}"
+
+
+@dataclass(frozen=True)
+class LoopbackUp(Operation):
+    def execute(self) -> None:
+        syscalls.loopback_up()
+
+    def describe(self) -> str:
+        return "ip link set lo up"
+
+
+@dataclass(frozen=True)
+class MakePrivate(Operation):
+    """Stop mount events propagating back to the host."""
+
+    def execute(self) -> None:
+        syscalls.mount(None, b"/", None, MS_REC | MS_PRIVATE)
+
+    def describe(self) -> str:
+        return "mount --make-rprivate /"
+
+
+@dataclass(frozen=True)
+class MountFilesystem(Operation):
+    """A fresh kernel filesystem: tmpfs, proc, devpts."""
+
+    fstype: str
+    target: str
+    flags: int = MS_NOSUID | MS_NODEV
+    data: str | None = None
+
+    def execute(self) -> None:
+        syscalls.mount(self.fstype.encode(), os.fsencode(self.target), self.fstype.encode(),
+                       self.flags, self.data.encode() if self.data else None)
+
+    def describe(self) -> str:
+        opts = _options(self.flags, self.data)
+        return f"mount -t {self.fstype} -o {opts} {self.fstype} {_q(self.target)}"
+
+
+@dataclass(frozen=True)
+class BindMount(Operation):
+    source: str
+    target: str
+
+    def execute(self) -> None:
+        syscalls.mount(os.fsencode(self.source), os.fsencode(self.target), None, MS_BIND)
+
+    def describe(self) -> str:
+        return f"mount --bind {_q(self.source)} {_q(self.target)}"
+
+
+@dataclass(frozen=True)
+class RemountBind(Operation):
+    """Change a mount's flags, keeping those the kernel locked (e.g. the host's noexec)."""
+
+    target: str
+    flags: int
+
+    def execute(self) -> None:
+        target = os.fsencode(self.target)
+        kept = syscalls.kept_mount_flags(target)
+        syscalls.mount(None, target, None, MS_REMOUNT | MS_BIND | kept | self.flags)
+
+    def describe(self) -> str:
+        return f"mount -o remount,bind,{_options(self.flags)} {_q(self.target)}"
+
+
+@dataclass(frozen=True)
+class OverlayMount(Operation):
+    """Mount ``lower`` read-only at ``target`` through a one-layer overlay.
+
+    A plain bind mount would show the source's path in /proc/self/mountinfo; the overlay
+    is a new filesystem whose root is the source, and its options name only ``.`` (the
+    source, made the working directory while mounting) and ``empty`` (an empty directory
+    of the sandbox's own), so no host path is visible inside.
+    """
+
+    lower: str
+    target: str
+    empty: str
+
+    def execute(self) -> None:
+        os.chdir(self.lower)
+        try:
+            syscalls.mount(b"overlay", os.fsencode(self.target), b"overlay",
+                           MS_RDONLY | MS_NOSUID | MS_NODEV,
+                           b"lowerdir=.:" + os.fsencode(self.empty))
+        finally:
+            os.chdir("/")
+
+    def describe(self) -> str:
+        opts = _options(MS_RDONLY | MS_NOSUID | MS_NODEV, f"lowerdir=.:{self.empty}")
+        return f"(cd {_q(self.lower)} && mount -t overlay -o {opts} overlay {_q(self.target)})"
+
+
+@dataclass(frozen=True)
+class MakeDirectory(Operation):
+    path: str
+    mode: int = 0o755
+
+    def execute(self) -> None:
+        os.mkdir(self.path, self.mode)
+        os.chmod(self.path, self.mode)  # not reduced by the umask
+
+    def describe(self) -> str:
+        return f"mkdir -m {self.mode:04o} {_q(self.path)}"
+
+
+@dataclass(frozen=True)
+class WriteFile(Operation):
+    path: str
+    content: bytes
+    mode: int = 0o644
+
+    def execute(self) -> None:
+        fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, self.mode)
+        try:
+            os.write(fd, self.content)
+            os.fchmod(fd, self.mode)
+        finally:
+            os.close(fd)
+
+    def describe(self) -> str:
+        text = self.content.decode(errors="replace")
+        return (f"printf %s {_q(text)} > {_q(self.path)}; "
+                f"chmod {self.mode:04o} {_q(self.path)}")
+
+
+@dataclass(frozen=True)
+class Symlink(Operation):
+    target: str
+    path: str
+
+    def execute(self) -> None:
+        os.symlink(self.target, self.path)  # noqa: PTH211 (str paths throughout)
+
+    def describe(self) -> str:
+        return f"ln -s {_q(self.target)} {_q(self.path)}"
+
+
+@dataclass(frozen=True)
+class Stamp(Operation):
+    """Set the times of what the sandbox made to the epoch, so `ls -l /` is reproducible."""
+
+    paths: tuple[str, ...]
+    epoch: int
+
+    def execute(self) -> None:
+        times = (self.epoch, self.epoch)
+        for path in self.paths:
+            os.utime(path, times, follow_symlinks=False)
+
+    def describe(self) -> str:
+        return f"touch -h -d @{self.epoch} " + " ".join(_q(p) for p in self.paths)
+
+
+@dataclass(frozen=True)
+class PivotRoot(Operation):
+    """Make ``new_root`` the root; the old root stays reachable at ``put_old`` (if given)."""
+
+    new_root: str
+    put_old: str = "."
+
+    def execute(self) -> None:
+        os.chdir(self.new_root)
+        syscalls.pivot_root(b".", os.fsencode(self.put_old))
+        os.chdir("/")
+
+    def describe(self) -> str:
+        return f"cd {_q(self.new_root)} && pivot_root . {_q(self.put_old)} && cd /"
+
+
+@dataclass(frozen=True)
+class Unmount(Operation):
+    """Detach a mount (and everything under it) lazily."""
+
+    target: str
+
+    def execute(self) -> None:
+        syscalls.umount2(os.fsencode(self.target), MNT_DETACH)
+
+    def describe(self) -> str:
+        return f"umount -l {_q(self.target)}"
+
+
+def execute_all(operations: Sequence[Operation], *, log_fd: int | None) -> None:
+    """Execute in order; with ``log_fd`` describe each first (``+ command``, as sh -x)."""
+    for operation in operations:
+        if log_fd is not None:
+            os.write(log_fd, f"+ {operation.describe()}\n".encode())
+        operation.execute()

@@ -1,0 +1,212 @@
+"""What a sandbox looks like, as data: its namespaces, its file system, its environment.
+
+Pure: these functions return lists of :mod:`sandbox.operations` and dictionaries; they
+never touch the disk, so the plan can be printed and tested without a sandbox.
+
+Inside every sandbox:
+
+* user ``build`` (uid 1000) in group ``users`` (gid 100), as Nix's ``nixbld`` users;
+  the caller's uid and gid map to them and nothing else is mapped; ``setgroups`` is denied;
+* hostname ``localhost``, domain name ``(none)``; only ``lo`` (127.0.0.1, ::1) is up;
+* ``/`` is a read-only tmpfs holding ``/etc/{passwd,group,hosts}``, the declared mounts
+  (read-only ones through an overlay, see :class:`sandbox.operations.OverlayMount`,
+  writable ones bound nosuid,nodev), a tmpfs ``/build`` and ``/tmp`` unless declared,
+  a new ``/proc`` and a minimal read-only ``/dev``; everything the sandbox made has the
+  epoch as its time;
+* the environment is the caller's variables overridden by :data:`FIXED_ENV` and
+  ``SOURCE_DATE_EPOCH`` (the spec's epoch) and ``BUILD_CORES`` (the spec's core count);
+  ``PATH`` is ``/path-not-set`` unless the caller sets it.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from sandbox.operations import (
+    BindMount,
+    EnterUserNamespace,
+    LoopbackUp,
+    MakeDirectory,
+    MakePrivate,
+    MountFilesystem,
+    Operation,
+    OverlayMount,
+    PivotRoot,
+    RemountBind,
+    SetHostname,
+    Stamp,
+    Symlink,
+    Unmount,
+    Unshare,
+    WriteFile,
+)
+from sandbox.spec import SandboxSpec
+from sandbox.syscalls import (
+    CLONE_NEWCGROUP,
+    CLONE_NEWIPC,
+    CLONE_NEWNET,
+    CLONE_NEWNS,
+    CLONE_NEWPID,
+    CLONE_NEWUTS,
+    MS_NODEV,
+    MS_NOEXEC,
+    MS_NOSUID,
+    MS_RDONLY,
+)
+
+BUILD_UID = 1000
+BUILD_GID = 100
+HOSTNAME = "localhost"
+DOMAINNAME = "(none)"
+
+FIXED_ENV = {
+    "HOME": "/homeless-shelter",  # does not exist: a build must not depend on a home
+    "TMPDIR": "/tmp",
+    "TZ": "UTC",
+    "LANG": "C.UTF-8",
+}
+DEFAULT_PATH = "/path-not-set"
+
+PASSWD = (b"root:x:0:0:root:/homeless-shelter:/noshell\n"
+          b"build:x:1000:100:reprobuild builder:/build:/noshell\n"
+          b"nobody:x:65534:65534:nobody:/nonexistent:/noshell\n")
+GROUP = b"root:x:0:\nusers:x:100:\nnogroup:x:65534:\n"
+HOSTS = b"127.0.0.1 localhost\n::1 localhost\n"
+
+# The host's directory a first tmpfs is mounted on; it only has to exist. As bubblewrap
+# does, the sandbox pivots into that tmpfs, finds the host at /oldroot, builds the new
+# root at /newroot, then pivots again and detaches everything else.
+BASE = "/tmp"
+NEWROOT = "/newroot"
+OLDROOT = "/oldroot"
+EMPTY = "/empty"
+STAGE = "/stage"
+
+DEVICES = ("full", "null", "random", "tty", "urandom", "zero")
+DEV_LINKS = (("fd", "/proc/self/fd"), ("ptmx", "pts/ptmx"), ("stderr", "/proc/self/fd/2"),
+             ("stdin", "/proc/self/fd/0"), ("stdout", "/proc/self/fd/1"))
+
+NAMESPACES = (CLONE_NEWNS | CLONE_NEWPID | CLONE_NEWNET | CLONE_NEWUTS
+              | CLONE_NEWIPC)
+RO = MS_RDONLY | MS_NOSUID | MS_NODEV
+
+
+@dataclass(frozen=True)
+class ResolvedMount:
+    """A declared mount whose host source has been resolved (symlinks followed)."""
+
+    source: str  # real host path, no symlinks
+    target: str  # normalised absolute path inside the sandbox
+    writable: bool
+    is_dir: bool
+
+
+def namespace_operations(host_uid: int, host_gid: int, *, cgroup: bool) -> list[Operation]:
+    """Enter fresh namespaces (run by the supervisor, outside the new pid namespace)."""
+    return [
+        EnterUserNamespace(f"{BUILD_UID} {host_uid} 1", f"{BUILD_GID} {host_gid} 1"),
+        Unshare(NAMESPACES | (CLONE_NEWCGROUP if cgroup else 0)),
+        SetHostname(HOSTNAME, DOMAINNAME),
+        LoopbackUp(),
+    ]
+
+
+def _parents(path: str) -> list[str]:
+    """``/a/b/c`` -> ``["/a", "/a/b"]``."""
+    parts = path.strip("/").split("/")[:-1]
+    return ["/" + "/".join(parts[: i + 1]) for i in range(len(parts))]
+
+
+def filesystem_operations(mounts: Sequence[ResolvedMount], *, epoch: int
+                          ) -> list[Operation]:
+    """Build the new root (run by the sandbox's pid 1, inside every namespace)."""
+    ops: list[Operation] = [
+        MakePrivate(),
+        MountFilesystem("tmpfs", BASE, MS_NOSUID | MS_NODEV, "mode=0755"),
+    ]
+    ops += [MakeDirectory(BASE + d) for d in (NEWROOT, OLDROOT, EMPTY, STAGE)]
+    ops.append(PivotRoot(BASE, OLDROOT.lstrip("/")))
+    ops.append(MountFilesystem("tmpfs", NEWROOT, MS_NOSUID | MS_NODEV, "mode=0755"))
+
+    declared = {m.target for m in mounts}
+    made: list[str] = [NEWROOT]
+    directories = {"/etc", "/proc", "/dev", "/tmp", "/build"}
+    for m in mounts:
+        directories.update(_parents(m.target))
+        if m.is_dir:
+            directories.add(m.target)
+    for d in sorted(directories, key=os.fsencode):
+        ops.append(MakeDirectory(NEWROOT + d, 0o1777 if d == "/tmp" else 0o755))
+        made.append(NEWROOT + d)
+    files = {"/etc/passwd": PASSWD, "/etc/group": GROUP, "/etc/hosts": HOSTS}
+    for path, content in sorted(files.items()):
+        if path not in declared:
+            ops.append(WriteFile(NEWROOT + path, content))
+            made.append(NEWROOT + path)
+    for m in mounts:
+        if not m.is_dir and m.target not in files:
+            ops.append(WriteFile(NEWROOT + m.target, b"", 0o644))
+            made.append(NEWROOT + m.target)
+
+    dev = NEWROOT + "/dev"
+    ops.append(MountFilesystem("tmpfs", dev, MS_NOSUID | MS_NODEV | MS_NOEXEC, "mode=0755"))
+    for name in DEVICES:
+        ops.append(WriteFile(f"{dev}/{name}", b"", 0o666))
+    for name in ("pts", "shm"):
+        ops.append(MakeDirectory(f"{dev}/{name}", 0o1777 if name == "shm" else 0o755))
+    for name, target in DEV_LINKS:
+        ops.append(Symlink(target, f"{dev}/{name}"))
+    made += [f"{dev}/{n}" for n in (*DEVICES, "pts", "shm", *(n for n, _ in DEV_LINKS))]
+    made.append(dev)
+    ops.append(Stamp(tuple(made), epoch))
+
+    staged: dict[str, str] = {}
+    for m in sorted(mounts, key=lambda m: os.fsencode(m.target)):
+        target = NEWROOT + m.target
+        if m.writable:
+            ops.append(BindMount(OLDROOT + m.source, target))
+            ops.append(RemountBind(target, MS_NOSUID | MS_NODEV))
+        elif m.is_dir:
+            ops.append(OverlayMount(OLDROOT + m.source, target, EMPTY))
+        else:
+            # A file: overlay its directory once, then bind the one file out of it, so
+            # mountinfo shows only the file's own name.
+            parent, name = os.path.split(m.source)
+            stage = staged.get(parent)
+            if stage is None:
+                stage = staged[parent] = f"{STAGE}/{len(staged)}"
+                ops.append(MakeDirectory(stage))
+                ops.append(OverlayMount(OLDROOT + parent, stage, EMPTY))
+            ops.append(BindMount(f"{stage}/{name}", target))
+
+    ops += [BindMount(f"{OLDROOT}/dev/{name}", f"{dev}/{name}") for name in DEVICES]
+    ops.append(MountFilesystem("devpts", f"{dev}/pts", MS_NOSUID | MS_NOEXEC,
+                               "newinstance,ptmxmode=0666,mode=0620"))
+    fresh = [f"{dev}/shm"]
+    ops.append(MountFilesystem("tmpfs", f"{dev}/shm", MS_NOSUID | MS_NODEV | MS_NOEXEC,
+                               "mode=1777"))
+    for path, mode in (("/tmp", "1777"), ("/build", "0755")):
+        if path not in declared:
+            ops.append(MountFilesystem("tmpfs", NEWROOT + path, MS_NOSUID | MS_NODEV,
+                                       f"mode={mode}"))
+            fresh.append(NEWROOT + path)
+    ops.append(MountFilesystem("proc", NEWROOT + "/proc", MS_NOSUID | MS_NODEV | MS_NOEXEC))
+    ops.append(Stamp(tuple(fresh), epoch))
+    ops.append(RemountBind(dev, RO | MS_NOEXEC))
+    ops.append(RemountBind(NEWROOT, RO))
+    ops.append(Unmount(OLDROOT))
+    ops.append(PivotRoot(NEWROOT))
+    ops.append(Unmount("."))
+    return ops
+
+
+def environment(spec: SandboxSpec) -> dict[str, str]:
+    """The complete environment of the sandboxed command."""
+    env = {"PATH": DEFAULT_PATH}
+    env.update(dict(spec.env))
+    env.update(FIXED_ENV)
+    env["SOURCE_DATE_EPOCH"] = str(spec.epoch)
+    env["BUILD_CORES"] = str(spec.cores)
+    return env

@@ -1,0 +1,206 @@
+"""The fork server: the one way to run sandboxes, callable from any thread.
+
+``unshare(CLONE_NEWUSER)`` fails in a multi-threaded process, and forking a big Python
+process is slow, so :func:`start` forks a small server while the caller has one thread.
+Each :meth:`ForkServer.run` makes a socketpair, passes one end and the log fd (plus the
+terminal's fds 0, 1, 2 for interactive runs) to the server with SCM_RIGHTS, and sends the
+spec as msgpack over it; the server forks a supervisor (:mod:`sandbox.child`) that
+answers on the same socket. Every process of a run dies with its parent
+(PR_SET_PDEATHSIG), so closing the runner, or the caller dying, kills all sandboxes.
+"""
+
+from __future__ import annotations
+
+import array
+import contextlib
+import os
+import signal
+import socket
+import threading
+from typing import Any, NoReturn
+
+import msgpack
+
+from sandbox import syscalls
+from sandbox.child import ServerConfig, supervise
+from sandbox.errors import SandboxError
+from sandbox.operations import EnterUserNamespace
+from sandbox.seccomp import build_filter
+from sandbox.spec import SandboxResult, SandboxSpec
+from sandbox.userns import diagnose, read_facts
+from sandbox.wire import MAX_MESSAGE, decode_reply, encode_error, encode_spec
+
+_FD_SIZE = array.array("i").itemsize
+_MAX_FDS = 5  # run socket, log, and the terminal's 0, 1, 2
+
+
+class ForkServer:
+    """A running fork server; implements :class:`sandbox.spec.Runner`."""
+
+    def __init__(self, pid: int, control: socket.socket) -> None:
+        self.pid = pid
+        self._control = control
+        self._lock = threading.Lock()
+        self._closed = False
+
+    def run(self, spec: SandboxSpec, *, log_fd: int) -> SandboxResult:
+        """Run ``spec``; stdout and stderr go to ``log_fd``. Safe from any thread."""
+        payload = encode_spec(spec)
+        ours, theirs = socket.socketpair(socket.AF_UNIX,
+                                         socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
+        with ours:
+            try:
+                fds = [theirs.fileno(), log_fd, *((0, 1, 2) if spec.interactive else ())]
+                message = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))]
+                with self._lock:
+                    if self._closed:
+                        raise SandboxError("the sandbox runner is closed")
+                    try:
+                        self._control.sendmsg([b"r"], message)
+                    except OSError as exc:
+                        raise SandboxError(f"the sandbox fork server is gone: {exc}",
+                                           hint="start a new runner") from None
+            finally:
+                theirs.close()
+            try:
+                ours.sendall(payload)
+                reply = ours.recv(MAX_MESSAGE)
+            except OSError as exc:
+                raise SandboxError(f"lost the sandbox supervisor: {exc}") from None
+        if not reply:
+            raise SandboxError("the sandbox supervisor died without a result",
+                               hint="was the runner closed, or the server killed?")
+        return decode_reply(reply)
+
+    def close(self) -> None:
+        """Stop the server; running sandboxes are killed (their supervisors die with it)."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            self._control.close()
+        with contextlib.suppress(ChildProcessError):
+            os.waitpid(self.pid, 0)
+
+    def __enter__(self) -> ForkServer:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def start(*, debug: bool = False) -> ForkServer:
+    """Fork the server; call it before the process starts any thread.
+
+    Raises :class:`sandbox.errors.UserNamespacesUnavailable` (saying which setting and
+    how to change it) when this host cannot make the sandbox's namespaces.
+    """
+    control, server_end = socket.socketpair(socket.AF_UNIX,
+                                            socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
+    caller = os.getpid()
+    pid = os.fork()
+    if pid == 0:
+        try:
+            control.close()
+            _serve(server_end, caller, debug)
+        except BaseException as exc:
+            with contextlib.suppress(OSError):
+                server_end.send(encode_error(SandboxError(f"sandbox fork server: {exc!r}")))
+        finally:
+            os._exit(0)
+    server_end.close()
+    runner = ForkServer(pid, control)
+    hello = control.recv(MAX_MESSAGE)
+    if hello != b"ready":
+        runner.close()
+        if hello:
+            decode_reply(hello)  # raises the error it carries
+        raise SandboxError("the sandbox fork server failed to start")
+    return runner
+
+
+def _serve(control: socket.socket, caller: int, debug: bool) -> NoReturn:
+    syscalls.prctl(syscalls.PR_SET_PDEATHSIG, signal.SIGKILL)
+    if os.getppid() != caller:
+        os._exit(0)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is for the supervisors
+    try:
+        cgroup = _probe()
+    except SandboxError as exc:
+        control.send(encode_error(exc))
+        os._exit(0)
+    signal.signal(signal.SIGCHLD, signal.SIG_IGN)  # supervisors are reaped by the kernel
+    config = ServerConfig(server_pid=os.getpid(), debug=debug, cgroup=cgroup,
+                          cap_last_cap=_cap_last_cap(), seccomp_filter=build_filter())
+    control.send(b"ready")
+    space = socket.CMSG_SPACE(_MAX_FDS * _FD_SIZE)
+    while True:
+        message, ancillary, _flags, _addr = control.recvmsg(1, space)
+        if not message:
+            os._exit(0)  # the caller closed the runner or died
+        fds = array.array("i")
+        for level, kind, data in ancillary:
+            if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+                fds.frombytes(data[: len(data) - len(data) % _FD_SIZE])
+        if len(fds) < 2:
+            for fd in fds:
+                os.close(fd)
+            continue
+        if os.fork() == 0:
+            control.close()
+            supervise(socket.socket(fileno=fds[0]), fds[1], list(fds[2:]), config)
+        for fd in fds:
+            os.close(fd)
+
+
+def _cap_last_cap() -> int:
+    try:
+        with open("/proc/sys/kernel/cap_last_cap", "rb") as f:
+            return int(f.read())
+    except (OSError, ValueError):
+        return 63
+
+
+def _probe() -> bool:
+    """Try the namespaces in a child; True if a cgroup namespace works too."""
+    read_end, write_end = os.pipe2(os.O_CLOEXEC)
+    pid = os.fork()
+    if pid == 0:
+        os.close(read_end)
+        stage = "user"
+        outcome: list[object]
+        try:
+            EnterUserNamespace(f"0 {os.getuid()} 1", f"0 {os.getgid()} 1").execute()
+            stage = "namespaces"
+            syscalls.unshare(syscalls.CLONE_NEWNS | syscalls.CLONE_NEWNET
+                             | syscalls.CLONE_NEWPID | syscalls.CLONE_NEWUTS
+                             | syscalls.CLONE_NEWIPC)
+            syscalls.mount(None, b"/", None, syscalls.MS_REC | syscalls.MS_PRIVATE)
+            syscalls.mount(b"tmpfs", b"/tmp", b"tmpfs", 0, None)
+            try:
+                syscalls.unshare(syscalls.CLONE_NEWCGROUP)
+                outcome = ["ok", True]
+            except OSError:
+                outcome = ["ok", False]
+        except OSError as exc:
+            outcome = [stage, exc.errno, exc.strerror]
+        os.write(write_end, msgpack.packb(outcome))
+        os._exit(0)
+    os.close(write_end)
+    with os.fdopen(read_end, "rb") as f:
+        answer = f.read()
+    os.waitpid(pid, 0)
+    reply: list[Any] = msgpack.unpackb(answer) if answer else ["fork", 0, "probe died"]
+    if reply[0] == "ok":
+        return bool(reply[1])
+    stage, number, text = reply
+    if stage == "namespaces":
+        raise SandboxError(f"cannot create the sandbox's namespaces: {text}",
+                           hint="the kernel needs mount, pid, network, UTS and IPC "
+                                "namespaces inside a user namespace")
+    raise diagnose(OSError(number, text), read_facts())
+
+
+def probe() -> None:
+    """Raise :class:`UserNamespacesUnavailable` unless this host can run sandboxes."""
+    _probe()

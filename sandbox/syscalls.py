@@ -1,0 +1,147 @@
+"""Thin ctypes wrappers for the system calls the standard library lacks.
+
+Each wrapper raises :class:`OSError` with the call's errno; nothing here decides policy.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import fcntl
+import os
+import platform
+import socket
+import struct
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.mount.argtypes = [ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p, ctypes.c_ulong,
+                        ctypes.c_char_p]
+_libc.umount2.argtypes = [ctypes.c_char_p, ctypes.c_int]
+_libc.unshare.argtypes = [ctypes.c_int]
+_libc.prctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong,
+                        ctypes.c_ulong]
+_libc.personality.argtypes = [ctypes.c_ulong]
+_libc.setdomainname.argtypes = [ctypes.c_char_p, ctypes.c_size_t]
+_libc.syscall.restype = ctypes.c_long
+
+# unshare(2) flags (<linux/sched.h>).
+CLONE_NEWNS = 0x00020000
+CLONE_NEWCGROUP = 0x02000000
+CLONE_NEWUTS = 0x04000000
+CLONE_NEWIPC = 0x08000000
+CLONE_NEWUSER = 0x10000000
+CLONE_NEWPID = 0x20000000
+CLONE_NEWNET = 0x40000000
+
+# mount(2) flags (<linux/mount.h>).
+MS_RDONLY = 1
+MS_NOSUID = 2
+MS_NODEV = 4
+MS_NOEXEC = 8
+MS_REMOUNT = 32
+MS_NOATIME = 1024
+MS_NODIRATIME = 2048
+MS_BIND = 4096
+MS_REC = 16384
+MS_PRIVATE = 1 << 18
+MS_RELATIME = 1 << 21
+MNT_DETACH = 2
+
+# statvfs f_flag bits -> the mount flags a bind remount must keep (locked in a user
+# namespace: dropping one makes the remount fail with EPERM).
+_KEPT_STATVFS_FLAGS = ((os.ST_RDONLY, MS_RDONLY), (os.ST_NOSUID, MS_NOSUID),
+                       (os.ST_NODEV, MS_NODEV), (os.ST_NOEXEC, MS_NOEXEC),
+                       (os.ST_NOATIME, MS_NOATIME), (os.ST_NODIRATIME, MS_NODIRATIME),
+                       (os.ST_RELATIME, MS_RELATIME))
+
+# prctl(2) options (<linux/prctl.h>).
+PR_SET_PDEATHSIG = 1
+PR_SET_SECCOMP = 22
+PR_CAPBSET_DROP = 24
+PR_SET_NO_NEW_PRIVS = 38
+PR_CAP_AMBIENT = 47
+PR_CAP_AMBIENT_CLEAR_ALL = 4
+SECCOMP_MODE_FILTER = 2
+
+ADDR_NO_RANDOMIZE = 0x0040000  # personality(2), <linux/personality.h>
+
+# pivot_root has no glibc wrapper; its number per architecture (<asm/unistd.h>).
+_SYS_PIVOT_ROOT = {"x86_64": 155, "aarch64": 41}
+
+# struct ifreq (<net/if.h>): ifr_name[IFNAMSIZ=16], then a union whose ifr_flags (short)
+# sits at offset 16; 40 bytes on 64-bit.
+IFREQ_FLAGS = struct.Struct("=16sh22x")
+SIOCGIFFLAGS = 0x8913
+SIOCSIFFLAGS = 0x8914
+IFF_UP = 0x1
+
+
+def _check(result: int, what: str) -> int:
+    if result < 0:
+        errno = ctypes.get_errno()
+        raise OSError(errno, f"{what}: {os.strerror(errno)}")
+    return result
+
+
+def _opt(value: bytes | None) -> bytes | None:
+    return value
+
+
+def mount(source: bytes | None, target: bytes, fstype: bytes | None, flags: int,
+          data: bytes | None = None) -> None:
+    _check(_libc.mount(_opt(source), target, _opt(fstype), flags, _opt(data)),
+           f"mount {target.decode(errors='replace')}")
+
+
+def umount2(target: bytes, flags: int) -> None:
+    _check(_libc.umount2(target, flags), f"umount {target.decode(errors='replace')}")
+
+
+def kept_mount_flags(path: bytes) -> int:
+    """The mount flags of the mount holding ``path`` that a bind remount must repeat."""
+    have = os.statvfs(path).f_flag
+    return sum(ms for st, ms in _KEPT_STATVFS_FLAGS if have & st)
+
+
+def pivot_root(new_root: bytes, put_old: bytes) -> None:
+    number = _SYS_PIVOT_ROOT.get(platform.machine())
+    if number is None:
+        raise OSError(38, f"pivot_root: unsupported architecture {platform.machine()}")
+    _check(_libc.syscall(ctypes.c_long(number), ctypes.c_char_p(new_root),
+                         ctypes.c_char_p(put_old)), "pivot_root")
+
+
+def unshare(flags: int) -> None:
+    _check(_libc.unshare(flags), "unshare")
+
+
+def prctl(option: int, arg2: int = 0, arg3: int = 0) -> None:
+    _check(_libc.prctl(option, arg2, arg3, 0, 0), f"prctl({option})")
+
+
+def install_seccomp(program: bytes) -> None:
+    """Install a classic-BPF seccomp filter (``program``: packed ``struct sock_filter``s)."""
+    buffer = ctypes.create_string_buffer(program, len(program))
+
+    class SockFprog(ctypes.Structure):  # struct sock_fprog (<linux/filter.h>)
+        _fields_ = (("len", ctypes.c_ushort), ("filter", ctypes.c_void_p))
+
+    fprog = SockFprog(len(program) // 8, ctypes.addressof(buffer))
+    _check(_libc.prctl(PR_SET_SECCOMP, SECCOMP_MODE_FILTER, ctypes.addressof(fprog), 0, 0),
+           "seccomp")
+
+
+def personality(persona: int) -> None:
+    _check(_libc.personality(persona), "personality")
+
+
+def setdomainname(name: bytes) -> None:
+    _check(_libc.setdomainname(name, len(name)), "setdomainname")
+
+
+def loopback_up() -> None:
+    """Bring ``lo`` up in the current network namespace (SIOCSIFFLAGS, as ifconfig does)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as sock:
+        request = bytearray(IFREQ_FLAGS.pack(b"lo", 0))
+        fcntl.ioctl(sock.fileno(), SIOCGIFFLAGS, request)
+        _, flags = IFREQ_FLAGS.unpack(request)
+        fcntl.ioctl(sock.fileno(), SIOCSIFFLAGS, IFREQ_FLAGS.pack(b"lo", flags | IFF_UP))
