@@ -249,3 +249,13 @@ def test_unsupported_media_type(tmp_path: Path) -> None:
     (layout / "index.json").write_text(json.dumps(index))
     with pytest.raises(ImageError, match="unsupported media type"):
         tree_from_oci(layout)
+
+
+def test_layer_order_matters_only_where_layers_overlap(tmp_path: Path) -> None:
+    one = ([file("a", b"1")], "gzip")
+    two = ([file("b", b"2")], "zstd")
+    over = ([file("a", b"3")], "gzip")
+    trees = [tree_from_oci(make_layout(tmp_path / f"oci{n}", order))
+             for n, order in enumerate(([one, two], [two, one], [one, over], [over, one]))]
+    assert diff_trees(trees[0], trees[1]) == []
+    assert [d.kind for d in diff_trees(trees[2], trees[3])] == ["content"]

@@ -235,3 +235,13 @@ def test_gnu_tar_archive_with_xattrs(tmp_path: Path) -> None:
     assert f is not None and dict(f.xattrs) == {b"user.test": b"\x00\xffbin"}
     g = tree.get(b"g")
     assert g is not None and g.type is EntryType.HARDLINK and g.target == b"d/f"
+
+
+def test_hardlink_primary_is_first_in_canonical_order(tmp_path: Path) -> None:
+    archive = write_tar(tmp_path / "a.tar", [file("b/file", b"data", mode=0o600, uid=7),
+                                             hardlink("a/link", "b/file")])
+    tree = tree_from_tar(archive)
+    primary, link = tree.get(b"a/link"), tree.get(b"b/file")
+    assert primary is not None and primary.type is EntryType.REGULAR
+    assert (primary.mode, primary.uid) == (0o600, 7)
+    assert link is not None and link.type is EntryType.HARDLINK and link.target == b"a/link"
