@@ -403,63 +403,45 @@ def write_listing(plan: SquashfsPlan, children: tuple[tuple[bytes, int], ...],
     base_position = table.uncompressed_position
     out = bytearray()
     index_entries: list[tuple[int, int, bytes]] = []  # (listing offset, block number, name)
-    header_at = -1
     header_block = -1
     indexed_block = -1
-    count = 0
     base_number = 0
     inode_block = -1
-    counts: list[tuple[int, int]] = []  # (header offset in out, count)
+    headers: list[list[int]] = []  # [offset in out, first child's inode index, count]
     for name, child in children:
         block, offset = refs[child]
         number = plan.inodes[child].number
         position = base_position + len(out)
-        if (header_at < 0 or count == SQUASHFS_DIR_COUNT or block != inode_block
+        if (not headers or headers[-1][2] == SQUASHFS_DIR_COUNT or block != inode_block
                 or not -32768 <= number - base_number <= 32767
                 or position // SQUASHFS_METADATA_SIZE != header_block):
-            if header_at >= 0:
-                counts.append((header_at, count))
-            header_at = len(out)
+            # A new run: the first, a full one, another inode block, an inode number out
+            # of s16 reach, or the listing crossed into another directory block.
             header_block = position // SQUASHFS_METADATA_SIZE
             if indexed_block < 0:
                 indexed_block = header_block
             elif header_block != indexed_block:
                 # Lookups jump to the last indexed header whose first name is not past
                 # the wanted one (the kernel's get_dir_index_using_name).
-                index_entries.append((header_at, header_block, name))
+                index_entries.append((len(out), header_block, name))
                 indexed_block = header_block
+            headers.append([len(out), child, 0])
             out += bytes(SQUASHFS_DIR_HEADER.size)
-            count = 0
             base_number = number
             inode_block = block
         entry = plan.inodes[child].entry
         out += SQUASHFS_DIR_ENTRY.pack(offset, number - base_number, BASIC_TYPE[entry.type],
                                        len(name) - 1)
         out += name
-        count += 1
-    if header_at >= 0:
-        counts.append((header_at, count))
-    # Fill in the headers now that each run's length is known.
-    header_numbers = _header_fields(plan, children, refs, counts, out)
-    for at, fields in header_numbers:
-        SQUASHFS_DIR_HEADER.pack_into(out, at, *fields)
+        headers[-1][2] += 1
+    for at, first, count in headers:
+        SQUASHFS_DIR_HEADER.pack_into(out, at, count - 1, refs[first][0],
+                                      plan.inodes[first].number)
     table.append(bytes(out))
     index = b"".join(
         SQUASHFS_DIR_INDEX.pack(offset, table.block_start(block), len(name) - 1) + name
         for offset, block, name in index_entries)
     return Listing(start, len(out), index, len(index_entries))
-
-
-def _header_fields(plan: SquashfsPlan, children: tuple[tuple[bytes, int], ...],
-                   refs: list[tuple[int, int]], counts: list[tuple[int, int]],
-                   out: bytearray) -> list[tuple[int, tuple[int, int, int]]]:
-    fields = []
-    position = 0
-    for at, count in counts:
-        _, child = children[position]
-        fields.append((at, (count - 1, refs[child][0], plan.inodes[child].number)))
-        position += count
-    return fields
 
 
 def _mtime(inode: InodePlan) -> int:

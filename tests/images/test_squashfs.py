@@ -184,13 +184,21 @@ def test_superblock_and_structure(tmp_path: Path) -> None:
     assert fields[9:11] == (4, 0)
     assert fields[12] <= len(data) and len(data) % 4096 == 0
     assert fields[18] != 0xFFFFFFFFFFFFFFFF  # export table written on request
-    # Duplicates share blocks: the image holds the 'tail' text once.
-    copy = tmp_path / "nodup.sqfs"
-    single = Tree()
-    single.add(Entry(b"tail", EntryType.REGULAR, 0o644,
-                     content=Content.from_bytes(text("tail", 3 * 131072 + 100))))
-    build(single, copy, compress="none")
-    assert image.stat().st_size < 3 * 131072 * 2
+
+
+def test_duplicates_and_zero_blocks_take_no_space(tmp_path: Path) -> None:
+    data = pseudo_random("dup", 3 * 131072 + 5000)
+    tree = Tree()
+    for name in (b"a", b"b", b"c/d"):
+        if b"/" in name:
+            tree.add(Entry(b"c", EntryType.DIRECTORY, 0o755))
+        tree.add(Entry(name, EntryType.REGULAR, 0o644, content=Content.from_bytes(data)))
+    tree.add(Entry(b"zeros", EntryType.REGULAR, 0o644,
+                   content=Content.from_bytes(bytes(64 * 131072))))
+    image = build(tree, tmp_path / "img.sqfs", compress="none")
+    # One copy of the data (stored uncompressed), nothing for the zeros, little metadata.
+    assert len(data) < image.stat().st_size <= len(data) + 8192
+    assert diff_trees(tree, squashfs.read(image)) == []
 
 
 @pytest.mark.parametrize("block_size", [4096, 131072])
@@ -306,6 +314,68 @@ def test_kernel_mounts_the_image(tmp_path: Path, mount_image: object, compress: 
         name = f"entry-{i:04d}-{'n' * (i % 50)}"
         assert os.path.lexists(mnt / "many" / name), name
         assert not os.path.lexists(mnt / "many" / (name + "x"))
+
+
+def odd_trees() -> dict[str, tuple[Tree, dict[str, object]]]:
+    """Corner cases: empty trees, no fragments, many ids and xattr sets, options."""
+    empty = Tree()
+    only_empty = Tree(Entry(b"", EntryType.DIRECTORY, 0o700, uid=5, gid=6))
+    only_empty.add(Entry(b"e", EntryType.REGULAR, 0o644))
+    only_empty.add(Entry(b"d", EntryType.DIRECTORY, 0o755))
+    many = Tree()
+    for i in range(1100):
+        # > 2048 ids and > 512 xattr sets: several id and xattr id metadata blocks.
+        many.add(Entry(f"f{i:04d}".encode(), EntryType.REGULAR, 0o644, uid=i,
+                       gid=100_000 + i, mtime_ns=i * 10**9,
+                       xattrs=((b"user.i", str(i).encode() * 20),),
+                       content=Content.from_bytes(text(str(i), 3000 + i))))
+    blocks = sample_tree(4096)
+    return {
+        "empty": (empty, {}),
+        "only-empty-files": (only_empty, {"compress": "gzip"}),
+        "many-ids-and-xattrs": (many, {"compress": "xz"}),
+        "no-tail-fragments": (blocks, {"block_size": 4096, "tail_fragments": False}),
+        "levels": (blocks, {"block_size": 4096, "compress": "gzip",
+                            "compression_level": 6}),
+        "zstd-level": (blocks, {"block_size": 4096, "compression_level": 3,
+                                "probe": False}),
+    }
+
+
+@pytest.mark.tool
+@pytest.mark.root
+@pytest.mark.parametrize("case", sorted(odd_trees()))
+def test_corner_cases_unsquashfs_kernel_reader(tmp_path: Path, mount_image: object,
+                                                case: str) -> None:
+    need_tool("unsquashfs")
+    tree, kw = odd_trees()[case]
+    image = build(tree, tmp_path / "img.sqfs", **kw)
+    assert len(unsquashfs_listing(image)) == len(tree)
+    out = tmp_path / "out"
+    subprocess.run(["unsquashfs", "-q", "-n", "-d", str(out), str(image)], check=True,
+                   capture_output=True)
+    mnt = mount_image(image, "squashfs")  # type: ignore[operator]
+    for where in (mnt, out):
+        back = tree_from_directory(where, preserve_owner=True, preserve_mtime=True,
+                                   read_xattrs=True)
+        differences = [d for d in diff_trees(seconds(tree), back)
+                       if not (where == out and d.kind == "mtime"
+                               and (tree.get(d.path) or tree.root).type is EntryType.SYMLINK)]
+        assert differences == [], where
+    assert diff_trees(seconds(tree), squashfs.read(image)) == []
+
+
+@pytest.mark.tool
+def test_export_table_on_request(tmp_path: Path) -> None:
+    need_tool("unsquashfs")
+    tree = sample_tree(4096)
+    for exportable, expect in ((True, b"Filesystem is exportable"),
+                               (False, b"Filesystem is not exportable")):
+        image = build(tree, tmp_path / f"{exportable}.sqfs", block_size=4096,
+                      exportable=exportable)
+        info = subprocess.run(["unsquashfs", "-s", str(image)], capture_output=True,
+                              check=True).stdout
+        assert expect in info
 
 
 # -- host conditions ----------------------------------------------------------------------
