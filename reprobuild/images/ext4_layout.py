@@ -459,6 +459,112 @@ def minimum_blocks(needs: _Needs) -> int:
     return total
 
 
+@dataclass(frozen=True)
+class _Prepared:
+    """Everything about the image that does not depend on block numbers."""
+
+    numbering: _Numbering
+    scans: dict[int, FileScan]
+    dirs: dict[int, tuple[list[DirBlock], bool]]
+    ibody: dict[int, bytes]  # in-inode xattr regions
+    block_xattrs: dict[int, tuple[DiskXattr, ...]]
+    shared: dict[tuple[DiskXattr, ...], int]  # xattr block contents -> refcount
+    slow_links: frozenset[int]
+    uuid: bytes
+    hash_seed: bytes
+    hash_version: int
+    label: bytes
+    epoch: int
+
+    def needs(self, spare_inodes: int) -> _Needs:
+        scans = self.scans.values()
+        data = sum(c for s in scans for _, c in s.runs)
+        extents = sum(len(s.runs) + sum(c // MAX_EXTENT_LEN for _, c in s.runs)
+                      for s in scans)
+        # Extent tree blocks: exact for unfragmented files, then a little for the
+        # splits at superblock backups (corrected by a retry when short).
+        tree = sum(1 + len(s.runs) // EXTENTS_PER_BLOCK for s in scans if len(s.runs) > 4) \
+            + extents // (BLOCKS_PER_GROUP * 4)
+        dirs = sum(len(b) for b, _ in self.dirs.values())
+        return _Needs(self.numbering.last_ino + spare_inodes,
+                      dirs + len(self.shared) + len(self.slow_links) + data + tree)
+
+
+def _scan_files(nodes: dict[int, _Node], cache: dict[int, bytes] | None
+                ) -> dict[int, FileScan]:
+    regular = [ino for ino in sorted(nodes) if nodes[ino].entry.type is EntryType.REGULAR]
+    # Keep the smallest files for the write (opening a file costs more than reading it).
+    cached: set[int] = set()
+    if cache is not None:
+        room = CACHE_BUDGET
+        for size, ino in sorted((nodes[ino].entry.size, ino) for ino in regular):
+            if size > CACHE_FILE_MAX or size > room:
+                break
+            cached.add(ino)
+            room -= size
+    scans: dict[int, FileScan] = {}
+    for ino in regular:
+        content = nodes[ino].entry.content
+        assert content is not None
+        scans[ino] = scan_content(content, nodes[ino].entry.display(),
+                                  cache if ino in cached else None, ino)
+    return scans
+
+
+def _directories(tree: Tree, numbering: _Numbering, hash_version: int,
+                 seed: tuple[int, int, int, int]) -> dict[int, tuple[list[DirBlock], bool]]:
+    dirs: dict[int, tuple[list[DirBlock], bool]] = {}
+    nodes = numbering.nodes
+    for ino in sorted(nodes):
+        entry = nodes[ino].entry
+        if entry.type is not EntryType.DIRECTORY:
+            continue
+        if entry.path == b"lost+found" and numbering.lost_found_synthetic:
+            kids: list[DirChild] = []
+        else:
+            kids = [DirChild(c.name, numbering.ino_of[c.path], FILE_TYPES[c.type])
+                    for c in tree.children(entry.path)]
+        if entry.path == b"" and numbering.lost_found_synthetic:
+            kids.append(DirChild(b"lost+found", LOST_FOUND_INO, FT_DIR))
+            kids.sort(key=lambda c: c.name)
+        parent = ROOT_INO if entry.path == b"" else numbering.ino_of[entry.parent]
+        dirs[ino] = directory_blocks(ino, parent, kids, hash_version=hash_version,
+                                     hash_seed=seed)
+    return dirs
+
+
+def _prepare(tree: Tree, options: ImageOptions, cache: dict[int, bytes] | None,
+             hash_version: int, label: bytes) -> _Prepared:
+    numbering = _Numbering(tree, options.epoch)
+    nodes = numbering.nodes
+    scans = _scan_files(nodes, cache)
+    digest = _tree_digest(tree, scans, numbering, options.epoch)
+    fs_uuid, hash_seed = derive_ids(digest, options)
+    w = [int.from_bytes(hash_seed[i: i + 4], "little") for i in range(0, 16, 4)]
+    dirs = _directories(tree, numbering, hash_version, (w[0], w[1], w[2], w[3]))
+    ibody: dict[int, bytes] = {}
+    block_xattrs: dict[int, tuple[DiskXattr, ...]] = {}
+    for ino in sorted(nodes):
+        entry = nodes[ino].entry
+        if entry.xattrs:
+            items = disk_xattrs(entry.xattrs, entry.display())
+            inline, rest = place_xattrs(items, entry.display())
+            ibody[ino] = ibody_xattr_region(inline)
+            if rest:
+                block_xattrs[ino] = tuple(rest)
+    shared: dict[tuple[DiskXattr, ...], int] = {}
+    for block_items in block_xattrs.values():
+        shared[block_items] = shared.get(block_items, 0) + 1
+    slow_links = frozenset(ino for ino, n in nodes.items() if n.entry.type is EntryType.SYMLINK
+                           and len(n.entry.target or b"") > FAST_SYMLINK_MAX)
+    for ino in sorted(slow_links):
+        if len(nodes[ino].entry.target or b"") >= BLOCK_SIZE:
+            raise ImageError(f"{nodes[ino].entry.display()}: symlink target longer than "
+                             f"{BLOCK_SIZE - 1} bytes")
+    return _Prepared(numbering, scans, dirs, ibody, block_xattrs, shared, slow_links,
+                     fs_uuid, hash_seed, hash_version, label, options.epoch)
+
+
 def plan(tree: Tree, options: ImageOptions, cache: dict[int, bytes] | None = None) -> Layout:
     """Lay out ``tree`` as an ext4 image for ``options``; raises ImageError if it can't."""
     if options.block_size not in (None, BLOCK_SIZE):
@@ -473,79 +579,8 @@ def plan(tree: Tree, options: ImageOptions, cache: dict[int, bytes] | None = Non
     if hash_name not in HASH_VERSIONS:
         raise ImageError(f"unknown ext4 hash_version {hash_name!r}",
                          hint="use half_md4 or tea")
-    hash_version = HASH_VERSIONS[hash_name]
-    epoch = options.epoch
-    numbering = _Numbering(tree, epoch)
-    nodes = numbering.nodes
-
-    scans: dict[int, FileScan] = {}
-    regular = [ino for ino in sorted(nodes) if nodes[ino].entry.type is EntryType.REGULAR]
-    # Keep the smallest files for the write (opening a file costs more than reading it).
-    cached: set[int] = set()
-    if cache is not None:
-        room = CACHE_BUDGET
-        for size, ino in sorted((nodes[ino].entry.size, ino) for ino in regular):
-            if size > CACHE_FILE_MAX or size > room:
-                break
-            cached.add(ino)
-            room -= size
-    for ino in regular:
-        content = nodes[ino].entry.content
-        assert content is not None
-        scans[ino] = scan_content(content, nodes[ino].entry.display(),
-                                  cache if ino in cached else None, ino)
-    digest = _tree_digest(tree, scans, numbering, epoch)
-    fs_uuid, hash_seed = derive_ids(digest, options)
-    seed_words = tuple(int.from_bytes(hash_seed[i: i + 4], "little") for i in range(0, 16, 4))
-    assert len(seed_words) == 4
-
-    # Directories and xattrs, independent of block numbers.
-    dirs: dict[int, tuple[list[DirBlock], bool]] = {}
-    for ino in sorted(nodes):
-        node = nodes[ino]
-        entry = node.entry
-        if entry.type is not EntryType.DIRECTORY:
-            continue
-        if entry.path == b"lost+found" and numbering.lost_found_synthetic:
-            kids: list[DirChild] = []
-        else:
-            kids = [DirChild(c.name, numbering.ino_of[c.path], FILE_TYPES[c.type])
-                    for c in tree.children(entry.path)]
-        if entry.path == b"" and numbering.lost_found_synthetic:
-            kids.append(DirChild(b"lost+found", LOST_FOUND_INO, FT_DIR))
-            kids.sort(key=lambda c: c.name)
-        parent = ROOT_INO if entry.path == b"" else numbering.ino_of[entry.parent]
-        dirs[ino] = directory_blocks(ino, parent, kids, hash_version=hash_version,
-                                     hash_seed=seed_words)
-    ibody: dict[int, bytes] = {}
-    block_xattrs: dict[int, tuple[DiskXattr, ...]] = {}
-    for ino in sorted(nodes):
-        entry = nodes[ino].entry
-        if entry.xattrs:
-            items = disk_xattrs(entry.xattrs, entry.display())
-            inline, rest = place_xattrs(items, entry.display())
-            ibody[ino] = ibody_xattr_region(inline)
-            if rest:
-                block_xattrs[ino] = tuple(rest)
-    shared: dict[tuple[DiskXattr, ...], int] = {}
-    for block_items in block_xattrs.values():
-        shared[block_items] = shared.get(block_items, 0) + 1
-
-    slow_links = {ino for ino, n in nodes.items() if n.entry.type is EntryType.SYMLINK
-                  and len(n.entry.target or b"") > FAST_SYMLINK_MAX}
-    for ino in slow_links:
-        if len(nodes[ino].entry.target or b"") >= BLOCK_SIZE:
-            raise ImageError(f"{nodes[ino].entry.display()}: symlink target longer than "
-                             f"{BLOCK_SIZE - 1} bytes")
-    data = sum(c for s in scans.values() for _, c in s.runs)
-    extents_est = sum(len(s.runs) + sum(c // MAX_EXTENT_LEN for _, c in s.runs)
-                      for s in scans.values())
-    tree_est = sum(1 + len(s.runs) // EXTENTS_PER_BLOCK for s in scans.values()
-                   if len(s.runs) > 4) + extents_est // (BLOCKS_PER_GROUP * 4)
-    dir_total = sum(len(b) for b, _ in dirs.values())
-    needs = _Needs(numbering.last_ino + int(options.get("inodes", 0) or 0),
-                   dir_total + len(shared) + len(slow_links) + data + tree_est)
-
+    prepared = _prepare(tree, options, cache, HASH_VERSIONS[hash_name], label)
+    needs = prepared.needs(int(options.get("inodes", 0) or 0))
     minimum = minimum_blocks(needs)
     if options.size is not None:
         blocks_count = options.size // BLOCK_SIZE
@@ -565,9 +600,7 @@ def plan(tree: Tree, options: ImageOptions, cache: dict[int, bytes] | None = Non
     while True:
         blocks_count = attempts[-1]
         try:
-            return _allocate(blocks_count, needs, numbering, scans, dirs, ibody, block_xattrs,
-                             shared, slow_links, fs_uuid, hash_seed, hash_version, label,
-                             epoch, options, tree)
+            return _allocate(blocks_count, needs, prepared, options.size)
         except _NoSpace as short:
             needs = _Needs(needs.inodes, needs.data_blocks + short.shortage)
             if options.size is not None or len(attempts) > 16:
@@ -579,12 +612,11 @@ def plan(tree: Tree, options: ImageOptions, cache: dict[int, bytes] | None = Non
             attempts.append(minimum_blocks(needs))
 
 
-def _allocate(blocks_count: int, needs: _Needs, numbering: _Numbering,
-              scans: dict[int, FileScan], dirs: dict[int, tuple[list[DirBlock], bool]],
-              ibody: dict[int, bytes], block_xattrs: dict[int, tuple[DiskXattr, ...]],
-              shared: dict[tuple[DiskXattr, ...], int], slow_links: set[int],
-              fs_uuid: bytes, hash_seed: bytes, hash_version: int, label: bytes, epoch: int,
-              options: ImageOptions, tree: Tree) -> Layout:
+def _allocate(blocks_count: int, needs: _Needs, prepared: _Prepared,
+              image_size: int | None) -> Layout:
+    """Place everything for ``blocks_count`` blocks; raises _NoSpace when it does not fit."""
+    numbering, scans, dirs = prepared.numbering, prepared.scans, prepared.dirs
+    block_xattrs, shared = prepared.block_xattrs, prepared.shared
     groups, per_group, table_blocks, gdt_blocks = _geometry(blocks_count, needs.inodes)
     if per_group > BLOCKS_PER_GROUP:
         raise _NoSpace((-(-needs.inodes // BLOCKS_PER_GROUP) - groups) * BLOCKS_PER_GROUP)
@@ -613,7 +645,7 @@ def _allocate(blocks_count: int, needs: _Needs, numbering: _Numbering,
         xattr_at[items] = physical
         xattr_blocks.append((physical, xattr_block(list(items), shared[items])))
     raw_blocks = []
-    for ino in sorted(slow_links):
+    for ino in sorted(prepared.slow_links):
         extents[ino] = _map_runs(alloc, ((0, 1),))
         target = nodes[ino].entry.target or b""
         raw_blocks.append((extents[ino][0].physical, target.ljust(BLOCK_SIZE, b"\0")))
@@ -656,7 +688,7 @@ def _allocate(blocks_count: int, needs: _Needs, numbering: _Numbering,
         elif entry.type is EntryType.SYMLINK:
             target = entry.target or b""
             size = len(target)
-            if ino in slow_links:
+            if ino in prepared.slow_links:
                 flags = EXTENTS_FL
                 i_block = i_blocks[ino]
             else:
@@ -671,7 +703,7 @@ def _allocate(blocks_count: int, needs: _Needs, numbering: _Numbering,
             xblock = xattr_at[block_xattrs[ino]]
             charged += 1
         inodes.append(InodePlan(ino, entry, links, flags, size, i_block, charged, xblock,
-                                ibody.get(ino, b"")))
+                                prepared.ibody.get(ino, b"")))
 
     group_plans = []
     dir_inos = sorted(ino for ino in nodes if nodes[ino].entry.type is EntryType.DIRECTORY)
@@ -682,11 +714,12 @@ def _allocate(blocks_count: int, needs: _Needs, numbering: _Numbering,
         used_dirs = sum(1 for ino in dir_inos if first <= ino < first + per_group)
         group_plans.append(GroupPlan(block_bitmaps[g], inode_bitmaps[g], tables[g],
                                      used_dirs, used_inodes))
-    image_size = options.size if options.size is not None else blocks_count * BLOCK_SIZE
     return Layout(
         blocks_count=blocks_count, inodes_per_group=per_group, inode_table_blocks=table_blocks,
-        gdt_blocks=gdt_blocks, groups=tuple(group_plans), uuid=fs_uuid, hash_seed=hash_seed,
-        hash_version=hash_version, label=label, epoch=epoch, image_size=image_size,
+        gdt_blocks=gdt_blocks, groups=tuple(group_plans), uuid=prepared.uuid,
+        hash_seed=prepared.hash_seed, hash_version=prepared.hash_version,
+        label=prepared.label, epoch=prepared.epoch,
+        image_size=blocks_count * BLOCK_SIZE if image_size is None else image_size,
         inodes=tuple(inodes), dir_blocks=tuple(dir_blocks), raw_blocks=tuple(raw_blocks),
         xattr_blocks=tuple(xattr_blocks), tree_blocks=tuple(tree_blocks), files=tuple(files),
         used_runs=alloc.merged_used(),
