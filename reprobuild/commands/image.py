@@ -100,13 +100,23 @@ def build_image(source: str, output: str, fmt: str, options: ImageOptions, *,
                          hint="use a recipe to compose disk images")
     writer = module.load()
     directory = os.path.dirname(os.path.abspath(output))
+    if not os.path.isdir(directory):
+        raise ImageError(f"the directory of {output} does not exist",
+                         hint="create it first; nothing was written")
     with tempfile.TemporaryDirectory(prefix="reprobuild-spool-") as spool_dir:
         tree = load_tree(source, epoch=options.epoch, spool=Spool(spool_dir),
                          platform=platform)
         if files is not None:
             tree = apply_overrides(tree, load_overrides_file(files), where=files)
-        fd, partial = tempfile.mkstemp(dir=directory,
-                                       prefix=os.path.basename(output) + ".tmp-")
+        if os.path.isdir(output):
+            raise ImageError(f"output {output} is a directory", hint="name the image file")
+        try:
+            fd, partial = tempfile.mkstemp(dir=directory,
+                                           prefix=os.path.basename(output) + ".tmp-")
+        except OSError as exc:
+            raise ImageError(f"cannot create the image beside {output}: {exc.strerror}",
+                             hint="the output's directory must exist and be writable"
+                             ) from None
         try:
             with os.fdopen(fd, "w+b") as out:
                 writer.write(tree, out, options)

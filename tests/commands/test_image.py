@@ -156,3 +156,11 @@ def test_same_bytes_as_another_user(tmp_path: Path, unprivileged: object) -> Non
                                          cwd=scratch)
         assert result.returncode == 0, result.stderr
         assert theirs.read_bytes() == mine.read_bytes()
+
+
+def test_output_errors(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    src = source_dir(tmp_path / "src")
+    assert main(["image", "-t", "tar", str(src), str(tmp_path / "no" / "o.tar")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    assert main(["image", "-t", "tar", str(src), str(tmp_path)]) == 2
+    assert "is a directory" in capsys.readouterr().err
