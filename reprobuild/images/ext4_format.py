@@ -6,6 +6,7 @@ Offsets and field names follow the kernel's ``fs/ext4/ext4.h``, ``fs/ext4/xattr.
 
 from __future__ import annotations
 
+import re
 import struct
 
 import crc32c as _crc32c
@@ -82,6 +83,21 @@ EXT4_SUPER_BLOCK = struct.Struct(
     "<IIIIIIIIIIIII HHHHHH IIII HH I HH III 16s 16s 64s I BB H 16s III 16s BB H"
     " III 68s III HH I HH Q I BB"
 )
+SUPER_BLOCK_FIELDS = (
+    "inodes_count", "blocks_count_lo", "r_blocks_count_lo", "free_blocks_count_lo",
+    "free_inodes_count", "first_data_block", "log_block_size", "log_cluster_size",
+    "blocks_per_group", "clusters_per_group", "inodes_per_group", "mtime", "wtime",
+    "mnt_count", "max_mnt_count", "magic", "state", "errors", "minor_rev_level",
+    "lastcheck", "checkinterval", "creator_os", "rev_level", "def_resuid", "def_resgid",
+    "first_ino", "inode_size", "block_group_nr", "feature_compat", "feature_incompat",
+    "feature_ro_compat", "uuid", "volume_name", "last_mounted", "algorithm_usage_bitmap",
+    "prealloc_blocks", "prealloc_dir_blocks", "reserved_gdt_blocks", "journal_uuid",
+    "journal_inum", "journal_dev", "last_orphan", "hash_seed", "def_hash_version",
+    "jnl_backup_type", "desc_size", "default_mount_opts", "first_meta_bg", "mkfs_time",
+    "jnl_blocks", "blocks_count_hi", "r_blocks_count_hi", "free_blocks_count_hi",
+    "min_extra_isize", "want_extra_isize", "flags", "raid_stride", "mmp_interval",
+    "mmp_block", "raid_stripe_width", "log_groups_per_flex", "checksum_type",
+)
 SB_CHECKSUM_OFFSET = 0x3FC
 
 # struct ext4_group_desc (64-byte form, ext4.h):
@@ -92,6 +108,14 @@ SB_CHECKSUM_OFFSET = 0x3FC
 # free_inodes_count_hi(H), used_dirs_count_hi(H), itable_unused_hi(H), 52 exclude_bitmap_hi,
 # 56 block_bitmap_csum_hi(H), inode_bitmap_csum_hi(H), 60 reserved
 EXT4_GROUP_DESC = struct.Struct("<III HHHH I HHHH III HHHH I HH I")
+GROUP_DESC_FIELDS = (
+    "block_bitmap_lo", "inode_bitmap_lo", "inode_table_lo", "free_blocks_count_lo",
+    "free_inodes_count_lo", "used_dirs_count_lo", "flags", "exclude_bitmap_lo",
+    "block_bitmap_csum_lo", "inode_bitmap_csum_lo", "itable_unused_lo", "checksum",
+    "block_bitmap_hi", "inode_bitmap_hi", "inode_table_hi", "free_blocks_count_hi",
+    "free_inodes_count_hi", "used_dirs_count_hi", "itable_unused_hi", "exclude_bitmap_hi",
+    "block_bitmap_csum_hi", "inode_bitmap_csum_hi", "reserved",
+)
 GD_CHECKSUM_OFFSET = 30
 
 # struct ext4_inode (ext4.h), 160 bytes with i_extra_isize = 32:
@@ -137,6 +161,18 @@ XATTR_PREFIXES: tuple[tuple[int, bytes], ...] = (
     (7, b"system."),
 )
 XATTR_PREFIX_OF_INDEX = {index: prefix for index, prefix in XATTR_PREFIXES}
+
+
+def pack_fields(layout: struct.Struct, names: tuple[str, ...],
+                values: dict[str, int | bytes]) -> bytes:
+    """Pack a struct from named values; fields not named are zero."""
+    unknown = set(values) - set(names)
+    assert not unknown, f"unknown fields {sorted(unknown)}"
+    fmt = layout.format.replace("<", "").replace(" ", "")
+    codes = re.findall(r"\d*[a-zA-Z]", fmt)
+    assert len(codes) == len(names), (len(codes), len(names))
+    return layout.pack(*(values.get(name, b"" if code.endswith("s") else 0)
+                         for name, code in zip(names, codes, strict=True)))
 
 
 # -- crc32c as ext4 uses it ----------------------------------------------------------------

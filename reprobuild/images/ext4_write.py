@@ -32,15 +32,18 @@ from reprobuild.images.ext4_format import (
     FEATURE_RO_COMPAT,
     FIRST_INO,
     GD_CHECKSUM_OFFSET,
+    GROUP_DESC_FIELDS,
     INODE_SIZE,
     SB_CHECKSUM_OFFSET,
     SB_FLAGS_UNSIGNED_HASH,
+    SUPER_BLOCK_FIELDS,
     SUPERBLOCK_OFFSET,
     crc32c_raw,
     encode_time,
     fs_checksum_seed,
     has_super_backup,
     inode_checksum_seed,
+    pack_fields,
 )
 from reprobuild.images.ext4_layout import Extent, InodePlan, Layout, aligned_chunks
 from reprobuild.tree import Content
@@ -126,30 +129,32 @@ def superblock(layout: Layout, free_blocks: int, free_inodes: int, group: int) -
     groups = layout.group_count
     flex = max(4, (groups - 1).bit_length())
     epoch = layout.epoch & 0xFFFFFFFF
-    fields = (
-        layout.inodes_count, layout.blocks_count & 0xFFFFFFFF, 0, free_blocks & 0xFFFFFFFF,
-        free_inodes, 0, 2, 2, BLOCKS_PER_GROUP, BLOCKS_PER_GROUP, layout.inodes_per_group,
-        0, epoch,
-        0, 0xFFFF, EXT4_SUPER_MAGIC, 1, 1, 0,
-        epoch, 0, 0, 1,
-        0, 0,
-        FIRST_INO,
-        INODE_SIZE, group,
-        FEATURE_COMPAT, FEATURE_INCOMPAT, FEATURE_RO_COMPAT,
-        layout.uuid, layout.label, b"",
-        0, 0, 0, 0,
-        b"", 0, 0, 0,
-        layout.hash_seed, layout.hash_version, 0, DESC_SIZE,
-        DEFAULT_MOUNT_OPTS, 0, epoch,
-        b"",
-        layout.blocks_count >> 32, 0, free_blocks >> 32,
-        EXTRA_ISIZE, EXTRA_ISIZE,
-        SB_FLAGS_UNSIGNED_HASH,
-        0, 0, 0, 0,
-        flex, 1,
-    )
+    packed = pack_fields(EXT4_SUPER_BLOCK, SUPER_BLOCK_FIELDS, {
+        "inodes_count": layout.inodes_count,
+        "blocks_count_lo": layout.blocks_count & 0xFFFFFFFF,
+        "blocks_count_hi": layout.blocks_count >> 32,
+        "free_blocks_count_lo": free_blocks & 0xFFFFFFFF,
+        "free_blocks_count_hi": free_blocks >> 32,
+        "free_inodes_count": free_inodes,
+        "log_block_size": 2, "log_cluster_size": 2,  # 1024 << 2
+        "blocks_per_group": BLOCKS_PER_GROUP, "clusters_per_group": BLOCKS_PER_GROUP,
+        "inodes_per_group": layout.inodes_per_group,
+        "wtime": epoch, "lastcheck": epoch, "mkfs_time": epoch,  # never the wall clock
+        "max_mnt_count": 0xFFFF, "magic": EXT4_SUPER_MAGIC,
+        "state": 1, "errors": 1,  # clean; on errors continue
+        "rev_level": 1, "first_ino": FIRST_INO, "inode_size": INODE_SIZE,
+        "block_group_nr": group,
+        "feature_compat": FEATURE_COMPAT, "feature_incompat": FEATURE_INCOMPAT,
+        "feature_ro_compat": FEATURE_RO_COMPAT,
+        "uuid": layout.uuid, "volume_name": layout.label,
+        "hash_seed": layout.hash_seed, "def_hash_version": layout.hash_version,
+        "desc_size": DESC_SIZE, "default_mount_opts": DEFAULT_MOUNT_OPTS,
+        "min_extra_isize": EXTRA_ISIZE, "want_extra_isize": EXTRA_ISIZE,
+        "flags": SB_FLAGS_UNSIGNED_HASH,  # explicit, never the host's char signedness
+        "log_groups_per_flex": flex, "checksum_type": 1,  # crc32c
+    })
     sb = bytearray(1024)
-    EXT4_SUPER_BLOCK.pack_into(sb, 0, *fields)
+    sb[: len(packed)] = packed
     sb[SB_CHECKSUM_OFFSET:] = crc32c_raw(0xFFFFFFFF, sb[:SB_CHECKSUM_OFFSET]).to_bytes(4, "little")
     return bytes(sb)
 
@@ -233,16 +238,27 @@ def write_image(layout: Layout, output: BinaryIO, cache: dict[int, bytes]) -> No
         unused = per_group - group.used_inodes
         free_blocks = free_per_group[g]
         offset = g * DESC_SIZE
-        EXT4_GROUP_DESC.pack_into(
-            descriptors, offset,
-            group.block_bitmap & 0xFFFFFFFF, group.inode_bitmap & 0xFFFFFFFF,
-            group.inode_table & 0xFFFFFFFF, free_blocks & 0xFFFF, free_inodes & 0xFFFF,
-            group.used_dirs & 0xFFFF, BG_INODE_ZEROED, 0, bb_csum & 0xFFFF, ib_csum & 0xFFFF,
-            unused & 0xFFFF, 0,
-            group.block_bitmap >> 32, group.inode_bitmap >> 32, group.inode_table >> 32,
-            free_blocks >> 16, free_inodes >> 16, group.used_dirs >> 16, unused >> 16, 0,
-            bb_csum >> 16, ib_csum >> 16, 0,
-        )
+        descriptors[offset: offset + DESC_SIZE] = pack_fields(
+            EXT4_GROUP_DESC, GROUP_DESC_FIELDS, {
+                "block_bitmap_lo": group.block_bitmap & 0xFFFFFFFF,
+                "block_bitmap_hi": group.block_bitmap >> 32,
+                "inode_bitmap_lo": group.inode_bitmap & 0xFFFFFFFF,
+                "inode_bitmap_hi": group.inode_bitmap >> 32,
+                "inode_table_lo": group.inode_table & 0xFFFFFFFF,
+                "inode_table_hi": group.inode_table >> 32,
+                "free_blocks_count_lo": free_blocks & 0xFFFF,
+                "free_blocks_count_hi": free_blocks >> 16,
+                "free_inodes_count_lo": free_inodes & 0xFFFF,
+                "free_inodes_count_hi": free_inodes >> 16,
+                "used_dirs_count_lo": group.used_dirs & 0xFFFF,
+                "used_dirs_count_hi": group.used_dirs >> 16,
+                "flags": BG_INODE_ZEROED,
+                "block_bitmap_csum_lo": bb_csum & 0xFFFF,
+                "block_bitmap_csum_hi": bb_csum >> 16,
+                "inode_bitmap_csum_lo": ib_csum & 0xFFFF,
+                "inode_bitmap_csum_hi": ib_csum >> 16,
+                "itable_unused_lo": unused & 0xFFFF, "itable_unused_hi": unused >> 16,
+            })
         crc = crc32c_raw(fs_seed, g.to_bytes(4, "little"))
         crc = crc32c_raw(crc, descriptors[offset: offset + DESC_SIZE]) & 0xFFFF
         descriptors[offset + GD_CHECKSUM_OFFSET: offset + GD_CHECKSUM_OFFSET + 2] = \
