@@ -3,9 +3,10 @@
 What is kept: numeric owners (user and group *names* are ignored), permission bits
 including setuid/setgid/sticky, mtimes to the nanosecond (exact pax ``mtime`` records),
 device numbers, fifos, symlink targets as given, hardlinks, and xattrs from pax
-``SCHILY.xattr.NAME`` records (raw value) and ``LIBARCHIVE.xattr.NAME`` records
-(URL-encoded name, base64 value). GNU sparse members (old GNU and pax 0.0/0.1/1.0) are
-expanded: holes become zero bytes of content.
+``SCHILY.xattr.NAME`` records (raw value), ``LIBARCHIVE.xattr.NAME`` records
+(URL-encoded name, base64 value) and text ACLs (``SCHILY.acl.*``, numeric ids only).
+GNU sparse members (old GNU and pax 0.0/0.1/1.0) are expanded: holes become zero bytes
+of content.
 
 Where the bytes live: for an uncompressed tar file, regular members are read in place
 (a :class:`SliceSource` of offset and size in the archive, nothing copied); members of
@@ -30,6 +31,7 @@ import io
 import lzma
 import os
 import shutil
+import struct
 import tarfile
 import tempfile
 import urllib.parse
@@ -67,6 +69,13 @@ _TYPES: dict[bytes, EntryType] = {
 
 SCHILY_XATTR = "SCHILY.xattr."
 LIBARCHIVE_XATTR = "LIBARCHIVE.xattr."
+SCHILY_ACL = {"SCHILY.acl.access": b"system.posix_acl_access",
+              "SCHILY.acl.default": b"system.posix_acl_default"}
+# struct posix_acl_xattr_header / _entry (include/uapi/linux/posix_acl_xattr.h):
+# le32 a_version (2), then { le16 e_tag, le16 e_perm, le32 e_id } per entry.
+ACL_TAGS = {"user": (0x01, 0x02), "group": (0x04, 0x08), "mask": (0x10, 0x10),
+            "other": (0x20, 0x20)}
+ACL_UNDEFINED_ID = 0xFFFFFFFF
 
 
 def detect_compression(head: bytes) -> str | None:
@@ -209,8 +218,47 @@ def parse_pax_time(value: str, what: str) -> int:
     return -ns if negative else ns
 
 
+def acl_text_to_xattr(text: str, what: str, *, default: bool) -> bytes | None:
+    """A POSIX.1e ACL in text form (``SCHILY.acl.*``) as the kernel's xattr value.
+
+    None for a trivial access ACL (owner, group and other only: the mode bits say it
+    all); a default ACL is kept whatever its entries.
+    Named users and groups must be numeric, or carry star's trailing numeric id field
+    (``user:name:rwx:1000``): resolving names would depend on the host's passwd.
+    """
+    entries: list[tuple[int, int, int]] = []
+    for raw in text.replace(",", "\n").split("\n"):
+        item = raw.split("#", 1)[0].strip()
+        if not item:
+            continue
+        fields = item.split(":")
+        if len(fields) not in (3, 4) or fields[0] not in ACL_TAGS or \
+                len(fields[2]) != 3 or any(c not in "rwx-" for c in fields[2]):
+            raise ImageError(f"{what}: bad ACL entry {item!r}")
+        tag, qualifier, perms = fields[0], fields[1], fields[2]
+        perm = sum(bit for c, bit in zip(perms, (4, 2, 1), strict=True) if c != "-")
+        if not qualifier:
+            entries.append((ACL_TAGS[tag][0], perm, ACL_UNDEFINED_ID))
+            continue
+        number = fields[3] if len(fields) == 4 else qualifier
+        if tag not in ("user", "group") or not number.isdigit():
+            raise ImageError(f"{what}: ACL entry {item!r} names a {tag} without a numeric id",
+                             hint="archive with numeric ids (e.g. star, or --xattrs with"
+                                  " GNU tar, which also stores the binary ACL)")
+        entries.append((ACL_TAGS[tag][1], perm, int(number)))
+    if not entries or (not default and all(tag in (0x01, 0x04, 0x20)
+                                            for tag, _, _ in entries)):
+        return None
+    entries.sort(key=lambda e: (e[0], e[2]))
+    return struct.pack("<I", 2) + b"".join(struct.pack("<HHI", *e) for e in entries)
+
+
 def member_xattrs(info: tarfile.TarInfo, what: str) -> tuple[tuple[bytes, bytes], ...]:
-    """Xattrs from SCHILY.xattr.* and LIBARCHIVE.xattr.* pax records, sorted by name."""
+    """Xattrs from SCHILY.xattr.* and LIBARCHIVE.xattr.* pax records, sorted by name.
+
+    ACLs stored only as text (``SCHILY.acl.access``/``default``) become the
+    ``system.posix_acl_*`` xattrs; when the binary xattr is also present it wins.
+    """
     found: dict[bytes, bytes] = {}
     for key, value in info.pax_headers.items():
         if key.startswith(SCHILY_XATTR):
@@ -228,6 +276,12 @@ def member_xattrs(info: tarfile.TarInfo, what: str) -> tuple[tuple[bytes, bytes]
         if name in found and found[name] != data:
             raise ImageError(f"{what}: xattr {name!r} given twice with different values")
         found[name] = data
+    for key, acl_name in SCHILY_ACL.items():
+        if key in info.pax_headers and acl_name not in found:
+            acl = acl_text_to_xattr(info.pax_headers[key], what,
+                                    default=key.endswith("default"))
+            if acl is not None:
+                found[acl_name] = acl
     return tuple(sorted(found.items()))
 
 

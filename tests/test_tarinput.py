@@ -245,3 +245,46 @@ def test_hardlink_primary_is_first_in_canonical_order(tmp_path: Path) -> None:
     assert primary is not None and primary.type is EntryType.REGULAR
     assert (primary.mode, primary.uid) == (0o600, 7)
     assert link is not None and link.type is EntryType.HARDLINK and link.target == b"a/link"
+
+
+def _acl(*entries: tuple[int, int, int]) -> bytes:
+    import struct
+
+    return struct.pack("<I", 2) + b"".join(struct.pack("<HHI", *e) for e in entries)
+
+
+def test_text_acls_become_posix_acl_xattrs(tmp_path: Path) -> None:
+    undefined = 0xFFFFFFFF
+    members = [
+        file("named", pax={"SCHILY.acl.access":
+                           "user::rw-\ngroup:50:r-x\nuser:1000:rwx\ngroup::r--\nmask::rwx\n"
+                           "other::r--\n"}),
+        file("star", pax={"SCHILY.acl.access": "user::rw-,user:alice:r--:1001,group::r--,"
+                                               "mask::r--,other::---"}),
+        file("trivial", pax={"SCHILY.acl.access": "user::rw-\ngroup::r--\nother::r--\n"}),
+        dir_("dir", pax={"SCHILY.acl.default": "user::rwx\ngroup::r-x\nother::r-x\n"}),
+        file("both", pax={"SCHILY.acl.access": "user::rw-\nuser:7:rw-\ngroup::r--\n"
+                                               "mask::rw-\nother::r--\n",
+                          "SCHILY.xattr.system.posix_acl_access": "binary wins"}),
+    ]
+    tree = tree_from_tar(write_tar(tmp_path / "a.tar", members))
+
+    def xattrs(path: bytes) -> dict[bytes, bytes]:
+        entry = tree.get(path)
+        assert entry is not None
+        return dict(entry.xattrs)
+
+    assert xattrs(b"named") == {b"system.posix_acl_access": _acl(
+        (1, 6, undefined), (2, 7, 1000), (4, 4, undefined), (8, 5, 50), (0x10, 7, undefined),
+        (0x20, 4, undefined))}
+    assert xattrs(b"star")[b"system.posix_acl_access"] == _acl(
+        (1, 6, undefined), (2, 4, 1001), (4, 4, undefined), (0x10, 4, undefined),
+        (0x20, 0, undefined))
+    assert xattrs(b"trivial") == {}
+    assert xattrs(b"dir") == {b"system.posix_acl_default": _acl(
+        (1, 7, undefined), (4, 5, undefined), (0x20, 5, undefined))}
+    assert xattrs(b"both") == {b"system.posix_acl_access": b"binary wins"}
+    named = write_tar(tmp_path / "n.tar", [file("f", pax={
+        "SCHILY.acl.access": "user::rw-\nuser:alice:rwx\ngroup::r--\nmask::rwx\nother::r--"})])
+    with pytest.raises(ImageError, match="without a numeric id"):
+        tree_from_tar(named)
