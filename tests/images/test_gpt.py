@@ -19,7 +19,7 @@ from reprobuild.images.registry import ImageOptions
 from reprobuild.integrity import verity
 from reprobuild.tree import Content, Entry, EntryType, Tree, tree_from_directory
 from reprobuild.treediff import diff_trees
-from tests.conftest import need, need_tool
+from tests.conftest import REPO, Unprivileged, need, need_tool
 
 OPTIONS = ImageOptions(epoch=1700000000)
 MiB = 1 << 20
@@ -343,3 +343,35 @@ def test_recipe_error_names_the_partition(tmp_path: Path) -> None:
                     'partitions = [{ from = "s", type = "rot-x86-64" }]\n')
     with pytest.raises(RecipeError, match=r"images\.disk.*rot-x86-64"):
         load_recipe(str(path))
+
+
+@pytest.mark.slow
+@pytest.mark.userns
+@pytest.mark.tool
+def test_shipped_sealed_disk_builds_reproducibly(unprivileged: Unprivileged) -> None:
+    """The shipped recipe, end to end as an unprivileged uid (fetches busybox-static)."""
+    import importlib.util
+    import shutil
+
+    need(importlib.util.find_spec("sandbox.runner") is not None, "sandbox not written")
+    need_tool("sgdisk", "apt-get")
+    work = unprivileged.scratch("sealed")
+    shutil.copytree(REPO / "recipes", work / "recipes")
+    unprivileged.run(["chmod", "-R", "a+rwX", str(work)], check=False)
+    store = str(work / "store")
+    built = unprivileged.reprobuild("build", "--json", "--store", store,
+                                    "recipes/sealed-disk.toml", "disk", cwd=work, timeout=900)
+    need("could not fetch" not in built.stderr.lower(), "no network to fetch busybox-static")
+    assert built.returncode == 0, built.stderr
+    rows = {row["target"]: row for row in json.loads(built.stdout)}
+    disk = Path(rows["disk"]["path"])
+    check = subprocess.run(["sgdisk", "-v", str(disk / "disk.img")], capture_output=True,
+                           text=True)
+    assert "No problems found" in check.stdout
+    table = gpt.read_table(disk)
+    assert [e.name for e in table.entries] == ["root", "root-verity"]
+    root_hash = (disk / "cmdline").read_text().strip().removeprefix("roothash=")
+    assert table.entries[0].uuid == str(uuid.UUID(hex=root_hash[:32]))
+    again = unprivileged.reprobuild("check", "--store", store, "recipes/sealed-disk.toml",
+                                    "disk", cwd=work, timeout=900)
+    assert again.returncode == 0, again.stdout + again.stderr
