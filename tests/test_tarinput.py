@@ -126,6 +126,7 @@ def test_non_utf8_names_survive(tmp_path: Path) -> None:
     assert tree.get(b"caf\xe9") is not None
 
 
+@pytest.mark.tool
 def test_gnu_sparse_members_are_expanded(tmp_path: Path) -> None:
     need_tool("tar")
     src = tmp_path / "src"
@@ -219,6 +220,7 @@ def test_load_tree_clamps_to_epoch(tmp_path: Path) -> None:
     assert root.mtime_ns == EPOCH * 10**9  # implied root: the epoch
 
 
+@pytest.mark.tool
 def test_gnu_tar_archive_with_xattrs(tmp_path: Path) -> None:
     need_tool("tar")
     src = tmp_path / "src"

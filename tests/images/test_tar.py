@@ -157,6 +157,7 @@ def test_bytes_are_stable_across_python_versions() -> None:
 GOLDEN_SHA256 = "361174141cdb7e69ad25a6f50e235726237606b0ae3324ca8b4b9ecaa821eeee"
 
 
+@pytest.mark.tool
 def test_gnu_tar_lists_the_tree(tmp_path: Path) -> None:
     need_tool("tar")
     path = tmp_path / "t.tar"
