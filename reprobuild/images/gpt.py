@@ -31,8 +31,9 @@ Recipe shape::
     ]
 
 Partition keys: ``from`` (an image or step; a file output is the partition's bytes, a
-``verity`` image contributes its ``hash`` file, a directory needs ``file = "name"`` unless
-it holds exactly one file), ``type`` (a name from
+``verity`` image contributes its ``hash`` file (or, made with ``append = true``, its
+``image``: data and tree in one partition, not paired), a directory needs
+``file = "name"`` unless it holds exactly one file), ``type`` (a name from
 :data:`reprobuild.images.gpt_layout.PARTITION_TYPES` such as ``root-x86-64``,
 ``usr-arm64-verity``, ``esp``, ``xbootldr``, ``swap``, ``home``, ``srv``, ``var``, ``tmp``,
 ``linux-generic``, or a GUID), ``label`` (at most 36 UTF-16 units; default the ``from``
@@ -174,6 +175,9 @@ def _content_file(source: str, store_path: str, file_key: object, where: str
         raise ImageError(f"{where}: input {source!r} is neither a file nor a directory")
     summary = os.path.join(store_path, VERITY_SUMMARY)
     if file_key is None and os.path.isfile(summary):
+        appended = os.path.join(store_path, "image")
+        if os.path.isfile(appended):  # data and tree in one: a plain partition
+            return appended, None
         with open(summary, encoding="utf-8") as f:
             info = json.load(f)
         return os.path.join(store_path, "hash"), info

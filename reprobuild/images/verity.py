@@ -10,11 +10,15 @@ Follows the disk format contract in :mod:`reprobuild.images.gpt`. Recipe shape::
     hash-block-size = 4096        # optional (default 4096, or block_size)
     salt = "…"                    # optional hex; default derived from the data
     uuid = "…"                    # optional; default derived from the data
+    append = false                # optional: true appends the tree to a copy of the data
 
 Output: a directory with ``hash`` (superblock and hash tree, as ``veritysetup format``
-writes a separate hash device), ``roothash`` (the root hash in hex and a newline) and
-``verity.json`` (root hash, salt, UUID, algorithm, block sizes, data blocks, hash size and
-the blake3 of the data, by which the gpt format checks a verity/data partition pair).
+writes a separate hash device) - or, with ``append = true``, ``image`` (the data, then
+the superblock and tree at ``hash_offset``, the data size rounded up to the hash block
+size, as ``veritysetup format IMG IMG --hash-offset=N`` writes) - ``roothash`` (the root
+hash in hex and a newline) and ``verity.json`` (root hash, salt, UUID, algorithm, block
+sizes, data blocks, hash offset, hash size and the blake3 of the data, by which the gpt
+format checks a verity/data partition pair).
 """
 
 from __future__ import annotations
@@ -29,8 +33,9 @@ from reprobuild.integrity import verity
 from reprobuild.tree import Content, Entry, EntryType, FileSource, Tree
 
 VERSION = "1"
-OPTIONS = ("hash-algorithm", "data-block-size", "hash-block-size", "salt")
+OPTIONS = ("hash-algorithm", "data-block-size", "hash-block-size", "salt", "append")
 HASH_FILE = "hash"
+IMAGE_FILE = "image"
 ROOTHASH_FILE = "roothash"
 SUMMARY_FILE = "verity.json"
 
@@ -85,10 +90,20 @@ def build(inputs: dict[str, str], table: Mapping[str, object], options: ImageOpt
                 hash_block_size=hash_block_size, data_blocks=max(size // data_block_size, 1))
     with open(data, "rb") as f:
         content_digest = verity.content_digest_of(f.fileno(), size)
+    append = table.get("append", False)
+    if not isinstance(append, bool):
+        raise ImageError("`append` must be true or false")
     os.mkdir(output)
-    result = verity.format(data, os.path.join(output, HASH_FILE), algorithm=algorithm,
+    if append:
+        target = os.path.join(output, IMAGE_FILE)
+        _copy_file(data, target, size)
+        hash_offset = -(-size // hash_block_size) * hash_block_size
+    else:
+        target, hash_offset = os.path.join(output, HASH_FILE), 0
+    result = verity.format(data, target, algorithm=algorithm,
                            data_block_size=data_block_size, hash_block_size=hash_block_size,
-                           salt=salt, uuid=options.uuid, content_digest=content_digest)
+                           salt=salt, uuid=options.uuid, hash_offset=hash_offset,
+                           data_blocks=size // data_block_size, content_digest=content_digest)
     with open(os.path.join(output, ROOTHASH_FILE), "w", encoding="ascii") as f:
         f.write(result.root_hash_hex + "\n")
     info: dict[str, object] = {**result.as_json(), "data_blake3": content_digest.hex()}
@@ -97,11 +112,22 @@ def build(inputs: dict[str, str], table: Mapping[str, object], options: ImageOpt
         f.write("\n")
 
 
+def _copy_file(source: str, target: str, size: int) -> None:
+    with open(source, "rb") as src, open(target, "xb") as dst:
+        copied = 0
+        while copied < size:
+            n = os.copy_file_range(src.fileno(), dst.fileno(), size - copied)
+            if n == 0:
+                raise ImageError(f"{source} shrank while being copied")
+            copied += n
+
+
 def read(path: str | bytes | os.PathLike[str]) -> Tree:
-    """The output directory as a tree of its three files."""
+    """The output directory as a tree of its files."""
     root = os.fsencode(path)
     tree = Tree(Entry(b"", EntryType.DIRECTORY, 0o555))
-    for name in sorted((HASH_FILE, ROOTHASH_FILE, SUMMARY_FILE)):
+    for name in sorted(n for n in (HASH_FILE, IMAGE_FILE, ROOTHASH_FILE, SUMMARY_FILE)
+                       if os.path.exists(os.path.join(root, n.encode()))):
         file_path = os.path.join(root, name.encode())
         tree.add(Entry(name.encode(), EntryType.REGULAR, 0o444,
                        content=Content(os.path.getsize(file_path), FileSource(file_path))))

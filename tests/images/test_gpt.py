@@ -375,3 +375,28 @@ def test_shipped_sealed_disk_builds_reproducibly(unprivileged: Unprivileged) -> 
     again = unprivileged.reprobuild("check", "--store", store, "recipes/sealed-disk.toml",
                                     "disk", cwd=work, timeout=900)
     assert again.returncode == 0, again.stdout + again.stderr
+
+
+@pytest.mark.tool
+def test_verity_image_appended_to_the_data(tmp_path: Path) -> None:
+    need_tool("veritysetup")
+    data = tmp_path / "root.img"
+    data.write_bytes(payload(3 * 4096 + 512 * 3, 9))  # whole 512-byte blocks only
+    out = tmp_path / "v"
+    table = {"from": "root", "format": "verity", "append": True, "data-block-size": 512}
+    verity_image.build({"root": str(data)}, table, OPTIONS, str(out))
+    info = json.loads((out / "verity.json").read_text())
+    assert info["hash_offset"] == 4 * 4096
+    combined = (out / "image").read_bytes()
+    assert combined[:data.stat().st_size] == data.read_bytes()
+    assert combined[info["hash_offset"]:][:8] == b"verity\0\0"
+    root_hash = (out / "roothash").read_text().strip()
+    subprocess.run(["veritysetup", "verify", str(out / "image"), str(out / "image"), root_hash,
+                    f"--hash-offset={info['hash_offset']}"], check=True, capture_output=True)
+    assert not (out / "hash").exists()
+    disk = tmp_path / "disk"
+    gpt.build({"v": str(out)}, {"format": "gpt", "partitions": [
+        {"from": "v", "type": "root-x86-64"}]}, OPTIONS, str(disk))
+    (part,) = gpt.read(disk).children(b"")
+    assert part.content is not None and part.content.read()[:len(combined)] == combined
+    assert (disk / "cmdline").read_text() == ""
