@@ -71,6 +71,10 @@ class _Sink:
         self.parts: list[bytes | memoryview] = []
 
     def put(self, offset: int, data: bytes | memoryview) -> None:
+        if isinstance(data, memoryview):
+            base = data.obj
+            if isinstance(base, bytes | bytearray) and len(data) < len(base):
+                data = bytes(data)  # a slice must not keep its whole chunk alive in the buffer
         if self.parts and offset == self.start + self.size and self.size < self.LIMIT:
             self.parts.append(data)
             self.size += len(data)

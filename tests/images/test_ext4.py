@@ -573,3 +573,33 @@ def test_reader_reads_mke2fs_images(tmp_path: Path) -> None:
             continue  # the root gets mke2fs's own time; links carry no metadata
         original = source.get(entry.path)
         assert original is not None and entry.mtime_ns == original.mtime_ns // 10**9 * 10**9
+
+
+HUGE_SCRIPT = textwrap.dedent("""
+    import sys
+    from reprobuild.images import ext4
+    from reprobuild.images.registry import ImageOptions
+    from reprobuild.tree import Content, Entry, EntryType, Tree
+    from tests.images.test_ext4 import PatternSource
+    size = (6 << 30) + 17
+    tree = Tree(Entry(b"", EntryType.DIRECTORY, 0o755))
+    # every 97th block holds data: 16,000 extents, a depth-2 extent tree, 6 GiB streamed
+    blocks = frozenset(range(0, size // 4096, 97))
+    tree.add(Entry(b"huge", EntryType.REGULAR, 0o644, content=Content(size,
+                   PatternSource(size, blocks))))
+    with open(sys.argv[1], "wb") as out:
+        ext4.write(tree, out, ImageOptions(epoch=EPOCH))
+""").replace("EPOCH", str(EPOCH))
+
+
+@pytest.mark.slow
+def test_peak_memory_does_not_grow_with_file_size(tmp_path: Path) -> None:
+    image = tmp_path / "huge.img"
+    proc = subprocess.Popen([sys.executable, "-c", HUGE_SCRIPT, str(image)], cwd=REPO,
+                            env={**os.environ, "PYTHONPATH": str(REPO)})
+    _, status, usage = os.wait4(proc.pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    assert usage.ru_maxrss < 300 * 1024, f"peak {usage.ru_maxrss} KiB"
+    assert image.stat().st_size < 100 << 20
+    if shutil.which("e2fsck") or os.path.exists("/usr/sbin/e2fsck"):
+        e2fsck_clean(image)
