@@ -11,6 +11,8 @@ number in flight.
 from __future__ import annotations
 
 import os
+import queue
+import threading
 from collections import deque
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -77,6 +79,7 @@ from reprobuild.tree import Content, EntryType
 PAD_TO = 4096
 IN_FLIGHT_PER_WORKER = 4
 HOLD_LIMIT = 16 << 20  # files sharing a size are held in memory up to this size
+READ_AHEAD_BYTES = 8 << 20
 
 
 @dataclass(frozen=True)
@@ -306,57 +309,142 @@ class DataWriter:
                 result.sizes.append(size_field)
 
 
+class ReadAhead:
+    """Reads the files' blocks in plan order on a thread of its own.
+
+    Yields (file index, block, digest or None). A file that may
+    duplicate another gets its blake3 digest: on every block when known beforehand (given
+    by the store, or hashed in a first pass when larger than HOLD_LIMIT), else on its last
+    block (hashed as it streams). At most ``depth`` blocks wait in the queue; reads release
+    the GIL, so they overlap with the main thread and with compression.
+    """
+
+    DONE = object()
+
+    def __init__(self, plan: SquashfsPlan, depth: int) -> None:
+        self.plan = plan
+        self.queue: queue.Queue[object] = queue.Queue(maxsize=depth)
+        self.stopping = threading.Event()
+        self.thread = threading.Thread(target=self._run, name="squashfs-read", daemon=True)
+
+    def __enter__(self) -> ReadAhead:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stopping.set()
+        self.thread.join()
+
+    def _put(self, item: object) -> bool:
+        while not self.stopping.is_set():
+            try:
+                self.queue.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def _run(self) -> None:
+        try:
+            block_size = self.plan.block_size
+            for index, file in enumerate(self.plan.files):
+                if file.size == 0:
+                    continue
+                content = file.entry.content
+                assert content is not None
+                digest: bytes | None = None
+                hasher = None
+                if file.may_duplicate:
+                    if content.known_blake3 is not None or file.size > HOLD_LIMIT:
+                        digest = content.blake3
+                    else:
+                        hasher = blake3.blake3()
+                previous: bytes | None = None
+                for block in file_blocks(content, block_size, file.entry.display()):
+                    if hasher is not None:
+                        hasher.update(block)
+                    if previous is not None and not self._put((index, previous, digest)):
+                        return
+                    previous = block
+                if hasher is not None:
+                    digest = hasher.digest()
+                if not self._put((index, previous, digest)):
+                    return
+            self._put(self.DONE)
+        except BaseException as error:  # handed to the main thread, which raises it
+            self._put(error)
+
+    def __iter__(self) -> Iterator[tuple[int, bytes, bytes | None]]:
+        while True:
+            item = self.queue.get()
+            if item is self.DONE:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            yield item  # type: ignore[misc]
+
+
 def write_data(plan: SquashfsPlan, image: ImageFile, compressor: Compressor,
                workers: int) -> tuple[list[FileResult], list[tuple[int, int]]]:
     """Write every file's blocks and the fragment blocks; where each went.
 
-    Each file is read once. A file that shares its size with another is read whole (up to
-    HOLD_LIMIT, else hashed in a first pass) and hashed before its blocks are queued, so
-    a duplicate of an earlier file is never written. Tails pack into fragment blocks in
-    file order; a fragment block is queued when the next tail does not fit.
+    Each file is read once (see ReadAhead). A file that shares its size with another is
+    held until its digest is known, so a duplicate of an earlier file is never written:
+    it shares the earlier file's blocks and fragment. All-zero blocks are stored sparse.
+    Tails pack into fragment blocks in file order; a fragment block is queued when the
+    next tail does not fit.
     """
     block_size = plan.block_size
     zero_block = bytes(block_size)
     results = [FileResult() for _ in plan.files]
     first_of: dict[tuple[int, bytes], int] = {}
     fragment_buffer = bytearray()
+    depth = max(4, READ_AHEAD_BYTES // block_size)
     with ThreadPoolExecutor(max_workers=max(1, workers),
-                            thread_name_prefix="squashfs-compress") as pool:
+                            thread_name_prefix="squashfs-compress") as pool, \
+            ReadAhead(plan, depth) as reader:
         writer = DataWriter(image, compressor, pool, max(1, workers) * IN_FLIGHT_PER_WORKER,
                             results)
-        for index, file in enumerate(plan.files):
-            if file.size == 0:
-                continue
-            content = file.entry.content
-            assert content is not None
-            blocks: Iterator[bytes] = file_blocks(content, block_size, file.entry.display())
-            if file.may_duplicate:
-                if content.known_blake3 is None and file.size <= HOLD_LIMIT:
-                    held = list(blocks)
-                    hasher = blake3.blake3()
-                    for block in held:
-                        hasher.update(block)
-                    digest = hasher.digest()
-                    blocks = iter(held)
-                else:
-                    digest = content.blake3
-                original = first_of.setdefault((file.size, digest), index)
+
+        def place(index: int, number: int, block: bytes) -> None:
+            nonlocal fragment_buffer
+            if number >= plan.files[index].full_blocks:
+                if len(fragment_buffer) + len(block) > block_size:
+                    writer.fragment(bytes(fragment_buffer))
+                    fragment_buffer = bytearray()
+                results[index].fragment = (len(writer.fragments), len(fragment_buffer))
+                fragment_buffer += block
+            elif block == zero_block or (len(block) < block_size
+                                         and not block.strip(b"\0")):
+                writer.sparse(index, number, len(block))
+            else:
+                writer.block(index, number, block)
+
+        current = -1
+        number = 0
+        decided = skip = False
+        held: list[bytes] = []
+        for index, block, digest in reader:
+            if index != current:
+                current, number, held = index, 0, []
+                decided, skip = not plan.files[index].may_duplicate, False
+            if not decided:
+                held.append(block)
+                if digest is None:
+                    continue
+                decided = True
+                original = first_of.setdefault((plan.files[index].size, digest), index)
                 if original != index:
                     results[index] = results[original]
-                    continue
-            result = results[index]
-            for number, block in enumerate(blocks):
-                if number >= file.full_blocks:
-                    if len(fragment_buffer) + len(block) > block_size:
-                        writer.fragment(bytes(fragment_buffer))
-                        fragment_buffer.clear()
-                    result.fragment = (len(writer.fragments), len(fragment_buffer))
-                    fragment_buffer += block
-                elif block == zero_block or (len(block) < block_size
-                                             and not block.strip(b"\0")):
-                    writer.sparse(index, number, len(block))
-                else:
-                    writer.block(index, number, block)
+                    skip = True
+                if not skip:
+                    for waiting in held:
+                        place(index, number, waiting)
+                        number += 1
+                held = []
+            elif not skip:
+                place(index, number, block)
+                number += 1
         if fragment_buffer:
             writer.fragment(bytes(fragment_buffer))
         writer.drain(0)
