@@ -264,7 +264,7 @@ def member_xattrs(info: tarfile.TarInfo, what: str) -> tuple[tuple[bytes, bytes]
         if key.startswith(SCHILY_XATTR):
             name, data = _raw(key[len(SCHILY_XATTR):]), _raw(value)
         elif key.startswith(LIBARCHIVE_XATTR):
-            name = urllib.parse.unquote_to_bytes(key[len(LIBARCHIVE_XATTR):])
+            name = urllib.parse.unquote_to_bytes(_raw(key[len(LIBARCHIVE_XATTR):]))
             try:
                 data = base64.b64decode(_raw(value) + b"=" * (-len(value) % 4), validate=True)
             except ValueError:
@@ -318,7 +318,7 @@ def iter_members(path: bytes | str, *, what: str | None = None,
                               errors="surrogateescape") as archive:
                 for info in archive:
                     yield _member(archive, info, path, what, compression is None, spool)
-        except (tarfile.TarError, EOFError, OSError, zlib.error, lzma.LZMAError,
+        except (tarfile.TarError, EOFError, OSError, ValueError, zlib.error, lzma.LZMAError,
                 zstandard.ZstdError) as exc:
             raise ImageError(f"{what}: not a readable tar archive ({exc})",
                              hint="give a tar file (plain, gzip, xz, zstd or bzip2)") from None

@@ -290,3 +290,33 @@ def test_text_acls_become_posix_acl_xattrs(tmp_path: Path) -> None:
         "SCHILY.acl.access": "user::rw-\nuser:alice:rwx\ngroup::r--\nmask::rwx\nother::r--"})])
     with pytest.raises(ImageError, match="without a numeric id"):
         tree_from_tar(named)
+
+
+def test_damaged_archives_raise_only_image_errors(tmp_path: Path) -> None:
+    """Random damage (bytes, truncation, compression) never escapes as another error."""
+    import random
+
+    from tests.archive_helpers import tar_bytes
+
+    base = tar_bytes(sample_members())
+    rng = random.Random(5)
+    path = tmp_path / "damaged.tar"
+    outcomes = {"ok": 0, "refused": 0}
+    for _ in range(400):
+        data = bytearray(base)
+        for _ in range(rng.randint(1, 8)):
+            data[rng.randrange(len(data))] = rng.randrange(256)
+        if rng.random() < 0.2:
+            data = data[:rng.randrange(len(data))]
+        if rng.random() < 0.2:
+            data = bytearray(compress(bytes(data), rng.choice(["gzip", "zstd", "xz"])))
+            data[rng.randrange(len(data))] ^= 0xFF
+        path.write_bytes(data)
+        try:
+            for entry in tree_from_tar(path, spool=Spool(tmp_path / "spool")):
+                if entry.content is not None:
+                    entry.content.read()
+            outcomes["ok"] += 1
+        except ImageError:
+            outcomes["refused"] += 1
+    assert outcomes["ok"] and outcomes["refused"]
