@@ -7,10 +7,21 @@ xattr bytes), ``ext4_layout`` (the plan), ``ext4_write`` (serialising the plan) 
 
 Features: 4 KiB blocks, 256-byte inodes with nanosecond times, extent, filetype,
 sparse_super, large_file, huge_file, dir_nlink, extra_isize, ext_attr, dir_index (htree,
-unsigned hash flag set explicitly), metadata_csum (crc32c), 64bit, flex_bg. Options:
-``size`` (None = the smallest image that fits, with no spare block), ``uuid``, ``label``,
-``epoch`` (superblock times; inode times are clamped to it) and ``extra`` keys
-``hash_seed`` (a UUID), ``hash_version`` (``half_md4`` or ``tea``), ``inodes`` (spare
+unsigned hash flag set explicitly), metadata_csum (crc32c), 64bit, flex_bg; no journal.
+
+What the bytes depend on: the tree and the options, nothing else. Inode numbers follow
+the canonical order (root 2, lost+found 11, then 12, 13, ...); all four inode times are
+the entry's mtime clamped to the epoch; superblock times are the epoch. All-zero 4 KiB
+blocks of content become holes. The UUID and the htree hash seed are blake3 of the
+canonical tree (with content digests) unless given. Xattrs are stored in the kernel's
+sorted order (prefix index, name length, name), in the inode while they fit, then in one
+xattr block shared by inodes with identical remainders. A ``lost+found`` is added when
+the tree has none (read back, it is part of the image).
+
+Options: ``size`` (None = the smallest image that fits: no spare block or inode beyond
+16-inode rounding; a given size that cannot hold the tree is refused, naming the size
+needed), ``uuid``, ``label`` (<= 16 bytes), ``epoch``, and ``extra`` keys ``hash_seed``
+(a UUID), ``hash_version`` (``half_md4``, the default, or ``tea``) and ``inodes`` (spare
 inodes to add).
 """
 

@@ -159,6 +159,9 @@ def superblock(layout: Layout, free_blocks: int, free_inodes: int, group: int) -
     })
     sb = bytearray(1024)
     sb[: len(packed)] = packed
+    if layout.epoch >> 32:  # s_wtime_hi, s_mkfs_time_hi, s_lastcheck_hi (0x274-0x277)
+        high = (layout.epoch >> 32) & 0xFF
+        sb[0x274], sb[0x276], sb[0x277] = high, high, high
     sb[SB_CHECKSUM_OFFSET:] = crc32c_raw(0xFFFFFFFF, sb[:SB_CHECKSUM_OFFSET]).to_bytes(4, "little")
     return bytes(sb)
 
