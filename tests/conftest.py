@@ -160,7 +160,9 @@ class Unprivileged:
 @pytest.fixture(scope="session")
 def unprivileged() -> Iterator[Unprivileged]:
     need(can_unshare_user(), "needs unprivileged user namespaces")
-    root = Path(tempfile.mkdtemp(prefix="reprobuild-unpriv-"))
+    # Not under /tmp: the sandbox mounts a fresh /tmp over anything bound below it, and
+    # built-in image steps bind this checkout's code at its host path.
+    root = Path(tempfile.mkdtemp(prefix="reprobuild-unpriv-", dir="/var/tmp"))
     try:
         home = root / "home"
         yield_obj = Unprivileged(root)
