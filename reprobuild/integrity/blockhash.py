@@ -8,10 +8,11 @@ by a few threads (hashlib releases the GIL for inputs of 2 KiB and more).
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -48,6 +49,22 @@ def hasher(algorithm: str, prefix: bytes = b"") -> Hasher:
     return salted
 
 
+# The unbound ``digest`` method of each algorithm's hash objects.
+_DIGEST: dict[str, Callable[[Any], bytes]] = {
+    name: type(getattr(hashlib, name)()).digest for name in ALGORITHMS}
+
+
+def _slices(length: int, block_size: int) -> Iterable[slice]:
+    if length > SEGMENT_SIZE:  # one-off big buffers: not worth keeping
+        return (slice(i, i + block_size) for i in range(0, length, block_size))
+    return _cached_slices(length, block_size)
+
+
+@functools.lru_cache(maxsize=16)
+def _cached_slices(length: int, block_size: int) -> tuple[slice, ...]:
+    return tuple(slice(i, i + block_size) for i in range(0, length, block_size))
+
+
 def digest_size(algorithm: str) -> int:
     return hasher(algorithm)(b"").digest_size
 
@@ -67,7 +84,10 @@ def hash_blocks(view: memoryview | bytes | bytearray, block_size: int, algorithm
                             prefix, slot=slot)
                 + hash_blocks(tail, block_size, algorithm, prefix, slot=slot))
     h = hasher(algorithm, prefix)
-    digests = [h(view[i:i + block_size]).digest() for i in range(0, length, block_size)]
+    # map() over cached slice objects: the least Python work per block (no range ints,
+    # no slice objects, no comprehension frame), measurably faster than a comprehension.
+    digests = list(map(_DIGEST[algorithm], map(h, map(view.__getitem__,
+                                                       _slices(length, block_size)))))
     if not digests:
         return b""
     pad = b"\0" * (slot - len(digests[0])) if slot > len(digests[0]) else b""
