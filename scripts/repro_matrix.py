@@ -63,11 +63,9 @@ def main() -> int:
             canon.remove_tree(tmp)
     width = max([len("recipe"), *(len(name) for name, _ in rows)])
     cols = [max(len(v), 9) for v in chosen]
-    print("recipe".ljust(width) + "  " + "  ".join(v.ljust(w) for v, w in zip(chosen, cols,
-                                                                               strict=True)))
-    for name, cells in rows:
-        print(name.ljust(width) + "  " + "  ".join(c.ljust(w) for c, w in zip(cells, cols,
-                                                                              strict=True)))
+    for name, cells in [("recipe", list(chosen)), *rows]:
+        line = "  ".join(c.ljust(w) for c, w in zip(cells, cols, strict=True))
+        print((name.ljust(width) + "  " + line).rstrip())
     flat = [c for _, cells in rows for c in cells]
     if "error" in flat:
         return 2
