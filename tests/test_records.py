@@ -201,3 +201,38 @@ def test_store_writes_a_record_per_output(tmp_path: Path) -> None:
         inputs={"img": {"derivation": "a" * 64, "hash": inp.hash}}, epoch=1700000000)
     assert Path(other.record_path("b" * 64)).read_bytes() == \
         Path(store.record_path("b" * 64)).read_bytes()
+
+
+def test_records_of_independent_builds_challenge(tmp_path: Path,
+                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    """Two stores build the same recipe (engine tests' fake runner): the honest step's
+    records agree, the clock step's differ, and challenge says which."""
+    recipe = tmp_path / "r.toml"
+    recipe.write_text('epoch = 1700000000\n[sources.sh]\nhost = "/bin/sh"\n'
+                      '[steps.honest]\ninputs = ["sh"]\n'
+                      'builder = ["sh", "-c", "echo same > $out"]\n'
+                      '[steps.clock]\ninputs = ["sh"]\n'
+                      'builder = ["sh", "-c", "date +%s%N > $out"]\n')
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
+    signed: dict[str, list[str]] = {"honest": [], "clock": []}
+    for builder in ("alice", "bob"):
+        out = subprocess.run(
+            [sys.executable, "-m", "tests.engine.fakecli", "build", "--json", "--no-out-link",
+             "--store", str(tmp_path / builder), str(recipe)],
+            env=env, capture_output=True, text=True, cwd=tmp_path)
+        assert out.returncode == 0, out.stderr
+        key = tmp_path / f"{builder}.key"
+        signing.generate_key(key)
+        for row in json.loads(out.stdout):
+            assert main(["sign", "--key", str(key), row["record"]]) == 0
+            signed[row["target"]].append(row["record"] + ".dsse")
+    capsys.readouterr()
+    keys = ["--key", str(tmp_path / "alice.key.pub"), "--key", str(tmp_path / "bob.key.pub")]
+    assert main(["challenge", *keys, *signed["honest"]]) == 0
+    assert "1 outputs, 1 identical, 0 differing" in capsys.readouterr().out
+    assert main(["challenge", *keys, "--json", *signed["honest"], *signed["clock"]]) == 1
+    verdict = {d["target"]: d for d in json.loads(capsys.readouterr().out)}
+    assert verdict["honest"]["agree"] and not verdict["clock"]["agree"]
+    assert len(verdict["clock"]["outputs"]) == 2
+    alice = signing.key_id(signing.load_public_key(tmp_path / "alice.key.pub"))
+    assert [alice] in [o["builders"] for o in verdict["clock"]["outputs"]]
