@@ -250,7 +250,8 @@ def _plan(recipe_path: str, targets: Sequence[str], main: Store, built: list[Bui
         copy_ids = [d for d in closure if kinds[d] in FETCHED_KINDS and d not in wanted]
     else:
         copy_ids = [d for d in closure if d not in wanted]
-    compare_ids = [d for d in closure if d not in copy_ids]
+    compare_ids = sorted((d for d in closure if d not in copy_ids),
+                         key=lambda d: (names[d], d))
     return _Plan(recipe, recipe_path, tuple(targets), tuple(copy_ids), tuple(compare_ids),
                  names, target_ids)
 

@@ -262,20 +262,27 @@ def diff_paths(
     *,
     compare_owner: bool = True,
     store_outputs: bool = False,
+    follow_symlinks: bool = False,
     workdir: str | os.PathLike[str] | None = None,
 ) -> DiffReport:
     """Compare two outputs of any supported kind and say how they differ.
 
     ``store_outputs`` reads directories as store outputs (ownership ignored, no hardlink
-    detection). ``workdir`` is where GPT partitions are extracted (a temporary directory,
-    removed afterwards, when None).
+    detection). ``follow_symlinks`` compares what ``a`` and ``b`` point at when they are
+    symlinks (result links), not the links. ``workdir`` is where GPT partitions are
+    extracted (a temporary directory, removed afterwards, when None).
     """
+    pa, pb = Path(a), Path(b)
+    if follow_symlinks:
+        pa, pb = (Path(os.path.realpath(p)) if p.is_symlink() else p for p in (pa, pb))
     if workdir is not None:
-        return _diff(Path(a), Path(b), compare_owner=compare_owner,
-                     store_outputs=store_outputs, workdir=Path(workdir))
-    with tempfile.TemporaryDirectory(prefix="reprobuild-diff-") as tmp:
-        return _diff(Path(a), Path(b), compare_owner=compare_owner,
-                     store_outputs=store_outputs, workdir=Path(tmp))
+        report = _diff(pa, pb, compare_owner=compare_owner, store_outputs=store_outputs,
+                       workdir=Path(workdir))
+    else:
+        with tempfile.TemporaryDirectory(prefix="reprobuild-diff-") as tmp:
+            report = _diff(pa, pb, compare_owner=compare_owner, store_outputs=store_outputs,
+                           workdir=Path(tmp))
+    return _with(report, a=os.fspath(a), b=os.fspath(b))
 
 
 def _diff(a: Path, b: Path, *, compare_owner: bool, store_outputs: bool,

@@ -77,6 +77,14 @@ def test_plain_files_hexdump(tmp_path: Path) -> None:
     c = tmp_path / "c.bin"
     c.write_bytes(data)
     assert diffreport.diff_paths(a, c).identical
+    # Result links are followed on request (the CLI does); otherwise links compare.
+    (tmp_path / "link-b").symlink_to(b)
+    (tmp_path / "link-c").symlink_to(c)
+    assert diffreport.diff_paths(a, tmp_path / "link-c", follow_symlinks=True).identical
+    assert diffreport.diff_paths(tmp_path / "link-b", tmp_path / "link-c").summary() == [
+        ("/", "target")]
+    assert main(["diff", str(a), str(tmp_path / "link-b")]) == 1
+    assert main(["diff", str(a), str(tmp_path / "link-c")]) == 0
 
 
 def _has_reader(fmt: str) -> bool:

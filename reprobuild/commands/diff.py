@@ -29,9 +29,10 @@ def run(args: argparse.Namespace) -> int:
     if args.keep:
         workdir = tempfile.mkdtemp(prefix="reprobuild-diff-")
         report = diffreport.diff_paths(args.a, args.b, compare_owner=not args.no_owner,
-                                       workdir=workdir)
+                                       follow_symlinks=True, workdir=workdir)
     else:
-        report = diffreport.diff_paths(args.a, args.b, compare_owner=not args.no_owner)
+        report = diffreport.diff_paths(args.a, args.b, compare_owner=not args.no_owner,
+                                       follow_symlinks=True)
     if args.json:
         sys.stdout.write(json.dumps(report.to_json(), indent=2, sort_keys=True) + "\n")
     else:
