@@ -176,14 +176,15 @@ def _load_json(data: bytes, what: str) -> Any:
 
 def apply_layer(builder: TreeBuilder, layer: bytes, what: str, spool: Spool | None) -> bool:
     """Apply one layer tar onto ``builder``; True when the layer carried the root ``./``."""
-    this_layer: set[bytes] = set()
+    listed: set[bytes] = set()  # members of this layer (a path may appear once)
+    this_layer: set[bytes] = {b""}  # and the directories that hold them
     opaque: list[bytes] = []
     carried_root = False
     for member in iter_members(layer, what=what, spool=spool):
         path = member.entry.path
         name = path.rsplit(b"/", 1)[-1]
         parent = path.rsplit(b"/", 1)[0] if b"/" in path else b""
-        if path in this_layer:
+        if path in listed:
             raise ImageError(f"{what}: duplicate member {member.name!r}",
                              hint="each path may appear only once in a layer")
         if name == OPAQUE_MARKER:
@@ -195,7 +196,11 @@ def apply_layer(builder: TreeBuilder, layer: bytes, what: str, spool: Spool | No
             hidden = (parent + b"/" if parent else b"") + name[len(WHITEOUT_PREFIX):]
             if hidden not in this_layer:
                 builder.remove(hidden)
+            elif builder.is_dir(hidden):
+                # This layer put things under it: only the lower layers' content goes.
+                builder.clear_directory(hidden, this_layer)
             continue
+        listed.add(path)
         this_layer.add(path)
         if path == b"":
             carried_root = True
@@ -207,7 +212,6 @@ def apply_layer(builder: TreeBuilder, layer: bytes, what: str, spool: Spool | No
         while b"/" in path:
             path = path.rsplit(b"/", 1)[0]
             this_layer.add(path)
-        this_layer.add(b"")
     for directory in opaque:
         if not builder.exists(directory):
             continue

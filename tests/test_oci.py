@@ -259,3 +259,45 @@ def test_layer_order_matters_only_where_layers_overlap(tmp_path: Path) -> None:
              for n, order in enumerate(([one, two], [two, one], [one, over], [over, one]))]
     assert diff_trees(trees[0], trees[1]) == []
     assert [d.kind for d in diff_trees(trees[2], trees[3])] == ["content"]
+
+
+@pytest.mark.slow
+def test_debian_minbase_as_a_layer(debian_minbase_tar: Path, tmp_path: Path) -> None:
+    """A real root filesystem as a zstd layer, plus a layer of whiteouts over it."""
+    import zstandard
+
+    layout = tmp_path / "oci"
+    (layout / "blobs" / "sha256").mkdir(parents=True)
+    (layout / "oci-layout").write_text('{"imageLayoutVersion": "1.0.0"}')
+    packed = tmp_path / "layer.tar.zst"
+    with debian_minbase_tar.open("rb") as src, packed.open("wb") as dst:
+        zstandard.ZstdCompressor(level=1).copy_stream(src, dst)
+    digest = hashlib.sha256(packed.read_bytes()).hexdigest()
+    packed.rename(layout / "blobs" / "sha256" / digest)
+    upper = compress(tar_bytes([file("etc/.wh.hostname"), file("usr/share/doc/.wh..wh..opq"),
+                                file("usr/share/doc/README", b"gone", mtime=EPOCH)]), "gzip")
+    upper_blob = _blob(layout, upper)
+    config = _blob(layout, b"{}")
+    manifest = {"schemaVersion": 2, "config": {"mediaType": "x", **config}, "layers": [
+        {"mediaType": LAYER_MEDIA["zstd"], "digest": f"sha256:{digest}",
+         "size": (layout / "blobs" / "sha256" / digest).stat().st_size},
+        {"mediaType": LAYER_MEDIA["gzip"], **upper_blob}]}
+    descriptor = {"mediaType": "application/vnd.oci.image.manifest.v1+json",
+                  **_blob(layout, json.dumps(manifest).encode())}
+    (layout / "index.json").write_text(json.dumps({"schemaVersion": 2,
+                                                   "manifests": [descriptor]}))
+    merged = load_tree(layout, epoch=EPOCH)
+    expected = load_tree(debian_minbase_tar, epoch=EPOCH)
+    differences = {(d.path, d.kind) for d in diff_trees(expected, merged)}
+    gone = {(e.path, "only-in-a") for e in expected
+            if e.path == b"etc/hostname" or e.path.startswith(b"usr/share/doc/")}
+    assert gone and differences == gone | {(b"usr/share/doc/README", "only-in-b")}
+
+
+def test_whiteout_of_a_directory_this_layer_writes_into(tmp_path: Path) -> None:
+    layout = make_layout(tmp_path / "oci", [
+        ([dir_("a"), file("a/lower", b"l"), dir_("a/sub"), file("a/sub/x", b"x")], "gzip"),
+        ([file("a/new", b"n"), file(".wh.a"), file("a/sub/y", b"y")], "gzip")])
+    tree = tree_from_oci(layout)
+    assert sorted(e.path for e in tree if e.path.startswith(b"a")) == [
+        b"a", b"a/new", b"a/sub", b"a/sub/y"]
