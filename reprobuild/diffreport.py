@@ -18,7 +18,7 @@ import subprocess
 import tempfile
 import uuid
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -97,10 +97,18 @@ class ByteDifference:
     size_b: int
     dump_a: tuple[str, ...]
     dump_b: tuple[str, ...]
+    hint: str | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return {"offset": self.offset, "size_a": self.size_a, "size_b": self.size_b,
+                "hexdump_a": list(self.dump_a), "hexdump_b": list(self.dump_b),
+                "hint": self.hint}
 
     def render(self, indent: str = "  ") -> list[str]:
         lines = [f"{indent}first differing byte at offset {self.offset} (0x{self.offset:x});"
                  f" sizes {self.size_a} vs {self.size_b} bytes"]
+        if self.hint:
+            lines.append(f"{indent}{self.hint}")
         for la, lb in zip(self.dump_a, self.dump_b, strict=True):
             if la.endswith("(end)") and lb.endswith("(end)"):
                 lines.append(f"{indent}  {la}")
@@ -148,7 +156,23 @@ def _first_offset(fa: BinaryIO, fb: BinaryIO) -> int | None:
 def compare_bytes(a: str | os.PathLike[str], b: str | os.PathLike[str]) -> ByteDifference | None:
     """None when the files are identical; else where they first differ, with hexdumps."""
     with open(a, "rb") as fa, open(b, "rb") as fb:
-        return compare_streams(fa, fb)
+        found = compare_streams(fa, fb)
+        if found is not None and max(found.size_a, found.size_b) <= ORDER_HINT_LIMIT:
+            fa.seek(0)
+            fb.seek(0)
+            found = replace(found, hint=order_hint(fa.read(), fb.read()))
+        return found
+
+
+ORDER_HINT_LIMIT = 1 << 20
+
+
+def order_hint(a: bytes, b: bytes) -> str | None:
+    """A hint when two contents hold the same lines in another order."""
+    if a != b and b"\n" in a and sorted(a.splitlines()) == sorted(b.splitlines()):
+        return ("the same lines in another order: directory listing (readdir) or hash "
+                "order leaks into the output")
+    return None
 
 
 def compare_streams(fa: BinaryIO, fb: BinaryIO) -> ByteDifference | None:
@@ -174,6 +198,9 @@ class _ChunkStream:
         if self._data is None:
             self._data = self._content.read()
         return self._data
+
+    def all(self) -> bytes:
+        return self._bytes()
 
     def read(self, n: int = -1) -> bytes:
         data = self._bytes()
@@ -238,9 +265,10 @@ class DiffReport:
             "notes": list(self.notes),
         }
         if self.byte_difference is not None:
-            bd = self.byte_difference
-            doc["bytes"] = {"offset": bd.offset, "size_a": bd.size_a, "size_b": bd.size_b,
-                            "hexdump_a": list(bd.dump_a), "hexdump_b": list(bd.dump_b)}
+            doc["bytes"] = self.byte_difference.to_json()
+        if self.content_dumps:
+            doc["contents"] = {"/" + p.decode("utf-8", "backslashreplace"): d.to_json()
+                               for p, d in self.content_dumps}
         if self.parts:
             doc["parts"] = {label: part.to_json() for label, part in self.parts}
         return doc
@@ -333,8 +361,6 @@ def _diff(a: Path, b: Path, *, compare_owner: bool, store_outputs: bool,
 
 
 def _with(report: DiffReport, **changes: Any) -> DiffReport:
-    from dataclasses import replace
-
     return replace(report, **changes)
 
 
@@ -352,8 +378,11 @@ def _content_dumps(a: Tree, b: Tree, diffs: list[Difference]
             continue
         if max(ra.size, rb.size) > 64 << 20:
             continue  # the offset is in the detail; do not pull huge files into memory
-        found = compare_streams(_ChunkStream(ra), _ChunkStream(rb))  # type: ignore[arg-type]
+        sa, sb = _ChunkStream(ra), _ChunkStream(rb)
+        found = compare_streams(sa, sb)  # type: ignore[arg-type]
         if found is not None:
+            if max(ra.size, rb.size) <= ORDER_HINT_LIMIT:
+                found = replace(found, hint=order_hint(sa.all(), sb.all()))
             dumps.append((diff.path, found))
     return tuple(dumps)
 

@@ -59,6 +59,18 @@ def test_directories(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None
     assert {(d["path"], d["kind"]) for d in doc["differences"]} >= EXPECTED
 
 
+def test_order_hint(tmp_path: Path) -> None:
+    a, b = tmp_path / "a", tmp_path / "b"
+    for side, names in ((a, "b\na\nc\n"), (b, "c\na\nb\n")):
+        side.mkdir()
+        (side / "listing").write_text(names)
+        (side / "other").write_text(names.replace("\n", ""))
+    text = diffreport.diff_paths(a, b, compare_owner=False).render()
+    assert text.count("the same lines in another order") == 1
+    assert "/listing: content" in text and "/other: content" in text
+    assert diffreport.order_hint(b"a\nb\n", b"a\nc\n") is None
+
+
 def test_plain_files_hexdump(tmp_path: Path) -> None:
     a, b = tmp_path / "a.bin", tmp_path / "b.bin"
     data = bytes(range(256)) * 4
