@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import lzma
 import os
+import struct
 import zlib
 from dataclasses import dataclass
 from typing import BinaryIO
@@ -58,8 +59,8 @@ CRC_MAGIC = b"070702"
 # 8 hex digits: c_magic[6] @0, c_ino @6, c_mode @14, c_uid @22, c_gid @30, c_nlink @38,
 # c_mtime @46, c_filesize @54, c_devmajor @62, c_devminor @70, c_rdevmajor @78,
 # c_rdevminor @86, c_namesize @94, c_check @102.
-NEWC_HEADER_SIZE = 110
-NEWC_FIELDS = 13
+CPIO_NEWC_HEADER = struct.Struct("6s" + "8s" * 13)
+NEWC_HEADER_SIZE = CPIO_NEWC_HEADER.size
 TRAILER = b"TRAILER!!!"
 PATH_MAX = 4096
 U32 = 0xFFFFFFFF
@@ -81,7 +82,8 @@ def newc_header(name: bytes, *, ino: int, mode: int, uid: int, gid: int, nlink: 
     """Header plus NUL-terminated name, padded to a multiple of 4 bytes."""
     fields = (ino, mode, uid, gid, nlink, mtime, filesize, 0, 0, rdevmajor, rdevminor,
               len(name) + 1, 0)
-    header = NEWC_MAGIC + b"".join(b"%08X" % value for value in fields) + name + b"\0"
+    header = CPIO_NEWC_HEADER.pack(NEWC_MAGIC, *(b"%08X" % value for value in fields))
+    header += name + b"\0"
     return header + b"\0" * (-len(header) % 4)
 
 
@@ -202,7 +204,7 @@ def _records(path: bytes) -> list[_Record]:
                 raise ImageError(f"{shown}: no newc header at offset {offset}",
                                  hint="only newc (070701/070702) cpio archives are read")
             try:
-                fields = tuple(int(head[6 + 8 * i:14 + 8 * i], 16) for i in range(NEWC_FIELDS))
+                fields = tuple(int(field, 16) for field in CPIO_NEWC_HEADER.unpack(head)[1:])
             except ValueError:
                 raise ImageError(f"{shown}: bad newc header at offset {offset}") from None
             namesize = fields[11]

@@ -30,6 +30,7 @@ Sockets cannot be stored in tar and are refused.
 
 from __future__ import annotations
 
+import struct
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import BinaryIO
@@ -53,10 +54,13 @@ MAX_ID = 8**7 - 1
 MAX_SIZE = 8**11 - 1
 MAX_MTIME = 8**11 - 1
 
-# POSIX ustar header (pax.h / GNU tar src/tar.h struct posix_header), 512 bytes:
+# struct posix_header (POSIX pax/ustar; GNU tar src/tar.h), 512 bytes:
 # name[100] @0, mode[8] @100, uid[8] @108, gid[8] @116, size[12] @124, mtime[12] @136,
 # chksum[8] @148, typeflag @156, linkname[100] @157, magic[6] @257, version[2] @263,
-# uname[32] @265, gname[32] @297, devmajor[8] @329, devminor[8] @337, prefix[155] @345.
+# uname[32] @265, gname[32] @297, devmajor[8] @329, devminor[8] @337, prefix[155] @345,
+# padding[12] @500. Short strings are NUL-padded by "s".
+POSIX_HEADER = struct.Struct("100s8s8s8s12s12s8sc100s6s2s32s32s8s8s155s12x")
+CHKSUM_OFFSET = 148
 TYPEFLAG: dict[EntryType, bytes] = {
     EntryType.REGULAR: b"0",
     EntryType.HARDLINK: b"1",
@@ -108,23 +112,14 @@ def ustar_header(*, name: bytes, mode: int, uid: int, gid: int, size: int, mtime
 
     ``devmajor``/``devminor`` of None leave the fields empty (pax header members).
     """
-    header = bytearray(BLOCK)
-    header[0:len(name)] = name
-    header[100:108] = _octal(mode, 8)
-    header[108:116] = _octal(uid, 8)
-    header[116:124] = _octal(gid, 8)
-    header[124:136] = _octal(size, 12)
-    header[136:148] = _octal(mtime, 12)
-    header[148:156] = b" " * 8
-    header[156:157] = typeflag
-    header[157:157 + len(linkname)] = linkname
-    header[257:263] = b"ustar\0"
-    header[263:265] = b"00"
-    if devmajor is not None and devminor is not None:
-        header[329:337] = _octal(devmajor, 8)
-        header[337:345] = _octal(devminor, 8)
-    header[148:156] = b"%06o\0 " % sum(header)
-    return bytes(header)
+    major = b"" if devmajor is None else _octal(devmajor, 8)
+    minor = b"" if devminor is None else _octal(devminor, 8)
+    header = POSIX_HEADER.pack(
+        name, _octal(mode, 8), _octal(uid, 8), _octal(gid, 8), _octal(size, 12),
+        _octal(mtime, 12), b" " * 8, typeflag, linkname, b"ustar\0", b"00", b"", b"",
+        major, minor, b"")
+    checksum = b"%06o\0 " % sum(header)
+    return header[:CHKSUM_OFFSET] + checksum + header[CHKSUM_OFFSET + 8:]
 
 
 def _member_name(entry: Entry) -> bytes:
