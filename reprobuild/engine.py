@@ -94,6 +94,9 @@ class Engine:
         self.options = options
         self.progress = progress or Progress(enabled=False)
         self._spare: list[str] = []
+        self._slots = threading.Semaphore(max(1, options.jobs))
+        self._in_flight = 2 * max(1, options.jobs) + 2
+        self._cancelled = False
         self._spare_lock = threading.Lock()
 
     def close(self) -> None:
@@ -148,17 +151,16 @@ class Engine:
         stopped = False
         self.progress.start(total=len(todo))
         try:
-            with ThreadPoolExecutor(max_workers=max(1, self.options.jobs)) as pool:
+            # More threads than run slots: a finished step's fsync and registration
+            # overlap the next step's run, while at most `jobs` steps run at once.
+            with ThreadPoolExecutor(max_workers=self._in_flight) as pool:
                 while True:
                     if not stopped:
-                        free = max(1, self.options.jobs) - len(running)
+                        free = self._in_flight - len(running)
                         ready = [k for k, deps in waiting.items() if not deps][:max(0, free)]
                         for key in ready:
                             del waiting[key]
-                            node = nodes[key]
-                            self.progress.started(key, node.display,
-                                                  self.store.log_path(node.id))
-                            running[pool.submit(self._build_node, plan, node,
+                            running[pool.submit(self._build_node, plan, nodes[key],
                                                 dict(report.entries))] = key
                     if not running:
                         break
@@ -167,7 +169,11 @@ class Engine:
                         key = running.pop(future)
                         try:
                             entry = future.result()
+                        except _Cancelled:
+                            report.skipped.append(key)
+                            continue
                         except SandboxError:
+                            self._cancelled = True
                             raise  # the host cannot sandbox at all: not one step's failure
                         except ReprobuildError as exc:
                             log = self.store.log_path(nodes[key].id)
@@ -177,7 +183,7 @@ class Engine:
                             skipped = _drop_dependents(key, waiting, dependents)
                             report.skipped.extend(skipped)
                             if not self.options.keep_going:
-                                stopped = True
+                                stopped = self._cancelled = True
                             continue
                         report.entries[key] = entry
                         report.built.append(key)
@@ -186,7 +192,8 @@ class Engine:
                             if child in waiting:
                                 waiting[child].discard(key)
                 if stopped:
-                    report.skipped.extend(sorted(k for k in waiting if k not in report.skipped))
+                    report.skipped.extend(k for k in waiting if k not in report.skipped)
+                    report.skipped.sort()
         finally:
             self.progress.stop()
 
@@ -199,7 +206,16 @@ class Engine:
             build_dir = self._take_build_dir()
             try:
                 output = os.path.join(build_dir, "output", "out")
-                self._produce(plan, node, done, build_dir, output)
+                with self._slots:
+                    if self._cancelled:
+                        raise _Cancelled(node.key)
+                    self.progress.started(node.key, node.display, self.store.log_path(node.id))
+                    try:
+                        self._produce(plan, node, done, build_dir, output)
+                    except BaseException:
+                        # Before the slot is free, so no waiting node starts after this.
+                        self._cancelled = self._cancelled or not self.options.keep_going
+                        raise
                 input_meta = {name: {"derivation": node.derivation.inputs[name],
                                      "hash": done[name].hash if name in done else ""}
                               for name in node.derivation.inputs}
@@ -212,6 +228,9 @@ class Engine:
                 entry = self.store.register(
                     node.id, output, derivation=node.derivation.to_json(), inputs=input_meta,
                     epoch=plan.recipe.epoch if node.sandboxed else 0, expected_hash=expected)
+            except _Cancelled:
+                self._give_back_build_dir(build_dir)
+                raise
             except BaseException as exc:
                 if self.options.keep_failed and node.sandboxed and isinstance(exc, BuildError):
                     kept = self._keep(node, build_dir)
@@ -307,6 +326,10 @@ class Engine:
         raise BuildError(f"{node.key} {how}; log: {log}"
                          + (f"\n  last lines:\n{lines}" if lines else ""),
                          hint=f"reprobuild log {plan.recipe.path} {node.key}")
+
+
+class _Cancelled(Exception):
+    """A node that had not started when the build stopped after a failure."""
 
 
 def _drop_dependents(key: str, waiting: dict[str, set[str]],

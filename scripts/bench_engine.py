@@ -75,8 +75,10 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=200)
     parser.add_argument("-j", "--jobs", type=int, default=os.cpu_count() or 1)
-    parser.add_argument("--runner", choices=("sandbox", "fake", "bwrap"), default="sandbox",
-                        help="sandbox (default), the tests' fake runner, or bubblewrap")
+    parser.add_argument("--runner", choices=("sandbox", "fake", "bwrap", "null"),
+                        default="sandbox",
+                        help="sandbox (default), the tests' fake runner, bubblewrap, or "
+                             "null (runs nothing: the engine's own cost)")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="reprobuild-bench-") as tmp:
         root = Path(tmp)

@@ -8,11 +8,12 @@ import sys
 from reprobuild import cli
 from reprobuild.commands import common
 from tests.engine.bwrap import BwrapRunner
-from tests.engine.fakes import FakeRunner
+from tests.engine.fakes import FakeRunner, NullRunner
 
 if __name__ == "__main__":
     # REPROBUILD_TEST_RUNNER=bwrap checks the mount layout in a real empty root.
     kind = os.environ.get("REPROBUILD_TEST_RUNNER", "fake")
-    runner = BwrapRunner if kind == "bwrap" else FakeRunner
-    common.start_runner = lambda *, debug=False: runner()  # type: ignore[assignment]
+    runners = {"bwrap": BwrapRunner, "fake": FakeRunner, "null": NullRunner}
+    runner = runners[kind]
+    common.start_runner = lambda *, debug=False: runner()  # type: ignore[assignment,abstract]
     sys.exit(cli.main(sys.argv[1:]))

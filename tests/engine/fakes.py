@@ -57,3 +57,16 @@ class FakeRunner:
 
     def close(self) -> None:
         self.closed = True
+
+
+class NullRunner:
+    """Runs nothing: writes the builder's argv into ``$out`` (measures the engine alone)."""
+
+    def run(self, spec: SandboxSpec, *, log_fd: int) -> SandboxResult:
+        output = next(m.source for m in spec.mounts if m.target == "/output")
+        with open(f"{output}/out", "w") as f:
+            f.write(" ".join(spec.argv))
+        return SandboxResult(0)
+
+    def close(self) -> None:
+        pass
