@@ -152,7 +152,10 @@ class Spool:
     def store(self, stream: IO[bytes], size: int | None, what: str) -> Content:
         """Copy ``size`` bytes (None: all) of ``stream`` into the spool; their Content."""
         hasher = blake3.blake3()
-        fd, tmp = tempfile.mkstemp(dir=self.directory, prefix=b".part-")
+        try:
+            fd, tmp = tempfile.mkstemp(dir=self.directory, prefix=b".part-")
+        except OSError as exc:
+            raise self._error(exc) from None
         try:
             copied = 0
             with os.fdopen(fd, "wb") as out:
@@ -164,7 +167,10 @@ class Spool:
                             break
                         raise ImageError(f"{what}: archive ended inside the member")
                     hasher.update(chunk)
-                    out.write(chunk)
+                    try:
+                        out.write(chunk)
+                    except OSError as exc:
+                        raise self._error(exc) from None
                     copied += len(chunk)
             digest = hasher.digest()
             final = self.directory + b"/" + digest.hex().encode()
@@ -177,6 +183,11 @@ class Spool:
                 os.unlink(tmp)
             raise
         return Content(copied, FileSource(final), digest)
+
+    def _error(self, exc: OSError) -> ImageError:
+        shown = self.directory.decode("utf-8", "backslashreplace")
+        return ImageError(f"cannot spool archive contents into {shown}: {exc.strerror}",
+                          hint="give the spool (TMPDIR) a writable place with enough room")
 
 
 _default_spool: Spool | None = None

@@ -320,3 +320,13 @@ def test_damaged_archives_raise_only_image_errors(tmp_path: Path) -> None:
         except ImageError:
             outcomes["refused"] += 1
     assert outcomes["ok"] and outcomes["refused"]
+
+
+def test_full_spool_is_reported_as_such(tmp_path: Path) -> None:
+    packed = tmp_path / "a.tgz"
+    packed.write_bytes(compress(write_tar(tmp_path / "a.tar", [file("a", b"x")]).read_bytes(),
+                                "gzip"))
+    spool = Spool(tmp_path / "spool")
+    spool.directory = b"/proc/no-such-dir"
+    with pytest.raises(ImageError, match="cannot spool archive contents into /proc"):
+        tree_from_tar(packed, spool=spool)
