@@ -154,6 +154,12 @@ def test_sign_command_and_challenge(tmp_path: Path, capsys: pytest.CaptureFixtur
     out = capsys.readouterr().out
     assert "DIFFER" in out and str(p1) in out and str(p2) in out
 
+    # sign --verify: OK with the right key, exit 1 and a clear error otherwise.
+    assert _cli("sign", "--verify", "--key", str(keys_dir / "alice.pub"), a1) == 0
+    assert "OK" in capsys.readouterr().out
+    assert _cli("sign", "--verify", "--key", str(keys_dir / "bob.pub"), a1) == 1
+    assert "does not verify" in capsys.readouterr().err
+
     # A record signed by an untrusted key is refused.
     m = signed("m", "mallory", "aaaa")
     assert _cli("challenge", "--trusted-keys", str(keys_dir), a1, m) == 1

@@ -9,7 +9,7 @@ from pathlib import Path
 from reprobuild import signing
 from reprobuild.errors import ReprobuildError
 
-HELP = "sign build records with an ed25519 key, or make a key pair"
+HELP = "sign build records with an ed25519 key, verify signed records, or make a key pair"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -18,6 +18,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--key", metavar="KEY", help="ed25519 private key (PEM)")
     parser.add_argument("--generate-key", metavar="KEY",
                         help="write a new key pair: KEY (mode 0600) and KEY.pub")
+    parser.add_argument("--verify", action="store_true",
+                        help="verify signed records instead: --key is then a public (or "
+                             "private) key; exit 1 when one does not verify")
     parser.add_argument("-o", "--output", metavar="FILE",
                         help="where to write the envelope (one record only; "
                              "default RECORD.dsse)")
@@ -34,6 +37,14 @@ def run(args: argparse.Namespace) -> int:
         raise ReprobuildError("nothing to sign", hint="give RECORD files and --key KEY")
     if not (args.key or args.generate_key):
         raise ReprobuildError("no signing key given", hint="use --key KEY")
+    if args.verify:
+        verifier = signing.load_public_key(args.key or args.generate_key)
+        keys = {signing.key_id(verifier): verifier}
+        for name in args.records:
+            loaded = signing.load_record(name, keys)
+            print(f"{name}: OK, {loaded.record.target} ({loaded.record.derivation_id}) "
+                  f"signed by {loaded.signer}")
+        return 0
     if args.output and len(args.records) != 1:
         raise ReprobuildError("--output works with one record only")
     key = signing.load_private_key(args.key or args.generate_key)
