@@ -71,18 +71,6 @@ def tail(path: str, lines: int = TAIL_LINES) -> list[str]:
     return data.decode("utf-8", "replace").splitlines()[-lines:]
 
 
-def missing_fetches(plan: Plan, store: Store) -> list[Node]:
-    """The fetch nodes a build of ``plan`` would need to run (outputs missing)."""
-    needed: list[Node] = []
-    for node in plan.order():
-        if node.derivation.kind != "fetch-deb" or store.lookup(node.id) is not None:
-            continue
-        dependents = [n for n in plan.order() if node.key in n.deps]
-        if not dependents or any(store.lookup(n.id) is None for n in dependents):
-            needed.append(node)
-    return needed
-
-
 class Engine:
     """Builds plans into a store. ``runner_factory`` is called at most once, before threads."""
 
@@ -108,6 +96,7 @@ class Engine:
     def build(self, plan: Plan) -> BuildReport:
         """Build every node of ``plan`` that is not in the store yet."""
         report = BuildReport()
+        self._cancelled = False
         with self.store.session():
             todo = self._cached(plan, report)
             if not todo:
