@@ -7,7 +7,9 @@ default 15; gzip 1-9, default 9), ``tail_fragments`` (pack the tails of files la
 a block into fragments too; default true), ``probe`` (store blocks that zstd level 1
 cannot shrink at all uncompressed without running the configured compressor; default
 true) and ``threads`` (compression threads; the bytes never depend on it). The
-superblock's time is ``options.epoch``.
+superblock's time is ``options.epoch``. ``options.size`` pads the image with zeros to
+that many bytes (an error when the image is larger); squashfs has no label or UUID, so
+``label`` and ``uuid`` are not used.
 """
 
 from __future__ import annotations
@@ -78,7 +80,7 @@ def write(tree: Tree, output: BinaryIO, options: ImageOptions) -> None:
     workers = threads if isinstance(threads, int) and threads > 0 else default_workers()
     settings = WriteSettings(compressor=compressor, mkfs_time=options.epoch,
                              exportable=_flag(options, "exportable", False),
-                             workers=workers)
+                             workers=workers, size=options.size)
     write_plan(plan(tree, options), output, settings)
 
 

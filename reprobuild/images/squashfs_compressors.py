@@ -167,16 +167,14 @@ def make_compressor(name: str, block_size: int, level: int | None = None, *,
     return Compressor(name, squashfs_id, level, block_size, options, probe)
 
 
-def compressor_from_superblock(squashfs_id: int, block_size: int, *,
-                               uncompressed: bool) -> Compressor:
+def compressor_from_superblock(squashfs_id: int, block_size: int) -> Compressor:
     """The compressor an existing image names (for the reader)."""
     names = {ZLIB_COMPRESSION: "gzip", XZ_COMPRESSION: "xz", LZ4_COMPRESSION: "lz4",
              ZSTD_COMPRESSION: "zstd"}
     if squashfs_id not in names:
         raise ImageError(f"squashfs: compressor id {squashfs_id} is not supported",
                          hint="supported: gzip, xz, lz4, zstd")
-    name = "none" if uncompressed and squashfs_id == ZLIB_COMPRESSION else names[squashfs_id]
-    return Compressor(name, squashfs_id, None, block_size, None)
+    return Compressor(names[squashfs_id], squashfs_id, None, block_size, None)
 
 
 def _liblzma_version() -> str:

@@ -18,7 +18,6 @@ from reprobuild.images.squashfs_format import (
     SQUASHFS_BASE_INODE,
     SQUASHFS_BLKDEV_TYPE,
     SQUASHFS_CHRDEV_TYPE,
-    SQUASHFS_COMP_OPT,
     SQUASHFS_COMPRESSED_BIT,
     SQUASHFS_COMPRESSED_BIT_BLOCK,
     SQUASHFS_DEV_INODE,
@@ -39,8 +38,6 @@ from reprobuild.images.squashfs_format import (
     SQUASHFS_MAGIC,
     SQUASHFS_METADATA_HEADER,
     SQUASHFS_METADATA_SIZE,
-    SQUASHFS_NOD,
-    SQUASHFS_NOI,
     SQUASHFS_REG_INODE,
     SQUASHFS_REG_TYPE,
     SQUASHFS_SOCKET_TYPE,
@@ -384,11 +381,9 @@ def _read(path: str | bytes) -> tuple[Tree, dict[bytes, tuple[int, int]]]:
     image_path = os.fsencode(path)
     with open(image_path, "rb") as image:
         sb = read_superblock(image)
-        compressor = compressor_from_superblock(
-            sb.compression, sb.block_size,
-            uncompressed=bool(sb.flags & SQUASHFS_NOI and sb.flags & SQUASHFS_NOD))
-        if sb.flags & SQUASHFS_COMP_OPT:
-            pass  # the options only tune compression; decompression needs none of them
+        # Every block says whether it is compressed; compressor options only tune
+        # compression, so decompression needs none of them.
+        compressor = compressor_from_superblock(sb.compression, sb.block_size)
         metadata = MetadataReader(image, compressor)
         reader = _Reader(image_path, image, sb, compressor, metadata)
         raw_ids = metadata.lookup_table(sb.id_table_start, sb.id_count, 4)

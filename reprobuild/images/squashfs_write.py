@@ -90,6 +90,7 @@ class WriteSettings:
     mkfs_time: int
     exportable: bool
     workers: int
+    size: int | None = None  # pad the image to exactly this many bytes
 
 
 class MetadataWriter:
@@ -215,8 +216,14 @@ def write_plan(plan: SquashfsPlan, output: BinaryIO, settings: WriteSettings) ->
     xattr_id_table_start = write_xattr_table(image, compressor, plan)
 
     bytes_used = image.position
-    if bytes_used % PAD_TO:
-        image.write(bytes(PAD_TO - bytes_used % PAD_TO))
+    padded = -(-bytes_used // PAD_TO) * PAD_TO
+    if settings.size is not None:
+        if settings.size < padded:
+            raise ImageError(f"squashfs: the image needs {padded} bytes, more than the"
+                             f" {settings.size} requested", hint="raise the size or omit it")
+        padded = settings.size
+    while image.position < padded:
+        image.write(bytes(min(padded - image.position, 1 << 20)))
     block_log = plan.block_size.bit_length() - 1
     root_ref = inode_refs.refs[plan.root_index]
     output.seek(0)
@@ -226,7 +233,7 @@ def write_plan(plan: SquashfsPlan, output: BinaryIO, settings: WriteSettings) ->
         SQUASHFS_MAJOR, SQUASHFS_MINOR, inode_ref(*root_ref), bytes_used, id_table_start,
         xattr_id_table_start, inode_table_start, directory_table_start,
         fragment_table_start, lookup_table_start))
-    output.seek(image.position)
+    output.seek(padded)
 
 
 # -- data ---------------------------------------------------------------------------------

@@ -186,6 +186,19 @@ def test_superblock_and_structure(tmp_path: Path) -> None:
     assert fields[18] != 0xFFFFFFFFFFFFFFFF  # export table written on request
 
 
+def test_size_pads_the_image(tmp_path: Path) -> None:
+    tree = sample_tree(4096)
+    plain = build(tree, tmp_path / "plain.sqfs", block_size=4096).read_bytes()
+    options = ImageOptions(epoch=EPOCH, block_size=4096, size=4 << 20)
+    with (tmp_path / "padded.sqfs").open("wb") as output:
+        squashfs.write(tree, output, options)
+    padded = (tmp_path / "padded.sqfs").read_bytes()
+    assert len(padded) == 4 << 20 and padded[:len(plain)] == plain
+    assert padded[len(plain):] == bytes(len(padded) - len(plain))
+    with pytest.raises(ImageError, match="more than"), (tmp_path / "small").open("wb") as out:
+        squashfs.write(tree, out, replace(options, size=8192))
+
+
 def test_duplicates_and_zero_blocks_take_no_space(tmp_path: Path) -> None:
     data = pseudo_random("dup", 3 * 131072 + 5000)
     tree = Tree()
