@@ -142,6 +142,10 @@ def image_spec(node: Node, inputs: Mapping[str, tuple[Node, str]], build_dir: st
                        cwd="/build", epoch=epoch, cores=cores, debug=debug)
 
 
+RUNTIME_SITE = "/.reprobuild/site"
+"""Where built-in steps find the reprobuild package and its dependencies."""
+
+
 class PythonRuntime:
     def __init__(self, python: str, mounts: list[Mount], pythonpath: str) -> None:
         self.python = python
@@ -191,18 +195,19 @@ def python_runtime() -> PythonRuntime:
             files.update(f for f in elf_closure(lib, loader=loader) if f != lib)
     mounts = {f: Mount(f, f) for f in files if not f.startswith(stdlib + "/")}
     mounts[stdlib] = Mount(stdlib, stdlib)
-    path_dirs: list[str] = []
+    # Our package and its dependencies appear at one fixed directory, never at their
+    # host paths: those may lie under /tmp or /build, which the sandbox replaces, and
+    # they would tell a step where the host keeps its checkout.
     import reprobuild
 
     package = os.path.dirname(os.path.abspath(reprobuild.__file__))
     for root in [package, *package_roots]:
-        mounts[root] = Mount(root, root)
-        parent = os.path.dirname(root)
-        if parent not in path_dirs:
-            path_dirs.append(parent)
+        target = f"{RUNTIME_SITE}/{os.path.basename(root)}"
+        mounts[target] = Mount(root, target)
     for name in BUILTIN_DEPENDENCIES:  # importlib.metadata.version() reads the dist-info
         info = _dist_info(name)
         if info:
-            mounts[info] = Mount(info, info)
+            target = f"{RUNTIME_SITE}/{os.path.basename(info)}"
+            mounts[target] = Mount(info, target)
     ordered = [mounts[k] for k in sorted(mounts)]
-    return PythonRuntime(python, ordered, ":".join(path_dirs))
+    return PythonRuntime(python, ordered, RUNTIME_SITE)
