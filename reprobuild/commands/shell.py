@@ -4,14 +4,17 @@ from __future__ import annotations
 
 import argparse
 import os
+from collections.abc import Mapping
 
 from reprobuild import canon, sandboxing
 from reprobuild.commands import common
 from reprobuild.commands.build import print_failures
 from reprobuild.commands.common import add_build_options, add_recipe, load, make_engine
 from reprobuild.errors import BuildError, RecipeError
-from reprobuild.plan import Plan
+from reprobuild.plan import Node, Plan
 from reprobuild.recipe import Step
+from reprobuild.store import Store, StoreEntry
+from sandbox.spec import Runner, SandboxResult
 
 HELP = "open a shell in the sandbox of a step, with its inputs (as nix develop does)"
 SHELLS = ("sh", "bash", "dash", "ash")
@@ -50,22 +53,30 @@ def run(args: argparse.Namespace) -> int:
         if not report.ok:
             print_failures(report)
             return 1
-        build_dir = store.new_build_dir("shell")
-        try:
-            os.makedirs(os.path.join(build_dir, "build"))
-            os.makedirs(os.path.join(build_dir, "output"))
-            inputs = {name: (full.nodes[name], report.entries[name].path)
-                      for name in node.derivation.inputs}
-            spec = sandboxing.step_spec(node, inputs, os.path.join(build_dir, "build"),
-                                        os.path.join(build_dir, "output"),
-                                        epoch=recipe.epoch, cores=engine.options.cores,
-                                        debug=args.debug, argv=argv, interactive=True)
-            with sandboxing.sandbox_errors():
-                result = runner.run(spec, log_fd=1)
-        finally:
-            canon.remove_tree(build_dir)
+        with store.session():  # gc waits while the shell's directories exist
+            result = _run_shell(args, recipe.epoch, full, node, report.entries, store,
+                                runner, argv, engine.options.cores)
     finally:
         engine.close()
     if result.returncode is None:
         raise BuildError(f"the shell was killed by signal {result.signal}")
     return result.returncode
+
+
+def _run_shell(args: argparse.Namespace, epoch: int, full: Plan, node: Node,
+               entries: Mapping[str, StoreEntry], store: Store, runner: Runner,
+               argv: list[str], cores: int) -> SandboxResult:
+    build_dir = store.new_build_dir("shell")
+    try:
+        os.makedirs(os.path.join(build_dir, "build"))
+        os.makedirs(os.path.join(build_dir, "output"))
+        inputs = {name: (full.nodes[name], entries[name].path)
+                  for name in node.derivation.inputs}
+        spec = sandboxing.step_spec(node, inputs, os.path.join(build_dir, "build"),
+                                    os.path.join(build_dir, "output"), epoch=epoch,
+                                    cores=cores, debug=args.debug, argv=argv,
+                                    interactive=True)
+        with sandboxing.sandbox_errors():
+            return runner.run(spec, log_fd=1)
+    finally:
+        canon.remove_tree(build_dir)
