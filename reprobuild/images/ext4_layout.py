@@ -195,8 +195,15 @@ def scan_content(content: Content, where: str, cache: dict[int, bytes] | None = 
                 and ZERO_CHUNK[: len(chunk)] == chunk):
             block += count
             continue
-        if len(chunk) < BLOCK_SIZE or ZERO_BLOCK not in chunk:
-            _add_run(runs, block, count)
+        if ZERO_BLOCK not in chunk:
+            # No whole zero block; a short last block may still be all zero, and must be
+            # a hole whichever way the content happened to be chunked.
+            tail = len(chunk) % BLOCK_SIZE
+            full = count - 1 if tail else count
+            if full:
+                _add_run(runs, block, full)
+            if tail and chunk[-tail:] != ZERO_BLOCK[:tail]:
+                _add_run(runs, block + full, 1)
         else:
             for i in range(count):
                 piece = chunk[i * BLOCK_SIZE: (i + 1) * BLOCK_SIZE]
