@@ -231,3 +231,12 @@ def test_timeout_is_reported(tmp_path: Path) -> None:
     path = recipe(tmp_path, step("hang", "sleep 20") + 'timeout = "1s"\n')
     report, _ = build(path, tmp_path / "store")
     assert "hang timed out after 1 s" in report.failures[0].message
+
+
+def test_shell_runs_in_the_step_sandbox(tmp_path: Path) -> None:
+    path = recipe(tmp_path, step("s", "echo x > $out", ("sh", "files")))
+    proc = fakecli("shell", "--store", str(tmp_path / "store"), path, "s", "--command", "sh",
+                   "-c", "cat $files/greeting; exit 7", cwd=tmp_path, stdin=subprocess.DEVNULL)
+    out, err = proc.communicate()
+    assert proc.returncode == 7, err
+    assert out == "hello\n"
