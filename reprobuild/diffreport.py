@@ -31,6 +31,7 @@ TREE_FORMATS = ("tar", "cpio", "ext4", "squashfs", "erofs")
 HEX_WIDTH = 16
 HEX_LINES = 4
 MAX_HEXDUMPS = 8  # content differences inside a tree that get a hexdump
+MAX_NESTED = 8  # differing image files inside a directory that are compared as images
 
 
 class ReaderMissing(ImageError):
@@ -351,13 +352,37 @@ def _diff(a: Path, b: Path, *, compare_owner: bool, store_outputs: bool,
                      "(image metadata: superblock, layout, padding)",)
         elif diffs:
             byte_diff = None  # the tree differences are the useful explanation
+        parts: tuple[tuple[str, DiffReport], ...] = ()
+        if kind_a == kind_b == "directory":
+            parts = _nested_images(a, b, diffs, compare_owner=compare_owner, workdir=workdir)
         return _with(base, differences=tuple(diffs), byte_difference=byte_diff, notes=notes,
-                     content_dumps=_content_dumps(tree_a, tree_b, diffs))
+                     content_dumps=_content_dumps(tree_a, tree_b, diffs), parts=parts)
     if kind_a != kind_b:
         note = f"different kinds: {kind_a} vs {kind_b}"
         return _with(base, differences=(Difference(b"", "type", f"{kind_a} vs {kind_b}"),),
                      byte_difference=byte_diff, notes=(note,))
     return _with(base, byte_difference=byte_diff)
+
+
+def _nested_images(a: Path, b: Path, diffs: list[Difference], *, compare_owner: bool,
+                   workdir: Path) -> tuple[tuple[str, DiffReport], ...]:
+    """Differing files that are images on both sides, compared as images (recursively)."""
+    parts: list[tuple[str, DiffReport]] = []
+    for diff in diffs:
+        if diff.kind != "content" or len(parts) >= MAX_NESTED:
+            continue
+        fa, fb = a / os.fsdecode(diff.path), b / os.fsdecode(diff.path)
+        if fa.is_symlink() or fb.is_symlink() or not (fa.is_file() and fb.is_file()):
+            continue
+        kind = detect(fa)
+        if kind == "file" or detect(fb) != kind:
+            continue
+        sub = workdir / f"nested{len(parts)}"
+        sub.mkdir(exist_ok=True)
+        parts.append((f"{kind} image /{os.fsdecode(diff.path)}",
+                      _diff(fa, fb, compare_owner=compare_owner, store_outputs=False,
+                            workdir=sub)))
+    return tuple(parts)
 
 
 def _with(report: DiffReport, **changes: Any) -> DiffReport:
@@ -510,8 +535,10 @@ def _diff_gpt(base: DiffReport, a: Path, b: Path, byte_diff: ByteDifference | No
         fb = _extract(b, tb, other, workdir / f"b-partition{other.index}.img")
         sub = workdir / f"partition{part.index}"
         sub.mkdir(exist_ok=True)
-        parts.append((label, _diff(fa, fb, compare_owner=compare_owner, store_outputs=False,
-                                   workdir=sub)))
+        found = _diff(fa, fb, compare_owner=compare_owner, store_outputs=False, workdir=sub)
+        # Name the partitions by their disk, not by the temporary extracted files.
+        parts.append((label, _with(found, a=f"{a} partition {part.index}",
+                                   b=f"{b} partition {other.index}")))
     report = _with(base, differences=tuple(diffs), parts=tuple(parts))
     if not diffs and all(p.identical for _, p in parts):
         # Same table, same partitions: the bytes outside them differ (headers, gaps).

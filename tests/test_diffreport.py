@@ -186,6 +186,24 @@ def test_our_images(tmp_path: Path, kind: str) -> None:
         assert "trees are identical, but the image bytes differ" in other.render()
 
 
+@pytest.mark.tool
+def test_images_inside_directories(tmp_path: Path) -> None:
+    need(_has_reader("squashfs"), "no squashfs reader yet")
+    outputs = []
+    for name, variant in (("a", False), ("b", True)):
+        out = tmp_path / f"out-{name}"
+        out.mkdir()
+        _image("squashfs", _make_tree(tmp_path / name, variant=variant), out / "root.img")
+        (out / "cmdline").write_text("roothash=1\n")
+        outputs.append(out)
+    report = diffreport.diff_paths(*outputs, compare_owner=False)
+    assert ("/root.img", "content") in report.summary()
+    nested = dict(report.parts)["squashfs image /root.img"]
+    assert set(nested.summary()) >= EXPECTED
+    assert any(p == "squashfs image /root.img:/bin/tool" and k == "mode"
+               for p, k in report.summary())
+
+
 def _gpt_disk(path: Path, part_name: str, payload: bytes, part1_mib: int = 1) -> Path:
     need_tool("sgdisk")
     with path.open("wb") as f:
