@@ -199,8 +199,9 @@ def _copy_entry(main: Store, variant: Store, derivation_id: str, *,
 
 
 def _relocate_recipe(recipe: Recipe, recipe_path: str, workdir: str, *,
-                     invert: str | None) -> tuple[str, str | None]:
-    """Copy the recipe's directory elsewhere (listing inverted, see ``copy_tree``).
+                     invert: str | None, store_root: str) -> tuple[str, str | None]:
+    """Copy the recipe's directory elsewhere (listing inverted, see ``copy_tree``),
+    leaving out a store that lives inside it and version control data.
 
     Returns the recipe path to build and a note when it could not be moved (a path
     source lies outside the recipe's directory).
@@ -213,7 +214,8 @@ def _relocate_recipe(recipe: Recipe, recipe_path: str, workdir: str, *,
                 return recipe_path, (f"the recipe was not moved: source {source.name!r} "
                                      f"({source.path}) is outside its directory")
     dest = os.path.join(workdir, "recipe-in-another-directory")
-    variations.copy_tree(top, dest, invert=invert)
+    exclude = frozenset({os.path.realpath(store_root), os.path.join(top, ".git")})
+    variations.copy_tree(top, dest, invert=invert, exclude=exclude)
     return os.path.join(dest, os.path.basename(recipe_path)), None
 
 
@@ -293,7 +295,7 @@ def _check_round(plan: _Plan, main: Store, round_index: int, chosen: Sequence[st
     recipe_path = os.path.abspath(plan.recipe_path)
     if "build-dir" in cond.applied or invert:
         recipe_path, note = _relocate_recipe(plan.recipe, recipe_path, workdir,
-                                             invert=invert)
+                                             invert=invert, store_root=main.root)
         if note:
             notes.append(note)
     store_dir = os.path.join(workdir, "store-in-another-place" if "build-dir" in cond.applied

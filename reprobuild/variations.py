@@ -157,13 +157,15 @@ def _creation_order(src: str, *, invert: str | None) -> list[str]:
     return sorted(listed)
 
 
-def copy_tree(src: str, dest: str, *, invert: str | None = None) -> None:
+def copy_tree(src: str, dest: str, *, invert: str | None = None,
+              exclude: frozenset[str] = frozenset()) -> None:
     """Copy a file, symlink or directory keeping modes and mtimes.
 
     Entries are created in sorted order; with ``invert`` (the destination's
     :func:`listing_policy`, a creation-order one) they are created so that every copied
     directory lists its entries in the reverse of the source's order: a builder that
-    depends on readdir order then sees another order.
+    depends on readdir order then sees another order. Paths in ``exclude`` (absolute
+    source paths) are left out.
     """
     st = os.lstat(src)
     if stat.S_ISLNK(st.st_mode):
@@ -179,7 +181,9 @@ def copy_tree(src: str, dest: str, *, invert: str | None = None) -> None:
         raise OSError(f"{src}: not a file, directory or symlink")
     os.mkdir(dest, 0o700)
     for name in _creation_order(src, invert=invert):
-        copy_tree(os.path.join(src, name), os.path.join(dest, name), invert=invert)
+        child = os.path.join(src, name)
+        if child not in exclude:
+            copy_tree(child, os.path.join(dest, name), invert=invert, exclude=exclude)
     os.chmod(dest, stat.S_IMODE(st.st_mode))
     os.utime(dest, ns=(st.st_atime_ns, st.st_mtime_ns))
 
