@@ -258,9 +258,12 @@ def test_one_variation_at_a_time(tmp_path: Path) -> None:
     assert result.rounds[0].variations == ("umask",)
 
 
-def test_keep_says_where(tmp_path: Path) -> None:
+@pytest.mark.tool
+def test_keep_and_diffoscope(tmp_path: Path) -> None:
+    need_tool("diffoscope")
     result = check.run_check(_leaky_recipe(tmp_path), ["umask"], str(tmp_path / "store"),
-                             chosen=("umask",), runner=fake_sandbox, keep=True, mark=False)
+                             chosen=("umask",), runner=fake_sandbox, keep=True, mark=False,
+                             diffoscope=True)
     rnd = result.rounds[0]
     try:
         assert rnd.kept is not None and os.path.isdir(rnd.kept)
@@ -269,6 +272,8 @@ def test_keep_says_where(tmp_path: Path) -> None:
         assert Path(out.rebuilt_path, "umask").read_text() != \
             Path(out.stored_path or "", "umask").read_text()
         assert f"kept the rebuilt store at {rnd.kept}" in result.render()
+        assert out.diffoscope is not None and "umask" in out.diffoscope
+        assert "0077" in out.diffoscope or "0002" in out.diffoscope
     finally:
         if rnd.kept:
             canon.remove_tree(rnd.kept)
