@@ -52,7 +52,11 @@ def format_challenge(results: list[Challenge]) -> str:
     lines = []
     for item in results:
         status = "agree" if item.agree else "DIFFER"
-        lines.append(f"{item.target} ({item.derivation_id}): {status}")
+        count = sum(len(builders) for _, builders in item.groups)
+        if count == 1:
+            status = "only one builder"
+        lines.append(f"{item.target} ({item.derivation_id}): {status} "
+                     f"({count} builder{'s' if count != 1 else ''})")
         for digest, builders in item.groups:
             lines.append(f"  {dict(digest).get('blake3', '?')}")
             for algo, value in digest:

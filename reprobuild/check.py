@@ -363,7 +363,8 @@ def run_check(recipe_path: str, targets: Sequence[str], store_root: str, *,
               deep: bool = False, rounds: int = 1,
               chosen: Sequence[str] = variations.VARIATION_NAMES, keep: bool = False,
               diffoscope: bool = False, mark: bool = True,
-              runner: Runner = run_process) -> CheckResult:
+              runner: Runner = run_process,
+              progress: Callable[[str], None] | None = None) -> CheckResult:
     """Check that ``targets`` of a recipe rebuild bit for bit under varied conditions.
 
     The targets are built into ``store_root`` first when missing. Raises BuildError when
@@ -377,6 +378,11 @@ def run_check(recipe_path: str, targets: Sequence[str], store_root: str, *,
         raise ReprobuildError(f"{recipe_path}: nothing to check (no targets)")
     main = Store(store_root)
     plan = _plan(recipe_path, [b.target for b in built], main, built, deep=deep)
-    results = [check_round(plan, main, i, chosen, keep=keep, diffoscope=diffoscope,
-                           mark=mark, runner=runner) for i in range(rounds)]
+    results = []
+    for i in range(rounds):
+        if progress is not None:
+            progress(f"round {i + 1}/{rounds}: rebuilding {len(plan.compare_ids)} outputs "
+                     f"under {', '.join(chosen) or 'no variation'}")
+        results.append(check_round(plan, main, i, chosen, keep=keep, diffoscope=diffoscope,
+                                   mark=mark, runner=runner))
     return CheckResult(recipe_path, tuple(built), tuple(results))

@@ -36,7 +36,8 @@ def run(args: argparse.Namespace) -> int:
     result = check.run_check(
         args.recipe, args.targets, args.store, deep=args.deep, rounds=args.rounds,
         chosen=variations.parse_variations(args.variations), keep=args.keep,
-        diffoscope=args.diffoscope, mark=not args.no_mark)
+        diffoscope=args.diffoscope, mark=not args.no_mark,
+        progress=lambda line: print(f"reprobuild: check {line}", file=sys.stderr))
     if args.json:
         sys.stdout.write(json.dumps(result.to_json(), indent=2, sort_keys=True) + "\n")
     else:
