@@ -96,13 +96,11 @@ class SquashfsPlan:
     ids: tuple[int, ...]
     xattr_sets: tuple[XattrSet, ...]
     files: tuple[FilePlan, ...]  # canonical path order; the order data is written in
+    tail_fragments: bool  # tails of files larger than a block go to fragments too
 
     @property
     def root_index(self) -> int:
         return len(self.inodes) - 1
-
-    def tail_size(self, file: FilePlan) -> int:
-        return file.size - file.full_blocks * self.block_size
 
 
 def split_xattr_name(name: bytes, where: str) -> tuple[int, bytes]:
@@ -225,6 +223,7 @@ def plan_image(tree: Tree, block_size: int, *, tail_fragments: bool = True) -> S
         ids=ids,
         xattr_sets=tuple(xattr_sets),
         files=tuple(files),
+        tail_fragments=tail_fragments,
     )
 
 

@@ -188,7 +188,7 @@ def write_plan(plan: SquashfsPlan, output: BinaryIO, settings: WriteSettings) ->
     image = ImageFile(output)
     output.seek(0)
     image.write(bytes(SQUASHFS_SUPER_BLOCK.size))
-    flags = SQUASHFS_DUPLICATE | SQUASHFS_ALWAYS_FRAG
+    flags = SQUASHFS_DUPLICATE | (SQUASHFS_ALWAYS_FRAG if plan.tail_fragments else 0)
     if compressor.options is not None:
         flags |= SQUASHFS_COMP_OPT
         opts = compressor.options
