@@ -14,12 +14,14 @@ after the fork, because after ``pivot_root`` the host's files are gone.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import errno
 import os
 import select
 import shlex
 import signal
 import socket
+import stat
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -30,7 +32,16 @@ import msgpack
 from sandbox import syscalls
 from sandbox.errors import SandboxError
 from sandbox.operations import EnterUserNamespace, Operation
-from sandbox.plan import ResolvedMount, environment, filesystem_operations, namespace_operations
+from sandbox.plan import (
+    BUILD_GID,
+    BUILD_UID,
+    ROOT_CALLER_UID,
+    ResolvedMount,
+    environment,
+    filesystem_operations,
+    namespace_operations,
+    network_operations,
+)
 from sandbox.spec import SandboxResult, SandboxSpec
 from sandbox.userns import diagnose, read_facts
 from sandbox.wire import MAX_MESSAGE, decode_spec, encode_error, encode_result
@@ -48,6 +59,7 @@ class ServerConfig:
     cgroup: bool  # CLONE_NEWCGROUP works here
     cap_last_cap: int
     seccomp_filter: bytes
+    ignored_signals: tuple[int, ...]  # SIG_IGN here; exec keeps those, so reset them
 
 
 class SetupFailed(Exception):
@@ -87,14 +99,40 @@ def resolve_mounts(spec: SandboxSpec) -> list[ResolvedMount]:
         seen.add(target)
         source = os.path.realpath(m.source)
         try:
-            is_dir = os.path.isdir(source) if os.path.exists(source) else None
-        except OSError:
-            is_dir = None
-        if is_dir is None:
-            raise SandboxError(f"mount source {m.source} (for {target}) does not exist",
-                               hint="create it, or check the path the caller gave")
+            is_dir = stat.S_ISDIR(os.stat(source).st_mode)
+        except OSError as exc:
+            raise SandboxError(f"mount source {m.source} (for {target}): {exc.strerror}",
+                               hint="create it, or check the path the caller gave") from None
         resolved.append(ResolvedMount(source, target, m.writable, is_dir))
     return resolved
+
+
+def open_sources(mounts: Sequence[ResolvedMount]) -> list[ResolvedMount]:
+    """Reach each source (a read-only file: its directory) through a descriptor.
+
+    A root caller opens them in the new mount namespace while its fs uid is still host
+    root, then becomes the build user: paths only root may walk (/root/...) still work.
+    """
+    opened: dict[str, str] = {}
+    reached = []
+    for m in mounts:
+        reach = m.source if m.is_dir or m.writable else os.path.dirname(m.source)
+        if reach not in opened:
+            fd = os.open(reach, os.O_PATH | os.O_CLOEXEC)
+            opened[reach] = f"/proc/self/fd/{fd}"
+        reached.append(dataclasses.replace(m, via=opened[reach]))
+    return reached
+
+
+def become_build_user() -> None:
+    """A root caller, now in its user namespace, takes the build uid and gid there.
+
+    The namespace maps no uid 0, so the switch keeps the capabilities (they go at exec,
+    as for everybody); files the sandbox makes are then the build user's, as for anybody.
+    """
+    os.setresgid(BUILD_GID, BUILD_GID, BUILD_GID)
+    os.setresuid(BUILD_UID, BUILD_UID, BUILD_UID)
+    syscalls.prctl(syscalls.PR_SET_DUMPABLE, 1)  # changing uid cleared it
 
 
 def supervise(conn: socket.socket, log_fd: int, terminal: list[int],
@@ -123,6 +161,12 @@ def _supervise(conn: socket.socket, log_fd: int, terminal: list[int],
         if spec.extra:
             raise SandboxError(f"unknown sandbox options {[k for k, _ in spec.extra]}")
         mounts = resolve_mounts(spec)
+        as_root = os.geteuid() == 0
+        if as_root:
+            os.setgroups([])
+            for m in mounts:
+                if m.writable:
+                    os.chown(m.source, ROOT_CALLER_UID, ROOT_CALLER_UID)
         namespaces = namespace_operations(os.getuid(), os.getgid(), cgroup=config.cgroup)
         try:
             run_operations(namespaces, debug_fd)
@@ -130,6 +174,14 @@ def _supervise(conn: socket.socket, log_fd: int, terminal: list[int],
             if isinstance(exc.operation, EnterUserNamespace):
                 raise diagnose(exc.error, read_facts()) from None
             raise
+        if as_root:
+            mounts = open_sources(mounts)
+            become_build_user()
+            # Changing credentials cleared the parent-death signal.
+            syscalls.prctl(syscalls.PR_SET_PDEATHSIG, signal.SIGKILL)
+            if os.getppid() != config.server_pid:
+                return None
+        run_operations(network_operations(), debug_fd)
     except SandboxError as exc:
         return encode_error(exc)
     except SetupFailed as exc:

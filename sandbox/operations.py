@@ -71,19 +71,21 @@ class Unshare(Operation):
 class EnterUserNamespace(Operation):
     """unshare(CLONE_NEWUSER), deny setgroups and map one uid and one gid.
 
-    A process may write its own maps, except that mapping the parent's uid 0 needs
-    CAP_SETFCAP in the parent namespace (Linux >= 5.12): when the caller is root, a
-    helper forked before the unshare writes them from outside.
+    An unprivileged process writes its own maps, mapping its own uid. A root caller maps
+    an unprivileged uid instead (its sandboxes must look exactly like anybody else's), which
+    needs CAP_SETUID in the parent namespace: a helper forked before the unshare writes
+    the maps from outside (``from_outside``).
     """
 
     uid_map: str  # "inside outside 1"
     gid_map: str
+    from_outside: bool = False
 
     def _files(self) -> tuple[tuple[str, str], ...]:
         return (("setgroups", "deny"), ("uid_map", self.uid_map), ("gid_map", self.gid_map))
 
     def execute(self) -> None:
-        if os.geteuid() != 0:
+        if not self.from_outside:
             syscalls.unshare(syscalls.CLONE_NEWUSER)
             _write_proc_files("self", self._files())
             return
@@ -111,8 +113,11 @@ class EnterUserNamespace(Operation):
             raise OSError(code, f"writing the uid and gid maps: {os.strerror(code)}")
 
     def describe(self) -> str:
-        writes = "; ".join(f"echo {_q(text)} > /proc/$$/{name}" for name, text in self._files())
-        return f"unshare --user sh  # then from outside: {writes}"
+        where = "$SANDBOX_PID" if self.from_outside else "self"
+        writes = "; ".join(f"echo {_q(text)} > /proc/{where}/{name}"
+                           for name, text in self._files())
+        outside = " (from outside, as root)" if self.from_outside else ""
+        return f"unshare --user sh; {writes}{outside}"
 
 
 def _write_proc_files(pid: str, files: Sequence[tuple[str, str]]) -> None:

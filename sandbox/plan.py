@@ -101,16 +101,30 @@ class ResolvedMount:
     target: str  # normalised absolute path inside the sandbox
     writable: bool
     is_dir: bool
+    # How to reach the source (for a read-only file: its directory) from the host's root
+    # when not by its path: /proc/self/fd/N of a descriptor opened before dropping root.
+    via: str = ""
+
+
+# The host uid and gid a root caller's sandboxes run as (mapping root itself would make
+# every root-owned host file look owned by the build user, unlike for anybody else).
+ROOT_CALLER_UID = 65534
 
 
 def namespace_operations(host_uid: int, host_gid: int, *, cgroup: bool) -> list[Operation]:
     """Enter fresh namespaces (run by the supervisor, outside the new pid namespace)."""
+    as_root = host_uid == 0
+    if as_root:
+        host_uid = host_gid = ROOT_CALLER_UID
     return [
-        EnterUserNamespace(f"{BUILD_UID} {host_uid} 1", f"{BUILD_GID} {host_gid} 1"),
+        EnterUserNamespace(f"{BUILD_UID} {host_uid} 1", f"{BUILD_GID} {host_gid} 1",
+                           from_outside=as_root),
         Unshare(NAMESPACES | (CLONE_NEWCGROUP if cgroup else 0)),
-        SetHostname(HOSTNAME, DOMAINNAME),
-        LoopbackUp(),
     ]
+
+
+def network_operations() -> list[Operation]:
+    return [SetHostname(HOSTNAME, DOMAINNAME), LoopbackUp()]
 
 
 def _parents(path: str) -> list[str]:
@@ -166,10 +180,10 @@ def filesystem_operations(mounts: Sequence[ResolvedMount], *, epoch: int
     for m in sorted(mounts, key=lambda m: os.fsencode(m.target)):
         target = NEWROOT + m.target
         if m.writable:
-            ops.append(BindMount(OLDROOT + m.source, target))
+            ops.append(BindMount(OLDROOT + (m.via or m.source), target))
             ops.append(RemountBind(target, MS_NOSUID | MS_NODEV))
         elif m.is_dir:
-            ops.append(OverlayMount(OLDROOT + m.source, target, EMPTY))
+            ops.append(OverlayMount(OLDROOT + (m.via or m.source), target, EMPTY))
         else:
             # A file: overlay its directory once, then bind the one file out of it, so
             # mountinfo shows only the file's own name.
@@ -178,7 +192,7 @@ def filesystem_operations(mounts: Sequence[ResolvedMount], *, epoch: int
             if stage is None:
                 stage = staged[parent] = f"{STAGE}/{len(staged)}"
                 ops.append(MakeDirectory(stage))
-                ops.append(OverlayMount(OLDROOT + parent, stage, EMPTY))
+                ops.append(OverlayMount(OLDROOT + (m.via or parent), stage, EMPTY))
             ops.append(BindMount(f"{stage}/{name}", target))
 
     ops += [BindMount(f"{OLDROOT}/dev/{name}", f"{dev}/{name}") for name in DEVICES]

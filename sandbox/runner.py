@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import array
 import contextlib
+import gc
 import os
 import signal
 import socket
@@ -24,7 +25,7 @@ import msgpack
 from sandbox import syscalls
 from sandbox.child import ServerConfig, supervise
 from sandbox.errors import SandboxError
-from sandbox.operations import EnterUserNamespace
+from sandbox.plan import namespace_operations
 from sandbox.seccomp import build_filter
 from sandbox.spec import SandboxResult, SandboxSpec
 from sandbox.userns import diagnose, read_facts
@@ -130,8 +131,16 @@ def _serve(control: socket.socket, caller: int, debug: bool) -> NoReturn:
         control.send(encode_error(exc))
         os._exit(0)
     signal.signal(signal.SIGCHLD, signal.SIG_IGN)  # supervisors are reaped by the kernel
+    ignored = tuple(s for s in sorted(signal.valid_signals())
+                    if s not in (signal.SIGKILL, signal.SIGSTOP)
+                    and signal.getsignal(s) == signal.SIG_IGN)
     config = ServerConfig(server_pid=os.getpid(), debug=debug, cgroup=cgroup,
-                          cap_last_cap=_cap_last_cap(), seccomp_filter=build_filter())
+                          cap_last_cap=_cap_last_cap(), seccomp_filter=build_filter(),
+                          ignored_signals=ignored)
+    # Supervisors are short-lived: no garbage collection there, and none of the server's
+    # objects scanned (which would copy every page after the fork).
+    gc.disable()
+    gc.freeze()
     control.send(b"ready")
     space = socket.CMSG_SPACE(_MAX_FDS * _FD_SIZE)
     while True:
@@ -170,7 +179,7 @@ def _probe() -> bool:
         stage = "user"
         outcome: list[object]
         try:
-            EnterUserNamespace(f"0 {os.getuid()} 1", f"0 {os.getgid()} 1").execute()
+            namespace_operations(os.getuid(), os.getgid(), cgroup=False)[0].execute()
             stage = "namespaces"
             syscalls.unshare(syscalls.CLONE_NEWNS | syscalls.CLONE_NEWNET
                              | syscalls.CLONE_NEWPID | syscalls.CLONE_NEWUTS
