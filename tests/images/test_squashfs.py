@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import os
 import re
 import shutil
@@ -9,8 +10,9 @@ import socket
 import stat
 import subprocess
 import sys
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import BinaryIO
 
 import blake3
 import pytest
@@ -534,6 +536,70 @@ def test_other_uid_gives_identical_bytes(tmp_path: Path, unprivileged: object) -
     assert result.returncode == 0, result.stderr
     mine = build(sample_tree(), tmp_path / "img.sqfs", compress="gzip").read_bytes()
     assert out.read_bytes() == mine
+
+
+class _Zeros(io.RawIOBase):
+    """A stream of ``size`` zero bytes, then a short marker (for huge sparse files)."""
+
+    def __init__(self, size: int, tail: bytes) -> None:
+        self.left = size
+        self.tail = tail
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: bytearray | memoryview) -> int:  # type: ignore[override]
+        if self.left > 0:
+            n = min(len(buffer), self.left)
+            buffer[:n] = bytes(n)
+            self.left -= n
+            return n
+        n = min(len(buffer), len(self.tail))
+        buffer[:n] = self.tail[:n]
+        self.tail = self.tail[n:]
+        return n
+
+
+@dataclass(frozen=True)
+class ZerosSource:
+    size: int
+    tail: bytes
+
+    def open(self) -> BinaryIO:
+        return io.BufferedReader(_Zeros(self.size, self.tail), buffer_size=1 << 20)
+
+
+class LyingSource:
+    def open(self) -> BinaryIO:
+        return io.BytesIO(b"only ten b")
+
+
+@pytest.mark.parametrize("copies", [1, 2])
+def test_content_that_changed_size_is_an_error(tmp_path: Path, copies: int) -> None:
+    tree = Tree()
+    for name in (b"a", b"b")[:copies]:  # two copies may duplicate: the hashing path
+        tree.add(Entry(name, EntryType.REGULAR, 0o644, content=Content(11, LyingSource())))
+    with pytest.raises(ImageError, match="expected 11"):
+        build(tree, tmp_path / "img.sqfs")
+
+
+@pytest.mark.root
+@pytest.mark.tool
+def test_file_larger_than_4_gib(tmp_path: Path, mount_image: object) -> None:
+    need_tool("unsquashfs")
+    size = (4 << 30) + 4096
+    tree = Tree()
+    tree.add(Entry(b"huge", EntryType.REGULAR, 0o644,
+                   content=Content(size + 5, ZerosSource(size, b"hello"))))
+    image = build(tree, tmp_path / "img.sqfs", compress="gzip")
+    assert image.stat().st_size < 1 << 20  # every full block is sparse
+    assert inspect_image(image)[b"huge"][0] == SQUASHFS_LREG_TYPE
+    assert unsquashfs_listing(image)[b"huge"][3] == str(size + 5).encode()
+    mnt = mount_image(image, "squashfs")  # type: ignore[operator]
+    with (mnt / "huge").open("rb") as f:
+        assert os.fstat(f.fileno()).st_size == size + 5
+        f.seek(size - 3)
+        assert f.read() == b"\0\0\0hello"
 
 
 # -- a real distribution tree -------------------------------------------------------------
