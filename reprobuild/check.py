@@ -228,6 +228,7 @@ class _Plan:
     compare_ids: tuple[str, ...]
     names: Mapping[str, str]  # derivation id -> name
     target_ids: Mapping[str, str]  # target -> derivation id
+    space_needed: int  # bytes a round's store may take: copies, rebuilds, build dirs
 
 
 def _plan(recipe_path: str, targets: Sequence[str], main: Store, built: list[Built], *,
@@ -254,8 +255,9 @@ def _plan(recipe_path: str, targets: Sequence[str], main: Store, built: list[Bui
         copy_ids = [d for d in closure if d not in wanted]
     compare_ids = sorted((d for d in closure if d not in copy_ids),
                          key=lambda d: (names[d], d))
+    stored = sum(variations.tree_bytes(main.output_path(d)) for d in closure)
     return _Plan(recipe, recipe_path, tuple(targets), tuple(copy_ids), tuple(compare_ids),
-                 names, target_ids)
+                 names, target_ids, 2 * stored + (64 << 20))
 
 
 def check_round(plan: _Plan, main: Store, round_index: int, chosen: Sequence[str], *,
@@ -266,11 +268,12 @@ def check_round(plan: _Plan, main: Store, round_index: int, chosen: Sequence[str
     skipped: list[tuple[str, str]] = []
     if "import-order" in chosen:
         # Input order is varied on a filesystem that lists in creation order (tmpfs).
-        base = variations.import_order_dir()
+        base = variations.import_order_dir(plan.space_needed)
         if base is None:
             chosen = [c for c in chosen if c != "import-order"]
             skipped.append(("import-order", "no filesystem here lists directories in "
-                                            "creation order (no tmpfs)"))
+                                            "creation order with "
+                                            f"{plan.space_needed >> 20} MiB free (tmpfs)"))
     workdir = tempfile.mkdtemp(prefix=f"reprobuild-check-{round_index + 1}-", dir=base)
     os.chmod(workdir, 0o755)
     try:

@@ -188,17 +188,29 @@ def copy_tree(src: str, dest: str, *, invert: str | None = None,
     os.utime(dest, ns=(st.st_atime_ns, st.st_mtime_ns))
 
 
-def import_order_dir() -> str | None:
-    """A directory for rebuilds whose listing order follows creation order (a tmpfs),
-    or None when there is none (then input order cannot be varied on this host)."""
+def import_order_dir(min_free: int = 0) -> str | None:
+    """A directory for rebuilds whose listing order follows creation order (a tmpfs)
+    with at least ``min_free`` bytes free, or None when there is none (then input
+    order cannot be varied on this host)."""
     for candidate in ("/dev/shm", tempfile.gettempdir()):
         if os.path.isdir(candidate) and os.access(candidate, os.W_OK | os.X_OK):
             try:
+                fs = os.statvfs(candidate)
+                if fs.f_bavail * fs.f_frsize < min_free:
+                    continue
                 if listing_policy(candidate) != "hashed":
                     return candidate
             except OSError:
                 continue
     return None
+
+
+def tree_bytes(path: str) -> int:
+    """Bytes of file data under ``path`` (a file, link or directory), for space checks."""
+    st = os.lstat(path)
+    if not stat.S_ISDIR(st.st_mode):
+        return st.st_size
+    return st.st_size + sum(tree_bytes(os.path.join(path, n)) for n in os.listdir(path))
 
 
 def chown_tree(path: str, uid: int) -> None:

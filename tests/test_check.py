@@ -374,3 +374,14 @@ def test_shipped_recipes_are_reproducible(unprivileged: object, recipe: Path) ->
                                      str(recipe), cwd=work, timeout=1800)
     assert result.returncode == 0, result.stdout + result.stderr
     assert "identical over 2 rounds" in result.stdout
+
+
+def test_import_order_skipped_without_tmpfs(tmp_path: Path,
+                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(variations, "import_order_dir", lambda min_free=0: None)
+    result = _run(tmp_path, lambda env, cwd, umask, inp: b"constant",
+                  chosen=("umask", "import-order"))
+    rnd = result.rounds[0]
+    assert rnd.variations == ("umask",)
+    assert [name for name, _ in rnd.skipped] == ["import-order"]
+    assert "variation import-order skipped" in result.render()
