@@ -538,6 +538,27 @@ def test_other_uid_gives_identical_bytes(tmp_path: Path, unprivileged: object) -
     assert out.read_bytes() == mine
 
 
+@pytest.mark.root
+def test_far_hardlinks_need_new_headers(tmp_path: Path, mount_image: object) -> None:
+    """Inode numbers more than 32767 apart cannot share a directory header."""
+    tree = Tree()
+    tree.add(Entry(b"a", EntryType.DIRECTORY, 0o755))
+    tree.add(Entry(b"z", EntryType.DIRECTORY, 0o755))
+    for i in range(33_000):
+        tree.add(Entry(b"a/f%05d" % i, EntryType.FIFO, 0o644))
+    tree.add(Entry(b"a/0target", EntryType.REGULAR, 0o644, content=Content.from_bytes(b"t")))
+    tree.add(Entry(b"z/0link", EntryType.HARDLINK, 0o644, target=b"a/0target"))
+    tree.add(Entry(b"z/1file", EntryType.REGULAR, 0o644, content=Content.from_bytes(b"f")))
+    image = build(tree, tmp_path / "img.sqfs", compress="lz4")
+    assert inspect_image(image)[b"z"][1] == 2
+    assert diff_trees(tree, squashfs.read(image)) == []
+    mnt = mount_image(image, "squashfs")  # type: ignore[operator]
+    assert (mnt / "z" / "0link").read_bytes() == b"t"
+    assert (mnt / "z" / "0link").stat().st_ino == (mnt / "a" / "0target").stat().st_ino
+    assert (mnt / "z" / "1file").read_bytes() == b"f"
+    assert len(os.listdir(mnt / "a")) == 33_001
+
+
 class _Zeros(io.RawIOBase):
     """A stream of ``size`` zero bytes, then a short marker (for huge sparse files)."""
 
