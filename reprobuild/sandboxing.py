@@ -36,7 +36,11 @@ BUILTIN_DEPENDENCIES = ("blake3", "msgpack", "zstandard", "lz4", "crc32c")
 def start_runner(*, debug: bool = False) -> Runner:
     """Start the sandbox's fork server; call before any thread exists."""
     with sandbox_errors():
-        sandbox_runner = importlib.import_module("sandbox.runner")
+        try:
+            sandbox_runner = importlib.import_module("sandbox.runner")
+        except ImportError as exc:
+            raise SandboxError(f"the sandbox is not available: {exc}",
+                               hint="reinstall reprobuild (scripts/setup.sh)") from exc
         runner: Runner = sandbox_runner.start(debug=debug)
         return runner
 
