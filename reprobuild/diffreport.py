@@ -13,10 +13,8 @@ from __future__ import annotations
 import os
 import shutil
 import stat
-import struct
 import subprocess
 import tempfile
-import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -413,97 +411,44 @@ def _content_dumps(a: Tree, b: Tree, diffs: list[Difference]
 
 
 # -- GPT ------------------------------------------------------------------------------
-# EFI_PARTITION_TABLE_HEADER (UEFI spec 2.10, 5.3.2), 92 bytes, little endian:
-#   0 Signature[8] "EFI PART"  8 Revision  12 HeaderSize  16 HeaderCRC32  20 Reserved
-#  24 MyLBA  32 AlternateLBA  40 FirstUsableLBA  48 LastUsableLBA  56 DiskGUID[16]
-#  72 PartitionEntryLBA  80 NumberOfPartitionEntries  84 SizeOfPartitionEntry
-#  88 PartitionEntryArrayCRC32
-EFI_PARTITION_TABLE_HEADER = struct.Struct("<8sIIIIQQQQ16sQIII")
-# EFI_PARTITION_ENTRY (UEFI spec 2.10, 5.3.3), 128 bytes:
-#   0 PartitionTypeGUID[16]  16 UniquePartitionGUID[16]  32 StartingLBA  40 EndingLBA
-#  48 Attributes  56 PartitionName[36] (UTF-16LE)
-EFI_PARTITION_ENTRY = struct.Struct("<16s16sQQQ72s")
+def read_gpt(path: str | os.PathLike[str]) -> Any:
+    """The primary GPT of a disk image, read (CRCs checked) by the gpt format module."""
+    module = get_format("gpt").load()
+    return module.read_table(os.fspath(path))
 
 
-@dataclass(frozen=True)
-class GptPartition:
-    index: int  # 1-based, as partition numbers are shown
-    type_guid: str
-    unique_guid: str
-    first_lba: int
-    last_lba: int
-    attributes: int
-    name: str
+_TABLE_FIELDS = ("sector_size", "disk_guid", "first_usable_lba", "last_usable_lba",
+                 "alternate_lba")
+_ENTRY_FIELDS = ("type_guid", "uuid", "first_lba", "last_lba", "attributes", "name")
 
 
-@dataclass(frozen=True)
-class GptTable:
-    sector_size: int
-    disk_guid: str
-    first_usable: int
-    last_usable: int
-    alternate_lba: int
-    partitions: tuple[GptPartition, ...]
-
-
-def read_gpt(path: str | os.PathLike[str]) -> GptTable:
-    """The primary GPT header and the used partition entries of a disk image."""
-    with open(path, "rb") as stream:
-        head = stream.read(4096 + EFI_PARTITION_TABLE_HEADER.size)
-        sector = 512 if head[512:520] == b"EFI PART" else 4096
-        fields = EFI_PARTITION_TABLE_HEADER.unpack_from(head, sector)
-        if fields[0] != b"EFI PART":
-            raise ImageError(f"{os.fspath(path)}: no GPT header at LBA 1")
-        (_, _, _, _, _, _, alternate, first, last, disk_guid, entry_lba, count,
-         entry_size, _) = fields
-        if entry_size < EFI_PARTITION_ENTRY.size or count > 1024:
-            raise ImageError(f"{os.fspath(path)}: implausible GPT entry array "
-                             f"({count} entries of {entry_size} bytes)")
-        stream.seek(entry_lba * sector)
-        array = stream.read(count * entry_size)
-    partitions = []
-    for i in range(count):
-        raw = array[i * entry_size:i * entry_size + EFI_PARTITION_ENTRY.size]
-        if len(raw) < EFI_PARTITION_ENTRY.size:
-            break
-        type_guid, unique, start, end, attrs, name = EFI_PARTITION_ENTRY.unpack(raw)
-        if type_guid == bytes(16):
-            continue
-        partitions.append(GptPartition(
-            i + 1, str(uuid.UUID(bytes_le=type_guid)), str(uuid.UUID(bytes_le=unique)),
-            start, end, attrs, name.decode("utf-16-le", "replace").rstrip("\0")))
-    return GptTable(sector, str(uuid.UUID(bytes_le=disk_guid)), first, last, alternate,
-                    tuple(partitions))
-
-
-def _gpt_table_diffs(ta: GptTable, tb: GptTable) -> list[Difference]:
+def _gpt_table_diffs(ta: Any, tb: Any) -> list[Difference]:
     diffs = []
-    for name in ("sector_size", "disk_guid", "first_usable", "last_usable", "alternate_lba"):
+    for name in _TABLE_FIELDS:
         va, vb = getattr(ta, name), getattr(tb, name)
         if va != vb:
             diffs.append(Difference(f"gpt/{name}".encode(), "table", f"{va} vs {vb}"))
-    pa = {p.index: p for p in ta.partitions}
-    pb = {p.index: p for p in tb.partitions}
-    for index in sorted(set(pa) | set(pb)):
-        label = f"gpt/partition{index}".encode()
-        if index not in pb:
-            diffs.append(Difference(label, "only-in-a", pa[index].name))
+    pa = {p.number: p for p in ta.entries}
+    pb = {p.number: p for p in tb.entries}
+    for number in sorted(set(pa) | set(pb)):
+        label = f"gpt/partition{number}".encode()
+        if number not in pb:
+            diffs.append(Difference(label, "only-in-a", pa[number].name))
             continue
-        if index not in pa:
-            diffs.append(Difference(label, "only-in-b", pb[index].name))
+        if number not in pa:
+            diffs.append(Difference(label, "only-in-b", pb[number].name))
             continue
-        for name in ("type_guid", "unique_guid", "first_lba", "last_lba", "attributes",
-                     "name"):
-            va, vb = getattr(pa[index], name), getattr(pb[index], name)
+        for name in _ENTRY_FIELDS:
+            va, vb = getattr(pa[number], name), getattr(pb[number], name)
             if va != vb:
                 diffs.append(Difference(label + b"/" + name.encode(), "table",
                                         f"{va} vs {vb}"))
     return diffs
 
 
-def _extract(disk: Path, table: GptTable, part: GptPartition, target: Path) -> Path:
-    start = part.first_lba * table.sector_size
-    length = (part.last_lba - part.first_lba + 1) * table.sector_size
+def _extract(disk: Path, sector_size: int, part: Any, target: Path) -> Path:
+    start = part.first_lba * sector_size
+    length = (part.last_lba - part.first_lba + 1) * sector_size
     with open(disk, "rb") as src, open(target, "wb") as dst:
         src.seek(start)
         for chunk in _read_range(src, length):
@@ -522,23 +467,28 @@ def _read_range(stream: BinaryIO, length: int) -> Iterator[bytes]:
 
 def _diff_gpt(base: DiffReport, a: Path, b: Path, byte_diff: ByteDifference | None, *,
               compare_owner: bool, workdir: Path) -> DiffReport:
-    ta, tb = read_gpt(a), read_gpt(b)
+    try:
+        ta, tb = read_gpt(a), read_gpt(b)
+    except ImageError as exc:  # a corrupt table (bad CRC): the bytes still tell
+        return _with(base, byte_difference=byte_diff,
+                     notes=(f"cannot read both partition tables ({exc.message}); "
+                            "comparing bytes only",))
     diffs = _gpt_table_diffs(ta, tb)
     parts = []
-    pb = {p.index: p for p in tb.partitions}
-    for part in ta.partitions:
-        other = pb.get(part.index)
+    pb = {p.number: p for p in tb.entries}
+    for part in ta.entries:
+        other = pb.get(part.number)
         if other is None:
             continue
-        label = f"partition {part.index} ({part.name or part.type_guid})"
-        fa = _extract(a, ta, part, workdir / f"a-partition{part.index}.img")
-        fb = _extract(b, tb, other, workdir / f"b-partition{other.index}.img")
-        sub = workdir / f"partition{part.index}"
+        label = f"partition {part.number} ({part.name or part.type_guid})"
+        fa = _extract(a, ta.sector_size, part, workdir / f"a-partition{part.number}.img")
+        fb = _extract(b, tb.sector_size, other, workdir / f"b-partition{other.number}.img")
+        sub = workdir / f"partition{part.number}"
         sub.mkdir(exist_ok=True)
         found = _diff(fa, fb, compare_owner=compare_owner, store_outputs=False, workdir=sub)
         # Name the partitions by their disk, not by the temporary extracted files.
-        parts.append((label, _with(found, a=f"{a} partition {part.index}",
-                                   b=f"{b} partition {other.index}")))
+        parts.append((label, _with(found, a=f"{a} partition {part.number}",
+                                   b=f"{b} partition {other.number}")))
     report = _with(base, differences=tuple(diffs), parts=tuple(parts))
     if not diffs and all(p.identical for _, p in parts):
         # Same table, same partitions: the bytes outside them differ (headers, gaps).

@@ -226,10 +226,11 @@ def test_gpt(tmp_path: Path) -> None:
     b = _gpt_disk(tmp_path / "b.img", "rooty", b"same-start-B")
     assert diffreport.detect(a) == "gpt"
     table = diffreport.read_gpt(a)
-    assert [p.name for p in table.partitions] == ["root", "data"]
+    assert [p.name for p in table.entries] == ["root", "data"]
     report = diffreport.diff_paths(a, b)
     kinds = _kinds(report)
     assert ("/gpt/partition1/name", "table") in kinds
+    assert ("/gpt/partition1/uuid", "table") not in kinds
     assert any(label.startswith("partition 2") and kind == "bytes" for label, kind in
                ((p.split(":")[0], k) for p, k in kinds)), kinds
     labels = dict(report.parts)
@@ -240,6 +241,13 @@ def test_gpt(tmp_path: Path) -> None:
     c = tmp_path / "c.img"
     shutil.copy(a, c)
     assert diffreport.diff_paths(a, c).identical
+    # A corrupt table (header CRC) is not fatal: the bytes are compared instead.
+    with c.open("r+b") as f:
+        f.seek(512 + 40)
+        f.write(b"\xff")
+    broken = diffreport.diff_paths(a, c)
+    assert broken.byte_difference is not None and broken.byte_difference.offset == 552
+    assert "cannot read both partition tables" in broken.render()
 
 
 @pytest.mark.tool
