@@ -73,10 +73,29 @@ class RoundResult:
 
 
 @dataclass(frozen=True)
+class Explanation:
+    """Which variation alone makes an output differ (from ``explain``)."""
+
+    name: str
+    derivation_id: str
+    without_variation: bool  # it differs even rebuilt with no variation at all
+    causes: tuple[str, ...]  # variations that make it differ on their own
+
+    def render(self) -> str:
+        if self.without_variation:
+            return (f"{self.name}: differs even without any variation (time, randomness, "
+                    "or the store's location leak into it)")
+        if self.causes:
+            return f"{self.name}: differs under {', '.join(self.causes)} alone"
+        return f"{self.name}: differs only when variations are combined"
+
+
+@dataclass(frozen=True)
 class CheckResult:
     recipe: str
     targets: tuple[Built, ...]
     rounds: tuple[RoundResult, ...]
+    explanations: tuple[Explanation, ...] = ()
 
     @property
     def identical(self) -> bool:
@@ -108,6 +127,9 @@ class CheckResult:
                     lines.extend("    " + line for line in out.diffoscope.splitlines())
             if rnd.kept:
                 lines.append(f"  kept the rebuilt store at {rnd.kept}")
+        if self.explanations:
+            lines.append("explained by rebuilding under one variation at a time:")
+            lines.extend(f"  {e.render()}" for e in self.explanations)
         bad = sorted({o.name for r in self.rounds for o in r.outputs if not o.identical})
         total = len({o.derivation_id for r in self.rounds for o in r.outputs})
         if bad:
@@ -122,6 +144,9 @@ class CheckResult:
             "identical": self.identical,
             "targets": [{"target": t.target, "derivation": t.derivation_id, "path": t.path,
                          "hash": t.hash} for t in self.targets],
+            "explanations": [{"name": e.name, "derivation": e.derivation_id,
+                              "without_variation": e.without_variation,
+                              "causes": list(e.causes)} for e in self.explanations],
             "rounds": [{
                 "round": r.round, "variations": list(r.variations),
                 "skipped": {n: why for n, why in r.skipped}, "notes": list(r.notes),
@@ -367,12 +392,15 @@ def run_check(recipe_path: str, targets: Sequence[str], store_root: str, *,
               chosen: Sequence[str] = variations.VARIATION_NAMES, keep: bool = False,
               diffoscope: bool = False, mark: bool = True,
               runner: Runner = run_process,
-              progress: Callable[[str], None] | None = None) -> CheckResult:
+              progress: Callable[[str], None] | None = None,
+              explain: bool = False) -> CheckResult:
     """Check that ``targets`` of a recipe rebuild bit for bit under varied conditions.
 
     The targets are built into ``store_root`` first when missing. Raises BuildError when
     a build fails, RecipeError or StoreError on bad input; a difference is a result, not
-    an error (see :attr:`CheckResult.identical`).
+    an error (see :attr:`CheckResult.identical`). With ``explain``, a difference is
+    followed by rebuilds with no variation and with each variation alone, to say which
+    one causes it.
     """
     if rounds < 1:
         raise ReprobuildError("--rounds must be at least 1")
@@ -388,4 +416,26 @@ def run_check(recipe_path: str, targets: Sequence[str], store_root: str, *,
                      f"under {', '.join(chosen) or 'no variation'}")
         results.append(check_round(plan, main, i, chosen, keep=keep, diffoscope=diffoscope,
                                    mark=mark, runner=runner))
-    return CheckResult(recipe_path, tuple(built), tuple(results))
+    explanations: tuple[Explanation, ...] = ()
+    if explain and not all(r.identical for r in results):
+        explanations = _explain(plan, main, results, runner=runner, progress=progress)
+    return CheckResult(recipe_path, tuple(built), tuple(results), explanations)
+
+
+def _explain(plan: _Plan, main: Store, results: Sequence[RoundResult], *, runner: Runner,
+             progress: Callable[[str], None] | None) -> tuple[Explanation, ...]:
+    differing = sorted({(o.name, o.derivation_id) for r in results for o in r.outputs
+                        if not o.identical})
+    applied = sorted({v for r in results for v in r.variations},
+                     key=variations.VARIATION_NAMES.index)
+    verdicts: dict[tuple[str, ...], set[str]] = {}
+    for single in [(), *((v,) for v in applied)]:
+        if progress is not None:
+            progress(f"explaining: rebuilding under {', '.join(single) or 'no variation'}")
+        rnd = check_round(plan, main, 0, single, keep=False, diffoscope=False, mark=False,
+                          runner=runner)
+        verdicts[single] = {o.derivation_id for o in rnd.outputs if not o.identical}
+    return tuple(
+        Explanation(name, did, did in verdicts[()],
+                    tuple(v for v in applied if did in verdicts[(v,)]))
+        for name, did in differing)

@@ -249,6 +249,20 @@ def test_leaky_steps_are_caught_with_the_real_engine(tmp_path: Path) -> None:
     assert "honest is not reproducible" not in later.stderr
 
 
+def test_explain(tmp_path: Path) -> None:
+    result = check.run_check(_leaky_recipe(tmp_path), ["umask", "readdir", "clock", "honest"],
+                             str(tmp_path / "store"), chosen=SAFE, runner=fake_sandbox,
+                             mark=False, explain=True)
+    why = {e.name: e for e in result.explanations}
+    assert set(why) == {"umask", "readdir", "clock"}
+    assert why["umask"].causes == ("umask",) and not why["umask"].without_variation
+    assert why["readdir"].causes == ("import-order",)
+    assert why["clock"].without_variation
+    text = result.render()
+    assert "umask: differs under umask alone" in text
+    assert "readdir: differs under import-order alone" in text
+
+
 def test_one_variation_at_a_time(tmp_path: Path) -> None:
     result = check.run_check(_leaky_recipe(tmp_path), ["umask", "honest", "readdir"],
                              str(tmp_path / "store"), chosen=("umask",),

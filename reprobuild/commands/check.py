@@ -27,6 +27,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="keep the rebuilt outputs and say where")
     parser.add_argument("--diffoscope", action="store_true",
                         help="also hand differing outputs to diffoscope")
+    parser.add_argument("--explain", action="store_true",
+                        help="when an output differs, rebuild with no variation and with "
+                             "each variation alone to say which one causes it")
     parser.add_argument("--no-mark", action="store_true",
                         help="do not mark differing steps in the store")
     parser.add_argument("--json", action="store_true", help="print the result as JSON")
@@ -36,7 +39,7 @@ def run(args: argparse.Namespace) -> int:
     result = check.run_check(
         args.recipe, args.targets, args.store, deep=args.deep, rounds=args.rounds,
         chosen=variations.parse_variations(args.variations), keep=args.keep,
-        diffoscope=args.diffoscope, mark=not args.no_mark,
+        diffoscope=args.diffoscope, mark=not args.no_mark, explain=args.explain,
         progress=lambda line: print(f"reprobuild: check {line}", file=sys.stderr))
     if args.json:
         sys.stdout.write(json.dumps(result.to_json(), indent=2, sort_keys=True) + "\n")
