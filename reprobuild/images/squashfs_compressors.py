@@ -43,7 +43,6 @@ LEVEL_RANGES = {"zstd": (1, 22), "gzip": (1, 9)}
 GZIP_OPTIONS = struct.Struct("<IHH")  # compression_level, window_size, strategies
 ZSTD_OPTIONS = struct.Struct("<I")  # compression_level
 LZ4_OPTIONS = struct.Struct("<II")  # version (1 = legacy), flags (1 = high compression)
-XZ_OPTIONS = struct.Struct("<II")  # dictionary_size, filters
 PROBE_SAMPLE = 16384
 
 

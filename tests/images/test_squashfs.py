@@ -623,6 +623,24 @@ def test_file_larger_than_4_gib(tmp_path: Path, mount_image: object) -> None:
         assert f.read() == b"\0\0\0hello"
 
 
+@pytest.mark.tool
+@pytest.mark.root
+@pytest.mark.parametrize("compress", ["gzip", "xz", "lz4", "zstd"])
+def test_reader_reads_mksquashfs_images(tmp_path: Path, compress: str) -> None:
+    """The reader against the reference writer: out-of-line xattr values, tail blocks."""
+    need_tool("mksquashfs")
+    tree = sample_tree()
+    root = tmp_path / "root"
+    materialise(tree, root)
+    image = tmp_path / "ref.sqfs"
+    subprocess.run(["mksquashfs", str(root), str(image), "-comp", compress, "-noappend",
+                    "-quiet", "-no-progress", "-processors", "1"], check=True,
+                   capture_output=True)
+    source = tree_from_directory(root, preserve_owner=True, preserve_mtime=True,
+                                 read_xattrs=True)
+    assert diff_trees(seconds(source), squashfs.read(image)) == []
+
+
 # -- a real distribution tree -------------------------------------------------------------
 @pytest.mark.slow
 @pytest.mark.root
