@@ -50,83 +50,63 @@ class Operation:
         raise NotImplementedError
 
 
+_NAMESPACE_OPTIONS = ((syscalls.CLONE_NEWUSER, "--user"), (syscalls.CLONE_NEWNS, "--mount"),
+                      (syscalls.CLONE_NEWPID, "--pid"), (syscalls.CLONE_NEWNET, "--net"),
+                      (syscalls.CLONE_NEWUTS, "--uts"), (syscalls.CLONE_NEWIPC, "--ipc"),
+                      (syscalls.CLONE_NEWCGROUP, "--cgroup"))
+
+
 @dataclass(frozen=True)
-class Unshare(Operation):
+class CloneNamespaces(Operation):
+    """Fork a child into fresh namespaces: it is pid 1 of the new pid namespace.
+
+    One clone(2) instead of fork + unshare + fork: the fork server does this, and the
+    child goes on with everything else.
+    """
+
     flags: int
 
-    _NAMES = ((syscalls.CLONE_NEWUSER, "--user"), (syscalls.CLONE_NEWNS, "--mount"),
-              (syscalls.CLONE_NEWPID, "--pid"), (syscalls.CLONE_NEWNET, "--net"),
-              (syscalls.CLONE_NEWUTS, "--uts"), (syscalls.CLONE_NEWIPC, "--ipc"),
-              (syscalls.CLONE_NEWCGROUP, "--cgroup"))
+    def clone(self) -> int:
+        """Like os.fork: the child's pid in the parent, 0 in the child."""
+        return syscalls.clone(self.flags)
 
     def execute(self) -> None:
-        syscalls.unshare(self.flags)
+        raise TypeError("CloneNamespaces returns twice; call clone()")
 
     def describe(self) -> str:
-        names = [name for bit, name in self._NAMES if self.flags & bit]
-        return "unshare " + " ".join(names) + " --fork sh  # the rest runs as its pid 1"
+        names = [name for bit, name in _NAMESPACE_OPTIONS if self.flags & bit]
+        return "unshare " + " ".join(names) + " --fork sh  # what follows runs as its pid 1"
 
 
 @dataclass(frozen=True)
-class EnterUserNamespace(Operation):
-    """unshare(CLONE_NEWUSER), deny setgroups and map one uid and one gid.
+class MapIds(Operation):
+    """Deny setgroups and map one uid and one gid of a new user namespace.
 
-    An unprivileged process writes its own maps, mapping its own uid. A root caller maps
-    an unprivileged uid instead (its sandboxes must look exactly like anybody else's), which
-    needs CAP_SETUID in the parent namespace: a helper forked before the unshare writes
-    the maps from outside (``from_outside``).
+    A process may map its own uid in the namespace it made (``pid`` "self"). A root
+    caller maps an unprivileged uid instead, which needs CAP_SETUID in the parent
+    namespace, so the fork server writes those maps from outside (``pid`` the child's).
     """
 
     uid_map: str  # "inside outside 1"
     gid_map: str
-    from_outside: bool = False
+    pid: str = "self"
 
     def _files(self) -> tuple[tuple[str, str], ...]:
         return (("setgroups", "deny"), ("uid_map", self.uid_map), ("gid_map", self.gid_map))
 
     def execute(self) -> None:
-        if not self.from_outside:
-            syscalls.unshare(syscalls.CLONE_NEWUSER)
-            _write_proc_files("self", self._files())
-            return
-        ready_r, ready_w = os.pipe2(os.O_CLOEXEC)
-        parent = os.getpid()
-        helper = os.fork()
-        if helper == 0:
-            os.close(ready_w)
-            code = 0
+        for name, content in self._files():
+            fd = os.open(f"/proc/{self.pid}/{name}", os.O_WRONLY | os.O_CLOEXEC)
             try:
-                if os.read(ready_r, 1):
-                    _write_proc_files(str(parent), self._files())
-            except OSError as exc:
-                code = exc.errno or 1
-            os._exit(code)
-        os.close(ready_r)
-        try:
-            syscalls.unshare(syscalls.CLONE_NEWUSER)
-            os.write(ready_w, b"u")
-        finally:
-            os.close(ready_w)
-            _, status = os.waitpid(helper, 0)
-        code = os.waitstatus_to_exitcode(status)
-        if code:
-            raise OSError(code, f"writing the uid and gid maps: {os.strerror(code)}")
+                os.write(fd, content.encode())
+            finally:
+                os.close(fd)
 
     def describe(self) -> str:
-        where = "$SANDBOX_PID" if self.from_outside else "self"
+        where = "self" if self.pid == "self" else "$SANDBOX_PID"
         writes = "; ".join(f"echo {_q(text)} > /proc/{where}/{name}"
                            for name, text in self._files())
-        outside = " (from outside, as root)" if self.from_outside else ""
-        return f"unshare --user sh; {writes}{outside}"
-
-
-def _write_proc_files(pid: str, files: Sequence[tuple[str, str]]) -> None:
-    for name, content in files:
-        fd = os.open(f"/proc/{pid}/{name}", os.O_WRONLY | os.O_CLOEXEC)
-        try:
-            os.write(fd, content.encode())
-        finally:
-            os.close(fd)
+        return writes + ("" if self.pid == "self" else "  # from outside, as root")
 
 
 @dataclass(frozen=True)
@@ -242,8 +222,7 @@ class MakeDirectory(Operation):
     mode: int = 0o755
 
     def execute(self) -> None:
-        os.mkdir(self.path, self.mode)
-        os.chmod(self.path, self.mode)  # not reduced by the umask
+        os.mkdir(self.path, self.mode)  # the sandbox builds its root with umask 0
 
     def describe(self) -> str:
         return f"mkdir -m {self.mode:04o} {_q(self.path)}"
@@ -258,15 +237,15 @@ class WriteFile(Operation):
     def execute(self) -> None:
         fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, self.mode)
         try:
-            os.write(fd, self.content)
-            os.fchmod(fd, self.mode)
+            if self.content:
+                os.write(fd, self.content)
         finally:
             os.close(fd)
 
     def describe(self) -> str:
         text = self.content.decode(errors="replace")
-        return (f"printf %s {_q(text)} > {_q(self.path)}; "
-                f"chmod {self.mode:04o} {_q(self.path)}")
+        path = _q(self.path)
+        return f"(umask 0; printf %s {_q(text)} > {path}; chmod {self.mode:04o} {path})"
 
 
 @dataclass(frozen=True)

@@ -26,10 +26,11 @@ from dataclasses import dataclass
 
 from sandbox.operations import (
     BindMount,
-    EnterUserNamespace,
+    CloneNamespaces,
     LoopbackUp,
     MakeDirectory,
     MakePrivate,
+    MapIds,
     MountFilesystem,
     Operation,
     OverlayMount,
@@ -39,7 +40,6 @@ from sandbox.operations import (
     Stamp,
     Symlink,
     Unmount,
-    Unshare,
     WriteFile,
 )
 from sandbox.spec import SandboxSpec
@@ -49,6 +49,7 @@ from sandbox.syscalls import (
     CLONE_NEWNET,
     CLONE_NEWNS,
     CLONE_NEWPID,
+    CLONE_NEWUSER,
     CLONE_NEWUTS,
     MS_NODEV,
     MS_NOEXEC,
@@ -88,7 +89,7 @@ DEVICES = ("full", "null", "random", "tty", "urandom", "zero")
 DEV_LINKS = (("fd", "/proc/self/fd"), ("ptmx", "pts/ptmx"), ("stderr", "/proc/self/fd/2"),
              ("stdin", "/proc/self/fd/0"), ("stdout", "/proc/self/fd/1"))
 
-NAMESPACES = (CLONE_NEWNS | CLONE_NEWPID | CLONE_NEWNET | CLONE_NEWUTS
+NAMESPACES = (CLONE_NEWUSER | CLONE_NEWNS | CLONE_NEWPID | CLONE_NEWNET | CLONE_NEWUTS
               | CLONE_NEWIPC)
 RO = MS_RDONLY | MS_NOSUID | MS_NODEV
 
@@ -111,16 +112,18 @@ class ResolvedMount:
 ROOT_CALLER_UID = 65534
 
 
-def namespace_operations(host_uid: int, host_gid: int, *, cgroup: bool) -> list[Operation]:
-    """Enter fresh namespaces (run by the supervisor, outside the new pid namespace)."""
+def namespace_operations(host_uid: int, host_gid: int, *, cgroup: bool
+                         ) -> tuple[CloneNamespaces, MapIds]:
+    """The clone into fresh namespaces and the id maps of its user namespace.
+
+    A root caller's maps are written by the server (``pid`` filled in after the clone).
+    """
     as_root = host_uid == 0
     if as_root:
         host_uid = host_gid = ROOT_CALLER_UID
-    return [
-        EnterUserNamespace(f"{BUILD_UID} {host_uid} 1", f"{BUILD_GID} {host_gid} 1",
-                           from_outside=as_root),
-        Unshare(NAMESPACES | (CLONE_NEWCGROUP if cgroup else 0)),
-    ]
+    return (CloneNamespaces(NAMESPACES | (CLONE_NEWCGROUP if cgroup else 0)),
+            MapIds(f"{BUILD_UID} {host_uid} 1", f"{BUILD_GID} {host_gid} 1",
+                   "" if as_root else "self"))
 
 
 def network_operations() -> list[Operation]:

@@ -2,11 +2,11 @@
 
 ``unshare(CLONE_NEWUSER)`` fails in a multi-threaded process, and forking a big Python
 process is slow, so :func:`start` forks a small server while the caller has one thread.
-Each :meth:`ForkServer.run` makes a socketpair, passes one end and the log fd (plus the
-terminal's fds 0, 1, 2 for interactive runs) to the server with SCM_RIGHTS, and sends the
-spec as msgpack over it; the server forks a supervisor (:mod:`sandbox.child`) that
-answers on the same socket. Every process of a run dies with its parent
-(PR_SET_PDEATHSIG), so closing the runner, or the caller dying, kills all sandboxes.
+Each :meth:`ForkServer.run` makes a socketpair and sends the spec (msgpack) to the
+server with one end of it and the log fd (plus the terminal's fds 0, 1, 2 for interactive
+runs) attached by SCM_RIGHTS; the server (:mod:`sandbox.server`) clones the sandbox and
+answers on that socket. Every sandbox dies with the server (PR_SET_PDEATHSIG) and the
+server with its caller, so closing the runner, or the caller dying, kills them all.
 """
 
 from __future__ import annotations
@@ -23,16 +23,14 @@ from typing import Any, NoReturn
 import msgpack
 
 from sandbox import syscalls
-from sandbox.child import ServerConfig, supervise
+from sandbox.child import ServerConfig
 from sandbox.errors import SandboxError
 from sandbox.plan import namespace_operations
 from sandbox.seccomp import build_filter
+from sandbox.server import Server
 from sandbox.spec import SandboxResult, SandboxSpec
 from sandbox.userns import diagnose, read_facts
 from sandbox.wire import MAX_MESSAGE, decode_reply, encode_error, encode_spec
-
-_FD_SIZE = array.array("i").itemsize
-_MAX_FDS = 5  # run socket, log, and the terminal's 0, 1, 2
 
 
 class ForkServer:
@@ -47,6 +45,9 @@ class ForkServer:
     def run(self, spec: SandboxSpec, *, log_fd: int) -> SandboxResult:
         """Run ``spec``; stdout and stderr go to ``log_fd``. Safe from any thread."""
         payload = encode_spec(spec)
+        if len(payload) > MAX_MESSAGE:
+            raise SandboxError(f"the sandbox spec is too large ({len(payload)} bytes)",
+                               hint="mount a directory instead of many single files")
         ours, theirs = socket.socketpair(socket.AF_UNIX,
                                          socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
         with ours:
@@ -57,24 +58,23 @@ class ForkServer:
                     if self._closed:
                         raise SandboxError("the sandbox runner is closed")
                     try:
-                        self._control.sendmsg([b"r"], message)
+                        self._control.sendmsg([payload], message)
                     except OSError as exc:
                         raise SandboxError(f"the sandbox fork server is gone: {exc}",
                                            hint="start a new runner") from None
             finally:
                 theirs.close()
             try:
-                ours.sendall(payload)
                 reply = ours.recv(MAX_MESSAGE)
             except OSError as exc:
-                raise SandboxError(f"lost the sandbox supervisor: {exc}") from None
+                raise SandboxError(f"lost the sandbox server: {exc}") from None
         if not reply:
-            raise SandboxError("the sandbox supervisor died without a result",
+            raise SandboxError("the sandbox server died without a result",
                                hint="was the runner closed, or the server killed?")
         return decode_reply(reply)
 
     def close(self) -> None:
-        """Stop the server; running sandboxes are killed (their supervisors die with it)."""
+        """Stop the server; running sandboxes are killed (they die with it)."""
         with self._lock:
             if self._closed:
                 return
@@ -124,42 +124,27 @@ def _serve(control: socket.socket, caller: int, debug: bool) -> NoReturn:
     syscalls.prctl(syscalls.PR_SET_PDEATHSIG, signal.SIGKILL)
     if os.getppid() != caller:
         os._exit(0)
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is for the supervisors
     try:
         cgroup = _probe()
     except SandboxError as exc:
         control.send(encode_error(exc))
         os._exit(0)
-    signal.signal(signal.SIGCHLD, signal.SIG_IGN)  # supervisors are reaped by the kernel
+    signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # until the server's own handler
     ignored = tuple(s for s in sorted(signal.valid_signals())
-                    if s not in (signal.SIGKILL, signal.SIGSTOP)
+                    if s not in (signal.SIGKILL, signal.SIGSTOP, signal.SIGINT)
                     and signal.getsignal(s) == signal.SIG_IGN)
     config = ServerConfig(server_pid=os.getpid(), debug=debug, cgroup=cgroup,
-                          cap_last_cap=_cap_last_cap(), seccomp_filter=build_filter(),
-                          ignored_signals=ignored)
-    # Supervisors are short-lived: no garbage collection there, and none of the server's
-    # objects scanned (which would copy every page after the fork).
+                          cap_last_cap=_cap_last_cap(),
+                          seccomp=syscalls.SeccompProgram(build_filter()),
+                          ignored_signals=(signal.SIGINT, *ignored))
+    # Sandboxes are cloned from here: no garbage collection to touch (and so copy) every
+    # page of the server's objects in them.
     gc.disable()
     gc.freeze()
+    server = Server(control, config)
     control.send(b"ready")
-    space = socket.CMSG_SPACE(_MAX_FDS * _FD_SIZE)
-    while True:
-        message, ancillary, _flags, _addr = control.recvmsg(1, space)
-        if not message:
-            os._exit(0)  # the caller closed the runner or died
-        fds = array.array("i")
-        for level, kind, data in ancillary:
-            if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
-                fds.frombytes(data[: len(data) - len(data) % _FD_SIZE])
-        if len(fds) < 2:
-            for fd in fds:
-                os.close(fd)
-            continue
-        if os.fork() == 0:
-            control.close()
-            supervise(socket.socket(fileno=fds[0]), fds[1], list(fds[2:]), config)
-        for fd in fds:
-            os.close(fd)
+    server.serve_forever()
 
 
 def _cap_last_cap() -> int:
@@ -171,19 +156,27 @@ def _cap_last_cap() -> int:
 
 
 def _probe() -> bool:
-    """Try the namespaces in a child; True if a cgroup namespace works too."""
+    """Try the namespaces in a child, as a run would; True if a cgroup namespace works."""
     read_end, write_end = os.pipe2(os.O_CLOEXEC)
-    pid = os.fork()
+    go_r, go_w = os.pipe2(os.O_CLOEXEC)
+    clone, maps = namespace_operations(os.getuid(), os.getgid(), cgroup=False)
+    as_root = maps.pid != "self"
+    try:
+        pid = syscalls.clone(syscalls.CLONE_NEWUSER)
+    except OSError as exc:
+        raise diagnose(exc, read_facts()) from None
     if pid == 0:
         os.close(read_end)
-        stage = "user"
+        os.close(go_w)
+        stage = "map"
         outcome: list[object]
         try:
-            namespace_operations(os.getuid(), os.getgid(), cgroup=False)[0].execute()
+            if as_root:
+                os.read(go_r, 1)
+            else:
+                maps.execute()
             stage = "namespaces"
-            syscalls.unshare(syscalls.CLONE_NEWNS | syscalls.CLONE_NEWNET
-                             | syscalls.CLONE_NEWPID | syscalls.CLONE_NEWUTS
-                             | syscalls.CLONE_NEWIPC)
+            syscalls.unshare(clone.flags & ~syscalls.CLONE_NEWUSER)
             syscalls.mount(None, b"/", None, syscalls.MS_REC | syscalls.MS_PRIVATE)
             syscalls.mount(b"tmpfs", b"/tmp", b"tmpfs", 0, None)
             try:
@@ -196,10 +189,22 @@ def _probe() -> bool:
         os.write(write_end, msgpack.packb(outcome))
         os._exit(0)
     os.close(write_end)
+    os.close(go_r)
+    map_error = None
+    if as_root:
+        try:
+            mapped = type(maps)(maps.uid_map, maps.gid_map, str(pid))
+            mapped.execute()
+        except OSError as exc:
+            map_error = exc
+        os.write(go_w, b"g")
+    os.close(go_w)
     with os.fdopen(read_end, "rb") as f:
         answer = f.read()
     os.waitpid(pid, 0)
-    reply: list[Any] = msgpack.unpackb(answer) if answer else ["fork", 0, "probe died"]
+    reply: list[Any] = msgpack.unpackb(answer) if answer else ["map", 0, "probe died"]
+    if map_error is not None:
+        raise diagnose(map_error, read_facts())
     if reply[0] == "ok":
         return bool(reply[1])
     stage, number, text = reply

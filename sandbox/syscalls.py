@@ -9,6 +9,7 @@ import ctypes
 import fcntl
 import os
 import platform
+import signal
 import socket
 import struct
 
@@ -83,13 +84,9 @@ def _check(result: int, what: str) -> int:
     return result
 
 
-def _opt(value: bytes | None) -> bytes | None:
-    return value
-
-
 def mount(source: bytes | None, target: bytes, fstype: bytes | None, flags: int,
           data: bytes | None = None) -> None:
-    _check(_libc.mount(_opt(source), target, _opt(fstype), flags, _opt(data)),
+    _check(_libc.mount(source, target, fstype, flags, data),
            f"mount {target.decode(errors='replace')}")
 
 
@@ -111,6 +108,34 @@ def pivot_root(new_root: bytes, put_old: bytes) -> None:
                          ctypes.c_char_p(put_old)), "pivot_root")
 
 
+# clone(2) without a new stack behaves as fork(2) with namespace flags; its number per
+# architecture (<asm/unistd.h>). Called through PyDLL so that the GIL stays held, between
+# the interpreter's own before- and after-fork hooks, exactly as os.fork does.
+_SYS_CLONE = {"x86_64": 56, "aarch64": 220}
+_pylibc = ctypes.PyDLL(None, use_errno=True)
+_pylibc.syscall.restype = ctypes.c_long
+_python = ctypes.pythonapi
+
+
+def clone(flags: int) -> int:
+    """fork(2) into the namespaces in ``flags``: the child's pid, or 0 in the child."""
+    number = _SYS_CLONE.get(platform.machine())
+    if number is None:
+        raise OSError(38, f"clone: unsupported architecture {platform.machine()}")
+    _python.PyOS_BeforeFork()
+    pid = _pylibc.syscall(ctypes.c_long(number), ctypes.c_ulong(flags | signal.SIGCHLD),
+                          ctypes.c_ulong(0), ctypes.c_ulong(0), ctypes.c_ulong(0),
+                          ctypes.c_ulong(0))
+    if pid == 0:
+        _python.PyOS_AfterFork_Child()
+        return 0
+    errno = ctypes.get_errno()
+    _python.PyOS_AfterFork_Parent()
+    if pid < 0:
+        raise OSError(errno, f"clone: {os.strerror(errno)}")
+    return int(pid)
+
+
 def unshare(flags: int) -> None:
     _check(_libc.unshare(flags), "unshare")
 
@@ -119,16 +144,36 @@ def prctl(option: int, arg2: int = 0, arg3: int = 0) -> None:
     _check(_libc.prctl(option, arg2, arg3, 0, 0), f"prctl({option})")
 
 
+class SockFprog(ctypes.Structure):
+    """struct sock_fprog (<linux/filter.h>): the length and address of a BPF program."""
+
+    _fields_ = (("len", ctypes.c_ushort), ("filter", ctypes.c_void_p))
+
+
+class SeccompProgram:
+    """A BPF program held in C memory, ready to install (prepared once, before forking)."""
+
+    def __init__(self, program: bytes) -> None:
+        self._buffer = ctypes.create_string_buffer(program, len(program))
+        self._fprog = SockFprog(len(program) // 8, ctypes.addressof(self._buffer))
+        self.address = ctypes.addressof(self._fprog)
+
+    def install(self) -> None:
+        _check(_libc.prctl(PR_SET_SECCOMP, SECCOMP_MODE_FILTER, self.address, 0, 0),
+               "seccomp")
+
+
 def install_seccomp(program: bytes) -> None:
     """Install a classic-BPF seccomp filter (``program``: packed ``struct sock_filter``s)."""
-    buffer = ctypes.create_string_buffer(program, len(program))
+    SeccompProgram(program).install()
 
-    class SockFprog(ctypes.Structure):  # struct sock_fprog (<linux/filter.h>)
-        _fields_ = (("len", ctypes.c_ushort), ("filter", ctypes.c_void_p))
 
-    fprog = SockFprog(len(program) // 8, ctypes.addressof(buffer))
-    _check(_libc.prctl(PR_SET_SECCOMP, SECCOMP_MODE_FILTER, ctypes.addressof(fprog), 0, 0),
-           "seccomp")
+def drop_bounding_set(last_cap: int) -> None:
+    """Drop every capability from the bounding set (needs CAP_SETPCAP)."""
+    prctl_ = _libc.prctl
+    for cap in range(last_cap + 1):
+        if prctl_(PR_CAPBSET_DROP, cap, 0, 0, 0) < 0:
+            _check(-1, f"prctl(PR_CAPBSET_DROP, {cap})")
 
 
 def personality(persona: int) -> None:

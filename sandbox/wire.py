@@ -10,7 +10,7 @@ from sandbox.errors import SandboxError, UserNamespacesUnavailable
 from sandbox.spec import Mount, SandboxResult, SandboxSpec
 
 # The largest spec or result message; one SOCK_SEQPACKET datagram.
-MAX_MESSAGE = 1 << 20
+MAX_MESSAGE = 1 << 17  # one SOCK_SEQPACKET datagram (fits the default socket buffers)
 
 
 def encode_spec(spec: SandboxSpec) -> bytes:

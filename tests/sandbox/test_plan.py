@@ -36,15 +36,13 @@ def test_read_only_inputs_go_through_overlays_and_files_through_their_directory(
 
 
 def test_root_callers_map_an_unprivileged_uid_from_outside() -> None:
-    ops = plan.namespace_operations(0, 0, cgroup=True)
-    user = ops[0]
-    assert isinstance(user, operations.EnterUserNamespace)
-    assert user.from_outside and user.uid_map == "1000 65534 1" and user.gid_map == "100 65534 1"
-    own = plan.namespace_operations(4242, 77, cgroup=False)[0]
-    assert isinstance(own, operations.EnterUserNamespace)
-    assert not own.from_outside and own.uid_map == "1000 4242 1"
-    assert "--cgroup" in ops[1].describe() and "--cgroup" not in plan.namespace_operations(
-        1, 1, cgroup=False)[1].describe()
+    clone, maps = plan.namespace_operations(0, 0, cgroup=True)
+    assert maps.pid == "" and maps.uid_map == "1000 65534 1" and maps.gid_map == "100 65534 1"
+    assert "--cgroup" in clone.describe() and "--user" in clone.describe()
+    own_clone, own = plan.namespace_operations(4242, 77, cgroup=False)
+    assert own.pid == "self" and own.uid_map == "1000 4242 1" and own.gid_map == "100 77 1"
+    assert "--cgroup" not in own_clone.describe()
+    assert "echo deny > /proc/self/setgroups" in own.describe()
 
 
 def test_environment_fixed_variables_win() -> None:

@@ -1,0 +1,230 @@
+"""The fork server's loop: one process, one thread, every running sandbox at once.
+
+For each request (a spec as msgpack, with the run socket, the log fd and for interactive
+runs the terminal's fds 0, 1, 2 passed by SCM_RIGHTS) it resolves the mounts, clones a
+child into fresh namespaces (:mod:`sandbox.child` takes it from there) and watches it
+through a pidfd. It kills a sandbox's pid 1 (and so its whole pid namespace, which is
+gone when ``waitpid`` returns) on timeout, on SIGINT (non-interactive runs) or when the
+caller closes the run socket, and answers on the run socket with the result.
+"""
+
+from __future__ import annotations
+
+import array
+import contextlib
+import dataclasses
+import os
+import select
+import signal
+import socket
+import time
+from dataclasses import dataclass, field
+from typing import NoReturn
+
+from sandbox.child import (
+    Pid1,
+    ServerConfig,
+    become_pid1,
+    decode_report,
+    resolve_mounts,
+)
+from sandbox.errors import SandboxError
+from sandbox.plan import (
+    ROOT_CALLER_UID,
+    environment,
+    filesystem_operations,
+    namespace_operations,
+)
+from sandbox.spec import SandboxResult
+from sandbox.userns import diagnose, read_facts
+from sandbox.wire import MAX_MESSAGE, decode_spec, encode_error, encode_result
+
+FD_SIZE = array.array("i").itemsize
+MAX_FDS = 5  # run socket, log, and the terminal's 0, 1, 2
+
+
+@dataclass
+class Run:
+    """The server's bookkeeping for one running sandbox (mutable state, not a value)."""
+
+    pid: int
+    pidfd: int
+    conn: socket.socket
+    error_r: int
+    deadline: float | None
+    interactive: bool
+    started: float
+    report: bytearray = field(default_factory=bytearray)
+    timed_out: bool = False
+    interrupted: bool = False
+    setup_error: SandboxError | None = None
+
+    def kill(self) -> None:
+        with contextlib.suppress(ProcessLookupError):
+            signal.pidfd_send_signal(self.pidfd, signal.SIGKILL)
+
+
+class Server:
+    def __init__(self, control: socket.socket, config: ServerConfig) -> None:
+        self.control = control
+        self.config = config
+        self.poller = select.poll()
+        self.poller.register(control.fileno(), select.POLLIN)
+        self.by_fd: dict[int, Run] = {}
+        self.runs: list[Run] = []
+
+    def serve_forever(self) -> NoReturn:
+        signal.signal(signal.SIGINT, self._interrupt)
+        while True:
+            events = self.poller.poll(self._wait_ms())
+            now = time.monotonic()
+            for run in self.runs:
+                if run.deadline is not None and now >= run.deadline and not run.timed_out:
+                    run.timed_out = True
+                    run.kill()
+            for fd, _event in events:
+                if fd == self.control.fileno():
+                    self._accept()
+                elif fd in self.by_fd:
+                    self._event(self.by_fd[fd], fd)
+
+    def _wait_ms(self) -> int | None:
+        deadlines = [r.deadline for r in self.runs if r.deadline is not None and not r.timed_out]
+        if not deadlines:
+            return None
+        return max(0, int((min(deadlines) - time.monotonic()) * 1000) + 1)
+
+    def _interrupt(self, _signum: int, _frame: object) -> None:
+        if os.getpid() != self.config.server_pid:
+            return  # a sandbox's pid 1 before it reset its signals
+        for run in self.runs:
+            if not run.interactive:
+                run.interrupted = True
+                run.kill()
+
+    def _accept(self) -> None:
+        space = socket.CMSG_SPACE(MAX_FDS * FD_SIZE)
+        payload, ancillary, _flags, _addr = self.control.recvmsg(MAX_MESSAGE, space)
+        if not payload:
+            for run in self.runs:
+                run.kill()
+            os._exit(0)  # the caller closed the runner or died; our children follow
+        fds = array.array("i")
+        for level, kind, data in ancillary:
+            if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+                fds.frombytes(data[: len(data) - len(data) % FD_SIZE])
+        if len(fds) < 2:
+            for fd in fds:
+                os.close(fd)
+            return
+        conn = socket.socket(fileno=fds[0])
+        try:
+            self._start(payload, conn, fds[1], tuple(fds[2:]))
+        except SandboxError as exc:
+            with contextlib.suppress(OSError):
+                conn.send(encode_error(exc))
+            conn.close()
+        except Exception as exc:  # never let one request stop the server
+            with contextlib.suppress(OSError):
+                conn.send(encode_error(SandboxError(f"sandbox server failed: {exc!r}")))
+            conn.close()
+        finally:
+            for fd in fds[1:]:
+                os.close(fd)
+
+    def _start(self, payload: bytes, conn: socket.socket, log_fd: int,
+               terminal: tuple[int, ...]) -> None:
+        spec = decode_spec(payload)
+        if spec.extra:
+            raise SandboxError(f"unknown sandbox options {[k for k, _ in spec.extra]}")
+        mounts = resolve_mounts(spec)
+        as_root = os.geteuid() == 0
+        if as_root:
+            for m in mounts:
+                if m.writable:
+                    os.chown(m.source, ROOT_CALLER_UID, ROOT_CALLER_UID)
+        clone, maps = namespace_operations(os.getuid(), os.getgid(), cgroup=self.config.cgroup)
+        debug_fd = log_fd if (spec.debug or self.config.debug) else None
+        if debug_fd is not None:
+            os.write(debug_fd, f"+ {clone.describe()}\n".encode())
+        error_r, error_w = os.pipe2(os.O_CLOEXEC)
+        go_r, go_w = os.pipe2(os.O_CLOEXEC) if as_root else (-1, -1)
+        operations = (None if as_root else
+                      tuple(filesystem_operations(mounts, epoch=spec.epoch)))
+        job = Pid1(spec=spec, mounts=mounts, operations=operations, env=environment(spec),
+                   maps=maps, log_fd=log_fd,
+                   terminal=terminal, error_w=error_w, go_r=go_r, debug_fd=debug_fd,
+                   as_root=as_root)
+        started = time.monotonic()
+        try:
+            pid = clone.clone()
+        except OSError as exc:
+            for fd in (error_r, error_w, go_r, go_w):
+                if fd >= 0:
+                    os.close(fd)
+            raise diagnose(exc, read_facts()) from None
+        if pid == 0:
+            become_pid1(job, self.config)
+        os.close(error_w)
+        pidfd = os.pidfd_open(pid)
+        run = Run(pid=pid, pidfd=pidfd, conn=conn, error_r=error_r,
+                  deadline=None if spec.timeout is None else started + spec.timeout,
+                  interactive=spec.interactive, started=started)
+        if as_root:
+            os.close(go_r)
+            mapped = dataclasses.replace(maps, pid=str(pid))
+            try:
+                if debug_fd is not None:
+                    os.write(debug_fd, f"+ {mapped.describe()}\n".encode())
+                mapped.execute()
+                os.write(go_w, b"g")
+            except OSError as exc:
+                run.setup_error = diagnose(exc, read_facts())
+                run.kill()
+            finally:
+                os.close(go_w)
+        self.runs.append(run)
+        for fd in (pidfd, error_r, conn.fileno()):
+            self.by_fd[fd] = run
+            self.poller.register(fd, select.POLLIN)
+
+    def _event(self, run: Run, fd: int) -> None:
+        if fd == run.pidfd:
+            self._finish(run)
+        elif fd == run.error_r:
+            chunk = os.read(run.error_r, 65536)
+            run.report += chunk
+            if not chunk:
+                self._forget(fd)
+        else:  # the caller went away (or broke protocol): stop the sandbox
+            self._forget(fd)
+            run.interrupted = True
+            run.kill()
+
+    def _forget(self, fd: int) -> None:
+        if self.by_fd.pop(fd, None) is not None:
+            self.poller.unregister(fd)
+
+    def _finish(self, run: Run) -> None:
+        _, status = os.waitpid(run.pid, 0)
+        duration = time.monotonic() - run.started
+        if run.error_r in self.by_fd:
+            while chunk := os.read(run.error_r, 65536):
+                run.report += chunk
+        for fd in (run.pidfd, run.error_r, run.conn.fileno()):
+            self._forget(fd)
+        self.runs.remove(run)
+        if run.setup_error is not None:
+            reply = encode_error(run.setup_error)
+        elif run.report:
+            reply = encode_error(decode_report(bytes(run.report)))
+        else:
+            code = os.waitstatus_to_exitcode(status)
+            reply = encode_result(SandboxResult(
+                returncode=code if code >= 0 else None, signal=-code if code < 0 else None,
+                timed_out=run.timed_out, duration=duration, interrupted=run.interrupted))
+        with contextlib.suppress(OSError):
+            run.conn.send(reply)
+        run.conn.close()
+        os.close(run.pidfd)
+        os.close(run.error_r)
