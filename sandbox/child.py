@@ -8,12 +8,14 @@ pipe (close-on-exec, so a successful exec closes it empty) for the server to rai
 
 from __future__ import annotations
 
+import array
 import dataclasses
 import errno
 import os
 import select
 import shlex
 import signal
+import socket
 import stat
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -28,11 +30,15 @@ from sandbox.plan import (
     BUILD_GID,
     BUILD_UID,
     ResolvedMount,
+    environment,
     filesystem_operations,
     network_operations,
 )
 from sandbox.spec import SandboxSpec
 from sandbox.userns import diagnose, read_facts
+from sandbox.wire import MAX_MESSAGE, decode_spec
+
+FD_SIZE = array.array("i").itemsize
 
 UMASK = 0o022
 EXIT_SETUP_FAILED = 125
@@ -51,22 +57,24 @@ class ServerConfig:
 
 
 @dataclass(frozen=True)
-class Pid1:
-    """Everything the cloned child needs, prepared by the server."""
+class Spare:
+    """A pid 1 cloned ahead of its job: what it needs until the job arrives."""
+
+    maps: MapIds  # written by the spare when ``pid`` is "self", else by the server
+    channel: int  # SOCK_SEQPACKET end the job arrives on
+    error_w: int
+    go_r: int  # readable once the server wrote the maps (root callers), else -1
+    as_root: bool
+
+
+@dataclass(frozen=True)
+class Job:
+    """One run, as the server hands it to a spare."""
 
     spec: SandboxSpec
     mounts: tuple[ResolvedMount, ...]
-    # The new root, planned by the server; None when it depends on descriptors pid 1
-    # opens (root callers), and pid 1 plans it.
-    operations: tuple[Operation, ...] | None
-    env: dict[str, str]
-    maps: MapIds  # written here when ``pid`` is "self", else by the server
     log_fd: int
     terminal: tuple[int, ...]  # fds 0, 1, 2 of the caller, for interactive runs
-    error_w: int
-    go_r: int  # readable once the server wrote the maps (root callers), else -1
-    debug_fd: int | None
-    as_root: bool
 
 
 class SetupFailed(Exception):
@@ -142,37 +150,82 @@ def become_build_user() -> None:
     syscalls.prctl(syscalls.PR_SET_DUMPABLE, 1)  # changing uid cleared it
 
 
-def become_pid1(job: Pid1, config: ServerConfig) -> NoReturn:
-    """Set the sandbox up and execute the command; never returns."""
+def become_pid1(spare: Spare, config: ServerConfig) -> NoReturn:
+    """Enter the namespaces, wait for a job, set the sandbox up, execute; never returns.
+
+    Everything that does not depend on the job (the id maps, the hostname, ``lo``) is
+    done while the spare waits, so a run only pays for its own file system.
+    """
+    done: list[Operation] = []  # described once the job says whether to debug
     try:
         syscalls.prctl(syscalls.PR_SET_PDEATHSIG, signal.SIGKILL)
         # If the server died before that, the pipe's read end is gone.
-        if _reader_gone(job.error_w):
+        if _reader_gone(spare.error_w):
             os._exit(EXIT_SETUP_FAILED)
         os.umask(0)
-        if job.as_root:
-            if os.read(job.go_r, 1) != b"g":
+        if spare.as_root:
+            if os.read(spare.go_r, 1) != b"g":
                 os._exit(EXIT_SETUP_FAILED)  # the server failed to map us; it reports
         else:
             try:
-                run_operations([job.maps], job.debug_fd)
+                run_operations([spare.maps], None)
             except SetupFailed as exc:
-                _report(job.error_w, diagnose(exc.error, read_facts()))
+                _report(spare.error_w, diagnose(exc.error, read_facts()))
+        done.append(spare.maps)
+        network = network_operations()
+        run_operations(network, None)
+        done += network
+        job = receive_job(spare.channel)
+        if job is None:
+            os._exit(0)  # the server is shutting down
+    except SetupFailed as exc:
+        _report(spare.error_w, SandboxError(exc.describe()))
+    except BaseException as exc:
+        _report(spare.error_w, SandboxError(f"sandbox setup failed: {exc!r}"))
+    debug_fd = job.log_fd if (job.spec.debug or config.debug) else None
+    for operation in done:
+        _note(debug_fd, operation.describe())
+    _setup_and_exec(job, spare, config, debug_fd)
+
+
+def receive_job(channel: int) -> Job | None:
+    """The job the server sends: msgpack [spec, mounts] with the log (and terminal) fds."""
+    with socket.socket(fileno=channel) as sock:
+        space = socket.CMSG_SPACE(4 * FD_SIZE)
+        payload, ancillary, _flags, _addr = sock.recvmsg(MAX_MESSAGE, space)
+        sock.detach()
+    if not payload:
+        return None
+    fds = array.array("i")
+    for level, kind, data in ancillary:
+        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+            fds.frombytes(data[: len(data) - len(data) % FD_SIZE])
+    spec_payload, mounts = msgpack.unpackb(payload)
+    return Job(spec=decode_spec(spec_payload),
+               mounts=tuple(ResolvedMount(*m) for m in mounts),
+               log_fd=fds[0], terminal=tuple(fds[1:]))
+
+
+def encode_job(spec_payload: bytes, mounts: Sequence[ResolvedMount]) -> bytes:
+    return bytes(msgpack.packb([spec_payload, [[m.source, m.target, m.writable, m.is_dir]
+                                               for m in mounts]]))
+
+
+def _setup_and_exec(job: Job, spare: Spare, config: ServerConfig,
+                    debug_fd: int | None) -> NoReturn:
+    env = environment(job.spec)
+    try:
         mounts = job.mounts
-        if job.as_root:
+        if spare.as_root:
             mounts = tuple(open_sources(mounts))
             become_build_user()
             syscalls.prctl(syscalls.PR_SET_PDEATHSIG, signal.SIGKILL)  # uid change cleared it
-        run_operations(network_operations(), job.debug_fd)
         if not job.spec.interactive:
             os.setsid()  # no controlling terminal: nothing to TIOCSTI into
-        operations = job.operations
-        if operations is None:
-            operations = tuple(filesystem_operations(mounts, epoch=job.spec.epoch))
-        run_operations(operations, job.debug_fd)
-        _note(job.debug_fd, f"cd {shlex.quote(job.spec.cwd)}")
+        run_operations(filesystem_operations(mounts, epoch=job.spec.epoch), debug_fd)
+        _note(debug_fd, f"cd {shlex.quote(job.spec.cwd)}")
         os.chdir(job.spec.cwd)
-        _harden_process(config, job.debug_fd)
+        _harden_process(config, debug_fd)
         if job.spec.interactive:
             for fd, target in zip(job.terminal, (0, 1, 2), strict=True):
                 os.dup2(fd, target)
@@ -181,20 +234,20 @@ def become_pid1(job: Pid1, config: ServerConfig) -> NoReturn:
             os.dup2(null, 0)
             os.dup2(job.log_fd, 1)
             os.dup2(job.log_fd, 2)
-        os.closerange(3, job.error_w)
-        os.closerange(job.error_w + 1, 1 << 20)
-        if job.debug_fd is not None:  # closed above; the log is stderr now
+        os.closerange(3, spare.error_w)
+        os.closerange(spare.error_w + 1, 1 << 20)
+        if debug_fd is not None:  # closed above; the log is stderr now
             _note(2, "exec env -i " + " ".join(shlex.quote(f"{k}={v}") for k, v in
-                                               sorted(job.env.items()))
+                                               sorted(env.items()))
                   + " " + " ".join(shlex.quote(a) for a in job.spec.argv))
         config.seccomp.install()
     except SetupFailed as exc:
-        _report(job.error_w, SandboxError(
+        _report(spare.error_w, SandboxError(
             exc.describe(), hint="check that every mount source exists and that its "
                                  "target is not inside another read-only mount"))
     except BaseException as exc:
-        _report(job.error_w, SandboxError(f"sandbox setup failed: {exc!r}"))
-    _exec(job.spec.argv, job.env)
+        _report(spare.error_w, SandboxError(f"sandbox setup failed: {exc!r}"))
+    _exec(job.spec.argv, env)
 
 
 def _reader_gone(fd: int) -> bool:

@@ -143,6 +143,7 @@ def _serve(control: socket.socket, caller: int, debug: bool) -> NoReturn:
     gc.disable()
     gc.freeze()
     server = Server(control, config)
+    server.start_spare()
     control.send(b"ready")
     server.serve_forever()
 

@@ -22,25 +22,32 @@ from dataclasses import dataclass, field
 from typing import NoReturn
 
 from sandbox.child import (
-    Pid1,
     ServerConfig,
+    Spare,
     become_pid1,
     decode_report,
+    encode_job,
     resolve_mounts,
 )
 from sandbox.errors import SandboxError
-from sandbox.plan import (
-    ROOT_CALLER_UID,
-    environment,
-    filesystem_operations,
-    namespace_operations,
-)
+from sandbox.plan import ROOT_CALLER_UID, namespace_operations
 from sandbox.spec import SandboxResult
 from sandbox.userns import diagnose, read_facts
 from sandbox.wire import MAX_MESSAGE, decode_spec, encode_error, encode_result
 
 FD_SIZE = array.array("i").itemsize
 MAX_FDS = 5  # run socket, log, and the terminal's 0, 1, 2
+
+
+@dataclass
+class SpareProcess:
+    """A pid 1 cloned ahead of its job (mutable state, not a value)."""
+
+    pid: int
+    pidfd: int
+    channel: socket.socket
+    error_r: int
+    setup_error: SandboxError | None = None
 
 
 @dataclass
@@ -72,6 +79,13 @@ class Server:
         self.poller.register(control.fileno(), select.POLLIN)
         self.by_fd: dict[int, Run] = {}
         self.runs: list[Run] = []
+        self.as_root = os.geteuid() == 0
+        self.clone, self.maps = namespace_operations(os.getuid(), os.getgid(),
+                                                     cgroup=config.cgroup)
+        self.spare: SpareProcess | None = None
+
+    def start_spare(self) -> None:
+        self.spare = self._clone_spare()
 
     def serve_forever(self) -> NoReturn:
         signal.signal(signal.SIGINT, self._interrupt)
@@ -138,55 +152,68 @@ class Server:
         if spec.extra:
             raise SandboxError(f"unknown sandbox options {[k for k, _ in spec.extra]}")
         mounts = resolve_mounts(spec)
-        as_root = os.geteuid() == 0
-        if as_root:
+        if self.as_root:
             for m in mounts:
                 if m.writable:
                     os.chown(m.source, ROOT_CALLER_UID, ROOT_CALLER_UID)
-        clone, maps = namespace_operations(os.getuid(), os.getgid(), cgroup=self.config.cgroup)
         debug_fd = log_fd if (spec.debug or self.config.debug) else None
         if debug_fd is not None:
-            os.write(debug_fd, f"+ {clone.describe()}\n".encode())
-        error_r, error_w = os.pipe2(os.O_CLOEXEC)
-        go_r, go_w = os.pipe2(os.O_CLOEXEC) if as_root else (-1, -1)
-        operations = (None if as_root else
-                      tuple(filesystem_operations(mounts, epoch=spec.epoch)))
-        job = Pid1(spec=spec, mounts=mounts, operations=operations, env=environment(spec),
-                   maps=maps, log_fd=log_fd,
-                   terminal=terminal, error_w=error_w, go_r=go_r, debug_fd=debug_fd,
-                   as_root=as_root)
+            os.write(debug_fd, f"+ {self.clone.describe()}\n".encode())
+        spare = self.spare or self._clone_spare()
+        self.spare = None
         started = time.monotonic()
+        run = Run(pid=spare.pid, pidfd=spare.pidfd, conn=conn, error_r=spare.error_r,
+                  deadline=None if spec.timeout is None else started + spec.timeout,
+                  interactive=spec.interactive, started=started,
+                  setup_error=spare.setup_error)
+        fds = array.array("i", [log_fd, *terminal])
         try:
-            pid = clone.clone()
+            spare.channel.sendmsg([encode_job(payload, mounts)],
+                                  [(socket.SOL_SOCKET, socket.SCM_RIGHTS, fds)])
+        except OSError:
+            run.kill()  # it died waiting; its error pipe says why
+        spare.channel.close()
+        self.runs.append(run)
+        for fd in (run.pidfd, run.error_r, conn.fileno()):
+            self.by_fd[fd] = run
+            self.poller.register(fd, select.POLLIN)
+
+    def _clone_spare(self) -> SpareProcess:
+        """Clone a pid 1 into fresh namespaces; it maps its ids and waits for a job."""
+        error_r, error_w = os.pipe2(os.O_CLOEXEC)
+        go_r, go_w = os.pipe2(os.O_CLOEXEC) if self.as_root else (-1, -1)
+        ours, theirs = socket.socketpair(socket.AF_UNIX,
+                                         socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
+        spare = Spare(maps=self.maps, channel=theirs.fileno(), error_w=error_w, go_r=go_r,
+                      as_root=self.as_root)
+        try:
+            pid = self.clone.clone()
         except OSError as exc:
             for fd in (error_r, error_w, go_r, go_w):
                 if fd >= 0:
                     os.close(fd)
+            ours.close()
+            theirs.close()
             raise diagnose(exc, read_facts()) from None
         if pid == 0:
-            become_pid1(job, self.config)
+            ours.close()
+            become_pid1(spare, self.config)
         os.close(error_w)
-        pidfd = os.pidfd_open(pid)
-        run = Run(pid=pid, pidfd=pidfd, conn=conn, error_r=error_r,
-                  deadline=None if spec.timeout is None else started + spec.timeout,
-                  interactive=spec.interactive, started=started)
-        if as_root:
+        theirs.close()
+        process = SpareProcess(pid=pid, pidfd=os.pidfd_open(pid), channel=ours,
+                               error_r=error_r)
+        if self.as_root:
             os.close(go_r)
-            mapped = dataclasses.replace(maps, pid=str(pid))
             try:
-                if debug_fd is not None:
-                    os.write(debug_fd, f"+ {mapped.describe()}\n".encode())
-                mapped.execute()
+                dataclasses.replace(self.maps, pid=str(pid)).execute()
                 os.write(go_w, b"g")
             except OSError as exc:
-                run.setup_error = diagnose(exc, read_facts())
-                run.kill()
+                process.setup_error = diagnose(exc, read_facts())
+                with contextlib.suppress(ProcessLookupError):
+                    signal.pidfd_send_signal(process.pidfd, signal.SIGKILL)
             finally:
                 os.close(go_w)
-        self.runs.append(run)
-        for fd in (pidfd, error_r, conn.fileno()):
-            self.by_fd[fd] = run
-            self.poller.register(fd, select.POLLIN)
+        return process
 
     def _event(self, run: Run, fd: int) -> None:
         if fd == run.pidfd:
@@ -228,3 +255,7 @@ class Server:
         run.conn.close()
         os.close(run.pidfd)
         os.close(run.error_r)
+        if self.spare is None:
+            # Clone the next pid 1 now, after the reply: off the path of the next run.
+            with contextlib.suppress(SandboxError):
+                self.spare = self._clone_spare()
