@@ -109,3 +109,45 @@ def test_hello_in_an_empty_bwrap_root(tmp_path: Path) -> None:
     assert result.returncode == 0, result.stderr
     image = json.loads(result.stdout)[0]["path"]
     assert Path(image).read_bytes()[1080:1082] == b"\x53\xef"  # ext4 superblock magic
+
+
+@pytest.mark.userns
+def test_sigkill_of_a_sandboxed_build(unprivileged: Unprivileged) -> None:
+    """Killing the engine kills its sandboxes; nothing partial counts; a rebuild works."""
+    import signal
+    import time
+
+    need_sandbox()
+    work = unprivileged.scratch("kill")
+    recipe = work / "r.toml"
+    script = "mkdir $out; echo half > $out/a; sleep 60; echo b > $out/b"
+    recipe.write_text(f'[sources.bb]\nhost = "/bin/busybox"\n[steps.slow]\ninputs = ["bb"]\n'
+                      f'builder = ["bb", "sh", "-c", "{script}"]\n')
+    os.chmod(recipe, 0o644)
+    store = work / "store"
+    env = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "LANG": "C.UTF-8",
+           "HOME": str(unprivileged.root / "home"), "PYTHONPATH": unprivileged.pythonpath,
+           "PYTHONDONTWRITEBYTECODE": "1"}
+    argv = unprivileged.command([unprivileged.python, "-m", "reprobuild", "build",
+                                 "--no-out-link", "--store", str(store), str(recipe)])
+    proc = subprocess.Popen(argv, env=env, cwd=work, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, start_new_session=True)
+    deadline = time.monotonic() + 60
+    while not list((store / "tmp").glob("*/output/out/a")):
+        assert time.monotonic() < deadline and proc.poll() is None, proc.communicate()
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    time.sleep(0.5)
+    ps = subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True, check=True)
+    assert "sleep 60" not in ps.stdout  # the sandbox died with the engine
+    verify = unprivileged.reprobuild("store", "verify", "--store", str(store), cwd=work)
+    assert verify.returncode == 0, verify.stderr
+    ls = unprivileged.reprobuild("store", "ls", "--store", str(store), cwd=work)
+    assert " slow" not in ls.stdout  # the killed step is not valid
+    recipe.write_text(recipe.read_text().replace("sleep 60; ", ""))
+    again = unprivileged.reprobuild("build", "--json", "--no-out-link", "--store", str(store),
+                                    str(recipe), cwd=work)
+    assert again.returncode == 0, again.stderr
+    out = Path(json.loads(again.stdout)[0]["path"])
+    assert sorted(p.name for p in out.iterdir()) == ["a", "b"]
