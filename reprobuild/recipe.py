@@ -19,6 +19,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from reprobuild.errors import RecipeError
+from reprobuild.units import parse_duration, parse_size
+
+__all__ = ["DebSource", "HostSource", "Image", "PathSource", "Recipe", "Step", "load_recipe",
+           "parse_duration", "parse_recipe", "parse_size"]
 
 NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_.-]*$")
 TOP_KEYS = ("epoch", "sources", "steps", "images")
@@ -28,8 +32,6 @@ HOST_KEYS = ("host",)
 SOURCE_KINDS = ("deb", "path", "host")
 STEP_KEYS = ("inputs", "builder", "env", "timeout")
 IMAGE_KEYS = ("from", "format", "size", "uuid", "label", "compress", "block_size", "files")
-_SIZE_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
-_TIME_UNITS = {"": 1, "s": 1, "m": 60, "h": 3600}
 
 Json = None | bool | int | str | list["Json"] | dict[str, "Json"]
 
@@ -210,30 +212,6 @@ class _Table:
         if isinstance(value, bool) or not isinstance(value, int) or value < 0:
             raise self.error(key, f"must be a non-negative integer, not {value!r}")
         return value
-
-
-def parse_size(value: object) -> int | None:
-    """``"64M"``, ``"1G"``, ``"512K"``, an integer of bytes, or ``"min"`` (None)."""
-    if isinstance(value, int) and not isinstance(value, bool) and value > 0:
-        return value
-    if isinstance(value, str):
-        if value == "min":
-            return None
-        m = re.fullmatch(r"(\d+)\s*([KMGT]?)(?:i?B)?", value.strip(), re.IGNORECASE)
-        if m:
-            return int(m.group(1)) * _SIZE_UNITS[m.group(2).upper()]
-    raise ValueError(f"size {value!r} is not like \"64M\", \"1G\", a byte count or \"min\"")
-
-
-def parse_duration(value: object) -> float:
-    """``"5m"``, ``"30s"``, ``"1h"`` or a number of seconds."""
-    if isinstance(value, int) and not isinstance(value, bool) and value > 0:
-        return float(value)
-    if isinstance(value, str):
-        m = re.fullmatch(r"(\d+)\s*([smh]?)", value.strip())
-        if m and int(m.group(1)) > 0:
-            return float(int(m.group(1)) * _TIME_UNITS[m.group(2)])
-    raise ValueError(f"duration {value!r} is not like \"30s\", \"5m\", \"1h\" or seconds")
 
 
 def _json_value(table: _Table, key: str, value: Any) -> Json:
