@@ -136,7 +136,7 @@ class Engine:
         for node in todo:
             for dep in waiting[node.key]:
                 dependents.setdefault(dep, []).append(node.key)
-        running: dict[Future[StoreEntry], str] = {}
+        running: dict[Future[tuple[StoreEntry, bool]], str] = {}
         stopped = False
         self.progress.start(total=len(todo))
         try:
@@ -157,7 +157,7 @@ class Engine:
                     for future in done:
                         key = running.pop(future)
                         try:
-                            entry = future.result()
+                            entry, built = future.result()
                         except _Cancelled:
                             report.skipped.append(key)
                             continue
@@ -175,8 +175,10 @@ class Engine:
                                 stopped = self._cancelled = True
                             continue
                         report.entries[key] = entry
-                        report.built.append(key)
-                        self.progress.finished(key, ok=True)
+                        if built:
+                            report.built.append(key)
+                        self.progress.finished(key, ok=True, state=None if built else
+                                               "done by another process")
                         for child in dependents.get(key, []):
                             if child in waiting:
                                 waiting[child].discard(key)
@@ -187,11 +189,13 @@ class Engine:
             self.progress.stop()
 
     # -- one node -------------------------------------------------------------------
-    def _build_node(self, plan: Plan, node: Node, done: dict[str, StoreEntry]) -> StoreEntry:
+    def _build_node(self, plan: Plan, node: Node, done: dict[str, StoreEntry]
+                    ) -> tuple[StoreEntry, bool]:
+        """Build ``node`` under its store lock; the flag says whether we built it."""
         with self.store.lock(node.id):
             entry = self.store.lookup(node.id)
             if entry is not None:  # another process built it while we waited
-                return entry
+                return entry, False
             build_dir = self._take_build_dir()
             try:
                 output = os.path.join(build_dir, "output", "out")
@@ -228,7 +232,7 @@ class Engine:
                 canon.remove_tree(build_dir)
                 raise
             self._give_back_build_dir(build_dir)
-            return entry
+            return entry, True
 
     def _take_build_dir(self) -> str:
         """An empty ``build/`` + ``output/`` pair under the store's tmp (reused: directory

@@ -41,13 +41,13 @@ class Progress:
         with self.lock:
             self.running[key] = (display or key, log)
 
-    def finished(self, key: str, *, ok: bool) -> None:
+    def finished(self, key: str, *, ok: bool, state: str | None = None) -> None:
         with self.lock:
             display, _log = self.running.pop(key, (key, ""))
             self.done += 1
             self.failed += 0 if ok else 1
             if self.enabled:
-                state = "done" if ok else "FAILED"
+                state = state or ("done" if ok else "FAILED")
                 clear = "\r\x1b[K" if self.live else ""
                 print(f"{clear}[{self.done}/{self.total}] {display}: {state}",
                       file=self.stream, flush=True)

@@ -176,6 +176,8 @@ def test_two_concurrent_builders_build_once(tmp_path: Path) -> None:
     assert counter.read_text() == "run\n"
     paths = {json.loads(out)[0]["path"] for out, _ in results}
     assert len(paths) == 1
+    states = sorted("by another process" in err for _, err in results)
+    assert states == [False, True], results
 
 
 def test_cli_json_links_and_gc(tmp_path: Path) -> None:

@@ -151,3 +151,24 @@ def test_sigkill_of_a_sandboxed_build(unprivileged: Unprivileged) -> None:
     assert again.returncode == 0, again.stderr
     out = Path(json.loads(again.stdout)[0]["path"])
     assert sorted(p.name for p in out.iterdir()) == ["a", "b"]
+
+
+@pytest.mark.userns
+def test_two_sandboxed_builders_build_once(unprivileged: Unprivileged) -> None:
+    need_sandbox()
+    work = unprivileged.scratch("twice")
+    recipe = work / "r.toml"
+    recipe.write_text('[sources.bb]\nhost = "/bin/busybox"\n[steps.once]\ninputs = ["bb"]\n'
+                      'builder = ["bb", "sh", "-c", "sleep 1; echo x > $out"]\n')
+    os.chmod(recipe, 0o644)
+    env = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "LANG": "C.UTF-8",
+           "HOME": str(unprivileged.root / "home"), "PYTHONPATH": unprivileged.pythonpath,
+           "PYTHONDONTWRITEBYTECODE": "1"}
+    argv = unprivileged.command([unprivileged.python, "-m", "reprobuild", "build", "--json",
+                                 "--no-out-link", "--store", str(work / "store"), str(recipe)])
+    procs = [subprocess.Popen(argv, env=env, cwd=work, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    results = [p.communicate(timeout=120) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], results
+    assert len({json.loads(out)[0]["path"] for out, _ in results}) == 1
+    assert sorted("by another process" in err for _, err in results) == [False, True]
