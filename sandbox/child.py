@@ -25,7 +25,7 @@ import msgpack
 
 from sandbox import syscalls
 from sandbox.errors import SandboxError, UserNamespacesUnavailable
-from sandbox.operations import MapIds, Operation
+from sandbox.operations import MapIds, Operation, Unshare
 from sandbox.plan import (
     BUILD_GID,
     BUILD_UID,
@@ -61,6 +61,7 @@ class Spare:
     """A pid 1 cloned ahead of its job: what it needs until the job arrives."""
 
     maps: MapIds  # written by the spare when ``pid`` is "self", else by the server
+    namespaces: Unshare  # the rest, made by the spare itself
     channel: int  # SOCK_SEQPACKET end the job arrives on
     error_w: int
     go_r: int  # readable once the server wrote the maps (root callers), else -1
@@ -172,6 +173,8 @@ def become_pid1(spare: Spare, config: ServerConfig) -> NoReturn:
             except SetupFailed as exc:
                 _report(spare.error_w, diagnose(exc.error, read_facts()))
         done.append(spare.maps)
+        run_operations([spare.namespaces], None)
+        done.append(spare.namespaces)
         network = network_operations()
         run_operations(network, None)
         done += network

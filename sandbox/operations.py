@@ -79,6 +79,19 @@ class CloneNamespaces(Operation):
 
 
 @dataclass(frozen=True)
+class Unshare(Operation):
+    """Move this process into fresh namespaces (those that need no fork)."""
+
+    flags: int
+
+    def execute(self) -> None:
+        syscalls.unshare(self.flags)
+
+    def describe(self) -> str:
+        return "unshare " + " ".join(n for bit, n in _NAMESPACE_OPTIONS if self.flags & bit)
+
+
+@dataclass(frozen=True)
 class MapIds(Operation):
     """Deny setgroups and map one uid and one gid of a new user namespace.
 

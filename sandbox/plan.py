@@ -40,6 +40,7 @@ from sandbox.operations import (
     Stamp,
     Symlink,
     Unmount,
+    Unshare,
     WriteFile,
 )
 from sandbox.spec import SandboxSpec
@@ -89,8 +90,7 @@ DEVICES = ("full", "null", "random", "tty", "urandom", "zero")
 DEV_LINKS = (("fd", "/proc/self/fd"), ("ptmx", "pts/ptmx"), ("stderr", "/proc/self/fd/2"),
              ("stdin", "/proc/self/fd/0"), ("stdout", "/proc/self/fd/1"))
 
-NAMESPACES = (CLONE_NEWUSER | CLONE_NEWNS | CLONE_NEWPID | CLONE_NEWNET | CLONE_NEWUTS
-              | CLONE_NEWIPC)
+NAMESPACES = CLONE_NEWNS | CLONE_NEWNET | CLONE_NEWUTS | CLONE_NEWIPC
 RO = MS_RDONLY | MS_NOSUID | MS_NODEV
 
 
@@ -113,17 +113,20 @@ ROOT_CALLER_UID = 65534
 
 
 def namespace_operations(host_uid: int, host_gid: int, *, cgroup: bool
-                         ) -> tuple[CloneNamespaces, MapIds]:
-    """The clone into fresh namespaces and the id maps of its user namespace.
+                         ) -> tuple[CloneNamespaces, MapIds, Unshare]:
+    """The clone into a new user and pid namespace, the id maps, and the other namespaces.
 
-    A root caller's maps are written by the server (``pid`` filled in after the clone).
+    The server only clones (user and pid namespaces must be made by the fork); the child
+    makes the costly ones (network above all) itself, in parallel with other runs. A root
+    caller's maps are written by the server (``pid`` filled in after the clone).
     """
     as_root = host_uid == 0
     if as_root:
         host_uid = host_gid = ROOT_CALLER_UID
-    return (CloneNamespaces(NAMESPACES | (CLONE_NEWCGROUP if cgroup else 0)),
+    return (CloneNamespaces(CLONE_NEWUSER | CLONE_NEWPID),
             MapIds(f"{BUILD_UID} {host_uid} 1", f"{BUILD_GID} {host_gid} 1",
-                   "" if as_root else "self"))
+                   "" if as_root else "self"),
+            Unshare(NAMESPACES | (CLONE_NEWCGROUP if cgroup else 0)))
 
 
 def network_operations() -> list[Operation]:

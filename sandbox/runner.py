@@ -160,7 +160,7 @@ def _probe() -> bool:
     """Try the namespaces in a child, as a run would; True if a cgroup namespace works."""
     read_end, write_end = os.pipe2(os.O_CLOEXEC)
     go_r, go_w = os.pipe2(os.O_CLOEXEC)
-    clone, maps = namespace_operations(os.getuid(), os.getgid(), cgroup=False)
+    _clone, maps, namespaces = namespace_operations(os.getuid(), os.getgid(), cgroup=False)
     as_root = maps.pid != "self"
     try:
         pid = syscalls.clone(syscalls.CLONE_NEWUSER)
@@ -177,7 +177,7 @@ def _probe() -> bool:
             else:
                 maps.execute()
             stage = "namespaces"
-            syscalls.unshare(clone.flags & ~syscalls.CLONE_NEWUSER)
+            syscalls.unshare(namespaces.flags | syscalls.CLONE_NEWPID)
             syscalls.mount(None, b"/", None, syscalls.MS_REC | syscalls.MS_PRIVATE)
             syscalls.mount(b"tmpfs", b"/tmp", b"tmpfs", 0, None)
             try:

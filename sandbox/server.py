@@ -80,8 +80,8 @@ class Server:
         self.by_fd: dict[int, Run] = {}
         self.runs: list[Run] = []
         self.as_root = os.geteuid() == 0
-        self.clone, self.maps = namespace_operations(os.getuid(), os.getgid(),
-                                                     cgroup=config.cgroup)
+        self.clone, self.maps, self.namespaces = namespace_operations(
+            os.getuid(), os.getgid(), cgroup=config.cgroup)
         self.spare: SpareProcess | None = None
 
     def start_spare(self) -> None:
@@ -184,8 +184,8 @@ class Server:
         go_r, go_w = os.pipe2(os.O_CLOEXEC) if self.as_root else (-1, -1)
         ours, theirs = socket.socketpair(socket.AF_UNIX,
                                          socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
-        spare = Spare(maps=self.maps, channel=theirs.fileno(), error_w=error_w, go_r=go_r,
-                      as_root=self.as_root)
+        spare = Spare(maps=self.maps, namespaces=self.namespaces, channel=theirs.fileno(),
+                      error_w=error_w, go_r=go_r, as_root=self.as_root)
         try:
             pid = self.clone.clone()
         except OSError as exc:

@@ -36,12 +36,13 @@ def test_read_only_inputs_go_through_overlays_and_files_through_their_directory(
 
 
 def test_root_callers_map_an_unprivileged_uid_from_outside() -> None:
-    clone, maps = plan.namespace_operations(0, 0, cgroup=True)
+    clone, maps, rest = plan.namespace_operations(0, 0, cgroup=True)
     assert maps.pid == "" and maps.uid_map == "1000 65534 1" and maps.gid_map == "100 65534 1"
-    assert "--cgroup" in clone.describe() and "--user" in clone.describe()
-    own_clone, own = plan.namespace_operations(4242, 77, cgroup=False)
+    assert "--user --pid" in clone.describe() and "--net" in rest.describe()
+    assert "--cgroup" in rest.describe()
+    _clone, own, own_rest = plan.namespace_operations(4242, 77, cgroup=False)
     assert own.pid == "self" and own.uid_map == "1000 4242 1" and own.gid_map == "100 77 1"
-    assert "--cgroup" not in own_clone.describe()
+    assert "--cgroup" not in own_rest.describe()
     assert "echo deny > /proc/self/setgroups" in own.describe()
 
 
