@@ -73,8 +73,8 @@ def test_wire_round_trip() -> None:
 
 
 def facts(**changes: object) -> userns.HostFacts:
-    base = dict(unprivileged_userns_clone=None, max_user_namespaces=1000,
-                apparmor_restrict=None, seccomp_mode=0, in_container=False)
+    base: dict[str, object] = dict(unprivileged_userns_clone=None, max_user_namespaces=1000,
+                                   apparmor_restrict=None, seccomp_mode=0, in_container=False)
     base.update(changes)
     return userns.HostFacts(**base)  # type: ignore[arg-type]
 

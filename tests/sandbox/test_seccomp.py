@@ -6,6 +6,7 @@ import ast
 import errno
 import os
 import stat
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -25,7 +26,7 @@ def attempt_under_filter(directory: Path) -> dict[str, int]:
             syscalls.install_seccomp(seccomp.build_filter())
             target = directory / "f"
             target.write_text("x")
-            attempts = {
+            attempts: dict[str, Callable[[], object]] = {
                 "chmod_suid": lambda: os.chmod(target, 0o4755),
                 "chmod_sgid": lambda: os.chmod(target, 0o2755),
                 "fchmod_suid": lambda: os.fchmod(os.open(target, os.O_RDONLY), 0o4755),
