@@ -176,7 +176,7 @@ def test_two_concurrent_builders_build_once(tmp_path: Path) -> None:
     assert counter.read_text() == "run\n"
     paths = {json.loads(out)[0]["path"] for out, _ in results}
     assert len(paths) == 1
-    states = sorted("by another process" in err for _, err in results)
+    states = sorted("once: done by another process" in err for _, err in results)
     assert states == [False, True], results
 
 
