@@ -136,3 +136,27 @@ def test_recipe_ids_follow_epoch_script_and_input_content(tmp_path: Path) -> Non
     (tmp_path / "d" / "files").mkdir(parents=True)
     (tmp_path / "d" / "files" / "extra").write_text("x")
     assert recipe_id(tmp_path / "d", RECIPE, epoch=1, script="true") != base
+
+
+def test_image_ids_follow_writer_version_identity_and_reprobuild_version(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import reprobuild.plan as plan_module
+    from reprobuild.images import tar
+
+    (tmp_path / "files").mkdir()
+    (tmp_path / "files" / "f").write_text("x")
+    path = tmp_path / "r.toml"
+    path.write_text('[sources.files]\npath = "files"\n'
+                    '[images.img]\nfrom = "files"\nformat = "tar"\n')
+
+    def image_id() -> str:
+        return plan(load_recipe(str(path))).nodes["img"].id
+
+    base = image_id()
+    monkeypatch.setattr(tar, "VERSION", "changed")
+    after_writer = image_id()
+    monkeypatch.setattr(tar, "identity", lambda options: {"compressor": "other"})
+    after_identity = image_id()
+    monkeypatch.setattr(plan_module, "__version__", "9.9.9")
+    after_reprobuild = image_id()
+    assert len({base, after_writer, after_identity, after_reprobuild}) == 4
