@@ -6,6 +6,7 @@ repeat the step by hand; ``--debug`` prints each one before it is executed.
 
 from __future__ import annotations
 
+import errno
 import os
 import shlex
 import socket
@@ -221,12 +222,23 @@ class OverlayMount(Operation):
             syscalls.mount(b"overlay", os.fsencode(self.target), b"overlay",
                            MS_RDONLY | MS_NOSUID | MS_NODEV,
                            b"lowerdir=.:" + os.fsencode(self.empty))
+        except OSError as exc:
+            # Some file systems cannot be an overlay's lower layer (or a kernel has no
+            # overlayfs in user namespaces): a read-only bind mount still isolates, it
+            # only shows the source's path in mountinfo.
+            if exc.errno not in (errno.EINVAL, errno.ENODEV, errno.EOPNOTSUPP, errno.EPERM):
+                raise
+            BindMount(".", self.target).execute()
+            RemountBind(self.target, MS_RDONLY | MS_NOSUID | MS_NODEV).execute()
         finally:
             os.chdir("/")
 
     def describe(self) -> str:
         opts = _options(MS_RDONLY | MS_NOSUID | MS_NODEV, f"lowerdir=.:{self.empty}")
-        return f"(cd {_q(self.lower)} && mount -t overlay -o {opts} overlay {_q(self.target)})"
+        target = _q(self.target)
+        return (f"(cd {_q(self.lower)} && mount -t overlay -o {opts} overlay {target}"
+                f" || {{ mount --bind . {target} && "
+                f"mount -o remount,bind,ro,nosuid,nodev {target}; }})")
 
 
 @dataclass(frozen=True)

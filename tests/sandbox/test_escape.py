@@ -122,6 +122,10 @@ def escape(unprivileged: Unprivileged, sandbox_driver: Driver) -> Iterator[dict[
                     timeout=1.0, marker="timeout-marker"),
         busybox_run("interrupt", "sh -c 'sleep 7779' interrupt-marker & sleep 7779",
                     interrupt_after=0.5, marker="interrupt-marker"),
+        busybox_run("bind_fallback",  # overlayfs refuses procfs: a read-only bind instead
+                    "cat /k/ostype; echo x > /k/ostype; echo rc=$?; "
+                    "grep ' /k ' /proc/self/mountinfo",
+                    mounts=[["/proc/sys/kernel", "/k", False]]),
         busybox_run("store_path",
                     "cat /proc/self/mountinfo /proc/1/mountinfo /proc/mounts; "
                     "readlink /proc/self/cwd; readlink /proc/1/root; ls -la /inputs; "
@@ -253,3 +257,9 @@ def test_cannot_see_the_store_path(escape: dict[str, Any]) -> None:
     assert str(escape["root"]) not in log  # no host path at all
     assert " overlay overlay ro,lowerdir=.:/empty" in log
     assert "\n/build\n/\n" in log  # cwd and root as the sandbox names them
+
+
+def test_read_only_bind_where_overlayfs_refuses(escape: dict[str, Any]) -> None:
+    log = _log(escape, "bind_fallback")
+    assert log.startswith("Linux\n") and "rc=1" in log and "Read-only file system" in log
+    assert " /k ro,nosuid,nodev" in log
