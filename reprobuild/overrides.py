@@ -9,7 +9,7 @@ Each key is an absolute path in the image (``"/"`` is the root); each value a ta
   any other string is taken as UTF-8 text. Named xattrs are set or replaced, others kept;
 * ``type`` - create (or replace a non-directory with) an entry an unprivileged build cannot
   make: ``"char"``/``"block"`` (with ``major``, ``minor``), ``"dir"``, ``"fifo"``,
-  ``"symlink"`` (with ``target``). A new entry is root:root, mtime 0, mode 0755 for a
+  ``"symlink"`` (with ``target``). A new entry is root:root, mtime the epoch, mode 0755 for a
   directory, 0777 for a symlink and 0644 otherwise, unless given.
 
 Overriding a hardlink changes the inode: the metadata of every path of its group.
@@ -92,7 +92,7 @@ def _xattrs(value: object, label: str) -> dict[bytes, bytes]:
     return out
 
 
-def _new_entry(path: bytes, spec: Mapping[str, object], label: str) -> Entry:
+def _new_entry(path: bytes, spec: Mapping[str, object], label: str, epoch: int) -> Entry:
     kind_name = spec.get("type")
     if not isinstance(kind_name, str) or kind_name not in TYPES:
         raise RecipeError(f"{label}.type must be one of {', '.join(TYPES)}, not {kind_name!r}")
@@ -110,7 +110,8 @@ def _new_entry(path: bytes, spec: Mapping[str, object], label: str) -> Entry:
             raise RecipeError(f"{label}: a {kind_name} device needs major and minor")
         major = _int(spec["major"], f"{label}.major", low=0, high=(1 << 12) - 1)
         minor = _int(spec["minor"], f"{label}.minor", low=0, high=(1 << 20) - 1)
-    return Entry(path, kind, default_mode, target=target, rdev_major=major, rdev_minor=minor)
+    return Entry(path, kind, default_mode, mtime_ns=epoch * 1_000_000_000, target=target,
+                 rdev_major=major, rdev_minor=minor)
 
 
 def _check_keys(spec: Mapping[str, object], label: str) -> None:
@@ -125,10 +126,11 @@ def _check_keys(spec: Mapping[str, object], label: str) -> None:
 
 
 def apply_overrides(tree: Tree, table: Mapping[str, Mapping[str, object]], *,
-                    where: str) -> Tree:
+                    where: str, epoch: int = 0) -> Tree:
     """A new tree with the overrides of ``table`` applied (``tree`` is not changed).
 
     ``where`` names the table in messages (``"recipe.toml [images.root.files]"``).
+    New entries get ``epoch`` (seconds) as their mtime unless the table gives one.
     """
     entries: dict[bytes, Entry] = {e.path: e for e in tree}
     planned: list[tuple[bytes, str, Mapping[str, object]]] = []
@@ -152,7 +154,7 @@ def apply_overrides(tree: Tree, table: Mapping[str, Mapping[str, object]], *,
         seen.add(path)
         existing = entries.get(path)
         if "type" in spec:
-            new = _new_entry(path, spec, label)
+            new = _new_entry(path, spec, label, epoch)
             parent = entries.get(new.parent)
             if path and (parent is None or parent.type is not EntryType.DIRECTORY):
                 raise RecipeError(f"{label}: parent directory /{new.parent.decode()} is not"

@@ -129,3 +129,16 @@ def test_load_overrides_file(tmp_path: Path) -> None:
         load_overrides_file(broken)
     with pytest.raises(RecipeError, match="does not exist"):
         load_overrides_file(tmp_path / "missing.toml")
+
+
+def test_new_entries_take_the_epoch_as_mtime_unless_given() -> None:
+    tree = apply_overrides(base_tree(), {
+        "/dev": {"type": "dir"},
+        "/dev/console": {"type": "char", "major": 5, "minor": 1, "mode": "0600"},
+        "/dev/null": {"type": "char", "major": 1, "minor": 3, "mtime": 7},
+    }, where=WHERE, epoch=1700000000)
+    console, null = tree.get(b"dev/console"), tree.get(b"dev/null")
+    assert console is not None and null is not None
+    assert console.mtime_ns == 1700000000 * 10**9
+    assert null.mtime_ns == 7 * 10**9
+    assert (console.rdev_major, console.rdev_minor, console.mode) == (5, 1, 0o600)

@@ -107,7 +107,8 @@ def build_image(source: str, output: str, fmt: str, options: ImageOptions, *,
         tree = load_tree(source, epoch=options.epoch, spool=Spool(spool_dir),
                          platform=platform)
         if files is not None:
-            tree = apply_overrides(tree, load_overrides_file(files), where=files)
+            tree = apply_overrides(tree, load_overrides_file(files), where=files,
+                                      epoch=options.epoch)
         if os.path.isdir(output):
             raise ImageError(f"output {output} is a directory", hint="name the image file")
         try:

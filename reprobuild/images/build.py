@@ -54,6 +54,7 @@ def build_image(job: Mapping[str, Any]) -> None:
     if files:
         from reprobuild.overrides import apply_overrides
 
-        tree = apply_overrides(tree, files, where=f"[images.{job['name']}.files]")
+        tree = apply_overrides(tree, files, where=f"[images.{job['name']}.files]",
+                               epoch=epoch)
     with open(output, "wb") as f:
         module.write(tree, f, options)
