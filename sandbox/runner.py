@@ -140,9 +140,10 @@ def _serve(control: socket.socket, caller: int, debug: bool) -> NoReturn:
                           ignored_signals=(signal.SIGINT, *ignored))
     # Sandboxes are cloned from here: no garbage collection to touch (and so copy) every
     # page of the server's objects in them.
+    server = Server(control, config)
+    server.warm_up()
     gc.disable()
     gc.freeze()
-    server = Server(control, config)
     server.start_spare()
     control.send(b"ready")
     server.serve_forever()
