@@ -16,6 +16,13 @@ Inside every sandbox:
 * the environment is the caller's variables overridden by :data:`FIXED_ENV` and
   ``SOURCE_DATE_EPOCH`` (the spec's epoch) and ``BUILD_CORES`` (the spec's core count);
   ``PATH`` is ``/path-not-set`` unless the caller sets it.
+
+What the kernel still shows and a user namespace cannot change: /proc/self/mountinfo
+names a *writable* mount's host path (relative to its file system; read-only inputs go
+through overlays and show only ``.``, so the store's location stays hidden) and the
+host uid owning each tmpfs (``uid=`` option); ``ls -l /`` shows /proc's mount time and
+a link count that counts the host's processes; supplementary groups of an unprivileged
+caller appear as ``nogroup`` (root callers drop theirs).
 """
 
 from __future__ import annotations

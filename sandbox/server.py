@@ -1,11 +1,16 @@
 """The fork server's loop: one process, one thread, every running sandbox at once.
 
-For each request (a spec as msgpack, with the run socket, the log fd and for interactive
-runs the terminal's fds 0, 1, 2 passed by SCM_RIGHTS) it resolves the mounts, clones a
-child into fresh namespaces (:mod:`sandbox.child` takes it from there) and watches it
-through a pidfd. It kills a sandbox's pid 1 (and so its whole pid namespace, which is
-gone when ``waitpid`` returns) on timeout, on SIGINT (non-interactive runs) or when the
-caller closes the run socket, and answers on the run socket with the result.
+It keeps one *spare*: a child cloned ahead of time into a new user and pid namespace,
+which maps its ids, makes its own mount, network, UTS, IPC and cgroup namespaces, brings
+``lo`` up and waits (:mod:`sandbox.child`). A request (the spec as msgpack, with the run
+socket, the log fd and for interactive runs the terminal's fds 0, 1, 2 by SCM_RIGHTS) is
+checked here, handed to the spare with its fds, and the next spare is cloned after the
+reply, off the path of the next run. The server watches each sandbox's pid 1 through a
+pidfd and kills it (so its whole pid namespace, gone once ``waitpid`` returns) on
+timeout, on SIGINT (non-interactive runs) or when the caller closes the run socket.
+
+A spare's mount namespace is a copy of the host's mounts when it was cloned: a file
+system mounted on the host later is not visible to it.
 """
 
 from __future__ import annotations

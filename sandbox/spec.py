@@ -23,9 +23,14 @@ class Mount:
 class SandboxSpec:
     """Everything a sandboxed run sees. Nothing of the host is visible unless listed.
 
-    ``env`` holds the caller's variables; the sandbox adds the fixed ones (HOME, TMPDIR,
-    TZ=UTC, LANG=C.UTF-8, SOURCE_DATE_EPOCH from ``epoch``, the core count from
-    ``cores``) and they win over the caller's.
+    ``env`` holds the caller's variables; the sandbox adds the fixed ones and they win:
+    HOME=/homeless-shelter (does not exist), TMPDIR=/tmp, TZ=UTC, LANG=C.UTF-8,
+    SOURCE_DATE_EPOCH=``epoch``, BUILD_CORES=``cores``; PATH is /path-not-set unless
+    given. The command runs as uid 1000 (``build``), gid 100 (``users``) in ``cwd``.
+    Read-only mounts may be files or directories; writable ones are bound as they are
+    (a root caller's are chowned to 65534, the uid its sandboxes run as). /build and /tmp
+    are fresh tmpfs unless mounted; everything else is read-only. ``extra`` is reserved:
+    a non-empty one is refused.
     """
 
     argv: tuple[str, ...]
