@@ -14,6 +14,7 @@ per thread.
 from __future__ import annotations
 
 import ctypes
+import ctypes.util
 import lzma
 import struct
 import threading
@@ -93,10 +94,7 @@ class Compressor:
                 self._local.cctx = cctx
             return cctx.compress(data)  # type: ignore[no-any-return]
         if self.name == "gzip":
-            # A compress object, not zlib.compress: only its compress() releases the GIL
-            # on Python 3.11. The settings are zlib.compress's (15-bit window, memLevel 8).
-            deflate = zlib.compressobj(self.level or 9)
-            return deflate.compress(data) + deflate.flush()
+            return deflate(data, self.level or 9)
         if self.name == "xz":
             return lzma.compress(data, format=lzma.FORMAT_XZ, check=lzma.CHECK_CRC32,
                                  filters=[{"id": lzma.FILTER_LZMA2, "preset": 6,
@@ -129,6 +127,55 @@ class Compressor:
             raise ImageError(f"squashfs: a {self.name} block decompresses to {len(out)}"
                              f" bytes, more than {limit}")
         return bytes(out)
+
+
+class _Libz:
+    """zlib's compress2 through ctypes: one call that runs without the GIL.
+
+    Python's own zlib functions either hold the GIL (zlib.compress on 3.11) or give it
+    back and take it again for every 32 KiB of output, which under load makes the
+    compression threads queue for it. compress2 is zlib.compress with the same settings
+    (15-bit window, memLevel 8, default strategy), from the same shared library the
+    interpreter's zlib module uses.
+    """
+
+    def __init__(self) -> None:
+        lib = ctypes.CDLL(ctypes.util.find_library("z") or "libz.so.1")
+        self.compress2 = lib.compress2
+        self.compress2.argtypes = [ctypes.c_void_p, ctypes.POINTER(ctypes.c_ulong),
+                                   ctypes.c_char_p, ctypes.c_ulong, ctypes.c_int]
+        self.compress2.restype = ctypes.c_int
+        self.bound = lib.compressBound
+        self.bound.argtypes = [ctypes.c_ulong]
+        self.bound.restype = ctypes.c_ulong
+        lib.zlibVersion.restype = ctypes.c_char_p
+        self.version: str = lib.zlibVersion().decode()
+
+
+def _load_libz() -> _Libz | None:
+    try:
+        libz = _Libz()
+    except (OSError, AttributeError):
+        return None
+    # Only when it is the very library (and version) the zlib module reports.
+    return libz if libz.version == zlib.ZLIB_RUNTIME_VERSION else None
+
+
+_LIBZ = _load_libz()
+
+
+def deflate(data: bytes, level: int) -> bytes:
+    """``zlib.compress(data, level)``, computed without holding the GIL when possible."""
+    if _LIBZ is None:
+        stream = zlib.compressobj(level)
+        return stream.compress(data) + stream.flush()
+    capacity = _LIBZ.bound(len(data))
+    out = ctypes.create_string_buffer(capacity)
+    size = ctypes.c_ulong(capacity)
+    status = _LIBZ.compress2(out, ctypes.byref(size), data, len(data), level)
+    if status != 0:
+        raise ImageError(f"squashfs: zlib compress2 failed with status {status}")
+    return ctypes.string_at(out, size.value)
 
 
 def make_compressor(name: str, block_size: int, level: int | None = None, *,
