@@ -193,24 +193,47 @@ class Server:
         debug_fd = log_fd if (spec.debug or self.config.debug) else None
         if debug_fd is not None:
             os.write(debug_fd, f"+ {self.clone.describe()}\n".encode())
+        job = encode_job(payload, mounts)
+        fds = array.array("i", [log_fd, *terminal])
         spare = self.spare or self._clone_spare()
         self.spare = None
+        if not self._hand_over(spare, job, fds):
+            self._discard(spare)  # it died while it waited: try a fresh one
+            spare = self._clone_spare()
+            if not self._hand_over(spare, job, fds):
+                with contextlib.suppress(ProcessLookupError):
+                    signal.pidfd_send_signal(spare.pidfd, signal.SIGKILL)  # it says why
         started = time.monotonic()
         run = Run(pid=spare.pid, pidfd=spare.pidfd, conn=conn, error_r=spare.error_r,
                   deadline=None if spec.timeout is None else started + spec.timeout,
                   interactive=spec.interactive, started=started,
                   setup_error=spare.setup_error)
-        fds = array.array("i", [log_fd, *terminal])
-        try:
-            spare.channel.sendmsg([encode_job(payload, mounts)],
-                                  [(socket.SOL_SOCKET, socket.SCM_RIGHTS, fds)])
-        except OSError:
-            run.kill()  # it died waiting; its error pipe says why
-        spare.channel.close()
         self.runs.append(run)
         for fd in (run.pidfd, run.error_r, conn.fileno()):
             self.by_fd[fd] = run
             self.poller.register(fd, select.POLLIN)
+
+    @staticmethod
+    def _hand_over(spare: SpareProcess, job: bytes, fds: array.array[int]) -> bool:
+        """Send the job to the spare; False if it is gone."""
+        try:
+            if spare.setup_error is not None:
+                return False
+            spare.channel.sendmsg([job], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, fds)])
+            return True
+        except OSError:
+            return False
+        finally:
+            spare.channel.close()
+
+    @staticmethod
+    def _discard(spare: SpareProcess) -> None:
+        with contextlib.suppress(ProcessLookupError):
+            signal.pidfd_send_signal(spare.pidfd, signal.SIGKILL)
+        with contextlib.suppress(ChildProcessError):
+            os.waitpid(spare.pid, 0)
+        os.close(spare.pidfd)
+        os.close(spare.error_r)
 
     def _clone_spare(self) -> SpareProcess:
         """Clone a pid 1 into fresh namespaces; it maps its ids and waits for a job."""

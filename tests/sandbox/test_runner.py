@@ -1,0 +1,99 @@
+"""The runner from the caller's side: concurrency, a dead spare, closing, bad requests."""
+
+from __future__ import annotations
+
+import os
+import signal
+import tempfile
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+
+from sandbox.errors import SandboxError
+from sandbox.runner import ForkServer, start
+from sandbox.spec import Mount, SandboxSpec
+from tests.conftest import can_unshare_user, need
+from tests.sandbox.conftest import BUSYBOX
+
+pytestmark = pytest.mark.userns
+
+
+def busybox(script: str, **options: object) -> SandboxSpec:
+    return SandboxSpec(argv=(BUSYBOX, "sh", "-c", script), mounts=(Mount(BUSYBOX, BUSYBOX),),
+                       env=(("PATH", "/bin"),), **options)  # type: ignore[arg-type]
+
+
+@pytest.fixture(scope="module")
+def runner() -> Iterator[ForkServer]:
+    need(can_unshare_user() and os.path.exists(BUSYBOX), "needs user namespaces, busybox")
+    with start() as server:
+        yield server
+
+
+def run(runner: ForkServer, spec: SandboxSpec) -> tuple[int | None, str]:
+    with tempfile.TemporaryFile() as log:
+        result = runner.run(spec, log_fd=log.fileno())
+        log.seek(0)
+        return result.returncode, log.read().decode()
+
+
+def spare_pids(runner: ForkServer) -> list[int]:
+    children = Path(f"/proc/{runner.pid}/task/{runner.pid}/children").read_text().split()
+    return [int(pid) for pid in children]
+
+
+def test_concurrent_runs_each_get_their_own_sandbox(runner: ForkServer) -> None:
+    # Runs overlap (each sleeps), yet each sees only its own /tmp and 127.0.0.1:8080.
+    spec = busybox("echo $$; touch /tmp/mine; (nc -l -p 8080 >/dev/null &); sleep 0.3; "
+                   "ls /tmp | wc -l; netstat -ltn | grep -c :8080")
+    with ThreadPoolExecutor(4) as pool:
+        outcomes = list(pool.map(lambda _: run(runner, spec), range(8)))
+    assert [log.split() for _, log in outcomes] == [["1", "1", "1"]] * 8
+    assert all(code == 0 for code, _ in outcomes)
+
+
+def test_a_dead_spare_is_replaced(runner: ForkServer) -> None:
+    deadline = time.monotonic() + 5
+    while not spare_pids(runner) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    spares = spare_pids(runner)
+    assert spares, "the server keeps a spare"
+    for pid in spares:
+        os.kill(pid, signal.SIGKILL)
+    for pid in spares:  # dead (a zombie the server has not reaped), not merely dying
+        while Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z":
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+    assert run(runner, busybox("echo fine")) == (0, "fine\n")
+
+
+def test_bad_requests_raise_and_the_runner_survives(runner: ForkServer) -> None:
+    with pytest.raises(SandboxError, match="does not exist|No such file"):
+        runner.run(SandboxSpec(argv=("/x",), mounts=(Mount("/nonexistent", "/x"),)),
+                   log_fd=2)
+    with pytest.raises(SandboxError, match="unknown sandbox options"):
+        runner.run(SandboxSpec(argv=("/x",), extra=(("network", "on"),)), log_fd=2)
+    code, log = run(runner, SandboxSpec(argv=("/no/such/program",)))
+    assert code == 127 and "cannot execute /no/such/program" in log
+    assert run(runner, busybox("exit 4"))[0] == 4
+
+
+def test_close_kills_running_sandboxes() -> None:
+    need(can_unshare_user() and os.path.exists(BUSYBOX), "needs user namespaces, busybox")
+    server = start()
+    with ThreadPoolExecutor(1) as pool:
+        pending = pool.submit(run, server, busybox("sleep 7781"))
+        time.sleep(0.3)
+        server.close()
+        with pytest.raises(SandboxError):
+            pending.result(timeout=10)
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            assert b"7781" not in Path(f"/proc/{pid}/cmdline").read_bytes()
+        except OSError:
+            continue
+    with pytest.raises(SandboxError, match="closed"):
+        server.run(busybox("true"), log_fd=2)
