@@ -150,6 +150,7 @@ def plan_image(tree: Tree, block_size: int, *, tail_fragments: bool = True) -> S
             if len(child.name) > SQUASHFS_NAME_LEN:
                 raise ImageError(f"squashfs: {child.display()}: name longer than"
                                  f" {SQUASHFS_NAME_LEN} bytes")
+            _check_entry(child)
             primary = tree.resolve(child).path
             place(primary)
             listing.append((child.name, primary))
@@ -225,6 +226,21 @@ def plan_image(tree: Tree, block_size: int, *, tail_fragments: bool = True) -> S
         files=tuple(files),
         tail_fragments=tail_fragments,
     )
+
+
+SYMLINK_MAX = 4096  # the kernel refuses longer targets (squashfs_read_inode)
+
+
+def _check_entry(entry: Entry) -> None:
+    """Refuse what squashfs or the kernel cannot represent, naming the entry."""
+    if entry.type is EntryType.SYMLINK and not 0 < len(entry.target or b"") <= SYMLINK_MAX:
+        raise ImageError(f"squashfs: {entry.display()}: symlink target must be 1 to"
+                         f" {SYMLINK_MAX} bytes, not {len(entry.target or b'')}")
+    if entry.type in (EntryType.CHAR, EntryType.BLOCK) and (
+            not 0 <= entry.rdev_major <= 0xFFF or not 0 <= entry.rdev_minor <= 0xFFFFF):
+        raise ImageError(f"squashfs: {entry.display()}: device {entry.rdev_major},"
+                         f"{entry.rdev_minor} does not fit 32 bits (major < 4096,"
+                         " minor < 1048576)")
 
 
 def _nlink(tree: Tree, entry: Entry, links: dict[bytes, int]) -> int:

@@ -164,6 +164,15 @@ def test_rejects_what_squashfs_cannot_store(tmp_path: Path) -> None:
     tree.add(Entry(b"f", EntryType.REGULAR, 0o644, xattrs=((b"system.posix_acl_access", b""),)))
     with pytest.raises(ImageError, match="prefix"):
         build(tree, tmp_path / "a.sqfs")
+    for bad, match in (
+        (Entry(b"l", EntryType.SYMLINK, 0o777, target=b"x" * 4097), "symlink target"),
+        (Entry(b"c", EntryType.CHAR, 0o600, rdev_major=4096), "does not fit"),
+        (Entry(b"b", EntryType.BLOCK, 0o600, rdev_minor=1 << 20), "does not fit"),
+    ):
+        odd = Tree()
+        odd.add(bad)
+        with pytest.raises(ImageError, match=match):
+            build(odd, tmp_path / "odd.sqfs")
     with pytest.raises(ImageError, match="block size"):
         build(Tree(), tmp_path / "b.sqfs", block_size=3000)
     with pytest.raises(ImageError, match="compressor"):
