@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import io
 import os
+import struct
 from dataclasses import dataclass, field
 from typing import BinaryIO
 
@@ -372,6 +373,12 @@ def read_image(path: str | bytes) -> Tree:
     return _read(path)[0]
 
 
+def _corrupt(path: bytes, error: Exception) -> ImageError:
+    return ImageError(f"squashfs: {path.decode(errors='replace')} is corrupt or not a"
+                      f" squashfs 4.0 image ({type(error).__name__}: {error})",
+                      hint="check the image with unsquashfs -s")
+
+
 def inspect_image(path: str | bytes) -> dict[bytes, tuple[int, int]]:
     """Per path: the on-disk inode type and, for directories, the number of headers."""
     return _read(path)[1]
@@ -379,6 +386,13 @@ def inspect_image(path: str | bytes) -> dict[bytes, tuple[int, int]]:
 
 def _read(path: str | bytes) -> tuple[Tree, dict[bytes, tuple[int, int]]]:
     image_path = os.fsencode(path)
+    try:
+        return _read_tables(image_path)
+    except (IndexError, KeyError, ValueError, struct.error, RecursionError) as error:
+        raise _corrupt(image_path, error) from None
+
+
+def _read_tables(image_path: bytes) -> tuple[Tree, dict[bytes, tuple[int, int]]]:
     with open(image_path, "rb") as image:
         sb = read_superblock(image)
         # Every block says whether it is compressed; compressor options only tune
@@ -414,8 +428,13 @@ def _walk(reader: _Reader) -> Tree:
     found: list[tuple[bytes, EntryType, dict[str, object], int]] = []
     reader.layout[b""] = (reader.last_kind, 0)
     stack: list[tuple[bytes, tuple[int, ...]]] = [(b"", extra)]
+    seen_directories: set[int] = set()
     while stack:
-        path, (_, start, offset, size) = stack.pop()
+        path, (number, start, offset, size) = stack.pop()
+        if number in seen_directories:
+            raise ImageError(f"squashfs: directory inode {number} appears twice; the"
+                             " image is corrupt")
+        seen_directories.add(number)
         listing = reader.listing(start, offset, size)
         reader.layout[path] = (reader.layout[path][0], reader.last_headers)
         for name, ref in listing:

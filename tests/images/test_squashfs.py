@@ -186,6 +186,20 @@ def test_reader_round_trip(tmp_path: Path, compress: str) -> None:
     assert diff_trees(seconds(tree), squashfs.read(image)) == []
 
 
+def test_reader_reports_corrupt_images(tmp_path: Path) -> None:
+    image = build(sample_tree(4096), tmp_path / "img.sqfs", block_size=4096, compress="none")
+    data = bytearray(image.read_bytes())
+    bad = tmp_path / "bad.sqfs"
+    bad.write_bytes(b"not squashfs" + bytes(100))
+    with pytest.raises(ImageError, match="not a squashfs"):
+        squashfs.read(bad)
+    # The id count says more ids than the table holds.
+    data[26:28] = (999).to_bytes(2, "little")
+    bad.write_bytes(bytes(data))
+    with pytest.raises(ImageError):
+        squashfs.read(bad)
+
+
 def test_superblock_and_structure(tmp_path: Path) -> None:
     tree = sample_tree()
     image = build(tree, tmp_path / "img.sqfs", compress="gzip", exportable=True)
