@@ -31,8 +31,9 @@ from sandbox.plan import (
     BUILD_UID,
     ResolvedMount,
     environment,
-    filesystem_operations,
+    job_operations,
     network_operations,
+    skeleton_operations,
 )
 from sandbox.spec import SandboxSpec
 from sandbox.userns import diagnose, read_facts
@@ -178,6 +179,12 @@ def become_pid1(spare: Spare, config: ServerConfig) -> NoReturn:
         network = network_operations()
         run_operations(network, None)
         done += network
+        if not spare.as_root:
+            # A root caller's pid 1 makes its files as the build user, which it only
+            # becomes after opening the job's sources as root: it builds everything then.
+            skeleton = skeleton_operations()
+            run_operations(skeleton, None)
+            done += skeleton
         job = receive_job(spare.channel)
         if job is None:
             os._exit(0)  # the server is shutting down
@@ -225,7 +232,9 @@ def _setup_and_exec(job: Job, spare: Spare, config: ServerConfig,
             syscalls.prctl(syscalls.PR_SET_PDEATHSIG, signal.SIGKILL)  # uid change cleared it
         if not job.spec.interactive:
             os.setsid()  # no controlling terminal: nothing to TIOCSTI into
-        run_operations(filesystem_operations(mounts, epoch=job.spec.epoch), debug_fd)
+        if spare.as_root:
+            run_operations(skeleton_operations(), debug_fd)
+        run_operations(job_operations(mounts, epoch=job.spec.epoch), debug_fd)
         _note(debug_fd, f"cd {shlex.quote(job.spec.cwd)}")
         os.chdir(job.spec.cwd)
         _harden_process(config, debug_fd)

@@ -146,9 +146,18 @@ def _parents(path: str) -> list[str]:
     return ["/" + "/".join(parts[: i + 1]) for i in range(len(parts))]
 
 
-def filesystem_operations(mounts: Sequence[ResolvedMount], *, epoch: int
-                          ) -> list[Operation]:
-    """Build the new root (run by the sandbox's pid 1, inside every namespace)."""
+SKELETON_DIRS = ("/build", "/dev", "/etc", "/proc", "/tmp")
+ETC_FILES = {"/etc/group": GROUP, "/etc/hosts": HOSTS, "/etc/passwd": PASSWD}
+DEV = NEWROOT + "/dev"
+
+
+def skeleton_operations() -> list[Operation]:
+    """The part of the new root that is the same for every run.
+
+    A spare pid 1 (:mod:`sandbox.server`) builds it before its job arrives: a tmpfs
+    root with /etc's files, a minimal /dev, a tmpfs /tmp and a new /proc. Nothing here
+    depends on the job; times are set, and the root made read-only, with the job.
+    """
     ops: list[Operation] = [
         MakePrivate(),
         MountFilesystem("tmpfs", BASE, MS_NOSUID | MS_NODEV, "mode=0755"),
@@ -156,37 +165,50 @@ def filesystem_operations(mounts: Sequence[ResolvedMount], *, epoch: int
     ops += [MakeDirectory(BASE + d) for d in (NEWROOT, OLDROOT, EMPTY, STAGE)]
     ops.append(PivotRoot(BASE, OLDROOT.lstrip("/")))
     ops.append(MountFilesystem("tmpfs", NEWROOT, MS_NOSUID | MS_NODEV, "mode=0755"))
+    ops += [MakeDirectory(NEWROOT + d) for d in SKELETON_DIRS]
+    ops += [WriteFile(NEWROOT + path, content) for path, content in sorted(ETC_FILES.items())]
+    ops.append(MountFilesystem("tmpfs", DEV, MS_NOSUID | MS_NODEV | MS_NOEXEC, "mode=0755"))
+    ops += [WriteFile(f"{DEV}/{name}", b"", 0o666) for name in DEVICES]
+    ops += [MakeDirectory(f"{DEV}/pts"), MakeDirectory(f"{DEV}/shm", 0o1777)]
+    ops += [Symlink(target, f"{DEV}/{name}") for name, target in DEV_LINKS]
+    ops += [BindMount(f"{OLDROOT}/dev/{name}", f"{DEV}/{name}") for name in DEVICES]
+    ops.append(MountFilesystem("devpts", f"{DEV}/pts", MS_NOSUID | MS_NOEXEC,
+                               "newinstance,ptmxmode=0666,mode=0620"))
+    ops.append(MountFilesystem("tmpfs", f"{DEV}/shm", MS_NOSUID | MS_NODEV | MS_NOEXEC,
+                               "mode=1777"))
+    ops.append(MountFilesystem("tmpfs", NEWROOT + "/tmp", MS_NOSUID | MS_NODEV, "mode=1777"))
+    ops.append(MountFilesystem("proc", NEWROOT + "/proc", MS_NOSUID | MS_NODEV | MS_NOEXEC))
+    return ops
 
+
+def job_operations(mounts: Sequence[ResolvedMount], *, epoch: int) -> list[Operation]:
+    """Finish the new root for one run: its mounts, /build, the epoch's times, pivot.
+
+    Declared mounts go over whatever the skeleton has at their target (/tmp, /etc/hosts).
+    """
     declared = {m.target for m in mounts}
-    made: list[str] = [NEWROOT]
-    directories = {"/etc", "/proc", "/dev", "/tmp", "/build"}
+    ops: list[Operation] = []
+    if "/build" not in declared:
+        ops.append(MountFilesystem("tmpfs", NEWROOT + "/build", MS_NOSUID | MS_NODEV,
+                                   "mode=0755"))
+    # What the sandbox made and no mount covers gets the epoch as its time.
+    made = [NEWROOT, *(NEWROOT + d for d in SKELETON_DIRS if d != "/proc"),
+            *(NEWROOT + f for f in sorted(ETC_FILES)), f"{DEV}/shm",
+            *(f"{DEV}/{name}" for name, _ in DEV_LINKS)]
+    exists = {"/", *SKELETON_DIRS, *ETC_FILES, *(f"/dev/{n}" for n in DEVICES),
+              "/dev/pts", "/dev/shm", *(f"/dev/{n}" for n, _ in DEV_LINKS)}
+    directories: set[str] = set()
     for m in mounts:
         directories.update(_parents(m.target))
         if m.is_dir:
             directories.add(m.target)
-    for d in sorted(directories, key=os.fsencode):
-        ops.append(MakeDirectory(NEWROOT + d, 0o1777 if d == "/tmp" else 0o755))
+    for d in sorted(directories - exists, key=os.fsencode):
+        ops.append(MakeDirectory(NEWROOT + d))
         made.append(NEWROOT + d)
-    files = {"/etc/passwd": PASSWD, "/etc/group": GROUP, "/etc/hosts": HOSTS}
-    for path, content in sorted(files.items()):
-        if path not in declared:
-            ops.append(WriteFile(NEWROOT + path, content))
-            made.append(NEWROOT + path)
     for m in mounts:
-        if not m.is_dir and m.target not in files:
+        if not m.is_dir and m.target not in exists:
             ops.append(WriteFile(NEWROOT + m.target, b"", 0o644))
             made.append(NEWROOT + m.target)
-
-    dev = NEWROOT + "/dev"
-    ops.append(MountFilesystem("tmpfs", dev, MS_NOSUID | MS_NODEV | MS_NOEXEC, "mode=0755"))
-    for name in DEVICES:
-        ops.append(WriteFile(f"{dev}/{name}", b"", 0o666))
-    for name in ("pts", "shm"):
-        ops.append(MakeDirectory(f"{dev}/{name}", 0o1777 if name == "shm" else 0o755))
-    for name, target in DEV_LINKS:
-        ops.append(Symlink(target, f"{dev}/{name}"))
-    made += [f"{dev}/{n}" for n in (*DEVICES, "pts", "shm", *(n for n, _ in DEV_LINKS))]
-    made.append(dev)
     ops.append(Stamp(tuple(made), epoch))
 
     staged: dict[str, str] = {}
@@ -207,26 +229,18 @@ def filesystem_operations(mounts: Sequence[ResolvedMount], *, epoch: int
                 ops.append(MakeDirectory(stage))
                 ops.append(OverlayMount(OLDROOT + (m.via or parent), stage, EMPTY))
             ops.append(BindMount(f"{stage}/{name}", target))
-
-    ops += [BindMount(f"{OLDROOT}/dev/{name}", f"{dev}/{name}") for name in DEVICES]
-    ops.append(MountFilesystem("devpts", f"{dev}/pts", MS_NOSUID | MS_NOEXEC,
-                               "newinstance,ptmxmode=0666,mode=0620"))
-    fresh = [f"{dev}/shm"]
-    ops.append(MountFilesystem("tmpfs", f"{dev}/shm", MS_NOSUID | MS_NODEV | MS_NOEXEC,
-                               "mode=1777"))
-    for path, mode in (("/tmp", "1777"), ("/build", "0755")):
-        if path not in declared:
-            ops.append(MountFilesystem("tmpfs", NEWROOT + path, MS_NOSUID | MS_NODEV,
-                                       f"mode={mode}"))
-            fresh.append(NEWROOT + path)
-    ops.append(MountFilesystem("proc", NEWROOT + "/proc", MS_NOSUID | MS_NODEV | MS_NOEXEC))
-    ops.append(Stamp(tuple(fresh), epoch))
-    ops.append(RemountBind(dev, RO | MS_NOEXEC))
+    ops.append(RemountBind(DEV, RO | MS_NOEXEC))
     ops.append(RemountBind(NEWROOT, RO))
     ops.append(Unmount(OLDROOT))
     ops.append(PivotRoot(NEWROOT))
     ops.append(Unmount("."))
     return ops
+
+
+def filesystem_operations(mounts: Sequence[ResolvedMount], *, epoch: int
+                          ) -> list[Operation]:
+    """The whole new root (run by the sandbox's pid 1, inside every namespace)."""
+    return skeleton_operations() + job_operations(mounts, epoch=epoch)
 
 
 def environment(spec: SandboxSpec) -> dict[str, str]:
