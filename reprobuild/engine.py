@@ -220,7 +220,8 @@ class Engine:
                     expected = str(node.derivation.attrs["hash"])
                 entry = self.store.register(
                     node.id, output, derivation=node.derivation.to_json(), inputs=input_meta,
-                    epoch=plan.recipe.epoch if node.sandboxed else 0, expected_hash=expected)
+                    epoch=plan.recipe.epoch if node.sandboxed else 0, expected_hash=expected,
+                    fsverity_file=node.main_file)
             except _Cancelled:
                 self._give_back_build_dir(build_dir)
                 raise

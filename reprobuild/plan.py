@@ -3,11 +3,13 @@
 Planning reads path sources and host programs to hash them (their content is part of
 the ids of everything that uses them) but builds and copies nothing. Each Debian source
 becomes two nodes: ``NAME#fetch`` (the .deb, fixed-output: its id depends only on the
-sha256) and ``NAME`` (the unpacked tree).
+sha256) and ``NAME`` (the unpacked tree). An OCI layout source is a path source whose
+directory must be an image layout; its layers are merged only by the images built from it.
 """
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -18,7 +20,7 @@ from reprobuild.errors import RecipeError
 from reprobuild.fetch import UNPACK_VERSION
 from reprobuild.images.registry import ImageOptions, get_format
 from reprobuild.inputs import HostClosure, host_closure, path_hash
-from reprobuild.recipe import DebSource, HostSource, Image, PathSource, Recipe, Step
+from reprobuild.recipe import DebSource, HostSource, Image, OciSource, PathSource, Recipe, Step
 
 SANDBOX_ABI = "1"
 """What a step sees (mount points, $out, /build); part of every step's id."""
@@ -35,9 +37,12 @@ class Node:
     key: str  # recipe name, or NAME#fetch for the .deb of a Debian source
     derivation: Derivation
     deps: tuple[str, ...]
-    what: DebSource | PathSource | HostSource | Step | Image
+    what: DebSource | PathSource | OciSource | HostSource | Step | Image
     closure: HostClosure | None = field(default=None, compare=False)
     display: str = ""
+    # A disk image's output is a directory: the file in it whose fs-verity digest the
+    # store records (the format module's ``main_file``), e.g. "disk.img".
+    main_file: str | None = None
 
     @property
     def id(self) -> str:
@@ -87,7 +92,7 @@ def plan(recipe: Recipe, targets: list[str] | None = None) -> Plan:
     return Plan(recipe, wanted, nodes)
 
 
-def _source_nodes(source: DebSource | PathSource | HostSource) -> list[Node]:
+def _source_nodes(source: DebSource | PathSource | OciSource | HostSource) -> list[Node]:
     if isinstance(source, DebSource):
         fetch = Derivation("fetch-deb", {"sha256": source.sha256},
                            name=f"{source.package}_{source.version}.deb")
@@ -98,16 +103,33 @@ def _source_nodes(source: DebSource | PathSource | HostSource) -> list[Node]:
                 Node(source.name, unpack, (f"{source.name}#fetch",), source,
                      display=f"unpack {label}")]
     if isinstance(source, PathSource):
+        if isinstance(source, OciSource):
+            _check_oci_layout(source)
         content = path_hash(source.path)
         if source.blake3 is not None and source.blake3 != content:
             raise RecipeError(f"[sources.{source.name}] blake3: {source.path} hashes to "
                               f"{content}, the recipe pins {source.blake3}",
                               hint="update the pin if the change is intended")
         drv = Derivation("path", {"hash": content}, name=source.name)
-        return [Node(source.name, drv, (), source, display=f"import {source.name}")]
+        what = "OCI image layout " if isinstance(source, OciSource) else ""
+        return [Node(source.name, drv, (), source, display=f"import {what}{source.name}")]
     closure = host_closure(source.path)
     drv = Derivation("host", {"program": source.path, "hash": closure.hash}, name=source.name)
     return [Node(source.name, drv, (), source, closure, display=f"import {source.path}")]
+
+
+def _check_oci_layout(source: OciSource) -> None:
+    """Refuse a directory that is not an image layout before anything is imported (its
+    blobs are checked against their digests when an image merges the layers)."""
+    from reprobuild.oci import is_oci_layout  # only recipes with OCI sources pay for it
+
+    if not os.path.exists(source.path):
+        raise RecipeError(f"[sources.{source.name}] oci: {source.path} does not exist")
+    if not is_oci_layout(source.path):
+        raise RecipeError(f"[sources.{source.name}] oci: {source.path} is not an OCI image "
+                          "layout (a directory with oci-layout and index.json)",
+                          hint="point oci = at an image layout (e.g. made by `skopeo copy "
+                               "... oci:DIR`), or use path = for plain files")
 
 
 def _step_node(recipe: Recipe, step: Step, nodes: Mapping[str, Node]) -> Node:
@@ -144,5 +166,7 @@ def _image_node(recipe: Recipe, image: Image, nodes: Mapping[str, Node]) -> Node
         attrs["table"] = dict(image.table)
     drv = Derivation("image", attrs, {name: nodes[name].id for name in image.inputs},
                      name=image.name)
+    main_file = getattr(module, "main_file", None)
     return Node(image.name, drv, image.inputs, image,
-                display=f"write {image.format} image {image.name}")
+                display=f"write {image.format} image {image.name}",
+                main_file=main_file(image.table) if main_file is not None else None)

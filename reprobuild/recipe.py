@@ -1,11 +1,12 @@
 """Recipe files: TOML in, a validated :class:`Recipe` out.
 
 A recipe names sources (``[sources.NAME]``: a Debian package, a path imported by content,
-or a host program with its ELF closure), steps (``[steps.NAME]``: a builder run in the
-sandbox) and images (``[images.NAME]``: built by reprobuild's own writers). Every error
-names the file, the table and the key, and suggests the nearest valid key for a typo;
-a dependency cycle is reported with the cycle. Loading a recipe reads only the recipe
-file; paths are made absolute relative to the recipe's directory.
+an OCI image layout imported by content, or a host program with its ELF closure), steps
+(``[steps.NAME]``: a builder run in the sandbox) and images (``[images.NAME]``: built by
+reprobuild's own writers). Every error names the file, the table and the key, and
+suggests the nearest valid key for a typo; a dependency cycle is reported with the cycle.
+Loading a recipe reads only the recipe file; paths are made absolute relative to the
+recipe's directory.
 """
 
 from __future__ import annotations
@@ -21,15 +22,16 @@ from typing import Any
 from reprobuild.errors import RecipeError
 from reprobuild.units import parse_duration, parse_size
 
-__all__ = ["DebSource", "HostSource", "Image", "PathSource", "Recipe", "Step", "load_recipe",
-           "parse_duration", "parse_recipe", "parse_size"]
+__all__ = ["DebSource", "HostSource", "Image", "OciSource", "PathSource", "Recipe", "Step",
+           "load_recipe", "parse_duration", "parse_recipe", "parse_size"]
 
 NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_.-]*$")
 TOP_KEYS = ("epoch", "sources", "steps", "images")
 DEB_KEYS = ("deb", "version", "sha256")
 PATH_KEYS = ("path", "blake3")
 HOST_KEYS = ("host",)
-SOURCE_KINDS = ("deb", "path", "host")
+OCI_KEYS = ("oci", "blake3")
+SOURCE_KINDS = ("deb", "path", "host", "oci")
 STEP_KEYS = ("inputs", "builder", "env", "timeout")
 IMAGE_KEYS = ("from", "format", "size", "uuid", "label", "compress", "block_size", "files")
 
@@ -63,7 +65,17 @@ class HostSource:
     path: str  # absolute
 
 
-Source = DebSource | PathSource | HostSource
+@dataclass(frozen=True)
+class OciSource(PathSource):
+    """An OCI image layout directory (``oci-layout``, ``index.json``, ``blobs/``).
+
+    Imported by content exactly like a path source (it is one, to the engine and the
+    store); planning also checks that the directory is an image layout. An image's
+    ``from`` merges its layers (see :mod:`reprobuild.oci`); a step sees the layout itself.
+    """
+
+
+Source = DebSource | PathSource | OciSource | HostSource
 
 
 @dataclass(frozen=True)
@@ -283,13 +295,14 @@ def _source(path: str, directory: str, name: str, raw: Any) -> Source:
     if len(kinds) != 1:
         keys = list(table.table)
         hint = ("a source has exactly one of: deb = \"PACKAGE\", path = \"FILE\", "
-                "host = \"/PROGRAM\"")
+                "host = \"/PROGRAM\", oci = \"LAYOUT\"")
         if not kinds and keys:
-            close = difflib.get_close_matches(keys[0], [*DEB_KEYS, *PATH_KEYS, *HOST_KEYS],
-                                              n=1, cutoff=0.6)
+            valid = dict.fromkeys([*DEB_KEYS, *PATH_KEYS, *HOST_KEYS, *OCI_KEYS])
+            close = difflib.get_close_matches(keys[0], list(valid), n=1, cutoff=0.6)
             if close:
                 hint = f"did you mean {close[0]!r}? " + hint
-        raise table.error(None, "needs exactly one of the keys 'deb', 'path', 'host'", hint)
+        raise table.error(None, "needs exactly one of the keys 'deb', 'path', 'host', 'oci'",
+                          hint)
     kind = kinds[0]
     if kind == "deb":
         table.only(DEB_KEYS)
@@ -301,14 +314,15 @@ def _source(path: str, directory: str, name: str, raw: Any) -> Source:
         version = table.string("version", required=True)
         assert package is not None and version is not None
         return DebSource(name, package, version, sha)
-    if kind == "path":
-        table.only(PATH_KEYS)
-        rel = table.string("path", required=True)
+    if kind in ("path", "oci"):
+        table.only(PATH_KEYS if kind == "path" else OCI_KEYS)
+        rel = table.string(kind, required=True)
         assert rel is not None
         pin = table.string("blake3")
         if pin is not None and not re.fullmatch(r"[0-9a-f]{64}", pin):
             raise table.error("blake3", f"{pin!r} is not 64 lowercase hex digits")
-        return PathSource(name, os.path.normpath(os.path.join(directory, rel)), pin)
+        made = PathSource if kind == "path" else OciSource
+        return made(name, os.path.normpath(os.path.join(directory, rel)), pin)
     table.only(HOST_KEYS)
     program = table.string("host", required=True)
     assert program is not None

@@ -133,6 +133,7 @@ def image_spec(node: Node, inputs: Mapping[str, tuple[Node, str]], build_dir: st
         "files": dict(image.files),
         "table": dict(image.table),
         "output": OUT,
+        "scratch": "/build",  # spool archive members on disk, not in the tmpfs /tmp
     }
     have = {m.target for m in mounts}
     mounts += [m for m in runtime.mounts if m.target not in have]

@@ -44,7 +44,9 @@ class StoreEntry:
     derivation_id: str
     path: str
     hash: str  # blake3 over the canonical serialisation (see reprobuild.canon)
-    fsverity: str | None  # fs-verity sha256 digest (4 KiB blocks, no salt) of a file output
+    # fs-verity sha256 digest (4 KiB blocks, no salt) of a file output, or of a directory
+    # output's main file (a disk image's disk.img, see Store.register's fsverity_file)
+    fsverity: str | None
     type: str  # "file", "directory" or "symlink"
     # Set by `reprobuild check` when a rebuild differed: what differed, under what.
     unreproducible: Mapping[str, Any] | None = None
@@ -188,7 +190,8 @@ class Store:
     def register(self, derivation_id: str, output: str, *, derivation: Mapping[str, Any],
                  inputs: Mapping[str, Mapping[str, str]], epoch: int,
                  extra: Mapping[str, Any] | None = None,
-                 expected_hash: str | None = None) -> StoreEntry:
+                 expected_hash: str | None = None,
+                 fsverity_file: str | None = None) -> StoreEntry:
         """Canonicalise ``output``, hash it and make it the valid entry of the derivation.
 
         Call with :meth:`lock` held. ``output`` must be on the store's filesystem (under
@@ -197,6 +200,8 @@ class Store:
         the inputs, the output's content hash and type, the fs-verity digest of a file
         output, reprobuild's version and the log path. With ``expected_hash`` (a
         fixed-output import) a different content hash is an error and nothing is stored.
+        ``fsverity_file`` names the file of a directory output whose fs-verity digest is
+        recorded instead (and as ``fsverity_file``); the build failed if it is missing.
         """
         if not os.path.lexists(output):
             raise StoreError(f"the build made no output at {output}")
@@ -209,7 +214,11 @@ class Store:
         st = os.lstat(output)
         kind = ("directory" if stat.S_ISDIR(st.st_mode) else
                 "symlink" if stat.S_ISLNK(st.st_mode) else "file")
-        fsverity = _fsverity_digest(output) if kind == "file" else None
+        fsverity = None
+        if kind == "file":
+            fsverity = _fsverity_digest(output)
+        elif kind == "directory" and fsverity_file is not None:
+            fsverity = _main_file_digest(derivation_id, output, fsverity_file)
         canon.fsync_tree(output)
         final = self.output_path(derivation_id)
         if os.path.lexists(final):  # garbage of a killed build: never valid without metadata
@@ -226,6 +235,7 @@ class Store:
             "hash": content_hash,
             "type": kind,
             "fsverity": fsverity,
+            **({"fsverity_file": fsverity_file} if kind == "directory" and fsverity else {}),
             "reprobuild": __version__,
             "log": self.log_path(derivation_id),
         }
@@ -372,6 +382,19 @@ class Store:
                     if not name.startswith("failed-"):
                         canon.remove_tree(os.path.join(tmp, name))
             return GcResult(tuple(kept), tuple(deleted), freed)
+
+
+def _main_file_digest(derivation_id: str, output: str, name: str) -> str | None:
+    """The fs-verity digest of the regular file ``name`` inside a directory output."""
+    path = os.path.join(output, name)
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        st = None
+    if st is None or not stat.S_ISREG(st.st_mode):
+        raise BuildError(f"the output of {derivation_id} has no regular file {name}",
+                         hint="the image step must write its main file; see its log")
+    return _fsverity_digest(path)
 
 
 def _fsverity_digest(path: str) -> str | None:

@@ -5,17 +5,24 @@ Tree formats read their ``from`` input with :func:`reprobuild.source.load_tree` 
 directory, a tar or an OCI layout), apply the recipe's ``files`` overrides and call the
 format module's ``write``; disk formats get the paths of their inputs and the image's
 table and write the output themselves.
+
+The job's ``scratch`` names a writable directory on disk (the sandbox's ``/build``):
+members of compressed tars and OCI layers are spooled there, not into ``$TMPDIR``, which
+in the sandbox is a tmpfs in memory. The spool is removed once the image is written.
 """
 
 from __future__ import annotations
 
-import os
-from collections.abc import Mapping
+import contextlib
+import shutil
+import tempfile
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 from reprobuild.errors import ImageError
 from reprobuild.images.registry import ImageOptions, OptionValue, get_format
-from reprobuild.tree import Tree
+from reprobuild.source import load_tree
+from reprobuild.tarinput import Spool
 
 
 def options_from_json(epoch: int, options: Mapping[str, Any]) -> ImageOptions:
@@ -26,17 +33,21 @@ def options_from_json(epoch: int, options: Mapping[str, Any]) -> ImageOptions:
                         extra=tuple(sorted(extra.items())))
 
 
-def load_source_tree(path: str, *, epoch: int) -> Tree:
-    """The normalised tree of a step output (directory, tar file or OCI layout)."""
+@contextlib.contextmanager
+def scratch_spool(scratch: str | None) -> Iterator[Spool | None]:
+    """A spool in a fresh directory under ``scratch``, removed afterwards (None: the
+    process-wide default spool under ``$TMPDIR``)."""
+    if scratch is None:
+        yield None
+        return
     try:
-        from reprobuild.source import load_tree
-    except ImportError:  # the tree-source module is optional: directories still work
-        from reprobuild.tree import tree_from_directory
-
-        if not os.path.isdir(path):
-            raise ImageError(f"{path}: only directories can be image sources here") from None
-        return tree_from_directory(path, epoch=epoch).normalized(epoch=epoch)
-    return load_tree(path, epoch=epoch)
+        directory = tempfile.mkdtemp(prefix="spool-", dir=scratch)
+    except OSError as exc:
+        raise ImageError(f"cannot make a spool directory in {scratch}: {exc.strerror}") from None
+    try:
+        yield Spool(directory)
+    finally:
+        shutil.rmtree(directory, ignore_errors=True)
 
 
 def build_image(job: Mapping[str, Any]) -> None:
@@ -49,12 +60,13 @@ def build_image(job: Mapping[str, Any]) -> None:
     if fmt.kind == "disk":
         module.build(dict(job["inputs"]), dict(job["table"]), options, output)
         return
-    tree = load_source_tree(job["from"], epoch=epoch)
-    files = job.get("files") or {}
-    if files:
-        from reprobuild.overrides import apply_overrides
+    with scratch_spool(job.get("scratch")) as spool:
+        tree = load_tree(job["from"], epoch=epoch, spool=spool)
+        files = job.get("files") or {}
+        if files:
+            from reprobuild.overrides import apply_overrides
 
-        tree = apply_overrides(tree, files, where=f"[images.{job['name']}.files]",
-                               epoch=epoch)
-    with open(output, "wb") as f:
-        module.write(tree, f, options)
+            tree = apply_overrides(tree, files, where=f"[images.{job['name']}.files]",
+                                   epoch=epoch)
+        with open(output, "wb") as f:
+            module.write(tree, f, options)

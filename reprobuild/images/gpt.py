@@ -13,6 +13,8 @@ Disk format module contract (every ``kind = "disk"`` module in the registry prov
 * ``read(path) -> Tree`` - the image as a tree of files (for ``reprobuild diff`` and tests).
 * ``identity(options: ImageOptions) -> dict[str, str]`` - anything besides the options
   and VERSION that changes the bytes (nothing here).
+* ``main_file(table: Mapping[str, object]) -> str`` - the file of the output directory
+  that is the image (here ``disk.img``); the store records its fs-verity digest.
 
 Recipe shape::
 
@@ -130,6 +132,10 @@ def inputs_of(table: Mapping[str, object]) -> list[str]:
         if source not in names:
             names.append(source)
     return names
+
+
+def main_file(table: Mapping[str, object]) -> str:
+    return DISK_FILE
 
 
 def identity(options: ImageOptions) -> dict[str, str]:

@@ -48,6 +48,11 @@ def inputs_of(table: Mapping[str, object]) -> list[str]:
     return [source]
 
 
+def main_file(table: Mapping[str, object]) -> str:
+    """The image file: ``image`` when the tree is appended to the data, else ``hash``."""
+    return IMAGE_FILE if table.get("append") is True else HASH_FILE
+
+
 def identity(options: ImageOptions) -> dict[str, str]:
     return {}
 

@@ -4,11 +4,15 @@ Mount targets are emulated by rewriting every argv word and environment value th
 starts with a mount's target to the mount's host source (longest target first), and the
 working directory is the source of the ``/build`` mount. Good enough for shell builders
 that use ``$out``, ``$NAME`` and ``/inputs/...``; it proves nothing about isolation.
+A built-in image step imports reprobuild from this process's own ``sys.path`` (the
+runtime's mounts at ``/.reprobuild/site`` are not emulated).
 """
 
 from __future__ import annotations
 
+import os
 import subprocess
+import sys
 import threading
 import time
 
@@ -40,6 +44,8 @@ class FakeRunner:
             self.runs.append(spec)
         argv = [self._rewrite(spec, w) for w in spec.argv]
         env = {k: self._rewrite(spec, v) for k, v in spec.env}
+        if "PYTHONPATH" in env:
+            env["PYTHONPATH"] = os.pathsep.join(p for p in sys.path if p)
         env.update({"SOURCE_DATE_EPOCH": str(spec.epoch), "HOME": "/homeless",
                     "PATH": "/usr/bin:/bin", "LANG": "C.UTF-8", "TZ": "UTC"})
         start = time.monotonic()
