@@ -50,6 +50,7 @@ from sandbox.userns import diagnose, read_facts
 from sandbox.wire import MAX_MESSAGE, decode_spec, encode_error, encode_result, encode_spec
 
 FD_SIZE = array.array("i").itemsize
+SPARES = 2  # pid 1s kept cloned ahead; one more after each run ends, up to this many
 MAX_FDS = 5  # run socket, log, and the terminal's 0, 1, 2
 
 
@@ -96,10 +97,10 @@ class Server:
         self.as_root = os.geteuid() == 0
         self.clone, self.maps, self.namespaces = namespace_operations(
             os.getuid(), os.getgid(), cgroup=config.cgroup)
-        self.spare: SpareProcess | None = None
+        self.spares: list[SpareProcess] = []
 
     def start_spare(self) -> None:
-        self.spare = self._clone_spare()
+        self.spares.append(self._clone_spare())
 
     def warm_up(self) -> None:
         """Run the pure code a sandbox's pid 1 runs, here, before any clone.
@@ -154,9 +155,7 @@ class Server:
         space = socket.CMSG_SPACE(MAX_FDS * FD_SIZE)
         payload, ancillary, _flags, _addr = self.control.recvmsg(MAX_MESSAGE, space)
         if not payload:
-            for run in self.runs:
-                run.kill()
-            os._exit(0)  # the caller closed the runner or died; our children follow
+            self._shut_down()
         fds = array.array("i")
         for level, kind, data in ancillary:
             if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
@@ -180,6 +179,22 @@ class Server:
             for fd in fds[1:]:
                 os.close(fd)
 
+    def _shut_down(self) -> NoReturn:
+        """The caller closed the runner (or died): kill every sandbox, wait, exit.
+
+        A pid 1 is reaped only once everything in its pid namespace is gone, so when the
+        caller's close() has reaped this server, nothing of any sandbox is left.
+        """
+        for run in self.runs:
+            run.kill()
+        for spare in self.spares:
+            with contextlib.suppress(ProcessLookupError):
+                signal.pidfd_send_signal(spare.pidfd, signal.SIGKILL)
+        for pid in [run.pid for run in self.runs] + [spare.pid for spare in self.spares]:
+            with contextlib.suppress(ChildProcessError):
+                os.waitpid(pid, 0)
+        os._exit(0)
+
     def _start(self, payload: bytes, conn: socket.socket, log_fd: int,
                terminal: tuple[int, ...]) -> None:
         spec = decode_spec(payload)
@@ -195,8 +210,7 @@ class Server:
             os.write(debug_fd, f"+ {self.clone.describe()}\n".encode())
         job = encode_job(payload, mounts)
         fds = array.array("i", [log_fd, *terminal])
-        spare = self.spare or self._clone_spare()
-        self.spare = None
+        spare = self.spares.pop(0) if self.spares else self._clone_spare()
         if not self._hand_over(spare, job, fds):
             self._discard(spare)  # it died while it waited: try a fresh one
             spare = self._clone_spare()
@@ -312,7 +326,7 @@ class Server:
         run.conn.close()
         os.close(run.pidfd)
         os.close(run.error_r)
-        if self.spare is None:
+        if len(self.spares) < SPARES:
             # Clone the next pid 1 now, after the reply: off the path of the next run.
             with contextlib.suppress(SandboxError):
-                self.spare = self._clone_spare()
+                self.spares.append(self._clone_spare())

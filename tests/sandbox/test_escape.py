@@ -90,9 +90,10 @@ def escape(unprivileged: Unprivileged, sandbox_driver: Driver) -> Iterator[dict[
         busybox_run("host_loopback",
                     f"nc -w 2 127.0.0.1 {server.port} </dev/null; echo rc=$?; "
                     "(nc -l -p 8080 > /tmp/got &); "
-                    "for i in 1 2 3 4 5 6 7 8 9 10 11 12 13 14 15 16 17 18 19 20; do "
+                    "for i in $(seq 50); do "
                     "echo inside | nc -w 1 127.0.0.1 8080 2>/dev/null && break; sleep 0.1; "
-                    "done; sleep 0.1; echo got=$(cat /tmp/got)"),
+                    "done; for i in $(seq 50); do [ -s /tmp/got ] && break; sleep 0.1; done; "
+                    "echo got=$(cat /tmp/got)"),
         busybox_run("other_addresses",
                     "nc -w 2 192.0.2.1 80 </dev/null; echo connect=$?; "
                     "nslookup -timeout=1 -retry=1 example.org 8.8.8.8; echo dns=$?; "
