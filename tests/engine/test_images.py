@@ -63,7 +63,8 @@ def two_layers() -> list[tuple[list[M], str]]:
              file("etc/gone", b"gone\n", mode=0o444, **LATER),
              file("etc/replaced", b"old\n", mode=0o444, **LATER),
              dir_("bin", 0o555, **LATER), file("bin/tool", b"#!tool\n", mode=0o555, **LATER)]
-    upper = [file("etc/.wh.gone", b"", **LATER), file("etc/replaced", b"new\n", mode=0o444, **LATER),
+    upper = [file("etc/.wh.gone", b"", **LATER),
+             file("etc/replaced", b"new\n", mode=0o444, **LATER),
              dir_("usr", 0o555, **LATER), dir_("usr/share", 0o555, **LATER),
              file("usr/share/doc", b"doc\n", mode=0o444, **LATER)]
     return [(lower, "gzip"), (upper, "zstd")]
