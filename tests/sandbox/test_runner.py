@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Iterator
@@ -97,3 +99,38 @@ def test_close_kills_running_sandboxes() -> None:
             continue
     with pytest.raises(SandboxError, match="closed"):
         server.run(busybox("true"), log_fd=2)
+
+
+def test_everything_dies_with_the_caller(tmp_path: Path) -> None:
+    """SIGKILL the caller mid-run: the server, the spares and the sandbox all go."""
+    need(can_unshare_user() and os.path.exists(BUSYBOX), "needs user namespaces, busybox")
+    started = tmp_path / "started"
+    caller = subprocess.Popen([sys.executable, "-c", f"""
+import os, sys
+sys.path[:0] = {sys.path!r}
+from sandbox.runner import start
+from tests.sandbox.test_runner import busybox
+runner = start()
+open({str(started)!r}, "w").write(str(runner.pid))
+runner.run(busybox("sleep 7782"), log_fd=2)
+"""], cwd=Path(__file__).resolve().parents[2])
+    deadline = time.monotonic() + 20
+    while not (started.exists() and marked("7782")) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert marked("7782"), "the sandbox started"
+    server = int(started.read_text())
+    caller.kill()
+    caller.wait()
+    while (marked("7782") or Path(f"/proc/{server}").exists()) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not marked("7782") and not Path(f"/proc/{server}").exists()
+
+
+def marked(marker: str) -> bool:
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            if marker.encode() in Path(f"/proc/{pid}/cmdline").read_bytes():
+                return True
+        except OSError:
+            continue
+    return False
