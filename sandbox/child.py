@@ -155,8 +155,9 @@ def become_build_user() -> None:
 def become_pid1(spare: Spare, config: ServerConfig) -> NoReturn:
     """Enter the namespaces, wait for a job, set the sandbox up, execute; never returns.
 
-    Everything that does not depend on the job (the id maps, the hostname, ``lo``) is
-    done while the spare waits, so a run only pays for its own file system.
+    Everything that does not depend on the job (the id maps, the other namespaces, the
+    hostname, ``lo`` and, unless the caller is root, the skeleton of the new root) is
+    done while the spare waits, so a run only pays for its own mounts.
     """
     done: list[Operation] = []  # described once the job says whether to debug
     try:
