@@ -34,6 +34,7 @@ from sandbox.plan import (
     job_operations,
     network_operations,
     skeleton_operations,
+    work_directory,
 )
 from sandbox.spec import SandboxSpec
 from sandbox.userns import diagnose, read_facts
@@ -131,13 +132,18 @@ def open_sources(mounts: Sequence[ResolvedMount]) -> list[ResolvedMount]:
     root, then becomes the build user: paths only root may walk (/root/...) still work.
     """
     opened: dict[str, str] = {}
+
+    def reach(path: str) -> str:
+        if path not in opened:
+            fd = os.open(path, os.O_PATH | os.O_CLOEXEC)
+            opened[path] = f"/proc/self/fd/{fd}"
+        return opened[path]
+
     reached = []
     for m in mounts:
-        reach = m.source if m.is_dir or m.writable else os.path.dirname(m.source)
-        if reach not in opened:
-            fd = os.open(reach, os.O_PATH | os.O_CLOEXEC)
-            opened[reach] = f"/proc/self/fd/{fd}"
-        reached.append(dataclasses.replace(m, via=opened[reach]))
+        via = reach(m.source if m.is_dir or m.writable else os.path.dirname(m.source))
+        work = reach(work_directory(m.source)) if m.work else ""
+        reached.append(dataclasses.replace(m, via=via, work=work))
     return reached
 
 
@@ -218,8 +224,8 @@ def receive_job(channel: int) -> Job | None:
 
 
 def encode_job(spec_payload: bytes, mounts: Sequence[ResolvedMount]) -> bytes:
-    return bytes(msgpack.packb([spec_payload, [[m.source, m.target, m.writable, m.is_dir]
-                                               for m in mounts]]))
+    return bytes(msgpack.packb([spec_payload, [[m.source, m.target, m.writable, m.is_dir,
+                                                m.via, m.work] for m in mounts]]))
 
 
 def _setup_and_exec(job: Job, spare: Spare, config: ServerConfig,

@@ -242,6 +242,44 @@ class OverlayMount(Operation):
 
 
 @dataclass(frozen=True)
+class WritableOverlay(Operation):
+    """Mount a writable host directory at ``target`` as the upper layer of an overlay.
+
+    Writes land in the directory itself, as through a bind mount, but mountinfo names
+    only ``.`` and the work directory, not the host path. Where overlayfs refuses (no
+    xattrs on that file system, an old kernel), a bind mount with nosuid,nodev instead.
+    """
+
+    upper: str
+    target: str
+    work: str  # relative to ``upper``, or absolute
+    empty: str
+
+    def _data(self) -> str:
+        return f"lowerdir={self.empty},upperdir=.,workdir={self.work},userxattr"
+
+    def execute(self) -> None:
+        os.chdir(self.upper)
+        try:
+            syscalls.mount(b"overlay", os.fsencode(self.target), b"overlay",
+                           MS_NOSUID | MS_NODEV, os.fsencode(self._data()))
+        except OSError as exc:
+            if exc.errno not in (errno.EINVAL, errno.ENODEV, errno.EOPNOTSUPP, errno.EPERM,
+                                 errno.EACCES, errno.ENOENT):
+                raise
+            BindMount(".", self.target).execute()
+            RemountBind(self.target, MS_NOSUID | MS_NODEV).execute()
+        finally:
+            os.chdir("/")
+
+    def describe(self) -> str:
+        target = _q(self.target)
+        return (f"(cd {_q(self.upper)} && mount -t overlay -o nosuid,nodev,{self._data()} "
+                f"overlay {target} || {{ mount --bind . {target} && "
+                f"mount -o remount,bind,nosuid,nodev {target}; }})")
+
+
+@dataclass(frozen=True)
 class MakeDirectory(Operation):
     path: str
     mode: int = 0o755

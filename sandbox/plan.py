@@ -18,8 +18,9 @@ Inside every sandbox:
   ``PATH`` is ``/path-not-set`` unless the caller sets it.
 
 What the kernel still shows and a user namespace cannot change: /proc/self/mountinfo
-names a *writable* mount's host path (relative to its file system; read-only inputs go
-through overlays and show only ``.``, so the store's location stays hidden) and the
+names a writable *file*'s host path (relative to its file system; read-only inputs go
+through overlays and show only ``.``; writable directories too, when the server could
+make their work directory beside them, so the store's location stays hidden) and the
 host uid owning each tmpfs (``uid=`` option); ``ls -l /`` shows /proc's mount time and
 a link count that counts the host's processes; supplementary groups of an unprivileged
 caller appear as ``nogroup`` (root callers drop theirs).
@@ -48,6 +49,7 @@ from sandbox.operations import (
     Symlink,
     Unmount,
     Unshare,
+    WritableOverlay,
     WriteFile,
 )
 from sandbox.spec import SandboxSpec
@@ -112,6 +114,16 @@ class ResolvedMount:
     # How to reach the source (for a read-only file: its directory) from the host's root
     # when not by its path: /proc/self/fd/N of a descriptor opened before dropping root.
     via: str = ""
+    # A writable directory's overlay work directory (empty, beside it, made by the
+    # server), relative to the source or (via a descriptor) from the host's root; ""
+    # when there is none and the directory is bound as it is.
+    work: str = ""
+
+
+def work_directory(source: str) -> str:
+    """Where a writable directory's overlay work directory goes: beside it."""
+    parent, name = os.path.split(source)
+    return os.path.join(parent, f".sandbox-work-{name}")
 
 
 # The host uid and gid a root caller's sandboxes run as (mapping root itself would make
@@ -214,7 +226,10 @@ def job_operations(mounts: Sequence[ResolvedMount], *, epoch: int) -> list[Opera
     staged: dict[str, str] = {}
     for m in sorted(mounts, key=lambda m: os.fsencode(m.target)):
         target = NEWROOT + m.target
-        if m.writable:
+        if m.writable and m.work:
+            work = m.work if not m.work.startswith("/") else OLDROOT + m.work
+            ops.append(WritableOverlay(OLDROOT + (m.via or m.source), target, work, EMPTY))
+        elif m.writable:
             ops.append(BindMount(OLDROOT + (m.via or m.source), target))
             ops.append(RemountBind(target, MS_NOSUID | MS_NODEV))
         elif m.is_dir:

@@ -20,6 +20,7 @@ import contextlib
 import dataclasses
 import os
 import select
+import shutil
 import signal
 import socket
 import time
@@ -44,6 +45,7 @@ from sandbox.plan import (
     filesystem_operations,
     namespace_operations,
     network_operations,
+    work_directory,
 )
 from sandbox.spec import Mount, SandboxResult, SandboxSpec
 from sandbox.userns import diagnose, read_facts
@@ -80,10 +82,19 @@ class Run:
     timed_out: bool = False
     interrupted: bool = False
     setup_error: SandboxError | None = None
+    work_dirs: list[str] = field(default_factory=list)
 
     def kill(self) -> None:
         with contextlib.suppress(ProcessLookupError):
             signal.pidfd_send_signal(self.pidfd, signal.SIGKILL)
+
+
+def remove_work_directory(path: str) -> None:
+    """Remove an overlay work directory (overlayfs leaves a mode 000 ``work`` in it)."""
+    for inner in ("work", "index"):
+        with contextlib.suppress(OSError):
+            os.chmod(os.path.join(path, inner), 0o700)
+    shutil.rmtree(path, ignore_errors=True)
 
 
 class Server:
@@ -200,11 +211,7 @@ class Server:
         spec = decode_spec(payload)
         if spec.extra:
             raise SandboxError(f"unknown sandbox options {[k for k, _ in spec.extra]}")
-        mounts = resolve_mounts(spec)
-        if self.as_root:
-            for m in mounts:
-                if m.writable:
-                    os.chown(m.source, ROOT_CALLER_UID, ROOT_CALLER_UID)
+        mounts, work_dirs = self._prepare_writable(resolve_mounts(spec))
         debug_fd = log_fd if (spec.debug or self.config.debug) else None
         if debug_fd is not None:
             os.write(debug_fd, f"+ {self.clone.describe()}\n".encode())
@@ -221,11 +228,34 @@ class Server:
         run = Run(pid=spare.pid, pidfd=spare.pidfd, conn=conn, error_r=spare.error_r,
                   deadline=None if spec.timeout is None else started + spec.timeout,
                   interactive=spec.interactive, started=started,
-                  setup_error=spare.setup_error)
+                  setup_error=spare.setup_error, work_dirs=work_dirs)
         self.runs.append(run)
         for fd in (run.pidfd, run.error_r, conn.fileno()):
             self.by_fd[fd] = run
             self.poller.register(fd, select.POLLIN)
+
+    def _prepare_writable(self, mounts: tuple[ResolvedMount, ...]
+                          ) -> tuple[tuple[ResolvedMount, ...], list[str]]:
+        """Give writable mounts to the build user (root callers) and their work dirs."""
+        prepared = []
+        work_dirs = []
+        for m in mounts:
+            if m.writable and self.as_root:
+                os.chown(m.source, ROOT_CALLER_UID, ROOT_CALLER_UID)
+            if m.writable and m.is_dir:
+                work = work_directory(m.source)
+                try:
+                    remove_work_directory(work)  # a killed server's leftover
+                    os.mkdir(work, 0o700)
+                    if self.as_root:
+                        os.chown(work, ROOT_CALLER_UID, ROOT_CALLER_UID)
+                except OSError:
+                    pass  # no room beside it: bound as it is
+                else:
+                    work_dirs.append(work)
+                    m = dataclasses.replace(m, work=f"../{os.path.basename(work)}")
+            prepared.append(m)
+        return tuple(prepared), work_dirs
 
     @staticmethod
     def _hand_over(spare: SpareProcess, job: bytes, fds: array.array[int]) -> bool:
@@ -321,6 +351,8 @@ class Server:
             reply = encode_result(SandboxResult(
                 returncode=code if code >= 0 else None, signal=-code if code < 0 else None,
                 timed_out=run.timed_out, duration=duration, interrupted=run.interrupted))
+        for work in run.work_dirs:
+            remove_work_directory(work)
         with contextlib.suppress(OSError):
             run.conn.send(reply)
         run.conn.close()

@@ -79,6 +79,12 @@ def escape(unprivileged: Unprivileged, sandbox_driver: Driver) -> Iterator[dict[
     _chown(out)
     inputs = [[str(store / "aaaa-input"), "/inputs/in", False],
               [str(store / "bbbb-file"), "/inputs/file", False]]
+    build = store / "tmp" / "build.x1y2"  # where the engine makes a step's writable dirs
+    for sub in ("build", "out"):
+        (build / sub).mkdir(parents=True)
+    for p in (store / "tmp", build, build / "build", build / "out"):
+        _chown(p)
+    writable = [[str(build / "build"), "/build", True], [str(build / "out"), "/output", True]]
     victim = subprocess.Popen([BUSYBOX, "sh", "-c", "sleep 120", VICTIM_MARKER])
     server = HostServer()
     runs = [
@@ -89,7 +95,7 @@ def escape(unprivileged: Unprivileged, sandbox_driver: Driver) -> Iterator[dict[
         busybox_run("signal_host", f"kill -9 {victim.pid}; echo rc=$?"),
         busybox_run("host_loopback",
                     f"nc -w 2 127.0.0.1 {server.port} </dev/null; echo rc=$?; "
-                    "(nc -l -p 8080 > /tmp/got &); "
+                    "(sleep 10 | nc -l -p 8080 > /tmp/got &); "
                     "for i in $(seq 50); do "
                     "echo inside | nc -w 1 127.0.0.1 8080 2>/dev/null && break; sleep 0.1; "
                     "done; for i in $(seq 50); do [ -s /tmp/got ] && break; sleep 0.1; done; "
@@ -130,11 +136,12 @@ def escape(unprivileged: Unprivileged, sandbox_driver: Driver) -> Iterator[dict[
         busybox_run("store_path",
                     "cat /proc/self/mountinfo /proc/1/mountinfo /proc/mounts; "
                     "readlink /proc/self/cwd; readlink /proc/1/root; ls -la /inputs; "
-                    "cat /inputs/in/data /inputs/file", mounts=inputs),
+                    "cat /inputs/in/data /inputs/file; echo made > /output/f; echo rc=$?",
+                    mounts=inputs + writable),
     ]
     try:
         results = sandbox_driver(runs, env={"HOST_SECRET_ENV": "leaked-value"})
-        yield {"results": results, "secret": secret, "store": store, "out": out,
+        yield {"results": results, "secret": secret, "store": store, "out": out, "build": build,
                "victim": victim, "server": server, "root": unprivileged.root}
     finally:
         victim.kill()
@@ -208,6 +215,7 @@ def test_cannot_leave_special_files(escape: dict[str, Any]) -> None:
     out: Path = escape["out"]
     modes = {p.name: p.lstat().st_mode for p in out.iterdir()}
     assert sorted(modes) == ["d", "f", "sticky", "ww"]  # no device node of any kind
+    assert not (out.parent / ".sandbox-work-out").exists()
     for name, mode in modes.items():
         assert not mode & (stat.S_ISUID | stat.S_ISGID), name
         assert stat.S_ISREG(mode) or stat.S_ISDIR(mode), name
@@ -257,6 +265,9 @@ def test_cannot_see_the_store_path(escape: dict[str, Any]) -> None:
     assert STORE_NAME not in log
     assert str(escape["root"]) not in log  # no host path at all
     assert " overlay overlay ro,lowerdir=.:/empty" in log
+    assert "upperdir=.,workdir=../.sandbox-work-out" in log  # writable ones too
+    assert "rc=0" in log and (escape["build"] / "out" / "f").read_text() == "made\n"
+    assert sorted(os.listdir(escape["build"])) == ["build", "out"]  # work dirs removed
     assert "\n/build\n/\n" in log  # cwd and root as the sandbox names them
 
 
