@@ -3,9 +3,10 @@
 For zstd and gzip at 128 KiB blocks and mksquashfs's default levels, runs our writer (a
 subprocess: walk the directory, plan, write) and
 ``mksquashfs TREE OUT -comp C -b 131072 -noappend -processors N -mkfs-time E -all-time E
--all-root``, and prints the times, the time ratio (ours / mksquashfs; target <= 1.0) and
-the size ratio (target <= 1.02). The source is a directory argument or the generated
-benchmark tree (scripts/benchtree.py).
+-all-root``, and prints the times, the time ratio (ours / mksquashfs; target <= 1.0), the
+CPU-time ratio (steadier than wall time on a shared machine) and the size ratio (target
+<= 1.02). Runs alternate and the best of ``--repeat`` is kept. The source is a directory
+argument or the generated benchmark tree (scripts/benchtree.py).
 """
 
 from __future__ import annotations
