@@ -20,7 +20,6 @@ import contextlib
 import dataclasses
 import os
 import select
-import shutil
 import signal
 import socket
 import time
@@ -30,6 +29,7 @@ from typing import NoReturn
 import msgpack
 
 from sandbox.child import (
+    EXIT_SETUP_FAILED,
     ServerConfig,
     Spare,
     become_pid1,
@@ -90,11 +90,23 @@ class Run:
 
 
 def remove_work_directory(path: str) -> None:
-    """Remove an overlay work directory (overlayfs leaves a mode 000 ``work`` in it)."""
-    for inner in ("work", "index"):
-        with contextlib.suppress(OSError):
-            os.chmod(os.path.join(path, inner), 0o700)
-    shutil.rmtree(path, ignore_errors=True)
+    """Remove an overlay work directory; overlayfs leaves mode 000 directories in it."""
+    try:
+        os.chmod(path, 0o700)
+        names = os.listdir(path)
+    except FileNotFoundError:
+        return
+    except OSError:
+        names = []
+    for name in names:
+        inner = os.path.join(path, name)
+        if os.path.isdir(inner) and not os.path.islink(inner):
+            remove_work_directory(inner)
+        else:
+            with contextlib.suppress(OSError):
+                os.unlink(inner)
+    with contextlib.suppress(OSError):
+        os.rmdir(path)
 
 
 class Server:
@@ -211,7 +223,8 @@ class Server:
         spec = decode_spec(payload)
         if spec.extra:
             raise SandboxError(f"unknown sandbox options {[k for k, _ in spec.extra]}")
-        mounts, work_dirs = self._prepare_writable(resolve_mounts(spec))
+        mounts, work_dirs = self._prepare_writable(resolve_mounts(spec),
+                                                   overlays=spec.hide_writable_paths)
         debug_fd = log_fd if (spec.debug or self.config.debug) else None
         if debug_fd is not None:
             os.write(debug_fd, f"+ {self.clone.describe()}\n".encode())
@@ -234,7 +247,7 @@ class Server:
             self.by_fd[fd] = run
             self.poller.register(fd, select.POLLIN)
 
-    def _prepare_writable(self, mounts: tuple[ResolvedMount, ...]
+    def _prepare_writable(self, mounts: tuple[ResolvedMount, ...], *, overlays: bool
                           ) -> tuple[tuple[ResolvedMount, ...], list[str]]:
         """Give writable mounts to the build user (root callers) and their work dirs."""
         prepared = []
@@ -242,7 +255,7 @@ class Server:
         for m in mounts:
             if m.writable and self.as_root:
                 os.chown(m.source, ROOT_CALLER_UID, ROOT_CALLER_UID)
-            if m.writable and m.is_dir:
+            if m.writable and m.is_dir and overlays:
                 work = work_directory(m.source)
                 try:
                     remove_work_directory(work)  # a killed server's leftover
@@ -297,8 +310,11 @@ class Server:
             theirs.close()
             raise diagnose(exc, read_facts()) from None
         if pid == 0:
-            ours.close()
-            become_pid1(spare, self.config)
+            try:
+                ours.close()
+                become_pid1(spare, self.config)
+            finally:
+                os._exit(EXIT_SETUP_FAILED)  # never back into the server's loop
         os.close(error_w)
         theirs.close()
         process = SpareProcess(pid=pid, pidfd=os.pidfd_open(pid), channel=ours,

@@ -19,18 +19,18 @@ def encode_spec(spec: SandboxSpec) -> bytes:
         [[m.source, m.target, m.writable] for m in spec.mounts],
         [list(kv) for kv in spec.env],
         spec.cwd, spec.epoch, spec.cores, spec.timeout, spec.interactive, spec.debug,
-        [list(kv) for kv in spec.extra],
+        [list(kv) for kv in spec.extra], spec.hide_writable_paths,
     ]))
 
 
 def decode_spec(payload: bytes) -> SandboxSpec:
-    argv, mounts, env, cwd, epoch, cores, timeout, interactive, debug, extra = (
-        msgpack.unpackb(payload))
+    (argv, mounts, env, cwd, epoch, cores, timeout, interactive, debug, extra,
+     hide_writable_paths) = msgpack.unpackb(payload)
     return SandboxSpec(
         argv=tuple(argv), mounts=tuple(Mount(s, t, w) for s, t, w in mounts),
         env=tuple((k, v) for k, v in env), cwd=cwd, epoch=epoch, cores=cores,
         timeout=timeout, interactive=interactive, debug=debug,
-        extra=tuple((k, v) for k, v in extra))
+        extra=tuple((k, v) for k, v in extra), hide_writable_paths=hide_writable_paths)
 
 
 def encode_result(result: SandboxResult) -> bytes:

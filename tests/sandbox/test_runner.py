@@ -134,3 +134,19 @@ def marked(marker: str) -> bool:
         except OSError:
             continue
     return False
+
+
+def test_writable_paths_hidden_unless_asked_not_to(runner: ForkServer, tmp_path: Path) -> None:
+    out = tmp_path / "host-visible-name" / "out"
+    out.mkdir(parents=True)
+    if os.geteuid() == 0:  # the sandbox's uid must be able to write there
+        os.chown(out, 65534, 65534)
+    script = "grep ' /output ' /proc/self/mountinfo; echo made > /output/f"
+    for hide in (True, False):
+        spec = SandboxSpec(argv=(BUSYBOX, "sh", "-c", script), env=(("PATH", "/bin"),),
+                           mounts=(Mount(BUSYBOX, BUSYBOX), Mount(str(out), "/output", True)),
+                           hide_writable_paths=hide)
+        code, log = run(runner, spec)
+        assert code == 0 and (out / "f").read_text() == "made\n"
+        assert ("host-visible-name" in log) is not hide, log
+        assert sorted(os.listdir(out.parent)) == ["out"]  # no work directory left
