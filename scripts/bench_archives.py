@@ -12,13 +12,12 @@ from __future__ import annotations
 
 import argparse
 import os
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
+from benchutil import run_child, source_tree
+
 EPOCH = 1_700_000_000
 
 OURS = """
@@ -31,29 +30,13 @@ with open(sys.argv[3], "wb") as output:
 """
 
 
-def timed(argv: list[str], output: str, *, shell: bool = False, cwd: str | None = None
-          ) -> float:
-    if os.path.exists(output):
-        os.unlink(output)
-    start = time.perf_counter()
-    subprocess.run(argv if not shell else " ".join(argv), shell=shell, check=True, cwd=cwd,
-                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    return time.perf_counter() - start
-
-
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("tree", nargs="?", type=Path, help="source directory")
     parser.add_argument("--repeat", type=int, default=3, help="best of N runs each")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="bench-archives-") as tmp:
-        tree = args.tree
-        if tree is None:
-            sys.path.insert(0, str(HERE))
-            from benchtree import make_tree
-
-            tree = make_tree(Path(tmp) / "tree")
-        subprocess.run(["tar", "-cf", "/dev/null", "-C", str(tree), "."], check=True)
+        tree = source_tree(args.tree, tmp)
         out = os.path.join(tmp, "out")
         refs = {
             "tar": (["tar", "--sort=name", "--format=pax", "--numeric-owner", "--owner=0",
@@ -67,9 +50,10 @@ def main() -> int:
             ours_argv = [sys.executable, "-c", OURS.format(epoch=EPOCH), fmt, str(tree), out]
             ours, ref = [], []
             for _ in range(args.repeat):
-                ref.append(timed(ref_argv, out, shell=shell, cwd=str(tree)))
+                ref.append(run_child(ref_argv, output=out, shell=shell, cwd=str(tree),
+                                     quiet=True).wall)
                 ref_size = os.path.getsize(out)
-                ours.append(timed(ours_argv, out))
+                ours.append(run_child(ours_argv, output=out, quiet=True).wall)
                 our_size = os.path.getsize(out)
             print(f"{fmt}: ours {min(ours):.3f} s, reference {min(ref):.3f} s, time ratio "
                   f"{min(ours) / min(ref):.2f}; size ours {our_size} B, reference "

@@ -17,11 +17,10 @@ import os
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
-REPO = HERE.parent
+from benchutil import run_child, source_tree
+
 EPOCH = 1_700_000_000
 UUID = "6a7e0c52-61d4-4f0e-9c3b-2f0a8f5d1e42"
 TARGET = 1.5
@@ -39,11 +38,7 @@ with open(sys.argv[2], "wb") as output:
 
 
 def timed(argv: list[str], output: str) -> float:
-    if os.path.exists(output):
-        os.unlink(output)
-    start = time.perf_counter()
-    subprocess.run(argv, check=True, stdout=subprocess.DEVNULL)
-    return time.perf_counter() - start
+    return run_child(argv, output=output).wall
 
 
 def main() -> int:
@@ -54,14 +49,7 @@ def main() -> int:
                         help="also compare LZ4 images with mkfs.erofs -zlz4 (no target)")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="bench-erofs-") as tmp:
-        tree = args.tree
-        if tree is None:
-            sys.path.insert(0, str(HERE))
-            from benchtree import make_tree
-
-            tree = make_tree(Path(tmp) / "tree")
-        # Warm the page cache so neither side pays for the first read.
-        subprocess.run(["tar", "-cf", "/dev/null", "-C", str(tree), "."], check=True)
+        tree = source_tree(args.tree, tmp)
         ours_out = os.path.join(tmp, "ours.erofs")
         ref_out = os.path.join(tmp, "mkfs.erofs")
         ours_argv = [sys.executable, "-c", OURS.format(epoch=EPOCH), str(tree), ours_out, UUID]

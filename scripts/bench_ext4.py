@@ -18,10 +18,10 @@ import os
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
+from benchutil import run_child, source_tree
+
 EPOCH = 1_700_000_000
 UUID = "6a7e0c52-61d4-4f0e-9c3b-2f0a8f5d1e42"
 TARGET = 1.5
@@ -39,21 +39,6 @@ with open(sys.argv[2], "wb") as output:
 """
 
 
-def timed(argv: list[str], output: str, env: dict[str, str] | None = None
-          ) -> tuple[float, int, float]:
-    """(wall seconds, peak RSS in KiB, CPU seconds) of one run of ``argv``."""
-    if os.path.exists(output):
-        os.unlink(output)
-    start = time.perf_counter()
-    proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, env=env)
-    _, status, usage = os.wait4(proc.pid, 0)
-    elapsed = time.perf_counter() - start
-    proc.returncode = os.waitstatus_to_exitcode(status)
-    if proc.returncode:
-        raise SystemExit(f"{argv[0]} failed with exit code {proc.returncode}")
-    return elapsed, usage.ru_maxrss, usage.ru_utime + usage.ru_stime
-
-
 def tree_bytes(tree: Path) -> int:
     total = 0
     for dirpath, _dirs, files in os.walk(tree):
@@ -68,13 +53,7 @@ def main() -> int:
     parser.add_argument("--repeat", type=int, default=3, help="best of N runs each")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="bench-ext4-") as tmp:
-        tree = args.tree
-        if tree is None:
-            sys.path.insert(0, str(HERE))
-            from benchtree import make_tree
-
-            tree = make_tree(Path(tmp) / "tree")
-        subprocess.run(["tar", "-cf", "/dev/null", "-C", str(tree), "."], check=True)
+        tree = source_tree(args.tree, tmp)
         ours_out = os.path.join(tmp, "ours.ext4")
         ref_out = os.path.join(tmp, "mke2fs.ext4")
         size_kib = int(tree_bytes(tree) * 1.3) // 1024 + 16384
@@ -92,13 +71,13 @@ def main() -> int:
         ref_cpu: list[float] = []
         peak_kib = 0
         for _ in range(args.repeat):
-            elapsed, _, cpu = timed(ref_argv, ref_out, ref_env)
-            ref_times.append(elapsed)
-            ref_cpu.append(cpu)
-            elapsed, rss, cpu = timed(ours_argv, ours_out)
-            ours_times.append(elapsed)
-            ours_cpu.append(cpu)
-            peak_kib = max(peak_kib, rss)
+            ref = run_child(ref_argv, output=ref_out, env=ref_env)
+            ref_times.append(ref.wall)
+            ref_cpu.append(ref.cpu)
+            ours = run_child(ours_argv, output=ours_out)
+            ours_times.append(ours.wall)
+            ours_cpu.append(ours.cpu)
+            peak_kib = max(peak_kib, ours.peak_kib)
         ref_time, our_time = min(ref_times), min(ours_times)
         check = subprocess.run(["e2fsck", "-fn", ours_out], capture_output=True, text=True)
         ratio = our_time / ref_time

@@ -13,15 +13,13 @@ from __future__ import annotations
 
 import argparse
 import os
-import resource
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
-REPO = HERE.parent
+from benchutil import run_child, source_tree
+
 EPOCH = 1_700_000_000
 
 OURS = """
@@ -39,13 +37,8 @@ with open(sys.argv[2], "wb") as output:
 
 def timed(argv: list[str]) -> tuple[float, float]:
     """Wall-clock and CPU (user + system) seconds of one run of ``argv``."""
-    before = resource.getrusage(resource.RUSAGE_CHILDREN)
-    start = time.perf_counter()
-    subprocess.run(argv, check=True, stdout=subprocess.DEVNULL)
-    wall = time.perf_counter() - start
-    after = resource.getrusage(resource.RUSAGE_CHILDREN)
-    cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
-    return wall, cpu
+    run = run_child(argv)
+    return run.wall, run.cpu
 
 
 def main() -> int:
@@ -57,14 +50,7 @@ def main() -> int:
     args = parser.parse_args()
     ok = True
     with tempfile.TemporaryDirectory(prefix="bench-squashfs-") as tmp:
-        tree = args.tree
-        if tree is None:
-            sys.path.insert(0, str(HERE))
-            from benchtree import make_tree
-
-            tree = make_tree(Path(tmp) / "tree")
-        # Warm the page cache so neither side pays for the first read.
-        subprocess.run(["tar", "-cf", "/dev/null", "-C", str(tree), "."], check=True)
+        tree = source_tree(args.tree, tmp)
         ours_py = OURS.format(epoch=EPOCH)
         env_python = sys.executable
         for comp in args.compressors.split(","):

@@ -1,0 +1,62 @@
+"""What every ``scripts/bench_*.py`` needs: the source tree, and one timed child process.
+
+``source_tree`` gives the directory to build from (the argument, or the generated
+benchmark tree of scripts/benchtree.py under ``tmp``) with the page cache warmed, so
+neither side pays for the first read. ``run_child`` runs one command and reports its wall
+time, its CPU time (user + system) and its peak memory, all of the child alone (and of
+the children it waited for: a shell pipeline counts whole).
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+
+
+@dataclass(frozen=True)
+class ChildRun:
+    """One run of a command: wall and CPU seconds, peak resident memory in KiB."""
+
+    wall: float
+    cpu: float
+    peak_kib: int
+
+
+def source_tree(tree: Path | None, tmp: str) -> Path:
+    """``tree``, or the generated benchmark tree made in ``tmp``; its pages read once."""
+    if tree is None:
+        sys.path.insert(0, str(HERE))
+        from benchtree import make_tree
+
+        tree = make_tree(Path(tmp) / "tree")
+    warm(tree)
+    return tree
+
+
+def warm(tree: Path) -> None:
+    """Read every file once so that the page cache holds the tree for both sides."""
+    subprocess.run(["tar", "-cf", "/dev/null", "-C", str(tree), "."], check=True)
+
+
+def run_child(argv: list[str], *, output: str | None = None, env: dict[str, str] | None = None,
+              shell: bool = False, cwd: str | None = None, quiet: bool = False) -> ChildRun:
+    """Run ``argv`` once (its stdout dropped, stderr too when ``quiet``) after removing
+    ``output``; exits the benchmark if it fails."""
+    if output is not None and os.path.exists(output):
+        os.unlink(output)
+    start = time.perf_counter()
+    proc = subprocess.Popen(" ".join(argv) if shell else argv, shell=shell, cwd=cwd, env=env,
+                            stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL if quiet else None)
+    _, status, usage = os.wait4(proc.pid, 0)
+    wall = time.perf_counter() - start
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    if proc.returncode:
+        raise SystemExit(f"{argv[0]} failed with exit code {proc.returncode}")
+    return ChildRun(wall, usage.ru_utime + usage.ru_stime, usage.ru_maxrss)
