@@ -142,8 +142,10 @@ def open_sources(mounts: Sequence[ResolvedMount]) -> list[ResolvedMount]:
     reached = []
     for m in mounts:
         via = reach(m.source if m.is_dir or m.writable else os.path.dirname(m.source))
-        work = reach(work_directory(m.source)) if m.work else ""
-        reached.append(dataclasses.replace(m, via=via, work=work))
+        upper = m.layer or m.source
+        work = reach(work_directory(upper)) if m.work else ""
+        layer = reach(m.layer) if m.layer else ""
+        reached.append(dataclasses.replace(m, via=via, work=work, layer=layer))
     return reached
 
 
@@ -225,7 +227,7 @@ def receive_job(channel: int) -> Job | None:
 
 def encode_job(spec_payload: bytes, mounts: Sequence[ResolvedMount]) -> bytes:
     return bytes(msgpack.packb([spec_payload, [[m.source, m.target, m.writable, m.is_dir,
-                                                m.via, m.work] for m in mounts]]))
+                                                m.via, m.work, m.layer] for m in mounts]]))
 
 
 def _setup_and_exec(job: Job, spare: Spare, config: ServerConfig,

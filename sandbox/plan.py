@@ -118,12 +118,37 @@ class ResolvedMount:
     # server), relative to the source or (via a descriptor) from the host's root; ""
     # when there is none and the directory is bound as it is.
     work: str = ""
+    # Set for writable directories that share their parent with another one: the parent
+    # (or, via a descriptor, how to reach it) is the upper layer of one overlay, ``work``
+    # is that overlay's work directory, and the directory is bound out of it.
+    layer: str = ""
 
 
 def work_directory(source: str) -> str:
     """Where a writable directory's overlay work directory goes: beside it."""
     parent, name = os.path.split(source)
     return os.path.join(parent, f".sandbox-work-{name}")
+
+
+def shared_layers(mounts: Sequence[ResolvedMount]) -> dict[str, str]:
+    """Writable directory sources that can share one overlay -> its upper (their parent).
+
+    Two or more writable directories with the same parent, when no mount's source is
+    that parent or lies above it, and the parent is not ``/``.
+    """
+    by_parent: dict[str, list[str]] = {}
+    for m in mounts:
+        if m.writable and m.is_dir:
+            by_parent.setdefault(os.path.dirname(m.source), []).append(m.source)
+    shared = {}
+    for parent, sources in by_parent.items():
+        if len(sources) < 2 or parent == "/" or len(set(sources)) != len(sources):
+            continue
+        if any(parent == m.source or parent.startswith(m.source.rstrip("/") + "/")
+               for m in mounts):
+            continue
+        shared.update(dict.fromkeys(sources, parent))
+    return shared
 
 
 # The host uid and gid a root caller's sandboxes run as (mapping root itself would make
@@ -224,9 +249,21 @@ def job_operations(mounts: Sequence[ResolvedMount], *, epoch: int) -> list[Opera
     ops.append(Stamp(tuple(made), epoch))
 
     staged: dict[str, str] = {}
+    layers: dict[str, str] = {}
     for m in sorted(mounts, key=lambda m: os.fsencode(m.target)):
         target = NEWROOT + m.target
-        if m.writable and m.work:
+        if m.writable and m.work and m.layer:
+            # One overlay for every writable directory of this parent (its probes of the
+            # upper file system cost more than the mount), each bound out of it: a bind
+            # mount of an overlay's subdirectory names only that subdirectory.
+            layer = layers.get(m.layer)
+            if layer is None:
+                layer = layers[m.layer] = f"{STAGE}/w{len(layers)}"
+                work = m.work if not m.work.startswith("/") else OLDROOT + m.work
+                ops.append(MakeDirectory(layer))
+                ops.append(WritableOverlay(OLDROOT + m.layer, layer, work, EMPTY))
+            ops.append(BindMount(f"{layer}/{os.path.basename(m.source)}", target))
+        elif m.writable and m.work:
             work = m.work if not m.work.startswith("/") else OLDROOT + m.work
             ops.append(WritableOverlay(OLDROOT + (m.via or m.source), target, work, EMPTY))
         elif m.writable:

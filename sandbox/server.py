@@ -45,6 +45,7 @@ from sandbox.plan import (
     filesystem_operations,
     namespace_operations,
     network_operations,
+    shared_layers,
     work_directory,
 )
 from sandbox.spec import Mount, SandboxResult, SandboxSpec
@@ -136,7 +137,9 @@ class Server:
                            env=(("K", "V"),), timeout=1.0)
         mounts = (ResolvedMount("/usr", "/warm/dir", False, True),
                   ResolvedMount("/usr/f", "/warm/file", False, False),
-                  ResolvedMount("/tmp", "/build", True, True))
+                  ResolvedMount("/tmp", "/build", True, True),
+                  ResolvedMount("/var/b", "/warm/b", True, True, work="../w", layer="/var"),
+                  ResolvedMount("/var/o", "/warm/o", True, True, work="../w", layer="/var"))
         for _ in range(16):
             payload = encode_spec(spec)
             msgpack.unpackb(encode_job(payload, mounts))
@@ -252,23 +255,42 @@ class Server:
         """Give writable mounts to the build user (root callers) and their work dirs."""
         prepared = []
         work_dirs = []
+        layers = shared_layers(mounts) if overlays else {}
+        layer_work: dict[str, str | None] = {}
         for m in mounts:
             if m.writable and self.as_root:
                 os.chown(m.source, ROOT_CALLER_UID, ROOT_CALLER_UID)
-            if m.writable and m.is_dir and overlays:
-                work = work_directory(m.source)
-                try:
-                    remove_work_directory(work)  # a killed server's leftover
-                    os.mkdir(work, 0o700)
-                    if self.as_root:
-                        os.chown(work, ROOT_CALLER_UID, ROOT_CALLER_UID)
-                except OSError:
-                    pass  # no room beside it: bound as it is
-                else:
-                    work_dirs.append(work)
-                    m = dataclasses.replace(m, work=f"../{os.path.basename(work)}")
+            layer = layers.get(m.source)
+            if layer is not None:
+                if layer not in layer_work:
+                    layer_work[layer] = self._make_work_directory(layer)
+                    if layer_work[layer] is not None:
+                        work_dirs.append(str(layer_work[layer]))
+                        if self.as_root:
+                            os.chown(layer, ROOT_CALLER_UID, ROOT_CALLER_UID)
+                work = layer_work[layer]
+                if work is not None:
+                    m = dataclasses.replace(m, work=f"../{os.path.basename(work)}",
+                                            layer=layer)
+            elif m.writable and m.is_dir and overlays:
+                single = self._make_work_directory(m.source)
+                if single is not None:  # else no room beside it: bound as it is
+                    work_dirs.append(single)
+                    m = dataclasses.replace(m, work=f"../{os.path.basename(single)}")
             prepared.append(m)
         return tuple(prepared), work_dirs
+
+    def _make_work_directory(self, upper: str) -> str | None:
+        """A fresh, empty overlay work directory beside ``upper``; None if impossible."""
+        work = work_directory(upper)
+        try:
+            remove_work_directory(work)  # a killed server's leftover
+            os.mkdir(work, 0o700)
+            if self.as_root:
+                os.chown(work, ROOT_CALLER_UID, ROOT_CALLER_UID)
+        except OSError:
+            return None
+        return work
 
     @staticmethod
     def _hand_over(spare: SpareProcess, job: bytes, fds: array.array[int]) -> bool:

@@ -44,8 +44,9 @@ class SandboxSpec:
     debug: bool = False  # describe every namespace and mount operation on the log
     extra: tuple[tuple[str, str], ...] = field(default=())
     # Writable directories go through an overlay so that /proc/self/mountinfo does not
-    # name their host path (read-only inputs always do). Costs about 2 ms a directory;
-    # with False they are plain bind mounts and their host path is visible inside.
+    # name their host path (read-only inputs always do). Costs about 2 ms an overlay;
+    # sibling directories (the engine's /build and /output) share one overlay of their
+    # parent. With False they are plain bind mounts and their host path is visible inside.
     hide_writable_paths: bool = True
 
 

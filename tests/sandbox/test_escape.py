@@ -265,9 +265,13 @@ def test_cannot_see_the_store_path(escape: dict[str, Any]) -> None:
     assert STORE_NAME not in log
     assert str(escape["root"]) not in log  # no host path at all
     assert " overlay overlay ro,lowerdir=.:/empty" in log
-    assert "upperdir=.,workdir=../.sandbox-work-out" in log  # writable ones too
+    # Writable ones too: /build and /output share one overlay of their parent, each
+    # bound out of it under its own name only.
+    assert "upperdir=.,workdir=../.sandbox-work-build.x1y2" in log
+    assert " /build /build rw,nosuid,nodev" in log and " /out /output rw,nosuid,nodev" in log
     assert "rc=0" in log and (escape["build"] / "out" / "f").read_text() == "made\n"
-    assert sorted(os.listdir(escape["build"])) == ["build", "out"]  # work dirs removed
+    assert sorted(os.listdir(escape["build"])) == ["build", "out"]
+    assert not [n for n in os.listdir(escape["build"].parent) if "sandbox-work" in n]
     assert "\n/build\n/\n" in log  # cwd and root as the sandbox names them
 
 

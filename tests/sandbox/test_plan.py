@@ -35,6 +35,25 @@ def test_read_only_inputs_go_through_overlays_and_files_through_their_directory(
     assert "lowerdir=.:/empty" in text
 
 
+def test_writable_siblings_share_one_overlay_of_their_parent() -> None:
+    build = plan.ResolvedMount("/s/tmp/b.1/build", "/build", writable=True, is_dir=True)
+    out = plan.ResolvedMount("/s/tmp/b.1/out", "/output", writable=True, is_dir=True)
+    alone = plan.ResolvedMount("/s/other", "/other", writable=True, is_dir=True)
+    assert plan.shared_layers([build, out, alone]) == {build.source: "/s/tmp/b.1",
+                                                        out.source: "/s/tmp/b.1"}
+    above = plan.ResolvedMount("/s/tmp", "/in", writable=False, is_dir=True)
+    assert plan.shared_layers([build, out, above]) == {}  # the parent is visible elsewhere
+    assert plan.shared_layers([build]) == {}
+    layered = [plan.ResolvedMount(m.source, m.target, True, True, work="../.sandbox-work-b.1",
+                                  layer="/s/tmp/b.1") for m in (build, out)]
+    ops = plan.job_operations(layered, epoch=0)
+    overlays = [op for op in ops if isinstance(op, operations.WritableOverlay)]
+    assert [(o.upper, o.target, o.work) for o in overlays] == [
+        ("/oldroot/s/tmp/b.1", "/stage/w0", "../.sandbox-work-b.1")]
+    binds = [(op.source, op.target) for op in ops if isinstance(op, operations.BindMount)]
+    assert binds == [("/stage/w0/build", "/newroot/build"), ("/stage/w0/out", "/newroot/output")]
+
+
 def test_root_callers_map_an_unprivileged_uid_from_outside() -> None:
     clone, maps, rest = plan.namespace_operations(0, 0, cgroup=True)
     assert maps.pid == "" and maps.uid_map == "1000 65534 1" and maps.gid_map == "100 65534 1"
