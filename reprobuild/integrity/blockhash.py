@@ -129,8 +129,8 @@ def hash_file_blocks(fd: int, offset: int, length: int, block_size: int, algorit
 
     def segment(region: tuple[int, int]) -> bytes:
         buffer: bytearray | None = getattr(local, "buffer", None)
-        if buffer is None:
-            buffer = local.buffer = bytearray(SEGMENT_SIZE)
+        if buffer is None:  # no bigger than the region: a small file is not 8 MiB to zero
+            buffer = local.buffer = bytearray(min(SEGMENT_SIZE, length))
         start, size = region
         return hash_blocks(_read_exact(fd, buffer, size, start), block_size, algorithm,
                            prefix, slot=slot)
