@@ -1,10 +1,8 @@
-"""Generated trees and listing helpers shared by the tar and cpio writer tests."""
+"""The generated tree shared by the tar and cpio writer tests."""
 
 from __future__ import annotations
 
-import os
-import stat
-from pathlib import Path
+from dataclasses import replace
 
 from reprobuild.tree import Content, Entry, EntryType, Tree
 
@@ -59,35 +57,10 @@ def sample_tree(*, xattrs: bool = True, long_names: bool = True) -> Tree:
     return tree
 
 
-def write_directory(tree: Tree, root: Path) -> None:
-    """Unpack a tree onto disk as root would (owners, modes, devices, times)."""
+def whole_seconds(tree: Tree) -> Tree:
+    """The tree as cpio newc keeps it: mtimes in whole seconds."""
+    out = Tree(replace(tree.root, mtime_ns=tree.root.mtime_ns // NS * NS))
     for entry in tree:
-        path = os.path.join(os.fsencode(root), entry.path) if entry.path else os.fsencode(root)
-        if entry.type is EntryType.DIRECTORY:
-            os.makedirs(path, exist_ok=True)
-        elif entry.type is EntryType.REGULAR:
-            assert entry.content is not None
-            with open(path, "wb") as f:
-                f.write(entry.content.read())
-        elif entry.type is EntryType.HARDLINK:
-            assert entry.target is not None
-            os.link(os.path.join(os.fsencode(root), entry.target), path)
-            continue
-        elif entry.type is EntryType.SYMLINK:
-            assert entry.target is not None
-            os.symlink(entry.target, path)  # noqa: PTH211 - bytes paths
-        else:
-            kind = {EntryType.CHAR: stat.S_IFCHR, EntryType.BLOCK: stat.S_IFBLK,
-                    EntryType.FIFO: stat.S_IFIFO}[entry.type]
-            os.mknod(path, kind | entry.mode, os.makedev(entry.rdev_major, entry.rdev_minor))
-    for entry in sorted(tree, key=lambda e: -e.path.count(b"/")):
-        path = os.path.join(os.fsencode(root), entry.path) if entry.path else os.fsencode(root)
-        if entry.type is EntryType.HARDLINK:
-            continue
-        os.lchown(path, entry.uid, entry.gid)
-        if entry.type is not EntryType.SYMLINK:
-            os.chmod(path, entry.mode)
-        # After chown, which drops security.capability.
-        for name, value in entry.xattrs:
-            os.setxattr(path, name, value, follow_symlinks=False)
-        os.utime(path, ns=(entry.mtime_ns, entry.mtime_ns), follow_symlinks=False)
+        if entry.path:
+            out.add(replace(entry, mtime_ns=entry.mtime_ns // NS * NS))
+    return out

@@ -8,9 +8,9 @@ import re
 import shutil
 import struct
 import subprocess
-import sys
 import textwrap
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +26,14 @@ from reprobuild.images.erofs_layout import SHARE_THRESHOLD, dir_blocks, plan
 from reprobuild.images.registry import ImageOptions
 from reprobuild.tree import Content, Entry, EntryType, Tree, tree_from_directory
 from reprobuild.treediff import diff_trees
-from tests.conftest import Unprivileged, need, need_tool
+from tests.conftest import Unprivileged, need_tool
+from tests.images.hostconditions import (
+    CONDITIONS,
+    Condition,
+    build_under_conditions,
+    make_source,
+    need_tmpfs,
+)
 
 EPOCH = 1_700_000_000
 EPOCH_NS = EPOCH * 1_000_000_000
@@ -409,85 +416,21 @@ BUILD_SCRIPT = textwrap.dedent("""
 """).replace("EPOCH", str(EPOCH))
 
 
-def make_source(root: Path, *, reverse: bool, sparse: bool, xattr_order: int) -> None:
-    """The same logical tree, created in a different order and way."""
-    names = [f"d{i}/f{j}" for i in range(4) for j in range(30)]
-    if reverse:
-        names.reverse()
-    for name in names:
-        path = root / name
-        path.parent.mkdir(exist_ok=True)
-        size = 5000 + 97 * len(name) * (1 + name.count("1"))
-        trailer = name.encode().ljust(10, b"-")[:10]
-        if name.endswith("f3") and sparse:
-            with path.open("wb") as out:  # a hole, then the trailer
-                out.seek(size - 10)
-                out.write(trailer)
-        elif name.endswith("f3"):
-            path.write_bytes(bytes(size - 10) + trailer)
-        else:
-            path.write_bytes(name.encode() * (size // 5))
-        os.chmod(path, 0o644)
-        pairs = [("user.a", b"1"), ("user.b", b"2"), ("user.shared", b"s")]
-        for key, value in (pairs if xattr_order == 0 else reversed(pairs)):
-            os.setxattr(path, key, value)
-    for name in (["l1", "l2"] if not reverse else ["l2", "l1"]):
-        (root / name).symlink_to("d0/f0")
-    for path in [root, *root.rglob("*")]:
-        if path.is_dir() and not path.is_symlink():
-            os.chmod(path, 0o755)
+def make_erofs_source(root: Path, condition: Condition) -> None:
+    make_source(root, condition, per_dir=30, wide=0,
+                xattrs=((b"user.a", b"1"), (b"user.b", b"2"), (b"user.shared", b"s")))
 
 
 @pytest.mark.userns
-def test_host_conditions_give_identical_bytes(unprivileged: Unprivileged,
-                                              tmp_path: Path) -> None:
-    shm = Path("/dev/shm")
-    need(shm.is_dir() and os.access(shm, os.W_OK), "needs a writable tmpfs at /dev/shm")
-    variants = [
-        # (source on tmpfs, reverse creation, sparse, xattr order, umask, env, as nobody)
-        (False, False, False, 0, 0o022, {"TZ": "UTC", "LC_ALL": "C"}, False),
-        (True, True, True, 1, 0o077, {"TZ": "Asia/Kolkata", "LC_ALL": "C.UTF-8"}, True),
-        (False, True, False, 1, 0o002, {"TZ": "America/St_Johns", "LANG": "tr_TR.UTF-8"},
-         True),
-    ]
-    images = []
-    shm_dirs = []
-    try:
-        for number, (on_tmpfs, reverse, sparse, order, umask, env, as_nobody) in \
-                enumerate(variants):
-            base = Path(os.fsdecode(os.path.join(shm, f"erofs-test-{os.getpid()}-{number}"))) \
-                if on_tmpfs else unprivileged.root / f"erofs-src-{os.getpid()}-{number}"
-            if on_tmpfs:
-                shm_dirs.append(base)
-            base.mkdir()
-            old = os.umask(umask)
-            try:
-                make_source(base, reverse=reverse, sparse=sparse, xattr_order=order)
-            finally:
-                os.umask(old)
-            os.chmod(base, 0o755)
-            script = unprivileged.root / "build_erofs.py"
-            script.write_text(BUILD_SCRIPT)
-            os.chmod(script, 0o644)
-            out_dir = unprivileged.scratch(f"erofs-host-{number}-{os.getpid()}")
-            image = out_dir / "out.img"
-            cwd = out_dir if number % 2 else unprivileged.root
-            if as_nobody:
-                result = unprivileged.run(["python", str(script), str(base), str(image)],
-                                          env=env, cwd=cwd)
-            else:
-                full_env = {**os.environ, **env,
-                            "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
-                result = subprocess.run([sys.executable, str(script), str(base), str(image)],
-                                        env=full_env, cwd=cwd, capture_output=True, text=True)
-            assert result.returncode == 0, result.stderr
-            images.append(image.read_bytes())
-    finally:
-        for path in shm_dirs + [unprivileged.root / f"erofs-src-{os.getpid()}-{n}"
-                                for n in range(len(variants))]:
-            shutil.rmtree(path, ignore_errors=True)
+def test_host_conditions_give_identical_bytes(unprivileged: Unprivileged) -> None:
+    need_tmpfs()
+    # The third host builds a plain (not sparse) source as nobody.
+    conditions = (*CONDITIONS[:2], replace(CONDITIONS[2], sparse=False, as_nobody=True))
+    paths = build_under_conditions(unprivileged, "erofs", BUILD_SCRIPT, make_erofs_source,
+                                   conditions)
+    images = [path.read_bytes() for path in paths]
     assert images[0] == images[1] == images[2]
-    back = erofs.read(out_dir / "out.img")
+    back = erofs.read(paths[-1])
     assert sum(e.type is EntryType.REGULAR for e in back) == 120
     sparse_file = back.get(b"d1/f3")
     assert sparse_file is not None and sparse_file.xattrs[0] == (b"user.a", b"1")

@@ -39,7 +39,8 @@ from reprobuild.images.ext4_layout import plan
 from reprobuild.images.registry import ImageOptions
 from reprobuild.tree import Content, Entry, EntryType, Tree, tree_from_directory
 from reprobuild.treediff import diff_trees
-from tests.conftest import Unprivileged, need, need_tool
+from tests.conftest import Unprivileged, need_tool
+from tests.images.hostconditions import build_under_conditions, make_source, need_tmpfs
 
 EPOCH = 1_700_000_000
 EPOCH_NS = EPOCH * 1_000_000_000
@@ -428,92 +429,13 @@ BUILD_SCRIPT = textwrap.dedent("""
 """).replace("EPOCH", str(EPOCH))
 
 
-def make_source(root: Path, *, reverse: bool, sparse: bool, xattr_order: int) -> None:
-    """The same logical tree, created in a different order and way."""
-    names = [f"d{i}/f{j}" for i in range(4) for j in range(40)]
-    names += [f"wide/n{j:04d}-{'y' * (j % 30)}" for j in range(300)]  # an htree
-    if reverse:
-        names.reverse()
-    for name in names:
-        path = root / name
-        path.parent.mkdir(exist_ok=True)
-        size = 5000 + 97 * len(name) * (1 + name.count("1"))
-        trailer = name.encode().ljust(10, b"-")[:10]
-        if name.endswith("f3"):
-            size = 9 * BLOCK_SIZE
-            if sparse:
-                with path.open("wb") as out:  # holes, a middle block, the trailer
-                    out.seek(4 * BLOCK_SIZE)
-                    out.write(b"m" * BLOCK_SIZE)
-                    out.seek(size - 10)
-                    out.write(trailer)
-            else:
-                path.write_bytes(bytes(4 * BLOCK_SIZE) + b"m" * BLOCK_SIZE
-                                 + bytes(4 * BLOCK_SIZE - 10) + trailer)
-        else:
-            path.write_bytes(name.encode() * (size // len(name)))
-        os.chmod(path, 0o644 if "f1" not in name else 0o755)
-        pairs = [("user.a", b"1"), ("user.b", b"2" * 80), ("user.c", b"c" * 300)]
-        for key, value in (pairs if xattr_order == 0 else reversed(pairs)):
-            os.setxattr(path, key, value)
-    links = [("l1", "d0/f0"), ("l2", "x" * 120)]
-    for name, target in (links if not reverse else reversed(links)):
-        (root / name).symlink_to(target)
-    os.link(root / "d1" / "f2", root / "hard")
-    for path in [root, *root.rglob("*")]:
-        if path.is_dir() and not path.is_symlink():
-            os.chmod(path, 0o755)
-
-
 @pytest.mark.userns
-def test_host_conditions_give_identical_bytes(unprivileged: Unprivileged,
-                                              tmp_path: Path) -> None:
-    shm = Path("/dev/shm")
-    need(shm.is_dir() and os.access(shm, os.W_OK), "needs a writable tmpfs at /dev/shm")
-    variants = [
-        # (source on tmpfs, reverse creation, sparse, xattr order, umask, env, as nobody)
-        (False, False, False, 0, 0o022, {"TZ": "UTC", "LC_ALL": "C"}, False),
-        (True, True, True, 1, 0o077, {"TZ": "Asia/Kolkata", "LC_ALL": "C.UTF-8"}, True),
-        (False, True, True, 1, 0o002, {"TZ": "America/St_Johns", "LANG": "tr_TR.UTF-8"},
-         False),
-    ]
-    digests = []
-    made: list[Path] = []
-    try:
-        for number, (on_tmpfs, reverse, sparse, order, umask, env, as_nobody) in \
-                enumerate(variants):
-            base = (shm if on_tmpfs else Path("/var/tmp")) / \
-                f"ext4-test-{os.getpid()}-{number}"
-            made.append(base)
-            base.mkdir()
-            old = os.umask(umask)
-            try:
-                make_source(base, reverse=reverse, sparse=sparse, xattr_order=order)
-            finally:
-                os.umask(old)
-            os.chmod(base, 0o755)
-            script = unprivileged.root / "build_ext4.py"
-            script.write_text(BUILD_SCRIPT)
-            os.chmod(script, 0o644)
-            out_dir = unprivileged.scratch(f"ext4-host-{number}-{os.getpid()}")
-            image = out_dir / "out.img"
-            cwd = out_dir if number % 2 else unprivileged.root
-            argv = ["sh", "-c", f"umask {umask:03o} && exec \"$@\"", "sh", "python",
-                    str(script), str(base), str(image)]
-            if as_nobody:
-                result = unprivileged.run(argv, env=env, cwd=cwd)
-            else:
-                full_env = {**os.environ, **env, "PYTHONPATH": str(REPO)}
-                argv[4] = sys.executable
-                result = subprocess.run(argv, env=full_env, cwd=cwd, capture_output=True,
-                                        text=True)
-            assert result.returncode == 0, result.stderr
-            digests.append(hashlib.sha256(image.read_bytes()).hexdigest())
-    finally:
-        for path in made:
-            shutil.rmtree(path, ignore_errors=True)
+def test_host_conditions_give_identical_bytes(unprivileged: Unprivileged) -> None:
+    need_tmpfs()
+    images = build_under_conditions(unprivileged, "ext4", BUILD_SCRIPT, make_source)
+    digests = [hashlib.sha256(image.read_bytes()).hexdigest() for image in images]
     assert digests[0] == digests[1] == digests[2]
-    back = ext4.read(out_dir / "out.img")
+    back = ext4.read(images[-1])
     f3 = back.get(b"d2/f3")
     assert f3 is not None and f3.content is not None
     assert f3.xattrs == ((b"user.a", b"1"), (b"user.b", b"2" * 80), (b"user.c", b"c" * 300))

@@ -6,10 +6,8 @@ import io
 import os
 import re
 import shutil
-import socket
 import stat
 import subprocess
-import sys
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import BinaryIO
@@ -35,6 +33,13 @@ from reprobuild.images.squashfs_read import inspect_image
 from reprobuild.tree import Content, Entry, EntryType, Tree, tree_from_directory
 from reprobuild.treediff import diff_trees
 from tests.conftest import need_tool
+from tests.images.hostconditions import (
+    Condition,
+    run_under,
+    source_dir,
+    tmpfs_available,
+    write_tree,
+)
 
 EPOCH = 1_700_000_000
 COMPRESSORS = ("zstd", "gzip", "xz", "lz4", "none")
@@ -417,63 +422,6 @@ def test_export_table_on_request(tmp_path: Path) -> None:
 
 
 # -- host conditions ----------------------------------------------------------------------
-def materialise(tree: Tree, root: Path, *, reverse: bool = False, sparse: bool = False,
-                reverse_xattrs: bool = False) -> None:
-    """Write ``tree`` to disk as root, in some creation order and layout."""
-    entries = [e for e in tree if e.path]
-    if reverse:
-        # Parents still first, but siblings and files in reverse order.
-        entries.sort(key=lambda e: (e.path.count(b"/"), e.path), reverse=True)
-        entries.sort(key=lambda e: e.path.count(b"/") if e.type is EntryType.DIRECTORY
-                     else 1 << 30)
-    root.mkdir(parents=True, exist_ok=True)
-    hardlinks = []
-    for entry in entries:
-        path = os.fsencode(root) + b"/" + entry.path
-        if entry.type is EntryType.DIRECTORY:
-            os.mkdir(path)
-        elif entry.type is EntryType.REGULAR:
-            assert entry.content is not None
-            data = entry.content.read()
-            with open(path, "wb") as f:
-                if sparse:
-                    for at in range(0, len(data), 4096):
-                        chunk = data[at:at + 4096]
-                        if chunk.count(0) == len(chunk):
-                            f.seek(len(chunk), 1)
-                        else:
-                            f.write(chunk)
-                    f.truncate(len(data))
-                else:
-                    f.write(data)
-        elif entry.type is EntryType.HARDLINK:
-            hardlinks.append(entry)
-            continue
-        elif entry.type is EntryType.SYMLINK:
-            os.symlink(entry.target or b"", path)  # noqa: PTH211 - bytes paths
-        elif entry.type is EntryType.SOCKET:
-            with socket.socket(socket.AF_UNIX) as s:
-                s.bind(path)
-        else:
-            kind = {EntryType.CHAR: stat.S_IFCHR, EntryType.BLOCK: stat.S_IFBLK,
-                    EntryType.FIFO: stat.S_IFIFO}[entry.type]
-            os.mknod(path, kind | 0o600, os.makedev(entry.rdev_major, entry.rdev_minor))
-    for entry in hardlinks:
-        os.link(os.fsencode(root) + b"/" + (entry.target or b""),
-                os.fsencode(root) + b"/" + entry.path)
-    for entry in sorted((e for e in tree), key=lambda e: e.path.count(b"/"), reverse=True):
-        if entry.type is EntryType.HARDLINK:
-            continue
-        path = os.fsencode(root) + (b"/" + entry.path if entry.path else b"")
-        xattrs = list(entry.xattrs)
-        for name, value in reversed(xattrs) if reverse_xattrs else xattrs:
-            os.setxattr(path, name, value, follow_symlinks=False)
-        os.chown(path, entry.uid, entry.gid, follow_symlinks=False)
-        if entry.type is not EntryType.SYMLINK:
-            os.chmod(path, entry.mode)
-        os.utime(path, ns=(entry.mtime_ns, entry.mtime_ns), follow_symlinks=False)
-
-
 def source_tree() -> Tree:
     """The sample tree without what a plain directory cannot hold for every uid."""
     return sample_tree(4096)
@@ -494,38 +442,26 @@ with open(sys.argv[2], "wb") as out:
 @pytest.mark.root
 def test_host_conditions_give_identical_bytes(tmp_path: Path) -> None:
     tree = source_tree()
-    shm = Path("/dev/shm")
-    variants = {
-        "ext4": (tmp_path / "ext4", {}),
-        "reversed": (tmp_path / "reversed", {"reverse": True}),
-        "sparse": (tmp_path / "sparse", {"sparse": True}),
-        "xattr-order": (tmp_path / "xattrs", {"reverse_xattrs": True}),
+    conditions = {
+        "disk": Condition(cwd=tmp_path),
+        "reversed": Condition(reverse=True, cwd=Path("/"),
+                              env={"TZ": "Pacific/Kiritimati", "LC_ALL": "C", "LANG": "C"}),
+        "sparse": Condition(sparse=True, cwd=tmp_path,
+                            env={"TZ": "America/New_York", "LC_ALL": "C.UTF-8"}),
+        "xattr-order": Condition(xattr_order=1, umask=0o077, cwd=tmp_path),
     }
-    tmpfs_root = Path(shm, f"squashfs-test-{os.getpid()}") if shm.is_dir() else None
-    if tmpfs_root is not None:
-        variants["tmpfs"] = (tmpfs_root, {})
+    if tmpfs_available():
+        conditions["tmpfs"] = Condition(on_tmpfs=True, cwd=tmp_path)
     images = {}
-    try:
-        for root, kw in variants.values():
-            materialise(tree, root, **kw)  # type: ignore[arg-type]
-        for name, (root, _) in variants.items():
+    for name, condition in conditions.items():
+        with source_dir(f"squashfs-test-{name}", condition) as root:
+            write_tree(tree, root, condition)
             out = tmp_path / f"{name}.sqfs"
-            env = {**os.environ}
-            cwd = None
-            if name == "reversed":
-                env.update(TZ="Pacific/Kiritimati", LC_ALL="C", LANG="C")
-                cwd = "/"
-            if name == "sparse":
-                env.update(TZ="America/New_York", LC_ALL="C.UTF-8")
-            cmd = [sys.executable, "-c", WRITE_FROM_DISK, str(root), str(out)]
-            if name == "xattr-order":
-                cmd = ["sh", "-c", 'umask 077 && exec "$@"', "sh", *cmd]
-            subprocess.run(cmd, env=env, cwd=cwd or tmp_path, check=True)
-            images[name] = out.read_bytes()
-    finally:
-        if tmpfs_root is not None:
-            shutil.rmtree(tmpfs_root, ignore_errors=True)
-    reference = images.pop("ext4")
+            result = run_under(["python", "-c", WRITE_FROM_DISK, str(root), str(out)],
+                               condition, cwd=condition.cwd or tmp_path)
+            assert result.returncode == 0, result.stderr
+        images[name] = out.read_bytes()
+    reference = images.pop("disk")
     for name, data in images.items():
         assert data == reference, name
     # And the in-memory tree gives the same image as its copy on disk.
@@ -654,7 +590,7 @@ def test_reader_reads_mksquashfs_images(tmp_path: Path, compress: str) -> None:
     need_tool("mksquashfs")
     tree = sample_tree()
     root = tmp_path / "root"
-    materialise(tree, root)
+    write_tree(tree, root)
     image = tmp_path / "ref.sqfs"
     subprocess.run(["mksquashfs", str(root), str(image), "-comp", compress, "-noappend",
                     "-quiet", "-no-progress", "-processors", "1"], check=True,

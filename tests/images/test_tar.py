@@ -7,7 +7,6 @@ import io
 import os
 import stat
 import subprocess
-import sys
 import tarfile
 from pathlib import Path
 
@@ -19,8 +18,15 @@ from reprobuild.images.registry import ImageOptions
 from reprobuild.source import load_tree
 from reprobuild.tree import BytesSource, Content, Entry, EntryType, Tree, tree_from_directory
 from reprobuild.treediff import diff_trees
-from tests.conftest import REPO, need, need_tool
-from tests.images.archive_trees import CAP_NET_RAW, EPOCH, NS, sample_tree, write_directory
+from tests.conftest import need, need_tool
+from tests.images.archive_trees import CAP_NET_RAW, EPOCH, NS, sample_tree
+from tests.images.hostconditions import (
+    Condition,
+    images_in_process,
+    run_under,
+    small_source,
+    write_tree,
+)
 
 OPTIONS = ImageOptions(epoch=EPOCH)
 
@@ -205,69 +211,32 @@ def test_identical_to_gnu_tar_on_the_unpacked_tree(tmp_path: Path) -> None:
     need_tool("tar")
     need(os.geteuid() == 0, "unpacking owners and devices needs root")
     tree = sample_tree()
-    write_directory(tree, tmp_path / "root")
+    write_tree(tree, tmp_path / "root")
     subprocess.run([*GNU_TAR_CREATE, "-cf", str(tmp_path / "gnu.tar"), "-C",
                     str(tmp_path / "root"), "."], check=True)
     assert (tmp_path / "gnu.tar").read_bytes() == tar_of(tree)
 
 
-def make_source_dir(root: Path, *, reverse: bool, sparse: bool) -> Path:
-    """The same content created in another order, with another umask, sparse or not."""
-    files = [(f"dir{i}/file{j}", bytes([i, j]) * (100 * j + 1)) for i in range(3)
-             for j in range(4)]
-    old = os.umask(0o077 if reverse else 0o022)
-    try:
-        for name, data in (reversed(files) if reverse else files):
-            path = root / name
-            path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_bytes(data)
-            path.chmod(0o644)
-        big = root / "holes"
-        with big.open("wb") as f:
-            if sparse:
-                f.truncate(1 << 20)
-                f.seek(1 << 19)
-                f.write(b"mid")
-            else:
-                f.write(bytes(1 << 19) + b"mid" + bytes((1 << 20) - (1 << 19) - 3))
-        big.chmod(0o600)
-        for name in ("x", "b", "a") if reverse else ("a", "b", "x"):
-            (root / f"link-{name}").symlink_to(f"dir0/file{ord(name) % 4}")
-        for d in [root, *sorted(p for p in root.rglob("*") if p.is_dir())]:
-            d.chmod(0o755)
-    finally:
-        os.umask(old)
-    return root
-
-
-def test_host_conditions_give_identical_bytes(tmp_path: Path) -> None:
-    trees = [load_tree(make_source_dir(tmp_path / "a", reverse=False, sparse=False),
-                       epoch=EPOCH),
-             load_tree(make_source_dir(tmp_path / "b", reverse=True, sparse=True),
-                       epoch=EPOCH)]
-    assert tar_of(trees[0]) == tar_of(trees[1])
-    shm = Path("/dev/shm")
-    if shm.is_dir() and os.access(shm, os.W_OK):
-        import tempfile
-
-        with tempfile.TemporaryDirectory(dir=shm) as other:
-            tmpfs = load_tree(make_source_dir(Path(other) / "c", reverse=True, sparse=True),
-                              epoch=EPOCH)
-            assert tar_of(tmpfs) == tar_of(trees[0])
+def test_host_conditions_give_identical_bytes() -> None:
+    images = images_in_process("tar", tar_of, epoch=EPOCH)
+    assert len(images) >= 3
+    assert all(image == images[0] for image in images)
 
 
 def test_command_under_other_environments(tmp_path: Path) -> None:
-    source = make_source_dir(tmp_path / "src", reverse=False, sparse=False)
+    source = tmp_path / "src"
+    source.mkdir()
+    small_source(source, Condition())
     outputs = []
     for n, env in enumerate(({"TZ": "UTC", "LANG": "C.UTF-8"},
                              {"TZ": "Asia/Kolkata", "LANG": "fr_FR.UTF-8", "LC_ALL": "C"})):
         out = tmp_path / f"out{n}.tar"
         cwd = tmp_path / f"cwd{n}"
         cwd.mkdir()
-        subprocess.run([sys.executable, "-m", "reprobuild", "image", "--format", "tar",
-                        "--epoch", str(EPOCH), str(source), str(out)],
-                       check=True, cwd=cwd, capture_output=True,
-                       env={**os.environ, "PYTHONPATH": str(REPO), **env})
+        result = run_under(["python", "-m", "reprobuild", "image", "--format", "tar",
+                            "--epoch", str(EPOCH), str(source), str(out)],
+                           Condition(env=env), cwd=cwd)
+        assert result.returncode == 0, result.stderr
         outputs.append(out.read_bytes())
     assert outputs[0] == outputs[1]
 
@@ -302,7 +271,7 @@ def test_debian_minbase(debian_minbase_tar: Path, tmp_path: Path) -> None:
 def test_write_directory_helper_round_trips(tmp_path: Path) -> None:
     need(os.geteuid() == 0, "needs root for owners and devices")
     tree = sample_tree()
-    write_directory(tree, tmp_path / "root")
+    write_tree(tree, tmp_path / "root")
     back = tree_from_directory(tmp_path / "root", preserve_owner=True, preserve_mtime=True,
                                read_xattrs=True)
     assert diff_trees(tree, back) == []
