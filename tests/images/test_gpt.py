@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import subprocess
@@ -20,18 +19,10 @@ from reprobuild.integrity import verity
 from reprobuild.tree import Content, Entry, EntryType, Tree, tree_from_directory
 from reprobuild.treediff import diff_trees
 from tests.conftest import REPO, Unprivileged, need, need_tool
+from tests.patterns import pattern
 
 OPTIONS = ImageOptions(epoch=1700000000)
 MiB = 1 << 20
-
-
-def payload(size: int, seed: int) -> bytes:
-    out = bytearray()
-    counter = 0
-    while len(out) < size:
-        out += hashlib.sha512(f"{seed}:{counter}".encode()).digest()
-        counter += 1
-    return bytes(out[:size])
 
 
 def sample_tree() -> Tree:
@@ -41,7 +32,7 @@ def sample_tree() -> Tree:
                    content=Content.from_bytes(b"sealed\n")))
     tree.add(Entry(b"bin", EntryType.DIRECTORY, 0o755, mtime_ns=1700000000 * 10**9))
     tree.add(Entry(b"bin/tool", EntryType.REGULAR, 0o755, mtime_ns=1700000000 * 10**9,
-                   content=Content.from_bytes(payload(300_000, 1))))
+                   content=Content.from_bytes(pattern(300_000, 1))))
     tree.add(Entry(b"bin/link", EntryType.SYMLINK, 0o777, mtime_ns=1700000000 * 10**9,
                    target=b"tool"))
     return tree
@@ -158,7 +149,7 @@ def test_headers_carry_valid_crcs_and_parse_back() -> None:
 def test_sgdisk_and_sfdisk_accept_a_sealed_disk(tmp_path: Path) -> None:
     need_tool("sgdisk", "sfdisk")
     data = tmp_path / "root.img"
-    data.write_bytes(payload(3 * MiB, 2))
+    data.write_bytes(pattern(3 * MiB, 2))
     out = sealed_disk(tmp_path, data)
     disk = out / "disk.img"
     check = subprocess.run(["sgdisk", "-v", str(disk)], capture_output=True, text=True)
@@ -189,7 +180,7 @@ def test_sgdisk_and_sfdisk_accept_a_sealed_disk(tmp_path: Path) -> None:
 def test_partitions_read_back_and_verity_checks_out(tmp_path: Path) -> None:
     need_tool("veritysetup")
     data = tmp_path / "usr.img"
-    data.write_bytes(payload(2 * MiB, 3))
+    data.write_bytes(pattern(2 * MiB, 3))
     out = sealed_disk(tmp_path, data, kind="usr", seed=None)
     assert (out / "cmdline").read_text().startswith("usrhash=")
     tree = gpt.read(out)
@@ -213,8 +204,8 @@ def test_partitions_read_back_and_verity_checks_out(tmp_path: Path) -> None:
 def test_verity_pair_must_match_its_data(tmp_path: Path) -> None:
     data = tmp_path / "root.img"
     other = tmp_path / "other.img"
-    data.write_bytes(payload(MiB, 4))
-    other.write_bytes(payload(MiB, 5))
+    data.write_bytes(pattern(MiB, 4))
+    other.write_bytes(pattern(MiB, 5))
     verity_image.build({"root": str(other)}, {"from": "root", "format": "verity"}, OPTIONS,
                        str(tmp_path / "v"))
     table = {"format": "gpt", "partitions": [
@@ -231,7 +222,7 @@ def test_same_disk_from_different_places(tmp_path: Path) -> None:
         place = tmp_path / f"build{attempt}" / "deeper"
         place.mkdir(parents=True)
         data = place / f"image-{attempt}.img"
-        data.write_bytes(payload(MiB, 6))
+        data.write_bytes(pattern(MiB, 6))
         old = os.umask(umask)
         try:
             out = sealed_disk(place, data, seed=None)
@@ -263,7 +254,7 @@ def test_kernel_mounts_a_partition_read_back_from_the_disk(
 def test_verity_image_output(tmp_path: Path) -> None:
     need_tool("veritysetup")
     data = tmp_path / "root.img"
-    data.write_bytes(payload(MiB, 7))
+    data.write_bytes(pattern(MiB, 7))
     out = tmp_path / "v"
     table = {"from": "root", "format": "verity", "hash-algorithm": "sha512",
              "data-block-size": 1024, "salt": "abcd"}
@@ -290,7 +281,7 @@ def test_verity_image_output(tmp_path: Path) -> None:
 def test_4k_sector_disk_on_a_4k_loop_device(tmp_path: Path) -> None:
     need_tool("sgdisk", "sfdisk", "losetup")
     data = tmp_path / "data.img"
-    data.write_bytes(payload(MiB, 8))
+    data.write_bytes(pattern(MiB, 8))
     out = tmp_path / "disk"
     gpt.build({"data": str(data)}, {"format": "gpt", "seed": "s", "sector-size": 4096,
                                     "partitions": [{"from": "data", "type": "srv"}]},
@@ -381,7 +372,7 @@ def test_shipped_sealed_disk_builds_reproducibly(unprivileged: Unprivileged) -> 
 def test_verity_image_appended_to_the_data(tmp_path: Path) -> None:
     need_tool("veritysetup")
     data = tmp_path / "root.img"
-    data.write_bytes(payload(3 * 4096 + 512 * 3, 9))  # whole 512-byte blocks only
+    data.write_bytes(pattern(3 * 4096 + 512 * 3, 9))  # whole 512-byte blocks only
     out = tmp_path / "v"
     table = {"from": "root", "format": "verity", "append": True, "data-block-size": 512}
     verity_image.build({"root": str(data)}, table, OPTIONS, str(out))

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import subprocess
 from pathlib import Path
 
@@ -11,17 +10,9 @@ import pytest
 from reprobuild.errors import ImageError, VerifyError
 from reprobuild.integrity import verity
 from tests.conftest import need_tool
+from tests.patterns import pattern
 
 UUID = "0f1e2d3c-4b5a-4968-8776-655443322110"
-
-
-def pattern(size: int, seed: int = 0) -> bytes:
-    out = bytearray()
-    counter = 0
-    while len(out) < size:
-        out += hashlib.sha512(f"{seed}:{counter}".encode()).digest()
-        counter += 1
-    return bytes(out[:size])
 
 
 def veritysetup_format(data: Path, hash_file: Path, *, algorithm: str, data_block_size: int,
