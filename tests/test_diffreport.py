@@ -7,6 +7,7 @@ import json
 import os
 import shutil
 import subprocess
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -135,15 +136,22 @@ def _image(kind: str, src: Path, out: Path) -> Path:
     return out
 
 
-@pytest.mark.tool
-@pytest.mark.parametrize("kind", ["tar", "cpio", "ext4", "squashfs", "erofs"])
-def test_images(tmp_path: Path, kind: str) -> None:
+def _image_pair(tmp_path: Path, kind: str, make: Callable[[str, Path, Path], Path]
+                ) -> tuple[Path, Path]:
+    """``kind`` images, made by ``make``, of the tree and of its variant; detected."""
     need(_has_reader(kind), f"no {kind} reader yet (reprobuild.images.{kind}.read)")
     a = _make_tree(tmp_path / "a", variant=False)
     b = _make_tree(tmp_path / "b", variant=True)
-    ia = _image(kind, a, tmp_path / f"a.{kind}")
-    ib = _image(kind, b, tmp_path / f"b.{kind}")
+    ia = make(kind, a, tmp_path / f"a.{kind}")
+    ib = make(kind, b, tmp_path / f"b.{kind}")
     assert diffreport.detect(ia) == kind
+    return ia, ib
+
+
+@pytest.mark.tool
+@pytest.mark.parametrize("kind", ["tar", "cpio", "ext4", "squashfs", "erofs"])
+def test_images(tmp_path: Path, kind: str) -> None:
+    ia, ib = _image_pair(tmp_path, kind, _image)
     report = diffreport.diff_paths(ia, ib)
     assert report.kind_a == report.kind_b == kind
     assert _kinds(report) >= EXPECTED, report.render()
@@ -166,19 +174,14 @@ def _write_ours(kind: str, src: Path, out: Path, **options: object) -> Path:
 
 @pytest.mark.parametrize("kind", ["tar", "cpio", "ext4", "squashfs", "erofs"])
 def test_our_images(tmp_path: Path, kind: str) -> None:
-    need(_has_reader(kind), f"no {kind} reader yet (reprobuild.images.{kind}.read)")
-    a = _make_tree(tmp_path / "a", variant=False)
-    b = _make_tree(tmp_path / "b", variant=True)
-    ia = _write_ours(kind, a, tmp_path / f"a.{kind}")
-    ib = _write_ours(kind, b, tmp_path / f"b.{kind}")
-    assert diffreport.detect(ia) == kind
+    ia, ib = _image_pair(tmp_path, kind, _write_ours)
     report = diffreport.diff_paths(ia, ib)
     assert _kinds(report) >= EXPECTED, report.render()
     assert not {k for _, k in report.summary()} & {"bytes"}
     if kind in ("ext4", "erofs"):
         # Same tree, another UUID: the trees agree, the bytes do not, and the report
         # says so with the offset.
-        ic = _write_ours(kind, a, tmp_path / f"c.{kind}",
+        ic = _write_ours(kind, tmp_path / "a", tmp_path / f"c.{kind}",
                          uuid="01234567-89ab-cdef-0123-456789abcdef")
         other = diffreport.diff_paths(ia, ic)
         assert not other.identical and other.differences == ()
