@@ -15,12 +15,14 @@ import difflib
 import os
 import re
 import tomllib
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 from reprobuild.errors import RecipeError
 from reprobuild.units import parse_duration, parse_size
+
+_T = TypeVar("_T")
 
 __all__ = ["DebSource", "HostSource", "Image", "OciSource", "PathSource", "Recipe", "Step",
            "load_recipe", "parse_duration", "parse_recipe", "parse_size"]
@@ -217,6 +219,16 @@ class _Table:
             raise self.error(key, f"must be a list of strings, not {value!r}")
         return tuple(value)
 
+    def parsed(self, key: str, parse: Callable[[object], _T]) -> _T | None:
+        """``parse`` of the value at ``key`` (None when absent); its ValueError names the
+        key."""
+        if key not in self.table:
+            return None
+        try:
+            return parse(self.table[key])
+        except ValueError as exc:
+            raise self.error(key, str(exc)) from None
+
     def integer(self, key: str) -> int | None:
         value = self.table.get(key)
         if value is None:
@@ -359,12 +371,7 @@ def _step(path: str, name: str, raw: Any) -> Step:
             raise table.error(f"env.{key}", f"{key!r} is set by reprobuild "
                               "($out and the inputs' paths)")
         env.append((key, str(value)))
-    timeout = None
-    if "timeout" in table.table:
-        try:
-            timeout = parse_duration(table.table["timeout"])
-        except ValueError as exc:
-            raise table.error("timeout", str(exc)) from None
+    timeout = table.parsed("timeout", parse_duration)
     return Step(name, inputs, builder, tuple(sorted(env)), timeout)
 
 
@@ -396,12 +403,7 @@ def _image(path: str, name: str, raw: Any) -> Image:
                 if close:
                     raise table.error(key, f"unknown key {key!r}",
                                       _suggest(key, IMAGE_KEYS, "keys"))
-    size = None
-    if "size" in table.table:
-        try:
-            size = parse_size(table.table["size"])
-        except ValueError as exc:
-            raise table.error("size", str(exc)) from None
+    size = table.parsed("size", parse_size)
     files_raw = table.table.get("files", {})
     if not isinstance(files_raw, dict):
         raise table.error("files", "must be a table of paths to overrides")

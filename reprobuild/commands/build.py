@@ -6,7 +6,7 @@ import argparse
 import json
 import sys
 
-from reprobuild.commands.common import add_build_options, add_recipe, load, make_engine
+from reprobuild.commands.common import add_build_options, add_recipe, build_plan, load
 from reprobuild.engine import BuildReport
 
 HELP = "build targets of a recipe (default: all images, else all steps)"
@@ -24,14 +24,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="create no result links (the outputs may then be collected)")
 
 
-def print_failures(report: BuildReport) -> None:
-    for failure in report.failures:
-        print(f"reprobuild: error: {failure.message}", file=sys.stderr)
-    if report.skipped:
-        print(f"reprobuild: not built because a dependency failed: "
-              f"{', '.join(report.skipped)}", file=sys.stderr)
-
-
 def warn_unreproducible(report: BuildReport) -> None:
     """Say which outputs `reprobuild check` found not reproducible."""
     for key, entry in sorted(report.entries.items()):
@@ -47,13 +39,8 @@ def warn_unreproducible(report: BuildReport) -> None:
 
 def run(args: argparse.Namespace) -> int:
     _recipe, store, plan = load(args, args.targets)
-    engine = make_engine(args, store, quiet=False)
-    try:
-        report = engine.build(plan)
-    finally:
-        engine.close()
-    if not report.ok:
-        print_failures(report)
+    report = build_plan(args, store, plan)
+    if report is None:
         return 1
     warn_unreproducible(report)
     rows = []

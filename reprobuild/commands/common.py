@@ -4,14 +4,16 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 
-from reprobuild.engine import Engine, Options
+from reprobuild.engine import BuildReport, Engine, Options
 from reprobuild.plan import Plan, plan
 from reprobuild.progress import Progress
 from reprobuild.recipe import Recipe, load_recipe
 from reprobuild.sandboxing import start_runner
 
-__all__ = ["add_build_options", "add_recipe", "load", "make_engine", "start_runner"]
+__all__ = ["add_build_options", "add_recipe", "build_plan", "load", "make_engine",
+           "print_failures", "start_runner"]
 from reprobuild.store import Store
 
 
@@ -52,3 +54,25 @@ def make_engine(args: argparse.Namespace, store: Store, *, quiet: bool = False) 
                       debug=getattr(args, "debug", False))
     return Engine(store, lambda: start_runner(debug=options.debug), options,
                   Progress(enabled=not quiet))
+
+
+def print_failures(report: BuildReport) -> None:
+    for failure in report.failures:
+        print(f"reprobuild: error: {failure.message}", file=sys.stderr)
+    if report.skipped:
+        print(f"reprobuild: not built because a dependency failed: "
+              f"{', '.join(report.skipped)}", file=sys.stderr)
+
+
+def build_plan(args: argparse.Namespace, store: Store, plan: Plan) -> BuildReport | None:
+    """Build ``plan`` with an engine made from ``args``, then close it; None (the
+    failures printed) when the build failed."""
+    engine = make_engine(args, store)
+    try:
+        report = engine.build(plan)
+    finally:
+        engine.close()
+    if not report.ok:
+        print_failures(report)
+        return None
+    return report

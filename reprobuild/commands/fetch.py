@@ -5,8 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from reprobuild.commands.build import print_failures
-from reprobuild.commands.common import add_recipe, load, make_engine
+from reprobuild.commands.common import add_recipe, build_plan, load
 from reprobuild.plan import Plan
 
 HELP = "fetch the Debian packages a recipe's targets need, so later builds work offline"
@@ -23,13 +22,8 @@ def run(args: argparse.Namespace) -> int:
         print("nothing to fetch", file=sys.stderr)
         return 0
     plan = Plan(recipe, fetches, {k: full.nodes[k] for k in fetches})
-    engine = make_engine(args, store)
-    try:
-        report = engine.build(plan)
-    finally:
-        engine.close()
-    if not report.ok:
-        print_failures(report)
+    report = build_plan(args, store, plan)
+    if report is None:
         return 1
     for key in fetches:
         print(f"{key.removesuffix('#fetch')} {report.entries[key].path}")

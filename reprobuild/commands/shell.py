@@ -8,8 +8,13 @@ from collections.abc import Mapping
 
 from reprobuild import canon, sandboxing
 from reprobuild.commands import common
-from reprobuild.commands.build import print_failures
-from reprobuild.commands.common import add_build_options, add_recipe, load, make_engine
+from reprobuild.commands.common import (
+    add_build_options,
+    add_recipe,
+    load,
+    make_engine,
+    print_failures,
+)
 from reprobuild.errors import BuildError, RecipeError
 from reprobuild.plan import Node, Plan
 from reprobuild.recipe import Step
