@@ -10,13 +10,11 @@ The source is a directory argument or the generated benchmark tree (scripts/benc
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 import tempfile
-from pathlib import Path
 
-from benchutil import run_child, source_tree
+from benchutil import argument_parser, run_child, source_tree
 
 EPOCH = 1_700_000_000
 
@@ -31,9 +29,7 @@ with open(sys.argv[3], "wb") as output:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("tree", nargs="?", type=Path, help="source directory")
-    parser.add_argument("--repeat", type=int, default=3, help="best of N runs each")
+    parser = argument_parser(__doc__)
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="bench-archives-") as tmp:
         tree = source_tree(args.tree, tmp)

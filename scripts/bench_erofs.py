@@ -12,14 +12,12 @@ benchmark tree (scripts/benchtree.py, ~200 MB in 10,000 files).
 
 from __future__ import annotations
 
-import argparse
 import os
 import subprocess
 import sys
 import tempfile
-from pathlib import Path
 
-from benchutil import run_child, source_tree
+from benchutil import argument_parser, run_child, source_tree
 
 EPOCH = 1_700_000_000
 UUID = "6a7e0c52-61d4-4f0e-9c3b-2f0a8f5d1e42"
@@ -42,9 +40,7 @@ def timed(argv: list[str], output: str) -> float:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("tree", nargs="?", type=Path, help="source directory")
-    parser.add_argument("--repeat", type=int, default=3, help="best of N runs each")
+    parser = argument_parser(__doc__)
     parser.add_argument("--lz4", action="store_true",
                         help="also compare LZ4 images with mkfs.erofs -zlz4 (no target)")
     args = parser.parse_args()

@@ -13,14 +13,13 @@ with ``e2fsck -fn``. The source is a directory argument or the generated benchma
 
 from __future__ import annotations
 
-import argparse
 import os
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
-from benchutil import run_child, source_tree
+from benchutil import argument_parser, run_child, source_tree
 
 EPOCH = 1_700_000_000
 UUID = "6a7e0c52-61d4-4f0e-9c3b-2f0a8f5d1e42"
@@ -48,9 +47,7 @@ def tree_bytes(tree: Path) -> int:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("tree", nargs="?", type=Path, help="source directory")
-    parser.add_argument("--repeat", type=int, default=3, help="best of N runs each")
+    parser = argument_parser(__doc__)
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="bench-ext4-") as tmp:
         tree = source_tree(args.tree, tmp)

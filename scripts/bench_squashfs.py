@@ -11,14 +11,12 @@ argument or the generated benchmark tree (scripts/benchtree.py).
 
 from __future__ import annotations
 
-import argparse
 import os
 import subprocess
 import sys
 import tempfile
-from pathlib import Path
 
-from benchutil import run_child, source_tree
+from benchutil import argument_parser, run_child, source_tree
 
 EPOCH = 1_700_000_000
 
@@ -42,11 +40,9 @@ def timed(argv: list[str]) -> tuple[float, float]:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("tree", nargs="?", type=Path, help="source directory")
+    parser = argument_parser(__doc__, repeat=1)
     parser.add_argument("--processors", type=int, default=2)
     parser.add_argument("--compressors", default="zstd,gzip")
-    parser.add_argument("--repeat", type=int, default=1, help="best of N runs each")
     args = parser.parse_args()
     ok = True
     with tempfile.TemporaryDirectory(prefix="bench-squashfs-") as tmp:

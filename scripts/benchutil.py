@@ -1,14 +1,16 @@
-"""What every ``scripts/bench_*.py`` needs: the source tree, and one timed child process.
+"""What every ``scripts/bench_*.py`` needs: options, the source tree, one timed child.
 
-``source_tree`` gives the directory to build from (the argument, or the generated
-benchmark tree of scripts/benchtree.py under ``tmp``) with the page cache warmed, so
-neither side pays for the first read. ``run_child`` runs one command and reports its wall
-time, its CPU time (user + system) and its peak memory, all of the child alone (and of
-the children it waited for: a shell pipeline counts whole).
+``argument_parser`` has the options they share. ``source_tree`` gives the directory to
+build from (the argument, or the generated benchmark tree of scripts/benchtree.py under
+``tmp``) with the page cache warmed, so neither side pays for the first read.
+``run_child`` runs one command and reports its wall time, its CPU time (user + system)
+and its peak memory, all of the child alone (and of the children it waited for: a shell
+pipeline counts whole).
 """
 
 from __future__ import annotations
 
+import argparse
 import os
 import subprocess
 import sys
@@ -26,6 +28,14 @@ class ChildRun:
     wall: float
     cpu: float
     peak_kib: int
+
+
+def argument_parser(description: str | None, *, repeat: int = 3) -> argparse.ArgumentParser:
+    """The options every benchmark takes: the source directory and best of N runs."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("tree", nargs="?", type=Path, help="source directory")
+    parser.add_argument("--repeat", type=int, default=repeat, help="best of N runs each")
+    return parser
 
 
 def source_tree(tree: Path | None, tmp: str) -> Path:
