@@ -12,9 +12,8 @@ from __future__ import annotations
 
 import os
 import sys
-import tempfile
 
-from benchutil import argument_parser, run_child, source_tree
+from benchutil import argument_parser, run_child, workspace
 
 EPOCH = 1_700_000_000
 
@@ -31,8 +30,7 @@ with open(sys.argv[3], "wb") as output:
 def main() -> int:
     parser = argument_parser(__doc__)
     args = parser.parse_args()
-    with tempfile.TemporaryDirectory(prefix="bench-archives-") as tmp:
-        tree = source_tree(args.tree, tmp)
+    with workspace("archives", args.tree) as (tmp, tree):
         out = os.path.join(tmp, "out")
         refs = {
             "tar": (["tar", "--sort=name", "--format=pax", "--numeric-owner", "--owner=0",

@@ -15,9 +15,8 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-import tempfile
 
-from benchutil import argument_parser, run_child, source_tree
+from benchutil import argument_parser, run_child, workspace
 
 EPOCH = 1_700_000_000
 UUID = "6a7e0c52-61d4-4f0e-9c3b-2f0a8f5d1e42"
@@ -44,8 +43,7 @@ def main() -> int:
     parser.add_argument("--lz4", action="store_true",
                         help="also compare LZ4 images with mkfs.erofs -zlz4 (no target)")
     args = parser.parse_args()
-    with tempfile.TemporaryDirectory(prefix="bench-erofs-") as tmp:
-        tree = source_tree(args.tree, tmp)
+    with workspace("erofs", args.tree) as (tmp, tree):
         ours_out = os.path.join(tmp, "ours.erofs")
         ref_out = os.path.join(tmp, "mkfs.erofs")
         ours_argv = [sys.executable, "-c", OURS.format(epoch=EPOCH), str(tree), ours_out, UUID]

@@ -16,10 +16,9 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
-from benchutil import argument_parser, run_child, source_tree
+from benchutil import argument_parser, run_child, workspace
 
 EPOCH = 1_700_000_000
 UUID = "6a7e0c52-61d4-4f0e-9c3b-2f0a8f5d1e42"
@@ -49,8 +48,7 @@ def tree_bytes(tree: Path) -> int:
 def main() -> int:
     parser = argument_parser(__doc__)
     args = parser.parse_args()
-    with tempfile.TemporaryDirectory(prefix="bench-ext4-") as tmp:
-        tree = source_tree(args.tree, tmp)
+    with workspace("ext4", args.tree) as (tmp, tree):
         ours_out = os.path.join(tmp, "ours.ext4")
         ref_out = os.path.join(tmp, "mke2fs.ext4")
         size_kib = int(tree_bytes(tree) * 1.3) // 1024 + 16384

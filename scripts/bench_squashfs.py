@@ -14,9 +14,8 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-import tempfile
 
-from benchutil import argument_parser, run_child, source_tree
+from benchutil import argument_parser, run_child, workspace
 
 EPOCH = 1_700_000_000
 
@@ -45,8 +44,7 @@ def main() -> int:
     parser.add_argument("--compressors", default="zstd,gzip")
     args = parser.parse_args()
     ok = True
-    with tempfile.TemporaryDirectory(prefix="bench-squashfs-") as tmp:
-        tree = source_tree(args.tree, tmp)
+    with workspace("squashfs", args.tree) as (tmp, tree):
         ours_py = OURS.format(epoch=EPOCH)
         env_python = sys.executable
         for comp in args.compressors.split(","):

@@ -1,11 +1,11 @@
 """What every ``scripts/bench_*.py`` needs: options, the source tree, one timed child.
 
-``argument_parser`` has the options they share. ``source_tree`` gives the directory to
-build from (the argument, or the generated benchmark tree of scripts/benchtree.py under
-``tmp``) with the page cache warmed, so neither side pays for the first read.
-``run_child`` runs one command and reports its wall time, its CPU time (user + system)
-and its peak memory, all of the child alone (and of the children it waited for: a shell
-pipeline counts whole).
+``argument_parser`` has the options they share. ``workspace`` (or ``source_tree``) gives
+a temporary directory and the tree to build from (the argument, or the generated
+benchmark tree of scripts/benchtree.py) with the page cache warmed, so neither side pays
+for the first read. ``run_child`` runs one command and reports its wall time, its CPU
+time (user + system) and its peak memory, all of the child alone (and of the children it
+waited for: a shell pipeline counts whole).
 """
 
 from __future__ import annotations
@@ -14,7 +14,10 @@ import argparse
 import os
 import subprocess
 import sys
+import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -36,6 +39,14 @@ def argument_parser(description: str | None, *, repeat: int = 3) -> argparse.Arg
     parser.add_argument("tree", nargs="?", type=Path, help="source directory")
     parser.add_argument("--repeat", type=int, default=repeat, help="best of N runs each")
     return parser
+
+
+@contextmanager
+def workspace(name: str, tree: Path | None) -> Iterator[tuple[str, Path]]:
+    """A temporary directory for the outputs, and the source tree (made there when not
+    given), warmed; removed afterwards."""
+    with tempfile.TemporaryDirectory(prefix=f"bench-{name}-") as tmp:
+        yield tmp, source_tree(tree, tmp)
 
 
 def source_tree(tree: Path | None, tmp: str) -> Path:
