@@ -167,7 +167,7 @@ class Engine:
                         except ReprobuildError as exc:
                             log = self.store.log_path(nodes[key].id)
                             report.failures.append(Failure(
-                                key, str(exc), log if os.path.exists(log) else None))
+                                key, str(exc), log if _has_log(log, nodes[key]) else None))
                             self.progress.finished(key, ok=False)
                             skipped = _drop_dependents(key, waiting, dependents)
                             report.skipped.extend(skipped)
@@ -320,6 +320,14 @@ class Engine:
         raise BuildError(f"{node.key} {how}; log: {log}"
                          + (f"\n  last lines:\n{lines}" if lines else ""),
                          hint=f"reprobuild log {plan.recipe.path} {node.key}")
+
+
+def _has_log(log: str, node: Node) -> bool:
+    """Whether a failed node has a log worth naming (the lock makes an empty one)."""
+    try:
+        return node.sandboxed or os.path.getsize(log) > 0
+    except OSError:
+        return False
 
 
 class _Cancelled(Exception):

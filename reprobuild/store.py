@@ -4,8 +4,9 @@ Layout under the store root (default ``$XDG_CACHE_HOME/reprobuild``)::
 
     out/ID           the output of derivation ID (a file, symlink or directory)
     meta/ID.json     its metadata; an output counts as valid only when this exists
-    logs/ID.log      the build log (kept after a failure)
-    locks/ID.lock    per-derivation lock (fcntl) so concurrent builders build once
+    logs/ID.log      the build log (kept after a failure), also the per-derivation
+                     lock (flock) so concurrent builders build once
+    locks/           lock files of older versions (gc removes them)
     tmp/             build directories, renamed into out/ when complete
     roots/           symlinks to result links (gc roots)
     gc.lock          shared by builders, exclusive for gc
@@ -162,9 +163,14 @@ class Store:
     # -- locking --------------------------------------------------------------------
     @contextlib.contextmanager
     def lock(self, derivation_id: str) -> Iterator[None]:
-        """Hold the build lock of ``derivation_id`` (blocks while another process has it)."""
-        fd = os.open(os.path.join(self.root, "locks", derivation_id + ".lock"),
-                     os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        """Hold the build lock of ``derivation_id`` (blocks while another process has it).
+
+        The lock is taken on the entry's log file, which a build makes anyway: one file
+        fewer to create per step (file creation is most of a trivial step's cost on a
+        busy ext4 without a journal). Opening it neither truncates nor writes it.
+        """
+        fd = os.open(self.log_path(derivation_id), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC,
+                     0o644)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX)
             yield
