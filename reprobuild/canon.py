@@ -65,7 +65,8 @@ def _canon(root: bytes, path: bytes, epoch: int, *, top_mode: bool) -> None:
     elif stat.S_ISDIR(mode):
         if not mode & 0o200 or not mode & 0o100:
             os.chmod(path, 0o755)
-        for name in os.listdir(path):
+        # Sorted, so the first refused entry (and its error) is the same on every host.
+        for name in sorted(os.listdir(path)):
             _canon(root, path + b"/" + name, epoch, top_mode=True)
         _strip_xattrs(path)
         if path != root or top_mode:
@@ -134,7 +135,7 @@ def fsync_tree(path: str | bytes) -> None:
 def _regular_files(path: bytes, found: list[bytes]) -> None:
     st = os.lstat(path)
     if stat.S_ISDIR(st.st_mode):
-        for name in os.listdir(path):
+        for name in os.listdir(path):  # nondet-ok: only fsynced, order irrelevant
             _regular_files(path + b"/" + name, found)
     elif stat.S_ISREG(st.st_mode):
         found.append(path)
@@ -176,6 +177,6 @@ def remove_tree(path: str | bytes) -> None:
         return
     if stat.S_IMODE(st.st_mode) & 0o700 != 0o700:
         os.chmod(top, 0o700)
-    for name in os.listdir(top):
+    for name in os.listdir(top):  # nondet-ok: deletion order is irrelevant
         remove_tree(top + b"/" + name)
     os.rmdir(top)

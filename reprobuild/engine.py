@@ -248,9 +248,9 @@ class Engine:
 
     def _give_back_build_dir(self, build_dir: str) -> None:
         scratch = os.path.join(build_dir, "build")
-        for name in os.listdir(scratch):
+        for name in os.listdir(scratch):  # nondet-ok: deletion order is irrelevant
             canon.remove_tree(os.path.join(scratch, name))
-        for name in os.listdir(os.path.join(build_dir, "output")):
+        for name in os.listdir(os.path.join(build_dir, "output")):  # nondet-ok: deletion
             canon.remove_tree(os.path.join(build_dir, "output", name))
         with self._spare_lock:
             self._spare.append(build_dir)
