@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import difflib
+from collections.abc import Iterable
+
 
 class ReprobuildError(Exception):
     """Base of every error reprobuild reports to a user.
@@ -20,6 +23,16 @@ class ReprobuildError(Exception):
         if self.hint:
             return f"{self.message}\n  hint: {self.hint}"
         return self.message
+
+
+def suggest(word: str, choices: Iterable[str], what: str, *, cutoff: float = 0.6) -> str:
+    """A hint naming the closest valid choice to a misspelt ``word`` and listing them all."""
+    options = sorted(choices)
+    close = difflib.get_close_matches(word, options, n=1, cutoff=cutoff)
+    listing = ", ".join(options) if options else "(none)"
+    if close:
+        return f"did you mean {close[0]!r}? valid {what}: {listing}"
+    return f"valid {what}: {listing}"
 
 
 class RecipeError(ReprobuildError):

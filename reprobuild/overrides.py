@@ -21,13 +21,12 @@ from __future__ import annotations
 
 import base64
 import binascii
-import difflib
 import os
 import tomllib
 from collections.abc import Mapping
 from dataclasses import replace
 
-from reprobuild.errors import ImageError, RecipeError
+from reprobuild.errors import ImageError, RecipeError, suggest
 from reprobuild.tree import Entry, EntryType, Tree, check_relative_path, path_key, sort_xattrs
 
 KEYS = ("type", "mode", "uid", "gid", "mtime", "xattrs", "major", "minor", "target")
@@ -39,11 +38,6 @@ TYPES: dict[str, EntryType] = {
     "symlink": EntryType.SYMLINK,
 }
 MAX_ID = (1 << 32) - 1
-
-
-def _nearest(word: str, choices: tuple[str, ...] | list[str]) -> str:
-    close = difflib.get_close_matches(word, choices, n=1, cutoff=0.5)
-    return f"did you mean {close[0]!r}?" if close else "valid keys: " + ", ".join(choices)
 
 
 def _int(value: object, label: str, *, low: int, high: int) -> int:
@@ -117,7 +111,8 @@ def _new_entry(path: bytes, spec: Mapping[str, object], label: str, epoch: int) 
 def _check_keys(spec: Mapping[str, object], label: str) -> None:
     for key in spec:
         if key not in KEYS:
-            raise RecipeError(f"{label}: unknown key {key!r}", hint=_nearest(str(key), KEYS))
+            raise RecipeError(f"{label}: unknown key {key!r}",
+                              hint=suggest(str(key), KEYS, "keys", cutoff=0.5))
     kind = spec.get("type")
     if ("major" in spec or "minor" in spec) and kind not in ("char", "block"):
         raise RecipeError(f"{label}: major and minor need type = \"char\" or \"block\"")

@@ -19,7 +19,7 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
-from reprobuild.errors import RecipeError
+from reprobuild.errors import RecipeError, suggest
 from reprobuild.units import parse_duration, parse_size
 
 _T = TypeVar("_T")
@@ -166,16 +166,7 @@ class Recipe:
     def check_target(self, target: str) -> None:
         if target not in self.sources and target not in self.steps and target not in self.images:
             raise RecipeError(f"{self.path}: no source, step or image named {target!r}",
-                              hint=_suggest(target, self.names(), "targets"))
-
-
-def _suggest(word: str, choices: Iterable[str], what: str) -> str:
-    options = sorted(choices)
-    close = difflib.get_close_matches(word, options, n=1, cutoff=0.6)
-    listing = ", ".join(options) if options else "(none)"
-    if close:
-        return f"did you mean {close[0]!r}? valid {what}: {listing}"
-    return f"valid {what}: {listing}"
+                              hint=suggest(target, self.names(), "targets"))
 
 
 class _Table:
@@ -198,7 +189,7 @@ class _Table:
         valid = list(keys)
         for key in self.table:
             if key not in valid:
-                raise self.error(key, f"unknown key {key!r}", _suggest(key, valid, "keys"))
+                raise self.error(key, f"unknown key {key!r}", suggest(key, valid, "keys"))
 
     def require(self, key: str) -> Any:
         if key not in self.table:
@@ -402,7 +393,7 @@ def _image(path: str, name: str, raw: Any) -> Image:
                 close = difflib.get_close_matches(key, IMAGE_KEYS, n=1, cutoff=0.75)
                 if close:
                     raise table.error(key, f"unknown key {key!r}",
-                                      _suggest(key, IMAGE_KEYS, "keys"))
+                                      suggest(key, IMAGE_KEYS, "keys"))
     size = table.parsed("size", parse_size)
     files_raw = table.table.get("files", {})
     if not isinstance(files_raw, dict):
@@ -444,7 +435,7 @@ def _check_inputs(recipe: Recipe) -> None:
                         else "inputs"
                     raise RecipeError(
                         f"{recipe.path}: [{section}.{name}] {key}: no source, step or image "
-                        f"named {dep!r}", hint=_suggest(dep, names, "names"))
+                        f"named {dep!r}", hint=suggest(dep, names, "names"))
                 if dep == name:
                     raise RecipeError(f"{recipe.path}: [{section}.{name}]: depends on itself "
                                       f"(cycle {name} -> {name})")
