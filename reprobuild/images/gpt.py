@@ -82,6 +82,7 @@ from reprobuild.images.gpt_layout import (
     PartitionSpec,
 )
 from reprobuild.images.registry import ImageOptions
+from reprobuild.integrity.verity import content_digest_of
 from reprobuild.tree import Content, Entry, EntryType, Tree
 
 VERSION = "1"
@@ -260,13 +261,12 @@ def resolve_inputs(inputs: Mapping[str, str], table: Mapping[str, object]
     return resolved
 
 
-def _content_digest(path: str | None) -> bytes:
-    state = blake3.blake3()  # one thread: memory-bound, and rayon threads cost more on a busy host
-    if path is not None:
-        with open(path, "rb") as f:
-            while chunk := f.read(_COPY_CHUNK):
-                state.update(chunk)
-    return state.digest()
+def _content_digest(part: PartitionInput) -> bytes:
+    """blake3 of a partition's bytes (the same digest a verity image derives its salt from)."""
+    if part.path is None:
+        return blake3.blake3().digest()
+    with open(part.path, "rb") as f:
+        return content_digest_of(f.fileno(), part.content_size)
 
 
 @dataclass(frozen=True)
@@ -298,7 +298,7 @@ def build(inputs: dict[str, str], table: Mapping[str, object], options: ImageOpt
           output: str) -> None:
     """Write ``output``/disk.img, cmdline and disk.json (see the module docstring)."""
     parts = resolve_inputs(inputs, table)
-    digests = [_content_digest(p.path) for p in parts]
+    digests = [_content_digest(p) for p in parts]
     pairs = verity_pairs(parts)
     uuids: dict[int, str] = {}
     for pair in pairs:
