@@ -28,7 +28,7 @@ import json
 import os
 import stat
 import tempfile
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -349,7 +349,7 @@ class Store:
                 stack.extend(v["derivation"] for v in meta.get("inputs", {}).values())
         return seen
 
-    def gc(self, *, keep: list[str] = (), dry_run: bool = False) -> GcResult:  # type: ignore[assignment]
+    def gc(self, *, keep: Sequence[str] = (), dry_run: bool = False) -> GcResult:
         """Delete every output no root reaches (roots: result links and ``keep`` ids).
 
         A root keeps its inputs too (transitively), so ``check --deep`` and rebuilds after
@@ -362,11 +362,12 @@ class Store:
             kept: list[str] = []
             freed = 0
             out_dir = os.path.join(self.root, "out")
-            ids = {n[:-5] for n in os.listdir(os.path.join(self.root, "meta"))
-                   if n.endswith(".json") and not n.startswith(".")}
-            ids |= set(os.listdir(out_dir))
-            ids |= {n[:-4] for n in os.listdir(os.path.join(self.root, "logs"))
-                    if n.endswith(".log")}
+            # Sets of names, walked in sorted order below.
+            meta_names = os.listdir(os.path.join(self.root, "meta"))  # nondet-ok
+            log_names = os.listdir(os.path.join(self.root, "logs"))  # nondet-ok
+            ids = {n[:-5] for n in meta_names if n.endswith(".json") and not n.startswith(".")}
+            ids |= set(os.listdir(out_dir))  # nondet-ok
+            ids |= {n[:-4] for n in log_names if n.endswith(".log")}
             for did in sorted(ids):
                 if did in live and self.lookup(did) is not None:
                     kept.append(did)
