@@ -12,6 +12,7 @@ import shutil
 import subprocess
 import sys
 import sysconfig
+import tarfile
 import tempfile
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -184,20 +185,41 @@ def debian_minbase_tar() -> Path:
     Made with mmdebstrap from the host's own apt sources (no mirror name here).
     """
     target = MINBASE_CACHE / "bookworm-minbase.tar"
-    if target.exists():
+    if _valid_tar(target):
         return target
+    # A cache entry that is not a complete tar (a directory left by an older fixture, a
+    # truncated file) is rebuilt, never trusted.
+    if target.is_dir() and not target.is_symlink():
+        shutil.rmtree(target)
+    else:
+        target.unlink(missing_ok=True)
     need_tool("mmdebstrap")
     MINBASE_CACHE.mkdir(parents=True, exist_ok=True)
     sources = next((p for p in ("/etc/apt/sources.list.d/debian.sources",
                                 "/etc/apt/sources.list") if Path(p).exists()), None)
     need(sources is not None, "no apt sources on this host for mmdebstrap")
-    partial = target.with_suffix(".partial")
+    # mmdebstrap picks its output format from the name's extension: the temporary name
+    # must end in ".tar" too, or it writes a directory.
+    partial = MINBASE_CACHE / f"bookworm-minbase.{os.getpid()}.partial.tar"
     # "-" reads the host's apt sources (one-line or deb822 format) from stdin.
-    cmd = ["mmdebstrap", "--variant=minbase", "--quiet", "bookworm", str(partial), "-"]
+    cmd = ["mmdebstrap", "--variant=minbase", "--format=tar", "--quiet", "bookworm",
+           str(partial), "-"]
     assert sources is not None
     with open(sources, "rb") as stdin:
         result = subprocess.run(cmd, stdin=stdin, capture_output=True, text=True,
                                 timeout=1800)
     need(result.returncode == 0, f"mmdebstrap failed: {result.stderr[-2000:]}")
+    assert _valid_tar(partial), f"mmdebstrap did not write a tar at {partial}"
     partial.rename(target)
     return target
+
+
+def _valid_tar(path: Path) -> bool:
+    """True when ``path`` is a regular file that reads to the end as a tar with members."""
+    if path.is_symlink() or not path.is_file():
+        return False
+    try:
+        with tarfile.open(path, "r:") as archive:
+            return any(True for _ in archive)
+    except (tarfile.TarError, OSError, EOFError):
+        return False
