@@ -43,7 +43,7 @@ def make_recipe(directory: Path, steps: int) -> Path:
 
 
 def timed_build(recipe: Path, store: Path, jobs: int, runner: str) -> float:
-    module = "reprobuild" if runner == "sandbox" else "tests.engine.fakecli"
+    module = "reprobuild" if runner == "sandbox" else "tests.build.fakecli"
     argv = [sys.executable, "-m", module, "build", "--store", str(store), "-j", str(jobs),
             "--no-out-link", str(recipe), "all"]
     env = {**os.environ, "PYTHONPATH": str(REPO), "REPROBUILD_TEST_RUNNER": runner}

@@ -27,9 +27,9 @@ MEMORY_TARGET_MB = 300
 
 OURS = """
 import sys
-from reprobuild.images import ext4
+from reprobuild.images.ext4 import image as ext4
 from reprobuild.images.registry import ImageOptions
-from reprobuild.tree import tree_from_directory
+from reprobuild.trees.tree import tree_from_directory
 tree = tree_from_directory(sys.argv[1], epoch={epoch})
 with open(sys.argv[2], "wb") as output:
     ext4.write(tree, output, ImageOptions(epoch={epoch}, uuid="{uuid}",

@@ -18,8 +18,9 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from reprobuild import canon, check, variations  # noqa: E402
 from reprobuild.errors import ReprobuildError  # noqa: E402
+from reprobuild.proof import check, variations  # noqa: E402
+from reprobuild.store import canon  # noqa: E402
 
 
 def cell(recipe: str, store: str, variation: str, *, deep: bool) -> str:

@@ -6,8 +6,8 @@ import argparse
 import json
 import sys
 
+from reprobuild.build.engine import BuildReport
 from reprobuild.commands.common import add_build_options, add_recipe, build_plan, load
-from reprobuild.engine import BuildReport
 
 HELP = "build targets of a recipe (default: all images, else all steps)"
 

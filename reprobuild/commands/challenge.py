@@ -8,8 +8,8 @@ import sys
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
-from reprobuild import challenge, signing
 from reprobuild.errors import ReprobuildError
+from reprobuild.proof import challenge, signing
 
 HELP = ("compare build records of the same derivations from independent builders; "
         "exit 1 when any output differs")

@@ -6,7 +6,7 @@ import argparse
 import json
 import sys
 
-from reprobuild import check, variations
+from reprobuild.proof import check, variations
 
 HELP = ("rebuild targets under other host conditions and compare with the stored outputs; "
         "exit 0 identical, 1 not reproducible, 2 error")

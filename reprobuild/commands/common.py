@@ -6,15 +6,15 @@ import argparse
 import os
 import sys
 
-from reprobuild.engine import BuildReport, Engine, Options
-from reprobuild.plan import Plan, plan
-from reprobuild.progress import Progress
-from reprobuild.recipe import Recipe, load_recipe
-from reprobuild.sandboxing import start_runner
+from reprobuild.build.engine import BuildReport, Engine, Options
+from reprobuild.build.plan import Plan, plan
+from reprobuild.build.progress import Progress
+from reprobuild.build.recipe import Recipe, load_recipe
+from reprobuild.build.sandboxing import start_runner
 
 __all__ = ["add_build_options", "add_recipe", "build_plan", "load", "make_engine",
            "print_failures", "start_runner"]
-from reprobuild.store import Store
+from reprobuild.store.store import Store
 
 
 def add_recipe(parser: argparse.ArgumentParser, *, targets: str = "*") -> None:

@@ -7,7 +7,7 @@ import json
 import sys
 import tempfile
 
-from reprobuild import diffreport
+from reprobuild.proof import diffreport
 
 HELP = ("compare two directories or images (tar, cpio, ext4, squashfs, EROFS, GPT) and "
         "list what differs; exit 0 identical, 1 different")

@@ -5,8 +5,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from reprobuild.build.plan import Plan
 from reprobuild.commands.common import add_recipe, build_plan, load
-from reprobuild.plan import Plan
 
 HELP = "fetch the Debian packages a recipe's targets need, so later builds work offline"
 

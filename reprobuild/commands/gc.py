@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import os
 
-from reprobuild.store import Store
+from reprobuild.store.store import Store
 
 HELP = "delete what no root (result link or --keep) reaches"
 

@@ -14,10 +14,10 @@ import tempfile
 
 from reprobuild.errors import ImageError, ReprobuildError
 from reprobuild.images.registry import FORMATS, ImageOptions, OptionValue, get_format
-from reprobuild.oci import DEFAULT_PLATFORM
-from reprobuild.overrides import apply_overrides, load_overrides_file
-from reprobuild.source import load_tree
-from reprobuild.tarinput import Spool
+from reprobuild.trees.load import load_tree
+from reprobuild.trees.oci import DEFAULT_PLATFORM
+from reprobuild.trees.overrides import apply_overrides, load_overrides_file
+from reprobuild.trees.tar_reader import Spool
 from reprobuild.units import parse_size
 
 HELP = "build an image (ext4, squashfs, erofs, cpio, tar) from a directory, tar or OCI layout"

@@ -6,7 +6,9 @@ import argparse
 import os
 from collections.abc import Mapping
 
-from reprobuild import canon, sandboxing
+from reprobuild.build import sandboxing
+from reprobuild.build.plan import Node, Plan
+from reprobuild.build.recipe import Step
 from reprobuild.commands import common
 from reprobuild.commands.common import (
     add_build_options,
@@ -16,9 +18,8 @@ from reprobuild.commands.common import (
     print_failures,
 )
 from reprobuild.errors import BuildError, RecipeError
-from reprobuild.plan import Node, Plan
-from reprobuild.recipe import Step
-from reprobuild.store import Store, StoreEntry
+from reprobuild.store import canon
+from reprobuild.store.store import Store, StoreEntry
 from sandbox.spec import Runner, SandboxResult
 
 HELP = "open a shell in the sandbox of a step, with its inputs (as nix develop does)"

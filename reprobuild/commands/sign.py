@@ -6,8 +6,8 @@ import argparse
 import os
 from pathlib import Path
 
-from reprobuild import signing
 from reprobuild.errors import ReprobuildError
+from reprobuild.proof import signing
 
 HELP = "sign build records with an ed25519 key, verify signed records, or make a key pair"
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from reprobuild.store import Store
+from reprobuild.store.store import Store
 
 HELP = "store operations: verify (re-hash every output), ls (list valid outputs)"
 

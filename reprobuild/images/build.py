@@ -1,7 +1,7 @@
 """Build one image from a job description: load the tree, apply overrides, call the writer.
 
-This is what a built-in image step does inside its sandbox (see :mod:`reprobuild.builtin`).
-Tree formats read their ``from`` input with :func:`reprobuild.source.load_tree` (a
+This is what a built-in image step does inside its sandbox (see :mod:`reprobuild.build.builtin`).
+Tree formats read their ``from`` input with :func:`reprobuild.trees.load.load_tree` (a
 directory, a tar or an OCI layout), apply the recipe's ``files`` overrides and call the
 format module's ``write``; disk formats get the paths of their inputs and the image's
 table and write the output themselves.
@@ -21,8 +21,8 @@ from typing import Any
 
 from reprobuild.errors import ImageError
 from reprobuild.images.registry import ImageOptions, OptionValue, get_format
-from reprobuild.source import load_tree
-from reprobuild.tarinput import Spool
+from reprobuild.trees.load import load_tree
+from reprobuild.trees.tar_reader import Spool
 
 
 def options_from_json(epoch: int, options: Mapping[str, Any]) -> ImageOptions:
@@ -64,7 +64,7 @@ def build_image(job: Mapping[str, Any]) -> None:
         tree = load_tree(job["from"], epoch=epoch, spool=spool)
         files = job.get("files") or {}
         if files:
-            from reprobuild.overrides import apply_overrides
+            from reprobuild.trees.overrides import apply_overrides
 
             tree = apply_overrides(tree, files, where=f"[images.{job['name']}.files]",
                                    epoch=epoch)

@@ -39,8 +39,14 @@ from reprobuild.images.archive_compress import (
 )
 from reprobuild.images.registry import ImageOptions
 from reprobuild.images.tar import check_archive_options
-from reprobuild.tarinput import SliceSource, default_spool, detect_compression, open_decompressed
-from reprobuild.tree import (
+from reprobuild.trees.builder import TreeBuilder
+from reprobuild.trees.tar_reader import (
+    SliceSource,
+    default_spool,
+    detect_compression,
+    open_decompressed,
+)
+from reprobuild.trees.tree import (
     Content,
     Entry,
     EntryType,
@@ -49,7 +55,6 @@ from reprobuild.tree import (
     check_relative_path,
     path_key,
 )
-from reprobuild.treebuilder import TreeBuilder
 
 VERSION = "1"
 

@@ -58,12 +58,12 @@ class Format:
 FORMATS: dict[str, Format] = {
     f.name: f
     for f in (
-        Format("ext4", "reprobuild.images.ext4", "tree", "ext4, read-only, no journal"),
-        Format("squashfs", "reprobuild.images.squashfs", "tree", "squashfs 4.0"),
-        Format("erofs", "reprobuild.images.erofs", "tree", "EROFS, uncompressed or lz4"),
+        Format("ext4", "reprobuild.images.ext4.image", "tree", "ext4, read-only, no journal"),
+        Format("squashfs", "reprobuild.images.squashfs.image", "tree", "squashfs 4.0"),
+        Format("erofs", "reprobuild.images.erofs.image", "tree", "EROFS, uncompressed or lz4"),
         Format("cpio", "reprobuild.images.cpio", "tree", "cpio newc (initramfs)"),
         Format("tar", "reprobuild.images.tar", "tree", "POSIX pax tar"),
-        Format("gpt", "reprobuild.images.gpt", "disk", "GPT disk from other images"),
+        Format("gpt", "reprobuild.images.gpt.image", "disk", "GPT disk from other images"),
         Format("verity", "reprobuild.images.verity", "disk", "dm-verity hash tree of an image"),
     )
 }

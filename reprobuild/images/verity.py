@@ -1,6 +1,6 @@
 """The ``verity`` disk format: the dm-verity hash tree of another image.
 
-Follows the disk format contract in :mod:`reprobuild.images.gpt`. Recipe shape::
+Follows the disk format contract in :mod:`reprobuild.images.gpt.image`. Recipe shape::
 
     [images.root-verity]
     from = "root"                 # an image (a file) whose size is whole data blocks
@@ -30,7 +30,7 @@ from collections.abc import Mapping
 from reprobuild.errors import ImageError
 from reprobuild.images.registry import ImageOptions
 from reprobuild.integrity import verity
-from reprobuild.tree import Content, Entry, EntryType, FileSource, Tree
+from reprobuild.trees.tree import Content, Entry, EntryType, FileSource, Tree
 
 VERSION = "1"
 OPTIONS = ("hash-algorithm", "data-block-size", "hash-block-size", "salt", "append")

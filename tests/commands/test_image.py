@@ -13,10 +13,10 @@ from reprobuild.commands.image import build_image
 from reprobuild.errors import ImageError
 from reprobuild.images import cpio, tar
 from reprobuild.images.registry import ImageOptions
-from reprobuild.source import load_tree
+from reprobuild.trees.load import load_tree
 from reprobuild.units import parse_duration, parse_size
 from tests.archive_helpers import file, write_tar
-from tests.test_oci import layers, make_layout
+from tests.trees.test_oci import layers, make_layout
 
 EPOCH = 1_700_000_000
 

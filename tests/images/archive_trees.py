@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import replace
 
-from reprobuild.tree import Content, Entry, EntryType, Tree
+from reprobuild.trees.tree import Content, Entry, EntryType, Tree
 
 EPOCH = 1_700_000_000
 NS = 1_000_000_000

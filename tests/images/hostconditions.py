@@ -22,8 +22,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from reprobuild.source import load_tree
-from reprobuild.tree import EntryType, Tree
+from reprobuild.trees.load import load_tree
+from reprobuild.trees.tree import EntryType, Tree
 from tests.conftest import REPO, Unprivileged, need
 
 SHM = Path("/dev/shm")

@@ -12,8 +12,8 @@ from hypothesis import strategies as st
 
 from reprobuild.images import cpio, tar
 from reprobuild.images.registry import ImageOptions
-from reprobuild.tree import Content, Entry, EntryType, Tree, path_key
-from reprobuild.treediff import diff_trees
+from reprobuild.trees.diff import diff_trees
+from reprobuild.trees.tree import Content, Entry, EntryType, Tree, path_key
 from tests.images.archive_trees import EPOCH, NS, whole_seconds
 
 names = st.binary(min_size=1, max_size=120).filter(

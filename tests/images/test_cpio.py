@@ -15,9 +15,9 @@ import pytest
 from reprobuild.errors import ImageError
 from reprobuild.images import cpio
 from reprobuild.images.registry import ImageOptions
-from reprobuild.source import load_tree
-from reprobuild.tree import BytesSource, Content, Entry, EntryType, Tree, tree_from_directory
-from reprobuild.treediff import diff_trees
+from reprobuild.trees.diff import diff_trees
+from reprobuild.trees.load import load_tree
+from reprobuild.trees.tree import BytesSource, Content, Entry, EntryType, Tree, tree_from_directory
 from tests.conftest import need, need_tool
 from tests.images.archive_trees import EPOCH, NS, sample_tree, whole_seconds
 from tests.images.hostconditions import images_in_process

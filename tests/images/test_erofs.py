@@ -20,12 +20,12 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from reprobuild.errors import ImageError
-from reprobuild.images import erofs
-from reprobuild.images.erofs_format import BLOCK_SIZE, INODE_FLAT_INLINE, INODE_FLAT_PLAIN
-from reprobuild.images.erofs_layout import SHARE_THRESHOLD, dir_blocks, plan
+from reprobuild.images.erofs import image as erofs
+from reprobuild.images.erofs.layout import SHARE_THRESHOLD, dir_blocks, plan
+from reprobuild.images.erofs.ondisk import BLOCK_SIZE, INODE_FLAT_INLINE, INODE_FLAT_PLAIN
 from reprobuild.images.registry import ImageOptions
-from reprobuild.tree import Content, Entry, EntryType, Tree, tree_from_directory
-from reprobuild.treediff import diff_trees
+from reprobuild.trees.diff import diff_trees
+from reprobuild.trees.tree import Content, Entry, EntryType, Tree, tree_from_directory
 from tests.conftest import Unprivileged, need_tool
 from tests.images.hostconditions import (
     CONDITIONS,
@@ -407,9 +407,9 @@ def test_lz4_kernel_mount_equals_input(lz4_image: Path, mount_image: MountImage)
 # -- host conditions ------------------------------------------------------------------------
 BUILD_SCRIPT = textwrap.dedent("""
     import sys
-    from reprobuild.images import erofs
+    from reprobuild.images.erofs import image as erofs
     from reprobuild.images.registry import ImageOptions
-    from reprobuild.tree import tree_from_directory
+    from reprobuild.trees.tree import tree_from_directory
     tree = tree_from_directory(sys.argv[1], epoch=EPOCH, read_xattrs=True)
     with open(sys.argv[2], "wb") as out:
         erofs.write(tree, out, ImageOptions(epoch=EPOCH, label="host"))
@@ -443,8 +443,8 @@ def test_host_conditions_give_identical_bytes(unprivileged: Unprivileged) -> Non
 def test_debian_minbase(debian_minbase_tar: Path, tmp_path: Path,
                         mount_image: MountImage) -> None:
     need_tool("fsck.erofs")
-    from reprobuild.source import load_tree
-    from reprobuild.tarinput import Spool
+    from reprobuild.trees.load import load_tree
+    from reprobuild.trees.tar_reader import Spool
 
     tree = load_tree(str(debian_minbase_tar), epoch=EPOCH, spool=Spool(tmp_path / "spool"))
     assert len(tree) > 5000

@@ -20,8 +20,9 @@ from typing import Any
 import pytest
 
 from reprobuild.errors import ImageError
-from reprobuild.images import ext4
-from reprobuild.images.ext4_format import (
+from reprobuild.images.ext4 import image as ext4
+from reprobuild.images.ext4.layout import plan
+from reprobuild.images.ext4.ondisk import (
     BLOCK_SIZE,
     DX_HASH_HALF_MD4,
     DX_HASH_TEA,
@@ -35,10 +36,9 @@ from reprobuild.images.ext4_format import (
     encode_device,
     encode_time,
 )
-from reprobuild.images.ext4_layout import plan
 from reprobuild.images.registry import ImageOptions
-from reprobuild.tree import Content, Entry, EntryType, Tree, tree_from_directory
-from reprobuild.treediff import diff_trees
+from reprobuild.trees.diff import diff_trees
+from reprobuild.trees.tree import Content, Entry, EntryType, Tree, tree_from_directory
 from tests.conftest import Unprivileged, need_tool
 from tests.images.hostconditions import build_under_conditions, make_source, need_tmpfs
 
@@ -420,9 +420,9 @@ def test_kernel_mount_equals_input(sample_image: Path, mount_image: MountImage) 
 # -- host conditions ------------------------------------------------------------------------
 BUILD_SCRIPT = textwrap.dedent("""
     import hashlib, sys
-    from reprobuild.images import ext4
+    from reprobuild.images.ext4 import image as ext4
     from reprobuild.images.registry import ImageOptions
-    from reprobuild.tree import tree_from_directory
+    from reprobuild.trees.tree import tree_from_directory
     tree = tree_from_directory(sys.argv[1], epoch=EPOCH, read_xattrs=True)
     with open(sys.argv[2], "wb") as out:
         ext4.write(tree, out, ImageOptions(epoch=EPOCH))
@@ -469,8 +469,8 @@ def test_hundred_thousand_entry_directory(tmp_path: Path, mount_image: MountImag
 @pytest.mark.tool
 def test_debian_minbase(debian_minbase_tar: Path, tmp_path: Path,
                         mount_image: MountImage) -> None:
-    from reprobuild.source import load_tree
-    from reprobuild.tarinput import Spool
+    from reprobuild.trees.load import load_tree
+    from reprobuild.trees.tar_reader import Spool
 
     tree = load_tree(str(debian_minbase_tar), epoch=EPOCH, spool=Spool(tmp_path / "spool"))
     assert len(tree) > 5000
@@ -520,9 +520,9 @@ def test_reader_reads_mke2fs_images(tmp_path: Path) -> None:
 
 HUGE_SCRIPT = textwrap.dedent("""
     import sys
-    from reprobuild.images import ext4
+    from reprobuild.images.ext4 import image as ext4
     from reprobuild.images.registry import ImageOptions
-    from reprobuild.tree import Content, Entry, EntryType, Tree
+    from reprobuild.trees.tree import Content, Entry, EntryType, Tree
     from tests.images.test_ext4 import PatternSource
     size = (6 << 30) + 17
     tree = Tree(Entry(b"", EntryType.DIRECTORY, 0o755))

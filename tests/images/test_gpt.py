@@ -12,12 +12,14 @@ from pathlib import Path
 import pytest
 
 from reprobuild.errors import ImageError
-from reprobuild.images import gpt, gpt_layout, registry
+from reprobuild.images import registry
 from reprobuild.images import verity as verity_image
+from reprobuild.images.gpt import image as gpt
+from reprobuild.images.gpt import layout as gpt_layout
 from reprobuild.images.registry import ImageOptions
 from reprobuild.integrity import verity
-from reprobuild.tree import Content, Entry, EntryType, Tree, tree_from_directory
-from reprobuild.treediff import diff_trees
+from reprobuild.trees.diff import diff_trees
+from reprobuild.trees.tree import Content, Entry, EntryType, Tree, tree_from_directory
 from tests.conftest import REPO, Unprivileged, need, need_tool
 from tests.patterns import pattern
 
@@ -42,7 +44,7 @@ def filesystem_image(tmp_path: Path, tree: Tree) -> tuple[Path, str]:
     """An image of ``tree`` from our EROFS writer, or mkfs.ext4 -d when it is missing."""
     image = tmp_path / "root.img"
     try:
-        from reprobuild.images import erofs
+        from reprobuild.images.erofs import image as erofs
     except ImportError:
         erofs = None  # type: ignore[assignment]
     if erofs is not None:
@@ -315,7 +317,7 @@ def test_recipe_mistakes_surface_from_inputs_of() -> None:
 
 
 def test_shipped_sealed_disk_recipe_loads() -> None:
-    from reprobuild.recipe import load_recipe
+    from reprobuild.build.recipe import load_recipe
 
     recipe = load_recipe(str(Path(__file__).resolve().parents[2] / "recipes" /
                              "sealed-disk.toml"))
@@ -326,8 +328,8 @@ def test_shipped_sealed_disk_recipe_loads() -> None:
 
 
 def test_recipe_error_names_the_partition(tmp_path: Path) -> None:
+    from reprobuild.build.recipe import load_recipe
     from reprobuild.errors import RecipeError
-    from reprobuild.recipe import load_recipe
 
     path = tmp_path / "r.toml"
     path.write_text('epoch = 1\n[steps.s]\nbuilder = ["/bin/true"]\n[images.disk]\nformat = "gpt"\n'

@@ -16,9 +16,9 @@ import blake3
 import pytest
 
 from reprobuild.errors import ImageError
-from reprobuild.images import squashfs
 from reprobuild.images.registry import ImageOptions
-from reprobuild.images.squashfs_format import (
+from reprobuild.images.squashfs import image as squashfs
+from reprobuild.images.squashfs.ondisk import (
     SQUASHFS_DIR_COUNT,
     SQUASHFS_DIR_TYPE,
     SQUASHFS_LDIR_TYPE,
@@ -29,9 +29,9 @@ from reprobuild.images.squashfs_format import (
     decode_rdev,
     encode_rdev,
 )
-from reprobuild.images.squashfs_read import inspect_image
-from reprobuild.tree import Content, Entry, EntryType, Tree, tree_from_directory
-from reprobuild.treediff import diff_trees
+from reprobuild.images.squashfs.read import inspect_image
+from reprobuild.trees.diff import diff_trees
+from reprobuild.trees.tree import Content, Entry, EntryType, Tree, tree_from_directory
 from tests.conftest import need_tool
 from tests.images.hostconditions import (
     Condition,
@@ -429,9 +429,9 @@ def source_tree() -> Tree:
 
 WRITE_FROM_DISK = f"""
 import sys
-from reprobuild.images import squashfs
+from reprobuild.images.squashfs import image as squashfs
 from reprobuild.images.registry import ImageOptions
-from reprobuild.tree import tree_from_directory
+from reprobuild.trees.tree import tree_from_directory
 tree = tree_from_directory(sys.argv[1], preserve_owner=True, preserve_mtime=True,
                            read_xattrs=True)
 with open(sys.argv[2], "wb") as out:
@@ -606,8 +606,8 @@ def test_reader_reads_mksquashfs_images(tmp_path: Path, compress: str) -> None:
 @pytest.mark.tool
 def test_debian_minbase(tmp_path: Path, debian_minbase_tar: Path, mount_image: object) -> None:
     need_tool("unsquashfs")
-    from reprobuild.source import load_tree
-    from reprobuild.tarinput import Spool
+    from reprobuild.trees.load import load_tree
+    from reprobuild.trees.tar_reader import Spool
 
     tree = load_tree(str(debian_minbase_tar), epoch=EPOCH, spool=Spool(tmp_path / "spool"))
     image = build(tree, tmp_path / "debian.sqfs")

@@ -15,9 +15,9 @@ import pytest
 from reprobuild.errors import ImageError
 from reprobuild.images import tar
 from reprobuild.images.registry import ImageOptions
-from reprobuild.source import load_tree
-from reprobuild.tree import BytesSource, Content, Entry, EntryType, Tree, tree_from_directory
-from reprobuild.treediff import diff_trees
+from reprobuild.trees.diff import diff_trees
+from reprobuild.trees.load import load_tree
+from reprobuild.trees.tree import BytesSource, Content, Entry, EntryType, Tree, tree_from_directory
 from tests.conftest import need, need_tool
 from tests.images.archive_trees import CAP_NET_RAW, EPOCH, NS, sample_tree
 from tests.images.hostconditions import (

@@ -221,7 +221,7 @@ def test_cannot_leave_special_files(escape: dict[str, Any]) -> None:
         assert stat.S_ISREG(mode) or stat.S_ISDIR(mode), name
     assert all(p.lstat().st_uid == NOBODY for p in out.iterdir())
     # World-writable files are the store's to strip (as Nix's canonicalisation does):
-    canon = pytest.importorskip("reprobuild.canon")
+    canon = pytest.importorskip("reprobuild.store.canon")
     canon.canonicalize(str(out), epoch=0)
     for dirpath, dirnames, filenames in os.walk(out):
         for name in dirnames + filenames:

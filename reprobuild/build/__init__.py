@@ -1,0 +1,1 @@
+"""The build graph: recipes, plans, derivations, the engine and its producers."""

@@ -1,0 +1,33 @@
+"""Built-in steps, run inside the sandbox: ``python -m reprobuild.build.builtin JOB_JSON``.
+
+The engine describes the job (format, options, input and output paths inside the
+sandbox) as JSON on the command line; errors go to the log and the exit status is 1.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+
+from reprobuild.errors import ReprobuildError
+
+
+def main(argv: list[str]) -> int:
+    if len(argv) != 1:
+        print("usage: python -m reprobuild.build.builtin JOB_JSON", file=sys.stderr)
+        return 2
+    job = json.loads(argv[0])
+    from reprobuild.images.build import build_image
+
+    try:
+        build_image(job)
+    except ReprobuildError as exc:
+        print(f"reprobuild builtin: {job.get('format')} image {job.get('name')}: {exc}",
+              file=sys.stderr)
+        return 1
+    print(f"wrote {job.get('format')} image {job.get('name')}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,1 @@
+"""EROFS images: plan (layout), write, read."""

@@ -1,0 +1,324 @@
+"""Plan an uncompressed EROFS image: inodes, nids, xattrs, directory blocks, data blocks.
+
+The plan is pure data computed from the tree alone (no file bytes are read), so it can be
+tested without serialising anything. Layout, from the start of the image:
+
+* block 0: 1024 bytes of nothing, the superblock at 1024, then the metadata area begins
+  (``meta_blkaddr = xattr_blkaddr = 0``, as mkfs.erofs does), so nid = offset / 32;
+* the root inode first (its nid must fit the superblock's 16-bit ``root_nid``), then the
+  shared xattr entries, then every other inode in canonical tree order, each with its
+  inline xattrs and, for FLAT_INLINE, its tail. Records are packed best-fit into the
+  metadata blocks and one that fits a block never crosses a block boundary (the kernel
+  refuses inline data that does);
+* the data area: every inode's whole blocks (files, directories, long symlinks), in the
+  same canonical order.
+"""
+
+from __future__ import annotations
+
+import heapq
+from collections import Counter
+from dataclasses import dataclass
+
+from reprobuild.errors import ImageError
+from reprobuild.images.erofs.compress import COMPR_CFGS, COMPRESSED_FULL, index_area_size
+from reprobuild.images.erofs.ondisk import (
+    BLOCK_SIZE,
+    EROFS_DIRENT,
+    EROFS_INODE_COMPACT,
+    EROFS_INODE_EXTENDED,
+    EROFS_SUPER_BLOCK,
+    EROFS_SUPER_OFFSET,
+    EROFS_XATTR_ENTRY,
+    EROFS_XATTR_IBODY_HEADER,
+    FILE_TYPE,
+    INODE_FLAT_INLINE,
+    INODE_FLAT_PLAIN,
+    ISLOT_SIZE,
+    NAME_LEN,
+    NULL_ADDR,
+    split_xattr_name,
+    xattr_align,
+)
+from reprobuild.trees.tree import Entry, EntryType, Tree
+
+XattrKey = tuple[int, bytes, bytes]  # (name index, name suffix, value)
+DirentPlan = tuple[bytes, int, int]  # (name, inode index, EROFS file type)
+
+SHARE_THRESHOLD = 2
+"""An xattr (name and value) carried by at least this many inodes is stored once, shared."""
+
+
+
+@dataclass(frozen=True, slots=True)
+class InodePlan:
+    """Where and how one inode is stored. ``index`` is its canonical position (ino - 1)."""
+
+    index: int
+    entry: Entry  # the primary entry: the inode's metadata and content
+    nid: int
+    extended: bool
+    datalayout: int
+    size: int
+    nlink: int
+    xattr_ibody: bytes
+    blkaddr: int  # first data block; NULL_ADDR when all data is inline, 0 when empty
+    nblocks: int  # data blocks in the data area (the last one zero-padded)
+    inline_size: int  # tail bytes stored right after the inode and its xattrs
+    index_size: int = 0  # compressed files: map header and lcluster indexes after xattrs
+
+    @property
+    def record_size(self) -> int:
+        header = EROFS_INODE_EXTENDED.size if self.extended else EROFS_INODE_COMPACT.size
+        return header + len(self.xattr_ibody) + self.inline_size + self.index_size
+
+    @property
+    def offset(self) -> int:
+        return self.nid * ISLOT_SIZE
+
+
+@dataclass(frozen=True, slots=True)
+class Layout:
+    """The whole image as data: everything the serialiser needs besides file bytes."""
+
+    epoch: int
+    inodes: tuple[InodePlan, ...]  # by index; inodes[0] is the root
+    directories: dict[int, tuple[tuple[DirentPlan, ...], ...]]  # inode index -> blocks
+    shared_xattrs: tuple[tuple[int, bytes], ...]  # (offset, entry); id = offset / 4
+    meta_size: int  # bytes from the image start to the end of the metadata area
+    data_blkaddr: int  # first block of the data area
+    blocks: int  # total image blocks
+
+    @property
+    def root_nid(self) -> int:
+        return self.inodes[0].nid
+
+
+def dir_blocks(entries: list[DirentPlan]) -> tuple[tuple[DirentPlan, ...], ...]:
+    """Split name-sorted dirents into blocks: dirents then names, filled greedily.
+
+    Names sort bytewise across all blocks, so the kernel's binary search over the first
+    name of each block and then within a block finds every entry.
+    """
+    blocks: list[tuple[DirentPlan, ...]] = []
+    current: list[DirentPlan] = []
+    used = 0
+    for dirent in entries:
+        need = EROFS_DIRENT.size + len(dirent[0])
+        if current and used + need > BLOCK_SIZE:
+            blocks.append(tuple(current))
+            current, used = [], 0
+        current.append(dirent)
+        used += need
+    blocks.append(tuple(current))
+    return tuple(blocks)
+
+
+def dir_size(blocks: tuple[tuple[DirentPlan, ...], ...]) -> int:
+    """i_size of a directory: whole blocks, then the bytes used in the last one."""
+    last = sum(EROFS_DIRENT.size + len(name) for name, _, _ in blocks[-1])
+    return (len(blocks) - 1) * BLOCK_SIZE + last
+
+
+def encode_xattr(key: XattrKey) -> bytes:
+    index, suffix, value = key
+    raw = EROFS_XATTR_ENTRY.pack(len(suffix), index, len(value)) + suffix + value
+    return raw + b"\0" * (xattr_align(len(raw)) - len(raw))
+
+
+def _needs_extended(entry: Entry, nlink: int, size: int, epoch_ns: int) -> bool:
+    return (entry.uid > 0xFFFF or entry.gid > 0xFFFF or nlink > 0xFFFF
+            or size > 0xFFFFFFFF or entry.mtime_ns != epoch_ns)
+
+
+class _MetaAllocator:
+    """Best-fit placement of metadata records in 32-byte slots.
+
+    Every partly used block is a gap, kept in buckets by its free slot count (a bitmask
+    says which buckets hold gaps). A record up to a block long takes the smallest gap it
+    fits, lowest offset first, else a new block; so it never crosses a block boundary.
+    A longer record (huge inline xattrs) starts a block of its own.
+    """
+
+    _SLOTS = BLOCK_SIZE // ISLOT_SIZE
+
+    def __init__(self, start: int) -> None:
+        self.end = -(-start // BLOCK_SIZE) * BLOCK_SIZE  # first block not yet in use
+        self.buckets: list[list[int]] = [[] for _ in range(self._SLOTS + 1)]
+        self.mask = 0
+        self._gap(-(-start // ISLOT_SIZE) * ISLOT_SIZE, self.end)
+
+    def _gap(self, start: int, end: int) -> None:
+        slots = (end - start) // ISLOT_SIZE
+        if slots:
+            heapq.heappush(self.buckets[slots], start)
+            self.mask |= 1 << slots
+
+    def place(self, size: int) -> int:
+        slots = -(-size // ISLOT_SIZE)
+        if slots > self._SLOTS:
+            at = self.end
+            self.end += -(-size // BLOCK_SIZE) * BLOCK_SIZE
+            self._gap(at + slots * ISLOT_SIZE, self.end)
+            return at
+        fitting = self.mask >> slots
+        if not fitting:
+            self._gap(self.end, self.end + BLOCK_SIZE)
+            self.end += BLOCK_SIZE
+            fitting = self.mask >> slots
+        bucket = slots + (fitting & -fitting).bit_length() - 1
+        at = heapq.heappop(self.buckets[bucket])
+        if not self.buckets[bucket]:
+            self.mask &= ~(1 << bucket)
+        self._gap(at + slots * ISLOT_SIZE, at + bucket * ISLOT_SIZE)
+        return at
+
+
+def plan(tree: Tree, epoch: int, *, compress: bool = False) -> Layout:
+    """Lay out ``tree`` as an EROFS image built at ``epoch``.
+
+    With ``compress``, regular files longer than a block become COMPRESSED_FULL inodes
+    whose data blocks are not allocated here: the writer appends them after ``blocks``.
+    """
+    epoch_ns = epoch * 1_000_000_000
+    entries = list(tree)
+    index_of: dict[bytes, int] = {}
+    primaries: list[Entry] = []
+    nlink: list[int] = []
+    for entry in entries:
+        if entry.type is not EntryType.HARDLINK:
+            index_of[entry.path] = len(primaries)
+            primaries.append(entry)
+            nlink.append(2 if entry.type is EntryType.DIRECTORY else 1)
+            if entry.type is EntryType.DIRECTORY and entry.path:
+                nlink[index_of[entry.parent]] += 1
+    for entry in entries:
+        if entry.type is EntryType.HARDLINK:  # its primary may come later in canonical order
+            assert entry.target is not None
+            primary = index_of[entry.target]
+            index_of[entry.path] = primary
+            nlink[primary] += 1
+
+    # Directories: ".", ".." and the children, all sorted bytewise together.
+    directories: dict[int, tuple[tuple[DirentPlan, ...], ...]] = {}
+    sizes = [0] * len(primaries)
+    for index, entry in enumerate(primaries):
+        if entry.type is EntryType.DIRECTORY:
+            dirents: list[DirentPlan] = [(b".", index, 2), (b"..", index_of[entry.parent], 2)]
+            for child in tree.children(entry.path):
+                name = child.name
+                if len(name) > NAME_LEN:
+                    raise ImageError(f"{child.display()}: name longer than {NAME_LEN} bytes",
+                                     hint="EROFS names are at most 255 bytes")
+                dirents.append((name, index_of[child.path], FILE_TYPE[child.type]))
+            dirents.sort()
+            blocks = dir_blocks(dirents)
+            directories[index] = blocks
+            sizes[index] = dir_size(blocks)
+        elif entry.type is EntryType.REGULAR:
+            sizes[index] = entry.size
+        elif entry.type is EntryType.SYMLINK:
+            target = entry.target or b""
+            if not target or len(target) >= BLOCK_SIZE:
+                raise ImageError(f"{entry.display()}: symlink target of {len(target)} bytes",
+                                 hint="a symlink target has 1 to 4095 bytes")
+            sizes[index] = len(target)
+        elif entry.type in (EntryType.CHAR, EntryType.BLOCK) and (
+                entry.rdev_major >= 1 << 12 or entry.rdev_minor >= 1 << 20):
+            raise ImageError(f"{entry.display()}: device {entry.rdev_major}:{entry.rdev_minor}"
+                             " does not fit 12-bit major, 20-bit minor")
+
+    # Xattrs: a (name, value) pair used by enough inodes is shared.
+    xattr_keys: list[tuple[XattrKey, ...]] = []
+    uses: Counter[XattrKey] = Counter()
+    for entry in primaries:
+        keys: list[XattrKey] = []
+        for name, value in entry.xattrs:
+            index, suffix = split_xattr_name(name, entry.display())
+            if len(value) > 0xFFFF:
+                raise ImageError(f"{entry.display()}: xattr {name!r} value over 65535 bytes")
+            keys.append((index, suffix, value))
+        keys.sort()
+        if len({(k[0], k[1]) for k in keys}) != len(keys):
+            raise ImageError(f"{entry.display()}: the same xattr name appears twice")
+        xattr_keys.append(tuple(keys))
+        uses.update(keys)
+    shared = sorted(key for key, count in uses.items() if count >= SHARE_THRESHOLD)
+    encoded = {key: encode_xattr(key) for key in uses}
+
+    def ibody_size(keys: tuple[XattrKey, ...]) -> int:
+        if not keys:
+            return 0
+        return EROFS_XATTR_IBODY_HEADER.size + sum(
+            4 if uses[k] >= SHARE_THRESHOLD else len(encoded[k]) for k in keys)
+
+    # Per inode: compact or extended, inline tail or not.
+    shapes: list[tuple[bool, int, int, int, int]] = []  # extended, layout, nblocks, inline,
+    # index bytes
+    for index, entry in enumerate(primaries):
+        size = sizes[index]
+        extended = _needs_extended(entry, nlink[index], size, epoch_ns)
+        isize = EROFS_INODE_EXTENDED.size if extended else EROFS_INODE_COMPACT.size
+        ibody_len = ibody_size(xattr_keys[index])
+        if (ibody_len - EROFS_XATTR_IBODY_HEADER.size) // 4 + 1 > 0xFFFF:
+            raise ImageError(f"{entry.display()}: too many inline xattrs for EROFS")
+        tail = size % BLOCK_SIZE
+        if compress and entry.type is EntryType.REGULAR and size > BLOCK_SIZE:
+            shapes.append((extended, COMPRESSED_FULL, 0, 0,
+                           index_area_size(isize + ibody_len, size)))
+        elif tail and isize + ibody_len + tail <= BLOCK_SIZE:
+            shapes.append((extended, INODE_FLAT_INLINE, size // BLOCK_SIZE, tail, 0))
+        else:
+            shapes.append((extended, INODE_FLAT_PLAIN, -(-size // BLOCK_SIZE), 0, 0))
+
+    def record_size(index: int) -> int:
+        extended, _, _, inline, index_bytes = shapes[index]
+        isize = EROFS_INODE_EXTENDED.size if extended else EROFS_INODE_COMPACT.size
+        return isize + ibody_size(xattr_keys[index]) + inline + index_bytes
+
+    # Metadata placement: root, shared xattrs, then the rest in canonical order.
+    # Compression configurations (lz4) follow the superblock.
+    allocator = _MetaAllocator(EROFS_SUPER_OFFSET + EROFS_SUPER_BLOCK.size
+                               + (len(COMPR_CFGS) if compress else 0))
+    offsets = [0] * len(primaries)
+    offsets[0] = allocator.place(record_size(0))
+    shared_id: dict[XattrKey, int] = {}
+    shared_entries: list[tuple[int, bytes]] = []
+    for key in shared:
+        at = allocator.place(len(encoded[key]))
+        shared_entries.append((at, encoded[key]))
+        shared_id[key] = at // 4
+    for index in range(1, len(primaries)):
+        offsets[index] = allocator.place(record_size(index))
+    if offsets[0] // ISLOT_SIZE > 0xFFFF:
+        raise ImageError("the EROFS root inode does not fit a 16-bit nid")
+    meta_size = allocator.end
+
+    # Data blocks, in canonical order after the metadata area.
+    data_blkaddr = -(-meta_size // BLOCK_SIZE)
+    next_block = data_blkaddr
+    inodes: list[InodePlan] = []
+    for index, entry in enumerate(primaries):
+        extended, datalayout, nblocks, inline, index_bytes = shapes[index]
+        if nblocks:
+            blkaddr = next_block
+            next_block += nblocks
+        else:
+            blkaddr = NULL_ADDR if datalayout == INODE_FLAT_INLINE else 0
+        inode_keys = xattr_keys[index]
+        ibody = b""
+        if inode_keys:
+            ids = [shared_id[k] for k in inode_keys if k in shared_id]
+            ibody = (EROFS_XATTR_IBODY_HEADER.pack(0, len(ids), b"")
+                     + b"".join(i.to_bytes(4, "little") for i in ids)
+                     + b"".join(encoded[k] for k in inode_keys if k not in shared_id))
+        inodes.append(InodePlan(
+            index=index, entry=entry, nid=offsets[index] // ISLOT_SIZE, extended=extended,
+            datalayout=datalayout, size=sizes[index], nlink=nlink[index], xattr_ibody=ibody,
+            blkaddr=blkaddr, nblocks=nblocks, inline_size=inline, index_size=index_bytes))
+    if next_block > 0xFFFFFFFF:
+        raise ImageError("the tree is too large for a 32-bit EROFS block address")
+    return Layout(
+        epoch=epoch, inodes=tuple(inodes), directories=directories,
+        shared_xattrs=tuple(shared_entries),
+        meta_size=meta_size, data_blkaddr=data_blkaddr, blocks=next_block)

@@ -1,0 +1,1 @@
+"""ext4 images: plan (layout), write, read."""

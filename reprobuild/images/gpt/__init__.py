@@ -1,0 +1,1 @@
+"""GPT disk images composed from other images."""

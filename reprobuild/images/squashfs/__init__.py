@@ -1,0 +1,1 @@
+"""squashfs 4.0 images: plan (layout), write, read."""

@@ -1,0 +1,256 @@
+"""The squashfs compressors: gzip (zlib), xz (liblzma), lz4, zstd, and none.
+
+Each compressor knows its squashfs id, the compressor-options block it writes (only when
+its settings differ from what the kernel and unsquashfs assume, except lz4 which always
+has one), how to compress one block from any thread, how to decompress one, and its
+library's name and version (FORMATS.md trap 8: they change the bytes, so they enter the
+derivation id).
+
+``compress`` is called from worker threads: zlib, liblzma, lz4 and libzstd release the
+GIL while they work, so blocks compress in parallel. Stateful compressor objects are kept
+per thread.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import lzma
+import struct
+import threading
+import zlib
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import lz4
+import lz4.block
+import zstandard
+
+from reprobuild.errors import ImageError
+from reprobuild.images.squashfs.ondisk import (
+    LZ4_COMPRESSION,
+    XZ_COMPRESSION,
+    ZLIB_COMPRESSION,
+    ZSTD_COMPRESSION,
+)
+
+NAMES = ("zstd", "gzip", "xz", "lz4", "none")
+DEFAULT = "zstd"
+# Default levels are mksquashfs's, so images compare like for like with it.
+DEFAULT_LEVELS = {"zstd": 15, "gzip": 9}
+LEVEL_RANGES = {"zstd": (1, 22), "gzip": (1, 9)}
+
+# Compressor options (format.adoc "Compression Options").
+GZIP_OPTIONS = struct.Struct("<IHH")  # compression_level, window_size, strategies
+ZSTD_OPTIONS = struct.Struct("<I")  # compression_level
+LZ4_OPTIONS = struct.Struct("<II")  # version (1 = legacy), flags (1 = high compression)
+PROBE_SAMPLE = 16384
+
+
+@dataclass(frozen=True)
+class Compressor:
+    """One configured compressor; ``compress`` is safe to call from many threads."""
+
+    name: str
+    squashfs_id: int
+    level: int | None
+    block_size: int
+    options: bytes | None  # the compressor-options block's payload, when one is written
+    probe: bool = True  # skip blocks that zstd level 1 cannot shrink at all
+    _local: threading.local = field(default_factory=threading.local, compare=False,
+                                    repr=False)
+
+    @property
+    def compresses(self) -> bool:
+        return self.name != "none"
+
+    def incompressible(self, data: bytes) -> bool:
+        """True when a fast zstd pass cannot shrink ``data`` by a single byte.
+
+        Such blocks (already-compressed or random data) are stored uncompressed without
+        running the slow configured compressor, which would gain next to nothing on them.
+        The probe is libzstd from the pinned zstandard wheel, so it is a deterministic
+        function of the block; it is part of ``library_identity``.
+        """
+        if not self.probe or self.name in ("none", "lz4"):
+            return False
+        probe = getattr(self._local, "probe", None)
+        if probe is None:
+            probe = zstandard.ZstdCompressor(level=1, write_content_size=True)
+            self._local.probe = probe
+        # A compressible block is nearly always compressible in its first 16 KiB: test
+        # that first, so the probe costs little where it does not help.
+        if len(data) > PROBE_SAMPLE and len(probe.compress(data[:PROBE_SAMPLE])) < PROBE_SAMPLE:
+            return False
+        return len(probe.compress(data)) >= len(data)
+
+    def compress(self, data: bytes) -> bytes:
+        """The compressed form of one block (the caller keeps it only if smaller)."""
+        if self.name == "zstd":
+            cctx = getattr(self._local, "cctx", None)
+            if cctx is None:
+                cctx = zstandard.ZstdCompressor(level=self.level or 15,
+                                                write_content_size=True)
+                self._local.cctx = cctx
+            return cctx.compress(data)  # type: ignore[no-any-return]
+        if self.name == "gzip":
+            return deflate(data, self.level or 9)
+        if self.name == "xz":
+            return lzma.compress(data, format=lzma.FORMAT_XZ, check=lzma.CHECK_CRC32,
+                                 filters=[{"id": lzma.FILTER_LZMA2, "preset": 6,
+                                           "dict_size": self.block_size}])
+        if self.name == "lz4":
+            return lz4.block.compress(data, mode="default", store_size=False)  # type: ignore[no-any-return]
+        return data
+
+    def decompress(self, data: bytes, limit: int) -> bytes:
+        """The bytes of one compressed block, at most ``limit`` of them."""
+        try:
+            if self.name == "zstd":
+                dctx = getattr(self._local, "dctx", None)
+                if dctx is None:
+                    dctx = zstandard.ZstdDecompressor()
+                    self._local.dctx = dctx
+                out = dctx.decompress(data, max_output_size=limit)
+            elif self.name == "gzip":
+                out = zlib.decompress(data)
+            elif self.name == "xz":
+                out = lzma.decompress(data, format=lzma.FORMAT_XZ)
+            elif self.name == "lz4":
+                out = lz4.block.decompress(data, uncompressed_size=limit)
+            else:
+                out = data
+        except (zlib.error, lzma.LZMAError, zstandard.ZstdError, lz4.block.LZ4BlockError) as err:
+            raise ImageError(f"squashfs: a {self.name} block does not decompress: {err}",
+                             hint="the image is corrupt or truncated") from None
+        if len(out) > limit:
+            raise ImageError(f"squashfs: a {self.name} block decompresses to {len(out)}"
+                             f" bytes, more than {limit}")
+        return bytes(out)
+
+
+class _Libz:
+    """zlib's compress2 through ctypes: one call that runs without the GIL.
+
+    Python's own zlib functions either hold the GIL (zlib.compress on 3.11) or give it
+    back and take it again for every 32 KiB of output, which under load makes the
+    compression threads queue for it. compress2 is zlib.compress with the same settings
+    (15-bit window, memLevel 8, default strategy), from the same shared library the
+    interpreter's zlib module uses.
+    """
+
+    def __init__(self) -> None:
+        lib = ctypes.CDLL(ctypes.util.find_library("z") or "libz.so.1")
+        self.compress2 = lib.compress2
+        self.compress2.argtypes = [ctypes.c_void_p, ctypes.POINTER(ctypes.c_ulong),
+                                   ctypes.c_char_p, ctypes.c_ulong, ctypes.c_int]
+        self.compress2.restype = ctypes.c_int
+        self.bound = lib.compressBound
+        self.bound.argtypes = [ctypes.c_ulong]
+        self.bound.restype = ctypes.c_ulong
+        lib.zlibVersion.restype = ctypes.c_char_p
+        self.version: str = lib.zlibVersion().decode()
+
+
+def _load_libz() -> _Libz | None:
+    try:
+        libz = _Libz()
+    except (OSError, AttributeError):
+        return None
+    # Only when it is the very library (and version) the zlib module reports.
+    return libz if libz.version == zlib.ZLIB_RUNTIME_VERSION else None
+
+
+_LIBZ = _load_libz()
+
+
+def deflate(data: bytes, level: int) -> bytes:
+    """``zlib.compress(data, level)``, computed without holding the GIL when possible."""
+    if _LIBZ is None:
+        stream = zlib.compressobj(level)
+        return stream.compress(data) + stream.flush()
+    capacity = _LIBZ.bound(len(data))
+    out = ctypes.create_string_buffer(capacity)
+    size = ctypes.c_ulong(capacity)
+    status = _LIBZ.compress2(out, ctypes.byref(size), data, len(data), level)
+    if status != 0:
+        raise ImageError(f"squashfs: zlib compress2 failed with status {status}")
+    return ctypes.string_at(out, size.value)
+
+
+def make_compressor(name: str, block_size: int, level: int | None = None, *,
+                    probe: bool = True) -> Compressor:
+    """The compressor ``name`` for blocks of ``block_size``; ``level`` where it applies."""
+    if name not in NAMES:
+        raise ImageError(f"squashfs: unknown compressor {name!r}",
+                         hint=f"use one of: {', '.join(NAMES)}")
+    if level is not None and name not in LEVEL_RANGES:
+        raise ImageError(f"squashfs: compressor {name} takes no compression level",
+                         hint="only zstd (1-22) and gzip (1-9) take a level")
+    if level is not None:
+        low, high = LEVEL_RANGES[name]
+        if not low <= level <= high:
+            raise ImageError(f"squashfs: {name} compression level {level} is out of range",
+                             hint=f"use {low} to {high}")
+    default = DEFAULT_LEVELS.get(name)
+    level = level if level is not None else default
+    options: bytes | None = None
+    if name == "zstd":
+        squashfs_id = ZSTD_COMPRESSION
+        if level != default:
+            options = ZSTD_OPTIONS.pack(level)
+    elif name == "gzip":
+        squashfs_id = ZLIB_COMPRESSION
+        if level != default:
+            options = GZIP_OPTIONS.pack(level, 15, 0)
+    elif name == "xz":
+        squashfs_id = XZ_COMPRESSION  # dictionary = block size, no BCJ: the defaults
+    elif name == "lz4":
+        squashfs_id = LZ4_COMPRESSION
+        options = LZ4_OPTIONS.pack(1, 0)  # squashfs-tools requires lz4 options
+    else:
+        squashfs_id = ZLIB_COMPRESSION  # "none": every table and block flagged uncompressed
+    return Compressor(name, squashfs_id, level, block_size, options, probe)
+
+
+def compressor_from_superblock(squashfs_id: int, block_size: int) -> Compressor:
+    """The compressor an existing image names (for the reader)."""
+    names = {ZLIB_COMPRESSION: "gzip", XZ_COMPRESSION: "xz", LZ4_COMPRESSION: "lz4",
+             ZSTD_COMPRESSION: "zstd"}
+    if squashfs_id not in names:
+        raise ImageError(f"squashfs: compressor id {squashfs_id} is not supported",
+                         hint="supported: gzip, xz, lz4, zstd")
+    return Compressor(names[squashfs_id], squashfs_id, None, block_size, None)
+
+
+def _liblzma_version() -> str:
+    import _lzma
+
+    try:
+        lib = ctypes.CDLL(_lzma.__file__)
+        version_string: Callable[[], bytes] = lib.lzma_version_string
+        version_string.restype = ctypes.c_char_p  # type: ignore[attr-defined]
+        return version_string().decode()
+    except (OSError, AttributeError):
+        return "unknown"
+
+
+def library_identity(name: str, level: int | None, *, probe: bool = True) -> dict[str, str]:
+    """The compressor, its level and its library's version, for the derivation id."""
+    if name == "none":
+        return {"compressor": "none"}
+    if name == "zstd":
+        library = "libzstd " + ".".join(str(p) for p in zstandard.ZSTD_VERSION)
+    elif name == "gzip":
+        library = "zlib " + zlib.ZLIB_RUNTIME_VERSION
+    elif name == "xz":
+        library = "liblzma " + _liblzma_version()
+    else:
+        library = "lz4 " + str(lz4.library_version_string())
+    level = level if level is not None else DEFAULT_LEVELS.get(name)
+    identity = {"compressor": name, "library": library}
+    if level is not None:
+        identity["level"] = str(level)
+    if probe and name in ("zstd", "gzip", "xz"):
+        identity["probe"] = "libzstd " + ".".join(str(p) for p in zstandard.ZSTD_VERSION)
+    return identity

@@ -1,0 +1,1 @@
+"""Proving builds: rebuild checks, variations, difference reports, records, signatures."""

@@ -1,0 +1,513 @@
+"""Difference reports: say where and why two outputs (trees or images) differ.
+
+Both sides are identified by their magic numbers (directory, tar, cpio, ext4, squashfs,
+EROFS, GPT disk, or plain file), read back into trees through the format table's
+readers, and compared with :func:`reprobuild.trees.diff.diff_trees`. Files that are not
+images get the first differing offset and a hexdump around it; two images whose trees
+are equal but whose bytes differ get the same. A GPT disk is compared table first, then
+partition by partition, recursively.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import stat
+import subprocess
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any, BinaryIO
+
+from reprobuild.errors import ImageError
+from reprobuild.images.registry import get_format
+from reprobuild.trees.diff import Difference, diff_trees
+from reprobuild.trees.tree import Entry, EntryType, Tree, tree_from_directory
+
+TREE_FORMATS = ("tar", "cpio", "ext4", "squashfs", "erofs")
+HEX_WIDTH = 16
+HEX_LINES = 4
+MAX_HEXDUMPS = 8  # content differences inside a tree that get a hexdump
+MAX_NESTED = 8  # differing image files inside a directory that are compared as images
+
+
+class ReaderMissing(ImageError):
+    """No reader for an image format is available (yet)."""
+
+
+# -- what a path is -------------------------------------------------------------------
+def detect(path: str | os.PathLike[str]) -> str:
+    """The kind of ``path``: directory, tar, cpio, ext4, squashfs, erofs, gpt or file."""
+    st = os.lstat(path)
+    if stat.S_ISDIR(st.st_mode):
+        return "directory"
+    if stat.S_ISLNK(st.st_mode):
+        return "symlink"
+    if not stat.S_ISREG(st.st_mode):
+        return "special"
+    with open(path, "rb") as stream:
+        head = stream.read(4096 + 8)
+    if head[:4] == b"hsqs":
+        return "squashfs"
+    if head[:6] in (b"070701", b"070702"):
+        return "cpio"
+    if head[512:520] == b"EFI PART" or head[4096:4104] == b"EFI PART":
+        return "gpt"
+    # struct ext4_super_block at 1024: s_magic (le16 0xEF53) at offset 0x38
+    if head[1024 + 0x38:1024 + 0x3A] == b"\x53\xef":
+        return "ext4"
+    # struct erofs_super_block at 1024: magic le32 0xE0F5E1E2 at offset 0
+    if head[1024:1028] == b"\xe2\xe1\xf5\xe0":
+        return "erofs"
+    if head[257:262] == b"ustar":
+        return "tar"
+    return "file"
+
+
+def read_tree(path: str | os.PathLike[str], kind: str, *, store_output: bool = False) -> Tree:
+    """Read a directory or a tree image into a tree, through the format table's reader."""
+    if kind == "directory":
+        if store_output:
+            # Store outputs are canonical; ownership is the store's, not the output's,
+            # and the store may share identical files between outputs.
+            return tree_from_directory(path, preserve_mtime=True, detect_hardlinks=False)
+        return tree_from_directory(path, preserve_owner=True, preserve_mtime=True,
+                                   read_xattrs=True)
+    fmt = get_format(kind)
+    try:
+        module = fmt.load()
+        reader = module.read
+    except (ImportError, AttributeError):
+        raise ReaderMissing(
+            f"{os.fspath(path)}: cannot read {kind} images yet (no reader in {fmt.module})",
+            hint="compare the files byte by byte, or use --diffoscope") from None
+    tree: Tree = reader(os.fspath(path))
+    return tree
+
+
+# -- byte differences -----------------------------------------------------------------
+@dataclass(frozen=True)
+class ByteDifference:
+    """The first differing byte of two streams and a hexdump of both around it."""
+
+    offset: int
+    size_a: int
+    size_b: int
+    dump_a: tuple[str, ...]
+    dump_b: tuple[str, ...]
+    hint: str | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return {"offset": self.offset, "size_a": self.size_a, "size_b": self.size_b,
+                "hexdump_a": list(self.dump_a), "hexdump_b": list(self.dump_b),
+                "hint": self.hint}
+
+    def render(self, indent: str = "  ") -> list[str]:
+        lines = [f"{indent}first differing byte at offset {self.offset} (0x{self.offset:x});"
+                 f" sizes {self.size_a} vs {self.size_b} bytes"]
+        if self.hint:
+            lines.append(f"{indent}{self.hint}")
+        for la, lb in zip(self.dump_a, self.dump_b, strict=True):
+            if la.endswith("(end)") and lb.endswith("(end)"):
+                lines.append(f"{indent}  {la}")
+                break
+            if la == lb:
+                lines.append(f"{indent}  {la}")
+            else:
+                lines.append(f"{indent}- {la}")
+                lines.append(f"{indent}+ {lb}")
+        return lines
+
+
+def hexdump_line(offset: int, data: bytes) -> str:
+    """One ``hexdump -C`` style line: offset, 16 hex bytes, printable characters."""
+    if not data:
+        return f"{offset:08x}  (end)"
+    hexes = " ".join(f"{b:02x}" for b in data).ljust(HEX_WIDTH * 3 - 1)
+    text = "".join(chr(b) if 0x20 <= b < 0x7F else "." for b in data)
+    return f"{offset:08x}  {hexes}  |{text}|"
+
+
+def _dump(stream: BinaryIO, start: int, lines: int) -> tuple[str, ...]:
+    stream.seek(start)
+    data = stream.read(HEX_WIDTH * lines)
+    # Lines past the end of both streams are dropped by render(); one "(end)" stays.
+    return tuple(hexdump_line(start + i, data[i:i + HEX_WIDTH])
+                 for i in range(0, HEX_WIDTH * lines, HEX_WIDTH))
+
+
+def _first_offset(fa: BinaryIO, fb: BinaryIO) -> int | None:
+    offset = 0
+    while True:
+        ca, cb = fa.read(1 << 20), fb.read(1 << 20)
+        if ca != cb:
+            n = min(len(ca), len(cb))
+            for i in range(n):
+                if ca[i] != cb[i]:
+                    return offset + i
+            return offset + n
+        if not ca:
+            return None
+        offset += len(ca)
+
+
+def compare_bytes(a: str | os.PathLike[str], b: str | os.PathLike[str]) -> ByteDifference | None:
+    """None when the files are identical; else where they first differ, with hexdumps."""
+    with open(a, "rb") as fa, open(b, "rb") as fb:
+        found = compare_streams(fa, fb)
+        if found is not None and max(found.size_a, found.size_b) <= ORDER_HINT_LIMIT:
+            fa.seek(0)
+            fb.seek(0)
+            found = replace(found, hint=order_hint(fa.read(), fb.read()))
+        return found
+
+
+ORDER_HINT_LIMIT = 1 << 20
+
+
+def order_hint(a: bytes, b: bytes) -> str | None:
+    """A hint when two contents hold the same lines in another order."""
+    if a != b and b"\n" in a and sorted(a.splitlines()) == sorted(b.splitlines()):
+        return ("the same lines in another order: directory listing (readdir) or hash "
+                "order leaks into the output")
+    return None
+
+
+def compare_streams(fa: BinaryIO, fb: BinaryIO) -> ByteDifference | None:
+    offset = _first_offset(fa, fb)
+    if offset is None:
+        return None
+    size_a, size_b = fa.seek(0, os.SEEK_END), fb.seek(0, os.SEEK_END)
+    start = max(0, (offset // HEX_WIDTH - 1) * HEX_WIDTH)
+    return ByteDifference(offset, size_a, size_b, _dump(fa, start, HEX_LINES),
+                          _dump(fb, start, HEX_LINES))
+
+
+class _ChunkStream:
+    """A minimal seekable reader over a file content's chunks (for hexdumps in trees)."""
+
+    def __init__(self, entry: Entry) -> None:
+        assert entry.content is not None
+        self._content = entry.content
+        self._data: bytes | None = None
+        self._pos = 0
+
+    def _bytes(self) -> bytes:
+        if self._data is None:
+            self._data = self._content.read()
+        return self._data
+
+    def all(self) -> bytes:
+        return self._bytes()
+
+    def read(self, n: int = -1) -> bytes:
+        data = self._bytes()
+        end = len(data) if n < 0 else self._pos + n
+        chunk = data[self._pos:end]
+        self._pos += len(chunk)
+        return chunk
+
+    def seek(self, offset: int, whence: int = os.SEEK_SET) -> int:
+        self._pos = len(self._bytes()) + offset if whence == os.SEEK_END else offset
+        return self._pos
+
+
+# -- the report -----------------------------------------------------------------------
+@dataclass(frozen=True)
+class DiffReport:
+    """How ``a`` and ``b`` differ. Empty differences and no byte difference = identical."""
+
+    a: str
+    b: str
+    kind_a: str
+    kind_b: str
+    differences: tuple[Difference, ...] = ()
+    byte_difference: ByteDifference | None = None
+    content_dumps: tuple[tuple[bytes, ByteDifference], ...] = ()
+    notes: tuple[str, ...] = ()
+    parts: tuple[tuple[str, DiffReport], ...] = field(default=())
+
+    @property
+    def identical(self) -> bool:
+        return (not self.differences and self.byte_difference is None
+                and all(part.identical for _, part in self.parts))
+
+    def render(self, indent: str = "") -> str:
+        """A report for people: every differing path and how, hexdumps where useful."""
+        lines = [f"{indent}--- {self.a} ({self.kind_a})", f"{indent}+++ {self.b} ({self.kind_b})"]
+        if self.identical:
+            lines.append(f"{indent}identical")
+        lines.extend(f"{indent}{note}" for note in self.notes)
+        dumps = dict(self.content_dumps)
+        for diff in self.differences:
+            lines.append(f"{indent}{diff.display()}")
+            if diff.kind == "content" and diff.path in dumps:
+                lines.extend(dumps[diff.path].render(indent + "    "))
+        if self.byte_difference is not None:
+            lines.append(f"{indent}bytes differ:")
+            lines.extend(self.byte_difference.render(indent + "  "))
+        for label, part in self.parts:
+            if part.identical:
+                lines.append(f"{indent}{label}: identical")
+            else:
+                lines.append(f"{indent}{label}:")
+                lines.append(part.render(indent + "  ").rstrip("\n"))
+        return "\n".join(lines) + "\n"
+
+    def to_json(self) -> dict[str, Any]:
+        doc: dict[str, Any] = {
+            "a": self.a, "b": self.b, "kind_a": self.kind_a, "kind_b": self.kind_b,
+            "identical": self.identical,
+            "differences": [{"path": "/" + d.path.decode("utf-8", "backslashreplace"),
+                             "kind": d.kind, "detail": d.detail} for d in self.differences],
+            "notes": list(self.notes),
+        }
+        if self.byte_difference is not None:
+            doc["bytes"] = self.byte_difference.to_json()
+        if self.content_dumps:
+            doc["contents"] = {"/" + p.decode("utf-8", "backslashreplace"): d.to_json()
+                               for p, d in self.content_dumps}
+        if self.parts:
+            doc["parts"] = {label: part.to_json() for label, part in self.parts}
+        return doc
+
+    def summary(self) -> list[tuple[str, str]]:
+        """(path, kind) of every difference, partitions prefixed by their label."""
+        items = [("/" + d.path.decode("utf-8", "backslashreplace"), d.kind)
+                 for d in self.differences]
+        if self.byte_difference is not None:
+            items.append(("", "bytes"))
+        for label, part in self.parts:
+            items.extend((f"{label}:{p}", k) for p, k in part.summary())
+        return items
+
+
+def diff_paths(
+    a: str | os.PathLike[str],
+    b: str | os.PathLike[str],
+    *,
+    compare_owner: bool = True,
+    store_outputs: bool = False,
+    follow_symlinks: bool = False,
+    workdir: str | os.PathLike[str] | None = None,
+) -> DiffReport:
+    """Compare two outputs of any supported kind and say how they differ.
+
+    ``store_outputs`` reads directories as store outputs (ownership ignored, no hardlink
+    detection). ``follow_symlinks`` compares what ``a`` and ``b`` point at when they are
+    symlinks (result links), not the links. ``workdir`` is where GPT partitions are
+    extracted (a temporary directory, removed afterwards, when None).
+    """
+    pa, pb = Path(a), Path(b)
+    if follow_symlinks:
+        pa, pb = (Path(os.path.realpath(p)) if p.is_symlink() else p for p in (pa, pb))
+    if workdir is not None:
+        report = _diff(pa, pb, compare_owner=compare_owner, store_outputs=store_outputs,
+                       workdir=Path(workdir))
+    else:
+        with tempfile.TemporaryDirectory(prefix="reprobuild-diff-") as tmp:
+            report = _diff(pa, pb, compare_owner=compare_owner, store_outputs=store_outputs,
+                           workdir=Path(tmp))
+    return _with(report, a=os.fspath(a), b=os.fspath(b))
+
+
+def _diff(a: Path, b: Path, *, compare_owner: bool, store_outputs: bool,
+          workdir: Path) -> DiffReport:
+    for p in (a, b):
+        if not os.path.lexists(p):
+            raise ImageError(f"{p} does not exist")
+    kind_a, kind_b = detect(a), detect(b)
+    base = DiffReport(str(a), str(b), kind_a, kind_b)
+    if kind_a == "symlink" or kind_b == "symlink":
+        ta = os.readlink(a) if kind_a == "symlink" else None
+        tb = os.readlink(b) if kind_b == "symlink" else None
+        if ta == tb:
+            return base
+        return _with(base, differences=(Difference(b"", "target", f"{ta!r} vs {tb!r}"),))
+    byte_diff = None
+    if kind_a != "directory" and kind_b != "directory":
+        byte_diff = compare_bytes(a, b)
+        if byte_diff is None:
+            return base
+    if kind_a == kind_b == "gpt":
+        return _diff_gpt(base, a, b, byte_diff, compare_owner=compare_owner, workdir=workdir)
+    treeish = ("directory", *TREE_FORMATS)
+    if kind_a in treeish and kind_b in treeish:
+        try:
+            tree_a = read_tree(a, kind_a, store_output=store_outputs)
+            tree_b = read_tree(b, kind_b, store_output=store_outputs)
+        except ImageError as exc:
+            # No reader yet, or an image the reader refuses: the bytes still tell.
+            reason = exc.message if isinstance(exc, ReaderMissing) else \
+                f"cannot read both sides as trees ({exc.message})"
+            return _with(base, byte_difference=byte_diff,
+                         notes=(f"{reason}; comparing bytes only",))
+        diffs = diff_trees(tree_a, tree_b, compare_owner=compare_owner)
+        notes: tuple[str, ...] = ()
+        if not diffs and byte_diff is not None:
+            notes = (f"the {kind_a} trees are identical, but the image bytes differ "
+                     "(image metadata: superblock, layout, padding)",)
+        elif diffs:
+            byte_diff = None  # the tree differences are the useful explanation
+        parts: tuple[tuple[str, DiffReport], ...] = ()
+        if kind_a == kind_b == "directory":
+            parts = _nested_images(a, b, diffs, compare_owner=compare_owner, workdir=workdir)
+        return _with(base, differences=tuple(diffs), byte_difference=byte_diff, notes=notes,
+                     content_dumps=_content_dumps(tree_a, tree_b, diffs), parts=parts)
+    if kind_a != kind_b:
+        note = f"different kinds: {kind_a} vs {kind_b}"
+        return _with(base, differences=(Difference(b"", "type", f"{kind_a} vs {kind_b}"),),
+                     byte_difference=byte_diff, notes=(note,))
+    return _with(base, byte_difference=byte_diff)
+
+
+def _nested_images(a: Path, b: Path, diffs: list[Difference], *, compare_owner: bool,
+                   workdir: Path) -> tuple[tuple[str, DiffReport], ...]:
+    """Differing files that are images on both sides, compared as images (recursively)."""
+    parts: list[tuple[str, DiffReport]] = []
+    for diff in diffs:
+        if diff.kind != "content" or len(parts) >= MAX_NESTED:
+            continue
+        fa, fb = a / os.fsdecode(diff.path), b / os.fsdecode(diff.path)
+        if fa.is_symlink() or fb.is_symlink() or not (fa.is_file() and fb.is_file()):
+            continue
+        kind = detect(fa)
+        if kind == "file" or detect(fb) != kind:
+            continue
+        sub = workdir / f"nested{len(parts)}"
+        sub.mkdir(exist_ok=True)
+        parts.append((f"{kind} image /{os.fsdecode(diff.path)}",
+                      _diff(fa, fb, compare_owner=compare_owner, store_outputs=False,
+                            workdir=sub)))
+    return tuple(parts)
+
+
+def _with(report: DiffReport, **changes: Any) -> DiffReport:
+    return replace(report, **changes)
+
+
+def _content_dumps(a: Tree, b: Tree, diffs: list[Difference]
+                   ) -> tuple[tuple[bytes, ByteDifference], ...]:
+    dumps: list[tuple[bytes, ByteDifference]] = []
+    for diff in diffs:
+        if diff.kind != "content" or len(dumps) >= MAX_HEXDUMPS:
+            continue
+        ea, eb = a.get(diff.path), b.get(diff.path)
+        if ea is None or eb is None:
+            continue
+        ra, rb = a.resolve(ea), b.resolve(eb)
+        if ra.type is not EntryType.REGULAR or rb.type is not EntryType.REGULAR:
+            continue
+        if max(ra.size, rb.size) > 64 << 20:
+            continue  # the offset is in the detail; do not pull huge files into memory
+        sa, sb = _ChunkStream(ra), _ChunkStream(rb)
+        found = compare_streams(sa, sb)  # type: ignore[arg-type]
+        if found is not None:
+            if max(ra.size, rb.size) <= ORDER_HINT_LIMIT:
+                found = replace(found, hint=order_hint(sa.all(), sb.all()))
+            dumps.append((diff.path, found))
+    return tuple(dumps)
+
+
+# -- GPT ------------------------------------------------------------------------------
+def read_gpt(path: str | os.PathLike[str]) -> Any:
+    """The primary GPT of a disk image, read (CRCs checked) by the gpt format module."""
+    module = get_format("gpt").load()
+    return module.read_table(os.fspath(path))
+
+
+_TABLE_FIELDS = ("sector_size", "disk_guid", "first_usable_lba", "last_usable_lba",
+                 "alternate_lba")
+_ENTRY_FIELDS = ("type_guid", "uuid", "first_lba", "last_lba", "attributes", "name")
+
+
+def _gpt_table_diffs(ta: Any, tb: Any) -> list[Difference]:
+    diffs = []
+    for name in _TABLE_FIELDS:
+        va, vb = getattr(ta, name), getattr(tb, name)
+        if va != vb:
+            diffs.append(Difference(f"gpt/{name}".encode(), "table", f"{va} vs {vb}"))
+    pa = {p.number: p for p in ta.entries}
+    pb = {p.number: p for p in tb.entries}
+    for number in sorted(set(pa) | set(pb)):
+        label = f"gpt/partition{number}".encode()
+        if number not in pb:
+            diffs.append(Difference(label, "only-in-a", pa[number].name))
+            continue
+        if number not in pa:
+            diffs.append(Difference(label, "only-in-b", pb[number].name))
+            continue
+        for name in _ENTRY_FIELDS:
+            va, vb = getattr(pa[number], name), getattr(pb[number], name)
+            if va != vb:
+                diffs.append(Difference(label + b"/" + name.encode(), "table",
+                                        f"{va} vs {vb}"))
+    return diffs
+
+
+def _extract(disk: Path, sector_size: int, part: Any, target: Path) -> Path:
+    start = part.first_lba * sector_size
+    length = (part.last_lba - part.first_lba + 1) * sector_size
+    with open(disk, "rb") as src, open(target, "wb") as dst:
+        src.seek(start)
+        for chunk in _read_range(src, length):
+            dst.write(chunk)
+    return target
+
+
+def _read_range(stream: BinaryIO, length: int) -> Iterator[bytes]:
+    while length > 0:
+        chunk = stream.read(min(length, 1 << 20))
+        if not chunk:
+            return
+        length -= len(chunk)
+        yield chunk
+
+
+def _diff_gpt(base: DiffReport, a: Path, b: Path, byte_diff: ByteDifference | None, *,
+              compare_owner: bool, workdir: Path) -> DiffReport:
+    try:
+        ta, tb = read_gpt(a), read_gpt(b)
+    except ImageError as exc:  # a corrupt table (bad CRC): the bytes still tell
+        return _with(base, byte_difference=byte_diff,
+                     notes=(f"cannot read both partition tables ({exc.message}); "
+                            "comparing bytes only",))
+    diffs = _gpt_table_diffs(ta, tb)
+    parts = []
+    pb = {p.number: p for p in tb.entries}
+    for part in ta.entries:
+        other = pb.get(part.number)
+        if other is None:
+            continue
+        label = f"partition {part.number} ({part.name or part.type_guid})"
+        fa = _extract(a, ta.sector_size, part, workdir / f"a-partition{part.number}.img")
+        fb = _extract(b, tb.sector_size, other, workdir / f"b-partition{other.number}.img")
+        sub = workdir / f"partition{part.number}"
+        sub.mkdir(exist_ok=True)
+        found = _diff(fa, fb, compare_owner=compare_owner, store_outputs=False, workdir=sub)
+        # Name the partitions by their disk, not by the temporary extracted files.
+        parts.append((label, _with(found, a=f"{a} partition {part.number}",
+                                   b=f"{b} partition {other.number}")))
+    report = _with(base, differences=tuple(diffs), parts=tuple(parts))
+    if not diffs and all(p.identical for _, p in parts):
+        # Same table, same partitions: the bytes outside them differ (headers, gaps).
+        report = _with(report, byte_difference=byte_diff,
+                       notes=("the partition tables and partitions are identical, but the "
+                              "disk bytes differ outside them",))
+    return report
+
+
+# -- diffoscope -----------------------------------------------------------------------
+def run_diffoscope(a: str | os.PathLike[str], b: str | os.PathLike[str]) -> tuple[int, str]:
+    """Hand the pair to diffoscope; (its exit code, its text output)."""
+    tool = shutil.which("diffoscope")
+    if tool is None:
+        raise ImageError("diffoscope is not installed",
+                         hint="install the diffoscope (or diffoscope-minimal) package")
+    result = subprocess.run([tool, "--no-progress", "--text", "-", os.fspath(a), os.fspath(b)],
+                            capture_output=True, text=True, check=False)
+    if result.returncode not in (0, 1):
+        raise ImageError(f"diffoscope failed (exit {result.returncode}): "
+                         f"{result.stderr.strip()[-2000:]}")
+    return result.returncode, result.stdout

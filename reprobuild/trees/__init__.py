@@ -1,0 +1,1 @@
+"""The tree model and its readers: directories, tar, OCI layouts, overrides, diffs."""

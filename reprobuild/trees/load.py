@@ -1,0 +1,55 @@
+"""Turn an image source on disk into a normalised Tree: a directory, a tar or an OCI layout.
+
+* a directory (a store output): :func:`~reprobuild.trees.tree.tree_from_directory` - owners
+  root, mtimes the epoch, no xattrs, permission bits as found;
+* an OCI image layout (a directory with ``oci-layout`` and ``index.json``):
+  :func:`~reprobuild.trees.oci.tree_from_oci`;
+* any other file: a tar, plain or gzip/xz/zstd/bzip2 compressed (detected by magic):
+  :func:`~reprobuild.trees.tar_reader.tree_from_tar`.
+
+The result is normalised with the epoch: mtimes later than the epoch are clamped to it,
+xattrs sorted. Directories an archive implies but does not list get mtime = the epoch.
+Regular files of compressed archives are spooled into ``spool`` (default: a temporary
+directory removed at exit); the source and the spool must outlive the tree.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+
+from reprobuild.errors import ImageError
+from reprobuild.trees.oci import DEFAULT_PLATFORM, is_oci_layout, tree_from_oci
+from reprobuild.trees.tar_reader import Spool, tree_from_tar
+from reprobuild.trees.tree import Tree, tree_from_directory
+
+
+def source_kind(path: bytes | str) -> str:
+    """"directory", "oci" or "tar" for an existing path; ImageError otherwise."""
+    raw = os.fsencode(path)
+    try:
+        st = os.stat(raw)
+    except FileNotFoundError:
+        raise ImageError(f"source {raw.decode(errors='replace')} does not exist") from None
+    if stat.S_ISDIR(st.st_mode):
+        return "oci" if is_oci_layout(raw) else "directory"
+    if stat.S_ISREG(st.st_mode):
+        return "tar"
+    raise ImageError(f"source {raw.decode(errors='replace')} is neither a directory nor a file")
+
+
+def load_tree(path: bytes | str, *, epoch: int, spool: Spool | None = None,
+              platform: tuple[str, str] = DEFAULT_PLATFORM) -> Tree:
+    """The normalised tree of a directory, tar file or OCI layout at ``path``.
+
+    ``platform`` (os, architecture) picks the manifest of a multi-platform OCI index.
+    """
+    kind = source_kind(path)
+    implied = epoch * 1_000_000_000
+    if kind == "directory":
+        tree = tree_from_directory(os.fsencode(path), epoch=epoch)
+    elif kind == "oci":
+        tree = tree_from_oci(path, platform=platform, implied_mtime_ns=implied, spool=spool)
+    else:
+        tree = tree_from_tar(path, implied_mtime_ns=implied, spool=spool)
+    return tree.normalized(epoch=epoch)

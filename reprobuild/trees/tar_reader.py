@@ -1,0 +1,389 @@
+"""Read a tar archive (ustar, GNU, pax; plain, gzip, xz, zstd or bzip2) into a Tree.
+
+What is kept: numeric owners (user and group *names* are ignored), permission bits
+including setuid/setgid/sticky, mtimes to the nanosecond (exact pax ``mtime`` records),
+device numbers, fifos, symlink targets as given, hardlinks, and xattrs from pax
+``SCHILY.xattr.NAME`` records (raw value), ``LIBARCHIVE.xattr.NAME`` records
+(URL-encoded name, base64 value) and text ACLs (``SCHILY.acl.*``, numeric ids only).
+GNU sparse members (old GNU and pax 0.0/0.1/1.0) are expanded: holes become zero bytes
+of content.
+
+Where the bytes live: for an uncompressed tar file, regular members are read in place
+(a :class:`SliceSource` of offset and size in the archive, nothing copied); members of
+a compressed tar, and sparse members, are copied once into a content-addressed
+:class:`Spool` directory (file name = blake3 of the bytes, identical files stored once),
+never held whole in memory. The archive and the spool must outlive the tree.
+
+Hostile input is refused with an :class:`ImageError` that names the member, before any
+image is written: absolute or ``..`` names, a member under a symlink (or a file), a path
+given twice, a hardlink to a missing or later member, unknown member types.
+Missing parent directories are created root:root 0755 with mtime ``implied_mtime_ns``.
+"""
+
+from __future__ import annotations
+
+import atexit
+import base64
+import bz2
+import contextlib
+import gzip
+import io
+import lzma
+import os
+import shutil
+import struct
+import tarfile
+import tempfile
+import urllib.parse
+import zlib
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import IO, BinaryIO, cast
+
+import blake3
+import zstandard
+
+from reprobuild.errors import ImageError
+from reprobuild.trees.builder import TreeBuilder
+from reprobuild.trees.tree import (
+    CHUNK,
+    Content,
+    Entry,
+    EntryType,
+    FileSource,
+    Tree,
+    check_relative_path,
+)
+
+COMPRESSION_MAGIC: tuple[tuple[bytes, str], ...] = (
+    (b"\x1f\x8b", "gzip"),
+    (b"\xfd7zXZ\x00", "xz"),
+    (b"\x28\xb5\x2f\xfd", "zstd"),
+    (b"BZh", "bzip2"),
+)
+
+_TYPES: dict[bytes, EntryType] = {
+    tarfile.REGTYPE: EntryType.REGULAR,
+    tarfile.AREGTYPE: EntryType.REGULAR,
+    tarfile.CONTTYPE: EntryType.REGULAR,
+    tarfile.GNUTYPE_SPARSE: EntryType.REGULAR,
+    tarfile.DIRTYPE: EntryType.DIRECTORY,
+    tarfile.SYMTYPE: EntryType.SYMLINK,
+    tarfile.LNKTYPE: EntryType.HARDLINK,
+    tarfile.CHRTYPE: EntryType.CHAR,
+    tarfile.BLKTYPE: EntryType.BLOCK,
+    tarfile.FIFOTYPE: EntryType.FIFO,
+}
+
+SCHILY_XATTR = "SCHILY.xattr."
+LIBARCHIVE_XATTR = "LIBARCHIVE.xattr."
+SCHILY_ACL = {"SCHILY.acl.access": b"system.posix_acl_access",
+              "SCHILY.acl.default": b"system.posix_acl_default"}
+# struct posix_acl_xattr_header / _entry (include/uapi/linux/posix_acl_xattr.h):
+# le32 a_version (2), then { le16 e_tag, le16 e_perm, le32 e_id } per entry.
+ACL_TAGS = {"user": (0x01, 0x02), "group": (0x04, 0x08), "mask": (0x10, 0x10),
+            "other": (0x20, 0x20)}
+ACL_UNDEFINED_ID = 0xFFFFFFFF
+
+
+def detect_compression(head: bytes) -> str | None:
+    """The compression of a stream from its first bytes (None: not compressed)."""
+    for magic, name in COMPRESSION_MAGIC:
+        if head.startswith(magic):
+            return name
+    return None
+
+
+def open_decompressed(raw: BinaryIO, compression: str | None) -> BinaryIO:
+    """Wrap ``raw`` in a streaming decompressor (the identity for ``None``)."""
+    if compression is None:
+        return raw
+    if compression == "gzip":
+        return cast(BinaryIO, gzip.GzipFile(fileobj=raw, mode="rb"))
+    if compression == "xz":
+        return cast(BinaryIO, lzma.LZMAFile(raw, "rb"))
+    if compression == "bzip2":
+        return cast(BinaryIO, bz2.BZ2File(raw, "rb"))
+    if compression == "zstd":
+        reader = zstandard.ZstdDecompressor().stream_reader(raw, read_across_frames=True)
+        return cast(BinaryIO, reader)
+    raise ImageError(f"unknown compression {compression!r}")
+
+
+# -- where member bytes come from ------------------------------------------------------
+class _SliceReader(io.RawIOBase):
+    """Reads ``size`` bytes of a file from ``offset``."""
+
+    def __init__(self, path: bytes, offset: int, size: int) -> None:
+        self._file = open(path, "rb")  # noqa: SIM115 - closed by close()
+        self._file.seek(offset)
+        self._left = size
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: memoryview) -> int:  # type: ignore[override]
+        if self._left <= 0:
+            return 0
+        view = memoryview(buffer)[: min(len(buffer), self._left)]
+        count = self._file.readinto(view)
+        if not count:
+            raise ImageError(f"{self._file.name!r}: archive ended inside a member")
+        self._left -= count
+        return count
+
+    def close(self) -> None:
+        self._file.close()
+        super().close()
+
+
+@dataclass(frozen=True)
+class SliceSource:
+    """A member's bytes read in place from an uncompressed archive (or image) file."""
+
+    path: bytes
+    offset: int
+    size: int
+
+    def open(self) -> BinaryIO:
+        return cast(BinaryIO, io.BufferedReader(_SliceReader(self.path, self.offset, self.size),
+                                                CHUNK))
+
+
+class Spool:
+    """A content-addressed directory of file bytes (name = blake3 hex of the bytes)."""
+
+    def __init__(self, directory: str | bytes | os.PathLike[str]) -> None:
+        self.directory = os.fsencode(directory)
+        os.makedirs(self.directory, exist_ok=True)
+
+    def store(self, stream: IO[bytes], size: int | None, what: str) -> Content:
+        """Copy ``size`` bytes (None: all) of ``stream`` into the spool; their Content."""
+        hasher = blake3.blake3()
+        try:
+            fd, tmp = tempfile.mkstemp(dir=self.directory, prefix=b".part-")
+        except OSError as exc:
+            raise self._error(exc) from None
+        try:
+            copied = 0
+            with os.fdopen(fd, "wb") as out:
+                while size is None or copied < size:
+                    want = CHUNK if size is None else min(CHUNK, size - copied)
+                    chunk = stream.read(want)
+                    if not chunk:
+                        if size is None:
+                            break
+                        raise ImageError(f"{what}: archive ended inside the member")
+                    hasher.update(chunk)
+                    try:
+                        out.write(chunk)
+                    except OSError as exc:
+                        raise self._error(exc) from None
+                    copied += len(chunk)
+            digest = hasher.digest()
+            final = self.directory + b"/" + digest.hex().encode()
+            if os.path.exists(final):
+                os.unlink(tmp)
+            else:
+                os.replace(tmp, final)
+        except BaseException:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
+            raise
+        return Content(copied, FileSource(final), digest)
+
+    def _error(self, exc: OSError) -> ImageError:
+        shown = self.directory.decode("utf-8", "backslashreplace")
+        return ImageError(f"cannot spool archive contents into {shown}: {exc.strerror}",
+                          hint="give the spool (TMPDIR) a writable place with enough room")
+
+
+_default_spool: Spool | None = None
+
+
+def default_spool() -> Spool:
+    """A process-wide spool in a temporary directory, removed when the process exits."""
+    global _default_spool
+    if _default_spool is None:
+        directory = tempfile.mkdtemp(prefix="reprobuild-spool-")
+        atexit.register(shutil.rmtree, directory, True)
+        _default_spool = Spool(directory)
+    return _default_spool
+
+
+# -- members ---------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Member:
+    """One archive member as a tree entry; for hardlinks ``link_target`` is the path."""
+
+    name: str  # as written in the archive, for messages
+    entry: Entry
+    link_target: bytes | None = None
+
+
+def _raw(text: str) -> bytes:
+    return text.encode("utf-8", "surrogateescape")
+
+
+def parse_pax_time(value: str, what: str) -> int:
+    """A pax time record ("1700000000.123456789", maybe negative) in exact nanoseconds."""
+    text = value.strip()
+    negative = text.startswith("-")
+    digits = text[1:] if negative else text
+    whole, _, frac = digits.partition(".")
+    if not whole.isdigit() or (frac and not frac.isdigit()):
+        raise ImageError(f"{what}: bad pax time record {value!r}")
+    ns = int(whole) * 1_000_000_000 + int((frac + "000000000")[:9])
+    return -ns if negative else ns
+
+
+def acl_text_to_xattr(text: str, what: str, *, default: bool) -> bytes | None:
+    """A POSIX.1e ACL in text form (``SCHILY.acl.*``) as the kernel's xattr value.
+
+    None for a trivial access ACL (owner, group and other only: the mode bits say it
+    all); a default ACL is kept whatever its entries.
+    Named users and groups must be numeric, or carry star's trailing numeric id field
+    (``user:name:rwx:1000``): resolving names would depend on the host's passwd.
+    """
+    entries: list[tuple[int, int, int]] = []
+    for raw in text.replace(",", "\n").split("\n"):
+        item = raw.split("#", 1)[0].strip()
+        if not item:
+            continue
+        fields = item.split(":")
+        if len(fields) not in (3, 4) or fields[0] not in ACL_TAGS or \
+                len(fields[2]) != 3 or any(c not in "rwx-" for c in fields[2]):
+            raise ImageError(f"{what}: bad ACL entry {item!r}")
+        tag, qualifier, perms = fields[0], fields[1], fields[2]
+        perm = sum(bit for c, bit in zip(perms, (4, 2, 1), strict=True) if c != "-")
+        if not qualifier:
+            entries.append((ACL_TAGS[tag][0], perm, ACL_UNDEFINED_ID))
+            continue
+        number = fields[3] if len(fields) == 4 else qualifier
+        if tag not in ("user", "group") or not number.isdigit():
+            raise ImageError(f"{what}: ACL entry {item!r} names a {tag} without a numeric id",
+                             hint="archive with numeric ids (e.g. star, or --xattrs with"
+                                  " GNU tar, which also stores the binary ACL)")
+        entries.append((ACL_TAGS[tag][1], perm, int(number)))
+    if not entries or (not default and all(tag in (0x01, 0x04, 0x20)
+                                            for tag, _, _ in entries)):
+        return None
+    entries.sort(key=lambda e: (e[0], e[2]))
+    return struct.pack("<I", 2) + b"".join(struct.pack("<HHI", *e) for e in entries)
+
+
+def member_xattrs(info: tarfile.TarInfo, what: str) -> tuple[tuple[bytes, bytes], ...]:
+    """Xattrs from SCHILY.xattr.* and LIBARCHIVE.xattr.* pax records, sorted by name.
+
+    ACLs stored only as text (``SCHILY.acl.access``/``default``) become the
+    ``system.posix_acl_*`` xattrs; when the binary xattr is also present it wins.
+    """
+    found: dict[bytes, bytes] = {}
+    for key, value in info.pax_headers.items():
+        if key.startswith(SCHILY_XATTR):
+            name, data = _raw(key[len(SCHILY_XATTR):]), _raw(value)
+        elif key.startswith(LIBARCHIVE_XATTR):
+            name = urllib.parse.unquote_to_bytes(_raw(key[len(LIBARCHIVE_XATTR):]))
+            try:
+                data = base64.b64decode(_raw(value) + b"=" * (-len(value) % 4), validate=True)
+            except ValueError:
+                raise ImageError(f"{what}: xattr record {key!r} is not base64") from None
+        else:
+            continue
+        if not name:
+            raise ImageError(f"{what}: empty xattr name in pax record {key!r}")
+        if name in found and found[name] != data:
+            raise ImageError(f"{what}: xattr {name!r} given twice with different values")
+        found[name] = data
+    for key, acl_name in SCHILY_ACL.items():
+        if key in info.pax_headers and acl_name not in found:
+            acl = acl_text_to_xattr(info.pax_headers[key], what,
+                                    default=key.endswith("default"))
+            if acl is not None:
+                found[acl_name] = acl
+    return tuple(sorted(found.items()))
+
+
+def _entry_of(info: tarfile.TarInfo, path: bytes, kind: EntryType, what: str) -> Entry:
+    mtime_ns = (parse_pax_time(info.pax_headers["mtime"], what) if "mtime" in info.pax_headers
+                else int(info.mtime) * 1_000_000_000)
+    target = _raw(info.linkname) if kind is EntryType.SYMLINK else None
+    if kind is EntryType.SYMLINK and not target:
+        raise ImageError(f"{what}: symlink with an empty target")
+    devices = kind in (EntryType.CHAR, EntryType.BLOCK)
+    return Entry(
+        path, kind, info.mode & 0o7777, int(info.uid), int(info.gid), mtime_ns,
+        member_xattrs(info, what), target=target,
+        rdev_major=int(info.devmajor) if devices else 0,
+        rdev_minor=int(info.devminor) if devices else 0)
+
+
+def iter_members(path: bytes | str, *, what: str | None = None,
+                 spool: Spool | None = None) -> Iterator[Member]:
+    """The members of a tar file (any supported compression), in archive order.
+
+    A regular member's bytes stay in place for an uncompressed archive, otherwise they
+    are spooled before the member is yielded.
+    """
+    path = os.fsencode(path)
+    what = what or path.decode("utf-8", "backslashreplace")
+    with open(path, "rb") as raw:
+        compression = detect_compression(raw.read(6))
+        raw.seek(0)
+        try:
+            stream = open_decompressed(raw, compression)
+            mode = "r:" if compression is None else "r|"
+            with tarfile.open(fileobj=stream, mode=mode, encoding="utf-8",  # type: ignore[call-overload]
+                              errors="surrogateescape") as archive:
+                for info in archive:
+                    yield _member(archive, info, path, what, compression is None, spool)
+        except (tarfile.TarError, EOFError, OSError, ValueError, zlib.error, lzma.LZMAError,
+                zstandard.ZstdError) as exc:
+            raise ImageError(f"{what}: not a readable tar archive ({exc})",
+                             hint="give a tar file (plain, gzip, xz, zstd or bzip2)") from None
+
+
+def _member(archive: tarfile.TarFile, info: tarfile.TarInfo, path: bytes, what: str,
+            in_place: bool, spool: Spool | None) -> Member:
+    label = f"{what}: member {info.name!r}"
+    kind = _TYPES.get(info.type)
+    if kind is None:
+        raise ImageError(f"{label} has an unsupported type {info.type!r}",
+                         hint="only files, directories, links, devices and fifos are accepted")
+    rel = check_relative_path(_raw(info.name), label)
+    if kind is EntryType.HARDLINK:
+        target = check_relative_path(_raw(info.linkname), label)
+        return Member(info.name, _entry_of(info, rel, kind, label), target)
+    entry = _entry_of(info, rel, kind, label)
+    if kind is EntryType.REGULAR:
+        if in_place and not info.issparse():
+            if info.offset_data + info.size > os.path.getsize(path):
+                raise ImageError(f"{label}: the archive ends inside the member",
+                                 hint="the tar file is truncated")
+            content = Content(info.size, SliceSource(path, info.offset_data, info.size))
+        else:
+            data = archive.extractfile(info)
+            assert data is not None
+            with data:
+                content = (spool or default_spool()).store(data, info.size, label)
+        entry = Entry(entry.path, kind, entry.mode, entry.uid, entry.gid, entry.mtime_ns,
+                      entry.xattrs, content)
+    return Member(info.name, entry)
+
+
+def tree_from_tar(path: bytes | str, *, implied_mtime_ns: int = 0,
+                  spool: Spool | None = None) -> Tree:
+    """The tree a tar file describes (not normalised; see :func:`reprobuild.trees.load.load_tree`).
+
+    Raises :class:`ImageError` naming the member for hostile or unreadable input.
+    """
+    path = os.fsencode(path)
+    what = path.decode("utf-8", "backslashreplace")
+    builder = TreeBuilder(what=what, implied_mtime_ns=implied_mtime_ns)
+    for member in iter_members(path, what=what, spool=spool):
+        if member.link_target is not None:
+            builder.link(member.entry.path, member.link_target, member.name,
+                         replace_existing=False)
+        else:
+            builder.add(member.entry, member.name)
+    return builder.build()

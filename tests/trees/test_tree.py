@@ -1,0 +1,88 @@
+"""The tree model: canonical order, hardlink groups, hostile names, normalisation."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from reprobuild.errors import ImageError
+from reprobuild.trees.diff import diff_trees
+from reprobuild.trees.tree import (
+    Content,
+    Entry,
+    EntryType,
+    Tree,
+    check_relative_path,
+    tree_from_directory,
+)
+
+
+def make(tmp: Path, order: list[str]) -> Path:
+    tmp.mkdir()
+    for name in order:
+        (tmp / name).write_bytes(name.encode())
+    (tmp / "sub").mkdir()
+    (tmp / "sub" / "x").write_bytes(b"x" * 5000)
+    return tmp
+
+
+def test_directory_order_does_not_matter(tmp_path: Path) -> None:
+    a = tree_from_directory(make(tmp_path / "a", ["b", "a", "c"]), epoch=10)
+    b = tree_from_directory(make(tmp_path / "b", ["c", "b", "a"]), epoch=10)
+    assert [e.path for e in a] == [b"", b"a", b"b", b"c", b"sub", b"sub/x"]
+    assert diff_trees(a, b) == []
+    assert a.get(b"sub/x") is not None
+    assert a.root.mtime_ns == 10 * 10**9
+
+
+def test_hardlink_primary_is_first_path_whatever_the_creation_order(tmp_path: Path) -> None:
+    d = tmp_path / "d"
+    d.mkdir()
+    (d / "z").write_bytes(b"data")
+    os.link(d / "z", d / "a")
+    tree = tree_from_directory(d)
+    a, z = tree.get(b"a"), tree.get(b"z")
+    assert a is not None and z is not None
+    assert a.type is EntryType.REGULAR
+    assert z.type is EntryType.HARDLINK and z.target == b"a"
+    assert tree.hardlink_groups() == {b"a": [b"a", b"z"]}
+
+
+def test_diff_reports_content_offset_and_mode() -> None:
+    a, b = Tree(), Tree()
+    a.add(Entry(b"f", EntryType.REGULAR, 0o644, content=Content.from_bytes(b"hello world")))
+    b.add(Entry(b"f", EntryType.REGULAR, 0o600, content=Content.from_bytes(b"hello World")))
+    kinds = {(d.kind, d.detail) for d in diff_trees(a, b)}
+    assert ("mode", "0644 vs 0600") in kinds
+    assert ("content", "first differing byte at offset 6") in kinds
+
+
+@pytest.mark.parametrize("name", [b"/etc/passwd", b"a/../../x", b"../x"])
+def test_hostile_names_are_refused(name: bytes) -> None:
+    with pytest.raises(ImageError):
+        check_relative_path(name, "test.tar")
+
+
+def test_member_through_symlink_and_duplicates_are_refused() -> None:
+    tree = Tree()
+    tree.add(Entry(b"link", EntryType.SYMLINK, 0o777, target=b"/etc"))
+    with pytest.raises(ImageError, match="not a directory"):
+        tree.add(Entry(b"link/passwd", EntryType.REGULAR, 0o644))
+    tree.add(Entry(b"f", EntryType.REGULAR, 0o644))
+    with pytest.raises(ImageError, match="duplicate"):
+        tree.add(Entry(b"f", EntryType.REGULAR, 0o644))
+    with pytest.raises(ImageError, match="hardlink target"):
+        tree.add(Entry(b"h", EntryType.HARDLINK, 0o644, target=b"missing"))
+
+
+def test_normalized_clamps_mtimes_and_sorts_xattrs() -> None:
+    tree = Tree()
+    tree.add(Entry(b"f", EntryType.REGULAR, 0o644, mtime_ns=5 * 10**18,
+                   xattrs=((b"user.b", b"2"), (b"user.a", b"1"))))
+    out = tree.normalized(epoch=100)
+    f = out.get(b"f")
+    assert f is not None
+    assert f.mtime_ns == 100 * 10**9
+    assert f.xattrs == ((b"user.a", b"1"), (b"user.b", b"2"))
