@@ -9,7 +9,7 @@ GNU sparse members (old GNU and pax 0.0/0.1/1.0) are expanded: holes become zero
 of content.
 
 Where the bytes live: for an uncompressed tar file, regular members are read in place
-(a :class:`SliceSource` of offset and size in the archive, nothing copied); members of
+(a :class:`~reprobuild.trees.region.FileRegion` of the archive, nothing copied); members of
 a compressed tar, and sparse members, are copied once into a content-addressed
 :class:`Spool` directory (file name = blake3 of the bytes, identical files stored once),
 never held whole in memory. The archive and the spool must outlive the tree.
@@ -27,7 +27,6 @@ import base64
 import bz2
 import contextlib
 import gzip
-import io
 import lzma
 import os
 import shutil
@@ -45,6 +44,7 @@ import zstandard
 
 from reprobuild.errors import ImageError
 from reprobuild.trees.builder import TreeBuilder
+from reprobuild.trees.region import file_region
 from reprobuild.trees.tree import (
     CHUNK,
     Content,
@@ -111,45 +111,6 @@ def open_decompressed(raw: BinaryIO, compression: str | None) -> BinaryIO:
 
 
 # -- where member bytes come from ------------------------------------------------------
-class _SliceReader(io.RawIOBase):
-    """Reads ``size`` bytes of a file from ``offset``."""
-
-    def __init__(self, path: bytes, offset: int, size: int) -> None:
-        self._file = open(path, "rb")  # noqa: SIM115 - closed by close()
-        self._file.seek(offset)
-        self._left = size
-
-    def readable(self) -> bool:
-        return True
-
-    def readinto(self, buffer: memoryview) -> int:  # type: ignore[override]
-        if self._left <= 0:
-            return 0
-        view = memoryview(buffer)[: min(len(buffer), self._left)]
-        count = self._file.readinto(view)
-        if not count:
-            raise ImageError(f"{self._file.name!r}: archive ended inside a member")
-        self._left -= count
-        return count
-
-    def close(self) -> None:
-        self._file.close()
-        super().close()
-
-
-@dataclass(frozen=True)
-class SliceSource:
-    """A member's bytes read in place from an uncompressed archive (or image) file."""
-
-    path: bytes
-    offset: int
-    size: int
-
-    def open(self) -> BinaryIO:
-        return cast(BinaryIO, io.BufferedReader(_SliceReader(self.path, self.offset, self.size),
-                                                CHUNK))
-
-
 class Spool:
     """A content-addressed directory of file bytes (name = blake3 hex of the bytes)."""
 
@@ -357,10 +318,9 @@ def _member(archive: tarfile.TarFile, info: tarfile.TarInfo, path: bytes, what: 
     entry = _entry_of(info, rel, kind, label)
     if kind is EntryType.REGULAR:
         if in_place and not info.issparse():
-            if info.offset_data + info.size > os.path.getsize(path):
-                raise ImageError(f"{label}: the archive ends inside the member",
-                                 hint="the tar file is truncated")
-            content = Content(info.size, SliceSource(path, info.offset_data, info.size))
+            content = Content(info.size, file_region(
+                path, ((info.offset_data, info.size),), file_size=os.path.getsize(path),
+                what=label))
         else:
             data = archive.extractfile(info)
             assert data is not None
