@@ -28,6 +28,9 @@ __all__ = ["DebSource", "HostSource", "Image", "OciSource", "PathSource", "Recip
            "load_recipe", "parse_duration", "parse_recipe", "parse_size"]
 
 NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_.-]*$")
+# Store outputs get mtime = epoch through utime, whose nanosecond count is a signed
+# 64-bit number; each image format then refuses what it cannot hold (images/timestamps).
+MAX_EPOCH = ((1 << 63) - 1) // 1_000_000_000
 TOP_KEYS = ("epoch", "sources", "steps", "images")
 DEB_KEYS = ("deb", "version", "sha256")
 PATH_KEYS = ("path", "blake3")
@@ -259,6 +262,9 @@ def parse_recipe(data: dict[str, Any], *, path: str, directory: str) -> Recipe:
     """Validate already-parsed TOML (``path`` is for messages, ``directory`` for paths)."""
     top = _Table(path, "top level", data, TOP_KEYS)
     epoch = top.integer("epoch") or 0
+    if epoch > MAX_EPOCH:
+        raise top.error("epoch", f"{epoch} is later than file times can be set in the "
+                        f"store (at most {MAX_EPOCH}, in 2262)")
     sources: dict[str, Source] = {}
     steps: dict[str, Step] = {}
     images: dict[str, Image] = {}

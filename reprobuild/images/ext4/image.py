@@ -31,6 +31,7 @@ import os
 from typing import BinaryIO
 
 from reprobuild.images.registry import ImageOptions
+from reprobuild.images.timestamps import EXT4_TIMES, check_times
 from reprobuild.trees.tree import Tree
 
 VERSION = "1"
@@ -41,6 +42,7 @@ def write(tree: Tree, output: BinaryIO, options: ImageOptions) -> None:
     from reprobuild.images.ext4.layout import plan
     from reprobuild.images.ext4.write import write_image
 
+    check_times(tree, options.epoch, EXT4_TIMES, "ext4")
     cache: dict[int, bytes] = {}
     layout = plan(tree, options, cache)
     write_image(layout, output, cache)
