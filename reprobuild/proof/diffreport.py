@@ -22,12 +22,20 @@ from typing import Any, BinaryIO
 
 from reprobuild.errors import ImageError
 from reprobuild.images.registry import get_format
+from reprobuild.proof.bytediff import HEX_LINES as HEX_LINES  # re-exported for callers
+from reprobuild.proof.bytediff import (
+    ORDER_HINT_LIMIT,
+    ByteDifference,
+    ChunkStream,
+    compare_bytes,
+    compare_streams,
+    order_hint,
+)
 from reprobuild.trees.diff import Difference, diff_trees
-from reprobuild.trees.tree import Entry, EntryType, Tree, tree_from_directory
+from reprobuild.trees.load import load_tree
+from reprobuild.trees.tree import EntryType, Tree, tree_from_directory
 
 TREE_FORMATS = ("tar", "cpio", "ext4", "squashfs", "erofs")
-HEX_WIDTH = 16
-HEX_LINES = 4
 MAX_HEXDUMPS = 8  # content differences inside a tree that get a hexdump
 MAX_NESTED = 8  # differing image files inside a directory that are compared as images
 
@@ -84,133 +92,6 @@ def read_tree(path: str | os.PathLike[str], kind: str, *, store_output: bool = F
             hint="compare the files byte by byte, or use --diffoscope") from None
     tree: Tree = reader(os.fspath(path))
     return tree
-
-
-# -- byte differences -----------------------------------------------------------------
-@dataclass(frozen=True)
-class ByteDifference:
-    """The first differing byte of two streams and a hexdump of both around it."""
-
-    offset: int
-    size_a: int
-    size_b: int
-    dump_a: tuple[str, ...]
-    dump_b: tuple[str, ...]
-    hint: str | None = None
-
-    def to_json(self) -> dict[str, Any]:
-        return {"offset": self.offset, "size_a": self.size_a, "size_b": self.size_b,
-                "hexdump_a": list(self.dump_a), "hexdump_b": list(self.dump_b),
-                "hint": self.hint}
-
-    def render(self, indent: str = "  ") -> list[str]:
-        lines = [f"{indent}first differing byte at offset {self.offset} (0x{self.offset:x});"
-                 f" sizes {self.size_a} vs {self.size_b} bytes"]
-        if self.hint:
-            lines.append(f"{indent}{self.hint}")
-        for la, lb in zip(self.dump_a, self.dump_b, strict=True):
-            if la.endswith("(end)") and lb.endswith("(end)"):
-                lines.append(f"{indent}  {la}")
-                break
-            if la == lb:
-                lines.append(f"{indent}  {la}")
-            else:
-                lines.append(f"{indent}- {la}")
-                lines.append(f"{indent}+ {lb}")
-        return lines
-
-
-def hexdump_line(offset: int, data: bytes) -> str:
-    """One ``hexdump -C`` style line: offset, 16 hex bytes, printable characters."""
-    if not data:
-        return f"{offset:08x}  (end)"
-    hexes = " ".join(f"{b:02x}" for b in data).ljust(HEX_WIDTH * 3 - 1)
-    text = "".join(chr(b) if 0x20 <= b < 0x7F else "." for b in data)
-    return f"{offset:08x}  {hexes}  |{text}|"
-
-
-def _dump(stream: BinaryIO, start: int, lines: int) -> tuple[str, ...]:
-    stream.seek(start)
-    data = stream.read(HEX_WIDTH * lines)
-    # Lines past the end of both streams are dropped by render(); one "(end)" stays.
-    return tuple(hexdump_line(start + i, data[i:i + HEX_WIDTH])
-                 for i in range(0, HEX_WIDTH * lines, HEX_WIDTH))
-
-
-def _first_offset(fa: BinaryIO, fb: BinaryIO) -> int | None:
-    offset = 0
-    while True:
-        ca, cb = fa.read(1 << 20), fb.read(1 << 20)
-        if ca != cb:
-            n = min(len(ca), len(cb))
-            for i in range(n):
-                if ca[i] != cb[i]:
-                    return offset + i
-            return offset + n
-        if not ca:
-            return None
-        offset += len(ca)
-
-
-def compare_bytes(a: str | os.PathLike[str], b: str | os.PathLike[str]) -> ByteDifference | None:
-    """None when the files are identical; else where they first differ, with hexdumps."""
-    with open(a, "rb") as fa, open(b, "rb") as fb:
-        found = compare_streams(fa, fb)
-        if found is not None and max(found.size_a, found.size_b) <= ORDER_HINT_LIMIT:
-            fa.seek(0)
-            fb.seek(0)
-            found = replace(found, hint=order_hint(fa.read(), fb.read()))
-        return found
-
-
-ORDER_HINT_LIMIT = 1 << 20
-
-
-def order_hint(a: bytes, b: bytes) -> str | None:
-    """A hint when two contents hold the same lines in another order."""
-    if a != b and b"\n" in a and sorted(a.splitlines()) == sorted(b.splitlines()):
-        return ("the same lines in another order: directory listing (readdir) or hash "
-                "order leaks into the output")
-    return None
-
-
-def compare_streams(fa: BinaryIO, fb: BinaryIO) -> ByteDifference | None:
-    offset = _first_offset(fa, fb)
-    if offset is None:
-        return None
-    size_a, size_b = fa.seek(0, os.SEEK_END), fb.seek(0, os.SEEK_END)
-    start = max(0, (offset // HEX_WIDTH - 1) * HEX_WIDTH)
-    return ByteDifference(offset, size_a, size_b, _dump(fa, start, HEX_LINES),
-                          _dump(fb, start, HEX_LINES))
-
-
-class _ChunkStream:
-    """A minimal seekable reader over a file content's chunks (for hexdumps in trees)."""
-
-    def __init__(self, entry: Entry) -> None:
-        assert entry.content is not None
-        self._content = entry.content
-        self._data: bytes | None = None
-        self._pos = 0
-
-    def _bytes(self) -> bytes:
-        if self._data is None:
-            self._data = self._content.read()
-        return self._data
-
-    def all(self) -> bytes:
-        return self._bytes()
-
-    def read(self, n: int = -1) -> bytes:
-        data = self._bytes()
-        end = len(data) if n < 0 else self._pos + n
-        chunk = data[self._pos:end]
-        self._pos += len(chunk)
-        return chunk
-
-    def seek(self, offset: int, whence: int = os.SEEK_SET) -> int:
-        self._pos = len(self._bytes()) + offset if whence == os.SEEK_END else offset
-        return self._pos
 
 
 # -- the report -----------------------------------------------------------------------
@@ -289,6 +170,7 @@ def diff_paths(
     *,
     compare_owner: bool = True,
     store_outputs: bool = False,
+    exact: bool = False,
     follow_symlinks: bool = False,
     workdir: str | os.PathLike[str] | None = None,
 ) -> DiffReport:
@@ -297,23 +179,25 @@ def diff_paths(
     ``store_outputs`` reads directories as store outputs (ownership ignored, no hardlink
     detection). ``follow_symlinks`` compares what ``a`` and ``b`` point at when they are
     symlinks (result links), not the links. ``workdir`` is where GPT partitions are
-    extracted (a temporary directory, removed afterwards, when None).
+    extracted (a temporary directory, removed afterwards, when None). A directory
+    compared with a tree image is read as ``reprobuild image`` reads its source (owners
+    root, mtimes the image's epoch) unless ``exact``.
     """
     pa, pb = Path(a), Path(b)
     if follow_symlinks:
         pa, pb = (Path(os.path.realpath(p)) if p.is_symlink() else p for p in (pa, pb))
     if workdir is not None:
         report = _diff(pa, pb, compare_owner=compare_owner, store_outputs=store_outputs,
-                       workdir=Path(workdir))
+                       workdir=Path(workdir), exact=exact)
     else:
         with tempfile.TemporaryDirectory(prefix="reprobuild-diff-") as tmp:
             report = _diff(pa, pb, compare_owner=compare_owner, store_outputs=store_outputs,
-                           workdir=Path(tmp))
+                           workdir=Path(tmp), exact=exact)
     return _with(report, a=os.fspath(a), b=os.fspath(b))
 
 
 def _diff(a: Path, b: Path, *, compare_owner: bool, store_outputs: bool,
-          workdir: Path) -> DiffReport:
+          workdir: Path, exact: bool = False) -> DiffReport:
     for p in (a, b):
         if not os.path.lexists(p):
             raise ImageError(f"{p} does not exist")
@@ -343,10 +227,15 @@ def _diff(a: Path, b: Path, *, compare_owner: bool, store_outputs: bool,
                 f"cannot read both sides as trees ({exc.message})"
             return _with(base, byte_difference=byte_diff,
                          notes=(f"{reason}; comparing bytes only",))
-        diffs = diff_trees(tree_a, tree_b, compare_owner=compare_owner)
         notes: tuple[str, ...] = ()
+        if not exact and not store_outputs and (kind_a == "directory") != (kind_b == "directory"):
+            if kind_a == "directory":
+                tree_a, tree_b, notes = _as_image_source(a, tree_b, kind_b)
+            else:
+                tree_b, tree_a, notes = _as_image_source(b, tree_a, kind_a)
+        diffs = diff_trees(tree_a, tree_b, compare_owner=compare_owner)
         if not diffs and byte_diff is not None:
-            notes = (f"the {kind_a} trees are identical, but the image bytes differ "
+            notes += (f"the {kind_a} trees are identical, but the image bytes differ "
                      "(image metadata: superblock, layout, padding)",)
         elif diffs:
             byte_diff = None  # the tree differences are the useful explanation
@@ -360,6 +249,23 @@ def _diff(a: Path, b: Path, *, compare_owner: bool, store_outputs: bool,
         return _with(base, differences=(Difference(b"", "type", f"{kind_a} vs {kind_b}"),),
                      byte_difference=byte_diff, notes=(note,))
     return _with(base, byte_difference=byte_diff)
+
+
+def _as_image_source(directory: Path, image: Tree, kind: str
+                     ) -> tuple[Tree, Tree, tuple[str, ...]]:
+    """The directory as ``reprobuild image`` would read it for ``image``; the image tree.
+
+    The epoch is the image's newest mtime (a directory source gets every mtime equal to
+    it). ext4's ``lost+found`` is left out when the directory has none: mke2fs and our
+    writer add it.
+    """
+    epoch = max(0, max(entry.mtime_ns for entry in image) // 1_000_000_000)
+    tree = load_tree(os.fsencode(directory), epoch=epoch)
+    if kind == "ext4" and b"lost+found" in image and b"lost+found" not in tree:
+        image.remove(b"lost+found")
+    note = (f"{directory} read as `reprobuild image` reads a directory (owners root, mtimes "
+            f"the epoch {epoch}, taken from the image); --exact compares it as it is")
+    return tree, image, (note,)
 
 
 def _nested_images(a: Path, b: Path, diffs: list[Difference], *, compare_owner: bool,
@@ -401,7 +307,7 @@ def _content_dumps(a: Tree, b: Tree, diffs: list[Difference]
             continue
         if max(ra.size, rb.size) > 64 << 20:
             continue  # the offset is in the detail; do not pull huge files into memory
-        sa, sb = _ChunkStream(ra), _ChunkStream(rb)
+        sa, sb = ChunkStream(ra), ChunkStream(rb)
         found = compare_streams(sa, sb)  # type: ignore[arg-type]
         if found is not None:
             if max(ra.size, rb.size) <= ORDER_HINT_LIMIT:
