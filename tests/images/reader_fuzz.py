@@ -207,7 +207,7 @@ def fuzz(variant: str, count: int, seed: int,
                 reader(fmt, mutant_path)
             except ReprobuildError:
                 refused += 1
-            except (Exception, MemoryError, RecursionError) as exc:  # noqa: B014 - each counts
+            except (Exception, MemoryError, RecursionError) as exc:
                 crashes.append({"mutation": how, "error": f"{type(exc).__name__}: {exc}"[:300],
                                 "where": "".join(traceback.format_tb(exc.__traceback__)[-2:])})
             finally:

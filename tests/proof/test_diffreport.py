@@ -6,6 +6,7 @@ import json
 import os
 import shutil
 import subprocess
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -285,9 +286,6 @@ def test_diffoscope(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
 
 @pytest.mark.parametrize("fmt", ["ext4", "squashfs", "erofs", "cpio", "tar"])
 def test_directory_against_its_own_image_is_identical(tmp_path: Path, fmt: str) -> None:
-    import subprocess
-    import sys
-
     source = tmp_path / "src"
     (source / "sub").mkdir(parents=True)
     (source / "sub" / "a").write_bytes(b"a\n" * 100)
