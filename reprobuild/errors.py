@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import difflib
+import errno
+import os
 from collections.abc import Iterable
 
 
@@ -65,3 +67,22 @@ class VerifyError(ReprobuildError):
     """A verification failed: outputs differ, a signature or hash does not match."""
 
     exit_code = 1
+
+
+def disk_full(exc: OSError, where: str | os.PathLike[str], what: str) -> ReprobuildError | None:
+    """The error to raise for ``exc`` when it is ENOSPC or EDQUOT (None otherwise).
+
+    ``where`` is a path on the full file system, ``what`` the thing being written. Used
+    at the one place that writes a whole output (an image, a store entry), not in every
+    writer.
+    """
+    if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+        return None
+    shown = os.fspath(where)
+    try:
+        device = os.path.dirname(os.path.abspath(shown)) or shown
+    except (OSError, ValueError):
+        device = shown
+    return ReprobuildError(f"no space left on the file system holding {device} while writing "
+                           f"{what}", hint="free space there or write somewhere larger; "
+                           "nothing partial was kept")

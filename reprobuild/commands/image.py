@@ -12,7 +12,7 @@ import contextlib
 import os
 import tempfile
 
-from reprobuild.errors import ImageError, ReprobuildError
+from reprobuild.errors import ImageError, ReprobuildError, disk_full
 from reprobuild.images.registry import FORMATS, ImageOptions, OptionValue, get_format
 from reprobuild.trees.load import load_tree
 from reprobuild.trees.oci import DEFAULT_PLATFORM
@@ -126,9 +126,13 @@ def build_image(source: str, output: str, fmt: str, options: ImageOptions, *,
                 size = out.seek(0, os.SEEK_END)
             os.chmod(partial, 0o644)
             os.replace(partial, output)
-        except BaseException:
+        except BaseException as exc:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(partial)
+            full = disk_full(exc, output, f"the {fmt} image {output}") \
+                if isinstance(exc, OSError) else None
+            if full is not None:
+                raise full from None
             raise
     return size
 
