@@ -69,20 +69,44 @@ class VerifyError(ReprobuildError):
     exit_code = 1
 
 
-def disk_full(exc: OSError, where: str | os.PathLike[str], what: str) -> ReprobuildError | None:
+
+class DiskFullError(ReprobuildError):
+    """A file system ran out of space (or quota) while reprobuild wrote to it."""
+
+
+NEARLY_FULL = 1 << 20  # bytes free below which a failed write is put down to a full disk
+
+
+def mount_point(path: str | os.PathLike[str]) -> str:
+    """The mount point of the file system holding ``path`` (or its nearest parent)."""
+    current = os.path.abspath(os.fspath(path))
+    while not os.path.exists(current):
+        current = os.path.dirname(current)
+    while current != os.path.dirname(current) and not os.path.ismount(current):
+        current = os.path.dirname(current)
+    return current
+
+
+def disk_full(exc: OSError, where: str | os.PathLike[str], what: str) -> DiskFullError | None:
     """The error to raise for ``exc`` when it is ENOSPC or EDQUOT (None otherwise).
 
     ``where`` is a path on the full file system, ``what`` the thing being written. Used
-    at the one place that writes a whole output (an image, a store entry), not in every
-    writer.
+    where a whole output is written (an image, a store entry), not in every writer.
     """
     if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
         return None
-    shown = os.fspath(where)
-    try:
-        device = os.path.dirname(os.path.abspath(shown)) or shown
-    except (OSError, ValueError):
-        device = shown
-    return ReprobuildError(f"no space left on the file system holding {device} while writing "
-                           f"{what}", hint="free space there or write somewhere larger; "
-                           "nothing partial was kept")
+    return no_space(where, what)
+
+
+def no_space(where: str | os.PathLike[str], what: str, detail: str = "") -> DiskFullError:
+    """"no space left on DEVICE while writing WHAT", naming the file system's mount point."""
+    return DiskFullError(f"no space left on {mount_point(where)} while writing {what}"
+                         + (f" ({detail})" if detail else ""),
+                         hint="free space there (reprobuild gc) or use a larger file system; "
+                         "nothing partial was kept")
+
+
+def free_bytes(path: str | os.PathLike[str]) -> int:
+    """Bytes an unprivileged writer may still use on the file system holding ``path``."""
+    st = os.statvfs(path)
+    return st.f_bavail * st.f_frsize

@@ -10,6 +10,7 @@ stops the steps that depend on it; ``keep_going`` lets independent steps finish.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import threading
 from collections.abc import Callable, Iterable
@@ -20,7 +21,17 @@ from reprobuild.build import fetch, inputs, sandboxing
 from reprobuild.build.plan import Node, Plan
 from reprobuild.build.progress import Progress
 from reprobuild.build.recipe import DebSource, HostSource, PathSource
-from reprobuild.errors import BuildError, FetchError, ReprobuildError, SandboxError
+from reprobuild.errors import (
+    NEARLY_FULL,
+    BuildError,
+    DiskFullError,
+    FetchError,
+    ReprobuildError,
+    SandboxError,
+    disk_full,
+    free_bytes,
+    no_space,
+)
 from reprobuild.store import canon
 from reprobuild.store.store import Store, StoreEntry
 from sandbox.spec import Runner, SandboxSpec
@@ -162,9 +173,9 @@ class Engine:
                         except _Cancelled:
                             report.skipped.append(key)
                             continue
-                        except SandboxError:
+                        except (SandboxError, DiskFullError):
                             self._cancelled = True
-                            raise  # the host cannot sandbox at all: not one step's failure
+                            raise  # the host cannot build at all: not one step's failure
                         except ReprobuildError as exc:
                             log = self.store.log_path(nodes[key].id)
                             report.failures.append(Failure(
@@ -227,11 +238,15 @@ class Engine:
                 self._give_back_build_dir(build_dir)
                 raise
             except BaseException as exc:
-                if self.options.keep_failed and node.sandboxed and isinstance(exc, BuildError):
+                full = _disk_full(exc, node, build_dir)
+                if self.options.keep_failed and node.sandboxed and isinstance(exc, BuildError) \
+                        and full is None:
                     kept = self._keep(node, build_dir)
                     exc.hint = (exc.hint + "; " if exc.hint else "") + \
                         f"kept /build and $out in {kept}"
                 canon.remove_tree(build_dir)
+                if full is not None:
+                    raise full from None
                 raise
             self._give_back_build_dir(build_dir)
             return entry, True
@@ -321,6 +336,24 @@ class Engine:
         raise BuildError(f"{node.key} {how}; log: {log}"
                          + (f"\n  last lines:\n{lines}" if lines else ""),
                          hint=f"reprobuild log {plan.recipe.path} {node.key}")
+
+
+def _disk_full(exc: BaseException, node: Node, build_dir: str) -> DiskFullError | None:
+    """A clear error when ``node`` failed because the store's file system is full.
+
+    An OSError says so itself (ENOSPC while copying, unpacking or registering); a step
+    cannot tell us from inside the sandbox (its log is on the full disk too), so its
+    failure is put down to the disk when what is left there is under NEARLY_FULL.
+    """
+    what = f"the output of {node.key}"
+    if isinstance(exc, OSError):
+        return disk_full(exc, build_dir, what)
+    if isinstance(exc, BuildError) and node.sandboxed:
+        with contextlib.suppress(OSError):
+            left = free_bytes(build_dir)
+            if left < NEARLY_FULL:
+                return no_space(build_dir, what, f"the step failed with {left} bytes left")
+    return None
 
 
 def _has_log(log: str, node: Node) -> bool:

@@ -19,7 +19,7 @@ import tempfile
 from collections.abc import Iterator, Mapping
 from typing import Any
 
-from reprobuild.errors import ImageError
+from reprobuild.errors import ImageError, disk_full
 from reprobuild.images.registry import ImageOptions, OptionValue, get_format
 from reprobuild.trees.load import load_tree
 from reprobuild.trees.tar_reader import Spool
@@ -51,7 +51,17 @@ def scratch_spool(scratch: str | None) -> Iterator[Spool | None]:
 
 
 def build_image(job: Mapping[str, Any]) -> None:
-    """Write the image ``job`` describes to ``job["output"]``."""
+    """Write the image ``job`` describes to ``job["output"]``; a full disk is named."""
+    try:
+        _build_image(job)
+    except OSError as exc:
+        full = disk_full(exc, job["output"], f"the {job['format']} image {job.get('name')}")
+        if full is None:
+            raise
+        raise full from None
+
+
+def _build_image(job: Mapping[str, Any]) -> None:
     fmt = get_format(job["format"])
     module = fmt.load()
     epoch = int(job["epoch"])
