@@ -15,10 +15,9 @@ import shutil
 import stat
 import subprocess
 import tempfile
-from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any
 
 from reprobuild.errors import ImageError
 from reprobuild.images.registry import get_format
@@ -352,29 +351,20 @@ def _gpt_table_diffs(ta: Any, tb: Any) -> list[Difference]:
     return diffs
 
 
-def _extract(disk: Path, sector_size: int, part: Any, target: Path) -> Path:
-    start = part.first_lba * sector_size
-    length = (part.last_lba - part.first_lba + 1) * sector_size
-    with open(disk, "rb") as src, open(target, "wb") as dst:
-        src.seek(start)
-        for chunk in _read_range(src, length):
-            dst.write(chunk)
+def _extract(region: Any, target: Path) -> Path:
+    """Copy a partition (a checked region of its disk) to ``target``."""
+    with region.open() as src, open(target, "wb") as dst:
+        shutil.copyfileobj(src, dst, 1 << 20)
     return target
-
-
-def _read_range(stream: BinaryIO, length: int) -> Iterator[bytes]:
-    while length > 0:
-        chunk = stream.read(min(length, 1 << 20))
-        if not chunk:
-            return
-        length -= len(chunk)
-        yield chunk
 
 
 def _diff_gpt(base: DiffReport, a: Path, b: Path, byte_diff: ByteDifference | None, *,
               compare_owner: bool, workdir: Path) -> DiffReport:
+    module = get_format("gpt").load()
     try:
         ta, tb = read_gpt(a), read_gpt(b)
+        ra = {p.number: module.partition_region(a, ta, p) for p in ta.entries}
+        rb = {p.number: module.partition_region(b, tb, p) for p in tb.entries}
     except ImageError as exc:  # a corrupt table (bad CRC): the bytes still tell
         return _with(base, byte_difference=byte_diff,
                      notes=(f"cannot read both partition tables ({exc.message}); "
@@ -387,8 +377,8 @@ def _diff_gpt(base: DiffReport, a: Path, b: Path, byte_diff: ByteDifference | No
         if other is None:
             continue
         label = f"partition {part.number} ({part.name or part.type_guid})"
-        fa = _extract(a, ta.sector_size, part, workdir / f"a-partition{part.number}.img")
-        fb = _extract(b, tb.sector_size, other, workdir / f"b-partition{other.number}.img")
+        fa = _extract(ra[part.number], workdir / f"a-partition{part.number}.img")
+        fb = _extract(rb[other.number], workdir / f"b-partition{other.number}.img")
         sub = workdir / f"partition{part.number}"
         sub.mkdir(exist_ok=True)
         found = _diff(fa, fb, compare_owner=compare_owner, store_outputs=False, workdir=sub)

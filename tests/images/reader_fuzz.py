@@ -33,6 +33,7 @@ import crc32c
 
 from reprobuild.errors import ReprobuildError
 from reprobuild.images.registry import ImageOptions, get_format
+from reprobuild.proof.diffreport import diff_paths
 from reprobuild.trees.tree import Content, Entry, EntryType, Tree
 
 EPOCH = 1_700_000_000
@@ -178,6 +179,15 @@ def read_everything(fmt: str, path: Path) -> None:
                 left -= len(chunk)
 
 
+def diff_against(original: Path) -> Callable[[str, Path], None]:
+    """A reader that runs ``reprobuild diff ORIGINAL MUTANT`` (as a library call)."""
+    def read(fmt: str, path: Path) -> None:
+        report = diff_paths(original, path)
+        report.render()
+        json.dumps(report.to_json())
+    return read
+
+
 class _Timeout(Exception):
     pass
 
@@ -186,15 +196,20 @@ def _alarm(signum: int, frame: FrameType | None) -> None:
     raise _Timeout(f"no answer within {SECONDS_PER_MUTANT} s (a loop?)")
 
 
-def fuzz(variant: str, count: int, seed: int,
-         reader: Callable[[str, Path], None] = read_everything) -> dict[str, object]:
-    """Try ``count`` mutants of the ``variant`` image; the crashes found."""
+def fuzz(variant: str, count: int, seed: int, *, via_diff: bool = False) -> dict[str, object]:
+    """Try ``count`` mutants of the ``variant`` image; the crashes found.
+
+    ``via_diff`` compares each mutant with the original through ``diff`` instead of
+    reading it alone.
+    """
     fmt = VARIANTS[variant][0]
     crashes: list[dict[str, str]] = []
     refused = 0
     signal.signal(signal.SIGALRM, _alarm)
     with tempfile.TemporaryDirectory(prefix="reprobuild-fuzz-") as tmp:
-        original = build_image(variant, Path(tmp)).read_bytes()
+        original_path = build_image(variant, Path(tmp))
+        original = original_path.read_bytes()
+        reader = diff_against(original_path) if via_diff else read_everything
         mutant_path = Path(tmp) / "mutant.img"
         rng = random.Random(seed)
         for _ in range(count):
@@ -229,10 +244,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--memory", type=int, default=256 << 20,
                         help="bytes the readers may map beyond the interpreter's start")
+    parser.add_argument("--via-diff", action="store_true",
+                        help="compare each mutant with the original as `reprobuild diff` does")
     args = parser.parse_args(argv)
     # Build the original image before the cap: only the readers are bounded.
     limit_memory(args.memory)
-    result = fuzz(args.variant, args.count, args.seed)
+    result = fuzz(args.variant, args.count, args.seed, via_diff=args.via_diff)
     json.dump(result, sys.stdout, indent=1)
     sys.stdout.write("\n")
     return 0

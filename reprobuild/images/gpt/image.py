@@ -76,12 +76,13 @@ from reprobuild.images.gpt.layout import (
     ATTRIBUTE_BITS,
     TYPE_NAMES,
     DiskLayout,
+    GptEntry,
     GptTable,
     PartitionSpec,
 )
 from reprobuild.images.registry import ImageOptions
 from reprobuild.integrity.verity import content_digest_of
-from reprobuild.trees.region import file_region
+from reprobuild.trees.region import FileRegion, file_region
 from reprobuild.trees.tree import Content, Entry, EntryType, Tree
 
 VERSION = "1"
@@ -422,15 +423,21 @@ def read(path: str | bytes | os.PathLike[str]) -> Tree:
     disk = _disk_path(path)
     table = read_table(disk)
     tree = Tree(Entry(b"", EntryType.DIRECTORY, 0o555))
-    disk_size = os.path.getsize(disk)
     for entry in table.entries:
-        what = f"{disk}: partition {entry.number}"
-        if entry.last_lba < entry.first_lba:
-            raise ImageError(f"{what} ends (LBA {entry.last_lba}) before it starts "
-                             f"(LBA {entry.first_lba})", hint="the partition table is damaged")
-        offset = entry.first_lba * table.sector_size
-        size = (entry.last_lba - entry.first_lba + 1) * table.sector_size
-        region = file_region(disk, ((offset, size),), file_size=disk_size, what=what)
+        region = partition_region(disk, table, entry)
         tree.add(Entry(partition_file_name(entry.number, entry.name), EntryType.REGULAR,
-                       0o444, content=Content(size, region)))
+                       0o444, content=Content(region.size, region)))
     return tree
+
+
+def partition_region(disk: str | bytes | os.PathLike[str], table: GptTable,
+                     entry: GptEntry) -> FileRegion:
+    """A partition's bytes as a region of the disk file, checked to lie inside it."""
+    what = f"{os.fsdecode(disk)}: partition {entry.number}"
+    if entry.last_lba < entry.first_lba:
+        raise ImageError(f"{what} ends (LBA {entry.last_lba}) before it starts "
+                         f"(LBA {entry.first_lba})", hint="the partition table is damaged")
+    offset = entry.first_lba * table.sector_size
+    size = (entry.last_lba - entry.first_lba + 1) * table.sector_size
+    return file_region(os.fsencode(disk), ((offset, size),), file_size=os.path.getsize(disk),
+                       what=what)
