@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -57,3 +58,30 @@ def test_mutated_images_long_run(variant: str) -> None:
     assert summary["crashes"] == [], _report(summary)
     summary = run_fuzzer(variant, LONG // 5, 4, "--via-diff")
     assert summary["crashes"] == [], _report(summary)
+
+
+CRAFTED_EXT4 = """
+import struct, sys
+from tests.images.reader_fuzz import build_image, limit_memory
+from pathlib import Path
+from reprobuild.errors import ReprobuildError
+from reprobuild.images.ext4.read import read_image
+image = build_image("ext4", Path(sys.argv[1]))
+data = bytearray(image.read_bytes())
+# s_blocks_count_lo = 2^32 - 1, s_blocks_per_group = 1: four billion block groups
+struct.pack_into("<I", data, 1024 + 4, 0xFFFFFFFF)
+struct.pack_into("<I", data, 1024 + 32, 1)
+image.write_bytes(data)
+limit_memory(64 << 20)
+try:
+    read_image(image)
+except ReprobuildError as exc:
+    print(exc)
+"""
+
+
+def test_crafted_ext4_group_count_is_refused_within_bounded_memory(tmp_path: Path) -> None:
+    result = subprocess.run([sys.executable, "-c", CRAFTED_EXT4, str(tmp_path)], cwd=REPO,
+                            capture_output=True, text=True, timeout=120, check=False)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "block groups do not fit in the image" in result.stdout
