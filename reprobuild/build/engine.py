@@ -176,6 +176,12 @@ class Engine:
                         except (SandboxError, DiskFullError):
                             self._cancelled = True
                             raise  # the host cannot build at all: not one step's failure
+                        except OSError as exc:  # e.g. the store lock's file on a full disk
+                            full = disk_full(exc, self.store.root, f"the output of {key}")
+                            if full is None:
+                                raise
+                            self._cancelled = True
+                            raise full from None
                         except ReprobuildError as exc:
                             log = self.store.log_path(nodes[key].id)
                             report.failures.append(Failure(
