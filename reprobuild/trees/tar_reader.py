@@ -111,6 +111,30 @@ def open_decompressed(raw: BinaryIO, compression: str | None) -> BinaryIO:
 
 
 # -- where member bytes come from ------------------------------------------------------
+class _Clamped:
+    """A file whose ``read(n)`` never asks for more than is left in it.
+
+    tarfile reads a pax or GNU long-name header's claimed size in one call, and a
+    buffered read allocates what it is asked for first: a damaged size field of 8 GiB
+    must not become an 8 GiB allocation. (The streaming mode used for compressed
+    archives reads in small blocks already.)
+    """
+
+    def __init__(self, raw: BinaryIO, size: int) -> None:
+        self._raw = raw
+        self._size = size
+
+    def read(self, n: int | None = -1) -> bytes:
+        left = max(0, self._size - self._raw.tell())
+        return self._raw.read(left if n is None or n < 0 else min(n, left))
+
+    def seek(self, offset: int, whence: int = os.SEEK_SET) -> int:
+        return self._raw.seek(offset, whence)
+
+    def tell(self) -> int:
+        return self._raw.tell()
+
+
 class Spool:
     """A content-addressed directory of file bytes (name = blake3 hex of the bytes)."""
 
@@ -292,7 +316,8 @@ def iter_members(path: bytes | str, *, what: str | None = None,
         compression = detect_compression(raw.read(6))
         raw.seek(0)
         try:
-            stream = open_decompressed(raw, compression)
+            stream = open_decompressed(raw, compression) if compression is not None \
+                else cast(BinaryIO, _Clamped(raw, os.fstat(raw.fileno()).st_size))
             mode = "r:" if compression is None else "r|"
             with tarfile.open(fileobj=stream, mode=mode, encoding="utf-8",  # type: ignore[call-overload]
                               errors="surrogateescape") as archive:

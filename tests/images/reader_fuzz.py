@@ -52,7 +52,9 @@ VARIANTS: dict[str, tuple[str, dict[str, object]]] = {
     "gpt": ("gpt", {}),
 }
 INTERESTING = (b"\x00" * 4, b"\xff" * 4, b"\xff" * 8, b"\x7f\xff\xff\xff", b"\x00\x00\x00\x80",
-               b"\x01\x00\x00\x00", b"\x00\x10\x00\x00", b"\xff\xff", b"\x00\x80")
+               b"\x01\x00\x00\x00", b"\x00\x10\x00\x00", b"\xff\xff", b"\x00\x80",
+               # text fields of tar (octal) and cpio (hex) headers
+               b"77777777777\0", b"FFFFFFFF", b"00000000")
 
 
 def sample_tree(*, xattrs: bool) -> Tree:

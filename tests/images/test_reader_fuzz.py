@@ -85,3 +85,34 @@ def test_crafted_ext4_group_count_is_refused_within_bounded_memory(tmp_path: Pat
                             capture_output=True, text=True, timeout=120, check=False)
     assert result.returncode == 0, result.stderr[-2000:]
     assert "block groups do not fit in the image" in result.stdout
+
+
+CRAFTED_TAR = """
+import io, os, sys, tarfile
+from tests.images.reader_fuzz import limit_memory
+from reprobuild.errors import ReprobuildError
+from reprobuild.trees.tar_reader import tree_from_tar
+path = os.path.join(sys.argv[1], "a.tar")
+with tarfile.open(path, "w", format=tarfile.PAX_FORMAT) as archive:
+    info = tarfile.TarInfo("x" * 150)  # a long name: a pax header comes first
+    info.size = 5
+    archive.addfile(info, io.BytesIO(b"hello"))
+raw = bytearray(open(path, "rb").read())
+raw[124:136] = b"77777777777\\0"  # the pax header claims 8 GiB
+raw[148:156] = b" " * 8
+raw[148:156] = b"%06o\\0 " % sum(raw[:512])
+open(path, "wb").write(raw)
+limit_memory(64 << 20)
+try:
+    tree_from_tar(path)
+except ReprobuildError as exc:
+    print(exc)
+"""
+
+
+def test_tar_header_claiming_gigabytes_is_refused_within_bounded_memory(tmp_path: Path
+                                                                         ) -> None:
+    result = subprocess.run([sys.executable, "-c", CRAFTED_TAR, str(tmp_path)], cwd=REPO,
+                            capture_output=True, text=True, timeout=120, check=False)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "not a readable tar archive" in result.stdout
