@@ -223,3 +223,19 @@ def record_from_metadata(meta: Mapping[str, Any], output_path: str | os.PathLike
         epoch=epoch if isinstance(epoch, int) else None,
         parameters={"kind": str(derivation.get("kind", ""))},
     )
+
+
+def entry_record(meta: Mapping[str, Any], output_path: str) -> bytes:
+    """The record bytes of a store entry (the store's ``RecordWriter``)."""
+    return record_bytes(record_from_metadata(meta, output_path))
+
+
+def check_entry_record(meta: Mapping[str, Any], output_path: str, data: bytes) -> str | None:
+    """Why ``data`` is not the record of the entry (the store's ``RecordCheck``), or None."""
+    try:
+        parse_statement(data)
+    except ReprobuildError:
+        return "does not parse as a reprobuild build record"
+    if data != entry_record(meta, output_path):
+        return "does not match the entry's metadata"
+    return None

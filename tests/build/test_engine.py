@@ -104,7 +104,7 @@ def test_failure_without_keep_going_stops_new_steps(tmp_path: Path) -> None:
     assert [f.key for f in report.failures] == ["bad"]
     steps = [f"s{i}" for i in range(6)]
     built = [k for k in report.built if k in steps]
-    assert sorted(built + report.skipped) == steps
+    assert sorted(built + report.skipped) == steps, (report.built, report.skipped, sorted(report.entries))
     assert len(report.skipped) >= 3  # queued steps never start after a failure
 
 
