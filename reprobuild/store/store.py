@@ -90,6 +90,14 @@ class Store:
             gc.remove_entry(self.layout, derivation_id)
         return None
 
+    def damage(self, derivation_id: str) -> str | None:
+        """Why the entry's bytes no longer match its recorded hash, or None (checked
+        as :meth:`trusted` does, without removing anything)."""
+        entry = self.lookup(derivation_id)
+        if entry is None:
+            return "not in the store"
+        return trust.check_output(self.layout, derivation_id, entry.hash)
+
     def paths(self) -> list[StoreEntry]:
         """Every complete entry, sorted by derivation id."""
         entries = []
