@@ -27,7 +27,7 @@ BODY = (step("tree", "mkdir -p $out/etc $out/bin; cp $files/greeting $out/etc/co
         + step("blob", "head -c 20000 /dev/zero | tr '\\0' b > $out")
         + '[images.img]\nfrom = "tree"\nformat = "tar"\n'
         + step("use", "cat $tree/etc/conf $tree/bin/tool $blob $img $files/greeting > $out; "
-                      "ls -l $tree/bin >> $out; readlink $tree/link >> $out",
+                      "cd $tree && find . -printf '%p %m %s %l\\n' | LC_ALL=C sort >> $out",
                ("sh", "tree", "blob", "img", "files")))
 
 
@@ -58,7 +58,7 @@ def _writable_write(path: str, change: Callable[[bytes], bytes], *, keep_stat: b
 
 
 def _flip(data: bytes) -> bytes:
-    return data[:100] + bytes([data[100] ^ 1]) + data[101:]
+    return data[:100] + bytes([(data[100] + 1) % 256]) + data[101:]
 
 
 def _in_dir(path: str, act: Callable[[], None]) -> None:
@@ -231,3 +231,31 @@ def test_store_delete_removes_dependents_and_refuses_roots(tmp_path: Path) -> No
     out, err = forced.communicate()
     assert forced.returncode == 0, err
     assert not os.path.exists(b_path) and Store(str(store)).lookup(a_id) is None
+
+
+@pytest.mark.parametrize("broken", ["{}", "[]", '{"hash": 1}', "{"])
+def test_broken_metadata_blocks_neither_build_nor_ls_and_repair_fixes_it(
+        tmp_path: Path, broken: str) -> None:
+    path = recipe(tmp_path, step("a", "echo a > $out"))
+    store = tmp_path / "store"
+    first = fakecli("build", "--json", "--store", str(store), path, cwd=tmp_path)
+    out, err = first.communicate()
+    assert first.returncode == 0, err
+    did = json.loads(out)[0]["derivation"]
+    Path(Store(str(store)).meta_path(did)).write_text(broken)
+    ls = fakecli("store", "ls", "--store", str(store), cwd=tmp_path)
+    out, err = ls.communicate()
+    assert ls.returncode == 0 and did not in out, err
+    verify = fakecli("store", "verify", "--store", str(store), cwd=tmp_path)
+    _out, err = verify.communicate()
+    assert verify.returncode == 1 and did in err and "Traceback" not in err, err
+    repair = fakecli("store", "verify", "--repair", "--store", str(store), cwd=tmp_path)
+    out, err = repair.communicate()
+    assert repair.returncode == 0 and did in out, err
+    again = fakecli("build", "--json", "--store", str(store), path, cwd=tmp_path)
+    out, err = again.communicate()
+    assert again.returncode == 0, err
+    assert Path(json.loads(out)[0]["path"]).read_text() == "a\n"
+    verify = fakecli("store", "verify", "--store", str(store), cwd=tmp_path)
+    _out, err = verify.communicate()
+    assert verify.returncode == 0, err
