@@ -14,7 +14,7 @@ import contextlib
 import json
 import os
 import threading
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from reprobuild.errors import StoreError
@@ -79,15 +79,17 @@ class Store:
         entry is reported through ``warn``, removed and None returned, so it is rebuilt.
         ``locked``: the caller holds the entry's lock."""
         entry = self.lookup(derivation_id)
-        if entry is None:
-            return None
-        why = trust.check_output(self.layout, derivation_id, entry.hash)
-        if why is None:
+        if entry is None or trust.check_output(self.layout, derivation_id, entry.hash) is None:
             return entry
+        with contextlib.nullcontext() if locked else self.lock(derivation_id):
+            # Again under the lock: another process may have replaced it meanwhile.
+            entry = self.lookup(derivation_id)
+            why = entry and trust.check_output(self.layout, derivation_id, entry.hash)
+            if entry is None or why is None:
+                return entry
+            gc.remove_entry(self.layout, derivation_id)
         warn(f"{entry.path}: content no longer matches its recorded hash ({why}), "
              f"rebuilding")
-        with contextlib.nullcontext() if locked else self.lock(derivation_id):
-            gc.remove_entry(self.layout, derivation_id)
         return None
 
     def damage(self, derivation_id: str) -> str | None:

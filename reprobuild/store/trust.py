@@ -127,9 +127,9 @@ def _compare(top: bytes, rows: list[Any]) -> str | None:
             return f"{shown}: mtime changed"
         if kind == "symlink" and os.fsdecode(os.readlink(top + rel)) != row[4]:
             return f"{shown}: symlink target changed"
-        if kind == "file" and (st.st_ino, st.st_size, st.st_ctime_ns) != tuple(row[4:7]):
-            if st.st_size != row[5] or _file_blake3(top + rel) != row[7]:
-                return f"{shown}: content changed"
+        if kind == "file" and (st.st_ino, st.st_size, st.st_ctime_ns) != tuple(row[4:7]) \
+                and (st.st_size != row[5] or _file_blake3(top + rel) != row[7]):
+            return f"{shown}: content changed"
     return None
 
 

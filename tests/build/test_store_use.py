@@ -89,7 +89,7 @@ CORRUPTIONS: dict[str, tuple[str, Callable[[str], None]]] = {
         os.path.join(p, "etc"), lambda: Path(p, "etc/new").write_text(""))),
     "tree setuid bit": ("tree", lambda p: os.chmod(os.path.join(p, "bin/tool"), 0o4555)),
     "tree symlink swapped": ("tree", lambda p: _in_dir(p, lambda: (
-        os.unlink(os.path.join(p, "link")), os.symlink("etc/conf", os.path.join(p, "link"))))),
+        os.unlink(os.path.join(p, "link")), Path(p, "link").symlink_to("etc/conf")))),
     "path source import flipped": ("files", lambda p: _writable_write(
         os.path.join(p, "greeting"), lambda d: d.replace(b"h", b"j"))),
 }
@@ -119,7 +119,8 @@ def test_a_changed_output_is_rebuilt_not_used(tmp_path: Path, case: str) -> None
 def test_a_fake_producer_is_registered_without_touching_the_scheduler(tmp_path: Path) -> None:
     class Stamp:
         needs_runner = False
-        produce_calls: list[str] = []
+        def __init__(self) -> None:
+            self.produce_calls: list[str] = []
 
         def produce(self, job: Job) -> None:
             self.produce_calls.append(job.node.key)
@@ -147,7 +148,9 @@ def test_gc_during_builds_never_leaves_a_dangling_result_link(tmp_path: Path) ->
     for trial in range(3):
         work = tmp_path / f"trial{trial}"
         work.mkdir()
-        Path(path).write_text(Path(path).read_text().replace(f"echo {trial - 1} ", f"echo {trial - 1}x "))
+        # A changed step each trial, so that every trial builds something.
+        text = Path(path).read_text()
+        Path(path).write_text(text.replace(f"echo {trial - 1} ", f"echo {trial - 1}x "))
         build = fakecli("build", "--store", str(store), path, cwd=work)
         while build.poll() is None:
             gc = fakecli("gc", "--store", str(store), cwd=work)

@@ -22,7 +22,7 @@ def populated(tmp_path: Path) -> Store:
     store = Store(str(tmp_path / "s"))
     tree = make_output(store, {"bin/tool": "#!/bin/sh\n", "etc/conf": "x=1\n", "empty": None})
     os.chmod(os.path.join(tree, "bin/tool"), 0o755)
-    os.symlink("bin/tool", os.path.join(tree, "link"))
+    Path(tree, "link").symlink_to("bin/tool")
     entry = store.register(INPUT, tree, derivation={"name": "tree", "kind": "step"},
                            inputs={}, epoch=EPOCH, record=records.entry_record)
     out = os.path.join(store.new_build_dir("t"), "out")
@@ -64,7 +64,7 @@ def _remove_file(store: Store) -> None:
 def _swap_link(store: Store) -> None:
     _writable(store.output_path(INPUT))
     os.unlink(_in_tree(store, "link"))
-    os.symlink("etc/conf", _in_tree(store, "link"))
+    Path(_in_tree(store, "link")).symlink_to("etc/conf")
     os.chmod(store.output_path(INPUT), 0o555)
 
 
