@@ -28,6 +28,7 @@ from reprobuild.errors import BuildError, ReprobuildError, StoreError
 from reprobuild.proof import records
 from reprobuild.store import canon
 from reprobuild.store.store import Store, StoreEntry
+from sandbox.plan import work_directory
 from sandbox.spec import Runner
 
 __all__ = ["BuildReport", "Engine", "Failure", "Options", "offline_error", "tail"]
@@ -201,7 +202,7 @@ class Engine:
                     exc.hint = (exc.hint + "; " if exc.hint else "") + \
                         f"kept /build and $out in {kept}"
                 else:
-                    self.store.drop_build_dir(build_dir)
+                    self._discard_build_dir(build_dir)
                 raise
             self._give_back_build_dir(build_dir)
             return entry, True
@@ -246,7 +247,13 @@ class Engine:
         with self._spare_lock:
             spare, self._spare = self._spare, []
         for build_dir in spare:
-            self.store.drop_build_dir(build_dir)
+            self._discard_build_dir(build_dir)
+
+    def _discard_build_dir(self, build_dir: str) -> None:
+        """Remove a build directory and the sandbox's overlay work directory beside it
+        (left behind when the sandbox server was killed, e.g. by an interrupt)."""
+        self.store.drop_build_dir(build_dir)
+        canon.remove_tree(work_directory(build_dir))
 
     def _keep(self, node: Node, build_dir: str) -> str:
         kept = os.path.join(self.store.root, "tmp", f"failed-{node.key}-{node.id[:12]}")

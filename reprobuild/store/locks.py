@@ -20,6 +20,9 @@ from reprobuild.store.layout import Layout
 
 # Prefixes of build directories under tmp/ that a later run may clean (see clean_tmp).
 CLEANABLE_PREFIXES = ("build.", "shell.")
+# The sandbox's overlay work directory of build directory NAME is tmp/.sandbox-work-NAME
+# (sandbox.plan.work_directory); it goes with its build directory.
+COMPANION_PREFIX = ".sandbox-work-"
 
 
 @contextlib.contextmanager
@@ -152,7 +155,8 @@ def clean_tmp(layout: Layout) -> list[str]:
     Directories kept on purpose (``failed-*``) stay."""
     removed = []
     tmp = layout.subdir("tmp")
-    for name in sorted(os.listdir(tmp)):
+    names = sorted(os.listdir(tmp))
+    for name in names:
         if not name.startswith(CLEANABLE_PREFIXES):
             continue
         path = os.path.join(tmp, name)
@@ -169,4 +173,10 @@ def clean_tmp(layout: Layout) -> list[str]:
             removed.append(path)
         finally:
             os.close(fd)
+    for name in names:
+        owner = name[len(COMPANION_PREFIX):]
+        if (name.startswith(COMPANION_PREFIX) and owner.startswith(CLEANABLE_PREFIXES)
+                and not os.path.lexists(os.path.join(tmp, owner))):
+            canon.remove_tree(os.path.join(tmp, name))
+            removed.append(os.path.join(tmp, name))
     return removed

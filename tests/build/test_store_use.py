@@ -164,7 +164,7 @@ def test_gc_during_builds_never_leaves_a_dangling_result_link(tmp_path: Path) ->
 
 def test_sigterm_is_an_interrupt_and_leaves_no_build_directory(tmp_path: Path) -> None:
     marker = tmp_path / "started"
-    path = recipe(tmp_path, step("slow", f"mkdir $out; touch {marker}; sleep 60"))
+    path = recipe(tmp_path, step("slow", f"mkdir $out; touch {marker}; exec sleep 60"))
     store = tmp_path / "store"
     proc = fakecli("build", "--store", str(store), path, cwd=tmp_path)
     deadline = time.monotonic() + 30
@@ -181,7 +181,7 @@ def test_sigterm_is_an_interrupt_and_leaves_no_build_directory(tmp_path: Path) -
 
 def test_the_next_build_removes_what_a_killed_build_left(tmp_path: Path) -> None:
     marker = tmp_path / "started"
-    path = recipe(tmp_path, step("slow", f"mkdir $out; touch {marker}; sleep 60"))
+    path = recipe(tmp_path, step("slow", f"mkdir $out; touch {marker}; exec sleep 60"))
     store = tmp_path / "store"
     proc = fakecli("build", "--store", str(store), "--no-out-link", path, cwd=tmp_path,
                    start_new_session=True)
@@ -192,9 +192,11 @@ def test_the_next_build_removes_what_a_killed_build_left(tmp_path: Path) -> None
     proc.communicate()
     left = sorted(os.listdir(store / "tmp"))
     assert left and all(n.startswith("build.") for n in left)
+    # A killed sandbox server's overlay work directory goes with its build directory.
+    (store / "tmp" / f".sandbox-work-{left[0]}").mkdir()
     # A live holder's directory stays: another process is building in it.
     live = Store(str(store)).new_build_dir("build")
-    Path(path).write_text(Path(path).read_text().replace("sleep 60", "true"))
+    Path(path).write_text(Path(path).read_text().replace("exec sleep 60", "true"))
     other = fakecli("build", "--store", str(store), "--no-out-link", path, cwd=tmp_path)
     _out, err = other.communicate()
     assert other.returncode == 0, err
