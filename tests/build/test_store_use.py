@@ -264,3 +264,61 @@ def test_broken_metadata_blocks_neither_build_nor_ls_and_repair_fixes_it(
     verify = fakecli("store", "verify", "--store", str(store), cwd=tmp_path)
     _out, err = verify.communicate()
     assert verify.returncode == 0, err
+
+
+class _Flaky:
+    """Writes every step's output, but fails for step ``bad`` with ``error``."""
+
+    needs_runner = False
+
+    def __init__(self, error: BaseException | None) -> None:
+        self.error = error
+        self.calls: list[str] = []
+
+    def produce(self, job: Job) -> None:
+        self.calls.append(job.node.key)
+        if job.node.key == "bad" and self.error is not None:
+            raise self.error
+        Path(job.output).write_text(job.node.key)
+
+    def input_hashes(self, job: Job) -> dict[str, dict[str, str]]:
+        return PRODUCERS["step"].input_hashes(job)
+
+    def expected_hash(self, job: Job) -> str | None:
+        return None
+
+    def epoch(self, job: Job) -> int:
+        return 0
+
+
+STEPS = step("bad", "true") + "".join(step(f"s{i}", f"echo {i}") for i in range(6))
+
+
+def test_an_error_that_is_not_ours_stops_everything_even_with_keep_going(
+        tmp_path: Path) -> None:
+    flaky = _Flaky(RuntimeError("a bug"))
+    engine = Engine(Store(str(tmp_path / "store")), FakeRunner,
+                    Options(jobs=1, keep_going=True), producers={**PRODUCERS, "step": flaky})
+    with pytest.raises(RuntimeError):
+        engine.build(plan(load_recipe(recipe(tmp_path, STEPS))))
+    assert flaky.calls[-1] == "bad"  # nothing started after it
+
+
+def test_enospc_while_registering_is_a_failure_that_cancels(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    real = Store.register
+
+    def register(self: Store, derivation_id: str, output: str, **kw: object) -> object:
+        if kw["derivation"]["name"] == "bad":  # type: ignore[index]
+            raise OSError(28, "No space left on device")
+        return real(self, derivation_id, output, **kw)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(Store, "register", register)
+    engine = Engine(Store(str(tmp_path / "store")), FakeRunner, Options(jobs=1),
+                    producers={**PRODUCERS, "step": _Flaky(None)})
+    report = engine.build(plan(load_recipe(recipe(tmp_path, STEPS))))
+    assert [f.key for f in report.failures] == ["bad"]
+    assert "No space left on device" in report.failures[0].message
+    steps = [f"s{i}" for i in range(6)]
+    assert sorted([k for k in report.entries if k in steps] + report.skipped) == steps
+    assert len(report.skipped) >= 3
