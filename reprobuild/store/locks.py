@@ -79,6 +79,7 @@ class TempRoots:
     def __init__(self, layout: Layout) -> None:
         self.layout = layout
         self._fd: int | None = None
+        self._path = ""
         self._ids: set[str] = set()
         self._lock = threading.Lock()
 
@@ -88,7 +89,7 @@ class TempRoots:
             if not new:
                 return
             if self._fd is None:
-                fd, _path = tempfile.mkstemp(dir=self.layout.subdir("temproots"),
+                fd, self._path = tempfile.mkstemp(dir=self.layout.subdir("temproots"),
                                              prefix=f"{os.getpid()}.")
                 os.set_inheritable(fd, False)
                 fcntl.flock(fd, fcntl.LOCK_EX)
@@ -101,9 +102,8 @@ class TempRoots:
         with self._lock:
             if self._fd is None:
                 return
-            path = os.readlink(f"/proc/self/fd/{self._fd}")
             with contextlib.suppress(FileNotFoundError):
-                os.unlink(path)
+                os.unlink(self._path)
             os.close(self._fd)
             self._fd = None
             self._ids.clear()

@@ -98,6 +98,7 @@ def register(layout: Layout, derivation_id: str, output: str, *,
         "type": kind,
         "fsverity": fsverity,
         **({"fsverity_file": fsverity_file} if kind == "directory" and fsverity else {}),
+        "epoch": epoch,  # every mtime of the canonical output
         "reprobuild": __version__,
         "log": layout.log_path(derivation_id),
     }

@@ -79,12 +79,12 @@ class Store:
         entry is reported through ``warn``, removed and None returned, so it is rebuilt.
         ``locked``: the caller holds the entry's lock."""
         entry = self.lookup(derivation_id)
-        if entry is None or trust.check_output(self.layout, derivation_id, entry.hash) is None:
+        if entry is None or self._check(entry) is None:
             return entry
         with contextlib.nullcontext() if locked else self.lock(derivation_id):
             # Again under the lock: another process may have replaced it meanwhile.
             entry = self.lookup(derivation_id)
-            why = entry and trust.check_output(self.layout, derivation_id, entry.hash)
+            why = entry and self._check(entry)
             if entry is None or why is None:
                 return entry
             gc.remove_entry(self.layout, derivation_id)
@@ -98,7 +98,13 @@ class Store:
         entry = self.lookup(derivation_id)
         if entry is None:
             return "not in the store"
-        return trust.check_output(self.layout, derivation_id, entry.hash)
+        return self._check(entry)
+
+    def _check(self, entry: StoreEntry) -> str | None:
+        meta = self.metadata(entry.derivation_id) or {}
+        epoch = meta.get("epoch")
+        return trust.check_output(self.layout, entry.derivation_id, entry.hash,
+                                  epoch if isinstance(epoch, int) else None)
 
     def paths(self) -> list[StoreEntry]:
         """Every complete entry, sorted by derivation id."""

@@ -133,19 +133,30 @@ def _compare(top: bytes, rows: list[Any]) -> str | None:
     return None
 
 
-def check_output(layout: Layout, derivation_id: str, content_hash: str) -> str | None:
-    """None when the output's bytes (and canonical form) are as recorded, else why not."""
+def check_output(layout: Layout, derivation_id: str, content_hash: str,
+                 epoch: int | None = None) -> str | None:
+    """None when the output's bytes (and canonical form) are as recorded, else why not.
+
+    The stats are only a cache: when they disagree (or are missing or malformed) the
+    output is rehashed and its canonical form checked (every mtime ``epoch`` when it is
+    known) before it is called damaged; an output that passes gets fresh stats.
+    """
     top = os.fsencode(layout.output_path(derivation_id))
     rows = _load_stats(layout, derivation_id, content_hash)
+    suspicion = None
     try:
         if rows is not None:
-            return _compare(top, rows)
+            with contextlib.suppress(IndexError, TypeError, ValueError):
+                suspicion = _compare(top, rows)
+                if suspicion is None:
+                    return None
         actual = canon.hash_path(top)
         if actual != content_hash:
-            return f"content hash is now {actual}"
+            return suspicion or f"content hash is now {actual}"
+        epoch_ns = None if epoch is None else epoch * 10**9
         for rel, st in _walk(top):
-            problem = canonical_form_problem(os.fsdecode(rel).lstrip("/"), st, None)
-            if problem and rel:
+            problem = canonical_form_problem(os.fsdecode(rel).lstrip("/"), st, epoch_ns)
+            if problem:
                 return problem
     except FileNotFoundError:
         return "the output is missing"

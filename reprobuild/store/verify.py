@@ -52,6 +52,10 @@ def read_metadata(layout: Layout, derivation_id: str) -> tuple[dict[str, Any] | 
     if not isinstance(meta.get("hash"), str) or meta.get("type") not in (
             "file", "directory", "symlink"):
         return None, "metadata lacks the content hash or type"
+    if not isinstance(meta.get("derivation", {}), dict) or not isinstance(
+            meta.get("inputs", {}), dict) or not all(
+            isinstance(v, dict) for v in meta.get("inputs", {}).values()):
+        return None, "metadata has a malformed derivation or inputs"
     if meta.get("derivation_id", derivation_id) != derivation_id:
         return None, f"metadata names another derivation ({meta.get('derivation_id')})"
     return meta, ""
@@ -78,10 +82,9 @@ def _node_problems(path: str, epoch_ns: int | None) -> list[str]:
         full = top + rel if rel else top
         st = os.lstat(full)
         shown = os.fsdecode(rel).lstrip("/")
-        if rel:  # the top's mode and mtime are the store's, checked by the rows
-            problem = trust.canonical_form_problem(shown, st, epoch_ns)
-            if problem:
-                problems.append(problem)
+        problem = trust.canonical_form_problem(shown, st, epoch_ns)
+        if problem:
+            problems.append(problem)
         if not stat.S_ISLNK(st.st_mode):
             try:
                 if os.listxattr(full, follow_symlinks=False):
@@ -104,12 +107,12 @@ def _entry_problems(layout: Layout, did: str, meta: Mapping[str, Any],
         return [(f"cannot be read: {exc}", "remove")]
     if actual != meta["hash"]:
         return [(f"content changed: recorded blake3 {meta['hash']}, now {actual}", "remove")]
-    epoch = meta.get("derivation", {}).get("attrs", {}).get("epoch") \
-        if isinstance(meta.get("derivation"), dict) else None
+    attrs = meta.get("derivation", {}).get("attrs", {})
+    epoch = attrs.get("epoch") if isinstance(attrs, dict) else None
     problems = [(p, "remove") for p in _node_problems(
         out, _mtime_ns(layout, did, meta, epoch))]
     for name, value in sorted(meta.get("inputs", {}).items()):
-        dep = value.get("derivation") if isinstance(value, dict) else None
+        dep = value.get("derivation")
         if not isinstance(dep, str) or read_metadata(layout, dep)[0] is None:
             problems.append((f"input {name} ({dep}) is not in the store", "remove"))
     try:
@@ -125,7 +128,10 @@ def _entry_problems(layout: Layout, did: str, meta: Mapping[str, Any],
 
 def _mtime_ns(layout: Layout, did: str, meta: Mapping[str, Any], epoch: object
               ) -> int | None:
-    """The mtime every node of the output must have: its recorded one."""
+    """The mtime every node of the output must have: the epoch it was registered with
+    (older entries: the one their stats recorded, or the derivation's)."""
+    if isinstance(meta.get("epoch"), int):
+        return int(meta["epoch"]) * 10**9
     try:
         with open(layout.stats_path(did), "rb") as f:
             rows = json.load(f)["nodes"]
@@ -163,8 +169,7 @@ def verify(layout: Layout, *, record_check: RecordCheck | None = None
                 problems.append(VerifyProblem(
                     did, "", out, why or "the metadata is missing (deleted?)"))
             continue
-        name = str(meta.get("derivation", {}).get("name", "")) \
-            if isinstance(meta.get("derivation"), dict) else ""
+        name = str(meta.get("derivation", {}).get("name", ""))
         for message, repair in _entry_problems(layout, did, meta, record_check):
             problems.append(VerifyProblem(did, name, out, message, repair))
     return problems

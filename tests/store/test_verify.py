@@ -126,6 +126,8 @@ CASES: dict[str, Callable[[Store], None]] = {
     "input deleted": lambda s: (os.unlink(s.meta_path(INPUT)), os.unlink(
         s.record_path(INPUT)), os.unlink(s.layout.stats_path(INPUT))),
     "file output replaced by a directory": _output_file_to_dir,
+    "setuid bit on a file output": lambda s: os.chmod(s.output_path(OUTPUT), 0o4444),
+    "meta inputs malformed": lambda s: _rewrite_meta(s, OUTPUT, lambda m: m.update(inputs=[])),
 }
 
 
@@ -146,3 +148,19 @@ def test_verify_reports_every_damage_and_repair_fixes_it(tmp_path: Path, damage:
     for entry in store.paths():
         assert store.damage(entry.derivation_id) is None
     assert stat.S_ISDIR(os.lstat(store.root).st_mode)
+
+
+@pytest.mark.parametrize("stats", ["", "{", "[]", '{"version": 1, "hash": "%s", "nodes": [[1]]}',
+                                   '{"version": 1, "hash": "%s", "nodes": [["", 7]]}'])
+def test_damaged_stats_mean_a_full_rehash_not_a_crash(tmp_path: Path, stats: str) -> None:
+    store = populated(tmp_path)
+    for did in (INPUT, OUTPUT):
+        entry = store.lookup(did)
+        assert entry is not None
+        Path(store.layout.stats_path(did)).write_text(stats.replace("%s", entry.hash))
+        assert store.damage(did) is None
+        assert json.loads(Path(store.layout.stats_path(did)).read_text())["nodes"]
+    os.chmod(store.output_path(OUTPUT), 0o644)
+    Path(store.output_path(OUTPUT)).write_bytes(b"\x02" * 10000)
+    Path(store.layout.stats_path(OUTPUT)).write_text("{")
+    assert store.damage(OUTPUT) is not None
