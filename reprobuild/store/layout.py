@@ -9,7 +9,7 @@ Layout under the store root (default ``$XDG_CACHE_HOME/reprobuild``)::
                      so a check before use rehashes only what changed (see trust.py)
     logs/ID.log      the build log (kept after a failure), also the per-derivation
                      lock (flock) so concurrent builders build once
-    locks/           lock files of older versions (gc removes them)
+    locks/           lock files of older versions, if any (gc removes them)
     tmp/             build directories, each locked by the process using it
     temproots/       one locked file of ids per live builder (gc keeps those ids)
     roots/           symlinks to result links (gc roots)
@@ -23,7 +23,7 @@ import os
 import tempfile
 from dataclasses import dataclass
 
-SUBDIRS = ("out", "meta", "logs", "locks", "tmp", "roots", "records", "stats", "temproots")
+SUBDIRS = ("out", "meta", "logs", "tmp", "roots", "records", "stats", "temproots")
 
 
 @dataclass(frozen=True)

@@ -111,26 +111,29 @@ def canonical_form_problem(rel: str, st: os.stat_result, mtime_ns: int | None) -
     return None
 
 
-def _compare(top: bytes, rows: list[Any]) -> str | None:
-    """Why the output no longer matches its stats rows, or None when it does."""
+def _compare(top: bytes, rows: list[Any]) -> tuple[str | None, bool]:
+    """Why the output no longer matches its stats rows (None when it does), and whether
+    a file had to be rehashed (then the stats are worth refreshing)."""
     found = _walk(top)
     if len(found) != len(rows):
-        return f"{len(found)} entries where {len(rows)} were recorded"
+        return f"{len(found)} entries where {len(rows)} were recorded", False
+    rehashed = False
     for (rel, st), row in zip(found, rows, strict=True):
         name, kind, mode, mtime_ns = row[0], row[1], row[2], row[3]
         shown = os.fsdecode(rel).lstrip("/") or "the output"
         if os.fsdecode(rel) != name or _kind(st.st_mode) != kind:
-            return f"{shown}: not the recorded {kind} {name.lstrip('/') or 'top'}"
+            return f"{shown}: not the recorded {kind} {name.lstrip('/') or 'top'}", False
         if stat.S_IMODE(st.st_mode) != mode:
-            return f"{shown}: mode {stat.S_IMODE(st.st_mode):04o}, recorded {mode:04o}"
+            return f"{shown}: mode {stat.S_IMODE(st.st_mode):04o}, recorded {mode:04o}", False
         if st.st_mtime_ns != mtime_ns:
-            return f"{shown}: mtime changed"
+            return f"{shown}: mtime changed", False
         if kind == "symlink" and os.fsdecode(os.readlink(top + rel)) != row[4]:
-            return f"{shown}: symlink target changed"
-        if kind == "file" and (st.st_ino, st.st_size, st.st_ctime_ns) != tuple(row[4:7]) \
-                and (st.st_size != row[5] or _file_blake3(top + rel) != row[7]):
-            return f"{shown}: content changed"
-    return None
+            return f"{shown}: symlink target changed", False
+        if kind == "file" and (st.st_ino, st.st_size, st.st_ctime_ns) != tuple(row[4:7]):
+            if st.st_size != row[5] or _file_blake3(top + rel) != row[7]:
+                return f"{shown}: content changed", False
+            rehashed = True
+    return None, rehashed
 
 
 def check_output(layout: Layout, derivation_id: str, content_hash: str,
@@ -147,8 +150,11 @@ def check_output(layout: Layout, derivation_id: str, content_hash: str,
     try:
         if rows is not None:
             with contextlib.suppress(IndexError, TypeError, ValueError):
-                suspicion = _compare(top, rows)
+                suspicion, rehashed = _compare(top, rows)
                 if suspicion is None:
+                    if rehashed:  # same bytes, new inode or ctime: remember them
+                        with contextlib.suppress(OSError):
+                            write_stats(layout, derivation_id, content_hash)
                     return None
         actual = canon.hash_path(top)
         if actual != content_hash:
