@@ -64,24 +64,33 @@ def _walk(top: bytes) -> list[tuple[bytes, os.stat_result]]:
     return found
 
 
-def snapshot(path: str) -> list[list[Any]]:
-    """The stats rows of the output at ``path`` (hashing every regular file)."""
+def snapshot(path: str, previous: list[Any] | None = None) -> list[list[Any]]:
+    """The stats rows of the output at ``path``, hashing every regular file except
+    those whose (inode, size, ctime) equal their row in ``previous``."""
     top = os.fsencode(path)
+    known = {}
+    for old in previous or ():
+        if old[1] == "file":
+            known[(old[0], *old[4:7])] = old[7]
     rows: list[list[Any]] = []
     for rel, st in _walk(top):
         kind = _kind(st.st_mode)
-        row: list[Any] = [os.fsdecode(rel), kind, stat.S_IMODE(st.st_mode), st.st_mtime_ns]
+        name = os.fsdecode(rel)
+        row: list[Any] = [name, kind, stat.S_IMODE(st.st_mode), st.st_mtime_ns]
         if kind == "file":
-            row += [st.st_ino, st.st_size, st.st_ctime_ns, _file_blake3(top + rel)]
+            digest = known.get((name, st.st_ino, st.st_size, st.st_ctime_ns))
+            row += [st.st_ino, st.st_size, st.st_ctime_ns, digest or _file_blake3(top + rel)]
         elif kind == "symlink":
             row.append(os.fsdecode(os.readlink(top + rel)))
         rows.append(row)
     return rows
 
 
-def write_stats(layout: Layout, derivation_id: str, content_hash: str) -> None:
-    """Record the stats of the entry's output, which hashes to ``content_hash``."""
-    rows = snapshot(layout.output_path(derivation_id))
+def write_stats(layout: Layout, derivation_id: str, content_hash: str,
+                previous: list[Any] | None = None) -> None:
+    """Record the stats of the entry's output, which hashes to ``content_hash``
+    (reusing the digests of files unchanged since ``previous`` rows)."""
+    rows = snapshot(layout.output_path(derivation_id), previous)
     data = {"version": STATS_VERSION, "hash": content_hash, "nodes": rows}
     write_atomic(layout.stats_path(derivation_id), json.dumps(data).encode(), sync=False)
 
@@ -132,6 +141,7 @@ def _compare(top: bytes, rows: list[Any]) -> tuple[str | None, bool]:
         if kind == "file" and (st.st_ino, st.st_size, st.st_ctime_ns) != tuple(row[4:7]):
             if st.st_size != row[5] or _file_blake3(top + rel) != row[7]:
                 return f"{shown}: content changed", False
+            row[4:7] = [st.st_ino, st.st_size, st.st_ctime_ns]  # same bytes: new stat
             rehashed = True
     return None, rehashed
 
@@ -154,7 +164,7 @@ def check_output(layout: Layout, derivation_id: str, content_hash: str,
                 if suspicion is None:
                     if rehashed:  # same bytes, new inode or ctime: remember them
                         with contextlib.suppress(OSError):
-                            write_stats(layout, derivation_id, content_hash)
+                            write_stats(layout, derivation_id, content_hash, rows)
                     return None
         actual = canon.hash_path(top)
         if actual != content_hash:
