@@ -91,6 +91,12 @@ def _fifo(store: Store) -> None:
     os.mkfifo(_in_tree(store, "etc/fifo"))
 
 
+def _setxattr(path: str) -> None:
+    os.chmod(path, 0o644)
+    os.setxattr(path, "user.added", b"1")
+    os.chmod(path, 0o444)
+
+
 def _output_file_to_dir(store: Store) -> None:
     os.unlink(store.output_path(OUTPUT))
     os.mkdir(store.output_path(OUTPUT))
@@ -127,6 +133,7 @@ CASES: dict[str, Callable[[Store], None]] = {
         s.record_path(INPUT)), os.unlink(s.layout.stats_path(INPUT))),
     "file output replaced by a directory": _output_file_to_dir,
     "setuid bit on a file output": lambda s: os.chmod(s.output_path(OUTPUT), 0o4444),
+    "xattr added": lambda s: _setxattr(_in_tree(s, "etc/conf")),
     "meta inputs malformed": lambda s: _rewrite_meta(s, OUTPUT, lambda m: m.update(inputs=[])),
 }
 
