@@ -29,6 +29,8 @@ from reprobuild.store import canon
 from reprobuild.store.layout import Layout, write_atomic
 
 STATS_VERSION = 1
+# Labels the host puts on every file and that an unprivileged user cannot remove.
+HOST_XATTRS = frozenset({"security.selinux"})
 _CANONICAL_MODES = {"file": (0o444, 0o555), "directory": (0o555,), "symlink": None}
 
 
@@ -108,6 +110,17 @@ def _load_stats(layout: Layout, derivation_id: str, content_hash: str) -> list[A
     return nodes
 
 
+def xattr_names(path: bytes, st: os.stat_result) -> list[str]:
+    """The extended attributes of a node that canonical outputs do not have, sorted."""
+    if stat.S_ISLNK(st.st_mode):
+        return []
+    try:
+        names = os.listxattr(path, follow_symlinks=False)
+    except OSError:
+        return []
+    return sorted(n for n in names if n not in HOST_XATTRS)
+
+
 def canonical_form_problem(rel: str, st: os.stat_result, mtime_ns: int | None) -> str | None:
     """What is not canonical about one node (modes, setuid bits, mtime), or None."""
     where = rel or "the output"
@@ -141,6 +154,8 @@ def _compare(top: bytes, rows: list[Any]) -> tuple[str | None, bool]:
         if kind == "file" and (st.st_ino, st.st_size, st.st_ctime_ns) != tuple(row[4:7]):
             if st.st_size != row[5] or _file_blake3(top + rel) != row[7]:
                 return f"{shown}: content changed", False
+            if xattr_names(top + rel, st):  # setting one changed the ctime
+                return f"{shown}: has extended attributes", False
             row[4:7] = [st.st_ino, st.st_size, st.st_ctime_ns]  # same bytes: new stat
             rehashed = True
     return None, rehashed
@@ -172,8 +187,8 @@ def check_output(layout: Layout, derivation_id: str, content_hash: str,
         epoch_ns = None if epoch is None else epoch * 10**9
         for rel, st in _walk(top):
             problem = canonical_form_problem(os.fsdecode(rel).lstrip("/"), st, epoch_ns)
-            if problem:
-                return problem
+            if problem or xattr_names(top + rel, st):
+                return problem or f"{os.fsdecode(rel).lstrip('/')}: has extended attributes"
     except FileNotFoundError:
         return "the output is missing"
     except (OSError, BuildError) as exc:

@@ -20,9 +20,6 @@ from reprobuild.errors import BuildError
 from reprobuild.store import canon, trust
 from reprobuild.store.layout import Layout
 
-# Labels the host puts on every file and that an unprivileged user cannot remove.
-HOST_XATTRS = frozenset({"security.selinux"})
-
 RecordCheck = Callable[[Mapping[str, Any], str, bytes], str | None]
 """Given metadata, output path and the stored record's bytes: why the record is wrong."""
 
@@ -88,15 +85,10 @@ def _node_problems(path: str, epoch_ns: int | None) -> list[str]:
         problem = trust.canonical_form_problem(shown, st, epoch_ns)
         if problem:
             problems.append(problem)
-        if not stat.S_ISLNK(st.st_mode):
-            try:
-                names = [n for n in os.listxattr(full, follow_symlinks=False)
-                         if n not in HOST_XATTRS]
-            except OSError:
-                names = []
-            if names:
-                problems.append(f"{shown or 'the output'}: has extended attributes "
-                                f"{', '.join(sorted(names))}")
+        names = trust.xattr_names(full, st)
+        if names:
+            problems.append(f"{shown or 'the output'}: has extended attributes "
+                            f"{', '.join(names)}")
         if stat.S_ISDIR(st.st_mode):
             stack.extend(rel + b"/" + n for n in sorted(os.listdir(full), reverse=True))
     return problems

@@ -74,6 +74,12 @@ def _replace_inode(path: str) -> None:
     os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
 
 
+def _with_xattr(path: str) -> None:
+    os.chmod(path, 0o644)
+    os.setxattr(path, "user.added", b"1")
+    os.chmod(path, 0o444)
+
+
 CORRUPTIONS: dict[str, tuple[str, Callable[[str], None]]] = {
     "image byte flipped": ("img", lambda p: _writable_write(p, _flip)),
     "image truncated": ("img", lambda p: _writable_write(p, lambda d: d[:512])),
@@ -90,6 +96,7 @@ CORRUPTIONS: dict[str, tuple[str, Callable[[str], None]]] = {
     "tree setuid bit": ("tree", lambda p: os.chmod(os.path.join(p, "bin/tool"), 0o4555)),
     "tree symlink swapped": ("tree", lambda p: _in_dir(p, lambda: (
         os.unlink(os.path.join(p, "link")), Path(p, "link").symlink_to("etc/conf")))),
+    "tree xattr added": ("tree", lambda p: _with_xattr(os.path.join(p, "etc/conf"))),
     "path source import flipped": ("files", lambda p: _writable_write(
         os.path.join(p, "greeting"), lambda d: d.replace(b"h", b"j"))),
 }
