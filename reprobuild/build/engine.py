@@ -112,7 +112,7 @@ class Engine:
             if unknown:
                 raise BuildError(f"no producer for derivation kind {', '.join(unknown)}")
             if self.options.offline:
-                fetches = [n for n in todo if n.derivation.kind == "fetch-deb"]
+                fetches = [n for n in todo if self._producer(n).needs_network]
                 if fetches:
                     raise offline_error(plan, fetches)
             if self.runner is None and any(self._producer(n).needs_runner for n in todo):
@@ -138,10 +138,11 @@ class Engine:
             entry = self.store.trusted(plan.nodes[key].id, warn=self.warn)
             if entry is not None:
                 report.entries[key] = entry
-                self.store.hold([entry.derivation_id])
                 continue
             needed.add(key)
             stack.extend(plan.nodes[key].deps)
+        # Within the session: gc cannot have run since the entries were checked.
+        self.store.hold([e.derivation_id for e in report.entries.values()])
         return [n for n in plan.order() if n.key in needed]
 
     def _run(self, plan: Plan, todo: list[Node], report: BuildReport) -> None:

@@ -47,6 +47,8 @@ class Producer(Protocol):
 
     # Whether it runs in the sandbox (the engine then starts the runner first).
     needs_runner: bool
+    # Whether it downloads (then --offline refuses to build, naming what is missing).
+    needs_network: bool
 
     def produce(self, job: Job) -> None:
         """Create ``job.output`` or raise a ReprobuildError saying why not."""
@@ -63,6 +65,7 @@ class Producer(Protocol):
 
 class _Base:
     needs_runner = False
+    needs_network = False
 
     def input_hashes(self, job: Job) -> dict[str, dict[str, str]]:
         drv = job.node.derivation
@@ -78,6 +81,8 @@ class _Base:
 
 
 class FetchDeb(_Base):
+    needs_network = True
+
     def produce(self, job: Job) -> None:
         what = job.node.what
         assert isinstance(what, DebSource)

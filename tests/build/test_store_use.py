@@ -126,6 +126,7 @@ def test_a_changed_output_is_rebuilt_not_used(tmp_path: Path, case: str) -> None
 def test_a_fake_producer_is_registered_without_touching_the_scheduler(tmp_path: Path) -> None:
     class Stamp:
         needs_runner = False
+        needs_network = False
         def __init__(self) -> None:
             self.produce_calls: list[str] = []
 
@@ -277,6 +278,7 @@ class _Flaky:
     """Writes every step's output, but fails for step ``bad`` with ``error``."""
 
     needs_runner = False
+    needs_network = False
 
     def __init__(self, error: BaseException | None) -> None:
         self.error = error
