@@ -6,19 +6,20 @@ import argparse
 import os
 import sys
 
-from reprobuild.errors import ReprobuildError, suggest
+from reprobuild.errors import ReprobuildError
 from reprobuild.proof import records
 from reprobuild.store.store import Store
 
+ACTIONS = ("verify", "ls", "delete")
 HELP = ("store operations: verify [--repair] (re-hash and check every entry), ls (list "
         "valid outputs), delete ID... (an output and what depends on it)")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    # One positional list (argparse cannot split two positionals around options).
-    parser.add_argument("words", nargs="+", metavar="ACTION [ID ...]",
-                        help="verify, ls, or delete followed by derivation ids, store "
-                             "paths or result links")
+    parser.add_argument("action", choices=ACTIONS, help="what to do")
+    parser.add_argument("ids", nargs="*", metavar="ID",
+                        help="delete: derivation ids, store paths or result links (before "
+                             "any option)")
     parser.add_argument("--repair", action="store_true",
                         help="verify: rewrite wrong records; remove damaged entries and "
                              "what depends on them (the next build makes them again)")
@@ -60,14 +61,7 @@ def _verify(store: Store, *, repair: bool) -> int:
     return 0
 
 
-ACTIONS = ("verify", "ls", "delete")
-
-
 def run(args: argparse.Namespace) -> int:
-    args.action, args.ids = args.words[0], args.words[1:]
-    if args.action not in ACTIONS:
-        raise ReprobuildError(f"unknown store action {args.action!r}",
-                              hint=suggest(args.action, ACTIONS, "actions"))
     store = Store(args.store)
     if args.action != "delete" and (args.ids or args.force):
         raise ReprobuildError(f"store {args.action} takes no ids or --force",
