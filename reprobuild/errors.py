@@ -95,7 +95,7 @@ def disk_full(exc: OSError, where: str | os.PathLike[str], what: str) -> DiskFul
     """
     if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
         return None
-    return no_space(where, what)
+    return no_space(where, what, exc.strerror or "")
 
 
 def no_space(where: str | os.PathLike[str], what: str, detail: str = "") -> DiskFullError:
