@@ -3,7 +3,8 @@
 A path source is hashed in place with the store's canonical serialisation, so its id is
 known before anything is copied and a pinned ``blake3`` can be checked. A host program is
 imported with its ELF closure (the program interpreter named by PT_INTERP and every
-shared library the loader resolves for it, found by running the loader with ``--list``):
+shared library the loader would map for it, read from the ELF files by
+:mod:`reprobuild.build.elf`: nothing named by a recipe is executed on the host):
 the closure is a directory holding each file at its original absolute path, and inside
 the sandbox each file is mounted read-only at that same path, so the program runs as it
 does on the host.
@@ -13,23 +14,14 @@ from __future__ import annotations
 
 import os
 import shutil
-import stat
-import struct
-import subprocess
 from collections.abc import Mapping
 from dataclasses import dataclass
 
 import blake3
 
+from reprobuild.build.elf import check_host_path, elf_closure
 from reprobuild.errors import RecipeError
 from reprobuild.store import canon
-
-# Elf64_Ehdr: e_ident[16], e_type H, e_machine H, e_version I, e_entry Q, e_phoff Q,
-# e_shoff Q, e_flags I, e_ehsize H, e_phentsize H, e_phnum H, ... (elf.h)
-ELF64_EHDR = struct.Struct("<16sHHIQQQIHHH")
-# Elf64_Phdr: p_type I, p_flags I, p_offset Q, p_vaddr Q, p_paddr Q, p_filesz Q, ... (elf.h)
-ELF64_PHDR = struct.Struct("<IIQQQQQQ")
-PT_INTERP = 3
 
 
 @dataclass(frozen=True)
@@ -39,55 +31,6 @@ class HostClosure:
     program: str
     files: Mapping[str, str]
     hash: str
-
-
-def elf_interpreter(path: str) -> str | None:
-    """The PT_INTERP of a 64-bit little-endian ELF file, or None (static, script, other)."""
-    with open(path, "rb") as f:
-        head = f.read(ELF64_EHDR.size)
-        if len(head) < ELF64_EHDR.size or head[:4] != b"\x7fELF" or head[4] != 2 or head[5] != 1:
-            return None
-        fields = ELF64_EHDR.unpack(head)
-        phoff, phentsize, phnum = fields[5], fields[9], fields[10]
-        for i in range(phnum):
-            f.seek(phoff + i * phentsize)
-            ph = ELF64_PHDR.unpack(f.read(ELF64_PHDR.size))
-            if ph[0] == PT_INTERP:
-                f.seek(ph[2])
-                return f.read(ph[5]).rstrip(b"\0").decode()
-    return None
-
-
-def elf_closure(program: str, *, loader: str | None = None) -> list[str]:
-    """``program``, its interpreter and the shared libraries the loader resolves, sorted.
-
-    A shared library has no interpreter of its own: pass the ``loader`` that will load it.
-    """
-    interp = elf_interpreter(program) or loader
-    if interp is None or not _is_elf(program):
-        return [program]
-    result = subprocess.run([interp, "--list", program], capture_output=True, text=True,
-                            env={"PATH": "/usr/bin:/bin", "LC_ALL": "C"}, check=False)
-    if result.returncode != 0:
-        raise RecipeError(f"cannot list the shared libraries of {program}: "
-                          f"{result.stderr.strip() or result.stdout.strip()}")
-    files = {program, interp}
-    for line in result.stdout.splitlines():
-        line = line.strip()
-        if "=>" in line:
-            target = line.split("=>", 1)[1].strip().split(" (", 1)[0].strip()
-            if target.startswith("/"):
-                files.add(target)
-            elif target == "not found":
-                raise RecipeError(f"{program}: shared library {line.split()[0]} not found")
-        elif line.startswith("/"):
-            files.add(line.split(" (", 1)[0])
-    return sorted(files, key=os.fsencode)
-
-
-def _is_elf(path: str) -> bool:
-    with open(path, "rb") as f:
-        return f.read(4) == b"\x7fELF"
 
 
 def _file_node(hasher: blake3.blake3, host: str) -> None:
@@ -132,13 +75,7 @@ _closure_cache: dict[tuple[str, int, int, int], HostClosure] = {}
 
 def host_closure(program: str) -> HostClosure:
     """Find and hash the closure of a host program (cached per process by inode and mtime)."""
-    try:
-        st = os.stat(program)
-    except OSError as exc:
-        raise RecipeError(f"host program {program}: {exc.strerror}",
-                          hint="install it or change the recipe's host = path") from None
-    if not stat.S_ISREG(st.st_mode):
-        raise RecipeError(f"host program {program} is not a regular file")
+    st = check_host_path(program, program)
     key = (program, st.st_dev, st.st_ino, st.st_mtime_ns)
     cached = _closure_cache.get(key)
     if cached is not None:

@@ -11,8 +11,9 @@ from pathlib import Path
 import pytest
 import zstandard
 
+from reprobuild.build.elf import elf_closure, elf_interpreter
 from reprobuild.build.fetch import unpack_deb
-from reprobuild.build.inputs import elf_closure, elf_interpreter, hash_file_map, host_closure
+from reprobuild.build.inputs import hash_file_map, host_closure
 from reprobuild.build.plan import plan
 from reprobuild.build.recipe import load_recipe
 from reprobuild.errors import FetchError, RecipeError
