@@ -278,7 +278,9 @@ class Engine:
                 raise offline_error(plan, [node])
             fetch.apt_download(what.package, what.version, what.sha256, output)
         elif kind == "deb":
-            fetch.unpack_deb(done[node.deps[0]].path, output)
+            assert isinstance(what, DebSource)
+            fetch.unpack_deb(done[node.deps[0]].path, output,
+                             label=f"{what.package}={what.version}")
         elif kind == "path":
             assert isinstance(what, PathSource)
             inputs.copy_path(what.path, output)
