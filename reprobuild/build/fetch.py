@@ -52,6 +52,9 @@ def sha256_file(path: str) -> str:
 
 def apt_download(package: str, version: str, sha256: str, dest: str) -> None:
     """Download ``package=version`` with apt-get, check its sha256 and move it to ``dest``."""
+    if package.startswith("-") or version.startswith("-"):
+        raise FetchError(f"refusing to fetch {package}={version}: apt-get would read it "
+                         "as an option")
     if shutil.which("apt-get") is None:
         raise FetchError(f"cannot fetch {package}={version}: apt-get is not installed",
                          hint="fetch on a Debian host, or copy the store from one")

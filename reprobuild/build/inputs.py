@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import stat
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -94,6 +95,86 @@ def materialise(files: Mapping[str, str], dest: str) -> None:
         os.makedirs(os.path.dirname(target), exist_ok=True)
         shutil.copyfile(host, target)
         os.chmod(target, 0o555 if os.stat(host).st_mode & 0o111 else 0o444)
+
+
+CAP_DAC_OVERRIDE = 1
+CAP_DAC_READ_SEARCH = 2
+
+
+def reads_through_privilege() -> bool:
+    """Whether this process reads files regardless of their modes (root, or a DAC cap)."""
+    if os.geteuid() == 0:
+        return True
+    try:
+        with open("/proc/self/status", encoding="ascii", errors="replace") as f:
+            for line in f:
+                if line.startswith("CapEff:"):
+                    caps = int(line.split()[1], 16)
+                    return bool(caps & (1 << CAP_DAC_OVERRIDE | 1 << CAP_DAC_READ_SEARCH))
+    except (OSError, ValueError, IndexError):
+        pass
+    return False
+
+
+def _private(st: os.stat_result, *, privileged: bool) -> bool:
+    """Readable by this user only through privilege: not readable by others, and either
+    we read through privilege or the file is not ours (a group or a capability lets us)."""
+    wanted = 0o005 if stat.S_ISDIR(st.st_mode) else 0o004
+    if st.st_mode & wanted == wanted:
+        return False
+    return privileged or st.st_uid != os.getuid()
+
+
+def first_private_path(root: str) -> tuple[str, os.stat_result] | None:
+    """The first file or directory under ``root`` (bytewise order, root first) that the
+    user can read only through privilege; symlinks are not followed (they are imported
+    as links)."""
+    privileged = reads_through_privilege()
+    top = os.fsencode(root)
+    stack = [top]
+    while stack:
+        path = stack.pop()
+        st = os.lstat(path)
+        if stat.S_ISLNK(st.st_mode):
+            continue
+        if _private(st, privileged=privileged):
+            return os.fsdecode(path), st
+        if stat.S_ISDIR(st.st_mode):
+            names = sorted(os.listdir(path), reverse=True)
+            stack.extend(path + b"/" + name for name in names)
+    return None
+
+
+def check_path_source(path: str, what: str, *, base: str, allow_outside: bool,
+                      allow_private: bool) -> None:
+    """Refuse a path source that resolves (through any symlink) outside ``base``, the
+    recipe's directory, unless ``allow_outside``; and one holding a file or directory
+    readable only through privilege (see :func:`first_private_path`) unless
+    ``allow_private``: either would copy host files the recipe's author chose into the
+    store, where every user can read them."""
+    real = os.path.realpath(path)
+    if not os.path.lexists(real):
+        raise RecipeError(f"{what} path: {path} does not exist")
+    top = os.path.realpath(base) if base else real
+    if not allow_outside and os.path.commonpath([top, real]) != top:
+        shown = path if real == path else f"{path} (resolved: {real})"
+        raise RecipeError(f"{what} path: {shown} lies outside the recipe's directory {top}",
+                          hint=f"set allow-outside = true in {what} to import it anyway")
+    if allow_private:
+        return
+    try:
+        found = first_private_path(real)
+    except OSError as exc:
+        raise RecipeError(f"{what} path: cannot read {exc.filename!r}: {exc.strerror}") \
+            from None
+    if found is not None:
+        offender, st = found
+        raise RecipeError(
+            f"{what} path: {offender} (mode {stat.S_IMODE(st.st_mode):04o}, owner uid "
+            f"{st.st_uid}) is not readable by others: this user reads it only through "
+            "privilege, and the store would make it readable to everyone",
+            hint=f"make it readable (chmod o+r), or set allow-private = true in {what} if "
+                 "its content may be public")
 
 
 def path_hash(path: str) -> str:

@@ -17,7 +17,7 @@ from typing import Any
 from reprobuild import __version__
 from reprobuild.build.derivation import Derivation
 from reprobuild.build.fetch import UNPACK_VERSION
-from reprobuild.build.inputs import HostClosure, host_closure, path_hash
+from reprobuild.build.inputs import HostClosure, check_path_source, host_closure, path_hash
 from reprobuild.build.recipe import (
     DebSource,
     HostSource,
@@ -113,6 +113,9 @@ def _source_nodes(source: DebSource | PathSource | OciSource | HostSource) -> li
     if isinstance(source, PathSource):
         if isinstance(source, OciSource):
             _check_oci_layout(source)
+        check_path_source(source.path, f"[sources.{source.name}]", base=source.base,
+                          allow_outside=source.allow_outside,
+                          allow_private=source.allow_private)
         content = path_hash(source.path)
         if source.blake3 is not None and source.blake3 != content:
             raise RecipeError(f"[sources.{source.name}] blake3: {source.path} hashes to "
