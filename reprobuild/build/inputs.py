@@ -82,6 +82,15 @@ def host_closure(program: str) -> HostClosure:
     if cached is not None:
         return cached
     files = {path.lstrip("/"): path for path in elf_closure(program)}
+    privileged = reads_through_privilege()
+    for path in sorted(files.values(), key=os.fsencode):
+        file_st = os.stat(path)
+        if _private(file_st, privileged=privileged):
+            raise RecipeError(
+                f"host program {program}: {path} (mode {stat.S_IMODE(file_st.st_mode):04o}, "
+                f"owner uid {file_st.st_uid}) is not readable by others: this user reads it "
+                "only through privilege, and the store would make it readable to everyone",
+                hint="import only programs and libraries every user may read")
     closure = HostClosure(program, files, hash_file_map(files))
     _closure_cache[key] = closure
     return closure

@@ -377,6 +377,17 @@ def test_a_users_own_private_files_are_theirs(unprivileged: Unprivileged) -> Non
             other.stdout + other.stderr
 
 
+def test_private_host_program_is_refused_as_root(tmp_path: Path) -> None:
+    need(os.geteuid() == 0, "needs root (root reads files others cannot)")
+    tool = tmp_path / "tool"
+    tool.write_bytes(Path("/bin/busybox").read_bytes())
+    tool.chmod(0o700)
+    with pytest.raises(RecipeError, match="only through privilege"):
+        host_closure(str(tool))
+    tool.chmod(0o755)
+    assert host_closure(str(tool)).files == {str(tool).lstrip("/"): str(tool)}
+
+
 def test_symlinks_inside_a_path_source_are_imported_as_links(tmp_path: Path) -> None:
     tree = tmp_path / "tree"
     tree.mkdir()
