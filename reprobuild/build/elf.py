@@ -31,8 +31,9 @@ from dataclasses import dataclass
 from typing import BinaryIO
 
 from elftools.common.exceptions import ELFError
+from elftools.common.utils import struct_parse
 from elftools.construct.core import ConstructError
-from elftools.elf.dynamic import DynamicSegment
+from elftools.construct.lib.container import Container
 from elftools.elf.elffile import ELFFile
 
 from reprobuild.errors import RecipeError
@@ -41,6 +42,10 @@ LD_SO_CONF = "/etc/ld.so.conf"
 DF_1_NODEFLIB = 0x800
 MAX_OBJECTS = 4096
 MAX_CONF_INCLUDES = 64
+MAX_PROGRAM_HEADERS = 4096
+MAX_DYNAMIC_ENTRIES = 65536
+MAX_STRING = 4096
+STRING_TAGS = ("DT_NEEDED", "DT_RPATH", "DT_RUNPATH", "DT_SONAME")
 REFUSED_ROOTS = ("/proc", "/sys", "/dev")
 """Pseudo-filesystems: a path through them is no file a recipe may import."""
 
@@ -82,66 +87,106 @@ class ElfObject:
             (other.elf_class, other.little_endian, other.machine)
 
 
-def _fs(text: str) -> str:
-    """pyelftools decodes dynamic strings as Latin-1: back to bytes, then fs-decoded."""
-    return os.fsdecode(text.encode("latin-1"))
+_cache: dict[tuple[str, int, int, int, int, int], ElfObject | None] = {}
+"""Readings by path and identity (planning reads libc once, not once per program)."""
 
 
-def _interpreter(elf: ELFFile, f: BinaryIO) -> str | None:
-    """PT_INTERP as bytes from the file (pyelftools would decode it as UTF-8)."""
-    for segment in elf.iter_segments():
-        if segment["p_type"] == "PT_INTERP":
-            f.seek(segment["p_offset"])
-            raw = f.read(min(segment["p_filesz"], 4096))
-            return os.fsdecode(raw.split(b"\0", 1)[0])
-    return None
+def _cstring(f: BinaryIO, offset: int, limit: int) -> str:
+    """A NUL-terminated string at ``offset``, at most ``limit`` bytes, fs-decoded."""
+    f.seek(offset)
+    raw = f.read(max(0, min(limit, MAX_STRING)))
+    end = raw.find(b"\0")
+    if end < 0:
+        raise ELFError(f"unterminated string at offset {offset}")
+    return os.fsdecode(raw[:end])
 
 
-def _dynamic(elf: ELFFile) -> Iterator[tuple[str, object]]:
-    for segment in elf.iter_segments():
-        if isinstance(segment, DynamicSegment):
-            for count, tag in enumerate(segment.iter_tags()):
-                if count > 100_000:
-                    raise ELFError("too many dynamic tags")
-                yield tag.entry.d_tag, tag
-            return
+def _program_headers(elf: ELFFile, f: BinaryIO) -> list[Container]:
+    count, size = elf["e_phnum"], elf["e_phentsize"]
+    if count > MAX_PROGRAM_HEADERS or (count and size < elf.structs.Elf_Phdr.sizeof()):
+        raise ELFError(f"{count} program headers of {size} bytes")
+    return [struct_parse(elf.structs.Elf_Phdr, f, elf["e_phoff"] + i * size)
+            for i in range(count)]
+
+
+def _file_offset(headers: list[Container], address: int) -> int:
+    """The file offset of a virtual address, through the PT_LOAD segments."""
+    for ph in headers:
+        if ph["p_type"] == "PT_LOAD" and ph["p_vaddr"] <= address < ph["p_vaddr"] + \
+                ph["p_filesz"]:
+            return int(address - ph["p_vaddr"] + ph["p_offset"])
+    raise ELFError(f"address {address:#x} is in no loaded segment")
+
+
+def _dynamic_entries(elf: ELFFile, f: BinaryIO, headers: list[Container]
+                     ) -> list[tuple[str, int]]:
+    """(d_tag, d_val) of the PT_DYNAMIC segment, up to DT_NULL."""
+    dynamic = next((ph for ph in headers if ph["p_type"] == "PT_DYNAMIC"), None)
+    if dynamic is None:
+        return []
+    size = elf.structs.Elf_Dyn.sizeof()
+    count = min(dynamic["p_filesz"] // size, MAX_DYNAMIC_ENTRIES)
+    entries = []
+    for i in range(count):
+        entry = struct_parse(elf.structs.Elf_Dyn, f, dynamic["p_offset"] + i * size)
+        if entry["d_tag"] == "DT_NULL":
+            break
+        entries.append((str(entry["d_tag"]), int(entry["d_val"])))
+    return entries
+
+
+def _parse(path: str, f: BinaryIO) -> ElfObject:
+    elf = ELFFile(f)
+    headers = _program_headers(elf, f)
+    interpreter = None
+    for ph in headers:
+        if ph["p_type"] == "PT_INTERP":
+            interpreter = _cstring(f, ph["p_offset"], ph["p_filesz"])
+    entries = _dynamic_entries(elf, f, headers)
+    values = dict(entries)
+    strings: dict[str, list[str]] = {}
+    if any(tag in STRING_TAGS for tag, _ in entries):
+        if "DT_STRTAB" not in values:
+            raise ELFError("dynamic strings without DT_STRTAB")
+        strtab = _file_offset(headers, values["DT_STRTAB"])
+        strsz = values.get("DT_STRSZ", MAX_STRING)
+        for tag, value in entries:
+            if tag in STRING_TAGS:
+                if value >= strsz:
+                    raise ELFError(f"{tag} string at {value} beyond the string table")
+                strings.setdefault(tag, []).append(_cstring(f, strtab + value, strsz - value))
+
+    def split(tag: str) -> tuple[str, ...]:
+        return tuple(d for text in strings.get(tag, []) for d in text.split(":"))
+
+    soname = strings["DT_SONAME"][0] if "DT_SONAME" in strings else None
+    return ElfObject(path, elf.elfclass, elf.little_endian, str(elf["e_machine"]),
+                     interpreter, tuple(strings.get("DT_NEEDED", [])), split("DT_RPATH"),
+                     split("DT_RUNPATH"), soname,
+                     bool(values.get("DT_FLAGS_1", 0) & DF_1_NODEFLIB))
 
 
 def read_elf(path: str) -> ElfObject | None:
     """The loader's view of the ELF file at ``path`` (None: not an ELF file).
 
+    Only the ELF header, the program headers and the dynamic segment are read (with
+    pyelftools' structures), never section headers: that is all the loader reads.
     Raises :class:`RecipeError` for a file that starts like an ELF file but is malformed.
     """
     try:
         with open(path, "rb") as f:
-            if f.read(4) != b"\x7fELF":
-                return None
-            f.seek(0)
-            elf = ELFFile(f)
-            needed: list[str] = []
-            rpath: list[str] = []
-            runpath: list[str] = []
-            soname = None
-            nodeflib = False
-            for kind, tag in _dynamic(elf):
-                if kind == "DT_NEEDED":
-                    needed.append(_fs(tag.needed))  # type: ignore[attr-defined]
-                elif kind == "DT_RPATH":
-                    rpath += _fs(tag.rpath).split(":")  # type: ignore[attr-defined]
-                elif kind == "DT_RUNPATH":
-                    runpath += _fs(tag.runpath).split(":")  # type: ignore[attr-defined]
-                elif kind == "DT_SONAME":
-                    soname = _fs(tag.soname)  # type: ignore[attr-defined]
-                elif kind == "DT_FLAGS_1":
-                    nodeflib = bool(tag.entry.d_val & DF_1_NODEFLIB)  # type: ignore[attr-defined]
-            return ElfObject(path, elf.elfclass, elf.little_endian, str(elf["e_machine"]),
-                             _interpreter(elf, f), tuple(needed), tuple(rpath),
-                             tuple(runpath), soname, nodeflib)
+            st = os.fstat(f.fileno())
+            key = (path, st.st_dev, st.st_ino, st.st_mtime_ns, st.st_ctime_ns, st.st_size)
+            if key in _cache:
+                return _cache[key]
+            found = _parse(path, f) if f.read(4) == b"\x7fELF" else None
     except OSError as exc:
         raise RecipeError(f"cannot read {path}: {exc.strerror}") from None
     except ELF_ERRORS as exc:
         raise RecipeError(f"{path} is not a well-formed ELF file ({exc})",
                           hint="host = names an ELF program built for this machine") from None
+    _cache[key] = found
+    return found
 
 
 # -- where the loader looks ----------------------------------------------------------

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import io
 import os
+import random
 import subprocess
 import sys
 import sysconfig
@@ -158,6 +159,26 @@ def test_malformed_elf_is_a_recipe_error(tmp_path: Path, head: bytes) -> None:
     (tmp_path / "r.toml").write_text(f'[sources.t]\nhost = "{bad}"\n')
     with pytest.raises(RecipeError, match="bad"):
         plan(load_recipe(str(tmp_path / "r.toml")))
+
+
+def test_mutated_elf_headers_give_recipe_errors_only(tmp_path: Path) -> None:
+    """The reader trusts no field: any corruption of a real program's headers is either
+    read or refused with a RecipeError (never another exception, never a hang)."""
+    original = Path("/bin/bash").read_bytes()
+    rng = random.Random(10)
+    refused = 0
+    for i in range(400):
+        target = tmp_path / f"mutant-{i}"  # a new path each time: no cached reading
+        mutant = bytearray(original[:65536] if rng.random() < 0.1 else original)
+        for _ in range(rng.randint(1, 8)):
+            mutant[rng.randrange(1024) if rng.random() < 0.8 else
+                   rng.randrange(len(mutant))] = rng.randrange(256)
+        target.write_bytes(bytes(mutant))
+        try:
+            elf_closure(str(target))
+        except RecipeError:
+            refused += 1
+    assert refused > 0
 
 
 def test_host_program_through_proc_or_not_regular(tmp_path: Path) -> None:
