@@ -229,7 +229,9 @@ def default_dirs(obj: ElfObject) -> list[str]:
     dirs = [f"/lib/{triplet}", f"/usr/lib/{triplet}"] if triplet else []
     if obj.elf_class == 64:
         dirs += ["/lib64", "/usr/lib64"]
-    elif obj.machine in ("EM_386", "EM_X86_64"):
+    elif obj.machine == "EM_X86_64":  # x32
+        dirs += ["/libx32", "/usr/libx32"]
+    elif obj.machine == "EM_386":
         dirs += ["/lib32", "/usr/lib32"]
     return [*dirs, "/lib", "/usr/lib"]
 
