@@ -27,10 +27,12 @@ import zstandard
 
 from reprobuild.build.unpack import write_tree_below
 from reprobuild.errors import FetchError, ImageError
-from reprobuild.trees.tar_reader import open_decompressed, tree_from_tar
+from reprobuild.trees.tar_reader import Spool, open_decompressed, tree_from_tar
 from reprobuild.trees.tree import EntryType, Tree
 
 UNPACK_VERSION = "1"
+MAX_DATA_TAR = 16 << 30
+"""The largest decompressed data.tar accepted (Debian's largest packages are far smaller)."""
 UNPACKED_TYPES = (EntryType.REGULAR, EntryType.DIRECTORY, EntryType.SYMLINK,
                   EntryType.HARDLINK)
 AR_MAGIC = b"!<arch>\n"
@@ -112,7 +114,13 @@ def _copy_data_tar(deb: str, target: str, label: str) -> None:
             try:
                 with open_decompressed(member, compression) as stream, \
                         open(target, "wb") as out:
-                    shutil.copyfileobj(stream, out, 1 << 20)
+                    while chunk := stream.read(1 << 20):
+                        out.write(chunk)
+                        if out.tell() > MAX_DATA_TAR:
+                            raise FetchError(
+                                f"{label}: {name} unpacks to more than "
+                                f"{MAX_DATA_TAR >> 30} GiB", hint="refusing what looks like "
+                                "a decompression bomb; no Debian package is that large")
             except (OSError, EOFError, lzma.LZMAError, zlib.error, zstandard.ZstdError) as exc:
                 raise FetchError(f"{label}: cannot decompress {name} ({exc})") from None
             return
@@ -141,7 +149,7 @@ class _Bounded(io.RawIOBase):
         return len(chunk)
 
 
-def package_tree(data_tar: str, label: str) -> Tree:
+def package_tree(data_tar: str, label: str, spool: Spool) -> Tree:
     """The tree a package's data.tar describes, read by the one hardened tar reader.
 
     Refused (naming the member and the package): absolute or ``..`` names, a member
@@ -149,7 +157,7 @@ def package_tree(data_tar: str, label: str) -> Tree:
     anything but files, directories, symlinks and hardlinks. Names stay bytes.
     """
     try:
-        tree = tree_from_tar(data_tar, what=f"package {label}")
+        tree = tree_from_tar(data_tar, what=f"package {label}", spool=spool)
     except ImageError as exc:
         raise FetchError(exc.message, hint=exc.hint) from None
     for entry in tree:
@@ -178,6 +186,6 @@ def unpack_deb(deb: str, dest: str, *, label: str | None = None) -> None:
     with tempfile.TemporaryDirectory(dir=parent, prefix=".unpack-") as scratch:
         data_tar = os.path.join(scratch, "data.tar")
         _copy_data_tar(deb, data_tar, label)
-        tree = package_tree(data_tar, label)
+        tree = package_tree(data_tar, label, Spool(os.path.join(scratch, "spool")))
         os.mkdir(dest, 0o755)
         write_tree_below(tree, dest)

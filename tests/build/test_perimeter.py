@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pytest
 
+from reprobuild.build import fetch
 from reprobuild.build.elf import elf_closure, elf_interpreter
 from reprobuild.build.fetch import unpack_deb
 from reprobuild.build.inputs import host_closure
@@ -29,8 +30,6 @@ from reprobuild.cli import main
 from reprobuild.errors import FetchError, RecipeError
 from tests.build.test_sources import info, make_deb
 from tests.conftest import NOBODY, REPO, Unprivileged, need, need_tool
-
-LOADER = "/lib64/ld-linux-x86-64.so.2"
 
 
 # -- ELF closures ----------------------------------------------------------------------
@@ -232,6 +231,22 @@ def test_hostile_deb_is_refused_and_the_host_untouched(tmp_path: Path, case: str
     assert repr(members[-1].name) in str(exc.value)
 
 
+def test_decompression_bomb_is_refused(tmp_path: Path,
+                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(fetch, "MAX_DATA_TAR", 1 << 20)
+    big = tarfile.TarInfo("./zeros")
+    big.size = 4 << 20
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w") as tar:
+        tar.addfile(big, io.BytesIO(bytes(big.size)))
+    deb = tmp_path / "bomb.deb"
+    make_deb(deb, buffer.getvalue(), "xz")
+    assert deb.stat().st_size < 64 << 10
+    with pytest.raises(FetchError, match=r"bomb=1: data\.tar\.xz unpacks to more than"):
+        unpack_deb(str(deb), str(tmp_path / "out"), label="bomb=1")
+    assert sorted(os.listdir(tmp_path)) == ["bomb.deb"]
+
+
 def pax_deb(path: Path) -> None:
     buffer = io.BytesIO()
     with tarfile.open(fileobj=buffer, mode="w", format=tarfile.PAX_FORMAT,
@@ -249,6 +264,7 @@ def pax_deb(path: Path) -> None:
 
 LISTING = """
 import os, sys
+from reprobuild.build import fetch
 from reprobuild.build.fetch import unpack_deb
 from reprobuild.store import canon
 from reprobuild.build.plan import plan
