@@ -154,35 +154,36 @@ def first_private_path(root: str) -> tuple[str, os.stat_result] | None:
     return None
 
 
-def check_path_source(path: str, what: str, *, base: str, allow_outside: bool,
-                      allow_private: bool) -> None:
+def check_path_source(path: str, table: str, key: str = "path", *, base: str,
+                      allow_outside: bool, allow_private: bool) -> None:
     """Refuse a path source that resolves (through any symlink) outside ``base``, the
     recipe's directory, unless ``allow_outside``; and one holding a file or directory
     readable only through privilege (see :func:`first_private_path`) unless
     ``allow_private``: either would copy host files the recipe's author chose into the
-    store, where every user can read them."""
+    store, where every user can read them. ``table`` and ``key`` name the recipe's
+    source table and its path key in messages."""
+    what = f"{table} {key}"
     real = os.path.realpath(path)
     if not os.path.lexists(real):
-        raise RecipeError(f"{what} path: {path} does not exist")
+        raise RecipeError(f"{what}: {path} does not exist")
     top = os.path.realpath(base) if base else real
     if not allow_outside and os.path.commonpath([top, real]) != top:
         shown = path if real == path else f"{path} (resolved: {real})"
-        raise RecipeError(f"{what} path: {shown} lies outside the recipe's directory {top}",
-                          hint=f"set allow-outside = true in {what} to import it anyway")
+        raise RecipeError(f"{what}: {shown} lies outside the recipe's directory {top}",
+                          hint=f"set allow-outside = true in {table} to import it anyway")
     if allow_private:
         return
     try:
         found = first_private_path(real)
     except OSError as exc:
-        raise RecipeError(f"{what} path: cannot read {exc.filename!r}: {exc.strerror}") \
-            from None
+        raise RecipeError(f"{what}: cannot read {exc.filename!r}: {exc.strerror}") from None
     if found is not None:
         offender, st = found
         raise RecipeError(
-            f"{what} path: {offender} (mode {stat.S_IMODE(st.st_mode):04o}, owner uid "
+            f"{what}: {offender} (mode {stat.S_IMODE(st.st_mode):04o}, owner uid "
             f"{st.st_uid}) is not readable by others: this user reads it only through "
             "privilege, and the store would make it readable to everyone",
-            hint=f"make it readable (chmod o+r), or set allow-private = true in {what} if "
+            hint=f"make it readable (chmod o+r), or set allow-private = true in {table} if "
                  "its content may be public")
 
 

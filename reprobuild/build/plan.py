@@ -111,11 +111,12 @@ def _source_nodes(source: DebSource | PathSource | OciSource | HostSource) -> li
                 Node(source.name, unpack, (f"{source.name}#fetch",), source,
                      display=f"unpack {label}")]
     if isinstance(source, PathSource):
+        check_path_source(source.path, f"[sources.{source.name}]",
+                          "oci" if isinstance(source, OciSource) else "path",
+                          base=source.base, allow_outside=source.allow_outside,
+                          allow_private=source.allow_private)
         if isinstance(source, OciSource):
             _check_oci_layout(source)
-        check_path_source(source.path, f"[sources.{source.name}]", base=source.base,
-                          allow_outside=source.allow_outside,
-                          allow_private=source.allow_private)
         content = path_hash(source.path)
         if source.blake3 is not None and source.blake3 != content:
             raise RecipeError(f"[sources.{source.name}] blake3: {source.path} hashes to "
