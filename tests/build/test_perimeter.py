@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 
 from reprobuild.build import fetch
-from reprobuild.build.elf import elf_closure, elf_interpreter
+from reprobuild.build.elf import elf_closure, elf_interpreter, ld_so_conf_dirs
 from reprobuild.build.fetch import unpack_deb
 from reprobuild.build.inputs import host_closure
 from reprobuild.build.plan import plan
@@ -110,6 +110,32 @@ def test_rpath_runpath_and_origin_follow_ld_so(tmp_path: Path) -> None:
     assert ld_so_list(str(new_tags)) is None  # libone's libtwo: RUNPATH is not inherited
     with pytest.raises(RecipeError, match=r"libtwo\.so \(needed by .*libone\.so\) not found"):
         elf_closure(str(new_tags))
+
+
+def test_a_library_for_another_machine_is_skipped_as_ld_so_skips_it(tmp_path: Path) -> None:
+    wrong, right = tmp_path / "wrong", tmp_path / "right"
+    wrong.mkdir()
+    right.mkdir()
+    lib = compile_c(right, "libtwo.so", "int two(void) { return 2; }", "-shared", "-fPIC")
+    foreign = bytearray(lib.read_bytes())
+    foreign[18:20] = (183).to_bytes(2, "little")  # e_machine = EM_AARCH64
+    (wrong / "libtwo.so").write_bytes(bytes(foreign))
+    prog = compile_c(tmp_path, "prog", "int two(void); int main(void) { return two(); }",
+                     f"-L{right}", "-ltwo", "-Wl,--enable-new-dtags",
+                     f"-Wl,-rpath,{wrong}:{right}")
+    expected = ld_so_list(str(prog))
+    assert expected is not None and str(right / "libtwo.so") in expected
+    assert elf_closure(str(prog)) == expected
+
+
+def test_ld_so_conf_follows_includes_in_order(tmp_path: Path) -> None:
+    (tmp_path / "conf.d").mkdir()
+    (tmp_path / "conf.d" / "b.conf").write_text("/opt/b\n# /opt/comment\n")
+    (tmp_path / "conf.d" / "a.conf").write_text("/opt/a/ # trailing\ninclude ../loop.conf\n")
+    (tmp_path / "loop.conf").write_text(f"include {tmp_path}/ld.so.conf\n/opt/loop\n")
+    (tmp_path / "ld.so.conf").write_text("/opt/first\ninclude conf.d/*.conf\n/opt/last\n")
+    assert ld_so_conf_dirs(str(tmp_path / "ld.so.conf")) == [
+        "/opt/first", "/opt/a", "/opt/loop", "/opt/b", "/opt/last"]
 
 
 @pytest.fixture
