@@ -28,7 +28,7 @@ import stat
 import struct
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import BinaryIO
+from typing import BinaryIO, NoReturn
 
 from elftools.common.exceptions import ELFError
 from elftools.common.utils import struct_parse
@@ -336,6 +336,7 @@ class _Closure:
         for path in candidates:
             if not path.startswith("/") or not os.path.isfile(path):
                 continue
+            check_host_path(path, self.program)  # refuses /proc before reading it
             obj = read_elf(path)
             if obj is not None and obj.same_kind(self.main):
                 return obj
@@ -362,7 +363,7 @@ class _Closure:
                 self.add(obj, {name}, requester)
 
 
-def _refuse_non_elf(program: str) -> None:
+def _refuse_non_elf(program: str) -> NoReturn:
     with open(program, "rb") as f:
         head = f.read(128)
     if head.startswith(b"#!"):
@@ -390,7 +391,6 @@ def elf_closure(program: str, *, loader: str | None = None) -> list[str]:
     main = read_elf(program)
     if main is None:
         _refuse_non_elf(program)
-        raise AssertionError("unreachable")
     interpreter = main.interpreter or loader
     if interpreter is None:
         return [program]

@@ -128,6 +128,16 @@ def test_a_library_for_another_machine_is_skipped_as_ld_so_skips_it(tmp_path: Pa
     assert elf_closure(str(prog)) == expected
 
 
+def test_a_library_found_through_proc_is_refused(tmp_path: Path,
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    compile_c(tmp_path, "libtwo.so", "int two(void) { return 2; }", "-shared", "-fPIC")
+    prog = compile_c(tmp_path, "prog", "int two(void); int main(void) { return two(); }",
+                     f"-L{tmp_path}", "-ltwo", "-Wl,-rpath,/proc/self/cwd")
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(RecipeError, match="/proc/self/cwd/libtwo.so lies in /proc"):
+        elf_closure(str(prog))
+
+
 def test_ld_so_conf_follows_includes_in_order(tmp_path: Path) -> None:
     (tmp_path / "conf.d").mkdir()
     (tmp_path / "conf.d" / "b.conf").write_text("/opt/b\n# /opt/comment\n")
