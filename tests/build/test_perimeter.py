@@ -134,7 +134,7 @@ def test_a_library_found_through_proc_is_refused(tmp_path: Path,
     prog = compile_c(tmp_path, "prog", "int two(void); int main(void) { return two(); }",
                      f"-L{tmp_path}", "-ltwo", "-Wl,-rpath,/proc/self/cwd")
     monkeypatch.chdir(tmp_path)
-    with pytest.raises(RecipeError, match="/proc/self/cwd/libtwo.so lies in /proc"):
+    with pytest.raises(RecipeError, match=r"/proc/self/cwd/libtwo\.so lies in /proc"):
         elf_closure(str(prog))
 
 
