@@ -413,8 +413,7 @@ def _content_dumps(a: Tree, b: Tree, diffs: list[Difference]
 # -- GPT ------------------------------------------------------------------------------
 def read_gpt(path: str | os.PathLike[str]) -> Any:
     """The primary GPT of a disk image, read (CRCs checked) by the gpt format module."""
-    module = get_format("gpt").load()
-    return module.read_table(os.fspath(path))
+    return get_format("gpt").load_module().read_table(os.fspath(path))
 
 
 _TABLE_FIELDS = ("sector_size", "disk_guid", "first_usable_lba", "last_usable_lba",
