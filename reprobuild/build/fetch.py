@@ -21,6 +21,8 @@ import tempfile
 from collections.abc import Iterator
 from typing import IO, BinaryIO, cast
 
+import zstandard
+
 from reprobuild.errors import FetchError
 
 UNPACK_VERSION = "1"
@@ -108,8 +110,6 @@ def _data_tar(deb: str) -> Iterator[IO[bytes]]:
                 with gzip.GzipFile(fileobj=member) as gz:
                     yield cast(IO[bytes], gz)
             elif name == "data.tar.zst":
-                import zstandard
-
                 with zstandard.ZstdDecompressor().stream_reader(member) as zst:
                     yield cast(IO[bytes], zst)
             elif name == "data.tar":

@@ -29,6 +29,7 @@ from reprobuild.build.recipe import (
 )
 from reprobuild.errors import RecipeError
 from reprobuild.images.registry import ImageOptions, get_format
+from reprobuild.trees.oci import is_oci_layout
 
 SANDBOX_ABI = "1"
 """What a step sees (mount points, $out, /build); part of every step's id."""
@@ -129,8 +130,6 @@ def _source_nodes(source: DebSource | PathSource | OciSource | HostSource) -> li
 def _check_oci_layout(source: OciSource) -> None:
     """Refuse a directory that is not an image layout before anything is imported (its
     blobs are checked against their digests when an image merges the layers)."""
-    from reprobuild.trees.oci import is_oci_layout  # only recipes with OCI sources pay for it
-
     if not os.path.exists(source.path):
         raise RecipeError(f"[sources.{source.name}] oci: {source.path} does not exist")
     if not is_oci_layout(source.path):

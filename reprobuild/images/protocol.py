@@ -16,12 +16,10 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, BinaryIO, Protocol
+from typing import BinaryIO, Protocol
 
 from reprobuild.errors import ImageError, suggest
-
-if TYPE_CHECKING:
-    from reprobuild.trees.tree import Tree
+from reprobuild.trees.tree import Tree
 
 OptionValue = str | int | bool
 COMMON_KEYS = ("from", "format", "size", "uuid", "label", "compress", "block_size", "files")

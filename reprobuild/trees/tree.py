@@ -13,6 +13,7 @@ primary regular file, and no value depends on the host that made the tree.
 from __future__ import annotations
 
 import enum
+import io
 import os
 import stat
 from collections.abc import Callable, Iterable, Iterator
@@ -80,8 +81,6 @@ class BytesSource:
     data: bytes
 
     def open(self) -> BinaryIO:
-        import io
-
         return io.BytesIO(self.data)
 
 

@@ -84,6 +84,7 @@ from reprobuild.images.gpt.layout import (
 from reprobuild.images.registry import ImageOptions
 from reprobuild.integrity.verity import content_digest_of
 from reprobuild.trees.tree import Content, Entry, EntryType, Tree
+from reprobuild.units import parse_size
 
 VERSION = "1"
 PARTITION_KEYS = ("from", "type", "label", "size", "uuid", "file", *ATTRIBUTE_BITS)
@@ -143,8 +144,6 @@ def identity(options: ImageOptions) -> dict[str, str]:
 
 
 def _size(value: object, where: str) -> int:
-    from reprobuild.build.recipe import parse_size
-
     try:
         size = parse_size(value)
     except ValueError as exc:

@@ -13,6 +13,7 @@ per thread.
 
 from __future__ import annotations
 
+import _lzma
 import ctypes
 import ctypes.util
 import lzma
@@ -224,8 +225,6 @@ def compressor_from_superblock(squashfs_id: int, block_size: int) -> Compressor:
 
 
 def _liblzma_version() -> str:
-    import _lzma
-
     try:
         lib = ctypes.CDLL(_lzma.__file__)
         version_string: Callable[[], bytes] = lib.lzma_version_string
