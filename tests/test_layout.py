@@ -130,3 +130,16 @@ def test_no_function_over_80_lines() -> None:
             if lines > MAX_FUNCTION_LINES:
                 long.append(f"{relative(path)}:{function.lineno} {function.name}: {lines} lines")
     assert long == []
+
+
+def test_tree_is_changed_only_by_its_own_methods() -> None:
+    """Nothing reaches into a Tree's private state: changes go through Tree's methods,
+    and hardlink groups are made canonical in one place, TreeBuilder."""
+    private = {"_entries", "_children", "_sorted"}
+    reached = []
+    for path in modules():
+        for node in ast.walk(ast.parse(path.read_bytes())):
+            if (isinstance(node, ast.Attribute) and node.attr in private
+                    and not (isinstance(node.value, ast.Name) and node.value.id == "self")):
+                reached.append(f"{relative(path)}:{node.lineno} .{node.attr}")
+    assert reached == []

@@ -23,7 +23,8 @@ from typing import Any, BinaryIO
 from reprobuild.errors import ImageError
 from reprobuild.images.registry import get_format
 from reprobuild.trees.diff import Difference, diff_trees
-from reprobuild.trees.tree import Entry, EntryType, Tree, tree_from_directory
+from reprobuild.trees.directory import tree_from_directory
+from reprobuild.trees.tree import Entry, EntryType, Tree
 
 TREE_FORMATS = ("tar", "cpio", "ext4", "squashfs", "erofs")
 HEX_WIDTH = 16

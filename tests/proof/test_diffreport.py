@@ -163,7 +163,7 @@ def test_images(tmp_path: Path, kind: str) -> None:
 
 def _write_ours(kind: str, src: Path, out: Path, **options: object) -> Path:
     from reprobuild.images.registry import ImageOptions, get_format
-    from reprobuild.trees.tree import tree_from_directory
+    from reprobuild.trees.directory import tree_from_directory
 
     module = get_format(kind).load()
     tree = tree_from_directory(src, epoch=EPOCH, preserve_mtime=True)
