@@ -6,7 +6,6 @@ Layout under the store root (default ``$XDG_CACHE_HOME/reprobuild``)::
     meta/ID.json     its metadata; an output counts as valid only when this exists
     logs/ID.log      the build log (kept after a failure), also the per-derivation
                      lock (flock) so concurrent builders build once
-    locks/           lock files of older versions (gc removes them)
     tmp/             build directories, renamed into out/ when complete
     roots/           symlinks to result links (gc roots)
     gc.lock          shared by builders, exclusive for gc
@@ -36,7 +35,7 @@ from reprobuild import __version__
 from reprobuild.errors import BuildError, StoreError
 from reprobuild.store import canon
 
-_SUBDIRS = ("out", "meta", "logs", "locks", "tmp", "roots", "records")
+_SUBDIRS = ("out", "meta", "logs", "tmp", "roots", "records")
 
 
 @dataclass(frozen=True)
@@ -380,8 +379,7 @@ class Store:
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(self.meta_path(did))
                 canon.remove_tree(self.output_path(did))
-                for path in (self.log_path(did), self.record_path(did),
-                             os.path.join(self.root, "locks", did + ".lock")):
+                for path in (self.log_path(did), self.record_path(did)):
                     with contextlib.suppress(FileNotFoundError):
                         os.unlink(path)
             if not dry_run:

@@ -3,8 +3,8 @@
 Each compressor knows its squashfs id, the compressor-options block it writes (only when
 its settings differ from what the kernel and unsquashfs assume, except lz4 which always
 has one), how to compress one block from any thread, how to decompress one, and its
-library's name and version (FORMATS.md trap 8: they change the bytes, so they enter the
-derivation id).
+library's name and version (they change the bytes - mksquashfs -comp zstd differs
+between libzstd 1.5.4 and 1.5.7 - so they enter the derivation id).
 
 ``compress`` is called from worker threads: zlib, liblzma, lz4 and libzstd release the
 GIL while they work, so blocks compress in parallel. Stateful compressor objects are kept
