@@ -15,6 +15,7 @@ The rules, with the direction of every arrow (ARCHITECTURE.md explains them):
 from __future__ import annotations
 
 import ast
+import configparser
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -143,3 +144,13 @@ def test_tree_is_changed_only_by_its_own_methods() -> None:
                     and not (isinstance(node.value, ast.Name) and node.value.id == "self")):
                 reached.append(f"{relative(path)}:{node.lineno} .{node.attr}")
     assert reached == []
+
+
+def test_every_pinned_dependency_is_imported() -> None:
+    """A dependency list names what the code uses (setup.cfg install_requires)."""
+    config = configparser.ConfigParser()
+    config.read(ROOT / "setup.cfg")
+    pinned = {line.split("==")[0].strip().replace("-", "_")
+              for line in config["options"]["install_requires"].splitlines() if line.strip()}
+    used = {name.split(".")[0] for path in modules() for _, name in imported(path)}
+    assert sorted(pinned - used) == []
