@@ -380,7 +380,7 @@ def _image(path: str, name: str, raw: Any) -> Image:
         if key in IMAGE_KEYS:
             continue
         try:
-            fmt.options.option(key).check(value)
+            fmt.options.check_one(key, value)
         except ImageError as exc:
             raise table.error(key, exc.message, exc.hint) from None
     size = table.parsed("size", parse_size)

@@ -73,7 +73,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         metavar="OS/ARCH", help="manifest of a multi-platform OCI image "
                         "(default: linux/amd64)")
     parser.add_argument("--option", "-o", dest="extra", type=_option, action="append",
-                        default=[], metavar="KEY=VALUE", help="a format-specific option")
+                        default=[], metavar="KEY=VALUE",
+                        help="a format-specific option; " + "; ".join(
+                            f"{name}: {', '.join(FORMATS[name].options.names())}"
+                            for name in tree_formats if FORMATS[name].options.names()))
 
 
 def default_epoch() -> int:

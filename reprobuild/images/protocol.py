@@ -120,12 +120,22 @@ class OptionsSchema:
     def check(self, values: Mapping[str, object]) -> None:
         """Refuse unknown keys and values of the wrong type or range."""
         for name, value in values.items():
-            self.option(name).check(value)
+            self.check_one(name, value)
+
+    def check_one(self, name: str, value: object) -> None:
+        option = self.option(name)
+        try:
+            option.check(value)
+        except ImageError as exc:
+            raise ImageError(f"{self.format} {exc.message}", hint=exc.hint) from None
 
     def parse_text(self, name: str, text: str) -> OptionValue:
         """Type the command line's ``-o NAME=TEXT`` and check it."""
-        value = self.option(name).from_text(text)
-        self.option(name).check(value)
+        try:
+            value = self.option(name).from_text(text)
+        except ImageError as exc:
+            raise ImageError(f"{self.format} {exc.message}", hint=exc.hint) from None
+        self.check_one(name, value)
         return value
 
 
