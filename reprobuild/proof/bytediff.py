@@ -1,6 +1,4 @@
-"""Byte-level differences between two files: the first differing offset and a hexdump
-around it (what ``reprobuild diff`` shows for files that are not images, and for two
-images whose trees are equal but whose bytes differ)."""
+"""Byte differences: where two streams first differ, with a hexdump of both around it."""
 
 from __future__ import annotations
 
@@ -12,7 +10,6 @@ from reprobuild.trees.tree import Entry
 
 HEX_WIDTH = 16
 HEX_LINES = 4
-
 
 
 @dataclass(frozen=True)
@@ -139,3 +136,5 @@ class ChunkStream:
     def seek(self, offset: int, whence: int = os.SEEK_SET) -> int:
         self._pos = len(self._bytes()) + offset if whence == os.SEEK_END else offset
         return self._pos
+
+
