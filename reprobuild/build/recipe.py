@@ -379,6 +379,9 @@ def _image(path: str, name: str, raw: Any) -> Image:
     for key, value in table.table.items():
         if key in IMAGE_KEYS:
             continue
+        if key not in fmt.options.names():
+            raise table.error(key, f"unknown {fmt_name} option {key!r}",
+                              suggest(key, [*IMAGE_KEYS, *fmt.options.names()], "keys"))
         try:
             fmt.options.check_one(key, value)
         except ImageError as exc:
