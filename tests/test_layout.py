@@ -29,6 +29,8 @@ FORBIDDEN: dict[str, tuple[str, ...]] = {
     "reprobuild/trees/": ("reprobuild.images", "reprobuild.build"),
     "reprobuild/store/": ("reprobuild.proof",),
 }
+# Distributions whose import name is not their name.
+IMPORT_NAMES = {"pyelftools": "elftools"}
 INTEGRITY_MAY_IMPORT = ("reprobuild.errors", "reprobuild.integrity")
 
 
@@ -136,7 +138,8 @@ def test_every_pinned_dependency_is_imported() -> None:
     """A dependency list names what the code uses (setup.cfg install_requires)."""
     config = configparser.ConfigParser()
     config.read(ROOT / "setup.cfg")
-    pinned = {line.split("==")[0].strip().replace("-", "_")
-              for line in config["options"]["install_requires"].splitlines() if line.strip()}
+    pinned = {IMPORT_NAMES.get(name, name.replace("-", "_")) for name in (
+        line.split("==")[0].strip()
+        for line in config["options"]["install_requires"].splitlines() if line.strip())}
     used = {name.split(".")[0] for path in modules() for _, name in imported(path)}
     assert sorted(pinned - used) == []

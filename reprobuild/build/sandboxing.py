@@ -25,7 +25,7 @@ from importlib import metadata
 from typing import Any
 
 import reprobuild
-from reprobuild.build.inputs import elf_closure, elf_interpreter
+from reprobuild.build.elf import elf_closure, elf_interpreter
 from reprobuild.build.plan import INPUTS_DIR, OUT, OUTPUT_DIR, Node
 from reprobuild.build.recipe import HostSource, Image, Step
 from reprobuild.errors import ReprobuildError, SandboxError
