@@ -31,8 +31,9 @@ from reprobuild.proof.bytediff import (
     order_hint,
 )
 from reprobuild.trees.diff import Difference, diff_trees
+from reprobuild.trees.directory import tree_from_directory
 from reprobuild.trees.load import load_tree
-from reprobuild.trees.tree import EntryType, Tree, tree_from_directory
+from reprobuild.trees.tree import EntryType, Tree
 
 TREE_FORMATS = ("tar", "cpio", "ext4", "squashfs", "erofs")
 MAX_HEXDUMPS = 8  # content differences inside a tree that get a hexdump
@@ -318,8 +319,7 @@ def _content_dumps(a: Tree, b: Tree, diffs: list[Difference]
 # -- GPT ------------------------------------------------------------------------------
 def read_gpt(path: str | os.PathLike[str]) -> Any:
     """The primary GPT of a disk image, read (CRCs checked) by the gpt format module."""
-    module = get_format("gpt").load()
-    return module.read_table(os.fspath(path))
+    return get_format("gpt").load_module().read_table(os.fspath(path))
 
 
 _TABLE_FIELDS = ("sector_size", "disk_guid", "first_usable_lba", "last_usable_lba",
@@ -360,7 +360,7 @@ def _extract(region: Any, target: Path) -> Path:
 
 def _diff_gpt(base: DiffReport, a: Path, b: Path, byte_diff: ByteDifference | None, *,
               compare_owner: bool, workdir: Path) -> DiffReport:
-    module = get_format("gpt").load()
+    module = get_format("gpt").load_module()
     try:
         ta, tb = read_gpt(a), read_gpt(b)
         ra = {p.number: module.partition_region(a, ta, p) for p in ta.entries}
