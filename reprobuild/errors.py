@@ -74,6 +74,7 @@ class DiskFullError(ReprobuildError):
     """A file system ran out of space (or quota) while reprobuild wrote to it."""
 
 
+EXIT_DISK_FULL = 28  # a built-in image step's status for DiskFullError (ENOSPC's number)
 NEARLY_FULL = 1 << 20  # bytes free below which a failed write is put down to a full disk
 
 

@@ -16,7 +16,7 @@ from typing import Protocol
 from reprobuild.build import fetch, inputs, sandboxing
 from reprobuild.build.plan import Node, Plan
 from reprobuild.build.recipe import DebSource, PathSource
-from reprobuild.errors import BuildError, FetchError
+from reprobuild.errors import EXIT_DISK_FULL, BuildError, FetchError, no_space
 from reprobuild.store.store import StoreEntry
 from sandbox.spec import Runner, SandboxSpec
 
@@ -155,6 +155,9 @@ class Sandboxed(_Base):
             how = f"timed out after {spec.timeout:g} s"
         elif result.signal:
             how = f"was killed by signal {result.signal}"
+        elif result.returncode == EXIT_DISK_FULL and node.derivation.kind != "step":
+            raise no_space(job.output, f"the output of {node.key}",
+                           "the image step said so")
         else:
             how = f"failed with exit status {result.returncode}"
         lines = "\n".join("    " + line for line in tail(job.log))
