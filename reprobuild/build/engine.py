@@ -313,14 +313,19 @@ class Engine:
             raise KeyboardInterrupt
         if result.timed_out:
             how = f"timed out after {spec.timeout:g} s"
+        elif result.limit:
+            how = "was stopped"
         elif result.signal:
             how = f"was killed by signal {result.signal}"
         else:
             how = f"failed with exit status {result.returncode}"
-        lines = "\n".join("    " + line for line in tail(log))
-        raise BuildError(f"{node.key} {how}; log: {log}"
+        last = tail(log)
+        note, raise_limit = sandboxing.limit_note(node, spec, result, last)
+        lines = "\n".join("    " + line for line in last)
+        show_log = f"reprobuild log {plan.recipe.path} {node.key}"
+        raise BuildError(f"{node.key} {how}{note}; log: {log}"
                          + (f"\n  last lines:\n{lines}" if lines else ""),
-                         hint=f"reprobuild log {plan.recipe.path} {node.key}")
+                         hint=f"{raise_limit}; {show_log}" if raise_limit else show_log)
 
 
 def _has_log(log: str, node: Node) -> bool:

@@ -19,6 +19,7 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
+from reprobuild.build.limits import LIMIT_KEYS, LimitError, StepLimits, parse_limits
 from reprobuild.errors import RecipeError, suggest
 from reprobuild.units import parse_duration, parse_size
 
@@ -34,8 +35,12 @@ PATH_KEYS = ("path", "blake3")
 HOST_KEYS = ("host",)
 OCI_KEYS = ("oci", "blake3")
 SOURCE_KINDS = ("deb", "path", "host", "oci")
-STEP_KEYS = ("inputs", "builder", "env", "timeout")
-IMAGE_KEYS = ("from", "format", "size", "uuid", "label", "compress", "block_size", "files")
+STEP_KEYS = ("inputs", "builder", "env", "timeout", "limits")
+IMAGE_KEYS = ("from", "format", "size", "uuid", "label", "compress", "block_size", "files",
+              "timeout", "limits")
+# Keys of an image table that shape how its step runs, never what it makes: they stay
+# out of the options and the table that enter the derivation id.
+RUN_KEYS = ("timeout", "limits")
 
 Json = None | bool | int | str | list["Json"] | dict[str, "Json"]
 
@@ -89,6 +94,7 @@ class Step:
     builder: tuple[str, ...]
     env: tuple[tuple[str, str], ...] = ()
     timeout: float | None = None
+    limits: StepLimits = field(default_factory=StepLimits)
 
 
 @dataclass(frozen=True)
@@ -113,6 +119,8 @@ class Image:
     files: Mapping[str, Json] = field(default_factory=dict)
     extra: tuple[tuple[str, str | int | bool], ...] = ()
     table: Mapping[str, Json] = field(default_factory=dict)
+    timeout: float | None = None
+    limits: StepLimits = field(default_factory=StepLimits)
 
 
 @dataclass(frozen=True)
@@ -363,12 +371,22 @@ def _step(path: str, name: str, raw: Any) -> Step:
                               "($out and the inputs' paths)")
         env.append((key, str(value)))
     timeout = table.parsed("timeout", parse_duration)
-    return Step(name, inputs, builder, tuple(sorted(env)), timeout)
+    return Step(name, inputs, builder, tuple(sorted(env)), timeout, _limits(table))
+
+
+def _limits(table: _Table) -> StepLimits:
+    if "limits" not in table.table:
+        return StepLimits()
+    try:
+        return parse_limits(table.table["limits"], f"[{table.where}.limits]")
+    except LimitError as exc:
+        raise table.error("limits" + (f".{exc.key}" if exc.key else ""), str(exc),
+                          f"limits are {', '.join(LIMIT_KEYS)}") from None
 
 
 def _image(path: str, name: str, raw: Any) -> Image:
     from reprobuild.errors import ImageError
-    from reprobuild.images.registry import get_format
+    from reprobuild.images.registry import check_image_size, get_format
 
     table = _Table(path, f"images.{name}", raw, None)
     fmt_name = table.string("format", required=True)
@@ -395,18 +413,22 @@ def _image(path: str, name: str, raw: Any) -> Image:
                     raise table.error(key, f"unknown key {key!r}",
                                       suggest(key, IMAGE_KEYS, "keys"))
     size = table.parsed("size", parse_size)
+    try:
+        check_image_size(fmt_name, size)
+    except ImageError as exc:
+        raise table.error("size", exc.message, exc.hint) from None
     files_raw = table.table.get("files", {})
     if not isinstance(files_raw, dict):
         raise table.error("files", "must be a table of paths to overrides")
     files = {str(k): _json_value(table, f"files.{k}", v) for k, v in files_raw.items()}
     extra: list[tuple[str, str | int | bool]] = []
     for key, value in table.table.items():
-        if key in IMAGE_KEYS or fmt.kind == "disk":
+        if key in IMAGE_KEYS or key in RUN_KEYS or fmt.kind == "disk":
             continue
         if not isinstance(value, str | int | bool):
             raise table.error(key, f"must be a string, integer or boolean, not {value!r}")
         extra.append((key, value))
-    whole = {k: _json_value(table, k, v) for k, v in table.table.items()}
+    whole = {k: _json_value(table, k, v) for k, v in table.table.items() if k not in RUN_KEYS}
     if fmt.kind == "tree":
         source = table.string("from", required=True)
         assert source is not None
@@ -422,7 +444,8 @@ def _image(path: str, name: str, raw: Any) -> Image:
         name=name, format=fmt_name, kind=fmt.kind, source=source, inputs=inputs, size=size,
         uuid=table.string("uuid"), label=table.string("label"),
         compress=table.string("compress"), block_size=table.integer("block_size"),
-        files=files, extra=tuple(sorted(extra)), table=whole)
+        files=files, extra=tuple(sorted(extra)), table=whole,
+        timeout=table.parsed("timeout", parse_duration), limits=_limits(table))
 
 
 def _check_inputs(recipe: Recipe) -> None:

@@ -37,11 +37,28 @@ class ImageOptions:
     block_size: int | None = None  # format default when None
     extra: tuple[tuple[str, OptionValue], ...] = field(default=())
 
+    def __post_init__(self) -> None:
+        check_image_size("an", self.size)
+
     def get(self, key: str, default: OptionValue | None = None) -> OptionValue | None:
         for name, value in self.extra:
             if name == key:
                 return value
         return default
+
+
+# The largest image any writer is asked for (16 TiB): a larger size is a typo far more
+# often than a wish, and the ext4 writer's per-group tables grow with the size (1000 TiB
+# took 4 GB of memory before it failed).
+MAX_IMAGE_SIZE = 16 << 40
+
+
+def check_image_size(format_name: str, size: int | None) -> None:
+    """Refuse an image size no writer should try, before any byte is written."""
+    if size is not None and size > MAX_IMAGE_SIZE:
+        raise ImageError(f"{format_name} image size {size} bytes is above the largest image "
+                         f"reprobuild writes ({MAX_IMAGE_SIZE >> 40} TiB)",
+                         hint='give a size like "64M" or "2G", or "min" for the smallest')
 
 
 @dataclass(frozen=True)
