@@ -1,11 +1,12 @@
 """Runs sandboxes for the tests, as whatever user starts it (the tests use uid 65534).
 
 Reads a JSON job on stdin: ``{"runs": [{"name", "argv", "mounts": [[src, dst, rw]],
-"env": [[k, v]], "timeout", "cwd", "epoch", "interrupt_after", "marker", "limits": {field:
-value}}]}``, runs each from one runner and prints a JSON object name -> {returncode,
-signal, timed_out, interrupted, limit, log_dropped, mechanism, duration, log, survivors}. ``survivors`` lists the host processes whose command line
-holds ``marker``, looked for right after the run returned (before the runner closes).
-With ``interrupt_after`` the whole process group gets SIGINT, as a terminal's Ctrl-C.
+"env": [[k, v]], "timeout", "cwd", "epoch", "interrupt_after", "marker", "limits":
+{field: value}}]}``, runs each from one runner and prints a JSON object name ->
+{returncode, signal, timed_out, interrupted, limit, log_dropped, mechanism, duration, log,
+survivors}. ``survivors`` lists the host processes whose command line holds ``marker``,
+looked for right after the run returned (before the runner closes). With
+``interrupt_after`` the whole process group gets SIGINT, as a terminal's Ctrl-C.
 """
 
 from __future__ import annotations
