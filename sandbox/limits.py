@@ -7,7 +7,9 @@ counts per user namespace, so per run) together with the server's :class:`Watch`
 sums the private resident memory of the run's processes and kills the run above
 ``memory``. The watcher also measures the allocated blocks of the run's writable mounts
 (``disk``): they lie on the store's disk, where no kernel quota is available to an
-unprivileged user. Its scans are spaced so that they cost at most a twentieth of the
+unprivileged user; ``RLIMIT_FSIZE`` stops any one file at once at that size, and the
+watcher catches many files within a scan (what the run writes in that time is the
+overshoot). Its scans are spaced so that they cost at most a twentieth of the
 server's time. The log goes through a pipe to a :class:`LogKeeper` that keeps its head
 and tail.
 """
@@ -26,7 +28,7 @@ from collections.abc import Iterable
 from sandbox.spec import Limits
 
 PAGE = os.sysconf("SC_PAGE_SIZE")
-MIN_SCAN_INTERVAL = 0.25  # seconds between two scans of one run, at least
+MIN_SCAN_INTERVAL = 0.1  # seconds between two scans of one run, at least
 SCAN_SHARE = 20  # a scan taking t seconds waits SCAN_SHARE * t before the next
 
 
@@ -36,6 +38,8 @@ def apply_rlimits(limits: Limits, *, cgroup: bool) -> None:
         resource.setrlimit(resource.RLIMIT_DATA, (limits.memory, limits.memory))
     if limits.pids is not None and not cgroup:
         resource.setrlimit(resource.RLIMIT_NPROC, (limits.pids, limits.pids))
+    if limits.disk is not None:  # one file at once; the watcher bounds them all together
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limits.disk, limits.disk))
 
 
 def describe(limits: Limits, mechanism: str) -> str:
@@ -120,6 +124,7 @@ class Watch:
         self.writable = tuple(writable)
         self.rlimits = rlimits
         self.next_scan = time.monotonic() + MIN_SCAN_INTERVAL
+        self.crowded = 0  # consecutive scans that found the run at its pids limit
 
     @property
     def needed(self) -> bool:
@@ -138,7 +143,11 @@ class Watch:
         limits = self.limits
         if self.rlimits and (limits.memory is not None or limits.pids is not None):
             tasks, private = process_usage(pid1)
-            if limits.pids is not None and tasks >= limits.pids:
+            # RLIMIT_NPROC refuses forks at the limit; what keeps forking hovers just
+            # below it (failed forks exit): two scans in a row near it mean a runaway.
+            near = limits.pids is not None and tasks >= limits.pids - max(1, limits.pids // 32)
+            self.crowded = self.crowded + 1 if near else 0
+            if self.crowded >= 2:
                 return "pids"
             if limits.memory is not None and private > limits.memory:
                 return "memory"

@@ -31,8 +31,8 @@ class Limits:
     the kernel counts per user namespace, so per run). ``tmp`` and ``shm`` are the sizes
     of the tmpfs ``/tmp`` (and ``/build`` when not mounted) and ``/dev/shm``. ``disk``
     bounds what the writable mounts hold together (the watcher measures their allocated
-    blocks). ``log`` bounds the output kept: its first and last halves, with a line
-    saying how much was dropped between them.
+    blocks) and, through ``RLIMIT_FSIZE``, the size of any one file. ``log`` bounds the
+    output kept: its first and last halves, with a line saying how much was dropped.
     """
 
     memory: int | None = None

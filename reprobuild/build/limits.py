@@ -10,7 +10,9 @@ correct build makes, only whether a runaway one is stopped, so raising one rebui
 
 from __future__ import annotations
 
+import dataclasses
 import re
+import signal
 from dataclasses import dataclass, fields
 from typing import Any
 
@@ -51,6 +53,18 @@ class StepLimits:
         given = {f.name: getattr(self, f.name) for f in fields(self)}
         return Limits(**{name: value if value is not None else getattr(DEFAULTS, name)
                          for name, value in given.items()})
+
+
+def image_limits(limits: StepLimits, size: int | None) -> Limits:
+    """An image step's limits: ``disk`` is at least the image's size and a spool's room.
+
+    ``disk`` also bounds any one file (``RLIMIT_FSIZE``), and a sized image is one file
+    of that size however sparse: our own writer makes it, so its size is the bound.
+    """
+    effective = limits.effective()
+    if size is not None and effective.disk is not None and effective.disk < size + (1 << 30):
+        effective = dataclasses.replace(effective, disk=size + (1 << 30))
+    return effective
 
 
 def parse_limits(raw: Any, where: str) -> StepLimits:
@@ -134,6 +148,10 @@ def failure_note(result: SandboxResult, kind: str, name: str, limits: Limits,
         value = getattr(limits, key)
         shown = str(value) if key == "pids" else human(value)
         note = f"; stopped: {WHAT[key]} passed its limit {key} = {shown}"
+    elif result.signal == signal.SIGXFSZ or any("File too large" in line for line in log_tail):
+        key = "disk"
+        note = (f"; a file passed the size limit disk = {human(limits.disk)}"
+                if limits.disk is not None else "")
     else:
         text = "\n".join(log_tail)
         key = next((k for k, pattern in SYMPTOMS if pattern.search(text)), None)

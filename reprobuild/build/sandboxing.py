@@ -24,7 +24,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 from reprobuild.build.inputs import elf_closure, elf_interpreter
-from reprobuild.build.limits import IMAGE_TIMEOUT, failure_note
+from reprobuild.build.limits import IMAGE_TIMEOUT, failure_note, image_limits
 from reprobuild.build.plan import INPUTS_DIR, OUT, OUTPUT_DIR, Node
 from reprobuild.build.recipe import HostSource, Image, Step
 from reprobuild.errors import ReprobuildError, SandboxError
@@ -146,7 +146,8 @@ def image_spec(node: Node, inputs: Mapping[str, tuple[Node, str]], build_dir: st
             json.dumps(job, sort_keys=True))
     return SandboxSpec(argv=argv, mounts=tuple(mounts), env=tuple(sorted(env.items())),
                        cwd="/build", epoch=epoch, cores=cores, debug=debug,
-                       timeout=image.timeout or IMAGE_TIMEOUT, limits=image.limits.effective())
+                       timeout=image.timeout or IMAGE_TIMEOUT,
+                       limits=image_limits(image.limits, image.size))
 
 
 def limit_note(node: Node, spec: SandboxSpec, result: SandboxResult,
