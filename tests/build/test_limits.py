@@ -91,6 +91,20 @@ def test_image_options_refuse_absurd_sizes_everywhere() -> None:
     assert ImageOptions(epoch=0, size=MAX_IMAGE_SIZE).size == MAX_IMAGE_SIZE
 
 
+@pytest.mark.parametrize("size", ["1000T", "99999999999999999"])
+def test_the_image_command_refuses_absurd_sizes(tmp_path: Path, size: str,
+                                                capsys: pytest.CaptureFixture[str]) -> None:
+    from reprobuild import cli
+
+    (tmp_path / "src").mkdir()
+    out = tmp_path / "img"
+    code = cli.main(["image", "--format", "squashfs", str(tmp_path / "src"), str(out),
+                     "--size", size])
+    assert code == 2 and not out.exists()
+    assert "16 TiB" in capsys.readouterr().err
+    assert os.listdir(tmp_path) == ["src"]
+
+
 def test_a_sized_squashfs_stays_sparse(tmp_path: Path) -> None:
     from reprobuild.images.squashfs import image as squashfs
     from reprobuild.trees.load import load_tree
