@@ -265,6 +265,11 @@ class Server:
         fds = array.array("i", [log_w, *terminal])
         try:
             spare, cgroup = self._hand_over_to_spare(job, fds, spec)
+        except BaseException:
+            if keeper is not None:
+                os.close(log_r)
+                os.close(keeper.fd)
+            raise
         finally:
             if log_w != log_fd:
                 os.close(log_w)
