@@ -141,23 +141,27 @@ class Watch:
 
     def _check(self, pid1: int) -> str | None:
         limits = self.limits
-        if self.rlimits and (limits.memory is not None or limits.pids is not None):
-            tasks, private = process_usage(pid1)
+        pids: list[int] = []
+        tasks, private = process_usage(pid1, pids)
+        hidden_disk, hidden_memory = unlinked_usage(pids)
+        if self.rlimits:  # else the run's cgroup bounds memory and processes
             # RLIMIT_NPROC refuses forks at the limit; what keeps forking hovers just
             # below it (failed forks exit): two scans in a row near it mean a runaway.
             near = limits.pids is not None and tasks >= limits.pids - max(1, limits.pids // 32)
             self.crowded = self.crowded + 1 if near else 0
             if self.crowded >= 2:
                 return "pids"
-            if limits.memory is not None and private > limits.memory:
+            if limits.memory is not None and private + hidden_memory > limits.memory:
                 return "memory"
-        if limits.disk is not None and disk_usage(self.writable) > limits.disk:
+        if limits.disk is not None and \
+                disk_usage(self.writable) + hidden_disk > limits.disk:
             return "disk"
         return None
 
 
-def process_usage(pid1: int) -> tuple[int, int]:
-    """(tasks, private resident bytes) of ``pid1`` and every process below it.
+def process_usage(pid1: int, found: list[int] | None = None) -> tuple[int, int]:
+    """(tasks, private resident bytes) of ``pid1`` and every process below it (their
+    pids appended to ``found``).
 
     Orphans in a pid namespace are re-parented to its pid 1, so the tree from it holds
     every process of the run. Private memory is resident minus shared pages, summed.
@@ -179,6 +183,8 @@ def process_usage(pid1: int) -> tuple[int, int]:
         except (OSError, ValueError, IndexError):
             continue  # it exited
         tasks += len(tids)
+        if found is not None:
+            found.append(pid)
         for tid in tids:
             try:
                 with open(f"/proc/{pid}/task/{tid}/children", "rb") as f:
@@ -186,6 +192,38 @@ def process_usage(pid1: int) -> tuple[int, int]:
             except (OSError, ValueError):
                 continue
     return tasks, private
+
+
+def unlinked_usage(pids: Iterable[int]) -> tuple[int, int]:
+    """(disk, memory) bytes of deleted files the processes still hold open.
+
+    A scan of the writable mounts cannot see them. A memfd is memory no rlimit bounds;
+    a deleted file of the tmpfs /tmp or /dev/shm still counts against its size; any
+    other (on /build or $out, the store's disk) is disk. Named as the sandbox names
+    them, as its processes' descriptors show.
+    """
+    disk = memory = 0
+    seen: set[tuple[int, int]] = set()
+    for pid in pids:
+        try:
+            fds = os.listdir(f"/proc/{pid}/fd")  # nondet-ok: only summed
+        except OSError:
+            continue
+        for fd in fds:
+            link = f"/proc/{pid}/fd/{fd}"
+            try:
+                st = os.stat(link)
+                name = os.readlink(link)
+            except OSError:
+                continue
+            if st.st_nlink or not stat.S_ISREG(st.st_mode) or (st.st_dev, st.st_ino) in seen:
+                continue
+            seen.add((st.st_dev, st.st_ino))
+            if name.startswith("/memfd:"):
+                memory += st.st_blocks * 512
+            elif not name.startswith(("/tmp/", "/dev/shm/")):
+                disk += st.st_blocks * 512
+    return disk, memory
 
 
 def disk_usage(roots: Iterable[str]) -> int:

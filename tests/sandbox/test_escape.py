@@ -86,9 +86,9 @@ def escape(unprivileged: Unprivileged, sandbox_driver: Driver) -> Iterator[dict[
         _chown(p)
     writable = [[str(build / "build"), "/build", True], [str(build / "out"), "/output", True]]
     fill = store / "tmp" / "build.fill"  # a step that writes without end
-    for sub in ("build", "out"):
+    for sub in ("build", "out", "build2"):
         (fill / sub).mkdir(parents=True)
-    for p in (fill, fill / "build", fill / "out"):
+    for p in (fill, fill / "build", fill / "out", fill / "build2"):
         _chown(p)
     victim = subprocess.Popen([BUSYBOX, "sh", "-c", "sleep 120", VICTIM_MARKER])
     server = HostServer()
@@ -145,6 +145,12 @@ def escape(unprivileged: Unprivileged, sandbox_driver: Driver) -> Iterator[dict[
                     "dd if=/dev/zero of=f$i bs=1M count=8 2>/dev/null; i=$((i+1)); done",
                     mounts=[[str(fill / "build"), "/build", True],
                             [str(fill / "out"), "/output", True]],
+                    timeout=60, limits={"disk": 32 << 20}),
+        busybox_run("unlinked_file",  # each file is deleted while dd still writes it
+                    "i=0; while true; do i=$((i+1)); "
+                    "(dd if=/dev/zero bs=1M count=8 2>/dev/null; sleep 60) > /build/f$i & "
+                    "sleep 0.01; rm /build/f$i; done",
+                    mounts=[[str(fill / "build2"), "/build", True]],
                     timeout=60, limits={"disk": 32 << 20}),
         busybox_run("fill_tmpfs",
                     "for d in /tmp /dev/shm /build; do "
@@ -368,3 +374,8 @@ def test_log_keeps_head_and_tail(escape: dict[str, Any]) -> None:
     assert len(log.encode()) < (64 << 10) + 1024
     last = [int(w[5:]) for w in tail.split() if w.startswith("line-") and w[5:].isdigit()]
     assert last and min(last) > 10000  # the end of the output, not more of its start
+
+
+def test_deleted_open_files_are_counted(escape: dict[str, Any]) -> None:
+    unlinked = escape["results"]["unlinked_file"]  # deleted while open: no scan sees it
+    assert unlinked["limit"] == "disk" and not unlinked["timed_out"], unlinked
