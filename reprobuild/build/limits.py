@@ -17,9 +17,9 @@ from dataclasses import dataclass, fields
 from typing import Any
 
 from reprobuild.units import parse_size
+from sandbox.limits import human
 from sandbox.spec import Limits, SandboxResult
 
-SIZE_KEYS = ("memory", "tmp", "shm", "disk", "log")
 LIMIT_KEYS = ("memory", "pids", "tmp", "shm", "disk", "log")
 MAX_PIDS = 1 << 22  # the kernel's largest pid_max
 
@@ -118,13 +118,6 @@ def _size_text(n: int) -> str:
         if n % (1 << shift) == 0:
             return f"{n >> shift}{unit}"
     return str(n)
-
-
-def human(n: int) -> str:
-    for unit, shift in (("TiB", 40), ("GiB", 30), ("MiB", 20), ("KiB", 10)):
-        if n >= 1 << shift and n % (1 << shift) == 0:
-            return f"{n >> shift} {unit}"
-    return f"{n} bytes"
 
 
 # What a process that ran out of a limit the kernel enforces (rlimits, tmpfs sizes)
