@@ -28,7 +28,7 @@ from collections.abc import Iterable
 from sandbox.spec import Limits
 
 PAGE = os.sysconf("SC_PAGE_SIZE")
-MIN_SCAN_INTERVAL = 0.1  # seconds between two scans of one run, at least
+MIN_SCAN_INTERVAL = 0.05  # seconds between two scans of one run, at least
 SCAN_SHARE = 20  # a scan taking t seconds waits SCAN_SHARE * t before the next
 
 
