@@ -16,6 +16,7 @@ import signal
 from dataclasses import dataclass, fields
 from typing import Any
 
+from reprobuild.errors import RecipeError
 from reprobuild.units import parse_size
 from sandbox.limits import human
 from sandbox.spec import Limits, SandboxResult
@@ -65,6 +66,18 @@ def image_limits(limits: StepLimits, size: int | None) -> Limits:
     if size is not None and effective.disk is not None and effective.disk < size + (1 << 30):
         effective = dataclasses.replace(effective, disk=size + (1 << 30))
     return effective
+
+
+def table_limits(table: dict[str, Any], path: str, where: str) -> StepLimits:
+    """The ``limits`` of a recipe's step or image table; a RecipeError names the key."""
+    if "limits" not in table:
+        return StepLimits()
+    try:
+        return parse_limits(table["limits"], f"[{where}.limits]")
+    except LimitError as exc:
+        key = "limits" + (f".{exc.key}" if exc.key else "")
+        raise RecipeError(f"{path}: [{where}] {key}: {exc}",
+                          hint=f"limits are {', '.join(LIMIT_KEYS)}") from None
 
 
 def parse_limits(raw: Any, where: str) -> StepLimits:

@@ -19,7 +19,7 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
-from reprobuild.build.limits import LIMIT_KEYS, LimitError, StepLimits, parse_limits
+from reprobuild.build.limits import StepLimits, table_limits
 from reprobuild.errors import RecipeError, suggest
 from reprobuild.units import parse_duration, parse_size
 
@@ -31,16 +31,16 @@ __all__ = ["DebSource", "HostSource", "Image", "OciSource", "PathSource", "Recip
 NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_.-]*$")
 TOP_KEYS = ("epoch", "sources", "steps", "images")
 DEB_KEYS = ("deb", "version", "sha256")
-PATH_KEYS = ("path", "blake3")
+PATH_KEYS = ("path", "blake3", "allow-outside", "allow-private")
 HOST_KEYS = ("host",)
-OCI_KEYS = ("oci", "blake3")
+OCI_KEYS = ("oci", "blake3", "allow-outside", "allow-private")
 SOURCE_KINDS = ("deb", "path", "host", "oci")
+DEB_PACKAGE_RE = re.compile(r"[a-z0-9][a-z0-9+.-]+")
+DEB_VERSION_RE = re.compile(r"[0-9][A-Za-z0-9.+~:-]*")
 STEP_KEYS = ("inputs", "builder", "env", "timeout", "limits")
 IMAGE_KEYS = ("from", "format", "size", "uuid", "label", "compress", "block_size", "files",
               "timeout", "limits")
-# Keys of an image table that shape how its step runs, never what it makes: they stay
-# out of the options and the table that enter the derivation id.
-RUN_KEYS = ("timeout", "limits")
+RUN_KEYS = ("timeout", "limits")  # how an image's step runs, not what it makes: not in ids
 
 Json = None | bool | int | str | list["Json"] | dict[str, "Json"]
 
@@ -57,11 +57,20 @@ class DebSource:
 
 @dataclass(frozen=True)
 class PathSource:
-    """A file or directory imported by content; ``blake3`` optionally pins its tree hash."""
+    """A file or directory imported by content; ``blake3`` optionally pins its tree hash.
+
+    Planning refuses a path that resolves outside ``base`` (the recipe's directory)
+    unless ``allow_outside``, and one holding files the user can read only through
+    privilege unless ``allow_private`` (see :func:`reprobuild.build.inputs.check_path_source`).
+    Neither flag is part of any id: they permit an import, the content is what counts.
+    """
 
     name: str
     path: str  # absolute
     blake3: str | None = None
+    base: str = ""  # the recipe's directory
+    allow_outside: bool = False
+    allow_private: bool = False
 
 
 @dataclass(frozen=True)
@@ -228,6 +237,12 @@ class _Table:
         except ValueError as exc:
             raise self.error(key, str(exc)) from None
 
+    def boolean(self, key: str) -> bool:
+        value = self.table.get(key, False)
+        if not isinstance(value, bool):
+            raise self.error(key, f"must be true or false, not {value!r}")
+        return value
+
     def integer(self, key: str) -> int | None:
         value = self.table.get(key)
         if value is None:
@@ -324,6 +339,15 @@ def _source(path: str, directory: str, name: str, raw: Any) -> Source:
         package = table.string("deb", required=True)
         version = table.string("version", required=True)
         assert package is not None and version is not None
+        # Both become an apt-get argument: a leading '-' would be read as an option.
+        if not DEB_PACKAGE_RE.fullmatch(package):
+            raise table.error("deb", f"{package!r} is not a Debian package name",
+                              "names are lowercase letters, digits, '+', '-' and '.', "
+                              "starting with a letter or digit")
+        if not DEB_VERSION_RE.fullmatch(version):
+            raise table.error("version", f"{version!r} is not a Debian version",
+                              "e.g. 1:1.35.0-4+deb12u1 (digits first; letters, digits "
+                              "and . + ~ : - after)")
         return DebSource(name, package, version, sha)
     if kind in ("path", "oci"):
         table.only(PATH_KEYS if kind == "path" else OCI_KEYS)
@@ -333,7 +357,9 @@ def _source(path: str, directory: str, name: str, raw: Any) -> Source:
         if pin is not None and not re.fullmatch(r"[0-9a-f]{64}", pin):
             raise table.error("blake3", f"{pin!r} is not 64 lowercase hex digits")
         made = PathSource if kind == "path" else OciSource
-        return made(name, os.path.normpath(os.path.join(directory, rel)), pin)
+        return made(name, os.path.normpath(os.path.join(directory, rel)), pin, directory,
+                    allow_outside=table.boolean("allow-outside"),
+                    allow_private=table.boolean("allow-private"))
     table.only(HOST_KEYS)
     program = table.string("host", required=True)
     assert program is not None
@@ -371,22 +397,13 @@ def _step(path: str, name: str, raw: Any) -> Step:
                               "($out and the inputs' paths)")
         env.append((key, str(value)))
     timeout = table.parsed("timeout", parse_duration)
-    return Step(name, inputs, builder, tuple(sorted(env)), timeout, _limits(table))
-
-
-def _limits(table: _Table) -> StepLimits:
-    if "limits" not in table.table:
-        return StepLimits()
-    try:
-        return parse_limits(table.table["limits"], f"[{table.where}.limits]")
-    except LimitError as exc:
-        raise table.error("limits" + (f".{exc.key}" if exc.key else ""), str(exc),
-                          f"limits are {', '.join(LIMIT_KEYS)}") from None
+    return Step(name, inputs, builder, tuple(sorted(env)), timeout,
+                table_limits(table.table, table.path, table.where))
 
 
 def _image(path: str, name: str, raw: Any) -> Image:
     from reprobuild.errors import ImageError
-    from reprobuild.images.registry import check_image_size, get_format
+    from reprobuild.images.registry import get_format, sane_size
 
     table = _Table(path, f"images.{name}", raw, None)
     fmt_name = table.string("format", required=True)
@@ -412,18 +429,14 @@ def _image(path: str, name: str, raw: Any) -> Image:
                 if close:
                     raise table.error(key, f"unknown key {key!r}",
                                       suggest(key, IMAGE_KEYS, "keys"))
-    size = table.parsed("size", parse_size)
-    try:
-        check_image_size(fmt_name, size)
-    except ImageError as exc:
-        raise table.error("size", exc.message, exc.hint) from None
+    size = table.parsed("size", lambda value: sane_size(fmt_name, parse_size(value)))
     files_raw = table.table.get("files", {})
     if not isinstance(files_raw, dict):
         raise table.error("files", "must be a table of paths to overrides")
     files = {str(k): _json_value(table, f"files.{k}", v) for k, v in files_raw.items()}
     extra: list[tuple[str, str | int | bool]] = []
     for key, value in table.table.items():
-        if key in IMAGE_KEYS or key in RUN_KEYS or fmt.kind == "disk":
+        if key in IMAGE_KEYS or fmt.kind == "disk":
             continue
         if not isinstance(value, str | int | bool):
             raise table.error(key, f"must be a string, integer or boolean, not {value!r}")
@@ -445,7 +458,8 @@ def _image(path: str, name: str, raw: Any) -> Image:
         uuid=table.string("uuid"), label=table.string("label"),
         compress=table.string("compress"), block_size=table.integer("block_size"),
         files=files, extra=tuple(sorted(extra)), table=whole,
-        timeout=table.parsed("timeout", parse_duration), limits=_limits(table))
+        timeout=table.parsed("timeout", parse_duration),
+        limits=table_limits(table.table, table.path, table.where))
 
 
 def _check_inputs(recipe: Recipe) -> None:

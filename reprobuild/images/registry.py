@@ -53,12 +53,21 @@ class ImageOptions:
 MAX_IMAGE_SIZE = 16 << 40
 
 
+def sane_size(format_name: str, size: int | None) -> int | None:
+    """``size`` unless it is above :data:`MAX_IMAGE_SIZE` (ValueError saying what to do)."""
+    if size is not None and size > MAX_IMAGE_SIZE:
+        raise ValueError(f"{format_name} image size {size} bytes is above the largest image "
+                         f"reprobuild writes ({MAX_IMAGE_SIZE >> 40} TiB): give a size like "
+                         '"64M" or "2G", or "min" for the smallest')
+    return size
+
+
 def check_image_size(format_name: str, size: int | None) -> None:
     """Refuse an image size no writer should try, before any byte is written."""
-    if size is not None and size > MAX_IMAGE_SIZE:
-        raise ImageError(f"{format_name} image size {size} bytes is above the largest image "
-                         f"reprobuild writes ({MAX_IMAGE_SIZE >> 40} TiB)",
-                         hint='give a size like "64M" or "2G", or "min" for the smallest')
+    try:
+        sane_size(format_name, size)
+    except ValueError as exc:
+        raise ImageError(str(exc)) from None
 
 
 @dataclass(frozen=True)
