@@ -153,6 +153,8 @@ class Sandboxed(_Base):
             raise KeyboardInterrupt
         if result.timed_out:
             how = f"timed out after {spec.timeout:g} s"
+        elif result.limit:
+            how = "was stopped"
         elif result.signal:
             how = f"was killed by signal {result.signal}"
         elif result.returncode == EXIT_DISK_FULL and node.derivation.kind != "step":
@@ -160,10 +162,13 @@ class Sandboxed(_Base):
                            "the image step said so")
         else:
             how = f"failed with exit status {result.returncode}"
-        lines = "\n".join("    " + line for line in tail(job.log))
-        raise BuildError(f"{node.key} {how}; log: {job.log}"
+        last = tail(job.log)
+        note, raise_limit = sandboxing.limit_note(node, spec, result, last)
+        lines = "\n".join("    " + line for line in last)
+        show_log = f"reprobuild log {plan.recipe.path} {node.key}"
+        raise BuildError(f"{node.key} {how}{note}; log: {job.log}"
                          + (f"\n  last lines:\n{lines}" if lines else ""),
-                         hint=f"reprobuild log {plan.recipe.path} {node.key}")
+                         hint=f"{raise_limit}; {show_log}" if raise_limit else show_log)
 
 
 PRODUCERS: Mapping[str, Producer] = {
