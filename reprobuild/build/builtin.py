@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import sys
 
-from reprobuild.errors import ReprobuildError
+from reprobuild.errors import ImageTooSmall, ReprobuildError
 
 
 def main(argv: list[str]) -> int:
@@ -19,14 +19,19 @@ def main(argv: list[str]) -> int:
     job = json.loads(argv[0])
     from reprobuild.images.build import build_image
 
+    error: ReprobuildError
     try:
         build_image(job)
+    except ImageTooSmall as exc:
+        error = exc.for_image(str(job.get("name")))  # name the recipe key, not --size
     except ReprobuildError as exc:
-        print(f"reprobuild builtin: {job.get('format')} image {job.get('name')}: {exc}",
-              file=sys.stderr)
-        return 1
-    print(f"wrote {job.get('format')} image {job.get('name')}", file=sys.stderr)
-    return 0
+        error = exc
+    else:
+        print(f"wrote {job.get('format')} image {job.get('name')}", file=sys.stderr)
+        return 0
+    print(f"reprobuild builtin: {job.get('format')} image {job.get('name')}: {error}",
+          file=sys.stderr)
+    return 1
 
 
 if __name__ == "__main__":

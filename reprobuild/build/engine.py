@@ -12,11 +12,12 @@ from __future__ import annotations
 
 import os
 import threading
+from collections import deque
 from collections.abc import Callable, Iterable
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 
-from reprobuild.build import fetch, inputs, sandboxing
+from reprobuild.build import fetch, hints, inputs, sandboxing
 from reprobuild.build.plan import Node, Plan
 from reprobuild.build.progress import Progress
 from reprobuild.build.recipe import DebSource, HostSource, PathSource
@@ -42,11 +43,14 @@ class BuildReport:
     entries: dict[str, StoreEntry] = field(default_factory=dict)
     built: list[str] = field(default_factory=list)
     failures: list[Failure] = field(default_factory=list)
+    # Not built because something they depend on failed.
     skipped: list[str] = field(default_factory=list)
+    # Not started because the build stopped after a failure (no --keep-going).
+    cancelled: list[str] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
-        return not self.failures and not self.skipped
+        return not self.failures and not self.skipped and not self.cancelled
 
 
 @dataclass(frozen=True)
@@ -57,6 +61,8 @@ class Options:
     offline: bool = False
     cores: int = 1
     debug: bool = False
+    # The --store given on the command line, repeated in the commands hints suggest.
+    store_option: str | None = None
 
 
 def tail(path: str, lines: int = TAIL_LINES) -> list[str]:
@@ -105,7 +111,7 @@ class Engine:
             if self.options.offline:
                 fetches = [n for n in todo if n.derivation.kind == "fetch-deb"]
                 if fetches:
-                    raise offline_error(plan, fetches)
+                    raise offline_error(plan, fetches, store=self.options.store_option)
             if self.runner is None and any(n.sandboxed for n in todo):
                 self.runner = self.runner_factory()
             try:
@@ -131,12 +137,15 @@ class Engine:
         return [n for n in plan.order() if n.key in needed]
 
     def _run(self, plan: Plan, todo: list[Node], report: BuildReport) -> None:
+        # Each node counts its unfinished dependencies; a node whose count drops to zero
+        # joins `ready` (in plan order), so the walk is linear in the size of the graph.
         waiting = {n.key: {d for d in n.deps if d not in report.entries} for n in todo}
         nodes = {n.key: n for n in todo}
         dependents: dict[str, list[str]] = {}
         for node in todo:
             for dep in waiting[node.key]:
                 dependents.setdefault(dep, []).append(node.key)
+        ready = deque(k for k, deps in waiting.items() if not deps)
         running: dict[Future[tuple[StoreEntry, bool]], str] = {}
         stopped = False
         self.progress.start(total=len(todo))
@@ -145,13 +154,12 @@ class Engine:
             # overlap the next step's run, while at most `jobs` steps run at once.
             with ThreadPoolExecutor(max_workers=self._in_flight) as pool:
                 while True:
-                    if not stopped:
-                        free = self._in_flight - len(running)
-                        ready = [k for k, deps in waiting.items() if not deps][:max(0, free)]
-                        for key in ready:
-                            del waiting[key]
-                            running[pool.submit(self._build_node, plan, nodes[key],
-                                                dict(report.entries))] = key
+                    while not stopped and ready and len(running) < self._in_flight:
+                        key = ready.popleft()
+                        del waiting[key]
+                        inputs = {d: report.entries[d] for d in nodes[key].deps}
+                        running[pool.submit(self._build_node, plan, nodes[key],
+                                            inputs)] = key
                     if not running:
                         break
                     done, _ = wait(list(running), return_when=FIRST_COMPLETED)
@@ -160,7 +168,7 @@ class Engine:
                         try:
                             entry, built = future.result()
                         except _Cancelled:
-                            report.skipped.append(key)
+                            report.cancelled.append(key)
                             continue
                         except SandboxError:
                             self._cancelled = True
@@ -170,8 +178,7 @@ class Engine:
                             report.failures.append(Failure(
                                 key, str(exc), log if _has_log(log, nodes[key]) else None))
                             self.progress.finished(key, ok=False)
-                            skipped = _drop_dependents(key, waiting, dependents)
-                            report.skipped.extend(skipped)
+                            report.skipped.extend(_drop_dependents(key, waiting, dependents))
                             if not self.options.keep_going:
                                 stopped = self._cancelled = True
                             continue
@@ -183,9 +190,14 @@ class Engine:
                         for child in dependents.get(key, []):
                             if child in waiting:
                                 waiting[child].discard(key)
+                                if not waiting[child]:
+                                    ready.append(child)
                 if stopped:
-                    report.skipped.extend(k for k in waiting if k not in report.skipped)
-                    report.skipped.sort()
+                    # Not started because the build stopped: they did not all depend on
+                    # the failure, so they are not "skipped".
+                    report.cancelled.extend(waiting)
+                report.skipped.sort()
+                report.cancelled.sort()
         finally:
             self.progress.stop()
 
@@ -275,7 +287,7 @@ class Engine:
         if kind == "fetch-deb":
             assert isinstance(what, DebSource)
             if self.options.offline:
-                raise offline_error(plan, [node])
+                raise offline_error(plan, [node], store=self.options.store_option)
             fetch.apt_download(what.package, what.version, what.sha256, output)
         elif kind == "deb":
             fetch.unpack_deb(done[node.deps[0]].path, output)
@@ -317,10 +329,14 @@ class Engine:
             how = f"was killed by signal {result.signal}"
         else:
             how = f"failed with exit status {result.returncode}"
-        lines = "\n".join("    " + line for line in tail(log))
+        last = tail(log)
+        lines = "\n".join("    " + line for line in last)
+        show_log = hints.command("log", plan.recipe.path, node.key,
+                                 store=self.options.store_option)
+        cause = hints.failure_hint(last)
         raise BuildError(f"{node.key} {how}; log: {log}"
                          + (f"\n  last lines:\n{lines}" if lines else ""),
-                         hint=f"reprobuild log {plan.recipe.path} {node.key}")
+                         hint=f"{cause}; see {show_log}" if cause else show_log)
 
 
 def _has_log(log: str, node: Node) -> bool:
@@ -348,7 +364,8 @@ def _drop_dependents(key: str, waiting: dict[str, set[str]],
     return sorted(dropped)
 
 
-def offline_error(plan: Plan, fetches: Iterable[Node]) -> FetchError:
+def offline_error(plan: Plan, fetches: Iterable[Node], *, store: str | None = None
+                  ) -> FetchError:
     """The --offline error naming each missing input and the command that fetches it."""
     lines = []
     for node in fetches:
@@ -357,4 +374,5 @@ def offline_error(plan: Plan, fetches: Iterable[Node]) -> FetchError:
         lines.append(f"  {source.name}: {source.package}={source.version} "
                      f"(sha256 {source.sha256[:16]}…) is not in the store")
     return FetchError("offline, and these inputs must be fetched:\n" + "\n".join(lines),
-                      hint=f"run `{fetch.fetch_command(plan.recipe.path)}` while online")
+                      hint=f"run `{hints.command('fetch', plan.recipe.path, store=store)}` "
+                           "while online")

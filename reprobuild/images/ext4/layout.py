@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import blake3
 import msgpack
 
-from reprobuild.errors import ImageError
+from reprobuild.errors import ImageError, ImageTooSmall
 from reprobuild.images.ext4.directory import (
     DirBlock,
     DirChild,
@@ -592,10 +592,10 @@ def plan(tree: Tree, options: ImageOptions, cache: dict[int, bytes] | None = Non
     if options.size is not None:
         blocks_count = options.size // BLOCK_SIZE
         if blocks_count < minimum:
-            raise ImageError(
+            raise ImageTooSmall(
                 f"the tree needs an ext4 image of at least {minimum * BLOCK_SIZE} bytes "
                 f"({minimum} blocks); the size given is {options.size}",
-                hint=f"give --size {minimum * BLOCK_SIZE} or more, or omit it for the minimum")
+                minimum=minimum * BLOCK_SIZE)
         groups, _, _, gdt_blocks = _geometry(blocks_count, needs.inodes)
         last = groups - 1
         if groups > 1 and has_super_backup(last) and \
@@ -612,10 +612,9 @@ def plan(tree: Tree, options: ImageOptions, cache: dict[int, bytes] | None = Non
             needs = _Needs(needs.inodes, needs.data_blocks + short.shortage)
             if options.size is not None or len(attempts) > 16:
                 need = minimum_blocks(needs) * BLOCK_SIZE
-                raise ImageError(
+                raise ImageTooSmall(
                     f"the tree needs an ext4 image of at least {need} bytes; the size given "
-                    f"is {options.size}",
-                    hint=f"give --size {need} or more, or omit it for the minimum") from None
+                    f"is {options.size}", minimum=need) from None
             attempts.append(minimum_blocks(needs))
 
 

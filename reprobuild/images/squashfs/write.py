@@ -21,7 +21,7 @@ from typing import BinaryIO
 
 import blake3
 
-from reprobuild.errors import ImageError
+from reprobuild.errors import ImageError, ImageTooSmall
 from reprobuild.images.squashfs.compressors import Compressor
 from reprobuild.images.squashfs.layout import BASIC_TYPE, InodePlan, SquashfsPlan
 from reprobuild.images.squashfs.ondisk import (
@@ -219,8 +219,8 @@ def write_plan(plan: SquashfsPlan, output: BinaryIO, settings: WriteSettings) ->
     padded = -(-bytes_used // PAD_TO) * PAD_TO
     if settings.size is not None:
         if settings.size < padded:
-            raise ImageError(f"squashfs: the image needs {padded} bytes, more than the"
-                             f" {settings.size} requested", hint="raise the size or omit it")
+            raise ImageTooSmall(f"squashfs: the image needs {padded} bytes, more than the"
+                                f" {settings.size} requested", minimum=padded)
         padded = settings.size
     while image.position < padded:
         image.write(bytes(min(padded - image.position, 1 << 20)))
