@@ -255,7 +255,7 @@ def _json_value(table: _Table, key: str, value: Any) -> Json:
         table.no_nul(key, value)
         return value
     if value is None or isinstance(value, bool | int):
-        return value  # type: ignore[no-any-return]
+        return value
     if isinstance(value, list):
         return [_json_value(table, key, v) for v in value]
     if isinstance(value, dict):

@@ -18,9 +18,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_recipe(parser)
     add_build_options(parser)
     parser.add_argument("--json", action="store_true",
-                        help='print [{"target", "derivation", "path", "hash", "fsverity", "record", '
-                             '"error"}], also when a target fails (then its "path" is '
-                             'null and "error" says why)')
+                        help='print [{"target", "derivation", "path", "hash", "fsverity", '
+                             '"record", "error"}], also when a target fails (then its '
+                             '"path" is null and "error" says why)')
     parser.add_argument("--out-link", "-o", metavar="PATH", default=None,
                         help="result link (several targets: PATH-TARGET; default "
                              "result-TARGET)")

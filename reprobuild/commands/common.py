@@ -43,7 +43,7 @@ def add_recipe(parser: argparse.ArgumentParser, *, targets: str = "*") -> None:
         parser.add_argument("target", metavar="TARGET", help="a source, step or image")
     elif targets == "step":
         parser.add_argument("target", metavar="STEP",
-                            help="a step of the recipe (not a source or an image)")
+                            help="a step of the recipe ([steps.NAME])")
 
 
 def add_build_options(parser: argparse.ArgumentParser) -> None:

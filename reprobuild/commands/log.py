@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from reprobuild.build import hints
 from reprobuild.commands.common import add_recipe, load
 from reprobuild.errors import StoreError
 
@@ -28,6 +29,7 @@ def run(args: argparse.Namespace) -> int:
             raise StoreError(f"{args.target} is a source ({kind}); sources have no build log",
                              ) from None
         raise StoreError(f"no build log for {args.target} ({node.id}) in {store.root}",
-                         hint=f"build it first: reprobuild build {args.recipe} {args.target}"
+                         hint="build it first: " + hints.command(
+                             "build", args.recipe, args.target, store=args.store_option)
                          ) from None
     return 0

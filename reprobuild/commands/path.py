@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from reprobuild.build import hints
 from reprobuild.commands.common import add_recipe, load
 
 HELP = "print the store path of each target (exit 1 when one is not built)"
@@ -20,8 +21,8 @@ def run(args: argparse.Namespace) -> int:
     for target in plan.targets:
         entry = store.lookup(plan.nodes[target].id)
         if entry is None:
-            print(f"reprobuild: {target} is not built (reprobuild build {args.recipe} "
-                  f"{target})", file=sys.stderr)
+            build = hints.command("build", args.recipe, target, store=args.store_option)
+            print(f"reprobuild: {target} is not built ({build})", file=sys.stderr)
             status = 1
         else:
             print(entry.path)

@@ -190,7 +190,9 @@ def test_cli_json_links_and_gc(tmp_path: Path) -> None:
     assert proc.returncode == 0, err
     rows = json.loads(out)
     assert [r["target"] for r in rows] == ["keep", "drop"]
-    assert set(rows[0]) == {"target", "derivation", "path", "hash", "fsverity", "record"}
+    assert set(rows[0]) == {"target", "derivation", "path", "hash", "fsverity", "record",
+                            "error"}
+    assert rows[0]["error"] is None
     assert os.readlink(tmp_path / "result-keep") == rows[0]["path"]
     os.unlink(tmp_path / "result-drop")
     gc = fakecli("gc", "--store", str(store), cwd=tmp_path)
