@@ -68,7 +68,7 @@ def build_parser(argv: Sequence[str]) -> argparse.ArgumentParser:
         cmd = sub.add_parser(name, help=module.HELP, description=module.HELP)
         _common(cmd)
         module.add_arguments(cmd)
-        cmd.set_defaults(run=module.run, parser=cmd)
+        cmd.set_defaults(run=module.run)
     return parser
 
 
@@ -80,9 +80,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"reprobuild: command not available: {exc.name}", file=sys.stderr)
         return 2
     args = parser.parse_args(args_list)
-    if hasattr(args, "recipe") and args.recipe is None:
-        args.parser.error("the RECIPE argument is required: the recipe file (TOML), e.g. "
-                          f"reprobuild {args.command} recipes/hello.toml")
     if hasattr(args, "store"):
         # What the user gave: hints that suggest a command repeat it.
         args.store_option = args.store

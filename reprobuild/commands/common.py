@@ -29,17 +29,14 @@ def positive_int(text: str) -> int:
 
 
 def add_recipe(parser: argparse.ArgumentParser, *, targets: str = "*") -> None:
+    parser.add_argument("recipe", metavar="RECIPE", help="recipe file (TOML)")
     if targets == "*":
-        # Optional to argparse so that a missing RECIPE is reported alone (argparse would
-        # say "RECIPE, TARGET are required"); cli.main refuses a missing one.
-        parser.add_argument("recipe", metavar="RECIPE", nargs="?", default=None,
-                            help="recipe file (TOML)")
-        parser.add_argument("targets", metavar="TARGET", nargs="*",
+        # default=[]: without a default argparse counts a "*" positional as required and
+        # says "RECIPE, TARGET are required" when only RECIPE is missing.
+        parser.add_argument("targets", metavar="TARGET", nargs="*", default=[],
                             help="sources, steps or images (default: all images, else all "
                                  "steps)")
-        return
-    parser.add_argument("recipe", metavar="RECIPE", help="recipe file (TOML)")
-    if targets == "1":
+    elif targets == "1":
         parser.add_argument("target", metavar="TARGET", help="a source, step or image")
     elif targets == "step":
         parser.add_argument("target", metavar="STEP",
