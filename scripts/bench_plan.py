@@ -30,10 +30,8 @@ def make_recipe(directory: Path, shape: str, steps: int) -> tuple[Path, str]:
     names = [f"s{i:05d}" for i in range(steps)]
     tables = []
     for i, name in enumerate(names):
-        if shape == "fan-in":
-            inputs = names[:-1] if i == steps - 1 else []
-        else:
-            inputs = names[i - 1:i]
+        last = i == steps - 1
+        inputs = names[i - 1:i] if shape != "fan-in" else names[:-1] if last else []
         listed = ", ".join(f'"{n}"' for n in ["sh", *inputs])
         tables.append(f'[steps.{name}]\ninputs = [{listed}]\n'
                       f'builder = ["sh", "-c", "echo {i} > $out"]\n')

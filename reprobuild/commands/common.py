@@ -74,16 +74,25 @@ def make_engine(args: argparse.Namespace, store: Store, *, quiet: bool = False) 
                   Progress(enabled=not quiet))
 
 
+LISTED = 20
+"""How many names a line about steps not built lists (a recipe may have thousands)."""
+
+
+def _names(keys: list[str]) -> str:
+    more = f", … ({len(keys) - LISTED} more)" if len(keys) > LISTED else ""
+    return ", ".join(keys[:LISTED]) + more
+
+
 def print_failures(report: BuildReport) -> None:
     """Say what failed, what was not built because of it, and what never started."""
     for failure in report.failures:
         print(f"reprobuild: error: {failure.message}", file=sys.stderr)
     if report.skipped:
         print(f"reprobuild: not built because a dependency failed: "
-              f"{', '.join(report.skipped)}", file=sys.stderr)
+              f"{_names(report.skipped)}", file=sys.stderr)
     if report.cancelled:
         print(f"reprobuild: not started because the build stopped at the first failure "
-              f"(-k/--keep-going builds them): {', '.join(report.cancelled)}",
+              f"(-k/--keep-going builds them): {_names(report.cancelled)}",
               file=sys.stderr)
 
 
