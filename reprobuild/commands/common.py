@@ -6,6 +6,7 @@ import argparse
 import os
 import sys
 
+from reprobuild.build import hints
 from reprobuild.build.engine import BuildReport, Engine, Options
 from reprobuild.build.plan import Plan, plan
 from reprobuild.build.progress import Progress
@@ -13,7 +14,7 @@ from reprobuild.build.recipe import Recipe, load_recipe
 from reprobuild.build.sandboxing import start_runner
 
 __all__ = ["add_build_options", "add_recipe", "build_plan", "load", "make_engine",
-           "positive_int", "print_failures", "run_plan", "start_runner"]
+           "positive_int", "print_failures", "run_plan", "start_runner", "suggested"]
 from reprobuild.store.store import Store
 
 
@@ -53,6 +54,11 @@ def add_build_options(parser: argparse.ArgumentParser) -> None:
                         help="after a failure, let independent steps finish")
     parser.add_argument("-K", "--keep-failed", action="store_true",
                         help="keep a failed step's /build and $out, and say where")
+
+
+def suggested(args: argparse.Namespace, subcommand: str, *words: str) -> str:
+    """A ``reprobuild`` command line for a hint, with the ``--store`` the user gave."""
+    return hints.command(subcommand, *words, store=getattr(args, "store_option", None))
 
 
 def load(args: argparse.Namespace, targets: list[str] | None = None

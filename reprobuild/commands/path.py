@@ -5,8 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from reprobuild.build import hints
-from reprobuild.commands.common import add_recipe, load
+from reprobuild.commands.common import add_recipe, load, suggested
 
 HELP = "print the store path of each target (exit 1 when one is not built)"
 
@@ -21,7 +20,7 @@ def run(args: argparse.Namespace) -> int:
     for target in plan.targets:
         entry = store.lookup(plan.nodes[target].id)
         if entry is None:
-            build = hints.command("build", args.recipe, target, store=args.store_option)
+            build = suggested(args, "build", args.recipe, target)
             print(f"reprobuild: {target} is not built ({build})", file=sys.stderr)
             status = 1
         else:
