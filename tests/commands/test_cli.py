@@ -5,17 +5,48 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
 from reprobuild import cli
-from tests.build.test_engine import DEB, fakecli, recipe, step
-from tests.conftest import Unprivileged
+from tests.conftest import REPO, Unprivileged
+
+HEADER = """\
+epoch = 1700000000
+[sources.sh]
+host = "/bin/sh"
+"""
+DEB = """
+[sources.pkg]
+deb = "busybox-static"
+version = "1:1.35.0-4+deb12u1+b1"
+sha256 = "%s"
+""" % ("ab" * 32)
+
+
+def recipe(directory: Path, body: str) -> str:
+    path = directory / "recipe.toml"
+    path.write_text(HEADER + body)
+    return str(path)
+
+
+def step(name: str, script: str, inputs: tuple[str, ...] = ("sh",)) -> str:
+    return (f'[steps.{name}]\ninputs = {json.dumps(list(inputs))}\n'
+            f'builder = ["sh", "-c", {json.dumps(script)}]\n')
+
+
+def fakecli(*args: str, cwd: Path) -> subprocess.Popen[str]:
+    """The CLI with the engine tests' fake runner (no namespaces)."""
+    return subprocess.Popen([sys.executable, "-m", "tests.build.fakecli", *args], cwd=cwd,
+                            env={**os.environ, "PYTHONPATH": str(REPO)},
+                            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
 
 
 def run(*args: str, cwd: Path) -> tuple[int, str, str]:
-    proc = fakecli(*args, cwd=cwd, stdin=subprocess.DEVNULL)
+    proc = fakecli(*args, cwd=cwd)
     out, err = proc.communicate(timeout=120)
     return proc.returncode, out, err
 
