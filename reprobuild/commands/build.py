@@ -10,6 +10,7 @@ from reprobuild.build.engine import BuildReport
 from reprobuild.build.plan import Plan
 from reprobuild.commands.common import add_build_options, add_recipe, load, run_plan
 from reprobuild.errors import StoreError
+from reprobuild.store.store import Store
 
 HELP = "build targets of a recipe (default: all images, else all steps)"
 
@@ -45,25 +46,10 @@ def run(args: argparse.Namespace) -> int:
     _recipe, store, plan = load(args, args.targets)
     report = run_plan(args, store, plan)
     warn_unreproducible(report)
-    rows = []
-    for target in plan.targets:
-        entry = report.entries.get(target)
-        if entry is None:
-            rows.append({"target": target, "derivation": plan.nodes[target].id, "path": None,
-                         "hash": None, "fsverity": None, "record": None,
-                         "error": _why_not_built(plan, report, target)})
-            continue
-        if not args.no_out_link:
-            link = result_link(args.out_link, target, several=len(plan.targets) > 1)
-            try:
-                store.make_result_link(link, entry.derivation_id)
-            except OSError as exc:
-                raise StoreError(f"cannot create the result link {link}: {exc.strerror}",
-                                 hint="run in a directory you can write, or give "
-                                      "--out-link PATH or --no-out-link") from None
-        rows.append({"target": target, "derivation": entry.derivation_id, "path": entry.path,
-                     "hash": entry.hash, "fsverity": entry.fsverity,
-                     "record": store.record_path(entry.derivation_id), "error": None})
+    try:
+        rows = [_row(args, store, plan, report, target) for target in plan.targets]
+    finally:
+        store.release()  # the result links hold the outputs against gc from here on
     if args.json:
         print(json.dumps(rows, indent=2))
     else:
@@ -71,6 +57,27 @@ def run(args: argparse.Namespace) -> int:
             if row["path"] is not None:
                 print(f"{row['target']} {row['path']}")
     return 0 if report.ok else 1
+
+
+def _row(args: argparse.Namespace, store: Store, plan: Plan, report: BuildReport,
+         target: str) -> dict[str, str | None]:
+    """The JSON row of ``target``, after making its result link when it was built."""
+    entry = report.entries.get(target)
+    if entry is None:
+        return {"target": target, "derivation": plan.nodes[target].id, "path": None,
+                "hash": None, "fsverity": None, "record": None,
+                "error": _why_not_built(plan, report, target)}
+    if not args.no_out_link:
+        link = result_link(args.out_link, target, several=len(plan.targets) > 1)
+        try:
+            store.make_result_link(link, entry.derivation_id)
+        except OSError as exc:
+            raise StoreError(f"cannot create the result link {link}: {exc.strerror}",
+                             hint="run in a directory you can write, or give "
+                                  "--out-link PATH or --no-out-link") from None
+    return {"target": target, "derivation": entry.derivation_id, "path": entry.path,
+            "hash": entry.hash, "fsverity": entry.fsverity,
+            "record": store.record_path(entry.derivation_id), "error": None}
 
 
 def result_link(out_link: str | None, target: str, *, several: bool) -> str:
