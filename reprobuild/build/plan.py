@@ -17,7 +17,7 @@ from typing import Any
 from reprobuild import __version__
 from reprobuild.build.derivation import Derivation
 from reprobuild.build.fetch import UNPACK_VERSION
-from reprobuild.build.inputs import HostClosure, host_closure, path_hash
+from reprobuild.build.inputs import HostClosure, check_path_source, host_closure, path_hash
 from reprobuild.build.recipe import (
     DebSource,
     HostSource,
@@ -132,8 +132,10 @@ def _source_nodes(recipe: Recipe, source: DebSource | PathSource | OciSource | H
 
 
 def _check_path_source(recipe: Recipe, source: PathSource, store: str | None) -> None:
-    """Refuse a path source that does not exist or that holds the store, and a directory
-    that is not an image layout for ``oci =``, before anything is read (an OCI layout's
+    """Refuse a path source that does not exist or that holds the store (first: nothing
+    is read), one outside the recipe's directory or with private files (see
+    :func:`~reprobuild.build.inputs.check_path_source`), and a directory that is not an
+    image layout for ``oci =``, before anything is imported (an OCI layout's
     blobs are checked against their digests when an image merges the layers)."""
     key = "oci" if isinstance(source, OciSource) else "path"
     where = f"{recipe.path}: [sources.{source.name}] {key}"
@@ -148,6 +150,9 @@ def _check_path_source(recipe: Recipe, source: PathSource, store: str | None) ->
                               "it would copy the store into itself",
                               hint="point the source at a directory that does not hold the "
                                    "store, or use a store elsewhere (--store DIR)")
+    check_path_source(source.path, f"{recipe.path}: [sources.{source.name}]", key,
+                      base=source.base, allow_outside=source.allow_outside,
+                      allow_private=source.allow_private)
     if isinstance(source, OciSource):
         _check_oci_layout(where, source)
 
