@@ -19,6 +19,7 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
+from reprobuild.build.recipe_graph import check_cycles, check_inputs
 from reprobuild.errors import ImageError, RecipeError, suggest
 from reprobuild.images.protocol import COMMON_KEYS
 from reprobuild.images.registry import get_format
@@ -331,8 +332,8 @@ def parse_recipe(data: dict[str, Any], *, path: str, directory: str) -> Recipe:
 
     recipe = Recipe(path=path, directory=directory, epoch=epoch, sources=sources,
                     steps=steps, images=images)
-    _check_inputs(recipe)
-    _check_cycles(recipe)
+    check_inputs(recipe)
+    check_cycles(recipe)
     return recipe
 
 
@@ -469,48 +470,3 @@ def _image(path: str, name: str, raw: Any) -> Image:
         uuid=table.string("uuid"), label=table.string("label"),
         compress=table.string("compress"), block_size=table.integer("block_size"),
         files=files, extra=tuple(sorted(extra)), table=whole)
-
-
-def _check_inputs(recipe: Recipe) -> None:
-    names = recipe.names()
-    known = set(names)
-    for section, items in (("steps", recipe.steps), ("images", recipe.images)):
-        for name in items:
-            for dep in recipe.inputs_of(name):
-                if dep not in known:
-                    key = "from" if section == "images" and dep == recipe.images[name].source \
-                        else "inputs"
-                    raise RecipeError(
-                        f"{recipe.path}: [{section}.{name}] {key}: no source, step or image "
-                        f"named {dep!r}", hint=suggest(dep, names, "names"))
-                if dep == name:
-                    raise RecipeError(f"{recipe.path}: [{section}.{name}]: depends on itself "
-                                      f"(cycle {name} -> {name})")
-
-
-def _check_cycles(recipe: Recipe) -> None:
-    """Refuse a dependency cycle, naming it; an iterative depth-first walk, linear in the
-    size of the graph (recipes of any depth)."""
-    done: set[str] = set()
-    for root in recipe.names():
-        if root in done:
-            continue
-        # The walk's path: (name, its inputs, index of the next input); on_path mirrors it.
-        path: list[tuple[str, tuple[str, ...], int]] = [(root, recipe.inputs_of(root), 0)]
-        on_path = {root: 0}
-        while path:
-            name, deps, index = path[-1]
-            if index == len(deps):
-                path.pop()
-                del on_path[name]
-                done.add(name)
-                continue
-            path[-1] = (name, deps, index + 1)
-            dep = deps[index]
-            if dep in on_path:
-                cycle = [entry[0] for entry in path[on_path[dep]:]] + [dep]
-                raise RecipeError(f"{recipe.path}: dependency cycle: {' -> '.join(cycle)}",
-                                  hint="a step cannot depend, directly or not, on itself")
-            if dep not in done:
-                on_path[dep] = len(path)
-                path.append((dep, recipe.inputs_of(dep), 0))
