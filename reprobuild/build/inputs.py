@@ -199,7 +199,28 @@ def copy_path(path: str, dest: str) -> None:
     """Copy a path source to ``dest`` keeping symlinks inside it as symlinks."""
     real = os.path.realpath(path)
     if os.path.isdir(real):
-        shutil.copytree(real, dest, symlinks=True)
+        _copy_tree(os.fsencode(real), os.fsencode(dest))
     else:
         shutil.copyfile(real, dest)
         os.chmod(dest, 0o555 if os.stat(real).st_mode & 0o111 else 0o444)
+
+
+def _copy_tree(top: bytes, dest: bytes) -> None:
+    """``shutil.copytree(symlinks=True)`` without recursion: a source may be deeper than
+    Python's recursion limit. Modes and times need not survive: the store canonicalises."""
+    stack = [(top, dest)]
+    while stack:
+        src, dst = stack.pop()
+        st = os.lstat(src)
+        if stat.S_ISDIR(st.st_mode):
+            os.mkdir(dst, 0o755)
+            stack += [(src + b"/" + name, dst + b"/" + name)
+                      for name in sorted(os.listdir(src))]
+        elif stat.S_ISLNK(st.st_mode):
+            os.symlink(os.readlink(src), dst)  # noqa: PTH211 (bytes paths, exact targets)
+        elif stat.S_ISREG(st.st_mode):
+            shutil.copyfile(src, dst)
+            os.chmod(dst, 0o555 if st.st_mode & 0o111 else 0o444)
+        else:
+            raise RecipeError(f"{os.fsdecode(src)} is not a regular file, directory or "
+                              "symlink", hint="a path source holds only those")

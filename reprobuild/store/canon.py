@@ -55,31 +55,41 @@ def _strip_xattrs(path: bytes) -> None:
 
 
 def _canon(root: bytes, path: bytes, epoch: int, *, top_mode: bool) -> None:
-    st = os.lstat(path)
-    mode = st.st_mode
-    if stat.S_ISLNK(mode):
-        os.utime(path, ns=(epoch * 10**9, epoch * 10**9), follow_symlinks=False)
-        return
-    if stat.S_ISREG(mode):
-        _strip_xattrs(path)
-        os.chmod(path, 0o555 if mode & 0o111 else 0o444)
-    elif stat.S_ISDIR(mode):
-        if not mode & 0o200 or not mode & 0o100:
-            os.chmod(path, 0o755)
-        # Sorted, so the first refused entry (and its error) is the same on every host.
-        for name in sorted(os.listdir(path)):
-            _canon(root, path + b"/" + name, epoch, top_mode=True)
-        _strip_xattrs(path)
-        if path != root or top_mode:
-            os.chmod(path, 0o555)
-    else:
-        rel = _display(os.path.relpath(path, root)) if path != root else "the output"
-        kind = "device node" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode) else (
-            "fifo" if stat.S_ISFIFO(mode) else "socket")
-        raise BuildError(f"output contains a {kind} at {rel}",
-                         hint="outputs hold only regular files, directories and symlinks; "
-                              "device nodes belong in an image's [files] overrides")
-    os.utime(path, ns=(epoch * 10**9, epoch * 10**9), follow_symlinks=False)
+    # Iterative (an output may be deeper than Python's recursion limit): a directory is
+    # opened up on the way down and finished (xattrs, mode, time) after its entries.
+    stack: list[tuple[bytes, bool]] = [(path, False)]
+    while stack:
+        node, finishing = stack.pop()
+        if finishing:
+            _strip_xattrs(node)
+            if node != root or top_mode:
+                os.chmod(node, 0o555)
+            os.utime(node, ns=(epoch * 10**9, epoch * 10**9), follow_symlinks=False)
+            continue
+        mode = os.lstat(node).st_mode
+        if stat.S_ISDIR(mode):
+            if not mode & 0o200 or not mode & 0o100:
+                os.chmod(node, 0o755)
+            stack.append((node, True))
+            # Sorted, so the first refused entry (and its error) is the same on every host.
+            stack += [(node + b"/" + name, False)
+                      for name in sorted(os.listdir(node), reverse=True)]
+            continue
+        if stat.S_ISREG(mode):
+            _strip_xattrs(node)
+            os.chmod(node, 0o555 if mode & 0o111 else 0o444)
+        elif not stat.S_ISLNK(mode):
+            _refuse_special(root, node, mode)
+        os.utime(node, ns=(epoch * 10**9, epoch * 10**9), follow_symlinks=False)
+
+
+def _refuse_special(root: bytes, path: bytes, mode: int) -> None:
+    rel = _display(os.path.relpath(path, root)) if path != root else "the output"
+    kind = "device node" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode) else (
+        "fifo" if stat.S_ISFIFO(mode) else "socket")
+    raise BuildError(f"output contains a {kind} at {rel}",
+                     hint="outputs hold only regular files, directories and symlinks; "
+                          "device nodes belong in an image's [files] overrides")
 
 
 def hash_path(path: str | bytes) -> str:
@@ -89,28 +99,40 @@ def hash_path(path: str | bytes) -> str:
     return hasher.hexdigest()
 
 
-def _hash(hasher: blake3.blake3, path: bytes) -> None:
-    st = os.lstat(path)
-    if stat.S_ISLNK(st.st_mode):
-        target = os.readlink(path)
-        hasher.update(b"L" + U64.pack(len(target)) + target)
-    elif stat.S_ISREG(st.st_mode):
-        hasher.update(b"F" + (b"x" if st.st_mode & 0o111 else b"-") + U64.pack(st.st_size))
-        size = 0
-        with open(path, "rb") as f:
-            while chunk := f.read(CHUNK):
-                hasher.update(chunk)
-                size += len(chunk)
-        if size != st.st_size:
-            raise BuildError(f"{_display(path)} changed while it was being hashed")
-    elif stat.S_ISDIR(st.st_mode):
-        names = sorted(os.listdir(path))
-        hasher.update(b"D" + U64.pack(len(names)))
-        for name in names:
-            hasher.update(U64.pack(len(name)) + name)
-            _hash(hasher, path + b"/" + name)
-    else:
-        raise BuildError(f"{_display(path)} is not a regular file, directory or symlink")
+def _hash(hasher: blake3.blake3, top: bytes) -> None:
+    # Iterative, in the order a recursive pre-order walk would feed the hasher: each
+    # directory's header, then per entry its name record followed by the entry itself.
+    stack: list[bytes | tuple[bytes]] = [top]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, tuple):
+            hasher.update(item[0])  # a name record
+            continue
+        path = item
+        st = os.lstat(path)
+        if stat.S_ISLNK(st.st_mode):
+            target = os.readlink(path)
+            hasher.update(b"L" + U64.pack(len(target)) + target)
+        elif stat.S_ISREG(st.st_mode):
+            _hash_file(hasher, path, st)
+        elif stat.S_ISDIR(st.st_mode):
+            names = sorted(os.listdir(path))
+            hasher.update(b"D" + U64.pack(len(names)))
+            for name in reversed(names):
+                stack += [path + b"/" + name, (U64.pack(len(name)) + name,)]
+        else:
+            raise BuildError(f"{_display(path)} is not a regular file, directory or symlink")
+
+
+def _hash_file(hasher: blake3.blake3, path: bytes, st: os.stat_result) -> None:
+    hasher.update(b"F" + (b"x" if st.st_mode & 0o111 else b"-") + U64.pack(st.st_size))
+    size = 0
+    with open(path, "rb") as f:
+        while chunk := f.read(CHUNK):
+            hasher.update(chunk)
+            size += len(chunk)
+    if size != st.st_size:
+        raise BuildError(f"{_display(path)} changed while it was being hashed")
 
 
 SYNCFS_THRESHOLD = 64
@@ -133,13 +155,16 @@ def fsync_tree(path: str | bytes) -> None:
         fsync_path(file)
 
 
-def _regular_files(path: bytes, found: list[bytes]) -> None:
-    st = os.lstat(path)
-    if stat.S_ISDIR(st.st_mode):
-        for name in os.listdir(path):  # nondet-ok: only fsynced, order irrelevant
-            _regular_files(path + b"/" + name, found)
-    elif stat.S_ISREG(st.st_mode):
-        found.append(path)
+def _regular_files(top: bytes, found: list[bytes]) -> None:
+    stack = [top]
+    while stack:
+        path = stack.pop()
+        st = os.lstat(path)
+        if stat.S_ISDIR(st.st_mode):
+            names = os.listdir(path)  # nondet-ok: only fsynced, order irrelevant
+            stack += [path + b"/" + name for name in names]
+        elif stat.S_ISREG(st.st_mode):
+            found.append(path)
 
 
 def _syncfs(path: bytes) -> bool:
