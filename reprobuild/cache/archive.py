@@ -1,0 +1,207 @@
+"""An output as a cache object, and back: a deterministic tar, zstd-compressed.
+
+The archive is our own canonical pax tar (:mod:`reprobuild.images.tar`) of a tree whose
+root holds one member, ``out``: the output itself, a file, a symlink or a directory.
+Owners are 0, every mtime is the output's epoch, so one output gives one archive on any
+host; it is compressed by the pinned ``zstandard`` wheel at :data:`ZSTD_LEVEL`.
+
+Unpacking trusts nothing: the compressed bytes are hashed and counted as they arrive
+and must match the signed blake3 and size; the tar is then read by the hardened reader
+(:mod:`reprobuild.trees.tar_reader`: no ``..``, no absolute names, nothing through a
+symlink, no duplicates) and written out without ever following a symlink; device
+nodes, fifos and sockets are refused, as they are in any output.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+from dataclasses import dataclass
+from typing import BinaryIO
+
+import blake3
+import zstandard
+
+from reprobuild.cache.layout import ObjectInfo
+from reprobuild.errors import ReprobuildError
+from reprobuild.images import tar
+from reprobuild.images.registry import ImageOptions
+from reprobuild.trees.tar_reader import tree_from_tar
+from reprobuild.trees.tree import (
+    Content,
+    Entry,
+    EntryType,
+    FileSource,
+    Tree,
+    tree_from_directory,
+)
+
+ZSTD_LEVEL = 3
+"""Pinned: the object bytes (and so their name) depend on it and on libzstd's version."""
+CHUNK = 1 << 20
+TOP = b"out"
+
+
+class ObjectError(ReprobuildError):
+    """A cache object that does not match its metadata or cannot be an output."""
+
+
+class _Sink:
+    """A writable stream that hashes and counts what passes through to ``output``."""
+
+    def __init__(self, output: BinaryIO) -> None:
+        self.output = output
+        self.hasher = blake3.blake3(max_threads=blake3.blake3.AUTO)
+        self.size = 0
+
+    def write(self, data: bytes | memoryview) -> int:
+        self.hasher.update(data)
+        self.size += len(data)
+        self.output.write(data)
+        return len(data)
+
+    def flush(self) -> None:
+        self.output.flush()
+
+
+def output_tree(path: str, *, epoch: int) -> Tree:
+    """The tree of a store output placed at ``out`` under a root directory."""
+    st = os.lstat(path)
+    mtime = epoch * 1_000_000_000
+    if stat.S_ISDIR(st.st_mode):
+        inner = tree_from_directory(path, epoch=epoch)
+    else:
+        inner = Tree(Entry(b"", EntryType.DIRECTORY, 0o555, mtime_ns=mtime))
+    tree = Tree(Entry(b"", EntryType.DIRECTORY, 0o555, mtime_ns=mtime))
+    if stat.S_ISLNK(st.st_mode):
+        tree.add(Entry(TOP, EntryType.SYMLINK, 0o777, mtime_ns=mtime,
+                       target=os.readlink(os.fsencode(path))))
+    elif stat.S_ISREG(st.st_mode):
+        tree.add(Entry(TOP, EntryType.REGULAR, stat.S_IMODE(st.st_mode), mtime_ns=mtime,
+                       content=Content(st.st_size, FileSource(os.fsencode(path)))))
+    elif stat.S_ISDIR(st.st_mode):
+        for entry in inner:
+            moved = TOP + b"/" + entry.path if entry.path else TOP
+            target = entry.target
+            if entry.type is EntryType.HARDLINK and target is not None:
+                target = TOP + b"/" + target
+            tree.add(Entry(moved, entry.type, entry.mode, 0, 0, mtime, (), entry.content,
+                           target))
+    else:
+        raise ObjectError(f"{path} is not a file, symlink or directory")
+    return tree
+
+
+def pack(path: str, epoch: int, destination: str) -> ObjectInfo:
+    """Write the object of the output at ``path`` to the file ``destination``."""
+    tree = output_tree(path, epoch=epoch)
+    with open(destination, "wb") as raw:
+        compressed = _Sink(raw)
+        compressor = zstandard.ZstdCompressor(level=ZSTD_LEVEL, threads=0,
+                                              write_content_size=False)
+        with compressor.stream_writer(compressed, closefd=False) as stream:
+            plain = _Sink(stream)  # type: ignore[arg-type]
+            tar.write(tree, plain, ImageOptions(epoch=epoch))  # type: ignore[arg-type]
+        raw.flush()
+        os.fsync(raw.fileno())
+    return ObjectInfo(compressed.hasher.hexdigest(), compressed.size, plain.size, "zstd",
+                      ZSTD_LEVEL)
+
+
+def receive(stream: BinaryIO, expected: ObjectInfo, tar_path: str, what: str) -> None:
+    """Read an object from ``stream`` into an uncompressed tar at ``tar_path``.
+
+    The compressed bytes are hashed while they arrive; more or fewer bytes than signed,
+    another hash, or more tar bytes than signed raise :class:`ObjectError`.
+    """
+    hasher = blake3.blake3(max_threads=blake3.blake3.AUTO)
+    decompressor = zstandard.ZstdDecompressor().decompressobj()
+    received = written = 0
+    with open(tar_path, "wb") as out:
+        while chunk := stream.read(CHUNK):
+            received += len(chunk)
+            if received > expected.size:
+                raise ObjectError(f"{what}: object is longer than the signed "
+                                  f"{expected.size} bytes")
+            hasher.update(chunk)
+            try:
+                data = decompressor.decompress(chunk)
+            except zstandard.ZstdError as exc:
+                raise ObjectError(f"{what}: object is not valid zstd ({exc})") from None
+            written += len(data)
+            if written > expected.real_size:
+                raise ObjectError(f"{what}: object unpacks to more than the signed "
+                                  f"{expected.real_size} bytes")
+            out.write(data)
+    if received != expected.size:
+        raise ObjectError(f"{what}: object is truncated: {received} of {expected.size} "
+                          "bytes arrived")
+    actual = hasher.hexdigest()
+    if actual != expected.blake3:
+        raise ObjectError(f"{what}: object hashes to blake3 {actual}, the metadata says "
+                          f"{expected.blake3}", hint="the cache holds another object "
+                          "under this name; it is rotten or was tampered with")
+    if written != expected.real_size:
+        raise ObjectError(f"{what}: object unpacks to {written} bytes, the metadata says "
+                          f"{expected.real_size}")
+
+
+@dataclass(frozen=True)
+class _Place:
+    """Where entries go: ``directory`` holds ``out``."""
+
+    directory: bytes
+
+    def path(self, tree_path: bytes) -> bytes:
+        return self.directory + b"/" + tree_path
+
+
+def unpack(tar_path: str, directory: str, what: str) -> str:
+    """Write the output archived in ``tar_path`` as ``directory/out``; return that path.
+
+    ``directory`` must be a fresh private directory. Refuses (with
+    :class:`ObjectError`) any archive that is not one output.
+    """
+    try:
+        tree = tree_from_tar(tar_path)
+    except ReprobuildError as exc:
+        raise ObjectError(f"{what}: refused archive: {exc.message}") from None
+    names = [e.path for e in tree.children(b"")]
+    if names != [TOP]:
+        shown = ", ".join(n.decode(errors="replace") for n in names) or "nothing"
+        raise ObjectError(f"{what}: archive holds {shown}, expected only {TOP.decode()}")
+    place = _Place(os.fsencode(directory))
+    for entry in tree:
+        if entry.path:
+            _write_entry(tree, entry, place, what)
+    return os.fsdecode(place.path(TOP))
+
+
+def _write_entry(tree: Tree, entry: Entry, place: _Place, what: str) -> None:
+    """Create one entry; parents exist (canonical order) and are real directories."""
+    path = place.path(entry.path)
+    if entry.type is EntryType.DIRECTORY:
+        os.mkdir(path, 0o755)
+    elif entry.type is EntryType.REGULAR:
+        assert entry.content is not None
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
+                     0o755 if entry.mode & 0o111 else 0o644)
+        with os.fdopen(fd, "wb") as out:
+            written = 0
+            for chunk in entry.content.chunks(CHUNK):
+                out.write(chunk)
+                written += len(chunk)
+        if written != entry.content.size:
+            raise ObjectError(f"{what}: member {entry.display()} is truncated")
+    elif entry.type is EntryType.SYMLINK:
+        assert entry.target is not None
+        os.symlink(entry.target, path)
+    elif entry.type is EntryType.HARDLINK:
+        assert entry.target is not None
+        primary = tree.get(entry.target)
+        if primary is None or primary.type is not EntryType.REGULAR:
+            raise ObjectError(f"{what}: hardlink {entry.display()} names no regular file")
+        os.link(place.path(entry.target), path, follow_symlinks=False)
+    else:
+        raise ObjectError(f"{what}: member {entry.display()} is a {entry.type.value}; an "
+                          "output holds only regular files, directories and symlinks")
