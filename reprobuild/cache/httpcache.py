@@ -69,6 +69,8 @@ class HttpCache(Cache):
             blocksize=BLOCK)
 
     def _url(self, name: str) -> str:
+        if name.endswith("/"):
+            return self.base + urllib.parse.quote(check_name(name[:-1])) + "/"
         return self.base + urllib.parse.quote(check_name(name))
 
     def _request(self, method: str, name: str, **kwargs: Any) -> urllib3.BaseHTTPResponse:
