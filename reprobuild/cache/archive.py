@@ -17,7 +17,7 @@ from __future__ import annotations
 import os
 import stat
 from dataclasses import dataclass
-from typing import BinaryIO
+from typing import BinaryIO, Protocol, cast
 
 import blake3
 import zstandard
@@ -40,6 +40,10 @@ ZSTD_LEVEL = 3
 """Pinned: the object bytes (and so their name) depend on it and on libzstd's version."""
 CHUNK = 1 << 20
 TOP = b"out"
+
+
+class Readable(Protocol):
+    def read(self, size: int = -1, /) -> bytes: ...
 
 
 class ObjectError(ReprobuildError):
@@ -99,16 +103,16 @@ def pack(path: str, epoch: int, destination: str) -> ObjectInfo:
         compressed = _Sink(raw)
         compressor = zstandard.ZstdCompressor(level=ZSTD_LEVEL, threads=0,
                                               write_content_size=False)
-        with compressor.stream_writer(compressed, closefd=False) as stream:
-            plain = _Sink(stream)  # type: ignore[arg-type]
-            tar.write(tree, plain, ImageOptions(epoch=epoch))  # type: ignore[arg-type]
+        with compressor.stream_writer(cast(BinaryIO, compressed), closefd=False) as stream:
+            plain = _Sink(cast(BinaryIO, stream))
+            tar.write(tree, cast(BinaryIO, plain), ImageOptions(epoch=epoch))
         raw.flush()
         os.fsync(raw.fileno())
     return ObjectInfo(compressed.hasher.hexdigest(), compressed.size, plain.size, "zstd",
                       ZSTD_LEVEL)
 
 
-def receive(stream: BinaryIO, expected: ObjectInfo, tar_path: str, what: str) -> None:
+def receive(stream: Readable, expected: ObjectInfo, tar_path: str, what: str) -> None:
     """Read an object from ``stream`` into an uncompressed tar at ``tar_path``.
 
     The compressed bytes are hashed while they arrive; more or fewer bytes than signed,
@@ -195,7 +199,7 @@ def _write_entry(tree: Tree, entry: Entry, place: _Place, what: str) -> None:
             raise ObjectError(f"{what}: member {entry.display()} is truncated")
     elif entry.type is EntryType.SYMLINK:
         assert entry.target is not None
-        os.symlink(entry.target, path)
+        os.symlink(entry.target, path)  # noqa: PTH211 - bytes, never followed
     elif entry.type is EntryType.HARDLINK:
         assert entry.target is not None
         primary = tree.get(entry.target)

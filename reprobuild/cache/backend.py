@@ -85,7 +85,7 @@ class Cache(abc.ABC):
     def list(self, directory: str) -> list[str]:
         """The names of the blobs directly in ``directory`` (e.g. ``"objects"``), sorted."""
 
-    def close(self) -> None:
+    def close(self) -> None:  # noqa: B027 - most backends hold nothing to release
         """Release connections (the cache is not used afterwards)."""
 
     def read_bytes(self, name: str, *, limit: int) -> bytes | None:

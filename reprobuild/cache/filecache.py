@@ -32,7 +32,7 @@ class FileCache(Cache):
 
     def open_read(self, name: str) -> BinaryIO:
         try:
-            return open(self._path(name), "rb")  # noqa: SIM115 - the caller closes it
+            return open(self._path(name), "rb")
         except FileNotFoundError:
             raise CacheMissing(f"cache {self.url} has no {name}") from None
         except OSError as exc:

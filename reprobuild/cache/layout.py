@@ -206,7 +206,7 @@ def _trusted_signer(envelope: signing.Envelope, keys: Mapping[str, Ed25519Public
 
 def _field(doc: Mapping[str, Any], name: str, kind: type | tuple[type, ...]) -> Any:
     value = doc.get(name)
-    if not isinstance(value, kind) or isinstance(value, bool) and kind is int:
+    if not isinstance(value, kind) or (isinstance(value, bool) and kind is int):
         raise BadEntry(f"metadata field {name!r} is missing or malformed")
     return value
 
@@ -243,8 +243,8 @@ def parse_entry(payload: bytes) -> CacheEntry:
     if min(sizes) < 0:
         raise BadEntry("metadata object size is negative")
     fsverity, fsverity_file = doc.get("fsverity"), doc.get("fsverity_file")
-    if fsverity is not None and not is_hex64(fsverity) or \
-            fsverity_file is not None and not isinstance(fsverity_file, str):
+    if (fsverity is not None and not is_hex64(fsverity)) or \
+            (fsverity_file is not None and not isinstance(fsverity_file, str)):
         raise BadEntry("metadata fs-verity fields are malformed")
     record = doc.get("record")
     return CacheEntry(

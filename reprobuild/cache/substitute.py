@@ -139,3 +139,38 @@ class _Counted:
         if self.on_bytes is not None and data:
             self.on_bytes(len(data))
         return data
+
+
+def from_any(store: Store, substituters: Sequence[Substituter], derivation_id: str,
+             keys: Mapping[str, Ed25519PublicKey], warnings: list[SubstituteError], *,
+             known: tuple[Substituter, VerifiedEntry] | None = None,
+             on_bytes: OnBytes | None = None) -> tuple[StoreEntry, str | None] | None:
+    """Substitute ``derivation_id`` from the first cache (priority order) that can.
+
+    Call with the store lock held. ``known`` is an entry already found (tried first).
+    Each failing cache adds a warning and the next one is asked. Returns the entry and
+    the URL it came from (None: it was already in the store), or None.
+    """
+    present = store.lookup(derivation_id)
+    if present is not None:
+        return present, None
+    tried: set[int] = set()
+    if known is not None:
+        tried.add(id(known[0]))
+        try:
+            return fetch_into_store(store, known[0].cache, known[1],
+                                    on_bytes=on_bytes), known[0].cache.url
+        except SubstituteError as exc:
+            warnings.append(exc)
+    for substituter in substituters:
+        if id(substituter) in tried:
+            continue
+        try:
+            verified = query(substituter.cache, derivation_id, keys)
+            if verified is None:
+                continue
+            return fetch_into_store(store, substituter.cache, verified,
+                                    on_bytes=on_bytes), substituter.cache.url
+        except SubstituteError as exc:
+            warnings.append(exc)
+    return None
