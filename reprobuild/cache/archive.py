@@ -26,7 +26,7 @@ from reprobuild.cache.layout import ObjectInfo
 from reprobuild.errors import ReprobuildError
 from reprobuild.images import tar
 from reprobuild.images.registry import ImageOptions
-from reprobuild.trees.tar_reader import tree_from_tar
+from reprobuild.trees.tar_reader import SliceSource, tree_from_tar
 from reprobuild.trees.tree import (
     Content,
     Entry,
@@ -191,10 +191,7 @@ def _write_entry(tree: Tree, entry: Entry, place: _Place, what: str) -> None:
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
                      0o755 if entry.mode & 0o111 else 0o644)
         with os.fdopen(fd, "wb") as out:
-            written = 0
-            for chunk in entry.content.chunks(CHUNK):
-                out.write(chunk)
-                written += len(chunk)
+            written = _copy_content(entry.content, out)
         if written != entry.content.size:
             raise ObjectError(f"{what}: member {entry.display()} is truncated")
     elif entry.type is EntryType.SYMLINK:
@@ -209,3 +206,24 @@ def _write_entry(tree: Tree, entry: Entry, place: _Place, what: str) -> None:
     else:
         raise ObjectError(f"{what}: member {entry.display()} is a {entry.type.value}; an "
                           "output holds only regular files, directories and symlinks")
+
+
+def _copy_content(content: Content, out: BinaryIO) -> int:
+    """Copy a member's bytes; in-place members of the tar are copied by the kernel."""
+    source = content.source
+    if isinstance(source, SliceSource):
+        with open(source.path, "rb") as tar_file:
+            offset, left = source.offset, source.size
+            while left:
+                count = os.copy_file_range(tar_file.fileno(), out.fileno(), min(left, 1 << 30),
+                                           offset)
+                if count == 0:
+                    break
+                offset += count
+                left -= count
+        return source.size - left
+    written = 0
+    for chunk in content.chunks(CHUNK):
+        out.write(chunk)
+        written += len(chunk)
+    return written
