@@ -121,6 +121,7 @@ def receive(stream: Readable, expected: ObjectInfo, tar_path: str, what: str) ->
     hasher = blake3.blake3(max_threads=blake3.blake3.AUTO)
     decompressor = zstandard.ZstdDecompressor().decompressobj()
     received = written = 0
+    broken: str | None = None  # reported after the hash check, which names the real fault
     with open(tar_path, "wb") as out:
         while chunk := stream.read(CHUNK):
             received += len(chunk)
@@ -128,14 +129,17 @@ def receive(stream: Readable, expected: ObjectInfo, tar_path: str, what: str) ->
                 raise ObjectError(f"{what}: object is longer than the signed "
                                   f"{expected.size} bytes")
             hasher.update(chunk)
+            if broken is not None:
+                continue
             try:
                 data = decompressor.decompress(chunk)
             except zstandard.ZstdError as exc:
-                raise ObjectError(f"{what}: object is not valid zstd ({exc})") from None
+                broken = str(exc)
+                continue
             written += len(data)
             if written > expected.real_size:
-                raise ObjectError(f"{what}: object unpacks to more than the signed "
-                                  f"{expected.real_size} bytes")
+                broken = f"it unpacks to more than the signed {expected.real_size} bytes"
+                continue
             out.write(data)
     if received != expected.size:
         raise ObjectError(f"{what}: object is truncated: {received} of {expected.size} "
@@ -145,6 +149,8 @@ def receive(stream: Readable, expected: ObjectInfo, tar_path: str, what: str) ->
         raise ObjectError(f"{what}: object hashes to blake3 {actual}, the metadata says "
                           f"{expected.blake3}", hint="the cache holds another object "
                           "under this name; it is rotten or was tampered with")
+    if broken is not None:
+        raise ObjectError(f"{what}: object cannot be unpacked: {broken}")
     if written != expected.real_size:
         raise ObjectError(f"{what}: object unpacks to {written} bytes, the metadata says "
                           f"{expected.real_size}")

@@ -58,10 +58,10 @@ def register(store: Store, derivation: Derivation, make: object, *,
     return derivation.id
 
 
-def _tree(output: str) -> None:
+def _tree(output: str, salt: bytes = b"") -> None:
     os.makedirs(os.path.join(output, "usr", "bin"))
     with open(os.path.join(output, "usr", "bin", "tool"), "wb") as f:
-        f.write(b"#!/bin/sh\necho tool\n")
+        f.write(b"#!/bin/sh\necho tool\n" + salt)
     os.chmod(os.path.join(output, "usr", "bin", "tool"), 0o755)
     with open(os.path.join(output, "data"), "wb") as f:
         f.write(os.urandom(3 << 20))
@@ -80,10 +80,11 @@ def _link(output: str) -> None:
     os.symlink("../somewhere/else", output)  # noqa: PTH211
 
 
-def make_built(root: Path) -> Built:
+def make_built(root: Path, *, salt: bytes = b"") -> Built:
+    """``salt`` changes the tree's bytes, not its derivation (an unreproducible build)."""
     store = Store(str(root))
     tree = Derivation("step", {"epoch": EPOCH, "builder": ["tree"]}, {}, "tree")
-    ids = {"tree": register(store, tree, _tree)}
+    ids = {"tree": register(store, tree, lambda out: _tree(out, salt))}
     tree_hash = store.lookup(ids["tree"]).hash  # type: ignore[union-attr]
     image = Derivation("image", {"epoch": EPOCH, "format": "raw"}, {"tree": ids["tree"]},
                        "image")

@@ -220,3 +220,26 @@ def test_server_answering_garbage(built: Built, cache: Cache, empty: Store, keys
     (www / layout.meta_name(built.ids["tree"])).write_bytes(os.urandom(4096))
     assert_refused(empty, open_cache(nginx_url), built.ids["tree"], keys,
                    "metadata is not a signed envelope")
+
+
+def _sign_object(cache: Cache, keys: Keys, derivation_id: str, data: bytes,
+                 real_size: int) -> None:
+    obj = layout.ObjectInfo(blake3.blake3(data).hexdigest(), len(data), real_size)
+    (cache_dir(cache) / layout.object_name(obj.blake3)).write_bytes(data)
+    entry = replace(read_entry(cache, derivation_id), object=obj)
+    write_meta(cache, derivation_id, layout.sign_entry(entry, keys.private))
+
+
+def test_object_unpacking_to_more_than_signed(built: Built, cache: Cache, empty: Store,
+                                              keys: Keys) -> None:
+    """A decompression bomb stops at the signed size."""
+    data = zstandard.ZstdCompressor().compress(bytes(64 << 20))
+    _sign_object(cache, keys, built.ids["tree"], data, 10240)
+    assert_refused(empty, cache, built.ids["tree"], keys,
+                   "object cannot be unpacked: it unpacks to more than the signed 10240 bytes")
+
+
+def test_signed_object_that_is_not_zstd(built: Built, cache: Cache, empty: Store,
+                                        keys: Keys) -> None:
+    _sign_object(cache, keys, built.ids["tree"], b"not zstd at all" * 100, 10240)
+    assert_refused(empty, cache, built.ids["tree"], keys, "object cannot be unpacked: zstd")
