@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
@@ -69,8 +69,12 @@ def _first_hit(substituters: Sequence[Substituter], node: Node,
 
 
 def plan_substitution(plan: Plan, store: Store, substituters: Sequence[Substituter],
-                      keys: Mapping[str, Ed25519PublicKey]) -> SubstitutionPlan:
-    """Decide each needed node's fate (see the module docstring); nothing is changed."""
+                      keys: Mapping[str, Ed25519PublicKey], *,
+                      exclude: Collection[str] = ()) -> SubstitutionPlan:
+    """Decide each needed node's fate (see the module docstring); nothing is changed.
+
+    Nodes in ``exclude`` (downloads that failed) are built, not asked of the caches.
+    """
     result = SubstitutionPlan()
     fate: dict[str, str] = {}
     frontier = sorted(set(plan.targets))
@@ -81,7 +85,9 @@ def plan_substitution(plan: Plan, store: Store, substituters: Sequence[Substitut
             return key, "present", None
         if node.derivation.kind in IMPORT_KINDS:
             return key, "import", None
-        hit = _first_hit(substituters, node, keys, result.warnings) if substituters else None
+        hit = None
+        if substituters and key not in exclude:
+            hit = _first_hit(substituters, node, keys, result.warnings)
         return key, ("download" if hit else "build"), hit
 
     with ThreadPoolExecutor(max_workers=QUERY_THREADS) as pool:

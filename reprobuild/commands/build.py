@@ -8,6 +8,7 @@ import sys
 
 from reprobuild.build.engine import BuildReport
 from reprobuild.commands.common import add_build_options, add_recipe, build_plan, load
+from reprobuild.commands.substituters import add_substituter_options, substitute_first
 
 HELP = "build targets of a recipe (default: all images, else all steps)"
 
@@ -15,6 +16,7 @@ HELP = "build targets of a recipe (default: all images, else all steps)"
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_recipe(parser)
     add_build_options(parser)
+    add_substituter_options(parser)
     parser.add_argument("--json", action="store_true",
                         help='print [{"target", "derivation", "path", "hash", "fsverity"}]')
     parser.add_argument("--out-link", "-o", metavar="PATH", default=None,
@@ -39,6 +41,9 @@ def warn_unreproducible(report: BuildReport) -> None:
 
 def run(args: argparse.Namespace) -> int:
     _recipe, store, plan = load(args, args.targets)
+    done = substitute_first(args, store, plan)
+    if done is not None:
+        return done
     report = build_plan(args, store, plan)
     if report is None:
         return 1
