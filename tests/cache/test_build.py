@@ -12,9 +12,9 @@ from reprobuild.cli import main
 from reprobuild.commands import common
 from reprobuild.store.store import Store
 from tests.build.fakes import FakeRunner
+from tests.build.test_sandboxed import copy_recipes, need_sandbox
 from tests.cache.conftest import Keys
 from tests.conftest import REPO, Unprivileged
-from tests.build.test_sandboxed import copy_recipes, need_sandbox
 
 
 @pytest.fixture()
