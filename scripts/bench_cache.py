@@ -27,6 +27,9 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "scripts"))
+
+from bench_engine import make_recipe  # noqa: E402
 
 from reprobuild.build.derivation import Derivation  # noqa: E402
 from reprobuild.cache.backend import open_cache  # noqa: E402
@@ -104,9 +107,6 @@ def reprobuild(argv: list[str], *, fake: bool = False) -> float:
 
 
 def bench_graph(work: Path, url: str, steps: int) -> None:
-    sys.path.insert(0, str(REPO / "scripts"))
-    from bench_engine import make_recipe
-
     recipe = str(make_recipe(work, steps))
     key, public = signing.generate_key(work / "graph.key")
     cache = f"{url}/graph"
