@@ -75,6 +75,18 @@ def _describe(plan: Plan, decided: SubstitutionPlan) -> str:
     return "\n".join(lines) + "\n"
 
 
+class _DownloadProgress(Progress):
+    """The build progress line, led by the bytes downloaded so far and their rate."""
+
+    def __init__(self, transfer: Transfer) -> None:
+        super().__init__(enabled=True)
+        self.transfer = transfer
+
+    def _status(self) -> str:
+        return (f"{self.transfer.bytes / MIB:.1f} MiB at {self.transfer.rate():.0f} MiB/s "
+                + super()._status())
+
+
 class _Display:
     """Download events into the build progress display, with bytes and rate."""
 
@@ -124,11 +136,12 @@ def substitute_first(args: argparse.Namespace, store: Store, plan: Plan) -> int 
         return 0
     failed: set[str] = set()
     while decided.download:
-        progress = Progress(enabled=True)
+        transfer = Transfer()
+        progress = _DownloadProgress(transfer)
         progress.start(total=len(decided.download))
         try:
             failed.update(run_downloads(plan, store, decided, substituters, keys,
-                                        jobs=max(4, jobs), transfer=Transfer(),
+                                        jobs=max(4, jobs), transfer=transfer,
                                         on_event=_Display(plan, decided, progress)))
         finally:
             progress.stop()

@@ -157,3 +157,23 @@ def test_challenge_compares_the_store_with_caches(runners: list[FakeRunner], key
     out = capsys.readouterr().out
     assert f"root ({root['derivation']}): DIFFER (2 builders)" in out
     assert "\n  ffffffffffffffff" in out
+
+
+def test_settings_from_the_environment_and_copy_from_a_recipe(
+        runners: list[FakeRunner], keys: Keys, tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    recipe = str(REPO / "recipes" / "hello.toml")
+    assert build(tmp_path / "a") == 0
+    root = json.loads(capsys.readouterr().out)[0]
+    url = f"file://{tmp_path}/cache"
+    assert main(["copy", "--store", str(tmp_path / "a"), "--to", url, "--key",
+                 str(keys.private_path), recipe]) == 0
+    monkeypatch.setenv("REPROBUILD_SUBSTITUTERS", url)
+    monkeypatch.setenv("REPROBUILD_TRUSTED_KEYS", str(keys.public_path))
+    capsys.readouterr()
+    assert build(tmp_path / "b", "--dry-run") == 0
+    assert f"  root {root['derivation']} from {url}" in capsys.readouterr().out
+    assert main(["copy", recipe, "--store", str(tmp_path / "c"), "--from", url]) == 0
+    copied = {e.derivation_id for e in Store(str(tmp_path / "c")).paths()}
+    assert root["derivation"] in copied and len(copied) == 4  # bb, files, rootfs, root
+    assert steps_run(runners) == 2
