@@ -39,6 +39,8 @@ METADATA_LIMIT = 16 << 20
 """Metadata, records and cache-info larger than this are refused unread."""
 
 _HEX64 = re.compile(r"^[0-9a-f]{64}$")
+_FILE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,254}$")  # a main file: no "/"
+MAX_EPOCH = 1 << 33
 _KINDS = ("file", "directory", "symlink")
 
 
@@ -243,14 +245,18 @@ def parse_entry(payload: bytes) -> CacheEntry:
     if min(sizes) < 0:
         raise BadEntry("metadata object size is negative")
     fsverity, fsverity_file = doc.get("fsverity"), doc.get("fsverity_file")
-    if (fsverity is not None and not is_hex64(fsverity)) or \
-            (fsverity_file is not None and not isinstance(fsverity_file, str)):
+    if (fsverity is not None and not is_hex64(fsverity)) or (
+            fsverity_file is not None
+            and not (isinstance(fsverity_file, str) and _FILE_NAME.match(fsverity_file))):
         raise BadEntry("metadata fs-verity fields are malformed")
+    epoch = _field(doc, "epoch", int)
+    if not 0 <= epoch <= MAX_EPOCH:
+        raise BadEntry(f"metadata epoch {epoch} is out of range")
     record = doc.get("record")
     return CacheEntry(
         derivation_id=derivation_id, derivation=derivation, inputs=inputs, hash=output_hash,
         type=kind, fsverity=fsverity, fsverity_file=fsverity_file,
-        epoch=_field(doc, "epoch", int),
+        epoch=epoch,
         object=ObjectInfo(object_hash, sizes[0], sizes[1], "zstd",
                           int(obj.get("level") or 0)),
         record=record if isinstance(record, dict) else None, log=doc.get("log") is True)

@@ -88,6 +88,12 @@ def query(cache: Cache, derivation_id: str, keys: Mapping[str, Ed25519PublicKey]
 def fetch_into_store(store: Store, cache: Cache, verified: VerifiedEntry, *,
                      on_bytes: OnBytes | None = None) -> StoreEntry:
     """Download, check, unpack and register ``verified``'s output; call with the lock held."""
+    with store.session():  # gc must not remove the work directory meanwhile
+        return _fetch(store, cache, verified, on_bytes)
+
+
+def _fetch(store: Store, cache: Cache, verified: VerifiedEntry, on_bytes: OnBytes | None
+           ) -> StoreEntry:
     entry = verified.entry
     what = f"{cache.where(object_name(entry.object.blake3))}"
     work = store.new_build_dir("substitute")

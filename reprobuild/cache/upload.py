@@ -56,7 +56,7 @@ def ensure_cache_info(cache: Cache, priority: int | None) -> CacheInfo:
     return info
 
 
-def entry_epoch(meta: dict[str, Any], output: str) -> int:
+def entry_epoch(output: str) -> int:
     """The epoch the output was canonicalised with (its mtime, as the store set it)."""
     return int(os.lstat(output).st_mtime_ns // 1_000_000_000)
 
@@ -69,31 +69,32 @@ def upload_one(store: Store, cache: Cache, derivation_id: str, key: Ed25519Priva
     if entry is None or meta is None:
         raise StoreError(f"derivation {derivation_id} is not in the store {store.root}",
                          hint="build it first, or copy it --from a cache")
-    work = store.new_build_dir("upload")
-    try:
-        object_path = os.path.join(work, "object.tar.zst")
-        epoch = entry_epoch(meta, entry.path)
-        info = archive.pack(entry.path, epoch, object_path)
-        sent = 0
-        if not cache.exists(object_name(info.blake3)):
-            cache.write_file(object_name(info.blake3), object_path)
-            sent = info.size
-        log = store.log_path(derivation_id)
-        has_log = os.path.isfile(log) and os.path.getsize(log) > 0
-        if has_log:
-            cache.write_file(log_name(derivation_id), log)
-        record = _record(store, derivation_id)
-        if record is not None:
-            cache.write_file(record_name(derivation_id), store.record_path(derivation_id))
-        signed = sign_entry(CacheEntry(
-            derivation_id=derivation_id, derivation=meta["derivation"],
-            inputs=meta.get("inputs", {}), hash=entry.hash, type=entry.type,
-            fsverity=entry.fsverity, fsverity_file=meta.get("fsverity_file"), epoch=epoch,
-            object=info, record=record, log=has_log), key)
-        cache.write_bytes(meta_name(derivation_id), signed)
-        return sent
-    finally:
-        canon.remove_tree(work)
+    with store.session():  # gc must not remove the work directory meanwhile
+        work = store.new_build_dir("upload")
+        try:
+            object_path = os.path.join(work, "object.tar.zst")
+            epoch = entry_epoch(entry.path)
+            info = archive.pack(entry.path, epoch, object_path)
+            sent = 0
+            if not cache.exists(object_name(info.blake3)):
+                cache.write_file(object_name(info.blake3), object_path)
+                sent = info.size
+        finally:
+            canon.remove_tree(work)
+    log = store.log_path(derivation_id)
+    has_log = os.path.isfile(log) and os.path.getsize(log) > 0
+    if has_log:
+        cache.write_file(log_name(derivation_id), log)
+    record = _record(store, derivation_id)
+    if record is not None:
+        cache.write_file(record_name(derivation_id), store.record_path(derivation_id))
+    # Last: a reader never sees metadata whose object is missing.
+    cache.write_bytes(meta_name(derivation_id), sign_entry(CacheEntry(
+        derivation_id=derivation_id, derivation=meta["derivation"],
+        inputs=meta.get("inputs", {}), hash=entry.hash, type=entry.type,
+        fsverity=entry.fsverity, fsverity_file=meta.get("fsverity_file"), epoch=epoch,
+        object=info, record=record, log=has_log), key))
+    return sent
 
 
 def _record(store: Store, derivation_id: str) -> dict[str, Any] | None:

@@ -243,3 +243,24 @@ def test_signed_object_that_is_not_zstd(built: Built, cache: Cache, empty: Store
                                         keys: Keys) -> None:
     _sign_object(cache, keys, built.ids["tree"], b"not zstd at all" * 100, 10240)
     assert_refused(empty, cache, built.ids["tree"], keys, "object cannot be unpacked: zstd")
+
+
+@pytest.mark.parametrize(("change", "reason"), [
+    ({"fsverity_file": "../../../etc/passwd"}, "metadata fs-verity fields are malformed"),
+    ({"epoch": 1 << 60}, f"metadata epoch {1 << 60} is out of range"),
+    ({"type": "fifo"}, "metadata hash, object hash or type is malformed"),
+])
+def test_signed_metadata_with_hostile_fields(change: dict[str, object], reason: str,
+                                             built: Built, cache: Cache, empty: Store,
+                                             keys: Keys) -> None:
+    """Even a trusted key's metadata cannot point the store outside the output."""
+    tree = built.ids["tree"]
+    doc = read_entry(cache, tree).document()
+    doc.update(change)
+    payload = json.dumps(doc).encode()
+    signature = keys.private.sign(signing.pae(layout.PAYLOAD_TYPE, payload))
+    write_meta(cache, tree, json.dumps({
+        "payload": base64.b64encode(payload).decode(), "payloadType": layout.PAYLOAD_TYPE,
+        "signatures": [{"keyid": signing.key_id(keys.private.public_key()),
+                        "sig": base64.b64encode(signature).decode()}]}).encode())
+    assert_refused(empty, cache, tree, keys, reason)
