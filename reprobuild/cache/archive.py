@@ -72,10 +72,6 @@ def output_tree(path: str, *, epoch: int) -> Tree:
     """The tree of a store output placed at ``out`` under a root directory."""
     st = os.lstat(path)
     mtime = epoch * 1_000_000_000
-    if stat.S_ISDIR(st.st_mode):
-        inner = tree_from_directory(path, epoch=epoch)
-    else:
-        inner = Tree(Entry(b"", EntryType.DIRECTORY, 0o555, mtime_ns=mtime))
     tree = Tree(Entry(b"", EntryType.DIRECTORY, 0o555, mtime_ns=mtime))
     if stat.S_ISLNK(st.st_mode):
         tree.add(Entry(TOP, EntryType.SYMLINK, 0o777, mtime_ns=mtime,
@@ -84,7 +80,7 @@ def output_tree(path: str, *, epoch: int) -> Tree:
         tree.add(Entry(TOP, EntryType.REGULAR, stat.S_IMODE(st.st_mode), mtime_ns=mtime,
                        content=Content(st.st_size, FileSource(os.fsencode(path)))))
     elif stat.S_ISDIR(st.st_mode):
-        for entry in inner:
+        for entry in tree_from_directory(path, epoch=epoch):
             moved = TOP + b"/" + entry.path if entry.path else TOP
             target = entry.target
             if entry.type is EntryType.HARDLINK and target is not None:
@@ -106,45 +102,59 @@ def pack(path: str, epoch: int, destination: str) -> ObjectInfo:
         with compressor.stream_writer(cast(BinaryIO, compressed), closefd=False) as stream:
             plain = _Sink(cast(BinaryIO, stream))
             tar.write(tree, cast(BinaryIO, plain), ImageOptions(epoch=epoch))
-        raw.flush()
-        os.fsync(raw.fileno())
     return ObjectInfo(compressed.hasher.hexdigest(), compressed.size, plain.size, "zstd",
                       ZSTD_LEVEL)
+
+
+class _Arriving:
+    """The object's bytes as they arrive: hashed, counted, never more than signed."""
+
+    def __init__(self, stream: Readable, expected: ObjectInfo, what: str) -> None:
+        self.stream, self.expected, self.what = stream, expected, what
+        self.hasher = blake3.blake3(max_threads=blake3.blake3.AUTO)
+        self.received = 0
+
+    def read(self, size: int = -1) -> bytes:
+        data = self.stream.read(CHUNK if size < 0 else size)
+        self.received += len(data)
+        if self.received > self.expected.size:
+            raise ObjectError(f"{self.what}: object is longer than the signed "
+                              f"{self.expected.size} bytes")
+        self.hasher.update(data)
+        return data
+
+    def drain(self) -> None:
+        while self.read(CHUNK):
+            pass
 
 
 def receive(stream: Readable, expected: ObjectInfo, tar_path: str, what: str) -> None:
     """Read an object from ``stream`` into an uncompressed tar at ``tar_path``.
 
     The compressed bytes are hashed while they arrive; more or fewer bytes than signed,
-    another hash, or more tar bytes than signed raise :class:`ObjectError`.
+    another hash, or more tar bytes than signed raise :class:`ObjectError`. Bytes are
+    decompressed a bounded chunk at a time, so a decompression bomb costs no memory.
     """
-    hasher = blake3.blake3(max_threads=blake3.blake3.AUTO)
-    decompressor = zstandard.ZstdDecompressor().decompressobj()
-    received = written = 0
+    source = _Arriving(stream, expected, what)
+    reader = zstandard.ZstdDecompressor().stream_reader(
+        cast(BinaryIO, source), read_size=CHUNK, read_across_frames=True)
+    written = 0
     broken: str | None = None  # reported after the hash check, which names the real fault
     with open(tar_path, "wb") as out:
-        while chunk := stream.read(CHUNK):
-            received += len(chunk)
-            if received > expected.size:
-                raise ObjectError(f"{what}: object is longer than the signed "
-                                  f"{expected.size} bytes")
-            hasher.update(chunk)
-            if broken is not None:
-                continue
-            try:
-                data = decompressor.decompress(chunk)
-            except zstandard.ZstdError as exc:
-                broken = str(exc)
-                continue
-            written += len(data)
-            if written > expected.real_size:
-                broken = f"it unpacks to more than the signed {expected.real_size} bytes"
-                continue
-            out.write(data)
-    if received != expected.size:
-        raise ObjectError(f"{what}: object is truncated: {received} of {expected.size} "
-                          "bytes arrived")
-    actual = hasher.hexdigest()
+        try:
+            while chunk := reader.read(CHUNK):
+                written += len(chunk)
+                if written > expected.real_size:
+                    broken = f"it unpacks to more than the signed {expected.real_size} bytes"
+                    break
+                out.write(chunk)
+        except zstandard.ZstdError as exc:
+            broken = str(exc)
+    source.drain()
+    if source.received != expected.size:
+        raise ObjectError(f"{what}: object is truncated: {source.received} of "
+                          f"{expected.size} bytes arrived")
+    actual = source.hasher.hexdigest()
     if actual != expected.blake3:
         raise ObjectError(f"{what}: object hashes to blake3 {actual}, the metadata says "
                           f"{expected.blake3}", hint="the cache holds another object "
