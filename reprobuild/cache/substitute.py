@@ -25,6 +25,7 @@ from reprobuild.cache.layout import (
     DEFAULT_PRIORITY,
     METADATA_LIMIT,
     VerifiedEntry,
+    log_name,
     meta_name,
     object_name,
     read_cache_info,
@@ -35,6 +36,7 @@ from reprobuild.store import canon
 from reprobuild.store.store import Store, StoreEntry
 
 OnBytes = Callable[[int], None]
+LOG_LIMIT = 64 << 20
 
 
 class SubstituteError(CacheError):
@@ -103,7 +105,7 @@ def _fetch(store: Store, cache: Cache, verified: VerifiedEntry, on_bytes: OnByte
             archive.receive(_Counted(stream, on_bytes), entry.object, tar_path, what)
         output = archive.unpack(tar_path, work, what)
         os.unlink(tar_path)
-        return store.register(
+        registered = store.register(
             entry.derivation_id, output, derivation=entry.derivation, inputs=entry.inputs,
             epoch=entry.epoch, expected_hash=entry.hash, fsverity_file=entry.fsverity_file,
             extra={"substituted": {"cache": cache.url, "key": verified.signer}})
@@ -116,6 +118,24 @@ def _fetch(store: Store, cache: Cache, verified: VerifiedEntry, on_bytes: OnByte
     finally:
         with contextlib.suppress(OSError):
             canon.remove_tree(work)
+    if entry.log:
+        _fetch_log(store, cache, entry.derivation_id)
+    return registered
+
+
+def _fetch_log(store: Store, cache: Cache, derivation_id: str) -> None:
+    """The builder's log, for ``reprobuild log`` (not signed: it vouches for nothing)."""
+    try:
+        log = cache.read_bytes(log_name(derivation_id), limit=LOG_LIMIT)
+    except CacheError:
+        return
+    if log is not None:
+        # The log file is also the entry's lock, held by us: rewrite it, never replace it.
+        fd = os.open(store.log_path(derivation_id), os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC,
+                     0o644)
+        with os.fdopen(fd, "wb") as f:
+            f.write(log)
+            f.truncate()
 
 
 def substitute(store: Store, cache: Cache, derivation_id: str,

@@ -57,6 +57,10 @@ def test_copy_then_substitute_gives_the_same_entries(built: Built, keys: Keys, c
         with open(other.record_path(derivation_id), "rb") as mine, \
                 open(built.store.record_path(derivation_id), "rb") as theirs:
             assert mine.read() == theirs.read()
+    for derivation_id in ids:
+        with open(other.log_path(derivation_id), "rb") as log, \
+                open(built.store.log_path(derivation_id), "rb") as original_log:
+            assert log.read() == original_log.read() != b""
     assert other.verify() == []
     tree = other.output_path(built.ids["tree"])
     assert os.readlink(os.path.join(tree, "absolute")) == "/usr/bin/tool"
