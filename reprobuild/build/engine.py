@@ -1,31 +1,37 @@
 """The engine: builds a plan's missing nodes in parallel, in dependency order, once each.
 
-Everything already in the store is reused without starting anything. The rest runs on a
-thread pool of ``jobs`` workers; sandboxed nodes go through a :class:`sandbox.spec.Runner`
-that the caller starts before any thread exists (see :mod:`reprobuild.build.sandboxing`). Each
-node is built under its store lock, so two processes asking for the same derivation build
-it once. A failure keeps its log, names the step, the log file and its last lines, and
-stops the steps that depend on it; ``keep_going`` lets independent steps finish.
+Everything already in the store, with its bytes checked (see Store.trusted), is reused
+without starting anything. The rest is walked by the :mod:`~reprobuild.build.scheduler`;
+each node is made by the producer of its kind (:mod:`~reprobuild.build.producers`) in a
+locked build directory, under its store lock (two processes asking for the same
+derivation build it once), and registered with its build record. Sandboxed nodes go
+through a :class:`sandbox.spec.Runner` that the engine starts before any thread exists.
+Every entry found or built is held as a temporary gc root until the caller releases the
+store (after making its result links). A failure keeps its log, names the step, the log
+file and its last lines, and stops the steps that depend on it; ``keep_going`` lets
+independent steps finish.
 """
 
 from __future__ import annotations
 
 import os
+import sys
 import threading
-from collections.abc import Callable, Iterable
-from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
-from reprobuild.build import fetch, inputs, sandboxing
 from reprobuild.build.plan import Node, Plan
+from reprobuild.build.producers import PRODUCERS, Job, Producer, offline_error, tail
 from reprobuild.build.progress import Progress
-from reprobuild.build.recipe import DebSource, HostSource, PathSource
-from reprobuild.errors import BuildError, FetchError, ReprobuildError, SandboxError
+from reprobuild.build.scheduler import Cancelled, Scheduler
+from reprobuild.errors import BuildError, ReprobuildError, StoreError
+from reprobuild.proof import records
 from reprobuild.store import canon
 from reprobuild.store.store import Store, StoreEntry
-from sandbox.spec import Runner, SandboxSpec
+from sandbox.plan import work_directory
+from sandbox.spec import Runner
 
-TAIL_LINES = 10
+__all__ = ["BuildReport", "Engine", "Failure", "Options", "offline_error", "tail"]
 
 
 @dataclass(frozen=True)
@@ -59,33 +65,31 @@ class Options:
     debug: bool = False
 
 
-def tail(path: str, lines: int = TAIL_LINES) -> list[str]:
-    """The last lines of a log file (decoded leniently)."""
-    try:
-        with open(path, "rb") as f:
-            f.seek(0, os.SEEK_END)
-            size = f.tell()
-            f.seek(max(0, size - 8192))
-            data = f.read()
-    except OSError:
-        return []
-    return data.decode("utf-8", "replace").splitlines()[-lines:]
+def _warn(message: str) -> None:
+    print(f"reprobuild: warning: {message}", file=sys.stderr)
 
 
 class Engine:
-    """Builds plans into a store. ``runner_factory`` is called at most once, before threads."""
+    """Builds plans into a store. ``runner_factory`` is called at most once, before threads.
+
+    ``producers`` maps derivation kinds to producers (default :data:`PRODUCERS`);
+    ``warn`` receives messages about damaged store entries that are rebuilt.
+    """
 
     def __init__(self, store: Store, runner_factory: Callable[[], Runner], options: Options,
-                 progress: Progress | None = None) -> None:
+                 progress: Progress | None = None, *,
+                 producers: Mapping[str, Producer] = PRODUCERS,
+                 warn: Callable[[str], None] = _warn) -> None:
         self.store = store
         self.runner_factory = runner_factory
         self.runner: Runner | None = None
         self.options = options
         self.progress = progress or Progress(enabled=False)
+        self.producers = producers
+        self.warn = warn
+        self.scheduler: Scheduler[tuple[StoreEntry, bool]] = Scheduler(
+            jobs=options.jobs, keep_going=options.keep_going)
         self._spare: list[str] = []
-        self._slots = threading.Semaphore(max(1, options.jobs))
-        self._in_flight = 2 * max(1, options.jobs) + 2
-        self._cancelled = False
         self._spare_lock = threading.Lock()
 
     def close(self) -> None:
@@ -93,20 +97,25 @@ class Engine:
             self.runner.close()
             self.runner = None
 
-    # -- scheduling -----------------------------------------------------------------
     def build(self, plan: Plan) -> BuildReport:
-        """Build every node of ``plan`` that is not in the store yet."""
+        """Build every node of ``plan`` that is not in the store yet (or is damaged).
+
+        The entries of the report stay held against gc until ``store.release()``.
+        """
         report = BuildReport()
-        self._cancelled = False
         with self.store.session():
+            self.store.clean_tmp()
             todo = self._cached(plan, report)
             if not todo:
                 return report
+            unknown = sorted({n.derivation.kind for n in todo} - set(self.producers))
+            if unknown:
+                raise BuildError(f"no producer for derivation kind {', '.join(unknown)}")
             if self.options.offline:
-                fetches = [n for n in todo if n.derivation.kind == "fetch-deb"]
+                fetches = [n for n in todo if self._producer(n).needs_network]
                 if fetches:
                     raise offline_error(plan, fetches)
-            if self.runner is None and any(n.sandboxed for n in todo):
+            if self.runner is None and any(self._producer(n).needs_runner for n in todo):
                 self.runner = self.runner_factory()
             try:
                 self._run(plan, todo, report)
@@ -114,116 +123,78 @@ class Engine:
                 self._drop_spare_build_dirs()
         return report
 
+    def _producer(self, node: Node) -> Producer:
+        return self.producers[node.derivation.kind]
+
     def _cached(self, plan: Plan, report: BuildReport) -> list[Node]:
-        """Record what the store has; return what must be built (never below a hit)."""
+        """Record what the store has, checked; return what must be built (never below a
+        hit). Hits are held against gc from now on."""
         needed: set[str] = set()
         stack = list(plan.targets)
         while stack:
             key = stack.pop()
             if key in needed or key in report.entries:
                 continue
-            entry = self.store.lookup(plan.nodes[key].id)
+            entry = self.store.trusted(plan.nodes[key].id, warn=self.warn)
             if entry is not None:
                 report.entries[key] = entry
                 continue
             needed.add(key)
             stack.extend(plan.nodes[key].deps)
+        # Within the session: gc cannot have run since the entries were checked.
+        self.store.hold([e.derivation_id for e in report.entries.values()])
         return [n for n in plan.order() if n.key in needed]
 
     def _run(self, plan: Plan, todo: list[Node], report: BuildReport) -> None:
-        waiting = {n.key: {d for d in n.deps if d not in report.entries} for n in todo}
         nodes = {n.key: n for n in todo}
-        dependents: dict[str, list[str]] = {}
-        for node in todo:
-            for dep in waiting[node.key]:
-                dependents.setdefault(dep, []).append(node.key)
-        running: dict[Future[tuple[StoreEntry, bool]], str] = {}
-        stopped = False
+        deps = {n.key: [d for d in n.deps if d not in report.entries] for n in todo}
+
+        def done(key: str, result: tuple[StoreEntry, bool]) -> None:
+            entry, built = result
+            report.entries[key] = entry
+            if built:
+                report.built.append(key)
+            self.progress.finished(key, ok=True,
+                                   state=None if built else "done by another process")
+
+        def failed(key: str, exc: ReprobuildError) -> None:
+            log = self.store.log_path(nodes[key].id)
+            report.failures.append(Failure(key, str(exc),
+                                           log if _has_log(log, nodes[key]) else None))
+            self.progress.finished(key, ok=False)
+
         self.progress.start(total=len(todo))
         try:
-            # More threads than run slots: a finished step's fsync and registration
-            # overlap the next step's run, while at most `jobs` steps run at once.
-            with ThreadPoolExecutor(max_workers=self._in_flight) as pool:
-                while True:
-                    if not stopped:
-                        free = self._in_flight - len(running)
-                        ready = [k for k, deps in waiting.items() if not deps][:max(0, free)]
-                        for key in ready:
-                            del waiting[key]
-                            running[pool.submit(self._build_node, plan, nodes[key],
-                                                dict(report.entries))] = key
-                    if not running:
-                        break
-                    done, _ = wait(list(running), return_when=FIRST_COMPLETED)
-                    for future in done:
-                        key = running.pop(future)
-                        try:
-                            entry, built = future.result()
-                        except _Cancelled:
-                            report.skipped.append(key)
-                            continue
-                        except SandboxError:
-                            self._cancelled = True
-                            raise  # the host cannot sandbox at all: not one step's failure
-                        except ReprobuildError as exc:
-                            log = self.store.log_path(nodes[key].id)
-                            report.failures.append(Failure(
-                                key, str(exc), log if _has_log(log, nodes[key]) else None))
-                            self.progress.finished(key, ok=False)
-                            skipped = _drop_dependents(key, waiting, dependents)
-                            report.skipped.extend(skipped)
-                            if not self.options.keep_going:
-                                stopped = self._cancelled = True
-                            continue
-                        report.entries[key] = entry
-                        if built:
-                            report.built.append(key)
-                        self.progress.finished(key, ok=True, state=None if built else
-                                               "done by another process")
-                        for child in dependents.get(key, []):
-                            if child in waiting:
-                                waiting[child].discard(key)
-                if stopped:
-                    report.skipped.extend(k for k in waiting if k not in report.skipped)
-                    report.skipped.sort()
+            outcome = self.scheduler.run(
+                deps, lambda key: self._build_node(plan, nodes[key], dict(report.entries)),
+                on_done=done, on_failed=failed, on_interrupt=self.close)
         finally:
             self.progress.stop()
+        report.skipped.extend(k for k in outcome.skipped if k not in report.skipped)
+        report.skipped.sort()
 
     # -- one node -------------------------------------------------------------------
     def _build_node(self, plan: Plan, node: Node, done: dict[str, StoreEntry]
                     ) -> tuple[StoreEntry, bool]:
         """Build ``node`` under its store lock; the flag says whether we built it."""
         with self.store.lock(node.id):
-            entry = self.store.lookup(node.id)
+            entry = self.store.trusted(node.id, warn=self.warn, locked=True)
             if entry is not None:  # another process built it while we waited
+                self.store.hold([node.id])
                 return entry, False
+            producer = self._producer(node)
             build_dir = self._take_build_dir()
+            job = Job(plan, node, done, build_dir, self.store.log_path(node.id), self.runner,
+                      offline=self.options.offline, cores=self.options.cores,
+                      debug=self.options.debug)
             try:
-                output = os.path.join(build_dir, "output", "out")
-                with self._slots:
-                    if self._cancelled:
-                        raise _Cancelled(node.key)
-                    self.progress.started(node.key, node.display, self.store.log_path(node.id))
-                    try:
-                        self._produce(plan, node, done, build_dir, output)
-                    except BaseException:
-                        # Before the slot is free, so no waiting node starts after this.
-                        self._cancelled = self._cancelled or not self.options.keep_going
-                        raise
-                input_meta = {name: {"derivation": node.derivation.inputs[name],
-                                     "hash": done[name].hash if name in done else ""}
-                              for name in node.derivation.inputs}
-                if node.derivation.kind == "deb":
-                    input_meta = {"deb": {"derivation": node.derivation.inputs["deb"],
-                                          "hash": done[node.deps[0]].hash}}
-                expected = None
-                if isinstance(node.what, PathSource | HostSource):
-                    expected = str(node.derivation.attrs["hash"])
-                entry = self.store.register(
-                    node.id, output, derivation=node.derivation.to_json(), inputs=input_meta,
-                    epoch=plan.recipe.epoch if node.sandboxed else 0, expected_hash=expected,
-                    fsverity_file=node.main_file)
-            except _Cancelled:
+                with self.scheduler.slot(node.key):
+                    self.progress.started(node.key, node.display, job.log)
+                    producer.produce(job)
+                # Outside the slot: registration (hash, fsync) overlaps the next run.
+                with self.scheduler.guard():
+                    entry = self._register(job, producer)
+            except Cancelled:
                 self._give_back_build_dir(build_dir)
                 raise
             except BaseException as exc:
@@ -231,10 +202,27 @@ class Engine:
                     kept = self._keep(node, build_dir)
                     exc.hint = (exc.hint + "; " if exc.hint else "") + \
                         f"kept /build and $out in {kept}"
-                canon.remove_tree(build_dir)
+                else:
+                    self._discard_build_dir(build_dir)
                 raise
             self._give_back_build_dir(build_dir)
             return entry, True
+
+    def _register(self, job: Job, producer: Producer) -> StoreEntry:
+        node = job.node
+        try:
+            entry = self.store.register(
+                node.id, job.output, derivation=node.derivation.to_json(),
+                inputs=producer.input_hashes(job), epoch=producer.epoch(job),
+                expected_hash=producer.expected_hash(job), fsverity_file=node.main_file,
+                record=records.entry_record)
+        except OSError as exc:
+            raise StoreError(f"{node.key}: storing its output in {self.store.root} failed: "
+                             f"{exc.strerror or exc}",
+                             hint="free space in the store (reprobuild gc) and build "
+                                  "again") from None
+        self.store.hold([node.id])
+        return entry
 
     def _take_build_dir(self) -> str:
         """An empty ``build/`` + ``output/`` pair under the store's tmp (reused: directory
@@ -260,67 +248,20 @@ class Engine:
         with self._spare_lock:
             spare, self._spare = self._spare, []
         for build_dir in spare:
-            canon.remove_tree(build_dir)
+            self._discard_build_dir(build_dir)
+
+    def _discard_build_dir(self, build_dir: str) -> None:
+        """Remove a build directory and the sandbox's overlay work directory beside it
+        (left behind when the sandbox server was killed, e.g. by an interrupt)."""
+        self.store.drop_build_dir(build_dir)
+        canon.remove_tree(work_directory(build_dir))
 
     def _keep(self, node: Node, build_dir: str) -> str:
         kept = os.path.join(self.store.root, "tmp", f"failed-{node.key}-{node.id[:12]}")
         canon.remove_tree(kept)
         os.rename(build_dir, kept)
+        self.store.drop_build_dir(build_dir, remove=False)
         return kept
-
-    def _produce(self, plan: Plan, node: Node, done: dict[str, StoreEntry], build_dir: str,
-                 output: str) -> None:
-        kind = node.derivation.kind
-        what = node.what
-        if kind == "fetch-deb":
-            assert isinstance(what, DebSource)
-            if self.options.offline:
-                raise offline_error(plan, [node])
-            fetch.apt_download(what.package, what.version, what.sha256, output)
-        elif kind == "deb":
-            fetch.unpack_deb(done[node.deps[0]].path, output)
-        elif kind == "path":
-            assert isinstance(what, PathSource)
-            inputs.copy_path(what.path, output)
-        elif kind == "host":
-            assert node.closure is not None
-            inputs.materialise(node.closure.files, output)
-        else:
-            self._sandboxed(plan, node, done, build_dir)
-
-    def _sandboxed(self, plan: Plan, node: Node, done: dict[str, StoreEntry],
-                   build_dir: str) -> None:
-        assert self.runner is not None
-        deps = {name: (plan.nodes[name], done[name].path) for name in node.derivation.inputs}
-        make = sandboxing.step_spec if node.derivation.kind == "step" else sandboxing.image_spec
-        spec: SandboxSpec = make(node, deps, os.path.join(build_dir, "build"),
-                                 os.path.join(build_dir, "output"), epoch=plan.recipe.epoch,
-                                 cores=self.options.cores, debug=self.options.debug)
-        log = self.store.log_path(node.id)
-        fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
-        try:
-            with sandboxing.sandbox_errors():
-                result = self.runner.run(spec, log_fd=fd)
-        finally:
-            os.close(fd)
-        if result.ok:
-            if not os.path.lexists(os.path.join(build_dir, "output", "out")):
-                raise BuildError(f"{node.key} succeeded but made no $out",
-                                 hint=f"the builder must create $out (a file or a directory); "
-                                      f"log: {log}")
-            return
-        if getattr(result, "interrupted", False):
-            raise KeyboardInterrupt
-        if result.timed_out:
-            how = f"timed out after {spec.timeout:g} s"
-        elif result.signal:
-            how = f"was killed by signal {result.signal}"
-        else:
-            how = f"failed with exit status {result.returncode}"
-        lines = "\n".join("    " + line for line in tail(log))
-        raise BuildError(f"{node.key} {how}; log: {log}"
-                         + (f"\n  last lines:\n{lines}" if lines else ""),
-                         hint=f"reprobuild log {plan.recipe.path} {node.key}")
 
 
 def _has_log(log: str, node: Node) -> bool:
@@ -329,32 +270,3 @@ def _has_log(log: str, node: Node) -> bool:
         return node.sandboxed or os.path.getsize(log) > 0
     except OSError:
         return False
-
-
-class _Cancelled(Exception):
-    """A node that had not started when the build stopped after a failure."""
-
-
-def _drop_dependents(key: str, waiting: dict[str, set[str]],
-                     dependents: dict[str, list[str]]) -> list[str]:
-    dropped = []
-    stack = list(dependents.get(key, []))
-    while stack:
-        child = stack.pop()
-        if child in waiting:
-            del waiting[child]
-            dropped.append(child)
-            stack.extend(dependents.get(child, []))
-    return sorted(dropped)
-
-
-def offline_error(plan: Plan, fetches: Iterable[Node]) -> FetchError:
-    """The --offline error naming each missing input and the command that fetches it."""
-    lines = []
-    for node in fetches:
-        source = node.what
-        assert isinstance(source, DebSource)
-        lines.append(f"  {source.name}: {source.package}={source.version} "
-                     f"(sha256 {source.sha256[:16]}…) is not in the store")
-    return FetchError("offline, and these inputs must be fetched:\n" + "\n".join(lines),
-                      hint=f"run `{fetch.fetch_command(plan.recipe.path)}` while online")

@@ -60,6 +60,7 @@ def run(args: argparse.Namespace) -> int:
         rows.append({"target": target, "derivation": entry.derivation_id, "path": entry.path,
                      "hash": entry.hash, "fsverity": entry.fsverity,
                      "record": store.record_path(entry.derivation_id)})
+    store.release()  # the result links hold the outputs against gc from here on
     if args.json:
         print(json.dumps(rows, indent=2))
     else:

@@ -14,11 +14,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_recipe(parser)
 
 
+def _warn(message: str) -> None:
+    print(f"reprobuild: warning: {message}", file=sys.stderr)
+
+
 def run(args: argparse.Namespace) -> int:
     _recipe, store, plan = load(args, args.targets)
     status = 0
     for target in plan.targets:
-        entry = store.lookup(plan.nodes[target].id)
+        entry = store.trusted(plan.nodes[target].id, warn=_warn)  # never a damaged path
         if entry is None:
             print(f"reprobuild: {target} is not built (reprobuild build {args.recipe} "
                   f"{target})", file=sys.stderr)

@@ -365,6 +365,11 @@ def _compare(plan: _Plan, main: Store, variant: Store, did: str, round_index: in
     expected = main.lookup(did)
     if expected is None:
         raise StoreError(f"{name} ({did}) vanished from the store {main.root} during check")
+    damage = main.damage(did)  # compare the bytes on disk, not only what was recorded
+    if damage:
+        raise StoreError(f"{expected.path}: content no longer matches its recorded hash "
+                         f"({damage})", hint="run `reprobuild store verify --repair`, "
+                                             "then check again")
     actual = variant.lookup(did)
     if actual is None:
         return OutputCheck(name, did, expected.hash, None)

@@ -15,7 +15,7 @@ import hashlib
 import json
 import os
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -200,8 +200,8 @@ def file_digests(path: str | os.PathLike[str]) -> tuple[str, str]:
     return file_sha256(path), fsverity.digest_file(path).hex()
 
 
-def record_from_metadata(meta: Mapping[str, Any], output_path: str | os.PathLike[str]
-                         ) -> BuildRecord:
+def record_from_metadata(meta: Mapping[str, Any],
+                         output_path: str | os.PathLike[str] | None) -> BuildRecord:
     """The record of a store entry, from its metadata (see ``Store.register``) and output.
 
     Every input is listed with its derivation id and content hash; a file output gets its
@@ -223,3 +223,29 @@ def record_from_metadata(meta: Mapping[str, Any], output_path: str | os.PathLike
         epoch=epoch if isinstance(epoch, int) else None,
         parameters={"kind": str(derivation.get("kind", ""))},
     )
+
+
+def entry_record(meta: Mapping[str, Any], output_path: str) -> bytes:
+    """The record bytes of a store entry (the store's ``RecordWriter``)."""
+    return record_bytes(record_from_metadata(meta, output_path))
+
+
+def check_entry_record(meta: Mapping[str, Any], output_path: str, data: bytes) -> str | None:
+    """Why ``data`` is not the record of the entry (the store's ``RecordCheck``), or None.
+
+    Compared field by field with the record the metadata makes, without rehashing the
+    output: a file output's ``sha256`` is left to the content check of ``store verify``,
+    and the builder version may be an older reprobuild's.
+    """
+    try:
+        stored = parse_statement(data)
+    except ReprobuildError:
+        return "does not parse as a reprobuild build record"
+    try:
+        expected = record_from_metadata(meta, None)
+    except (KeyError, TypeError, ValueError):
+        return "cannot be compared with malformed metadata"
+    digests = tuple(d for d in stored.output_digest if d[0] != "sha256")
+    if replace(stored, output_digest=digests, builder_version=__version__) != expected:
+        return "does not match the entry's metadata"
+    return None

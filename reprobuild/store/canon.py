@@ -16,6 +16,7 @@ with the header ``b"reprobuild-tree/1\\0"`` in front and names sorted bytewise.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import os
 import stat
 import struct
@@ -143,8 +144,6 @@ def _regular_files(path: bytes, found: list[bytes]) -> None:
 
 def _syncfs(path: bytes) -> bool:
     """syncfs(2) the filesystem holding ``path``; False when unavailable."""
-    import ctypes
-
     try:
         libc = ctypes.CDLL(None, use_errno=True)
         syncfs = libc.syncfs

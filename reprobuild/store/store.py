@@ -1,102 +1,31 @@
-"""The content-addressed store: where outputs live, how they become valid, and gc.
+"""The content-addressed store: one object over the store's modules.
 
-Layout under the store root (default ``$XDG_CACHE_HOME/reprobuild``)::
-
-    out/ID           the output of derivation ID (a file, symlink or directory)
-    meta/ID.json     its metadata; an output counts as valid only when this exists
-    logs/ID.log      the build log (kept after a failure), also the per-derivation
-                     lock (flock) so concurrent builders build once
-    locks/           lock files of older versions (gc removes them)
-    tmp/             build directories, renamed into out/ when complete
-    roots/           symlinks to result links (gc roots)
-    gc.lock          shared by builders, exclusive for gc
-
-Registration is atomic: the output is canonicalised and hashed in ``tmp/``, its file
-data fsynced, renamed to ``out/ID``, then the metadata is written to a temporary file and
-renamed over ``meta/ID.json``. A process killed at any moment leaves either no metadata
-(the output, if any, is garbage and is replaced by the next build) or a complete, valid
-entry. After a power loss, journaling filesystems keep renames in order, and metadata
-that does not parse counts as absent, so an entry is valid only with its synced output.
+:mod:`~reprobuild.store.layout` says where things live, :mod:`~reprobuild.store.locks`
+how processes share the store, :mod:`~reprobuild.store.register` how an output becomes
+valid, :mod:`~reprobuild.store.trust` how its bytes are checked before use,
+:mod:`~reprobuild.store.verify` how damage is found and :mod:`~reprobuild.store.gc` what
+roots keep. The store never imports :mod:`reprobuild.proof`: the engine hands it the
+function that writes an entry's build record.
 """
 
 from __future__ import annotations
 
 import contextlib
-import errno
-import fcntl
 import json
 import os
-import stat
-import tempfile
-from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass
+import threading
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
-from reprobuild import __version__
-from reprobuild.errors import BuildError, StoreError
-from reprobuild.store import canon
+from reprobuild.errors import StoreError
+from reprobuild.store import canon, gc, locks, register, trust, verify
+from reprobuild.store.gc import GcResult
+from reprobuild.store.layout import SUBDIRS, Layout, write_atomic
+from reprobuild.store.register import RecordWriter, StoreEntry
+from reprobuild.store.verify import RecordCheck, VerifyProblem
 
-_SUBDIRS = ("out", "meta", "logs", "locks", "tmp", "roots", "records")
-
-
-@dataclass(frozen=True)
-class StoreEntry:
-    """A valid output: where it is and what it hashes to."""
-
-    derivation_id: str
-    path: str
-    hash: str  # blake3 over the canonical serialisation (see reprobuild.store.canon)
-    # fs-verity sha256 digest (4 KiB blocks, no salt) of a file output, or of a directory
-    # output's main file (a disk image's disk.img, see Store.register's fsverity_file)
-    fsverity: str | None
-    type: str  # "file", "directory" or "symlink"
-    # Set by `reprobuild check` when a rebuild differed: what differed, under what.
-    unreproducible: Mapping[str, Any] | None = None
-
-
-@dataclass(frozen=True)
-class VerifyProblem:
-    derivation_id: str
-    name: str
-    path: str
-    message: str
-
-
-@dataclass(frozen=True)
-class GcResult:
-    kept: tuple[str, ...]
-    deleted: tuple[str, ...]
-    freed_bytes: int
-
-
-def _write_atomic(path: str, data: bytes, *, sync: bool = True) -> None:
-    """Replace ``path`` by a rename; ``sync`` fsyncs the data first."""
-    directory = os.path.dirname(path)
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            if sync:
-                f.flush()
-                os.fsync(f.fileno())
-        os.rename(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-
-
-def _tree_size(path: str) -> int:
-    total = 0
-    try:
-        st = os.lstat(path)
-    except FileNotFoundError:
-        return 0
-    total += st.st_size
-    if stat.S_ISDIR(st.st_mode):
-        for name in os.listdir(path):  # nondet-ok: a sum
-            total += _tree_size(os.path.join(path, name))
-    return total
+__all__ = ["GcResult", "RecordCheck", "RecordWriter", "Store", "StoreEntry",
+           "VerifyProblem", "canon"]
 
 
 class Store:
@@ -104,55 +33,81 @@ class Store:
 
     def __init__(self, root: str) -> None:
         self.root = os.path.abspath(root)
+        self.layout = Layout(self.root)
         try:
-            for sub in _SUBDIRS:
+            for sub in SUBDIRS:
                 os.makedirs(os.path.join(self.root, sub), exist_ok=True)
         except OSError as exc:
             raise StoreError(f"cannot create the store at {self.root}: {exc.strerror}",
                              hint="pass --store DIR with a writable directory") from None
+        self.temp_roots = locks.TempRoots(self.layout)
+        self._build_dirs: dict[str, locks.BuildDir] = {}
+        self._build_dirs_lock = threading.Lock()
 
     # -- paths ----------------------------------------------------------------------
     def output_path(self, derivation_id: str) -> str:
-        return os.path.join(self.root, "out", derivation_id)
+        return self.layout.output_path(derivation_id)
 
     def meta_path(self, derivation_id: str) -> str:
-        return os.path.join(self.root, "meta", derivation_id + ".json")
+        return self.layout.meta_path(derivation_id)
 
     def log_path(self, derivation_id: str) -> str:
-        return os.path.join(self.root, "logs", derivation_id + ".log")
+        return self.layout.log_path(derivation_id)
 
     def record_path(self, derivation_id: str) -> str:
-        """The build record (in-toto statement, see reprobuild.proof.records) of an entry."""
-        return os.path.join(self.root, "records", derivation_id + ".json")
+        return self.layout.record_path(derivation_id)
 
     # -- lookups --------------------------------------------------------------------
     def lookup(self, derivation_id: str) -> StoreEntry | None:
-        """The valid entry for ``derivation_id``, or None when it is not (completely) built."""
+        """The entry for ``derivation_id`` as recorded, or None when it is not (completely)
+        built. Its bytes are not checked: use :meth:`trusted` before using them."""
         meta = self.metadata(derivation_id)
-        if meta is None:
+        if meta is None or not os.path.lexists(self.output_path(derivation_id)):
             return None
-        path = self.output_path(derivation_id)
-        if not os.path.lexists(path):
-            return None
-        return StoreEntry(derivation_id, path, meta["hash"], meta.get("fsverity"),
-                          meta.get("type", "directory"), meta.get("unreproducible"))
+        return register.entry_from_metadata(self.layout, derivation_id, meta)
 
     def metadata(self, derivation_id: str) -> dict[str, Any] | None:
-        """The JSON metadata of a valid entry (see :meth:`register`), or None."""
-        try:
-            with open(self.meta_path(derivation_id), "rb") as f:
-                meta: dict[str, Any] = json.load(f)
-        except FileNotFoundError:
-            return None
-        except ValueError:
-            return None  # torn by a power loss: the entry is not valid and will be rebuilt
-        except OSError as exc:
-            raise StoreError(f"store metadata {self.meta_path(derivation_id)} is unreadable: "
-                             f"{exc.strerror}", hint="check the store's permissions") from None
+        """The JSON metadata of a complete entry, or None (absent, torn or damaged
+        metadata all mean "not built": the entry is rebuilt)."""
+        meta, _why = verify.read_metadata(self.layout, derivation_id)
         return meta
 
+    def trusted(self, derivation_id: str, *, warn: Callable[[str], None],
+                locked: bool = False) -> StoreEntry | None:
+        """The entry, once its bytes are checked against its recorded hash (fast path:
+        only files whose inode, size, ctime or mtime changed are rehashed). A damaged
+        entry is reported through ``warn``, removed and None returned, so it is rebuilt.
+        ``locked``: the caller holds the entry's lock."""
+        entry = self.lookup(derivation_id)
+        if entry is None or self._check(entry) is None:
+            return entry
+        with contextlib.nullcontext() if locked else self.lock(derivation_id):
+            # Again under the lock: another process may have replaced it meanwhile.
+            entry = self.lookup(derivation_id)
+            why = entry and self._check(entry)
+            if entry is None or why is None:
+                return entry
+            gc.remove_entry(self.layout, derivation_id)
+        warn(f"{entry.path}: content no longer matches its recorded hash ({why}), "
+             f"rebuilding")
+        return None
+
+    def damage(self, derivation_id: str) -> str | None:
+        """Why the entry's bytes no longer match its recorded hash, or None (checked
+        as :meth:`trusted` does, without removing anything)."""
+        entry = self.lookup(derivation_id)
+        if entry is None:
+            return "not in the store"
+        return self._check(entry)
+
+    def _check(self, entry: StoreEntry) -> str | None:
+        meta = self.metadata(entry.derivation_id) or {}
+        epoch = meta.get("epoch")
+        return trust.check_output(self.layout, entry.derivation_id, entry.hash,
+                                  epoch if isinstance(epoch, int) else None)
+
     def paths(self) -> list[StoreEntry]:
-        """Every valid entry, sorted by derivation id."""
+        """Every complete entry, sorted by derivation id."""
         entries = []
         for name in sorted(os.listdir(os.path.join(self.root, "meta"))):
             if name.endswith(".json") and not name.startswith("."):
@@ -162,43 +117,50 @@ class Store:
         return entries
 
     # -- locking --------------------------------------------------------------------
-    @contextlib.contextmanager
-    def lock(self, derivation_id: str) -> Iterator[None]:
-        """Hold the build lock of ``derivation_id`` (blocks while another process has it).
+    def lock(self, derivation_id: str) -> contextlib.AbstractContextManager[None]:
+        """Hold the build lock of ``derivation_id`` (blocks while another process has it)."""
+        return locks.entry_lock(self.layout, derivation_id)
 
-        The lock is taken on the entry's log file, which a build makes anyway: one file
-        fewer to create per step (file creation is most of a trivial step's cost on a
-        busy ext4 without a journal). Opening it neither truncates nor writes it.
-        """
-        fd = os.open(self.log_path(derivation_id), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC,
-                     0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX)
-            yield
-        finally:
-            os.close(fd)
-
-    @contextlib.contextmanager
-    def session(self, *, exclusive: bool = False) -> Iterator[None]:
+    def session(self, *, exclusive: bool = False) -> contextlib.AbstractContextManager[None]:
         """Builders hold this shared; gc holds it exclusively so it never races a build."""
-        fd = os.open(os.path.join(self.root, "gc.lock"), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC,
-                     0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
-            yield
-        finally:
-            os.close(fd)
+        return locks.session(self.layout, exclusive=exclusive)
 
-    # -- building and registering ---------------------------------------------------
+    def hold(self, derivation_ids: Sequence[str]) -> None:
+        """Keep these entries (and their inputs) from gc until :meth:`release`, or until
+        this process ends. Call with the session held."""
+        self.temp_roots.add(derivation_ids)
+
+    def release(self) -> None:
+        self.temp_roots.release()
+
+    # -- build directories ------------------------------------------------------------
     def new_build_dir(self, label: str) -> str:
-        """A fresh private directory under ``tmp/`` on the store's filesystem."""
-        return tempfile.mkdtemp(prefix=f"{label}.", dir=os.path.join(self.root, "tmp"))
+        """A fresh private directory under ``tmp/`` on the store's filesystem, locked by
+        this process until :meth:`drop_build_dir` (or the process ends)."""
+        build_dir = locks.BuildDir(self.layout, label)
+        with self._build_dirs_lock:
+            self._build_dirs[build_dir.path] = build_dir
+        return build_dir.path
 
+    def drop_build_dir(self, path: str, *, remove: bool = True) -> None:
+        """Remove a directory of :meth:`new_build_dir` (``remove=False``: it was moved)."""
+        with self._build_dirs_lock:
+            build_dir = self._build_dirs.pop(path, None)
+        if build_dir is None:
+            if remove:
+                canon.remove_tree(path)
+            return
+        build_dir.close(remove=remove)
+
+    def clean_tmp(self) -> list[str]:
+        """Remove the build directories no live process holds (left by killed builds)."""
+        return locks.clean_tmp(self.layout)
+
+    # -- registering ----------------------------------------------------------------
     def register(self, derivation_id: str, output: str, *, derivation: Mapping[str, Any],
                  inputs: Mapping[str, Mapping[str, str]], epoch: int,
-                 extra: Mapping[str, Any] | None = None,
-                 expected_hash: str | None = None,
-                 fsverity_file: str | None = None) -> StoreEntry:
+                 expected_hash: str | None = None, fsverity_file: str | None = None,
+                 record: RecordWriter | None = None) -> StoreEntry:
         """Canonicalise ``output``, hash it and make it the valid entry of the derivation.
 
         Call with :meth:`lock` held. ``output`` must be on the store's filesystem (under
@@ -209,57 +171,11 @@ class Store:
         fixed-output import) a different content hash is an error and nothing is stored.
         ``fsverity_file`` names the file of a directory output whose fs-verity digest is
         recorded instead (and as ``fsverity_file``); the build failed if it is missing.
+        ``record`` makes the entry's build record, written before the metadata.
         """
-        if not os.path.lexists(output):
-            raise StoreError(f"the build made no output at {output}")
-        canon.canonicalize(output, epoch=epoch, top_mode=False)
-        content_hash = canon.hash_path(output)
-        if expected_hash is not None and content_hash != expected_hash:
-            raise StoreError(f"the output of {derivation_id} hashes to {content_hash}, "
-                             f"expected {expected_hash}",
-                             hint="a source changed while it was imported; build again")
-        st = os.lstat(output)
-        kind = ("directory" if stat.S_ISDIR(st.st_mode) else
-                "symlink" if stat.S_ISLNK(st.st_mode) else "file")
-        fsverity = None
-        if kind == "file":
-            fsverity = _fsverity_digest(output)
-        elif kind == "directory" and fsverity_file is not None:
-            fsverity = _main_file_digest(derivation_id, output, fsverity_file)
-        canon.fsync_tree(output)
-        final = self.output_path(derivation_id)
-        if os.path.lexists(final):  # garbage of a killed build: never valid without metadata
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(self.meta_path(derivation_id))
-            canon.remove_tree(final)
-        os.rename(output, final)
-        if kind == "directory":
-            os.chmod(final, 0o555)
-        meta: dict[str, Any] = {
-            "derivation_id": derivation_id,
-            "derivation": dict(derivation),
-            "inputs": {k: dict(v) for k, v in sorted(inputs.items())},
-            "hash": content_hash,
-            "type": kind,
-            "fsverity": fsverity,
-            **({"fsverity_file": fsverity_file} if kind == "directory" and fsverity else {}),
-            "reprobuild": __version__,
-            "log": self.log_path(derivation_id),
-        }
-        if extra:
-            meta.update(extra)
-        # The record first: a valid entry (metadata present) always has its record.
-        from reprobuild.proof import records
-
-        # Not fsynced: a metadata file torn by a power loss does not parse, and an entry
-        # whose metadata does not parse is not valid (see metadata()), so it is rebuilt.
-        # The output's data, which the metadata vouches for, was fsynced above.
-        _write_atomic(self.record_path(derivation_id),
-                      records.record_bytes(records.record_from_metadata(meta, final)),
-                      sync=False)
-        _write_atomic(self.meta_path(derivation_id),
-                      json.dumps(meta, indent=1, sort_keys=True).encode(), sync=False)
-        return StoreEntry(derivation_id, final, content_hash, fsverity, kind)
+        return register.register(self.layout, derivation_id, output, derivation=derivation,
+                                 inputs=inputs, epoch=epoch, expected_hash=expected_hash,
+                                 fsverity_file=fsverity_file, record=record)
 
     def mark_unreproducible(self, derivation_id: str, report: Mapping[str, Any]) -> None:
         """Record in the entry's metadata that a rebuild differed; ``report`` is JSON-able."""
@@ -268,153 +184,61 @@ class Store:
             if meta is None:
                 raise StoreError(f"derivation {derivation_id} is not in the store")
             meta["unreproducible"] = dict(report)
-            _write_atomic(self.meta_path(derivation_id),
-                          json.dumps(meta, indent=1, sort_keys=True).encode())
+            write_atomic(self.meta_path(derivation_id),
+                         json.dumps(meta, indent=1, sort_keys=True).encode())
 
-    # -- verify ---------------------------------------------------------------------
-    def verify(self) -> list[VerifyProblem]:
-        """Re-hash every valid output; name each one whose content no longer matches."""
-        problems = []
-        for entry in self.paths():
-            meta = self.metadata(entry.derivation_id) or {}
-            name = str(meta.get("derivation", {}).get("name", ""))
-            try:
-                actual = canon.hash_path(entry.path)
-            except (OSError, BuildError) as exc:
-                problems.append(VerifyProblem(entry.derivation_id, name, entry.path,
-                                              f"cannot be read: {exc}"))
-                continue
-            if actual != entry.hash:
-                problems.append(VerifyProblem(
-                    entry.derivation_id, name, entry.path,
-                    f"content changed: recorded blake3 {entry.hash}, now {actual}"))
-        return problems
+    # -- verify, delete -------------------------------------------------------------
+    def verify(self, *, record_check: RecordCheck | None = None) -> list[VerifyProblem]:
+        """Every damaged entry, each problem named (never raises on damage)."""
+        return verify.verify(self.layout, record_check=record_check)
+
+    def repair(self, problems: Sequence[VerifyProblem], *,
+               record: RecordWriter | None = None) -> list[str]:
+        """Fix what :meth:`verify` found: rewrite a wrong record, remove (with what
+        depends on it) an entry whose output or metadata is damaged. Returns the ids
+        removed; the next build makes them again."""
+        doomed = sorted({p.derivation_id for p in problems if p.repair == "remove"
+                         or record is None})
+        with self.session(exclusive=True):
+            for problem in problems:
+                meta = self.metadata(problem.derivation_id)
+                if problem.derivation_id not in doomed and meta is not None and record:
+                    path = self.output_path(problem.derivation_id)
+                    write_atomic(self.record_path(problem.derivation_id), record(meta, path))
+            removed = sorted(gc.dependents(self.layout, doomed))
+            for did in removed:
+                gc.remove_entry(self.layout, did)
+        return removed
+
+    def delete(self, derivation_ids: Sequence[str], *, force: bool = False,
+               dry_run: bool = False) -> list[str]:
+        """Delete entries and what depends on them (see :func:`reprobuild.store.gc.delete`)."""
+        return gc.delete(self.layout, derivation_ids, force=force, dry_run=dry_run)
 
     # -- roots and gc ---------------------------------------------------------------
     def add_root(self, link: str) -> None:
-        """Register ``link`` (a result symlink into the store) as a gc root."""
-        import blake3
-
-        link = os.path.abspath(link)
-        name = blake3.blake3(os.fsencode(link)).hexdigest()[:32]
-        root = os.path.join(self.root, "roots", name)
-        tmp = root + ".tmp"
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        os.symlink(link, tmp)  # noqa: PTH211
-        os.rename(tmp, root)
+        gc.add_root(self.layout, link)
 
     def make_result_link(self, link: str, derivation_id: str) -> None:
         """Point ``link`` at the output atomically and register it as a root."""
-        tmp = f"{link}.tmp-{os.getpid()}"
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        os.symlink(self.output_path(derivation_id), tmp)  # noqa: PTH211
-        try:
-            os.rename(tmp, link)
-        except OSError as exc:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
-            raise StoreError(f"cannot create the result link {link}: {exc.strerror}") from None
-        self.add_root(link)
+        gc.make_result_link(self.layout, link, derivation_id)
 
     def roots(self) -> dict[str, str]:
-        """Result link path -> derivation id, for every root that still points here."""
-        live: dict[str, str] = {}
-        roots_dir = os.path.join(self.root, "roots")
-        out_dir = os.path.join(self.root, "out") + os.sep
-        for name in sorted(os.listdir(roots_dir)):
-            root = os.path.join(roots_dir, name)
-            try:
-                link = os.readlink(root)
-                target = os.readlink(link)
-            except OSError:
-                with contextlib.suppress(OSError):
-                    os.unlink(root)  # the result link is gone: no longer a root
-                continue
-            if target.startswith(out_dir):
-                live[link] = target[len(out_dir):].split(os.sep, 1)[0]
-        return live
+        return gc.roots(self.layout)
 
     def closure(self, derivation_ids: list[str]) -> set[str]:
-        """The ids and, transitively, the inputs recorded in their metadata."""
-        seen: set[str] = set()
-        stack = list(derivation_ids)
-        while stack:
-            did = stack.pop()
-            if did in seen:
-                continue
-            seen.add(did)
-            meta = self.metadata(did)
-            if meta:
-                stack.extend(v["derivation"] for v in meta.get("inputs", {}).values())
-        return seen
+        return gc.closure(self.layout, derivation_ids)
+
+    def known(self, derivation_id: str) -> bool:
+        """Whether anything of ``derivation_id`` is in the store."""
+        return bool(gc.entry_paths(self.layout, derivation_id))
 
     def gc(self, *, keep: Sequence[str] = (), dry_run: bool = False) -> GcResult:
-        """Delete every output no root reaches (roots: result links and ``keep`` ids).
+        """Delete every output no root reaches (roots: result links, the temporary roots
+        of live builds and ``keep`` ids).
 
         A root keeps its inputs too (transitively), so ``check --deep`` and rebuilds after
         a change need not refetch or rebuild them. Logs and locks of deleted outputs,
         incomplete outputs and abandoned build directories go as well.
         """
-        with self.session(exclusive=True):
-            live = self.closure([*self.roots().values(), *keep])
-            deleted: list[str] = []
-            kept: list[str] = []
-            freed = 0
-            out_dir = os.path.join(self.root, "out")
-            # Sets of names, walked in sorted order below.
-            meta_names = os.listdir(os.path.join(self.root, "meta"))  # nondet-ok
-            log_names = os.listdir(os.path.join(self.root, "logs"))  # nondet-ok
-            ids = {n[:-5] for n in meta_names if n.endswith(".json") and not n.startswith(".")}
-            ids |= set(os.listdir(out_dir))  # nondet-ok
-            ids |= {n[:-4] for n in log_names if n.endswith(".log")}
-            for did in sorted(ids):
-                if did in live and self.lookup(did) is not None:
-                    kept.append(did)
-                    continue
-                deleted.append(did)
-                freed += _tree_size(self.output_path(did))
-                if dry_run:
-                    continue
-                with contextlib.suppress(FileNotFoundError):
-                    os.unlink(self.meta_path(did))
-                canon.remove_tree(self.output_path(did))
-                for path in (self.log_path(did), self.record_path(did),
-                             os.path.join(self.root, "locks", did + ".lock")):
-                    with contextlib.suppress(FileNotFoundError):
-                        os.unlink(path)
-            if not dry_run:
-                tmp = os.path.join(self.root, "tmp")
-                for name in os.listdir(tmp):
-                    if not name.startswith("failed-"):
-                        canon.remove_tree(os.path.join(tmp, name))
-            return GcResult(tuple(kept), tuple(deleted), freed)
-
-
-def _main_file_digest(derivation_id: str, output: str, name: str) -> str | None:
-    """The fs-verity digest of the regular file ``name`` inside a directory output."""
-    path = os.path.join(output, name)
-    try:
-        st = os.lstat(path)
-    except FileNotFoundError:
-        st = None
-    if st is None or not stat.S_ISREG(st.st_mode):
-        raise BuildError(f"the output of {derivation_id} has no regular file {name}",
-                         hint="the image step must write its main file; see its log")
-    return _fsverity_digest(path)
-
-
-def _fsverity_digest(path: str) -> str | None:
-    """The fs-verity digest of a file output, when the integrity module is available."""
-    try:
-        from reprobuild.integrity import fsverity  # type: ignore[attr-defined,unused-ignore]
-    except ImportError:
-        return None
-    try:
-        digest: bytes = fsverity.digest_file(path)
-    except OSError as exc:
-        if exc.errno == errno.ENOENT:
-            return None
-        raise
-    return digest.hex()
+        return gc.gc(self.layout, keep=keep, dry_run=dry_run)

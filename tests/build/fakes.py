@@ -24,6 +24,7 @@ class FakeRunner:
         self.runs: list[SandboxSpec] = []
         self.lock = threading.Lock()
         self.closed = False
+        self.procs: list[subprocess.Popen[bytes]] = []
 
     def _rewrite(self, spec: SandboxSpec, word: str) -> str:
         if word.startswith("{"):  # a built-in step's JSON job: rewrite quoted paths
@@ -49,20 +50,29 @@ class FakeRunner:
         env.update({"SOURCE_DATE_EPOCH": str(spec.epoch), "HOME": "/homeless",
                     "PATH": "/usr/bin:/bin", "LANG": "C.UTF-8", "TZ": "UTC"})
         start = time.monotonic()
+        proc = subprocess.Popen(argv, env=env, cwd=self._source(spec, "/build"),
+                                stdin=subprocess.DEVNULL, stdout=log_fd, stderr=log_fd)
+        with self.lock:
+            self.procs.append(proc)
         try:
-            proc = subprocess.run(argv, env=env, cwd=self._source(spec, "/build"),
-                                  stdin=subprocess.DEVNULL, stdout=log_fd, stderr=log_fd,
-                                  timeout=spec.timeout, check=False)
+            code = proc.wait(timeout=spec.timeout)
         except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
             return SandboxResult(None, 9, timed_out=True,
                                  duration=time.monotonic() - start)
-        code = proc.returncode
+        if self.closed:  # like the real runner: closing kills what runs
+            return SandboxResult(None, 9, interrupted=True, duration=time.monotonic() - start)
         if code < 0:
             return SandboxResult(None, -code, duration=time.monotonic() - start)
         return SandboxResult(code, duration=time.monotonic() - start)
 
     def close(self) -> None:
         self.closed = True
+        with self.lock:
+            for proc in self.procs:
+                if proc.poll() is None:
+                    proc.kill()
 
 
 class NullRunner:

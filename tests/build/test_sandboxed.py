@@ -154,6 +154,39 @@ def test_sigkill_of_a_sandboxed_build(unprivileged: Unprivileged) -> None:
 
 
 @pytest.mark.userns
+def test_sigterm_of_a_sandboxed_build(unprivileged: Unprivileged) -> None:
+    """SIGTERM to the engine alone is an interrupt: exit 130, its sandboxes killed, its
+    build directories removed."""
+    import signal
+    import time
+
+    need_sandbox()
+    work = unprivileged.scratch("term")
+    recipe = work / "r.toml"
+    recipe.write_text('[sources.bb]\nhost = "/bin/busybox"\n[steps.slow]\ninputs = ["bb"]\n'
+                      'builder = ["bb", "sh", "-c", "mkdir $out; echo a > $out/a; sleep 61"]\n')
+    os.chmod(recipe, 0o644)
+    store = work / "store"
+    env = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "LANG": "C.UTF-8",
+           "HOME": str(unprivileged.root / "home"), "PYTHONPATH": unprivileged.pythonpath,
+           "PYTHONDONTWRITEBYTECODE": "1"}
+    argv = unprivileged.command([unprivileged.python, "-m", "reprobuild", "build",
+                                 "--no-out-link", "--store", str(store), str(recipe)])
+    proc = subprocess.Popen(argv, env=env, cwd=work, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, start_new_session=True)
+    deadline = time.monotonic() + 60
+    while not list((store / "tmp").glob("*/output/out/a")):
+        assert time.monotonic() < deadline and proc.poll() is None, proc.communicate()
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)  # the engine only, not its process group
+    _out, err = proc.communicate(timeout=30)
+    assert proc.returncode == 130, err
+    ps = subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True, check=True)
+    assert "sleep 61" not in ps.stdout
+    assert [p.name for p in (store / "tmp").iterdir()] == []
+
+
+@pytest.mark.userns
 def test_two_sandboxed_builders_build_once(unprivileged: Unprivileged) -> None:
     need_sandbox()
     work = unprivileged.scratch("twice")

@@ -182,12 +182,13 @@ def test_store_writes_a_record_per_output(tmp_path: Path) -> None:
     (src / "image").write_bytes(b"\x00" * 5000)
     inp = store.register("a" * 64, str(src / "image"), derivation={
         "name": "img", "kind": "image", "attrs": {"epoch": 1700000000}}, inputs={},
-        epoch=1700000000)
+        epoch=1700000000, record=records.entry_record)
     (src / "dir").mkdir()
     (src / "dir" / "f").write_text("x")
     out = store.register("b" * 64, str(src / "dir"), derivation={
         "name": "rootfs", "kind": "step", "attrs": {"epoch": 1700000000}},
-        inputs={"img": {"derivation": "a" * 64, "hash": inp.hash}}, epoch=1700000000)
+        inputs={"img": {"derivation": "a" * 64, "hash": inp.hash}}, epoch=1700000000,
+        record=records.entry_record)
     img_record = records.parse_statement(Path(store.record_path("a" * 64)).read_bytes())
     digest = dict(img_record.output_digest)
     assert digest["blake3"] == inp.hash
@@ -205,7 +206,8 @@ def test_store_writes_a_record_per_output(tmp_path: Path) -> None:
     (src / "dir2" / "f").write_text("x")
     other.register("b" * 64, str(src / "dir2"), derivation={
         "name": "rootfs", "kind": "step", "attrs": {"epoch": 1700000000}},
-        inputs={"img": {"derivation": "a" * 64, "hash": inp.hash}}, epoch=1700000000)
+        inputs={"img": {"derivation": "a" * 64, "hash": inp.hash}}, epoch=1700000000,
+        record=records.entry_record)
     assert Path(other.record_path("b" * 64)).read_bytes() == \
         Path(store.record_path("b" * 64)).read_bytes()
 

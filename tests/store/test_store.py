@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from reprobuild.errors import BuildError
+from reprobuild.proof import records
 from reprobuild.store.store import Store, canon
 
 EPOCH = 1700000000
@@ -28,7 +29,8 @@ def make_output(store: Store, files: dict[str, str | None]) -> str:
 
 
 def register(store: Store, did: str, out: str) -> str:
-    return store.register(did, out, derivation={"id": did}, inputs={}, epoch=EPOCH).hash
+    return store.register(did, out, derivation={"id": did}, inputs={}, epoch=EPOCH,
+                          record=records.entry_record).hash
 
 
 def test_canonical_modes_times_and_hash(tmp_path: Path) -> None:
