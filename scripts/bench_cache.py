@@ -35,7 +35,7 @@ from reprobuild.build.derivation import Derivation  # noqa: E402
 from reprobuild.cache.backend import open_cache  # noqa: E402
 from reprobuild.cache.substitute import substitute  # noqa: E402
 from reprobuild.cache.upload import upload  # noqa: E402
-from reprobuild.proof import signing  # noqa: E402
+from reprobuild.proof import records, signing  # noqa: E402
 from reprobuild.store import canon  # noqa: E402
 from reprobuild.store.store import Store  # noqa: E402
 from tests.cache import servers  # noqa: E402
@@ -52,6 +52,7 @@ def make_output(store: Store, size_mib: int) -> str:
             f.write(os.urandom(MIB // 2) + bytes(MIB // 2))
     with store.lock(derivation.id):
         store.register(derivation.id, output, derivation=derivation.to_json(), inputs={},
+                       record=records.entry_record,
                        epoch=0)
     return derivation.id
 

@@ -32,6 +32,7 @@ from reprobuild.cache.layout import (
     verify_entry,
 )
 from reprobuild.errors import ReprobuildError
+from reprobuild.proof import records
 from reprobuild.store import canon
 from reprobuild.store.store import Store, StoreEntry
 
@@ -108,6 +109,7 @@ def _fetch(store: Store, cache: Cache, verified: VerifiedEntry, on_bytes: OnByte
         registered = store.register(
             entry.derivation_id, output, derivation=entry.derivation, inputs=entry.inputs,
             epoch=entry.epoch, expected_hash=entry.hash, fsverity_file=entry.fsverity_file,
+            record=records.entry_record,
             extra={"substituted": {"cache": cache.url, "key": verified.signer}})
     except ReprobuildError as exc:
         raise SubstituteError(cache, entry.derivation_id, exc.message, name=entry.name,

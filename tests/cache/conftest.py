@@ -12,7 +12,7 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 from reprobuild.build.derivation import Derivation
-from reprobuild.proof import signing
+from reprobuild.proof import records, signing
 from reprobuild.store.store import Store
 from tests.cache import servers
 from tests.conftest import need, need_tool
@@ -51,7 +51,7 @@ def register(store: Store, derivation: Derivation, make: object, *,
     make(output)  # type: ignore[operator]
     with store.lock(derivation.id):
         store.register(derivation.id, output, derivation=derivation.to_json(),
-                       inputs=inputs or {}, epoch=EPOCH)
+                       inputs=inputs or {}, epoch=EPOCH, record=records.entry_record)
     with open(store.log_path(derivation.id), "w") as log:
         log.write(f"building {derivation.name}\n")
     shutil.rmtree(build_dir)

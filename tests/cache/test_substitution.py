@@ -59,6 +59,8 @@ def test_plan_downloads_what_caches_hold_and_builds_the_rest(built: Built, keys:
     assert decided.download_bytes == decided.download["image"].size > 0
     assert run_downloads(plan, store, decided, substituters, keys.trusted) == []
     assert store.lookup(built.ids["image"]) is not None
+    assert store.lookup(built.ids["tree"]) is None
+    assert store.verify() == []  # a substitute is valid without its build inputs
     assert plan_substitution(plan, store, substituters, keys.trusted).present == ["image"]
 
 
