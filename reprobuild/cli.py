@@ -8,6 +8,7 @@ failed or is not reproducible, 2 usage, recipe or environment error, 130 interru
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import os
 import signal
@@ -45,6 +46,18 @@ def default_store() -> str:
     cache = os.environ.get("XDG_CACHE_HOME") or os.path.join(
         os.path.expanduser("~"), ".cache")
     return os.path.join(cache, "reprobuild")
+
+
+def create_default_store(path: str) -> None:
+    """Create the default store directory mode 0700 when it does not exist yet.
+
+    Outputs in the store are world-readable files (0444), so the store's own directory is
+    what keeps one user's builds (and any private input they hold) from the others. An
+    existing directory and ``--store DIR`` are left as they are.
+    """
+    with contextlib.suppress(OSError):  # Store() reports an unusable directory
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        os.mkdir(path, 0o700)
 
 
 def _common(parser: argparse.ArgumentParser) -> None:
@@ -92,6 +105,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(args_list)
     if getattr(args, "store", None) is None and hasattr(args, "store"):
         args.store = default_store()
+        create_default_store(args.store)
     try:
         code: int = args.run(args)
         return code

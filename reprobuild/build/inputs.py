@@ -3,7 +3,8 @@
 A path source is hashed in place with the store's canonical serialisation, so its id is
 known before anything is copied and a pinned ``blake3`` can be checked. A host program is
 imported with its ELF closure (the program interpreter named by PT_INTERP and every
-shared library the loader resolves for it, found by running the loader with ``--list``):
+shared library the loader would map for it, read from the ELF files by
+:mod:`reprobuild.build.elf`: nothing named by a recipe is executed on the host):
 the closure is a directory holding each file at its original absolute path, and inside
 the sandbox each file is mounted read-only at that same path, so the program runs as it
 does on the host.
@@ -14,22 +15,14 @@ from __future__ import annotations
 import os
 import shutil
 import stat
-import struct
-import subprocess
 from collections.abc import Mapping
 from dataclasses import dataclass
 
 import blake3
 
+from reprobuild.build.elf import check_host_path, elf_closure
 from reprobuild.errors import RecipeError
 from reprobuild.store import canon
-
-# Elf64_Ehdr: e_ident[16], e_type H, e_machine H, e_version I, e_entry Q, e_phoff Q,
-# e_shoff Q, e_flags I, e_ehsize H, e_phentsize H, e_phnum H, ... (elf.h)
-ELF64_EHDR = struct.Struct("<16sHHIQQQIHHH")
-# Elf64_Phdr: p_type I, p_flags I, p_offset Q, p_vaddr Q, p_paddr Q, p_filesz Q, ... (elf.h)
-ELF64_PHDR = struct.Struct("<IIQQQQQQ")
-PT_INTERP = 3
 
 
 @dataclass(frozen=True)
@@ -39,55 +32,6 @@ class HostClosure:
     program: str
     files: Mapping[str, str]
     hash: str
-
-
-def elf_interpreter(path: str) -> str | None:
-    """The PT_INTERP of a 64-bit little-endian ELF file, or None (static, script, other)."""
-    with open(path, "rb") as f:
-        head = f.read(ELF64_EHDR.size)
-        if len(head) < ELF64_EHDR.size or head[:4] != b"\x7fELF" or head[4] != 2 or head[5] != 1:
-            return None
-        fields = ELF64_EHDR.unpack(head)
-        phoff, phentsize, phnum = fields[5], fields[9], fields[10]
-        for i in range(phnum):
-            f.seek(phoff + i * phentsize)
-            ph = ELF64_PHDR.unpack(f.read(ELF64_PHDR.size))
-            if ph[0] == PT_INTERP:
-                f.seek(ph[2])
-                return f.read(ph[5]).rstrip(b"\0").decode()
-    return None
-
-
-def elf_closure(program: str, *, loader: str | None = None) -> list[str]:
-    """``program``, its interpreter and the shared libraries the loader resolves, sorted.
-
-    A shared library has no interpreter of its own: pass the ``loader`` that will load it.
-    """
-    interp = elf_interpreter(program) or loader
-    if interp is None or not _is_elf(program):
-        return [program]
-    result = subprocess.run([interp, "--list", program], capture_output=True, text=True,
-                            env={"PATH": "/usr/bin:/bin", "LC_ALL": "C"}, check=False)
-    if result.returncode != 0:
-        raise RecipeError(f"cannot list the shared libraries of {program}: "
-                          f"{result.stderr.strip() or result.stdout.strip()}")
-    files = {program, interp}
-    for line in result.stdout.splitlines():
-        line = line.strip()
-        if "=>" in line:
-            target = line.split("=>", 1)[1].strip().split(" (", 1)[0].strip()
-            if target.startswith("/"):
-                files.add(target)
-            elif target == "not found":
-                raise RecipeError(f"{program}: shared library {line.split()[0]} not found")
-        elif line.startswith("/"):
-            files.add(line.split(" (", 1)[0])
-    return sorted(files, key=os.fsencode)
-
-
-def _is_elf(path: str) -> bool:
-    with open(path, "rb") as f:
-        return f.read(4) == b"\x7fELF"
 
 
 def _file_node(hasher: blake3.blake3, host: str) -> None:
@@ -132,18 +76,21 @@ _closure_cache: dict[tuple[str, int, int, int], HostClosure] = {}
 
 def host_closure(program: str) -> HostClosure:
     """Find and hash the closure of a host program (cached per process by inode and mtime)."""
-    try:
-        st = os.stat(program)
-    except OSError as exc:
-        raise RecipeError(f"host program {program}: {exc.strerror}",
-                          hint="install it or change the recipe's host = path") from None
-    if not stat.S_ISREG(st.st_mode):
-        raise RecipeError(f"host program {program} is not a regular file")
+    st = check_host_path(program, program)
     key = (program, st.st_dev, st.st_ino, st.st_mtime_ns)
     cached = _closure_cache.get(key)
     if cached is not None:
         return cached
     files = {path.lstrip("/"): path for path in elf_closure(program)}
+    privileged = reads_through_privilege()
+    for path in sorted(files.values(), key=os.fsencode):
+        file_st = os.stat(path)
+        if _private(file_st, privileged=privileged):
+            raise RecipeError(
+                f"host program {program}: {path} (mode {stat.S_IMODE(file_st.st_mode):04o}, "
+                f"owner uid {file_st.st_uid}) is not readable by others: this user reads it "
+                "only through privilege, and the store would make it readable to everyone",
+                hint="import only programs and libraries every user may read")
     closure = HostClosure(program, files, hash_file_map(files))
     _closure_cache[key] = closure
     return closure
@@ -157,6 +104,87 @@ def materialise(files: Mapping[str, str], dest: str) -> None:
         os.makedirs(os.path.dirname(target), exist_ok=True)
         shutil.copyfile(host, target)
         os.chmod(target, 0o555 if os.stat(host).st_mode & 0o111 else 0o444)
+
+
+CAP_DAC_OVERRIDE = 1
+CAP_DAC_READ_SEARCH = 2
+
+
+def reads_through_privilege() -> bool:
+    """Whether this process reads files regardless of their modes (root, or a DAC cap)."""
+    if os.geteuid() == 0:
+        return True
+    try:
+        with open("/proc/self/status", encoding="ascii", errors="replace") as f:
+            for line in f:
+                if line.startswith("CapEff:"):
+                    caps = int(line.split()[1], 16)
+                    return bool(caps & (1 << CAP_DAC_OVERRIDE | 1 << CAP_DAC_READ_SEARCH))
+    except (OSError, ValueError, IndexError):
+        pass
+    return False
+
+
+def _private(st: os.stat_result, *, privileged: bool) -> bool:
+    """Readable by this user only through privilege: not readable by others, and either
+    we read through privilege or the file is not ours (a group or a capability lets us)."""
+    wanted = 0o005 if stat.S_ISDIR(st.st_mode) else 0o004
+    if st.st_mode & wanted == wanted:
+        return False
+    return privileged or st.st_uid != os.getuid()
+
+
+def first_private_path(root: str) -> tuple[str, os.stat_result] | None:
+    """The first file or directory under ``root`` (bytewise order, root first) that the
+    user can read only through privilege; symlinks are not followed (they are imported
+    as links)."""
+    privileged = reads_through_privilege()
+    top = os.fsencode(root)
+    stack = [top]
+    while stack:
+        path = stack.pop()
+        st = os.lstat(path)
+        if stat.S_ISLNK(st.st_mode):
+            continue
+        if _private(st, privileged=privileged):
+            return os.fsdecode(path), st
+        if stat.S_ISDIR(st.st_mode):
+            names = sorted(os.listdir(path), reverse=True)
+            stack.extend(path + b"/" + name for name in names)
+    return None
+
+
+def check_path_source(path: str, table: str, key: str = "path", *, base: str,
+                      allow_outside: bool, allow_private: bool) -> None:
+    """Refuse a path source that resolves (through any symlink) outside ``base``, the
+    recipe's directory, unless ``allow_outside``; and one holding a file or directory
+    readable only through privilege (see :func:`first_private_path`) unless
+    ``allow_private``: either would copy host files the recipe's author chose into the
+    store, where every user can read them. ``table`` and ``key`` name the recipe's
+    source table and its path key in messages."""
+    what = f"{table} {key}"
+    real = os.path.realpath(path)
+    if not os.path.lexists(real):
+        raise RecipeError(f"{what}: {path} does not exist")
+    top = os.path.realpath(base) if base else real
+    if not allow_outside and os.path.commonpath([top, real]) != top:
+        shown = path if real == path else f"{path} (resolved: {real})"
+        raise RecipeError(f"{what}: {shown} lies outside the recipe's directory {top}",
+                          hint=f"set allow-outside = true in {table} to import it anyway")
+    if allow_private:
+        return
+    try:
+        found = first_private_path(real)
+    except OSError as exc:
+        raise RecipeError(f"{what}: cannot read {exc.filename!r}: {exc.strerror}") from None
+    if found is not None:
+        offender, st = found
+        raise RecipeError(
+            f"{what}: {offender} (mode {stat.S_IMODE(st.st_mode):04o}, owner uid "
+            f"{st.st_uid}) is not readable by others: this user reads it only through "
+            "privilege, and the store would make it readable to everyone",
+            hint=f"make it readable (chmod o+r), or set allow-private = true in {table} if "
+                 "its content may be public")
 
 
 def path_hash(path: str) -> str:

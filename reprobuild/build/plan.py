@@ -17,7 +17,7 @@ from typing import Any
 from reprobuild import __version__
 from reprobuild.build.derivation import Derivation
 from reprobuild.build.fetch import UNPACK_VERSION
-from reprobuild.build.inputs import HostClosure, host_closure, path_hash
+from reprobuild.build.inputs import HostClosure, check_path_source, host_closure, path_hash
 from reprobuild.build.recipe import (
     DebSource,
     HostSource,
@@ -111,6 +111,10 @@ def _source_nodes(source: DebSource | PathSource | OciSource | HostSource) -> li
                 Node(source.name, unpack, (f"{source.name}#fetch",), source,
                      display=f"unpack {label}")]
     if isinstance(source, PathSource):
+        check_path_source(source.path, f"[sources.{source.name}]",
+                          "oci" if isinstance(source, OciSource) else "path",
+                          base=source.base, allow_outside=source.allow_outside,
+                          allow_private=source.allow_private)
         if isinstance(source, OciSource):
             _check_oci_layout(source)
         content = path_hash(source.path)

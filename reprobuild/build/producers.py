@@ -95,7 +95,10 @@ class UnpackDeb(_Base):
     """The unpacked .deb; its one input is the fetched file (the node's only dep)."""
 
     def produce(self, job: Job) -> None:
-        fetch.unpack_deb(job.done[job.node.deps[0]].path, job.output)
+        what = job.node.what
+        assert isinstance(what, DebSource)
+        fetch.unpack_deb(job.done[job.node.deps[0]].path, job.output,
+                         label=f"{what.package}={what.version}")
 
     def input_hashes(self, job: Job) -> dict[str, dict[str, str]]:
         return {"deb": {"derivation": job.node.derivation.inputs["deb"],

@@ -30,10 +30,12 @@ __all__ = ["DebSource", "HostSource", "Image", "OciSource", "PathSource", "Recip
 NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_.-]*$")
 TOP_KEYS = ("epoch", "sources", "steps", "images")
 DEB_KEYS = ("deb", "version", "sha256")
-PATH_KEYS = ("path", "blake3")
+PATH_KEYS = ("path", "blake3", "allow-outside", "allow-private")
 HOST_KEYS = ("host",)
-OCI_KEYS = ("oci", "blake3")
+OCI_KEYS = ("oci", "blake3", "allow-outside", "allow-private")
 SOURCE_KINDS = ("deb", "path", "host", "oci")
+DEB_PACKAGE_RE = re.compile(r"[a-z0-9][a-z0-9+.-]+")
+DEB_VERSION_RE = re.compile(r"[0-9][A-Za-z0-9.+~:-]*")
 STEP_KEYS = ("inputs", "builder", "env", "timeout")
 IMAGE_KEYS = ("from", "format", "size", "uuid", "label", "compress", "block_size", "files")
 
@@ -52,11 +54,20 @@ class DebSource:
 
 @dataclass(frozen=True)
 class PathSource:
-    """A file or directory imported by content; ``blake3`` optionally pins its tree hash."""
+    """A file or directory imported by content; ``blake3`` optionally pins its tree hash.
+
+    Planning refuses a path that resolves outside ``base`` (the recipe's directory)
+    unless ``allow_outside``, and one holding files the user can read only through
+    privilege unless ``allow_private`` (see :func:`reprobuild.build.inputs.check_path_source`).
+    Neither flag is part of any id: they permit an import, the content is what counts.
+    """
 
     name: str
     path: str  # absolute
     blake3: str | None = None
+    base: str = ""  # the recipe's directory
+    allow_outside: bool = False
+    allow_private: bool = False
 
 
 @dataclass(frozen=True)
@@ -220,6 +231,12 @@ class _Table:
         except ValueError as exc:
             raise self.error(key, str(exc)) from None
 
+    def boolean(self, key: str) -> bool:
+        value = self.table.get(key, False)
+        if not isinstance(value, bool):
+            raise self.error(key, f"must be true or false, not {value!r}")
+        return value
+
     def integer(self, key: str) -> int | None:
         value = self.table.get(key)
         if value is None:
@@ -316,6 +333,15 @@ def _source(path: str, directory: str, name: str, raw: Any) -> Source:
         package = table.string("deb", required=True)
         version = table.string("version", required=True)
         assert package is not None and version is not None
+        # Both become an apt-get argument: a leading '-' would be read as an option.
+        if not DEB_PACKAGE_RE.fullmatch(package):
+            raise table.error("deb", f"{package!r} is not a Debian package name",
+                              "names are lowercase letters, digits, '+', '-' and '.', "
+                              "starting with a letter or digit")
+        if not DEB_VERSION_RE.fullmatch(version):
+            raise table.error("version", f"{version!r} is not a Debian version",
+                              "e.g. 1:1.35.0-4+deb12u1 (digits first; letters, digits "
+                              "and . + ~ : - after)")
         return DebSource(name, package, version, sha)
     if kind in ("path", "oci"):
         table.only(PATH_KEYS if kind == "path" else OCI_KEYS)
@@ -325,7 +351,9 @@ def _source(path: str, directory: str, name: str, raw: Any) -> Source:
         if pin is not None and not re.fullmatch(r"[0-9a-f]{64}", pin):
             raise table.error("blake3", f"{pin!r} is not 64 lowercase hex digits")
         made = PathSource if kind == "path" else OciSource
-        return made(name, os.path.normpath(os.path.join(directory, rel)), pin)
+        return made(name, os.path.normpath(os.path.join(directory, rel)), pin, directory,
+                    allow_outside=table.boolean("allow-outside"),
+                    allow_private=table.boolean("allow-private"))
     table.only(HOST_KEYS)
     program = table.string("host", required=True)
     assert program is not None

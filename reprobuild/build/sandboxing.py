@@ -23,7 +23,7 @@ import sysconfig
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
-from reprobuild.build.inputs import elf_closure, elf_interpreter
+from reprobuild.build.elf import elf_closure, elf_interpreter
 from reprobuild.build.plan import INPUTS_DIR, OUT, OUTPUT_DIR, Node
 from reprobuild.build.recipe import HostSource, Image, Step
 from reprobuild.errors import ReprobuildError, SandboxError

@@ -372,13 +372,13 @@ def _member(archive: tarfile.TarFile, info: tarfile.TarInfo, path: bytes, what: 
 
 
 def tree_from_tar(path: bytes | str, *, implied_mtime_ns: int = 0,
-                  spool: Spool | None = None) -> Tree:
+                  spool: Spool | None = None, what: str | None = None) -> Tree:
     """The tree a tar file describes (not normalised; see :func:`reprobuild.trees.load.load_tree`).
 
     Raises :class:`ImageError` naming the member for hostile or unreadable input.
     """
     path = os.fsencode(path)
-    what = path.decode("utf-8", "backslashreplace")
+    what = what or path.decode("utf-8", "backslashreplace")
     builder = TreeBuilder(what=what, implied_mtime_ns=implied_mtime_ns)
     for member in iter_members(path, what=what, spool=spool):
         if member.link_target is not None:
