@@ -10,7 +10,6 @@ import errno
 import os
 import shlex
 import socket
-from collections.abc import Sequence
 from dataclasses import dataclass
 
 from sandbox import syscalls
@@ -378,10 +377,3 @@ class Unmount(Operation):
     def describe(self) -> str:
         return f"umount -l {_q(self.target)}"
 
-
-def execute_all(operations: Sequence[Operation], *, log_fd: int | None) -> None:
-    """Execute in order; with ``log_fd`` describe each first (``+ command``, as sh -x)."""
-    for operation in operations:
-        if log_fd is not None:
-            os.write(log_fd, f"+ {operation.describe()}\n".encode())
-        operation.execute()

@@ -20,7 +20,7 @@ EPOCH = 1_700_000_000
 OURS = """
 import sys
 from reprobuild.images.registry import ImageOptions, get_format
-from reprobuild.trees.tree import tree_from_directory
+from reprobuild.trees.directory import tree_from_directory
 tree = tree_from_directory(sys.argv[2], epoch={epoch})
 with open(sys.argv[3], "wb") as output:
     get_format(sys.argv[1]).load().write(tree, output, ImageOptions(epoch={epoch}))

@@ -26,7 +26,7 @@ OURS = """
 import sys
 from reprobuild.images.erofs import image as erofs
 from reprobuild.images.registry import ImageOptions
-from reprobuild.trees.tree import tree_from_directory
+from reprobuild.trees.directory import tree_from_directory
 tree = tree_from_directory(sys.argv[1], epoch={epoch})
 with open(sys.argv[2], "wb") as output:
     erofs.write(tree, output, ImageOptions(epoch={epoch}, uuid=sys.argv[3] or None,

@@ -29,7 +29,7 @@ OURS = """
 import sys
 from reprobuild.images.ext4 import image as ext4
 from reprobuild.images.registry import ImageOptions
-from reprobuild.trees.tree import tree_from_directory
+from reprobuild.trees.directory import tree_from_directory
 tree = tree_from_directory(sys.argv[1], epoch={epoch})
 with open(sys.argv[2], "wb") as output:
     ext4.write(tree, output, ImageOptions(epoch={epoch}, uuid="{uuid}",

@@ -23,7 +23,7 @@ OURS = """
 import sys
 from reprobuild.images.squashfs import image as squashfs
 from reprobuild.images.registry import ImageOptions
-from reprobuild.trees.tree import tree_from_directory
+from reprobuild.trees.directory import tree_from_directory
 tree = tree_from_directory(sys.argv[1], epoch={epoch})
 options = ImageOptions(epoch={epoch}, compress=sys.argv[3], block_size=131072,
                        extra=(("threads", int(sys.argv[4])),))

@@ -10,6 +10,7 @@ import json
 import sys
 
 from reprobuild.errors import ReprobuildError
+from reprobuild.images.build import build_image
 
 
 def main(argv: list[str]) -> int:
@@ -17,8 +18,6 @@ def main(argv: list[str]) -> int:
         print("usage: python -m reprobuild.build.builtin JOB_JSON", file=sys.stderr)
         return 2
     job = json.loads(argv[0])
-    from reprobuild.images.build import build_image
-
     try:
         build_image(job)
     except ReprobuildError as exc:

@@ -29,6 +29,7 @@ from reprobuild.build.recipe import (
 )
 from reprobuild.errors import RecipeError
 from reprobuild.images.registry import ImageOptions, get_format
+from reprobuild.trees.oci import is_oci_layout
 
 SANDBOX_ABI = "1"
 """What a step sees (mount points, $out, /build); part of every step's id."""
@@ -133,8 +134,6 @@ def _source_nodes(source: DebSource | PathSource | OciSource | HostSource) -> li
 def _check_oci_layout(source: OciSource) -> None:
     """Refuse a directory that is not an image layout before anything is imported (its
     blobs are checked against their digests when an image merges the layers)."""
-    from reprobuild.trees.oci import is_oci_layout  # only recipes with OCI sources pay for it
-
     if not os.path.exists(source.path):
         raise RecipeError(f"[sources.{source.name}] oci: {source.path} does not exist")
     if not is_oci_layout(source.path):
@@ -162,7 +161,6 @@ def _image_node(recipe: Recipe, image: Image, nodes: Mapping[str, Node]) -> Node
         raise RecipeError(f"{recipe.path}: [images.{image.name}] format: the {image.format} "
                           f"writer is not available ({exc})") from None
     options = image_options(image, recipe.epoch)
-    identity = getattr(module, "identity", None)
     attrs: dict[str, Any] = {
         "format": image.format,
         "kind": image.kind,
@@ -170,15 +168,13 @@ def _image_node(recipe: Recipe, image: Image, nodes: Mapping[str, Node]) -> Node
         "files": dict(image.files),
         "epoch": recipe.epoch,
         "reprobuild": __version__,
-        "writer": {"version": str(getattr(module, "VERSION", "")),
-                   "identity": dict(identity(options)) if identity else {}},
+        "writer": {"version": module.VERSION, "identity": dict(module.identity(options))},
         "sandbox": SANDBOX_ABI,
     }
     if image.kind == "disk":
         attrs["table"] = dict(image.table)
     drv = Derivation("image", attrs, {name: nodes[name].id for name in image.inputs},
                      name=image.name)
-    main_file = getattr(module, "main_file", None)
+    main_file = fmt.load_disk().main_file(image.table) if fmt.kind == "disk" else None
     return Node(image.name, drv, image.inputs, image,
-                display=f"write {image.format} image {image.name}",
-                main_file=main_file(image.table) if main_file is not None else None)
+                display=f"write {image.format} image {image.name}", main_file=main_file)

@@ -19,7 +19,9 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
-from reprobuild.errors import RecipeError, suggest
+from reprobuild.errors import ImageError, RecipeError, suggest
+from reprobuild.images.protocol import COMMON_KEYS
+from reprobuild.images.registry import get_format
 from reprobuild.units import parse_duration, parse_size
 
 _T = TypeVar("_T")
@@ -37,7 +39,7 @@ SOURCE_KINDS = ("deb", "path", "host", "oci")
 DEB_PACKAGE_RE = re.compile(r"[a-z0-9][a-z0-9+.-]+")
 DEB_VERSION_RE = re.compile(r"[0-9][A-Za-z0-9.+~:-]*")
 STEP_KEYS = ("inputs", "builder", "env", "timeout")
-IMAGE_KEYS = ("from", "format", "size", "uuid", "label", "compress", "block_size", "files")
+IMAGE_KEYS = COMMON_KEYS
 
 Json = None | bool | int | str | list["Json"] | dict[str, "Json"]
 
@@ -395,9 +397,6 @@ def _step(path: str, name: str, raw: Any) -> Step:
 
 
 def _image(path: str, name: str, raw: Any) -> Image:
-    from reprobuild.errors import ImageError
-    from reprobuild.images.registry import get_format
-
     table = _Table(path, f"images.{name}", raw, None)
     fmt_name = table.string("format", required=True)
     assert fmt_name is not None
@@ -405,23 +404,16 @@ def _image(path: str, name: str, raw: Any) -> Image:
         fmt = get_format(fmt_name)
     except ImageError as exc:
         raise table.error("format", exc.message, exc.hint) from None
-    module = None
-    try:
-        module = fmt.load()
-    except ImportError:
-        if fmt.kind == "disk":
-            raise table.error("format", f"the {fmt_name} format is not available in this "
-                              "version of reprobuild") from None
-    declared = getattr(module, "OPTIONS", None)
-    if declared is not None:
-        table.only([*IMAGE_KEYS, *declared])
-    elif fmt.kind == "tree":
-        for key in table.table:
-            if key not in IMAGE_KEYS:
-                close = difflib.get_close_matches(key, IMAGE_KEYS, n=1, cutoff=0.75)
-                if close:
-                    raise table.error(key, f"unknown key {key!r}",
-                                      suggest(key, IMAGE_KEYS, "keys"))
+    for key, value in table.table.items():
+        if key in IMAGE_KEYS:
+            continue
+        if key not in fmt.options.names():
+            raise table.error(key, f"unknown {fmt_name} option {key!r}",
+                              suggest(key, [*IMAGE_KEYS, *fmt.options.names()], "keys"))
+        try:
+            fmt.options.check_one(key, value)
+        except ImageError as exc:
+            raise table.error(key, exc.message, exc.hint) from None
     size = table.parsed("size", parse_size)
     files_raw = table.table.get("files", {})
     if not isinstance(files_raw, dict):
@@ -442,7 +434,7 @@ def _image(path: str, name: str, raw: Any) -> Image:
     else:
         source = table.string("from")
         try:
-            listed = module.inputs_of(whole) if module is not None else []
+            listed = fmt.load_disk().inputs_of(whole)
         except ImageError as exc:
             raise table.error(None, exc.message, exc.hint) from None
         inputs = tuple(dict.fromkeys([*([source] if source else []), *listed]))

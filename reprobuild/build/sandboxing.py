@@ -21,8 +21,10 @@ import os
 import sys
 import sysconfig
 from collections.abc import Iterator, Mapping, Sequence
+from importlib import metadata
 from typing import Any
 
+import reprobuild
 from reprobuild.build.elf import elf_closure, elf_interpreter
 from reprobuild.build.plan import INPUTS_DIR, OUT, OUTPUT_DIR, Node
 from reprobuild.build.recipe import HostSource, Image, Step
@@ -171,8 +173,6 @@ def _module_root(name: str) -> str | None:
 
 
 def _dist_info(distribution: str) -> str | None:
-    from importlib import metadata
-
     try:
         dist = metadata.distribution(distribution)
     except metadata.PackageNotFoundError:
@@ -203,8 +203,6 @@ def python_runtime() -> PythonRuntime:
     # Our package and its dependencies appear at one fixed directory, never at their
     # host paths: those may lie under /tmp or /build, which the sandbox replaces, and
     # they would tell a step where the host keeps its checkout.
-    import reprobuild
-
     package = os.path.dirname(os.path.abspath(reprobuild.__file__))
     for root in [package, *package_roots]:
         target = f"{RUNTIME_SITE}/{os.path.basename(root)}"

@@ -1,23 +1,21 @@
 """`reprobuild image`: build one image from a directory, tar or OCI layout, no recipe.
 
-The image is written to ``OUTPUT.tmp-*`` beside OUTPUT and renamed into place only when
-complete, so an interrupted or failed run never leaves something that looks finished.
-The epoch defaults to ``$SOURCE_DATE_EPOCH``, else 0.
+The image is made by the one image pipeline, :func:`reprobuild.images.build.build_tree_image`
+(written beside OUTPUT and renamed into place when complete). ``-o KEY=VALUE`` sets a
+format-specific option, typed and checked by the format's options schema. The epoch
+defaults to ``$SOURCE_DATE_EPOCH``, else 0.
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import os
-import tempfile
 
-from reprobuild.errors import ImageError, ReprobuildError
-from reprobuild.images.registry import FORMATS, ImageOptions, OptionValue, get_format
-from reprobuild.trees.load import load_tree
+from reprobuild.errors import ReprobuildError
+from reprobuild.images.build import build_tree_image
+from reprobuild.images.registry import FORMATS, ImageOptions, get_format
 from reprobuild.trees.oci import DEFAULT_PLATFORM
-from reprobuild.trees.overrides import apply_overrides, load_overrides_file
-from reprobuild.trees.tar_reader import Spool
+from reprobuild.trees.overrides import load_overrides_file
 from reprobuild.units import parse_size
 
 HELP = "build an image (ext4, squashfs, erofs, cpio, tar) from a directory, tar or OCI layout"
@@ -36,14 +34,10 @@ def _epoch(text: str) -> int:
     return int(text)
 
 
-def _option(text: str) -> tuple[str, OptionValue]:
+def _option(text: str) -> tuple[str, str]:
     key, sep, value = text.partition("=")
     if not sep or not key:
         raise argparse.ArgumentTypeError(f"option must be KEY=VALUE, not {text!r}")
-    if value.isdigit():
-        return key, int(value)
-    if value in ("true", "false"):
-        return key, value == "true"
     return key, value
 
 
@@ -79,7 +73,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         metavar="OS/ARCH", help="manifest of a multi-platform OCI image "
                         "(default: linux/amd64)")
     parser.add_argument("--option", "-o", dest="extra", type=_option, action="append",
-                        default=[], metavar="KEY=VALUE", help="a format-specific option")
+                        default=[], metavar="KEY=VALUE",
+                        help="a format-specific option; " + "; ".join(
+                            f"{name}: {', '.join(FORMATS[name].options.names())}"
+                            for name in tree_formats if FORMATS[name].options.names()))
 
 
 def default_epoch() -> int:
@@ -90,55 +87,15 @@ def default_epoch() -> int:
     return int(text)
 
 
-def build_image(source: str, output: str, fmt: str, options: ImageOptions, *,
-                files: str | None = None,
-                platform: tuple[str, str] = DEFAULT_PLATFORM) -> int:
-    """Build ``output`` from ``source``; returns its size in bytes."""
-    module = get_format(fmt)
-    if module.kind != "tree":
-        raise ImageError(f"{fmt} images are made from other images, not from a tree",
-                         hint="use a recipe to compose disk images")
-    writer = module.load()
-    directory = os.path.dirname(os.path.abspath(output))
-    if not os.path.isdir(directory):
-        raise ImageError(f"the directory of {output} does not exist",
-                         hint="create it first; nothing was written")
-    with tempfile.TemporaryDirectory(prefix="reprobuild-spool-") as spool_dir:
-        tree = load_tree(source, epoch=options.epoch, spool=Spool(spool_dir),
-                         platform=platform)
-        if files is not None:
-            tree = apply_overrides(tree, load_overrides_file(files), where=files,
-                                      epoch=options.epoch)
-        if os.path.isdir(output):
-            raise ImageError(f"output {output} is a directory", hint="name the image file")
-        try:
-            fd, partial = tempfile.mkstemp(dir=directory,
-                                           prefix=os.path.basename(output) + ".tmp-")
-        except OSError as exc:
-            raise ImageError(f"cannot create the image beside {output}: {exc.strerror}",
-                             hint="the output's directory must exist and be writable"
-                             ) from None
-        try:
-            with os.fdopen(fd, "w+b") as out:
-                writer.write(tree, out, options)
-                out.flush()
-                os.fsync(out.fileno())
-                size = out.seek(0, os.SEEK_END)
-            os.chmod(partial, 0o644)
-            os.replace(partial, output)
-        except BaseException:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(partial)
-            raise
-    return size
-
-
 def run(args: argparse.Namespace) -> int:
+    schema = get_format(args.format).options
     options = ImageOptions(
         epoch=args.epoch if args.epoch is not None else default_epoch(),
         size=args.size, uuid=args.uuid, label=args.label, compress=args.compress,
-        block_size=args.block_size, extra=tuple(sorted(args.extra)))
-    size = build_image(args.source, args.output, args.format, options, files=args.files,
-                       platform=args.platform)
+        block_size=args.block_size, extra=tuple(sorted(
+            (key, schema.parse_text(key, text)) for key, text in args.extra)))
+    files = load_overrides_file(args.files) if args.files is not None else None
+    size = build_tree_image(args.format, args.source, args.output, options, files=files,
+                            where=args.files or "files", platform=args.platform, sync=True)
     print(f"{args.output}: {args.format} image, {size} bytes")
     return 0

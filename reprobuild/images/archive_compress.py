@@ -1,6 +1,7 @@
 """Whole-stream compression of tar and cpio archives (``compress = "zstd" | "gzip"``).
 
-The compressed bytes depend on the compressor library's version (FORMATS.md, trap 8), so
+The compressed bytes depend on the compressor library's build and version (zlib and
+zlib-ng, or two libzstd releases, compress the same input differently), so
 :func:`compressor_identity` names it for the derivation id: zstd comes from the
 ``zstandard`` wheel our dependency pins (level 9, one thread, content size unknown to
 the frame header as the archive is streamed); gzip uses the host's zlib (level 6, mtime

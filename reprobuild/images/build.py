@@ -1,28 +1,36 @@
-"""Build one image from a job description: load the tree, apply overrides, call the writer.
+"""The one image pipeline: load the tree, apply overrides, call the writer, rename into place.
 
-This is what a built-in image step does inside its sandbox (see :mod:`reprobuild.build.builtin`).
+Both ways of making an image go through :func:`build_tree_image`: a recipe's built-in
+image step inside its sandbox (:func:`build_image`, given a job description by
+:mod:`reprobuild.build.builtin`) and ``reprobuild image`` (:mod:`reprobuild.commands.image`).
 Tree formats read their ``from`` input with :func:`reprobuild.trees.load.load_tree` (a
-directory, a tar or an OCI layout), apply the recipe's ``files`` overrides and call the
-format module's ``write``; disk formats get the paths of their inputs and the image's
-table and write the output themselves.
+directory, a tar or an OCI layout), apply the ``files`` overrides and call the format
+module's ``write``; disk formats get the paths of their inputs and the image's table and
+write the output themselves.
 
-The job's ``scratch`` names a writable directory on disk (the sandbox's ``/build``):
-members of compressed tars and OCI layers are spooled there, not into ``$TMPDIR``, which
-in the sandbox is a tmpfs in memory. The spool is removed once the image is written.
+The image is written to ``OUTPUT.tmp-*`` beside OUTPUT and renamed into place only when
+complete, so an interrupted or failed run never leaves something that looks finished.
+Members of compressed tars and OCI layers are spooled to a fresh directory under
+``scratch`` (in the sandbox: ``/build``, on disk, not the tmpfs ``$TMPDIR``), removed
+once the image is written.
 """
 
 from __future__ import annotations
 
 import contextlib
+import os
 import shutil
 import tempfile
 from collections.abc import Iterator, Mapping
 from typing import Any
 
 from reprobuild.errors import ImageError
-from reprobuild.images.registry import ImageOptions, OptionValue, get_format
+from reprobuild.images.registry import ImageOptions, OptionValue, TreeFormat, get_format
 from reprobuild.trees.load import load_tree
+from reprobuild.trees.oci import DEFAULT_PLATFORM
+from reprobuild.trees.overrides import apply_overrides
 from reprobuild.trees.tar_reader import Spool
+from reprobuild.trees.tree import Tree
 
 
 def options_from_json(epoch: int, options: Mapping[str, Any]) -> ImageOptions:
@@ -34,39 +42,75 @@ def options_from_json(epoch: int, options: Mapping[str, Any]) -> ImageOptions:
 
 
 @contextlib.contextmanager
-def scratch_spool(scratch: str | None) -> Iterator[Spool | None]:
-    """A spool in a fresh directory under ``scratch``, removed afterwards (None: the
-    process-wide default spool under ``$TMPDIR``)."""
-    if scratch is None:
-        yield None
-        return
+def scratch_spool(scratch: str | None) -> Iterator[Spool]:
+    """A spool in a fresh directory under ``scratch`` (None: ``$TMPDIR``), removed
+    afterwards."""
     try:
-        directory = tempfile.mkdtemp(prefix="spool-", dir=scratch)
+        directory = tempfile.mkdtemp(prefix="reprobuild-spool-", dir=scratch)
     except OSError as exc:
-        raise ImageError(f"cannot make a spool directory in {scratch}: {exc.strerror}") from None
+        raise ImageError(f"cannot make a spool directory in {scratch or '$TMPDIR'}: "
+                         f"{exc.strerror}") from None
     try:
         yield Spool(directory)
     finally:
         shutil.rmtree(directory, ignore_errors=True)
 
 
+def build_tree_image(fmt_name: str, source: str, output: str, options: ImageOptions, *,
+                     files: Mapping[str, Mapping[str, object]] | None = None,
+                     where: str = "files", scratch: str | None = None,
+                     platform: tuple[str, str] = DEFAULT_PLATFORM, sync: bool = False) -> int:
+    """Write the ``fmt_name`` image of the tree at ``source`` (with the overrides
+    ``files``, named ``where`` in messages) to ``output``; returns its size in bytes.
+    ``sync`` makes the bytes durable before the rename."""
+    fmt = get_format(fmt_name)
+    fmt.options.check(dict(options.extra))
+    writer = fmt.load_tree()
+    directory = os.path.dirname(os.path.abspath(output))
+    if not os.path.isdir(directory):
+        raise ImageError(f"the directory of {output} does not exist",
+                         hint="create it first; nothing was written")
+    with scratch_spool(scratch) as spool:
+        tree = load_tree(source, epoch=options.epoch, spool=spool, platform=platform)
+        if files:
+            tree = apply_overrides(tree, files, where=where, epoch=options.epoch)
+        if os.path.isdir(output):
+            raise ImageError(f"output {output} is a directory", hint="name the image file")
+        return _write_atomically(writer, tree, output, options, sync=sync)
+
+
+def _write_atomically(writer: TreeFormat, tree: Tree, output: str, options: ImageOptions,
+                      *, sync: bool) -> int:
+    directory = os.path.dirname(os.path.abspath(output))
+    try:
+        fd, partial = tempfile.mkstemp(dir=directory, prefix=os.path.basename(output) + ".tmp-")
+    except OSError as exc:
+        raise ImageError(f"cannot create the image beside {output}: {exc.strerror}",
+                         hint="the output's directory must exist and be writable") from None
+    try:
+        with os.fdopen(fd, "w+b") as out:
+            writer.write(tree, out, options)
+            out.flush()
+            if sync:
+                os.fsync(out.fileno())
+            size = out.seek(0, os.SEEK_END)
+        os.chmod(partial, 0o644)
+        os.replace(partial, output)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(partial)
+        raise
+    return size
+
+
 def build_image(job: Mapping[str, Any]) -> None:
-    """Write the image ``job`` describes to ``job["output"]``."""
+    """Write the image ``job`` describes to ``job["output"]`` (a built-in image step)."""
     fmt = get_format(job["format"])
-    module = fmt.load()
     epoch = int(job["epoch"])
     options = options_from_json(epoch, job.get("options") or {})
-    output = job["output"]
     if fmt.kind == "disk":
-        module.build(dict(job["inputs"]), dict(job["table"]), options, output)
+        fmt.load_disk().build(dict(job["inputs"]), dict(job["table"]), options, job["output"])
         return
-    with scratch_spool(job.get("scratch")) as spool:
-        tree = load_tree(job["from"], epoch=epoch, spool=spool)
-        files = job.get("files") or {}
-        if files:
-            from reprobuild.trees.overrides import apply_overrides
-
-            tree = apply_overrides(tree, files, where=f"[images.{job['name']}.files]",
-                                   epoch=epoch)
-        with open(output, "wb") as f:
-            module.write(tree, f, options)
+    build_tree_image(fmt.name, job["from"], job["output"], options,
+                     files=job.get("files") or None, where=f"[images.{job['name']}.files]",
+                     scratch=job.get("scratch"))

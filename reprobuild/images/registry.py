@@ -1,47 +1,32 @@
 """The one table of image formats, imported lazily (as diffoscope lists its comparators).
 
-A *tree* format module (ext4, squashfs, erofs, cpio, tar) provides:
-
-* ``VERSION: str`` - the writer's own code version; it enters every derivation id.
-* ``write(tree: Tree, output: BinaryIO, options: ImageOptions) -> None`` - write the
-  image to a seekable, writable, initially empty binary file. Plans the layout first,
-  then serialises; reads file bytes only through ``Content.chunks()``.
-* ``read(path: str | bytes) -> Tree`` - read an image back into a tree (used by
-  ``reprobuild diff`` and the tests); contents stream from the image file.
-* ``identity(options: ImageOptions) -> dict[str, str]`` - anything besides the options
-  and VERSION that changes the bytes (a compressor library's name and version).
-
-A *disk* format module (gpt) composes other images; see its module docstring.
+Each entry names its module (loaded only when an image of that format is planned,
+written or read) and the format's options schema (checked when a recipe is parsed,
+without loading the module). A ``tree`` format module implements
+:class:`~reprobuild.images.protocol.TreeFormat`, a ``disk`` format module
+:class:`~reprobuild.images.protocol.DiskFormat`; :mod:`reprobuild.images.conformance`
+makes mypy check that every module listed here does.
 """
 
 from __future__ import annotations
 
 import importlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from types import ModuleType
+from typing import cast
 
 from reprobuild.errors import ImageError
+from reprobuild.images.protocol import (
+    DiskFormat,
+    ImageOptions,
+    Option,
+    OptionsSchema,
+    OptionValue,
+    TreeFormat,
+)
 
-OptionValue = str | int | bool
-
-
-@dataclass(frozen=True)
-class ImageOptions:
-    """Everything that shapes an image besides the tree. No field has a host default."""
-
-    epoch: int
-    size: int | None = None  # bytes; None means the smallest size that fits
-    uuid: str | None = None  # derived from the content when None
-    label: str | None = None
-    compress: str | None = None  # format default when None
-    block_size: int | None = None  # format default when None
-    extra: tuple[tuple[str, OptionValue], ...] = field(default=())
-
-    def get(self, key: str, default: OptionValue | None = None) -> OptionValue | None:
-        for name, value in self.extra:
-            if name == key:
-                return value
-        return default
+__all__ = ["FORMATS", "DiskFormat", "Format", "ImageOptions", "Option", "OptionValue",
+           "OptionsSchema", "TreeFormat", "get_format"]
 
 
 @dataclass(frozen=True)
@@ -50,21 +35,74 @@ class Format:
     module: str
     kind: str  # "tree" or "disk"
     description: str
+    options: OptionsSchema
 
-    def load(self) -> ModuleType:
+    def load_tree(self) -> TreeFormat:
+        """The writer module of a tree format (ImageError for a disk format)."""
+        if self.kind != "tree":
+            raise ImageError(f"{self.name} images are made from other images, not from a "
+                             "tree", hint="use a recipe to compose disk images")
+        return cast(TreeFormat, importlib.import_module(self.module))
+
+    def load_disk(self) -> DiskFormat:
+        """The composer module of a disk format (ImageError for a tree format)."""
+        if self.kind != "disk":
+            raise ImageError(f"{self.name} images are made from a tree, not composed")
+        return cast(DiskFormat, importlib.import_module(self.module))
+
+    def load_module(self) -> ModuleType:
+        """The module itself, for its format-specific helpers (gpt's ``read_table``)."""
         return importlib.import_module(self.module)
 
+    def load(self) -> TreeFormat | DiskFormat:
+        return self.load_tree() if self.kind == "tree" else self.load_disk()
+
+
+_EXT4 = OptionsSchema("ext4", (
+    Option("hash_seed", str, "the htree hash seed, a UUID (default: derived from the content)"),
+    Option("hash_version", str, "the htree hash", choices=("half_md4", "tea")),
+    Option("inodes", int, "spare inodes beyond those the tree needs", minimum=0),
+))
+_SQUASHFS = OptionsSchema("squashfs", (
+    Option("compression_level", int, "zstd 1-22 (default 15), gzip 1-9 (default 9)",
+           minimum=1, maximum=22),
+    Option("exportable", bool, "write the NFS export table"),
+    Option("tail_fragments", bool, "pack tails of files larger than a block into fragments"),
+    Option("probe", bool, "store blocks zstd -1 cannot shrink without compressing them"),
+    Option("threads", int, "compression threads (the bytes never depend on it)", minimum=1),
+))
+_CPIO = OptionsSchema("cpio", (
+    Option("xattrs", str, "\"ignore\" drops extended attributes", choices=("ignore",)),
+))
+_GPT = OptionsSchema("gpt", (
+    Option("seed", str, "disk and partition GUIDs derive from it"),
+    Option("partitions", object, "the partition table (see reprobuild.images.gpt.image)"),
+    Option("sector-size", int, "512 or 4096", minimum=512, maximum=4096),
+    Option("alignment", object, "partition alignment, a size like \"1M\""),
+))
+_VERITY = OptionsSchema("verity", (
+    Option("hash-algorithm", str, "sha1, sha256 (default) or sha512"),
+    Option("data-block-size", int, "data block size (default 4096)", minimum=512),
+    Option("hash-block-size", int, "hash block size (default 4096)", minimum=512),
+    Option("salt", str, "hex salt (default: derived from the data)"),
+    Option("append", bool, "append the tree to a copy of the data"),
+))
 
 FORMATS: dict[str, Format] = {
     f.name: f
     for f in (
-        Format("ext4", "reprobuild.images.ext4.image", "tree", "ext4, read-only, no journal"),
-        Format("squashfs", "reprobuild.images.squashfs.image", "tree", "squashfs 4.0"),
-        Format("erofs", "reprobuild.images.erofs.image", "tree", "EROFS, uncompressed or lz4"),
-        Format("cpio", "reprobuild.images.cpio", "tree", "cpio newc (initramfs)"),
-        Format("tar", "reprobuild.images.tar", "tree", "POSIX pax tar"),
-        Format("gpt", "reprobuild.images.gpt.image", "disk", "GPT disk from other images"),
-        Format("verity", "reprobuild.images.verity", "disk", "dm-verity hash tree of an image"),
+        Format("ext4", "reprobuild.images.ext4.image", "tree", "ext4, read-only, no journal",
+               _EXT4),
+        Format("squashfs", "reprobuild.images.squashfs.image", "tree", "squashfs 4.0",
+               _SQUASHFS),
+        Format("erofs", "reprobuild.images.erofs.image", "tree", "EROFS, uncompressed or lz4",
+               OptionsSchema("erofs")),
+        Format("cpio", "reprobuild.images.cpio", "tree", "cpio newc (initramfs)", _CPIO),
+        Format("tar", "reprobuild.images.tar", "tree", "POSIX pax tar", OptionsSchema("tar")),
+        Format("gpt", "reprobuild.images.gpt.image", "disk", "GPT disk from other images",
+               _GPT),
+        Format("verity", "reprobuild.images.verity", "disk", "dm-verity hash tree of an image",
+               _VERITY),
     )
 }
 

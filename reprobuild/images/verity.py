@@ -1,6 +1,7 @@
 """The ``verity`` disk format: the dm-verity hash tree of another image.
 
-Follows the disk format contract in :mod:`reprobuild.images.gpt.image`. Recipe shape::
+Implements :class:`reprobuild.images.protocol.DiskFormat` (its options schema is in the
+registry). Recipe shape::
 
     [images.root-verity]
     from = "root"                 # an image (a file) whose size is whole data blocks
@@ -33,7 +34,6 @@ from reprobuild.integrity import verity
 from reprobuild.trees.tree import Content, Entry, EntryType, FileSource, Tree
 
 VERSION = "1"
-OPTIONS = ("hash-algorithm", "data-block-size", "hash-block-size", "salt", "append")
 HASH_FILE = "hash"
 IMAGE_FILE = "image"
 ROOTHASH_FILE = "roothash"

@@ -16,6 +16,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from reprobuild.errors import ReprobuildError
+
 NOBODY = 65534
 
 
@@ -51,8 +53,6 @@ def parse_variations(text: str | None) -> tuple[str, ...]:
     wanted = [w.strip() for w in text.split(",") if w.strip()]
     unknown = [w for w in wanted if w not in VARIATION_NAMES]
     if unknown:
-        from reprobuild.errors import ReprobuildError
-
         raise ReprobuildError(f"unknown variation {unknown[0]!r}",
                               hint="known: " + ", ".join(VARIATION_NAMES) + ", all, none")
     return tuple(v for v in VARIATION_NAMES if v in wanted)

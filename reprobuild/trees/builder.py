@@ -63,6 +63,10 @@ class TreeBuilder:
         node = self.nodes.get(path)
         return isinstance(node, Entry) and node.type is EntryType.DIRECTORY
 
+    def newest_mtime_ns(self) -> int:
+        """The latest mtime of any path but the root (0 for an empty tree)."""
+        return max((self.entry(path).mtime_ns for path in self.nodes if path), default=0)
+
     # -- changes ----------------------------------------------------------------------
     def _ensure_parents(self, path: bytes, member: str) -> None:
         parts = path.split(b"/")[:-1]

@@ -19,9 +19,10 @@ import os
 import stat
 
 from reprobuild.errors import ImageError
+from reprobuild.trees.directory import tree_from_directory
 from reprobuild.trees.oci import DEFAULT_PLATFORM, is_oci_layout, tree_from_oci
 from reprobuild.trees.tar_reader import Spool, tree_from_tar
-from reprobuild.trees.tree import Tree, tree_from_directory
+from reprobuild.trees.tree import Tree
 
 
 def source_kind(path: bytes | str) -> str:

@@ -23,7 +23,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any
 
 from reprobuild.errors import ImageError
@@ -231,7 +231,5 @@ def tree_from_oci(path: bytes | str, *, platform: tuple[str, str] = DEFAULT_PLAT
                                        spool)
     if root_from_layer:
         return builder.build()
-    tree = builder.build(root=Entry(b"", EntryType.DIRECTORY, 0o555))
-    newest = max((e.mtime_ns for e in tree if e.path), default=0)
-    tree.replace_entry(replace(tree.root, mtime_ns=newest))
-    return tree
+    return builder.build(root=Entry(b"", EntryType.DIRECTORY, 0o555,
+                                    mtime_ns=builder.newest_mtime_ns()))

@@ -27,6 +27,7 @@ from collections.abc import Mapping
 from dataclasses import replace
 
 from reprobuild.errors import ImageError, RecipeError, suggest
+from reprobuild.trees.builder import TreeBuilder
 from reprobuild.trees.tree import Entry, EntryType, Tree, check_relative_path, path_key, sort_xattrs
 
 KEYS = ("type", "mode", "uid", "gid", "mtime", "xattrs", "major", "minor", "target")
@@ -172,18 +173,17 @@ def apply_overrides(tree: Tree, table: Mapping[str, Mapping[str, object]], *,
             assert target.target is not None
             target = entries[target.target]
         entries[target.path] = _updated(target, spec, label)
-    # Hardlinks carry a copy of their inode's metadata: refresh it from the primary.
-    for path, entry in entries.items():
+    # The builder gives every path of a hardlink group its inode's (new) metadata.
+    builder = TreeBuilder(what=where)
+    for path in sorted(entries, key=path_key):
+        entry = entries[path]
+        shown = entry.display()
         if entry.type is EntryType.HARDLINK:
             assert entry.target is not None
-            primary = entries[entry.target]
-            entries[path] = replace(entry, mode=primary.mode, uid=primary.uid, gid=primary.gid,
-                                    mtime_ns=primary.mtime_ns, xattrs=primary.xattrs)
-    out = Tree(entries[b""])
-    for path in sorted(entries, key=path_key):
-        if path:
-            out.add(entries[path])
-    return out
+            builder.link(path, entry.target, shown, replace_existing=False)
+        else:
+            builder.add(entry, shown)
+    return builder.build()
 
 
 def _updated(entry: Entry, spec: Mapping[str, object], label: str) -> Entry:

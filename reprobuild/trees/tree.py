@@ -13,9 +13,9 @@ primary regular file, and no value depends on the host that made the tree.
 from __future__ import annotations
 
 import enum
-import os
+import io
 import stat
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field, replace
 from functools import cached_property
 from typing import BinaryIO, Protocol
@@ -80,8 +80,6 @@ class BytesSource:
     data: bytes
 
     def open(self) -> BinaryIO:
-        import io
-
         return io.BytesIO(self.data)
 
 
@@ -261,26 +259,29 @@ class Tree:
         self._sorted = None
 
     def remove(self, path: bytes) -> None:
-        """Remove an entry and, for a directory, everything under it."""
+        """Remove an entry and, for a directory, everything under it. Removing the
+        primary of a hardlink group whose links stay is refused: which path then holds
+        the inode is :class:`~reprobuild.trees.builder.TreeBuilder`'s decision."""
+        under = path + b"/"
+        doomed = {p for p in self._entries if p == path or p.startswith(under)}
+        orphans = sorted(e.display() for e in self._entries.values()
+                         if e.type is EntryType.HARDLINK and e.target in doomed
+                         and e.path not in doomed)
+        if orphans:
+            raise ImageError(f"/{path.decode(errors='replace')} holds the inode of the "
+                             f"hardlinks {', '.join(orphans)}",
+                             hint="build the changed tree with TreeBuilder")
+        self._drop(path)
+
+    def _drop(self, path: bytes) -> None:
         entry = self._entries.pop(path)
         if entry.type is EntryType.DIRECTORY:
             for child in list(self._children.pop(path, [])):
                 if child in self._entries:
-                    self.remove(child)
+                    self._drop(child)
         siblings = self._children.get(entry.parent)
         if siblings is not None and path in siblings:
             siblings.remove(path)
-        # Hardlinks whose primary vanished: promote the first remaining link.
-        if entry.type is EntryType.REGULAR:
-            links = [e for e in self._entries.values()
-                     if e.type is EntryType.HARDLINK and e.target == path]
-            if links:
-                links.sort(key=lambda e: path_key(e.path))
-                first = links[0]
-                self._entries[first.path] = replace(
-                    entry, path=first.path)
-                for other in links[1:]:
-                    self._entries[other.path] = replace(other, target=first.path)
         self._sorted = None
 
     def replace_entry(self, entry: Entry) -> None:
@@ -330,9 +331,6 @@ class Tree:
             return self._entries[entry.target]
         return entry
 
-    def total_content_size(self) -> int:
-        return sum(e.size for e in self._entries.values() if e.type is EntryType.REGULAR)
-
     # -- normalising ----------------------------------------------------------------
     def normalized(self, *, epoch: int | None) -> Tree:
         """A copy with mtimes clamped to ``epoch`` (seconds) and xattrs sorted."""
@@ -356,121 +354,3 @@ def sort_xattrs(xattrs: Iterable[tuple[bytes, bytes]]) -> tuple[tuple[bytes, byt
     if len(set(names)) != len(names):
         raise ImageError(f"duplicate xattr names in {names!r}")
     return ordered
-
-
-# -- building a tree from a directory on disk --------------------------------------------
-def tree_from_directory(
-    root: str | bytes | os.PathLike[str],
-    *,
-    epoch: int | None = None,
-    preserve_owner: bool = False,
-    preserve_mtime: bool = False,
-    read_xattrs: bool = False,
-    detect_hardlinks: bool = True,
-    file_hook: Callable[[bytes, os.stat_result], Content | None] | None = None,
-) -> Tree:
-    """Describe a directory on disk as a tree, independent of the host's quirks.
-
-    By default this is how a store output becomes a tree: owner and group root, mtimes
-    equal to ``epoch`` (or 0), no xattrs, permission bits as found (the store has
-    canonicalised them). ``preserve_owner``, ``preserve_mtime`` and ``read_xattrs``
-    read back a mounted image faithfully. Directory order never matters: children are
-    sorted. Hardlinks (same device and inode) become HARDLINK entries pointing at the
-    first path in canonical order when ``detect_hardlinks`` is set.
-    """
-    top = os.fsencode(root)
-    st = os.lstat(top)
-    if not stat.S_ISDIR(st.st_mode):
-        raise ImageError(f"{top.decode(errors='replace')} is not a directory")
-    default_mtime = (epoch or 0) * 1_000_000_000
-
-    def meta(path: bytes, st: os.stat_result) -> dict[str, object]:
-        xattrs: tuple[tuple[bytes, bytes], ...] = ()
-        if read_xattrs:
-            try:
-                names = os.listxattr(path, follow_symlinks=False)
-            except OSError:
-                names = []
-            xattrs = sort_xattrs(
-                (os.fsencode(n), os.getxattr(path, n, follow_symlinks=False)) for n in names
-            )
-        mtime = st.st_mtime_ns if preserve_mtime else default_mtime
-        if preserve_mtime and epoch is not None:
-            mtime = min(mtime, epoch * 1_000_000_000)
-        return {
-            "mode": stat.S_IMODE(st.st_mode),
-            "uid": st.st_uid if preserve_owner else 0,
-            "gid": st.st_gid if preserve_owner else 0,
-            "mtime_ns": mtime,
-            "xattrs": xattrs,
-        }
-
-    tree = Tree(Entry(b"", EntryType.DIRECTORY, **meta(top, st)))  # type: ignore[arg-type]
-    seen_inodes: dict[tuple[int, int], bytes] = {}
-    stack = [b""]
-    while stack:
-        rel_dir = stack.pop()
-        abs_dir = top + b"/" + rel_dir if rel_dir else top
-        names = sorted(os.listdir(abs_dir))
-        subdirs = []
-        for name in names:
-            rel = rel_dir + b"/" + name if rel_dir else name
-            path = abs_dir + b"/" + name
-            st = os.lstat(path)
-            fields = meta(path, st)
-            mode = st.st_mode
-            if stat.S_ISDIR(mode):
-                tree.add(Entry(rel, EntryType.DIRECTORY, **fields))  # type: ignore[arg-type]
-                subdirs.append(rel)
-            elif stat.S_ISREG(mode):
-                key = (st.st_dev, st.st_ino)
-                if detect_hardlinks and st.st_nlink > 1 and key in seen_inodes:
-                    tree.add(Entry(rel, EntryType.HARDLINK, target=seen_inodes[key],
-                                   **fields))  # type: ignore[arg-type]
-                    continue
-                if detect_hardlinks and st.st_nlink > 1:
-                    seen_inodes[key] = rel
-                content = file_hook(path, st) if file_hook else None
-                if content is None:
-                    content = Content(st.st_size, FileSource(path))
-                tree.add(Entry(rel, EntryType.REGULAR, content=content,
-                               **fields))  # type: ignore[arg-type]
-            elif stat.S_ISLNK(mode):
-                tree.add(Entry(rel, EntryType.SYMLINK, target=os.readlink(path),
-                               **fields))  # type: ignore[arg-type]
-            elif stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
-                kind = EntryType.CHAR if stat.S_ISCHR(mode) else EntryType.BLOCK
-                tree.add(Entry(rel, kind, rdev_major=os.major(st.st_rdev),
-                               rdev_minor=os.minor(st.st_rdev), **fields))  # type: ignore[arg-type]
-            elif stat.S_ISFIFO(mode):
-                tree.add(Entry(rel, EntryType.FIFO, **fields))  # type: ignore[arg-type]
-            elif stat.S_ISSOCK(mode):
-                tree.add(Entry(rel, EntryType.SOCKET, **fields))  # type: ignore[arg-type]
-            else:
-                raise ImageError(f"{path.decode(errors='replace')}: unknown file type")
-        # Depth-first in sorted order; the hardlink primary is then the first path in
-        # canonical order, whatever the order the directory was created in.
-        stack.extend(reversed(subdirs))
-    return _canonical_hardlinks(tree)
-
-
-def _canonical_hardlinks(tree: Tree) -> Tree:
-    """Make every hardlink group's primary the first path in canonical order."""
-    groups = tree.hardlink_groups()
-    if not groups:
-        return tree
-    for primary, paths in groups.items():
-        first = min(paths, key=path_key)
-        if first == primary:
-            continue
-        primary_entry = tree.get(primary)
-        assert primary_entry is not None
-        # Inode metadata (mode, owner, time, xattrs) travels with the content.
-        tree._entries[first] = replace(primary_entry, path=first)
-        tree._entries[primary] = replace(
-            tree._entries[primary], type=EntryType.HARDLINK, target=first, content=None)
-        for other in paths:
-            if other not in (first, primary):
-                tree._entries[other] = replace(tree._entries[other], target=first)
-    tree._sorted = None
-    return tree

@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 
 from reprobuild.cli import main
-from reprobuild.commands.image import build_image
 from reprobuild.errors import ImageError
 from reprobuild.images import cpio, tar
+from reprobuild.images.build import build_tree_image
 from reprobuild.images.registry import ImageOptions
 from reprobuild.trees.load import load_tree
 from reprobuild.units import parse_duration, parse_size
@@ -104,7 +104,7 @@ def test_usage_errors(tmp_path: Path) -> None:
         main(["image", "-t", "vfat", str(tmp_path), str(tmp_path / "o")])
     assert main(["image", "-t", "tar", str(tmp_path / "missing"), str(tmp_path / "o")]) == 2
     with pytest.raises(ImageError, match="made from other images"):
-        build_image(str(tmp_path), str(tmp_path / "o"), "gpt", ImageOptions(epoch=0))
+        build_tree_image("gpt", str(tmp_path), str(tmp_path / "o"), ImageOptions(epoch=0))
 
 
 def test_units() -> None:

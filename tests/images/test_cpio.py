@@ -16,8 +16,9 @@ from reprobuild.errors import ImageError
 from reprobuild.images import cpio
 from reprobuild.images.registry import ImageOptions
 from reprobuild.trees.diff import diff_trees
+from reprobuild.trees.directory import tree_from_directory
 from reprobuild.trees.load import load_tree
-from reprobuild.trees.tree import BytesSource, Content, Entry, EntryType, Tree, tree_from_directory
+from reprobuild.trees.tree import BytesSource, Content, Entry, EntryType, Tree
 from tests.conftest import need, need_tool
 from tests.images.archive_trees import EPOCH, NS, sample_tree, whole_seconds
 from tests.images.hostconditions import images_in_process

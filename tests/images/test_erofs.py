@@ -25,7 +25,8 @@ from reprobuild.images.erofs.layout import SHARE_THRESHOLD, dir_blocks, plan
 from reprobuild.images.erofs.ondisk import BLOCK_SIZE, INODE_FLAT_INLINE, INODE_FLAT_PLAIN
 from reprobuild.images.registry import ImageOptions
 from reprobuild.trees.diff import diff_trees
-from reprobuild.trees.tree import Content, Entry, EntryType, Tree, tree_from_directory
+from reprobuild.trees.directory import tree_from_directory
+from reprobuild.trees.tree import Content, Entry, EntryType, Tree
 from tests.conftest import Unprivileged, need_tool
 from tests.images.hostconditions import (
     CONDITIONS,
@@ -409,7 +410,7 @@ BUILD_SCRIPT = textwrap.dedent("""
     import sys
     from reprobuild.images.erofs import image as erofs
     from reprobuild.images.registry import ImageOptions
-    from reprobuild.trees.tree import tree_from_directory
+    from reprobuild.trees.directory import tree_from_directory
     tree = tree_from_directory(sys.argv[1], epoch=EPOCH, read_xattrs=True)
     with open(sys.argv[2], "wb") as out:
         erofs.write(tree, out, ImageOptions(epoch=EPOCH, label="host"))

@@ -38,7 +38,8 @@ from reprobuild.images.ext4.ondisk import (
 )
 from reprobuild.images.registry import ImageOptions
 from reprobuild.trees.diff import diff_trees
-from reprobuild.trees.tree import Content, Entry, EntryType, Tree, tree_from_directory
+from reprobuild.trees.directory import tree_from_directory
+from reprobuild.trees.tree import Content, Entry, EntryType, Tree
 from tests.conftest import Unprivileged, need_tool
 from tests.images.hostconditions import build_under_conditions, make_source, need_tmpfs
 
@@ -422,7 +423,7 @@ BUILD_SCRIPT = textwrap.dedent("""
     import hashlib, sys
     from reprobuild.images.ext4 import image as ext4
     from reprobuild.images.registry import ImageOptions
-    from reprobuild.trees.tree import tree_from_directory
+    from reprobuild.trees.directory import tree_from_directory
     tree = tree_from_directory(sys.argv[1], epoch=EPOCH, read_xattrs=True)
     with open(sys.argv[2], "wb") as out:
         ext4.write(tree, out, ImageOptions(epoch=EPOCH))

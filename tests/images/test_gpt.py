@@ -19,7 +19,8 @@ from reprobuild.images.gpt import layout as gpt_layout
 from reprobuild.images.registry import ImageOptions
 from reprobuild.integrity import verity
 from reprobuild.trees.diff import diff_trees
-from reprobuild.trees.tree import Content, Entry, EntryType, Tree, tree_from_directory
+from reprobuild.trees.directory import tree_from_directory
+from reprobuild.trees.tree import Content, Entry, EntryType, Tree
 from tests.conftest import REPO, Unprivileged, need, need_tool
 from tests.patterns import pattern
 

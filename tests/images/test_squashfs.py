@@ -31,7 +31,8 @@ from reprobuild.images.squashfs.ondisk import (
 )
 from reprobuild.images.squashfs.read import inspect_image
 from reprobuild.trees.diff import diff_trees
-from reprobuild.trees.tree import Content, Entry, EntryType, Tree, tree_from_directory
+from reprobuild.trees.directory import tree_from_directory
+from reprobuild.trees.tree import Content, Entry, EntryType, Tree
 from tests.conftest import need_tool
 from tests.images.hostconditions import (
     Condition,
@@ -431,7 +432,7 @@ WRITE_FROM_DISK = f"""
 import sys
 from reprobuild.images.squashfs import image as squashfs
 from reprobuild.images.registry import ImageOptions
-from reprobuild.trees.tree import tree_from_directory
+from reprobuild.trees.directory import tree_from_directory
 tree = tree_from_directory(sys.argv[1], preserve_owner=True, preserve_mtime=True,
                            read_xattrs=True)
 with open(sys.argv[2], "wb") as out:

@@ -13,7 +13,7 @@ import pytest
 
 from reprobuild.cli import main
 from reprobuild.images.registry import get_format
-from reprobuild.proof import diffreport
+from reprobuild.proof import bytediff, diffreport
 from tests.conftest import need, need_tool
 
 EPOCH = 1700000000
@@ -86,7 +86,7 @@ def test_plain_files_hexdump(tmp_path: Path) -> None:
     assert "- 000002b0  b0 b1 b2 b3 b4 b5 b6 b7 b8 b9 ba bb bc bd be bf" in text
     assert "+ 000002b0  b0 b1 b2 b3 b4 b5 b6 b7 b8 b9 ba bb ff bd be bf" in text
     # 16 bytes per line, about four lines around the offset.
-    assert len(report.byte_difference.dump_a) == diffreport.HEX_LINES
+    assert len(report.byte_difference.dump_a) == bytediff.HEX_LINES
     c = tmp_path / "c.bin"
     c.write_bytes(data)
     assert diffreport.diff_paths(a, c).identical
@@ -163,7 +163,7 @@ def test_images(tmp_path: Path, kind: str) -> None:
 
 def _write_ours(kind: str, src: Path, out: Path, **options: object) -> Path:
     from reprobuild.images.registry import ImageOptions, get_format
-    from reprobuild.trees.tree import tree_from_directory
+    from reprobuild.trees.directory import tree_from_directory
 
     module = get_format(kind).load()
     tree = tree_from_directory(src, epoch=EPOCH, preserve_mtime=True)

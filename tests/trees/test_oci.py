@@ -14,9 +14,10 @@ from reprobuild.errors import ImageError
 from reprobuild.images import tar
 from reprobuild.images.registry import FORMATS, ImageOptions, get_format
 from reprobuild.trees.diff import diff_trees
+from reprobuild.trees.directory import tree_from_directory
 from reprobuild.trees.load import load_tree, source_kind
 from reprobuild.trees.oci import tree_from_oci
-from reprobuild.trees.tree import EntryType, Tree, tree_from_directory
+from reprobuild.trees.tree import EntryType, Tree
 from tests.archive_helpers import M, compress, dir_, file, hardlink, tar_bytes
 
 EPOCH = 1_700_000_000

@@ -184,14 +184,14 @@ def test_hostile_archives_are_refused(tmp_path: Path, case: str) -> None:
 
 
 def test_hostile_archive_writes_nothing(tmp_path: Path) -> None:
-    from reprobuild.commands.image import build_image
+    from reprobuild.images.build import build_tree_image
     from reprobuild.images.registry import ImageOptions
 
     archive = write_tar(tmp_path / "evil.tar", [file("ok", b"1"), file("../escape", b"x")])
     out = tmp_path / "out"
     out.mkdir()
     with pytest.raises(ImageError, match="escape"):
-        build_image(str(archive), str(out / "image.tar"), "tar", ImageOptions(epoch=EPOCH))
+        build_tree_image("tar", str(archive), str(out / "image.tar"), ImageOptions(epoch=EPOCH))
     assert os.listdir(out) == []
     assert not (tmp_path / "escape").exists()
 

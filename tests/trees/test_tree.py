@@ -9,13 +9,13 @@ import pytest
 
 from reprobuild.errors import ImageError
 from reprobuild.trees.diff import diff_trees
+from reprobuild.trees.directory import tree_from_directory
 from reprobuild.trees.tree import (
     Content,
     Entry,
     EntryType,
     Tree,
     check_relative_path,
-    tree_from_directory,
 )
 
 

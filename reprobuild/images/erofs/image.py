@@ -45,7 +45,9 @@ from reprobuild.images.erofs.ondisk import (
     SB_CHECKSUM_OFFSET,
     encode_dev,
 )
+from reprobuild.images.erofs.read import read_image
 from reprobuild.images.registry import ImageOptions
+from reprobuild.integrity.fsverity import digest_file
 from reprobuild.trees.tree import EntryType, Tree
 
 __all__ = ["VERSION", "composefs_digest", "identity", "read", "write"]
@@ -276,15 +278,11 @@ def _put_superblock(meta: bytearray, layout: Layout, blocks: int, volume_uuid: b
 
 def read(path: str | bytes | os.PathLike[str]) -> Tree:
     """Read an EROFS image back into a tree whose file contents stream from the image."""
-    from reprobuild.images.erofs.read import read_image
-
     return read_image(path)
 
 
 def composefs_digest(image_path: str | bytes | os.PathLike[str]) -> str:
     """The composefs digest of an EROFS image: its fs-verity sha256 digest (4 KiB blocks,
     no salt), as lowercase hex."""
-    from reprobuild.integrity.fsverity import digest_file
-
     return digest_file(image_path, algorithm="sha256", block_size=4096, salt=b"").hex()
 

@@ -180,7 +180,61 @@ def plan(tree: Tree, epoch: int, *, compress: bool = False) -> Layout:
     With ``compress``, regular files longer than a block become COMPRESSED_FULL inodes
     whose data blocks are not allocated here: the writer appends them after ``blocks``.
     """
-    epoch_ns = epoch * 1_000_000_000
+    index_of, primaries, nlink = _number(tree)
+    directories, sizes = _directories_and_sizes(tree, primaries, index_of)
+    xattrs = _Xattrs(primaries)
+    shapes = _shapes(primaries, sizes, nlink, xattrs, epoch * 1_000_000_000,
+                     compress=compress)
+
+    def record_size(index: int) -> int:
+        extended, _, _, inline, index_bytes = shapes[index]
+        isize = EROFS_INODE_EXTENDED.size if extended else EROFS_INODE_COMPACT.size
+        return isize + xattrs.ibody_size(xattrs.keys[index]) + inline + index_bytes
+
+    # Metadata placement: root, shared xattrs, then the rest in canonical order.
+    # Compression configurations (lz4) follow the superblock.
+    allocator = _MetaAllocator(EROFS_SUPER_OFFSET + EROFS_SUPER_BLOCK.size
+                               + (len(COMPR_CFGS) if compress else 0))
+    offsets = [0] * len(primaries)
+    offsets[0] = allocator.place(record_size(0))
+    shared_id: dict[XattrKey, int] = {}
+    shared_entries: list[tuple[int, bytes]] = []
+    for key in xattrs.shared:
+        at = allocator.place(len(xattrs.encoded[key]))
+        shared_entries.append((at, xattrs.encoded[key]))
+        shared_id[key] = at // 4
+    for index in range(1, len(primaries)):
+        offsets[index] = allocator.place(record_size(index))
+    if offsets[0] // ISLOT_SIZE > 0xFFFF:
+        raise ImageError("the EROFS root inode does not fit a 16-bit nid")
+    meta_size = allocator.end
+
+    # Data blocks, in canonical order after the metadata area.
+    data_blkaddr = -(-meta_size // BLOCK_SIZE)
+    next_block = data_blkaddr
+    inodes: list[InodePlan] = []
+    for index, entry in enumerate(primaries):
+        extended, datalayout, nblocks, inline, index_bytes = shapes[index]
+        if nblocks:
+            blkaddr = next_block
+            next_block += nblocks
+        else:
+            blkaddr = NULL_ADDR if datalayout == INODE_FLAT_INLINE else 0
+        inodes.append(InodePlan(
+            index=index, entry=entry, nid=offsets[index] // ISLOT_SIZE, extended=extended,
+            datalayout=datalayout, size=sizes[index], nlink=nlink[index],
+            xattr_ibody=xattrs.ibody(xattrs.keys[index], shared_id),
+            blkaddr=blkaddr, nblocks=nblocks, inline_size=inline, index_size=index_bytes))
+    if next_block > 0xFFFFFFFF:
+        raise ImageError("the tree is too large for a 32-bit EROFS block address")
+    return Layout(
+        epoch=epoch, inodes=tuple(inodes), directories=directories,
+        shared_xattrs=tuple(shared_entries),
+        meta_size=meta_size, data_blkaddr=data_blkaddr, blocks=next_block)
+
+
+def _number(tree: Tree) -> tuple[dict[bytes, int], list[Entry], list[int]]:
+    """(index of every path's primary, the primaries in canonical order, link counts)."""
     entries = list(tree)
     index_of: dict[bytes, int] = {}
     primaries: list[Entry] = []
@@ -198,8 +252,13 @@ def plan(tree: Tree, epoch: int, *, compress: bool = False) -> Layout:
             primary = index_of[entry.target]
             index_of[entry.path] = primary
             nlink[primary] += 1
+    return index_of, primaries, nlink
 
-    # Directories: ".", ".." and the children, all sorted bytewise together.
+
+def _directories_and_sizes(tree: Tree, primaries: list[Entry], index_of: dict[bytes, int]
+                           ) -> tuple[dict[int, tuple[tuple[DirentPlan, ...], ...]], list[int]]:
+    """Directory blocks (".", ".." and the children, all sorted bytewise together) and
+    every inode's size; refuses what EROFS cannot store."""
     directories: dict[int, tuple[tuple[DirentPlan, ...], ...]] = {}
     sizes = [0] * len(primaries)
     for index, entry in enumerate(primaries):
@@ -227,39 +286,59 @@ def plan(tree: Tree, epoch: int, *, compress: bool = False) -> Layout:
                 entry.rdev_major >= 1 << 12 or entry.rdev_minor >= 1 << 20):
             raise ImageError(f"{entry.display()}: device {entry.rdev_major}:{entry.rdev_minor}"
                              " does not fit 12-bit major, 20-bit minor")
+    return directories, sizes
 
-    # Xattrs: a (name, value) pair used by enough inodes is shared.
-    xattr_keys: list[tuple[XattrKey, ...]] = []
-    uses: Counter[XattrKey] = Counter()
-    for entry in primaries:
-        keys: list[XattrKey] = []
-        for name, value in entry.xattrs:
-            index, suffix = split_xattr_name(name, entry.display())
-            if len(value) > 0xFFFF:
-                raise ImageError(f"{entry.display()}: xattr {name!r} value over 65535 bytes")
-            keys.append((index, suffix, value))
-        keys.sort()
-        if len({(k[0], k[1]) for k in keys}) != len(keys):
-            raise ImageError(f"{entry.display()}: the same xattr name appears twice")
-        xattr_keys.append(tuple(keys))
-        uses.update(keys)
-    shared = sorted(key for key, count in uses.items() if count >= SHARE_THRESHOLD)
-    encoded = {key: encode_xattr(key) for key in uses}
 
-    def ibody_size(keys: tuple[XattrKey, ...]) -> int:
+class _Xattrs:
+    """Every inode's xattr keys; a (name, value) pair used by enough inodes is shared."""
+
+    def __init__(self, primaries: list[Entry]) -> None:
+        self.keys: list[tuple[XattrKey, ...]] = []
+        self.uses: Counter[XattrKey] = Counter()
+        for entry in primaries:
+            keys: list[XattrKey] = []
+            for name, value in entry.xattrs:
+                index, suffix = split_xattr_name(name, entry.display())
+                if len(value) > 0xFFFF:
+                    raise ImageError(f"{entry.display()}: xattr {name!r} value over 65535 "
+                                     "bytes")
+                keys.append((index, suffix, value))
+            keys.sort()
+            if len({(k[0], k[1]) for k in keys}) != len(keys):
+                raise ImageError(f"{entry.display()}: the same xattr name appears twice")
+            self.keys.append(tuple(keys))
+            self.uses.update(keys)
+        self.shared = sorted(key for key, count in self.uses.items()
+                             if count >= SHARE_THRESHOLD)
+        self.encoded = {key: encode_xattr(key) for key in self.uses}
+
+    def ibody_size(self, keys: tuple[XattrKey, ...]) -> int:
         if not keys:
             return 0
         return EROFS_XATTR_IBODY_HEADER.size + sum(
-            4 if uses[k] >= SHARE_THRESHOLD else len(encoded[k]) for k in keys)
+            4 if self.uses[k] >= SHARE_THRESHOLD else len(self.encoded[k]) for k in keys)
 
-    # Per inode: compact or extended, inline tail or not.
-    shapes: list[tuple[bool, int, int, int, int]] = []  # extended, layout, nblocks, inline,
-    # index bytes
+    def ibody(self, keys: tuple[XattrKey, ...], shared_id: dict[XattrKey, int]) -> bytes:
+        if not keys:
+            return b""
+        ids = [shared_id[k] for k in keys if k in shared_id]
+        return (EROFS_XATTR_IBODY_HEADER.pack(0, len(ids), b"")
+                + b"".join(i.to_bytes(4, "little") for i in ids)
+                + b"".join(self.encoded[k] for k in keys if k not in shared_id))
+
+
+_Shape = tuple[bool, int, int, int, int]  # extended, layout, nblocks, inline, index bytes
+
+
+def _shapes(primaries: list[Entry], sizes: list[int], nlink: list[int], xattrs: _Xattrs,
+            epoch_ns: int, *, compress: bool) -> list[_Shape]:
+    """Per inode: compact or extended, inline tail or not, compressed or not."""
+    shapes: list[_Shape] = []
     for index, entry in enumerate(primaries):
         size = sizes[index]
         extended = _needs_extended(entry, nlink[index], size, epoch_ns)
         isize = EROFS_INODE_EXTENDED.size if extended else EROFS_INODE_COMPACT.size
-        ibody_len = ibody_size(xattr_keys[index])
+        ibody_len = xattrs.ibody_size(xattrs.keys[index])
         if (ibody_len - EROFS_XATTR_IBODY_HEADER.size) // 4 + 1 > 0xFFFF:
             raise ImageError(f"{entry.display()}: too many inline xattrs for EROFS")
         tail = size % BLOCK_SIZE
@@ -270,55 +349,4 @@ def plan(tree: Tree, epoch: int, *, compress: bool = False) -> Layout:
             shapes.append((extended, INODE_FLAT_INLINE, size // BLOCK_SIZE, tail, 0))
         else:
             shapes.append((extended, INODE_FLAT_PLAIN, -(-size // BLOCK_SIZE), 0, 0))
-
-    def record_size(index: int) -> int:
-        extended, _, _, inline, index_bytes = shapes[index]
-        isize = EROFS_INODE_EXTENDED.size if extended else EROFS_INODE_COMPACT.size
-        return isize + ibody_size(xattr_keys[index]) + inline + index_bytes
-
-    # Metadata placement: root, shared xattrs, then the rest in canonical order.
-    # Compression configurations (lz4) follow the superblock.
-    allocator = _MetaAllocator(EROFS_SUPER_OFFSET + EROFS_SUPER_BLOCK.size
-                               + (len(COMPR_CFGS) if compress else 0))
-    offsets = [0] * len(primaries)
-    offsets[0] = allocator.place(record_size(0))
-    shared_id: dict[XattrKey, int] = {}
-    shared_entries: list[tuple[int, bytes]] = []
-    for key in shared:
-        at = allocator.place(len(encoded[key]))
-        shared_entries.append((at, encoded[key]))
-        shared_id[key] = at // 4
-    for index in range(1, len(primaries)):
-        offsets[index] = allocator.place(record_size(index))
-    if offsets[0] // ISLOT_SIZE > 0xFFFF:
-        raise ImageError("the EROFS root inode does not fit a 16-bit nid")
-    meta_size = allocator.end
-
-    # Data blocks, in canonical order after the metadata area.
-    data_blkaddr = -(-meta_size // BLOCK_SIZE)
-    next_block = data_blkaddr
-    inodes: list[InodePlan] = []
-    for index, entry in enumerate(primaries):
-        extended, datalayout, nblocks, inline, index_bytes = shapes[index]
-        if nblocks:
-            blkaddr = next_block
-            next_block += nblocks
-        else:
-            blkaddr = NULL_ADDR if datalayout == INODE_FLAT_INLINE else 0
-        inode_keys = xattr_keys[index]
-        ibody = b""
-        if inode_keys:
-            ids = [shared_id[k] for k in inode_keys if k in shared_id]
-            ibody = (EROFS_XATTR_IBODY_HEADER.pack(0, len(ids), b"")
-                     + b"".join(i.to_bytes(4, "little") for i in ids)
-                     + b"".join(encoded[k] for k in inode_keys if k not in shared_id))
-        inodes.append(InodePlan(
-            index=index, entry=entry, nid=offsets[index] // ISLOT_SIZE, extended=extended,
-            datalayout=datalayout, size=sizes[index], nlink=nlink[index], xattr_ibody=ibody,
-            blkaddr=blkaddr, nblocks=nblocks, inline_size=inline, index_size=index_bytes))
-    if next_block > 0xFFFFFFFF:
-        raise ImageError("the tree is too large for a 32-bit EROFS block address")
-    return Layout(
-        epoch=epoch, inodes=tuple(inodes), directories=directories,
-        shared_xattrs=tuple(shared_entries),
-        meta_size=meta_size, data_blkaddr=data_blkaddr, blocks=next_block)
+    return shapes

@@ -30,6 +30,9 @@ from __future__ import annotations
 import os
 from typing import BinaryIO
 
+from reprobuild.images.ext4.layout import plan
+from reprobuild.images.ext4.read import read_image
+from reprobuild.images.ext4.write import write_image
 from reprobuild.images.registry import ImageOptions
 from reprobuild.trees.tree import Tree
 
@@ -38,9 +41,6 @@ VERSION = "1"
 
 def write(tree: Tree, output: BinaryIO, options: ImageOptions) -> None:
     """Write ``tree`` as an ext4 image to ``output`` (seekable and initially empty)."""
-    from reprobuild.images.ext4.layout import plan
-    from reprobuild.images.ext4.write import write_image
-
     cache: dict[int, bytes] = {}
     layout = plan(tree, options, cache)
     write_image(layout, output, cache)
@@ -48,8 +48,6 @@ def write(tree: Tree, output: BinaryIO, options: ImageOptions) -> None:
 
 def read(path: str | bytes | os.PathLike[str]) -> Tree:
     """Read an ext4 image into a tree whose file contents stream from the image."""
-    from reprobuild.images.ext4.read import read_image
-
     return read_image(path)
 
 

@@ -13,8 +13,8 @@ import os
 from typing import BinaryIO
 
 from reprobuild.errors import ImageError
+from reprobuild.images.ext4.allocate import Extent, InodePlan, Layout
 from reprobuild.images.ext4.directory import KIND_DX_NODE, KIND_DX_ROOT, KIND_LEAF, DirBlock
-from reprobuild.images.ext4.layout import Extent, InodePlan, Layout, aligned_chunks
 from reprobuild.images.ext4.ondisk import (
     BG_INODE_ZEROED,
     BLOCK_SIZE,
@@ -46,6 +46,7 @@ from reprobuild.images.ext4.ondisk import (
     inode_checksum_seed,
     pack_fields,
 )
+from reprobuild.images.ext4.scan import aligned_chunks
 from reprobuild.trees.tree import Content
 
 LEAF_CSUM_AT = BLOCK_SIZE - 4

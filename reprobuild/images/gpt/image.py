@@ -1,9 +1,9 @@
 """GPT disk images composed from other images: the ``gpt`` disk format.
 
-Disk format module contract (every ``kind = "disk"`` module in the registry provides it):
+Implements the disk format protocol (:class:`reprobuild.images.protocol.DiskFormat`;
+its options schema is in :mod:`reprobuild.images.registry`):
 
 * ``VERSION: str`` - the composer's own code version; it enters every derivation id.
-* ``OPTIONS: tuple[str, ...]`` - the recipe keys it accepts besides the common image keys.
 * ``inputs_of(table: Mapping[str, object]) -> list[str]`` - the names of the other images
   or steps the image needs, read from its recipe table (here each partition's ``from``),
   in first-use order. Raises ImageError on a malformed table.
@@ -84,9 +84,9 @@ from reprobuild.images.gpt.layout import (
 from reprobuild.images.registry import ImageOptions
 from reprobuild.integrity.verity import content_digest_of
 from reprobuild.trees.tree import Content, Entry, EntryType, Tree
+from reprobuild.units import parse_size
 
 VERSION = "1"
-OPTIONS = ("seed", "partitions", "sector-size", "alignment")
 PARTITION_KEYS = ("from", "type", "label", "size", "uuid", "file", *ATTRIBUTE_BITS)
 DISK_FILE = "disk.img"
 CMDLINE_FILE = "cmdline"
@@ -144,8 +144,6 @@ def identity(options: ImageOptions) -> dict[str, str]:
 
 
 def _size(value: object, where: str) -> int:
-    from reprobuild.build.recipe import parse_size
-
     try:
         size = parse_size(value)
     except ValueError as exc:

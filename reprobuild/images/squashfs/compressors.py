@@ -3,8 +3,8 @@
 Each compressor knows its squashfs id, the compressor-options block it writes (only when
 its settings differ from what the kernel and unsquashfs assume, except lz4 which always
 has one), how to compress one block from any thread, how to decompress one, and its
-library's name and version (FORMATS.md trap 8: they change the bytes, so they enter the
-derivation id).
+library's name and version (they change the bytes - mksquashfs -comp zstd differs
+between libzstd 1.5.4 and 1.5.7 - so they enter the derivation id).
 
 ``compress`` is called from worker threads: zlib, liblzma, lz4 and libzstd release the
 GIL while they work, so blocks compress in parallel. Stateful compressor objects are kept
@@ -13,6 +13,7 @@ per thread.
 
 from __future__ import annotations
 
+import _lzma
 import ctypes
 import ctypes.util
 import lzma
@@ -224,8 +225,6 @@ def compressor_from_superblock(squashfs_id: int, block_size: int) -> Compressor:
 
 
 def _liblzma_version() -> str:
-    import _lzma
-
     try:
         lib = ctypes.CDLL(_lzma.__file__)
         version_string: Callable[[], bytes] = lib.lzma_version_string

@@ -121,78 +121,11 @@ def plan_image(tree: Tree, block_size: int, *, tail_fragments: bool = True) -> S
         if entry.type is EntryType.HARDLINK:
             assert entry.target is not None
             links[entry.target] = links.get(entry.target, 1) + 1
-
-    # Inode order: visit(dir) = visit(subdirs), then the children's inodes.
-    order: list[bytes] = []  # primary paths in inode order
-    steps: list[tuple[str, int]] = []
-    dir_children: list[tuple[bytes, list[tuple[bytes, bytes]]]] = []
-    index_of: dict[bytes, int] = {}
-
-    def place(path: bytes) -> None:
-        if path not in index_of:
-            index_of[path] = len(order)
-            order.append(path)
-            steps.append(("inode", index_of[path]))
-
-    # An explicit stack instead of recursion: deep trees must not hit the limit.
-    stack: list[tuple[bytes, bool]] = [(b"", False)]
-    while stack:
-        path, expanded = stack.pop()
-        children = tree.children(path)
-        if not expanded:
-            stack.append((path, True))
-            for child in reversed(children):
-                if child.type is EntryType.DIRECTORY:
-                    stack.append((child.path, False))
-            continue
-        listing: list[tuple[bytes, bytes]] = []
-        for child in children:
-            if len(child.name) > SQUASHFS_NAME_LEN:
-                raise ImageError(f"squashfs: {child.display()}: name longer than"
-                                 f" {SQUASHFS_NAME_LEN} bytes")
-            _check_entry(child)
-            primary = tree.resolve(child).path
-            place(primary)
-            listing.append((child.name, primary))
-        steps.append(("dir", len(dir_children)))
-        dir_children.append((path, listing))
-    place(b"")
-
-    # Ids and xattr sets, in a content-defined order.
+    order, steps, dir_children, index_of = _inode_order(tree)
     entries = [tree.resolve(tree.get(p) or tree.root) for p in order]
-    ids = tuple(sorted({e.uid for e in entries} | {e.gid for e in entries}))
-    if len(ids) > SQUASHFS_IDS:
-        raise ImageError(f"squashfs: {len(ids)} distinct uids and gids, more than"
-                         f" {SQUASHFS_IDS}")
-    for value in ids:
-        if not 0 <= value < 1 << 32:
-            raise ImageError(f"squashfs: uid or gid {value} does not fit 32 bits")
+    ids, inode_xattr, xattr_sets = _ids_and_xattrs(entries)
     id_index = {v: i for i, v in enumerate(ids)}
-    xattr_sets: dict[XattrSet, int] = {}
-    inode_xattr: list[int | None] = []
-    for entry in entries:
-        if not entry.xattrs:
-            inode_xattr.append(None)
-            continue
-        parts = sorted((*split_xattr_name(name, entry.display()), value)
-                       for name, value in entry.xattrs)
-        key: XattrSet = tuple(parts)
-        inode_xattr.append(xattr_sets.setdefault(key, len(xattr_sets)))
-
-    # Files in canonical path order, the order their data is written in.
-    files: list[FilePlan] = []
-    file_index: dict[bytes, int] = {}
-    regulars = [e for e in tree if e.type is EntryType.REGULAR]
-    size_count: dict[int, int] = {}
-    for entry in regulars:
-        size_count[entry.size] = size_count.get(entry.size, 0) + 1
-    for entry in regulars:
-        full, tail = divmod(entry.size, block_size)
-        if tail and full and not tail_fragments:
-            full += 1
-        file_index[entry.path] = len(files)
-        files.append(FilePlan(entry, entry.size, full,
-                              entry.size > 0 and size_count[entry.size] > 1))
+    files, file_index = _files(tree, block_size, tail_fragments=tail_fragments)
 
     count = len(order)
     parent_of: dict[bytes, int] = {b"": count + 1}
@@ -226,6 +159,93 @@ def plan_image(tree: Tree, block_size: int, *, tail_fragments: bool = True) -> S
         files=tuple(files),
         tail_fragments=tail_fragments,
     )
+
+
+_Listing = list[tuple[bytes, bytes]]
+
+
+def _inode_order(tree: Tree) -> tuple[list[bytes], list[tuple[str, int]],
+                                      list[tuple[bytes, _Listing]], dict[bytes, int]]:
+    """(primary paths in inode order, the writer's steps, each directory's listing, the
+    index of each primary path). Inode order: visit(dir) = visit(subdirs), then the
+    children's inodes."""
+    order: list[bytes] = []  # primary paths in inode order
+    steps: list[tuple[str, int]] = []
+    dir_children: list[tuple[bytes, _Listing]] = []
+    index_of: dict[bytes, int] = {}
+
+    def place(path: bytes) -> None:
+        if path not in index_of:
+            index_of[path] = len(order)
+            order.append(path)
+            steps.append(("inode", index_of[path]))
+
+    # An explicit stack instead of recursion: deep trees must not hit the limit.
+    stack: list[tuple[bytes, bool]] = [(b"", False)]
+    while stack:
+        path, expanded = stack.pop()
+        children = tree.children(path)
+        if not expanded:
+            stack.append((path, True))
+            for child in reversed(children):
+                if child.type is EntryType.DIRECTORY:
+                    stack.append((child.path, False))
+            continue
+        listing: _Listing = []
+        for child in children:
+            if len(child.name) > SQUASHFS_NAME_LEN:
+                raise ImageError(f"squashfs: {child.display()}: name longer than"
+                                 f" {SQUASHFS_NAME_LEN} bytes")
+            _check_entry(child)
+            primary = tree.resolve(child).path
+            place(primary)
+            listing.append((child.name, primary))
+        steps.append(("dir", len(dir_children)))
+        dir_children.append((path, listing))
+    place(b"")
+    return order, steps, dir_children, index_of
+
+
+def _ids_and_xattrs(entries: list[Entry]
+                    ) -> tuple[tuple[int, ...], list[int | None], dict[XattrSet, int]]:
+    """Ids and xattr sets, in a content-defined order, and each inode's xattr set."""
+    ids = tuple(sorted({e.uid for e in entries} | {e.gid for e in entries}))
+    if len(ids) > SQUASHFS_IDS:
+        raise ImageError(f"squashfs: {len(ids)} distinct uids and gids, more than"
+                         f" {SQUASHFS_IDS}")
+    for value in ids:
+        if not 0 <= value < 1 << 32:
+            raise ImageError(f"squashfs: uid or gid {value} does not fit 32 bits")
+    xattr_sets: dict[XattrSet, int] = {}
+    inode_xattr: list[int | None] = []
+    for entry in entries:
+        if not entry.xattrs:
+            inode_xattr.append(None)
+            continue
+        parts = sorted((*split_xattr_name(name, entry.display()), value)
+                       for name, value in entry.xattrs)
+        key: XattrSet = tuple(parts)
+        inode_xattr.append(xattr_sets.setdefault(key, len(xattr_sets)))
+    return ids, inode_xattr, xattr_sets
+
+
+def _files(tree: Tree, block_size: int, *, tail_fragments: bool
+           ) -> tuple[list[FilePlan], dict[bytes, int]]:
+    """Files in canonical path order, the order their data is written in."""
+    files: list[FilePlan] = []
+    file_index: dict[bytes, int] = {}
+    regulars = [e for e in tree if e.type is EntryType.REGULAR]
+    size_count: dict[int, int] = {}
+    for entry in regulars:
+        size_count[entry.size] = size_count.get(entry.size, 0) + 1
+    for entry in regulars:
+        full, tail = divmod(entry.size, block_size)
+        if tail and full and not tail_fragments:
+            full += 1
+        file_index[entry.path] = len(files)
+        files.append(FilePlan(entry, entry.size, full,
+                              entry.size > 0 and size_count[entry.size] > 1))
+    return files, file_index
 
 
 SYMLINK_MAX = 4096  # the kernel refuses longer targets (squashfs_read_inode)
