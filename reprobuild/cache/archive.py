@@ -26,15 +26,9 @@ from reprobuild.cache.layout import ObjectInfo
 from reprobuild.errors import ReprobuildError
 from reprobuild.images import tar
 from reprobuild.images.registry import ImageOptions
+from reprobuild.trees.directory import tree_from_directory
 from reprobuild.trees.tar_reader import SliceSource, tree_from_tar
-from reprobuild.trees.tree import (
-    Content,
-    Entry,
-    EntryType,
-    FileSource,
-    Tree,
-    tree_from_directory,
-)
+from reprobuild.trees.tree import Content, Entry, EntryType, FileSource, Tree
 
 ZSTD_LEVEL = 3
 """Pinned: the object bytes (and so their name) depend on it and on libzstd's version."""
