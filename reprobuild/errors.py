@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import difflib
+import errno
+import os
 from collections.abc import Iterable
 
 
@@ -65,3 +67,47 @@ class VerifyError(ReprobuildError):
     """A verification failed: outputs differ, a signature or hash does not match."""
 
     exit_code = 1
+
+
+
+class DiskFullError(ReprobuildError):
+    """A file system ran out of space (or quota) while reprobuild wrote to it."""
+
+
+EXIT_DISK_FULL = 28  # a built-in image step's status for DiskFullError (ENOSPC's number)
+NEARLY_FULL = 1 << 20  # bytes free below which a failed write is put down to a full disk
+
+
+def mount_point(path: str | os.PathLike[str]) -> str:
+    """The mount point of the file system holding ``path`` (or its nearest parent)."""
+    current = os.path.abspath(os.fspath(path))
+    while not os.path.exists(current):
+        current = os.path.dirname(current)
+    while current != os.path.dirname(current) and not os.path.ismount(current):
+        current = os.path.dirname(current)
+    return current
+
+
+def disk_full(exc: OSError, where: str | os.PathLike[str], what: str) -> DiskFullError | None:
+    """The error to raise for ``exc`` when it is ENOSPC or EDQUOT (None otherwise).
+
+    ``where`` is a path on the full file system, ``what`` the thing being written. Used
+    where a whole output is written (an image, a store entry), not in every writer.
+    """
+    if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+        return None
+    return no_space(where, what, exc.strerror or "")
+
+
+def no_space(where: str | os.PathLike[str], what: str, detail: str = "") -> DiskFullError:
+    """"no space left on DEVICE while writing WHAT", naming the file system's mount point."""
+    return DiskFullError(f"no space left on {mount_point(where)} while writing {what}"
+                         + (f" ({detail})" if detail else ""),
+                         hint="free space there (reprobuild gc) or use a larger file system; "
+                         "nothing partial was kept")
+
+
+def free_bytes(path: str | os.PathLike[str]) -> int:
+    """Bytes an unprivileged writer may still use on the file system holding ``path``."""
+    st = os.statvfs(path)
+    return st.f_bavail * st.f_frsize

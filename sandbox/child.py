@@ -25,6 +25,7 @@ import msgpack
 
 from sandbox import syscalls
 from sandbox.errors import SandboxError, UserNamespacesUnavailable
+from sandbox.limits import apply_rlimits
 from sandbox.operations import MapIds, Operation, Unshare
 from sandbox.plan import (
     BUILD_GID,
@@ -53,6 +54,7 @@ class ServerConfig:
     server_pid: int
     debug: bool
     cgroup: bool  # CLONE_NEWCGROUP works here
+    cgroup_limits: bool  # the server puts each run in a cgroup v2 with its limits
     cap_last_cap: int
     seccomp: syscalls.SeccompProgram
     ignored_signals: tuple[int, ...]  # SIG_IGN in the server; exec keeps those: reset them
@@ -243,7 +245,8 @@ def _setup_and_exec(job: Job, spare: Spare, config: ServerConfig,
             os.setsid()  # no controlling terminal: nothing to TIOCSTI into
         if spare.as_root:
             run_operations(skeleton_operations(), debug_fd)
-        run_operations(job_operations(mounts, epoch=job.spec.epoch), debug_fd)
+        run_operations(job_operations(mounts, epoch=job.spec.epoch,
+                                      limits=job.spec.limits), debug_fd)
         _note(debug_fd, f"cd {shlex.quote(job.spec.cwd)}")
         os.chdir(job.spec.cwd)
         _harden_process(config, debug_fd)
@@ -261,6 +264,7 @@ def _setup_and_exec(job: Job, spare: Spare, config: ServerConfig,
             _note(2, "exec env -i " + " ".join(shlex.quote(f"{k}={v}") for k, v in
                                                sorted(env.items()))
                   + " " + " ".join(shlex.quote(a) for a in job.spec.argv))
+        apply_rlimits(job.spec.limits, cgroup=config.cgroup_limits)
         config.seccomp.install()
     except SetupFailed as exc:
         _report(spare.error_w, SandboxError(

@@ -32,6 +32,7 @@ import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from sandbox.limits import tmpfs_size
 from sandbox.operations import (
     BindMount,
     CloneNamespaces,
@@ -52,7 +53,7 @@ from sandbox.operations import (
     WritableOverlay,
     WriteFile,
 )
-from sandbox.spec import SandboxSpec
+from sandbox.spec import Limits, SandboxSpec
 from sandbox.syscalls import (
     CLONE_NEWCGROUP,
     CLONE_NEWIPC,
@@ -101,6 +102,7 @@ DEV_LINKS = (("fd", "/proc/self/fd"), ("ptmx", "pts/ptmx"), ("stderr", "/proc/se
 
 NAMESPACES = CLONE_NEWNS | CLONE_NEWNET | CLONE_NEWUTS | CLONE_NEWIPC
 RO = MS_RDONLY | MS_NOSUID | MS_NODEV
+UNBOUNDED = Limits()
 
 
 @dataclass(frozen=True)
@@ -192,8 +194,8 @@ def skeleton_operations() -> list[Operation]:
     """The part of the new root that is the same for every run.
 
     A spare pid 1 (:mod:`sandbox.server`) builds it before its job arrives: a tmpfs
-    root with /etc's files, a minimal /dev, a tmpfs /tmp and a new /proc. Nothing here
-    depends on the job; times are set, and the root made read-only, with the job.
+    root with /etc's files, a minimal /dev and a new /proc. Nothing here depends on the
+    job; the sized tmpfs /tmp and /dev/shm, the times and the read-only root come with it.
     """
     ops: list[Operation] = [
         MakePrivate(),
@@ -211,23 +213,27 @@ def skeleton_operations() -> list[Operation]:
     ops += [BindMount(f"{OLDROOT}/dev/{name}", f"{DEV}/{name}") for name in DEVICES]
     ops.append(MountFilesystem("devpts", f"{DEV}/pts", MS_NOSUID | MS_NOEXEC,
                                "newinstance,ptmxmode=0666,mode=0620"))
-    ops.append(MountFilesystem("tmpfs", f"{DEV}/shm", MS_NOSUID | MS_NODEV | MS_NOEXEC,
-                               "mode=1777"))
-    ops.append(MountFilesystem("tmpfs", NEWROOT + "/tmp", MS_NOSUID | MS_NODEV, "mode=1777"))
     ops.append(MountFilesystem("proc", NEWROOT + "/proc", MS_NOSUID | MS_NODEV | MS_NOEXEC))
     return ops
 
 
-def job_operations(mounts: Sequence[ResolvedMount], *, epoch: int) -> list[Operation]:
+def job_operations(mounts: Sequence[ResolvedMount], *, epoch: int,
+                   limits: Limits = UNBOUNDED) -> list[Operation]:
     """Finish the new root for one run: its mounts, /build, the epoch's times, pivot.
 
-    Declared mounts go over whatever the skeleton has at their target (/tmp, /etc/hosts).
+    /tmp and /dev/shm are tmpfs of the sizes ``limits`` gives (and /build too, the size
+    of /tmp, unless mounted). Declared mounts go over whatever the skeleton has at their
+    target (/tmp, /etc/hosts).
     """
     declared = {m.target for m in mounts}
-    ops: list[Operation] = []
+    tmp = tmpfs_size(limits.tmp)
+    ops: list[Operation] = [
+        MountFilesystem("tmpfs", f"{DEV}/shm", MS_NOSUID | MS_NODEV | MS_NOEXEC,
+                        "mode=1777" + tmpfs_size(limits.shm)),
+        MountFilesystem("tmpfs", NEWROOT + "/tmp", MS_NOSUID | MS_NODEV, "mode=1777" + tmp)]
     if "/build" not in declared:
         ops.append(MountFilesystem("tmpfs", NEWROOT + "/build", MS_NOSUID | MS_NODEV,
-                                   "mode=0755"))
+                                   "mode=0755" + tmp))
     # What the sandbox made and no mount covers gets the epoch as its time.
     made = [NEWROOT, *(NEWROOT + d for d in SKELETON_DIRS if d != "/proc"),
             *(NEWROOT + f for f in sorted(ETC_FILES)), f"{DEV}/shm",
@@ -289,10 +295,10 @@ def job_operations(mounts: Sequence[ResolvedMount], *, epoch: int) -> list[Opera
     return ops
 
 
-def filesystem_operations(mounts: Sequence[ResolvedMount], *, epoch: int
-                          ) -> list[Operation]:
+def filesystem_operations(mounts: Sequence[ResolvedMount], *, epoch: int,
+                          limits: Limits = UNBOUNDED) -> list[Operation]:
     """The whole new root (run by the sandbox's pid 1, inside every namespace)."""
-    return skeleton_operations() + job_operations(mounts, epoch=epoch)
+    return skeleton_operations() + job_operations(mounts, epoch=epoch, limits=limits)
 
 
 def environment(spec: SandboxSpec) -> dict[str, str]:

@@ -25,6 +25,7 @@ import msgpack
 from sandbox import syscalls
 from sandbox.child import ServerConfig
 from sandbox.errors import SandboxError
+from sandbox.limits import Cgroups
 from sandbox.plan import namespace_operations
 from sandbox.seccomp import build_filter
 from sandbox.server import Server
@@ -134,13 +135,16 @@ def _serve(control: socket.socket, caller: int, debug: bool) -> NoReturn:
     ignored = tuple(s for s in sorted(signal.valid_signals())
                     if s not in (signal.SIGKILL, signal.SIGSTOP, signal.SIGINT)
                     and signal.getsignal(s) == signal.SIG_IGN)
+    cgroups, mechanism = Cgroups.find(caller=caller)
     config = ServerConfig(server_pid=os.getpid(), debug=debug, cgroup=cgroup,
+                          cgroup_limits=cgroups is not None,
                           cap_last_cap=_cap_last_cap(),
                           seccomp=syscalls.SeccompProgram(build_filter()),
                           ignored_signals=(signal.SIGINT, *ignored))
     # Sandboxes are cloned from here: no garbage collection to touch (and so copy) every
     # page of the server's objects in them.
-    server = Server(control, config)
+    server = Server(control, config, cgroups,
+                    mechanism if cgroups else f"rlimits and a watcher; {mechanism}")
     server.warm_up()
     gc.disable()
     gc.freeze()

@@ -38,6 +38,7 @@ from sandbox.child import (
     resolve_mounts,
 )
 from sandbox.errors import SandboxError
+from sandbox.limits import Cgroups, LogKeeper, Watch, describe
 from sandbox.plan import (
     ROOT_CALLER_UID,
     ResolvedMount,
@@ -84,6 +85,11 @@ class Run:
     interrupted: bool = False
     setup_error: SandboxError | None = None
     work_dirs: list[str] = field(default_factory=list)
+    log_r: int = -1  # the read end of the pipe the run's output comes through
+    keeper: LogKeeper | None = None
+    watch: Watch | None = None
+    cgroup: str | None = None
+    limit: str | None = None
 
     def kill(self) -> None:
         with contextlib.suppress(ProcessLookupError):
@@ -111,9 +117,12 @@ def remove_work_directory(path: str) -> None:
 
 
 class Server:
-    def __init__(self, control: socket.socket, config: ServerConfig) -> None:
+    def __init__(self, control: socket.socket, config: ServerConfig,
+                 cgroups: Cgroups | None = None, mechanism: str = "rlimits") -> None:
         self.control = control
         self.config = config
+        self.cgroups = cgroups
+        self.mechanism = mechanism
         self.poller = select.poll()
         self.poller.register(control.fileno(), select.POLLIN)
         self.by_fd: dict[int, Run] = {}
@@ -157,14 +166,28 @@ class Server:
                 if run.deadline is not None and now >= run.deadline and not run.timed_out:
                     run.timed_out = True
                     run.kill()
+                if run.watch is not None and now >= run.watch.next_scan and run.limit is None:
+                    self._watch(run)
             for fd, _event in events:
                 if fd == self.control.fileno():
                     self._accept()
                 elif fd in self.by_fd:
                     self._event(self.by_fd[fd], fd)
 
+    def _watch(self, run: Run) -> None:
+        """Kill a run that passed a limit the kernel does not enforce by itself."""
+        assert run.watch is not None
+        passed = run.watch.check(run.pid)
+        if passed is None and run.cgroup is not None:
+            passed = "pids" if Cgroups.passed(run.cgroup) == "pids" else None
+        if passed is not None:
+            run.limit = passed
+            run.kill()
+
     def _wait_ms(self) -> int | None:
         deadlines = [r.deadline for r in self.runs if r.deadline is not None and not r.timed_out]
+        deadlines += [r.watch.next_scan for r in self.runs
+                      if r.watch is not None and r.limit is None]
         if not deadlines:
             return None
         return max(0, int((min(deadlines) - time.monotonic()) * 1000) + 1)
@@ -228,27 +251,65 @@ class Server:
             raise SandboxError(f"unknown sandbox options {[k for k, _ in spec.extra]}")
         mounts, work_dirs = self._prepare_writable(resolve_mounts(spec),
                                                    overlays=spec.hide_writable_paths)
+        keeper, log_r, log_w = None, -1, log_fd
+        if not spec.interactive:  # the output comes through us, to keep head and tail
+            log_r, log_w = os.pipe2(os.O_CLOEXEC)
+            os.set_blocking(log_r, False)
+            keeper = LogKeeper(os.dup(log_fd), spec.limits.log)
+            if spec.limits.bounded():
+                keeper.feed(describe(spec.limits, self.mechanism).encode())
         debug_fd = log_fd if (spec.debug or self.config.debug) else None
         if debug_fd is not None:
             os.write(debug_fd, f"+ {self.clone.describe()}\n".encode())
         job = encode_job(payload, mounts)
-        fds = array.array("i", [log_fd, *terminal])
-        spare = self.spares.pop(0) if self.spares else self._clone_spare()
-        if not self._hand_over(spare, job, fds):
-            self._discard(spare)  # it died while it waited: try a fresh one
-            spare = self._clone_spare()
-            if not self._hand_over(spare, job, fds):
-                with contextlib.suppress(ProcessLookupError):
-                    signal.pidfd_send_signal(spare.pidfd, signal.SIGKILL)  # it says why
+        fds = array.array("i", [log_w, *terminal])
+        try:
+            spare, cgroup = self._hand_over_to_spare(job, fds, spec)
+        except BaseException:
+            if keeper is not None:
+                os.close(log_r)
+                os.close(keeper.fd)
+            raise
+        finally:
+            if log_w != log_fd:
+                os.close(log_w)
         started = time.monotonic()
         run = Run(pid=spare.pid, pidfd=spare.pidfd, conn=conn, error_r=spare.error_r,
                   deadline=None if spec.timeout is None else started + spec.timeout,
                   interactive=spec.interactive, started=started,
-                  setup_error=spare.setup_error, work_dirs=work_dirs)
+                  setup_error=spare.setup_error, work_dirs=work_dirs, log_r=log_r,
+                  keeper=keeper, cgroup=cgroup)
+        watch = Watch(spec.limits, [m.source for m in mounts if m.writable],
+                      rlimits=self.cgroups is None)
+        run.watch = watch if watch.needed else None
         self.runs.append(run)
-        for fd in (run.pidfd, run.error_r, conn.fileno()):
+        for fd in (run.pidfd, run.error_r, conn.fileno(), *([log_r] if log_r >= 0 else [])):
             self.by_fd[fd] = run
             self.poller.register(fd, select.POLLIN)
+
+    def _hand_over_to_spare(self, job: bytes, fds: array.array[int], spec: SandboxSpec
+                            ) -> tuple[SpareProcess, str | None]:
+        """Give the job to a spare (in its own cgroup when limits go through cgroups)."""
+        bounded = spec.limits.memory is not None or spec.limits.pids is not None
+        spare = self.spares.pop(0) if self.spares else self._clone_spare()
+        for attempt in range(2):
+            cgroup = None
+            if self.cgroups is not None and bounded and spare.setup_error is None:
+                try:
+                    cgroup = self.cgroups.enter(spare.pid, spec.limits)
+                except OSError as exc:
+                    self._discard(spare)
+                    raise SandboxError(f"cannot put the run in a cgroup: {exc}") from None
+            if self._hand_over(spare, job, fds):
+                return spare, cgroup
+            if cgroup is not None:
+                Cgroups.remove(cgroup)
+            if attempt == 0:
+                self._discard(spare)  # it died while it waited: try a fresh one
+                spare = self._clone_spare()
+        with contextlib.suppress(ProcessLookupError):
+            signal.pidfd_send_signal(spare.pidfd, signal.SIGKILL)  # it says why
+        return spare, None
 
     def _prepare_writable(self, mounts: tuple[ResolvedMount, ...], *, overlays: bool
                           ) -> tuple[tuple[ResolvedMount, ...], list[str]]:
@@ -357,6 +418,9 @@ class Server:
     def _event(self, run: Run, fd: int) -> None:
         if fd == run.pidfd:
             self._finish(run)
+        elif fd == run.log_r:
+            if not self._read_log(run):
+                self._forget(fd)
         elif fd == run.error_r:
             chunk = os.read(run.error_r, 65536)
             run.report += chunk
@@ -366,6 +430,23 @@ class Server:
             self._forget(fd)
             run.interrupted = True
             run.kill()
+
+    @staticmethod
+    def _read_log(run: Run, *, drain: bool = False) -> bool:
+        """Pass what the run printed to its keeper; False at the end of its output."""
+        assert run.keeper is not None
+        while True:
+            try:
+                chunk = os.read(run.log_r, 1 << 16)
+            except BlockingIOError:
+                return True
+            except OSError:
+                return False
+            if not chunk:
+                return False
+            run.keeper.feed(chunk)
+            if not drain:
+                return True
 
     def _forget(self, fd: int) -> None:
         if self.by_fd.pop(fd, None) is not None:
@@ -377,9 +458,17 @@ class Server:
         if run.error_r in self.by_fd:
             while chunk := os.read(run.error_r, 65536):
                 run.report += chunk
-        for fd in (run.pidfd, run.error_r, run.conn.fileno()):
+        for fd in (run.pidfd, run.error_r, run.conn.fileno(), run.log_r):
             self._forget(fd)
         self.runs.remove(run)
+        dropped = 0
+        if run.keeper is not None:
+            self._read_log(run, drain=True)  # every writer is gone with the pid namespace
+            os.close(run.log_r)
+            dropped = run.keeper.finish()
+        if run.cgroup is not None:
+            run.limit = run.limit or Cgroups.passed(run.cgroup)
+            Cgroups.remove(run.cgroup)
         if run.setup_error is not None:
             reply = encode_error(run.setup_error)
         elif run.report:
@@ -388,7 +477,8 @@ class Server:
             code = os.waitstatus_to_exitcode(status)
             reply = encode_result(SandboxResult(
                 returncode=code if code >= 0 else None, signal=-code if code < 0 else None,
-                timed_out=run.timed_out, duration=duration, interrupted=run.interrupted))
+                timed_out=run.timed_out, duration=duration, interrupted=run.interrupted,
+                limit=run.limit, log_dropped=dropped, mechanism=self.mechanism))
         for work in run.work_dirs:
             remove_work_directory(work)
         with contextlib.suppress(OSError):

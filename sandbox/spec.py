@@ -6,6 +6,7 @@ the sandbox decides nothing about the caller's world beyond what the spec says.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -17,6 +18,32 @@ class Mount:
     source: str  # absolute host path
     target: str  # absolute path inside the sandbox
     writable: bool = False
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What one run may use; None leaves a resource unbounded (as the host allows).
+
+    ``memory`` bounds the run's memory: through a cgroup v2 ``memory.max`` (swap 0) when
+    the caller has a delegated cgroup subtree, else ``RLIMIT_DATA`` for each process plus
+    the server's watcher, which sums the private resident memory of the run's processes.
+    ``pids`` bounds its processes and threads (``pids.max``, else ``RLIMIT_NPROC``, which
+    the kernel counts per user namespace, so per run). ``tmp`` and ``shm`` are the sizes
+    of the tmpfs ``/tmp`` (and ``/build`` when not mounted) and ``/dev/shm``. ``disk``
+    bounds what the writable mounts hold together (the watcher measures their allocated
+    blocks) and, through ``RLIMIT_FSIZE``, the size of any one file. ``log`` bounds the
+    output kept: its first and last halves, with a line saying how much was dropped.
+    """
+
+    memory: int | None = None
+    pids: int | None = None
+    tmp: int | None = None
+    shm: int | None = None
+    disk: int | None = None
+    log: int | None = None
+
+    def bounded(self) -> bool:
+        return any(v is not None for v in dataclasses.astuple(self))
 
 
 @dataclass(frozen=True)
@@ -48,6 +75,7 @@ class SandboxSpec:
     # sibling directories (the engine's /build and /output) share one overlay of their
     # parent. With False they are plain bind mounts and their host path is visible inside.
     hide_writable_paths: bool = True
+    limits: Limits = field(default=Limits())
 
 
 @dataclass(frozen=True)
@@ -59,10 +87,14 @@ class SandboxResult:
     timed_out: bool = False
     duration: float = 0.0
     interrupted: bool = False  # killed because the supervisor got SIGINT/SIGTERM/SIGHUP
+    limit: str | None = None  # the field of Limits the run passed (it was killed for it)
+    log_dropped: int = 0  # bytes of output dropped between the log's head and tail
+    mechanism: str = ""  # how memory and pids were bounded: "cgroup v2" or "rlimits"
 
     @property
     def ok(self) -> bool:
-        return self.returncode == 0 and not self.timed_out and not self.interrupted
+        return (self.returncode == 0 and not self.timed_out and not self.interrupted
+                and self.limit is None)
 
 
 class Runner(Protocol):

@@ -6,10 +6,11 @@ sandbox) as JSON on the command line; errors go to the log and the exit status i
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
 
-from reprobuild.errors import ReprobuildError
+from reprobuild.errors import EXIT_DISK_FULL, DiskFullError, ReprobuildError
 from reprobuild.images.build import build_image
 
 
@@ -21,9 +22,11 @@ def main(argv: list[str]) -> int:
     try:
         build_image(job)
     except ReprobuildError as exc:
-        print(f"reprobuild builtin: {job.get('format')} image {job.get('name')}: {exc}",
-              file=sys.stderr)
-        return 1
+        # The log may be on the full disk too: the status alone must say so.
+        with contextlib.suppress(OSError):
+            print(f"reprobuild builtin: {job.get('format')} image {job.get('name')}: {exc}",
+                  file=sys.stderr, flush=True)
+        return EXIT_DISK_FULL if isinstance(exc, DiskFullError) else 1
     print(f"wrote {job.get('format')} image {job.get('name')}", file=sys.stderr)
     return 0
 

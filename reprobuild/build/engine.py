@@ -14,6 +14,7 @@ independent steps finish.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 import threading
@@ -24,7 +25,16 @@ from reprobuild.build.plan import Node, Plan
 from reprobuild.build.producers import PRODUCERS, Job, Producer, offline_error, tail
 from reprobuild.build.progress import Progress
 from reprobuild.build.scheduler import Cancelled, Scheduler
-from reprobuild.errors import BuildError, ReprobuildError, StoreError
+from reprobuild.errors import (
+    NEARLY_FULL,
+    BuildError,
+    DiskFullError,
+    ReprobuildError,
+    StoreError,
+    disk_full,
+    free_bytes,
+    no_space,
+)
 from reprobuild.proof import records
 from reprobuild.store import canon
 from reprobuild.store.store import Store, StoreEntry
@@ -39,6 +49,7 @@ class Failure:
     key: str
     message: str
     log: str | None = None
+    error: ReprobuildError | None = field(default=None, compare=False, repr=False)
 
 
 @dataclass
@@ -160,7 +171,7 @@ class Engine:
         def failed(key: str, exc: ReprobuildError) -> None:
             log = self.store.log_path(nodes[key].id)
             report.failures.append(Failure(key, str(exc),
-                                           log if _has_log(log, nodes[key]) else None))
+                                           log if _has_log(log, nodes[key]) else None, exc))
             self.progress.finished(key, ok=False)
 
         self.progress.start(total=len(todo))
@@ -176,7 +187,20 @@ class Engine:
     # -- one node -------------------------------------------------------------------
     def _build_node(self, plan: Plan, node: Node, done: dict[str, StoreEntry]
                     ) -> tuple[StoreEntry, bool]:
-        """Build ``node`` under its store lock; the flag says whether we built it."""
+        """Build ``node`` under its store lock; the flag says whether we built it.
+
+        A full disk anywhere on the way (the lock's file, the producer, registration) is
+        a :class:`DiskFullError` naming the file system and the node."""
+        try:
+            return self._build_locked(plan, node, done)
+        except OSError as exc:
+            full = disk_full(exc, self.store.root, f"the output of {node.key}")
+            if full is None:
+                raise
+            raise full from None
+
+    def _build_locked(self, plan: Plan, node: Node, done: dict[str, StoreEntry]
+                      ) -> tuple[StoreEntry, bool]:
         with self.store.lock(node.id):
             entry = self.store.trusted(node.id, warn=self.warn, locked=True)
             if entry is not None:  # another process built it while we waited
@@ -198,12 +222,16 @@ class Engine:
                 self._give_back_build_dir(build_dir)
                 raise
             except BaseException as exc:
-                if self.options.keep_failed and node.sandboxed and isinstance(exc, BuildError):
+                full = _disk_full(exc, node, build_dir)
+                if self.options.keep_failed and node.sandboxed and isinstance(exc, BuildError) \
+                        and full is None:
                     kept = self._keep(node, build_dir)
                     exc.hint = (exc.hint + "; " if exc.hint else "") + \
                         f"kept /build and $out in {kept}"
                 else:
                     self._discard_build_dir(build_dir)
+                if full is not None:
+                    raise full from None
                 raise
             self._give_back_build_dir(build_dir)
             return entry, True
@@ -217,6 +245,9 @@ class Engine:
                 expected_hash=producer.expected_hash(job), fsverity_file=node.main_file,
                 record=records.entry_record)
         except OSError as exc:
+            full = disk_full(exc, self.store.root, f"the output of {node.key}")
+            if full is not None:
+                raise full from None
             raise StoreError(f"{node.key}: storing its output in {self.store.root} failed: "
                              f"{exc.strerror or exc}",
                              hint="free space in the store (reprobuild gc) and build "
@@ -262,6 +293,26 @@ class Engine:
         os.rename(build_dir, kept)
         self.store.drop_build_dir(build_dir, remove=False)
         return kept
+
+
+def _disk_full(exc: BaseException, node: Node, build_dir: str) -> DiskFullError | None:
+    """A clear error when ``node`` failed because the store's file system is full.
+
+    An OSError says so itself (ENOSPC while copying or unpacking); a step cannot tell us
+    from inside the sandbox (its log is on the full disk too), so its failure is put
+    down to the disk when what is left there is under NEARLY_FULL.
+    """
+    what = f"the output of {node.key}"
+    if isinstance(exc, DiskFullError):
+        return exc
+    if isinstance(exc, OSError):
+        return disk_full(exc, build_dir, what)
+    if isinstance(exc, BuildError) and node.sandboxed:
+        with contextlib.suppress(OSError):
+            left = free_bytes(build_dir)
+            if left < NEARLY_FULL:
+                return no_space(build_dir, what, f"the step failed with {left} bytes left")
+    return None
 
 
 def _has_log(log: str, node: Node) -> bool:

@@ -16,7 +16,7 @@ from typing import Protocol
 from reprobuild.build import fetch, inputs, sandboxing
 from reprobuild.build.plan import Node, Plan
 from reprobuild.build.recipe import DebSource, PathSource
-from reprobuild.errors import BuildError, FetchError
+from reprobuild.errors import EXIT_DISK_FULL, BuildError, FetchError, no_space
 from reprobuild.store.store import StoreEntry
 from sandbox.spec import Runner, SandboxSpec
 
@@ -153,14 +153,22 @@ class Sandboxed(_Base):
             raise KeyboardInterrupt
         if result.timed_out:
             how = f"timed out after {spec.timeout:g} s"
+        elif result.limit:
+            how = "was stopped"
         elif result.signal:
             how = f"was killed by signal {result.signal}"
+        elif result.returncode == EXIT_DISK_FULL and node.derivation.kind != "step":
+            raise no_space(job.output, f"the output of {node.key}",
+                           "the image step said so")
         else:
             how = f"failed with exit status {result.returncode}"
-        lines = "\n".join("    " + line for line in tail(job.log))
-        raise BuildError(f"{node.key} {how}; log: {job.log}"
+        last = tail(job.log)
+        note, raise_limit = sandboxing.limit_note(node, spec, result, last)
+        lines = "\n".join("    " + line for line in last)
+        show_log = f"reprobuild log {plan.recipe.path} {node.key}"
+        raise BuildError(f"{node.key} {how}{note}; log: {job.log}"
                          + (f"\n  last lines:\n{lines}" if lines else ""),
-                         hint=f"reprobuild log {plan.recipe.path} {node.key}")
+                         hint=f"{raise_limit}; {show_log}" if raise_limit else show_log)
 
 
 PRODUCERS: Mapping[str, Producer] = {

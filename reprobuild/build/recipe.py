@@ -19,9 +19,10 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
+from reprobuild.build.limits import StepLimits, table_limits
 from reprobuild.errors import ImageError, RecipeError, suggest
 from reprobuild.images.protocol import COMMON_KEYS
-from reprobuild.images.registry import get_format
+from reprobuild.images.registry import get_format, sane_size
 from reprobuild.units import parse_duration, parse_size
 
 _T = TypeVar("_T")
@@ -30,6 +31,9 @@ __all__ = ["DebSource", "HostSource", "Image", "OciSource", "PathSource", "Recip
            "load_recipe", "parse_duration", "parse_recipe", "parse_size"]
 
 NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_.-]*$")
+# Store outputs get mtime = epoch through utime, whose nanosecond count is a signed
+# 64-bit number; each image format then refuses what it cannot hold (images/timestamps).
+MAX_EPOCH = ((1 << 63) - 1) // 1_000_000_000
 TOP_KEYS = ("epoch", "sources", "steps", "images")
 DEB_KEYS = ("deb", "version", "sha256")
 PATH_KEYS = ("path", "blake3", "allow-outside", "allow-private")
@@ -38,8 +42,9 @@ OCI_KEYS = ("oci", "blake3", "allow-outside", "allow-private")
 SOURCE_KINDS = ("deb", "path", "host", "oci")
 DEB_PACKAGE_RE = re.compile(r"[a-z0-9][a-z0-9+.-]+")
 DEB_VERSION_RE = re.compile(r"[0-9][A-Za-z0-9.+~:-]*")
-STEP_KEYS = ("inputs", "builder", "env", "timeout")
-IMAGE_KEYS = COMMON_KEYS
+STEP_KEYS = ("inputs", "builder", "env", "timeout", "limits")
+RUN_KEYS = ("timeout", "limits")  # how an image's step runs, not what it makes: not in ids
+IMAGE_KEYS = (*COMMON_KEYS, *RUN_KEYS)
 
 Json = None | bool | int | str | list["Json"] | dict[str, "Json"]
 
@@ -102,6 +107,7 @@ class Step:
     builder: tuple[str, ...]
     env: tuple[tuple[str, str], ...] = ()
     timeout: float | None = None
+    limits: StepLimits = field(default_factory=StepLimits)
 
 
 @dataclass(frozen=True)
@@ -126,6 +132,8 @@ class Image:
     files: Mapping[str, Json] = field(default_factory=dict)
     extra: tuple[tuple[str, str | int | bool], ...] = ()
     table: Mapping[str, Json] = field(default_factory=dict)
+    timeout: float | None = None
+    limits: StepLimits = field(default_factory=StepLimits)
 
 
 @dataclass(frozen=True)
@@ -278,6 +286,9 @@ def parse_recipe(data: dict[str, Any], *, path: str, directory: str) -> Recipe:
     """Validate already-parsed TOML (``path`` is for messages, ``directory`` for paths)."""
     top = _Table(path, "top level", data, TOP_KEYS)
     epoch = top.integer("epoch") or 0
+    if epoch > MAX_EPOCH:
+        raise top.error("epoch", f"{epoch} is later than file times can be set in the "
+                        f"store (at most {MAX_EPOCH}, in 2262)")
     sources: dict[str, Source] = {}
     steps: dict[str, Step] = {}
     images: dict[str, Image] = {}
@@ -393,7 +404,8 @@ def _step(path: str, name: str, raw: Any) -> Step:
                               "($out and the inputs' paths)")
         env.append((key, str(value)))
     timeout = table.parsed("timeout", parse_duration)
-    return Step(name, inputs, builder, tuple(sorted(env)), timeout)
+    return Step(name, inputs, builder, tuple(sorted(env)), timeout,
+                table_limits(table.table, table.path, table.where))
 
 
 def _image(path: str, name: str, raw: Any) -> Image:
@@ -414,7 +426,7 @@ def _image(path: str, name: str, raw: Any) -> Image:
             fmt.options.check_one(key, value)
         except ImageError as exc:
             raise table.error(key, exc.message, exc.hint) from None
-    size = table.parsed("size", parse_size)
+    size = table.parsed("size", lambda value: sane_size(fmt_name, parse_size(value)))
     files_raw = table.table.get("files", {})
     if not isinstance(files_raw, dict):
         raise table.error("files", "must be a table of paths to overrides")
@@ -426,7 +438,7 @@ def _image(path: str, name: str, raw: Any) -> Image:
         if not isinstance(value, str | int | bool):
             raise table.error(key, f"must be a string, integer or boolean, not {value!r}")
         extra.append((key, value))
-    whole = {k: _json_value(table, k, v) for k, v in table.table.items()}
+    whole = {k: _json_value(table, k, v) for k, v in table.table.items() if k not in RUN_KEYS}
     if fmt.kind == "tree":
         source = table.string("from", required=True)
         assert source is not None
@@ -442,7 +454,9 @@ def _image(path: str, name: str, raw: Any) -> Image:
         name=name, format=fmt_name, kind=fmt.kind, source=source, inputs=inputs, size=size,
         uuid=table.string("uuid"), label=table.string("label"),
         compress=table.string("compress"), block_size=table.integer("block_size"),
-        files=files, extra=tuple(sorted(extra)), table=whole)
+        files=files, extra=tuple(sorted(extra)), table=whole,
+        timeout=table.parsed("timeout", parse_duration),
+        limits=table_limits(table.table, table.path, table.where))
 
 
 def _check_inputs(recipe: Recipe) -> None:

@@ -26,10 +26,11 @@ from typing import Any
 
 import reprobuild
 from reprobuild.build.elf import elf_closure, elf_interpreter
+from reprobuild.build.limits import IMAGE_TIMEOUT, failure_note, image_limits
 from reprobuild.build.plan import INPUTS_DIR, OUT, OUTPUT_DIR, Node
 from reprobuild.build.recipe import HostSource, Image, Step
 from reprobuild.errors import ReprobuildError, SandboxError
-from sandbox.spec import Mount, Runner, SandboxSpec
+from sandbox.spec import Mount, Runner, SandboxResult, SandboxSpec
 
 # Python packages a built-in step imports, besides the standard library.
 BUILTIN_DEPENDENCIES = ("blake3", "msgpack", "zstandard", "lz4", "crc32c")
@@ -114,7 +115,7 @@ def step_spec(node: Node, inputs: Mapping[str, tuple[Node, str]], build_dir: str
     return SandboxSpec(argv=tuple(command), mounts=tuple(mounts),
                        env=tuple(sorted(env.items())), cwd="/build", epoch=epoch,
                        cores=cores, timeout=None if interactive else step.timeout,
-                       interactive=interactive, debug=debug)
+                       interactive=interactive, debug=debug, limits=step.limits.effective())
 
 
 def image_spec(node: Node, inputs: Mapping[str, tuple[Node, str]], build_dir: str,
@@ -146,7 +147,17 @@ def image_spec(node: Node, inputs: Mapping[str, tuple[Node, str]], build_dir: st
     argv = (runtime.python, "-B", "-s", "-m", "reprobuild.build.builtin",
             json.dumps(job, sort_keys=True))
     return SandboxSpec(argv=argv, mounts=tuple(mounts), env=tuple(sorted(env.items())),
-                       cwd="/build", epoch=epoch, cores=cores, debug=debug)
+                       cwd="/build", epoch=epoch, cores=cores, debug=debug,
+                       timeout=image.timeout or IMAGE_TIMEOUT,
+                       limits=image_limits(image.limits, image.size))
+
+
+def limit_note(node: Node, spec: SandboxSpec, result: SandboxResult,
+               log_tail: list[str]) -> tuple[str, str | None]:
+    """For a failed run: the limit it passed (or seems to have run out of), and how to
+    raise it in the recipe (None when no limit is to blame)."""
+    kind = "step" if isinstance(node.what, Step) else "image"
+    return failure_note(result, kind, node.key, spec.limits, log_tail)
 
 
 RUNTIME_SITE = "/.reprobuild/site"

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from dataclasses import replace
 
 from reprobuild.build.engine import BuildReport, Engine, Options
 from reprobuild.build.plan import Plan, plan
@@ -14,6 +15,7 @@ from reprobuild.build.sandboxing import start_runner
 
 __all__ = ["add_build_options", "add_recipe", "build_plan", "load", "make_engine",
            "print_failures", "start_runner"]
+from reprobuild.errors import DiskFullError
 from reprobuild.store.store import Store
 
 
@@ -73,6 +75,11 @@ def build_plan(args: argparse.Namespace, store: Store, plan: Plan) -> BuildRepor
     finally:
         engine.close()
     if not report.ok:
-        print_failures(report)
+        # A full disk is the environment's fault, not the recipe's: exit 2, said last.
+        full = [f for f in report.failures if isinstance(f.error, DiskFullError)]
+        print_failures(replace(report, failures=[f for f in report.failures
+                                                 if f not in full]))
+        if full and full[0].error is not None:
+            raise full[0].error
         return None
     return report

@@ -22,6 +22,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="keep extracted partitions (GPT) and say where")
     parser.add_argument("--no-owner", action="store_true",
                         help="do not compare ownership")
+    parser.add_argument("--exact", action="store_true",
+                        help="compare a directory with an image as the directory is (owners, "
+                        "mtimes); by default it is read as `reprobuild image` reads a source")
     parser.add_argument("--json", action="store_true", help="print the report as JSON")
 
 
@@ -29,10 +32,11 @@ def run(args: argparse.Namespace) -> int:
     if args.keep:
         workdir = tempfile.mkdtemp(prefix="reprobuild-diff-")
         report = diffreport.diff_paths(args.a, args.b, compare_owner=not args.no_owner,
-                                       follow_symlinks=True, workdir=workdir)
+                                       follow_symlinks=True, workdir=workdir,
+                                       exact=args.exact)
     else:
         report = diffreport.diff_paths(args.a, args.b, compare_owner=not args.no_owner,
-                                       follow_symlinks=True)
+                                       follow_symlinks=True, exact=args.exact)
     if args.json:
         sys.stdout.write(json.dumps(report.to_json(), indent=2, sort_keys=True) + "\n")
     else:

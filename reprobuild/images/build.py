@@ -24,7 +24,7 @@ import tempfile
 from collections.abc import Iterator, Mapping
 from typing import Any
 
-from reprobuild.errors import ImageError
+from reprobuild.errors import ImageError, disk_full
 from reprobuild.images.registry import ImageOptions, OptionValue, TreeFormat, get_format
 from reprobuild.trees.load import load_tree
 from reprobuild.trees.oci import DEFAULT_PLATFORM
@@ -76,7 +76,13 @@ def build_tree_image(fmt_name: str, source: str, output: str, options: ImageOpti
             tree = apply_overrides(tree, files, where=where, epoch=options.epoch)
         if os.path.isdir(output):
             raise ImageError(f"output {output} is a directory", hint="name the image file")
-        return _write_atomically(writer, tree, output, options, sync=sync)
+        try:
+            return _write_atomically(writer, tree, output, options, sync=sync)
+        except OSError as exc:  # the partial file is gone: name the full disk
+            full = disk_full(exc, output, f"the {fmt_name} image {output}")
+            if full is None:
+                raise
+            raise full from None
 
 
 def _write_atomically(writer: TreeFormat, tree: Tree, output: str, options: ImageOptions,
@@ -104,7 +110,18 @@ def _write_atomically(writer: TreeFormat, tree: Tree, output: str, options: Imag
 
 
 def build_image(job: Mapping[str, Any]) -> None:
-    """Write the image ``job`` describes to ``job["output"]`` (a built-in image step)."""
+    """Write the image ``job`` describes to ``job["output"]`` (a built-in image step);
+    a full disk is named."""
+    try:
+        _build_image(job)
+    except OSError as exc:
+        full = disk_full(exc, job["output"], f"the {job['format']} image {job.get('name')}")
+        if full is None:
+            raise
+        raise full from None
+
+
+def _build_image(job: Mapping[str, Any]) -> None:
     fmt = get_format(job["format"])
     epoch = int(job["epoch"])
     options = options_from_json(epoch, job.get("options") or {})

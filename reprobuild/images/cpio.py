@@ -40,8 +40,8 @@ from reprobuild.images.archive_compress import (
 from reprobuild.images.registry import ImageOptions
 from reprobuild.images.tar import check_archive_options
 from reprobuild.trees.builder import TreeBuilder
+from reprobuild.trees.region import file_region
 from reprobuild.trees.tar_reader import (
-    SliceSource,
     default_spool,
     detect_compression,
     open_decompressed,
@@ -199,9 +199,11 @@ class _Record:
 
 
 def _records(path: bytes) -> list[_Record]:
+    """Every member header up to the trailer, each name and data range inside the file."""
     shown = path.decode("utf-8", "backslashreplace")
     records: list[_Record] = []
     with open(path, "rb") as archive:
+        file_size = os.fstat(archive.fileno()).st_size
         offset = 0
         while True:
             head = archive.read(NEWC_HEADER_SIZE)
@@ -214,6 +216,9 @@ def _records(path: bytes) -> list[_Record]:
                 raise ImageError(f"{shown}: bad newc header at offset {offset}") from None
             namesize = fields[11]
             name_end = offset + NEWC_HEADER_SIZE + namesize
+            if not 0 < namesize <= PATH_MAX or name_end > file_size:
+                raise ImageError(f"{shown}: member at offset {offset} has a name of "
+                                 f"{namesize} bytes, past PATH_MAX or the archive's end")
             raw_name = archive.read(namesize)
             if len(raw_name) != namesize or not raw_name.endswith(b"\0"):
                 raise ImageError(f"{shown}: bad name at offset {offset}")
@@ -221,6 +226,9 @@ def _records(path: bytes) -> list[_Record]:
             data_offset = name_end + (-name_end % 4)
             if name == TRAILER:
                 return records
+            if data_offset + fields[6] > file_size:
+                raise ImageError(f"{shown}: member {name!r} claims {fields[6]} bytes, past "
+                                 "the end of the archive", hint="the archive is truncated")
             records.append(_Record(name, fields, data_offset))
             offset = data_offset + fields[6]
             offset += -offset % 4
@@ -298,7 +306,8 @@ def _entry(path: bytes, rel: bytes, kind: EntryType, record: _Record, label: str
     content = None
     target = None
     if kind is EntryType.REGULAR:
-        content = Content(size, SliceSource(path, record.data_offset, size))
+        content = Content(size, file_region(path, ((record.data_offset, size),),
+                                            file_size=os.path.getsize(path), what=label))
     elif kind is EntryType.SYMLINK:
         with open(path, "rb") as archive:
             archive.seek(record.data_offset)

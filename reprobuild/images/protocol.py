@@ -25,6 +25,21 @@ OptionValue = str | int | bool
 COMMON_KEYS = ("from", "format", "size", "uuid", "label", "compress", "block_size", "files")
 
 
+# The largest image any writer is asked for (16 TiB): a larger size is a typo far more
+# often than a wish, and the ext4 writer's per-group tables grow with the size (1000 TiB
+# took 4 GB of memory before it failed).
+MAX_IMAGE_SIZE = 16 << 40
+
+
+def sane_size(format_name: str, size: int | None) -> int | None:
+    """``size`` unless it is above :data:`MAX_IMAGE_SIZE` (ValueError saying what to do)."""
+    if size is not None and size > MAX_IMAGE_SIZE:
+        raise ValueError(f"{format_name} image size {size} bytes is above the largest image "
+                         f"reprobuild writes ({MAX_IMAGE_SIZE >> 40} TiB): give a size like "
+                         '"64M" or "2G", or "min" for the smallest')
+    return size
+
+
 @dataclass(frozen=True)
 class ImageOptions:
     """Everything that shapes an image besides the tree. No field has a host default."""
@@ -36,6 +51,12 @@ class ImageOptions:
     compress: str | None = None  # format default when None
     block_size: int | None = None  # format default when None
     extra: tuple[tuple[str, OptionValue], ...] = field(default=())
+
+    def __post_init__(self) -> None:
+        try:  # before any byte is written, whoever asks for the image
+            sane_size("an", self.size)
+        except ValueError as exc:
+            raise ImageError(str(exc)) from None
 
     def get(self, key: str, default: OptionValue | None = None) -> OptionValue | None:
         for name, value in self.extra:

@@ -17,16 +17,18 @@ from typing import cast
 
 from reprobuild.errors import ImageError
 from reprobuild.images.protocol import (
+    MAX_IMAGE_SIZE,
     DiskFormat,
     ImageOptions,
     Option,
     OptionsSchema,
     OptionValue,
     TreeFormat,
+    sane_size,
 )
 
-__all__ = ["FORMATS", "DiskFormat", "Format", "ImageOptions", "Option", "OptionValue",
-           "OptionsSchema", "TreeFormat", "get_format"]
+__all__ = ["FORMATS", "MAX_IMAGE_SIZE", "DiskFormat", "Format", "ImageOptions", "Option",
+           "OptionValue", "OptionsSchema", "TreeFormat", "get_format", "sane_size"]
 
 
 @dataclass(frozen=True)

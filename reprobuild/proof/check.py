@@ -193,7 +193,7 @@ def _parse_built(stdout: str, what: str) -> list[Built]:
         return [Built(str(d["target"]), str(d["derivation"]), str(d["path"]), str(d["hash"]))
                 for d in doc]
     except (ValueError, KeyError, TypeError) as exc:
-        raise BuildError(f"{what}: unexpected output from reprobuild build --json ({exc}): "
+        raise ReprobuildError(f"{what}: unexpected output from reprobuild build --json ({exc}): "
                          f"{stdout[-500:]!r}") from None
 
 
@@ -224,6 +224,17 @@ def _copy_entry(main: Store, variant: Store, derivation_id: str, *,
     variations.copy_tree(main.meta_path(derivation_id), variant.meta_path(derivation_id))
 
 
+def _outside_source(recipe: Recipe) -> PathSource | None:
+    """A path source outside the recipe's directory (a copy of that directory lacks it)."""
+    top = os.path.realpath(recipe.directory)
+    for source in recipe.sources.values():
+        if isinstance(source, PathSource):
+            real = os.path.realpath(source.path)
+            if os.path.commonpath([top, real]) != top:
+                return source
+    return None
+
+
 def _relocate_recipe(recipe: Recipe, recipe_path: str, workdir: str, *,
                      invert: str | None, store_root: str) -> tuple[str, str | None]:
     """Copy the recipe's directory elsewhere (listing inverted, see ``copy_tree``),
@@ -233,12 +244,10 @@ def _relocate_recipe(recipe: Recipe, recipe_path: str, workdir: str, *,
     source lies outside the recipe's directory).
     """
     top = os.path.realpath(recipe.directory)
-    for source in recipe.sources.values():
-        if isinstance(source, PathSource):
-            real = os.path.realpath(source.path)
-            if os.path.commonpath([top, real]) != top:
-                return recipe_path, (f"the recipe was not moved: source {source.name!r} "
-                                     f"({source.path}) is outside its directory")
+    outside = _outside_source(recipe)
+    if outside is not None:
+        return recipe_path, (f"the recipe was not moved: source {outside.name!r} "
+                             f"({outside.path}) is outside its directory")
     dest = os.path.join(workdir, "recipe-in-another-directory")
     exclude = frozenset({os.path.realpath(store_root), os.path.join(top, ".git")})
     variations.copy_tree(top, dest, invert=invert, exclude=exclude)
@@ -292,6 +301,13 @@ def check_round(plan: _Plan, main: Store, round_index: int, chosen: Sequence[str
     """Rebuild into a fresh store under the round's variations and compare."""
     base: str | None = None
     skipped: list[tuple[str, str]] = []
+    outside = _outside_source(plan.recipe)
+    if "uid" in chosen and outside is not None and variations.can_change_uid():
+        # The other uid reads only what this process copied for it (the recipe's
+        # directory), never the user's own files, which may be private to them.
+        chosen = [c for c in chosen if c != "uid"]
+        skipped.append(("uid", f"source {outside.name!r} ({outside.path}) is outside the "
+                               "recipe's directory, which is all the other uid is given"))
     if "import-order" in chosen:
         # Input order is varied on a filesystem that lists in creation order (tmpfs).
         base = variations.import_order_dir(plan.space_needed)
@@ -322,7 +338,9 @@ def _check_round(plan: _Plan, main: Store, round_index: int, chosen: Sequence[st
               else None)
     notes: list[str] = []
     recipe_path = os.path.abspath(plan.recipe_path)
-    if "build-dir" in cond.applied or invert:
+    # The other uid gets a copy of the recipe's directory (the user's may be private to
+    # them, a 0700 directory); the inputs it does not rebuild are copied to its store.
+    if "build-dir" in cond.applied or invert or cond.uid is not None:
         recipe_path, note = _relocate_recipe(plan.recipe, recipe_path, workdir,
                                              invert=invert, store_root=main.root)
         if note:
@@ -339,12 +357,14 @@ def _check_round(plan: _Plan, main: Store, round_index: int, chosen: Sequence[st
     result = runner(argv, dict(cond.env), cond.cwd, cond.umask)
     applied = cond.applied
     if result.returncode != 0:
+        # Not a verdict: what could not be rebuilt is not known to differ (exit 2).
         where = f"; its store is kept at {store_dir}" if keep else ""
-        raise BuildError(
+        raise ReprobuildError(
             f"the rebuild of {plan.recipe_path} under variations ({', '.join(applied)}) "
-            f"failed with exit {result.returncode}{where}:\n{_tail(result.stderr)}",
-            hint="a build that fails under other host conditions is not reproducible; "
-                 "rerun with --variations to find which one")
+            f"could not be completed (exit {result.returncode}){where}:\n"
+            f"{_tail(result.stderr)}",
+            hint="nothing was compared; if a step fails only under some variation, "
+                 "rerun check with --variations to find which one")
     rebuilt = {b.target: b.derivation_id for b in _parse_built(result.stdout, "rebuild")}
     for target, did in plan.target_ids.items():
         if rebuilt.get(target) != did:
@@ -403,7 +423,8 @@ def run_check(recipe_path: str, targets: Sequence[str], store_root: str, *,
     """Check that ``targets`` of a recipe rebuild bit for bit under varied conditions.
 
     The targets are built into ``store_root`` first when missing. Raises BuildError when
-    a build fails, RecipeError or StoreError on bad input; a difference is a result, not
+    that build fails, ReprobuildError (exit 2, never a verdict) when a rebuild could not
+    be completed, RecipeError or StoreError on bad input; a difference is a result, not
     an error (see :attr:`CheckResult.identical`). With ``explain``, a difference is
     followed by rebuilds with no variation and with each variation alone, to say which
     one causes it.

@@ -15,13 +15,13 @@ import shutil
 import stat
 import subprocess
 import tempfile
-from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any
 
 from reprobuild.errors import ImageError
 from reprobuild.images.registry import get_format
+from reprobuild.proof.bytediff import HEX_LINES as HEX_LINES  # re-exported for callers
 from reprobuild.proof.bytediff import (
     ORDER_HINT_LIMIT,
     ByteDifference,
@@ -32,6 +32,7 @@ from reprobuild.proof.bytediff import (
 )
 from reprobuild.trees.diff import Difference, diff_trees
 from reprobuild.trees.directory import tree_from_directory
+from reprobuild.trees.load import load_tree
 from reprobuild.trees.tree import EntryType, Tree
 
 TREE_FORMATS = ("tar", "cpio", "ext4", "squashfs", "erofs")
@@ -169,6 +170,7 @@ def diff_paths(
     *,
     compare_owner: bool = True,
     store_outputs: bool = False,
+    exact: bool = False,
     follow_symlinks: bool = False,
     workdir: str | os.PathLike[str] | None = None,
 ) -> DiffReport:
@@ -177,23 +179,25 @@ def diff_paths(
     ``store_outputs`` reads directories as store outputs (ownership ignored, no hardlink
     detection). ``follow_symlinks`` compares what ``a`` and ``b`` point at when they are
     symlinks (result links), not the links. ``workdir`` is where GPT partitions are
-    extracted (a temporary directory, removed afterwards, when None).
+    extracted (a temporary directory, removed afterwards, when None). A directory
+    compared with a tree image is read as ``reprobuild image`` reads its source (owners
+    root, mtimes the image's epoch) unless ``exact``.
     """
     pa, pb = Path(a), Path(b)
     if follow_symlinks:
         pa, pb = (Path(os.path.realpath(p)) if p.is_symlink() else p for p in (pa, pb))
     if workdir is not None:
         report = _diff(pa, pb, compare_owner=compare_owner, store_outputs=store_outputs,
-                       workdir=Path(workdir))
+                       workdir=Path(workdir), exact=exact)
     else:
         with tempfile.TemporaryDirectory(prefix="reprobuild-diff-") as tmp:
             report = _diff(pa, pb, compare_owner=compare_owner, store_outputs=store_outputs,
-                           workdir=Path(tmp))
+                           workdir=Path(tmp), exact=exact)
     return _with(report, a=os.fspath(a), b=os.fspath(b))
 
 
 def _diff(a: Path, b: Path, *, compare_owner: bool, store_outputs: bool,
-          workdir: Path) -> DiffReport:
+          workdir: Path, exact: bool = False) -> DiffReport:
     for p in (a, b):
         if not os.path.lexists(p):
             raise ImageError(f"{p} does not exist")
@@ -223,10 +227,15 @@ def _diff(a: Path, b: Path, *, compare_owner: bool, store_outputs: bool,
                 f"cannot read both sides as trees ({exc.message})"
             return _with(base, byte_difference=byte_diff,
                          notes=(f"{reason}; comparing bytes only",))
-        diffs = diff_trees(tree_a, tree_b, compare_owner=compare_owner)
         notes: tuple[str, ...] = ()
+        if not exact and not store_outputs and (kind_a == "directory") != (kind_b == "directory"):
+            if kind_a == "directory":
+                tree_a, tree_b, notes = _as_image_source(a, tree_b, kind_b)
+            else:
+                tree_b, tree_a, notes = _as_image_source(b, tree_a, kind_a)
+        diffs = diff_trees(tree_a, tree_b, compare_owner=compare_owner)
         if not diffs and byte_diff is not None:
-            notes = (f"the {kind_a} trees are identical, but the image bytes differ "
+            notes += (f"the {kind_a} trees are identical, but the image bytes differ "
                      "(image metadata: superblock, layout, padding)",)
         elif diffs:
             byte_diff = None  # the tree differences are the useful explanation
@@ -240,6 +249,23 @@ def _diff(a: Path, b: Path, *, compare_owner: bool, store_outputs: bool,
         return _with(base, differences=(Difference(b"", "type", f"{kind_a} vs {kind_b}"),),
                      byte_difference=byte_diff, notes=(note,))
     return _with(base, byte_difference=byte_diff)
+
+
+def _as_image_source(directory: Path, image: Tree, kind: str
+                     ) -> tuple[Tree, Tree, tuple[str, ...]]:
+    """The directory as ``reprobuild image`` would read it for ``image``; the image tree.
+
+    The epoch is the image's newest mtime (a directory source gets every mtime equal to
+    it). ext4's ``lost+found`` is left out when the directory has none: mke2fs and our
+    writer add it.
+    """
+    epoch = max(0, max(entry.mtime_ns for entry in image) // 1_000_000_000)
+    tree = load_tree(os.fsencode(directory), epoch=epoch)
+    if kind == "ext4" and b"lost+found" in image and b"lost+found" not in tree:
+        image.remove(b"lost+found")
+    note = (f"{directory} read as `reprobuild image` reads a directory (owners root, mtimes "
+            f"the epoch {epoch}, taken from the image); --exact compares it as it is")
+    return tree, image, (note,)
 
 
 def _nested_images(a: Path, b: Path, diffs: list[Difference], *, compare_owner: bool,
@@ -325,29 +351,20 @@ def _gpt_table_diffs(ta: Any, tb: Any) -> list[Difference]:
     return diffs
 
 
-def _extract(disk: Path, sector_size: int, part: Any, target: Path) -> Path:
-    start = part.first_lba * sector_size
-    length = (part.last_lba - part.first_lba + 1) * sector_size
-    with open(disk, "rb") as src, open(target, "wb") as dst:
-        src.seek(start)
-        for chunk in _read_range(src, length):
-            dst.write(chunk)
+def _extract(region: Any, target: Path) -> Path:
+    """Copy a partition (a checked region of its disk) to ``target``."""
+    with region.open() as src, open(target, "wb") as dst:
+        shutil.copyfileobj(src, dst, 1 << 20)
     return target
-
-
-def _read_range(stream: BinaryIO, length: int) -> Iterator[bytes]:
-    while length > 0:
-        chunk = stream.read(min(length, 1 << 20))
-        if not chunk:
-            return
-        length -= len(chunk)
-        yield chunk
 
 
 def _diff_gpt(base: DiffReport, a: Path, b: Path, byte_diff: ByteDifference | None, *,
               compare_owner: bool, workdir: Path) -> DiffReport:
+    module = get_format("gpt").load_module()
     try:
         ta, tb = read_gpt(a), read_gpt(b)
+        ra = {p.number: module.partition_region(a, ta, p) for p in ta.entries}
+        rb = {p.number: module.partition_region(b, tb, p) for p in tb.entries}
     except ImageError as exc:  # a corrupt table (bad CRC): the bytes still tell
         return _with(base, byte_difference=byte_diff,
                      notes=(f"cannot read both partition tables ({exc.message}); "
@@ -360,8 +377,8 @@ def _diff_gpt(base: DiffReport, a: Path, b: Path, byte_diff: ByteDifference | No
         if other is None:
             continue
         label = f"partition {part.number} ({part.name or part.type_guid})"
-        fa = _extract(a, ta.sector_size, part, workdir / f"a-partition{part.number}.img")
-        fb = _extract(b, tb.sector_size, other, workdir / f"b-partition{other.number}.img")
+        fa = _extract(ra[part.number], workdir / f"a-partition{part.number}.img")
+        fb = _extract(rb[other.number], workdir / f"b-partition{other.number}.img")
         sub = workdir / f"partition{part.number}"
         sub.mkdir(exist_ok=True)
         found = _diff(fa, fb, compare_owner=compare_owner, store_outputs=False, workdir=sub)

@@ -9,7 +9,7 @@ GNU sparse members (old GNU and pax 0.0/0.1/1.0) are expanded: holes become zero
 of content.
 
 Where the bytes live: for an uncompressed tar file, regular members are read in place
-(a :class:`SliceSource` of offset and size in the archive, nothing copied); members of
+(a :class:`~reprobuild.trees.region.FileRegion` of the archive, nothing copied); members of
 a compressed tar, and sparse members, are copied once into a content-addressed
 :class:`Spool` directory (file name = blake3 of the bytes, identical files stored once),
 never held whole in memory. The archive and the spool must outlive the tree.
@@ -27,7 +27,6 @@ import base64
 import bz2
 import contextlib
 import gzip
-import io
 import lzma
 import os
 import shutil
@@ -45,6 +44,7 @@ import zstandard
 
 from reprobuild.errors import ImageError
 from reprobuild.trees.builder import TreeBuilder
+from reprobuild.trees.region import file_region
 from reprobuild.trees.tree import (
     CHUNK,
     Content,
@@ -111,43 +111,28 @@ def open_decompressed(raw: BinaryIO, compression: str | None) -> BinaryIO:
 
 
 # -- where member bytes come from ------------------------------------------------------
-class _SliceReader(io.RawIOBase):
-    """Reads ``size`` bytes of a file from ``offset``."""
+class _Clamped:
+    """A file whose ``read(n)`` never asks for more than is left in it.
 
-    def __init__(self, path: bytes, offset: int, size: int) -> None:
-        self._file = open(path, "rb")  # noqa: SIM115 - closed by close()
-        self._file.seek(offset)
-        self._left = size
+    tarfile reads a pax or GNU long-name header's claimed size in one call, and a
+    buffered read allocates what it is asked for first: a damaged size field of 8 GiB
+    must not become an 8 GiB allocation. (The streaming mode used for compressed
+    archives reads in small blocks already.)
+    """
 
-    def readable(self) -> bool:
-        return True
+    def __init__(self, raw: BinaryIO, size: int) -> None:
+        self._raw = raw
+        self._size = size
 
-    def readinto(self, buffer: memoryview) -> int:  # type: ignore[override]
-        if self._left <= 0:
-            return 0
-        view = memoryview(buffer)[: min(len(buffer), self._left)]
-        count = self._file.readinto(view)
-        if not count:
-            raise ImageError(f"{self._file.name!r}: archive ended inside a member")
-        self._left -= count
-        return count
+    def read(self, n: int | None = -1) -> bytes:
+        left = max(0, self._size - self._raw.tell())
+        return self._raw.read(left if n is None or n < 0 else min(n, left))
 
-    def close(self) -> None:
-        self._file.close()
-        super().close()
+    def seek(self, offset: int, whence: int = os.SEEK_SET) -> int:
+        return self._raw.seek(offset, whence)
 
-
-@dataclass(frozen=True)
-class SliceSource:
-    """A member's bytes read in place from an uncompressed archive (or image) file."""
-
-    path: bytes
-    offset: int
-    size: int
-
-    def open(self) -> BinaryIO:
-        return cast(BinaryIO, io.BufferedReader(_SliceReader(self.path, self.offset, self.size),
-                                                CHUNK))
+    def tell(self) -> int:
+        return self._raw.tell()
 
 
 class Spool:
@@ -331,7 +316,8 @@ def iter_members(path: bytes | str, *, what: str | None = None,
         compression = detect_compression(raw.read(6))
         raw.seek(0)
         try:
-            stream = open_decompressed(raw, compression)
+            stream = open_decompressed(raw, compression) if compression is not None \
+                else cast(BinaryIO, _Clamped(raw, os.fstat(raw.fileno()).st_size))
             mode = "r:" if compression is None else "r|"
             with tarfile.open(fileobj=stream, mode=mode, encoding="utf-8",  # type: ignore[call-overload]
                               errors="surrogateescape") as archive:
@@ -357,10 +343,9 @@ def _member(archive: tarfile.TarFile, info: tarfile.TarInfo, path: bytes, what: 
     entry = _entry_of(info, rel, kind, label)
     if kind is EntryType.REGULAR:
         if in_place and not info.issparse():
-            if info.offset_data + info.size > os.path.getsize(path):
-                raise ImageError(f"{label}: the archive ends inside the member",
-                                 hint="the tar file is truncated")
-            content = Content(info.size, SliceSource(path, info.offset_data, info.size))
+            content = Content(info.size, file_region(
+                path, ((info.offset_data, info.size),), file_size=os.path.getsize(path),
+                what=label))
         else:
             data = archive.extractfile(info)
             assert data is not None

@@ -1,11 +1,12 @@
 """Runs sandboxes for the tests, as whatever user starts it (the tests use uid 65534).
 
 Reads a JSON job on stdin: ``{"runs": [{"name", "argv", "mounts": [[src, dst, rw]],
-"env": [[k, v]], "timeout", "cwd", "epoch", "interrupt_after", "marker"}]}``, runs each
-from one runner and prints a JSON object name -> {returncode, signal, timed_out,
-interrupted, log, survivors}. ``survivors`` lists the host processes whose command line
-holds ``marker``, looked for right after the run returned (before the runner closes).
-With ``interrupt_after`` the whole process group gets SIGINT, as a terminal's Ctrl-C.
+"env": [[k, v]], "timeout", "cwd", "epoch", "interrupt_after", "marker", "limits":
+{field: value}}]}``, runs each from one runner and prints a JSON object name ->
+{returncode, signal, timed_out, interrupted, limit, log_dropped, mechanism, duration, log,
+survivors}. ``survivors`` lists the host processes whose command line holds ``marker``,
+looked for right after the run returned (before the runner closes). With
+``interrupt_after`` the whole process group gets SIGINT, as a terminal's Ctrl-C.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import threading
 
 from sandbox.errors import SandboxError
 from sandbox.runner import start
-from sandbox.spec import Mount, SandboxSpec
+from sandbox.spec import Limits, Mount, SandboxSpec
 
 
 def survivors(marker: str) -> list[str]:
@@ -49,7 +50,7 @@ def main() -> int:
                 mounts=tuple(Mount(s, t, bool(w)) for s, t, w in run.get("mounts", [])),
                 env=tuple((k, v) for k, v in run.get("env", [])),
                 cwd=run.get("cwd", "/build"), epoch=run.get("epoch", 0),
-                timeout=run.get("timeout"))
+                timeout=run.get("timeout"), limits=Limits(**run.get("limits", {})))
             timer = None
             if run.get("interrupt_after") is not None:
                 timer = threading.Timer(run["interrupt_after"],
@@ -69,6 +70,8 @@ def main() -> int:
             results[run["name"]] = {
                 "returncode": result.returncode, "signal": result.signal,
                 "timed_out": result.timed_out, "interrupted": result.interrupted,
+                "limit": result.limit, "log_dropped": result.log_dropped,
+                "mechanism": result.mechanism, "duration": result.duration,
                 "log": text,
                 "survivors": survivors(run["marker"]) if run.get("marker") else [],
             }

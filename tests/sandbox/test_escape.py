@@ -85,6 +85,11 @@ def escape(unprivileged: Unprivileged, sandbox_driver: Driver) -> Iterator[dict[
     for p in (store / "tmp", build, build / "build", build / "out"):
         _chown(p)
     writable = [[str(build / "build"), "/build", True], [str(build / "out"), "/output", True]]
+    fill = store / "tmp" / "build.fill"  # a step that writes without end
+    for sub in ("build", "out", "build2"):
+        (fill / sub).mkdir(parents=True)
+    for p in (fill, fill / "build", fill / "out", fill / "build2"):
+        _chown(p)
     victim = subprocess.Popen([BUSYBOX, "sh", "-c", "sleep 120", VICTIM_MARKER])
     server = HostServer()
     runs = [
@@ -133,6 +138,36 @@ def escape(unprivileged: Unprivileged, sandbox_driver: Driver) -> Iterator[dict[
                     "cat /k/ostype; echo x > /k/ostype; echo rc=$?; "
                     "grep ' /k ' /proc/self/mountinfo",
                     mounts=[["/proc/sys/kernel", "/k", False]]),
+        # Limits: each run passes one of them and is stopped (or refused) for it.
+        busybox_run("fill_disk",  # one big file, then many, hidden in a mode 000 directory
+                    "dd if=/dev/zero of=/output/big bs=1M count=4096 2>/dev/null; echo big=$?; "
+                    "mkdir /build/hide; cd /build/hide; chmod 300 .; i=0; while true; do "
+                    "dd if=/dev/zero of=f$i bs=1M count=8 2>/dev/null; i=$((i+1)); done",
+                    mounts=[[str(fill / "build"), "/build", True],
+                            [str(fill / "out"), "/output", True]],
+                    timeout=60, limits={"disk": 32 << 20}),
+        busybox_run("unlinked_file",  # each file is deleted while dd still writes it
+                    "i=0; while true; do i=$((i+1)); "
+                    "(dd if=/dev/zero bs=1M count=8 2>/dev/null; sleep 60) > /build/f$i & "
+                    "sleep 0.01; rm /build/f$i; done",
+                    mounts=[[str(fill / "build2"), "/build", True]],
+                    timeout=60, limits={"disk": 32 << 20}),
+        busybox_run("fill_tmpfs",
+                    "for d in /tmp /dev/shm /build; do "
+                    "dd if=/dev/zero of=$d/f bs=1M count=64 2>/dev/null; echo $d=$?; done; "
+                    "df -k /tmp /dev/shm /build",
+                    timeout=30, limits={"tmp": 8 << 20, "shm": 4 << 20}),
+        busybox_run("fork_bomb", "b() { b | b & }; b; sleep 60",
+                    timeout=60, limits={"pids": 64}),
+        busybox_run("memory_hogs",
+                    "for i in 1 2 3 4 5 6 7 8; do "
+                    "(x=$(head -c 30000000 /dev/zero | tr '\\0' a); sleep 60; echo ${#x}) & "
+                    "done; wait",
+                    timeout=60, limits={"memory": 128 << 20}),
+        busybox_run("one_hog", "x=$(head -c 300000000 /dev/zero | tr '\\0' a); echo done",
+                    timeout=60, limits={"memory": 64 << 20}),
+        busybox_run("printer", "i=0; while true; do i=$((i+1)); echo line-$i; done",
+                    timeout=2, limits={"log": 64 << 10}),
         busybox_run("store_path",
                     "cat /proc/self/mountinfo /proc/1/mountinfo /proc/mounts; "
                     "readlink /proc/self/cwd; readlink /proc/1/root; ls -la /inputs; "
@@ -142,6 +177,7 @@ def escape(unprivileged: Unprivileged, sandbox_driver: Driver) -> Iterator[dict[
     try:
         results = sandbox_driver(runs, env={"HOST_SECRET_ENV": "leaked-value"})
         yield {"results": results, "secret": secret, "store": store, "out": out, "build": build,
+               "fill": fill,
                "victim": victim, "server": server, "root": unprivileged.root}
     finally:
         victim.kill()
@@ -279,3 +315,67 @@ def test_read_only_bind_where_overlayfs_refuses(escape: dict[str, Any]) -> None:
     log = _log(escape, "bind_fallback")
     assert log.startswith("Linux\n") and "rc=1" in log and "Read-only file system" in log
     assert " /k ro,nosuid,nodev" in log
+
+
+def _used(path: Path) -> int:
+    total = 0
+    for dirpath, dirnames, filenames in os.walk(path):
+        for name in dirnames + filenames:
+            total += os.lstat(os.path.join(dirpath, name)).st_blocks * 512
+    return total
+
+
+def test_cannot_fill_the_disk(escape: dict[str, Any]) -> None:
+    result = escape["results"]["fill_disk"]
+    assert result["limit"] == "disk" and not result["timed_out"], result
+    assert result["duration"] < 20
+    assert "big=153" in result["log"]  # 128 + SIGXFSZ: one file stops at the limit at once
+    assert (escape["fill"] / "out" / "big").stat().st_size == 32 << 20
+    # Many files are caught within a scan or two (what the run writes meanwhile, at
+    # page-cache speed, is the overshoot: about 0.35 GB at 7 GB/s on this machine).
+    hidden = escape["fill"] / "build" / "hide"
+    hidden.chmod(0o700)
+    assert _used(escape["fill"]) < 2 << 30
+
+
+def test_tmpfs_sizes(escape: dict[str, Any]) -> None:
+    result = escape["results"]["fill_tmpfs"]
+    log = result["log"]
+    assert "/tmp=1" in log and "/dev/shm=1" in log and "/build=1" in log, log
+    sizes = {line.split()[-1]: int(line.split()[1]) for line in log.splitlines()
+             if line.startswith("tmpfs")}
+    assert sizes == {"/tmp": 8192, "/dev/shm": 4096, "/build": 8192}
+
+
+def test_fork_bomb_is_stopped(escape: dict[str, Any]) -> None:
+    result = escape["results"]["fork_bomb"]
+    assert result["limit"] == "pids" and not result["timed_out"], result
+    assert result["survivors"] == []
+    assert "pids 64" in result["log"].splitlines()[0]  # the log says what applies, and how
+    assert result["mechanism"] in result["log"].splitlines()[0]
+
+
+def test_memory_is_bounded(escape: dict[str, Any]) -> None:
+    hogs = escape["results"]["memory_hogs"]  # each under the limit, together over it
+    assert hogs["limit"] == "memory" and not hogs["timed_out"], hogs
+    one = escape["results"]["one_hog"]  # one process over it: refused by the kernel
+    assert one["returncode"] != 0 and "done" not in one["log"], one
+    assert "out of memory" in one["log"] or one["limit"] == "memory"
+
+
+def test_log_keeps_head_and_tail(escape: dict[str, Any]) -> None:
+    result = escape["results"]["printer"]
+    assert result["timed_out"] and result["log_dropped"] > 1 << 20, result
+    log = result["log"]
+    first = log.splitlines()[0]
+    assert first.startswith("sandbox limits (") and "log 64 KiB" in first
+    head, marker, tail = log.partition(" bytes of output dropped here")
+    assert marker and "line-1\n" in head and "(limit log = 64 KiB)]" in tail
+    assert len(log.encode()) < (64 << 10) + 1024
+    last = [int(w[5:]) for w in tail.split() if w.startswith("line-") and w[5:].isdigit()]
+    assert last and min(last) > 10000  # the end of the output, not more of its start
+
+
+def test_deleted_open_files_are_counted(escape: dict[str, Any]) -> None:
+    unlinked = escape["results"]["unlinked_file"]  # deleted while open: no scan sees it
+    assert unlinked["limit"] == "disk" and not unlinked["timed_out"], unlinked

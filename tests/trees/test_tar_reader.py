@@ -13,7 +13,8 @@ import pytest
 from reprobuild.errors import ImageError
 from reprobuild.trees.diff import diff_trees
 from reprobuild.trees.load import load_tree
-from reprobuild.trees.tar_reader import SliceSource, Spool, parse_pax_time, tree_from_tar
+from reprobuild.trees.region import FileRegion
+from reprobuild.trees.tar_reader import Spool, parse_pax_time, tree_from_tar
 from reprobuild.trees.tree import EntryType, FileSource
 from tests.archive_helpers import M, compress, dir_, file, hardlink, symlink, write_tar
 from tests.conftest import need_tool
@@ -77,7 +78,7 @@ def test_uncompressed_members_are_read_in_place(tmp_path: Path) -> None:
     archive = write_tar(tmp_path / "a.tar", [file("a", b"hello" * 1000)])
     entry = tree_from_tar(archive).get(b"a")
     assert entry is not None and entry.content is not None
-    assert isinstance(entry.content.source, SliceSource)
+    assert isinstance(entry.content.source, FileRegion)
     assert entry.content.read() == b"hello" * 1000
 
 

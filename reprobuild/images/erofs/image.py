@@ -47,6 +47,7 @@ from reprobuild.images.erofs.ondisk import (
 )
 from reprobuild.images.erofs.read import read_image
 from reprobuild.images.registry import ImageOptions
+from reprobuild.images.timestamps import EROFS_TIMES, check_times
 from reprobuild.integrity.fsverity import digest_file
 from reprobuild.trees.tree import EntryType, Tree
 
@@ -67,6 +68,7 @@ def identity(options: ImageOptions) -> dict[str, str]:
 def write(tree: Tree, output: BinaryIO, options: ImageOptions) -> None:
     """Write ``tree`` as an EROFS image to the empty, seekable ``output``."""
     _check_options(options)
+    check_times(tree, options.epoch, EROFS_TIMES, "EROFS")
     volume_name = _volume_name(options.label)
     given_uuid = _parse_uuid(options.uuid) if options.uuid is not None else None
     layout = plan(tree, options.epoch, compress=options.compress == "lz4")

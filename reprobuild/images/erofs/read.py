@@ -37,6 +37,7 @@ from reprobuild.images.erofs.ondisk import (
     decode_dev,
     xattr_align,
 )
+from reprobuild.trees.region import EntryBudget, file_region
 from reprobuild.trees.tree import Content, Entry, EntryType, Tree, sort_xattrs
 
 _TYPE_OF_MODE = {
@@ -50,45 +51,6 @@ _TYPE_OF_MODE = {
 }
 
 
-class _RangeReader(io.RawIOBase):
-    """The concatenation of byte ranges of one file, as a readable stream."""
-
-    def __init__(self, path: bytes, ranges: tuple[tuple[int, int], ...]) -> None:
-        self._file = open(path, "rb", buffering=0)  # noqa: SIM115 - closed in close()
-        self._ranges = list(ranges)
-
-    def readable(self) -> bool:
-        return True
-
-    def readinto(self, buffer: bytearray | memoryview) -> int:  # type: ignore[override]
-        while self._ranges and self._ranges[0][1] == 0:
-            del self._ranges[0]
-        if not self._ranges:
-            return 0
-        offset, length = self._ranges[0]
-        view = memoryview(buffer)[:min(len(buffer), length)]
-        got = os.preadv(self._file.fileno(), [view], offset)
-        if got == 0:
-            raise ImageError("EROFS image ends inside a file's data")
-        self._ranges[0] = (offset + got, length - got)
-        return got
-
-    def close(self) -> None:
-        self._file.close()
-        super().close()
-
-
-@dataclass(frozen=True)
-class ErofsDataSource:
-    """A regular file's bytes inside an EROFS image: (offset, length) ranges in order."""
-
-    image: bytes
-    ranges: tuple[tuple[int, int], ...]
-
-    def open(self) -> BinaryIO:
-        return io.BufferedReader(_RangeReader(self.image, self.ranges), 1 << 20)
-
-
 @dataclass(frozen=True)
 class ErofsCompressedSource:
     """A compressed regular file inside an EROFS image, decompressed when opened."""
@@ -100,7 +62,11 @@ class ErofsCompressedSource:
     def open(self) -> BinaryIO:
         with open(self.image, "rb") as stream, \
                 mmap.mmap(stream.fileno(), 0, access=mmap.ACCESS_READ) as data:
-            return io.BytesIO(read_compressed(data, self.index_base, self.size))
+            try:
+                return io.BytesIO(read_compressed(data, self.index_base, self.size))
+            except (struct.error, IndexError, ValueError) as exc:
+                raise ImageError(f"{self.image.decode(errors='replace')}: damaged compressed "
+                                 f"file data in an EROFS image ({exc})") from None
 
 
 @dataclass(frozen=True)
@@ -128,6 +94,9 @@ class _Image:
          _incompat, *_rest) = EROFS_SUPER_BLOCK.unpack_from(data, EROFS_SUPER_OFFSET)
         if magic != EROFS_SUPER_MAGIC:
             raise ImageError(f"{path.decode(errors='replace')} is not an EROFS image")
+        if not 9 <= blkszbits <= 16:
+            raise ImageError(f"{path.decode(errors='replace')}: EROFS block size 2^{blkszbits}"
+                             " is not one the kernel reads (512 bytes to 64 KiB)")
         self.block_size = 1 << blkszbits
         if compat & FEATURE_COMPAT_SB_CHKSUM:
             block = bytearray(data[EROFS_SUPER_OFFSET:max(self.block_size, 4096)])
@@ -139,7 +108,10 @@ class _Image:
 
     def inode(self, nid: int) -> _Inode:
         at = self.meta + nid * ISLOT_SIZE
+        self.inside(at, 2, f"inode {nid}")
         i_format = int.from_bytes(self.data[at:at + 2], "little")
+        self.inside(at, EROFS_INODE_EXTENDED.size if i_format & 1 else EROFS_INODE_COMPACT.size,
+                    f"inode {nid}")
         extended = i_format & 1
         datalayout = (i_format >> 1) & 7
         if extended:
@@ -153,6 +125,7 @@ class _Image:
             mtime_nsec = self.build_time_nsec
             isize = EROFS_INODE_COMPACT.size
         xattr_size = EROFS_XATTR_IBODY_HEADER.size + 4 * (icount - 1) if icount else 0
+        self.inside(at, isize + xattr_size, f"inode {nid} with its xattrs")
         xattrs = self._xattrs(at + isize, xattr_size) if icount else ()
         ranges: tuple[tuple[int, int], ...] = ()
         index_base = None
@@ -161,6 +134,9 @@ class _Image:
             if datalayout == COMPRESSED_FULL and kind == stat.S_IFREG:
                 end = at + isize + xattr_size
                 index_base = end + index_area_size(isize + xattr_size, 0)
+                if end + index_area_size(isize + xattr_size, size) > len(self.data):
+                    raise ImageError(f"EROFS inode {nid}: {size} bytes need more cluster "
+                                     "indexes than the image holds")
             elif datalayout == INODE_FLAT_PLAIN:
                 ranges = ((i_u * self.block_size, size),)
             elif datalayout == INODE_FLAT_INLINE:
@@ -172,6 +148,12 @@ class _Image:
                     " cannot read", hint="only uncompressed flat EROFS images can be read")
         return _Inode(mode, nlink, size, uid, gid, mtime * 1_000_000_000 + mtime_nsec,
                       i_u, tuple(r for r in ranges if r[1]), xattrs, index_base)
+
+    def inside(self, at: int, size: int, what: str) -> None:
+        """Refuse a structure of ``size`` bytes at ``at`` that is not inside the image."""
+        if at < 0 or at + size > len(self.data):
+            raise ImageError(f"{self.path.decode(errors='replace')}: EROFS {what} at offset "
+                             f"{at} lies past the end of the image ({len(self.data)} bytes)")
 
     def _xattrs(self, at: int, size: int) -> tuple[tuple[bytes, bytes], ...]:
         _, shared_count, _ = EROFS_XATTR_IBODY_HEADER.unpack_from(self.data, at)
@@ -188,6 +170,7 @@ class _Image:
         return sort_xattrs(found)
 
     def _xattr_entry(self, at: int) -> tuple[tuple[bytes, bytes], int]:
+        self.inside(at, EROFS_XATTR_ENTRY.size, "xattr")
         name_len, index, value_size = EROFS_XATTR_ENTRY.unpack_from(self.data, at)
         prefix = XATTR_PREFIX_OF_INDEX.get(index)
         if prefix is None:
@@ -198,6 +181,10 @@ class _Image:
         return (name, value), xattr_align(EROFS_XATTR_ENTRY.size + name_len + value_size)
 
     def bytes_of(self, inode: _Inode) -> bytes:
+        for offset, length in inode.ranges:
+            if offset + length > len(self.data):
+                raise ImageError(f"{self.path.decode(errors='replace')}: {length} bytes at "
+                                 f"offset {offset} lie past the end of the EROFS image")
         return b"".join(self.data[offset:offset + length] for offset, length in inode.ranges)
 
     def dirents(self, inode: _Inode) -> list[tuple[bytes, int]]:
@@ -239,10 +226,13 @@ def _walk(image: _Image) -> Tree:
     first_path: dict[int, bytes] = {}
     seen_dirs = {image.root_nid}
     stack: list[tuple[bytes, int, _Inode]] = [(b"", image.root_nid, root)]
+    budget = EntryBudget(len(image.data), image.path)
     while stack:
         dir_path, _, directory = stack.pop()
         subdirs: list[tuple[bytes, int, _Inode]] = []
-        for name, child_nid in sorted(image.dirents(directory)):
+        listing = image.dirents(directory)
+        budget.take(len(listing))
+        for name, child_nid in sorted(listing):
             path = dir_path + b"/" + name if dir_path else name
             if b"/" in name or not name:
                 raise ImageError(f"EROFS directory entry {path!r} has an invalid name")
@@ -274,7 +264,9 @@ def _entry(image: _Image, path: bytes, inode: _Inode) -> Entry:
         content = Content(inode.size,
                           ErofsCompressedSource(image.path, inode.index_base, inode.size))
     elif kind is EntryType.REGULAR:
-        content = Content(inode.size, ErofsDataSource(image.path, inode.ranges))
+        content = Content(inode.size, file_region(
+            image.path, inode.ranges, file_size=len(image.data),
+            what=f"{image.path.decode(errors='replace')}: /{path.decode(errors='replace')}"))
     elif kind is EntryType.SYMLINK:
         target = image.bytes_of(inode)
     return Entry(path, kind, stat.S_IMODE(inode.st_mode), inode.uid, inode.gid,

@@ -9,7 +9,6 @@ encodings, hardlinks by inode number. File contents stream from the image file.
 
 from __future__ import annotations
 
-import io
 import os
 import stat
 import struct
@@ -36,6 +35,7 @@ from reprobuild.images.ext4.ondisk import (
     decode_device,
     decode_time,
 )
+from reprobuild.trees.region import EntryBudget, file_region
 from reprobuild.trees.tree import Content, Entry, EntryType, Tree
 
 _TYPES = {
@@ -53,94 +53,65 @@ class ImageExtent:
     physical: int
 
 
-class _ExtentReader(io.RawIOBase):
-    """A file's bytes read through its extents; holes read as zeros."""
-
-    def __init__(self, path: bytes, extents: tuple[ImageExtent, ...], size: int,
-                 block_size: int) -> None:
-        super().__init__()
-        self._image = open(path, "rb")  # noqa: SIM115 - closed by close()
-        self._extents = extents
-        self._size = size
-        self._bs = block_size
-        self._pos = 0
-        self._index = 0
-
-    def readable(self) -> bool:
-        return True
-
-    def close(self) -> None:
-        self._image.close()
-        super().close()
-
-    def readinto(self, buffer: bytearray | memoryview) -> int:  # type: ignore[override]
-        want = min(len(buffer), self._size - self._pos)
-        if want <= 0:
-            return 0
-        bs = self._bs
-        block = self._pos // bs
-        while (self._index < len(self._extents)
-               and self._extents[self._index].logical + self._extents[self._index].length
-               <= block):
-            self._index += 1
-        view = memoryview(buffer).cast("B")
-        if self._index < len(self._extents) and self._extents[self._index].logical <= block:
-            ext = self._extents[self._index]
-            end = (ext.logical + ext.length) * bs
-            n = min(want, end - self._pos)
-            self._image.seek(ext.physical * bs + self._pos - ext.logical * bs)
-            data = self._image.read(n)
-            if len(data) != n:
-                raise ImageError("ext4 image is truncated: a file extent lies past its end")
-            view[:n] = data
-        else:
-            nxt = (self._extents[self._index].logical * bs
-                   if self._index < len(self._extents) else self._size)
-            n = min(want, nxt - self._pos)
-            view[:n] = bytes(n)
-        self._pos += n
-        return n
+MAX_DEPTH = 5  # extent tree levels the kernel accepts (EXT4_MAX_EXTENT_DEPTH)
+MAX_SYMLINK = 4096  # PATH_MAX
 
 
-@dataclass(frozen=True)
-class ExtentSource:
-    """A regular file's bytes inside an ext4 image."""
-
-    image: bytes
-    extents: tuple[ImageExtent, ...]
-    size: int
-    block_size: int
-
-    def open(self) -> BinaryIO:
-        return io.BufferedReader(_ExtentReader(self.image, self.extents, self.size,
-                                               self.block_size), 1 << 20)
+def _pieces(extents: list[ImageExtent], size: int, block_size: int, what: str
+            ) -> list[tuple[int | None, int]]:
+    """A file's extents as (image offset or None for a hole, length) pieces of ``size``."""
+    pieces: list[tuple[int | None, int]] = []
+    position = 0  # bytes of the file covered so far
+    for ext in sorted(extents, key=lambda e: e.logical):
+        start = ext.logical * block_size
+        if start < position:
+            raise ImageError(f"{what}: extents overlap at logical block {ext.logical}")
+        if start >= size:
+            break
+        if start > position:
+            pieces.append((None, start - position))
+        length = min(ext.length * block_size, size - start)
+        pieces.append((ext.physical * block_size, length))
+        position = start + length
+    if position < size:
+        pieces.append((None, size - position))
+    return pieces
 
 
 class Ext4Image:
-    """Random access to the structures of one ext4 image file."""
+    """Random access to the structures of one ext4 image file, every field checked first."""
 
     def __init__(self, path: bytes, stream: BinaryIO) -> None:
         self.path = path
         self.stream = stream
+        self.file_size = os.fstat(stream.fileno()).st_size
         stream.seek(SUPERBLOCK_OFFSET)
         sb = stream.read(1024)
         if len(sb) < 1024 or struct.unpack_from("<H", sb, 56)[0] != EXT4_SUPER_MAGIC:
-            raise ImageError(f"{path.decode(errors='replace')} is not an ext2/3/4 image",
+            raise ImageError(f"{self.shown} is not an ext2/3/4 image",
                              hint="check the path and the --format")
         (self.inodes_count, blocks_lo, _r, _f, _fi, self.first_data_block, log_bs, _lc,
          self.blocks_per_group, _cpg, self.inodes_per_group) = struct.unpack_from("<11I", sb)
-        self.block_size = 1024 << log_bs
         self.inode_size = struct.unpack_from("<H", sb, 88)[0]
         incompat = struct.unpack_from("<I", sb, 96)[0]
         self.desc_size = struct.unpack_from("<H", sb, 254)[0] if incompat & INCOMPAT_64BIT \
             else 32
         self.desc_size = self.desc_size or 32
+        if log_bs > 6 or not self.blocks_per_group or not self.inodes_per_group \
+                or self.inode_size < 128 or self.inode_size & (self.inode_size - 1) \
+                or self.inode_size > (1024 << log_bs) or self.desc_size < 32 \
+                or self.first_data_block > 1:
+            raise self.damaged("superblock fields out of range (block size, group sizes, "
+                               "inode or descriptor size)")
+        self.block_size = 1024 << log_bs
         blocks_hi = struct.unpack_from("<I", sb, 336)[0] if incompat & INCOMPAT_64BIT else 0
         self.blocks_count = blocks_lo | (blocks_hi << 32)
         groups = -(-(self.blocks_count - self.first_data_block) // self.blocks_per_group)
-        gdt_block = self.first_data_block + 1
-        stream.seek(gdt_block * self.block_size)
-        gdt = stream.read(groups * self.desc_size)
+        if groups <= 0 or groups * self.desc_size > self.file_size \
+                or self.inodes_count > groups * self.inodes_per_group:
+            raise self.damaged(f"{groups} block groups do not fit in the image")
+        gdt = self.read_bytes((self.first_data_block + 1) * self.block_size,
+                              groups * self.desc_size, "group descriptors")
         self.inode_tables = []
         for g in range(groups):
             lo = struct.unpack_from("<I", gdt, g * self.desc_size + 8)[0]
@@ -148,34 +119,56 @@ class Ext4Image:
                 if self.desc_size >= 64 else 0
             self.inode_tables.append(lo | (hi << 32))
 
+    @property
+    def shown(self) -> str:
+        return self.path.decode("utf-8", "backslashreplace")
+
+    def damaged(self, detail: str) -> ImageError:
+        return ImageError(f"{self.shown}: damaged ext4 image: {detail}",
+                          hint="check it with e2fsck -fn")
+
+    def read_bytes(self, offset: int, size: int, what: str) -> bytes:
+        if offset < 0 or size < 0 or offset + size > self.file_size:
+            raise self.damaged(f"{what} ({size} bytes at offset {offset}) lie past the end "
+                               f"of the image ({self.file_size} bytes)")
+        self.stream.seek(offset)
+        return self.stream.read(size)
+
     def read_block(self, block: int) -> bytes:
-        self.stream.seek(block * self.block_size)
-        data = self.stream.read(self.block_size)
-        if len(data) != self.block_size:
-            raise ImageError(f"ext4 image is truncated: block {block} lies past its end")
-        return data
+        return self.read_bytes(block * self.block_size, self.block_size, f"block {block}")
 
     def inode(self, ino: int) -> bytes:
+        if not 1 <= ino <= self.inodes_count:
+            raise self.damaged(f"inode number {ino} is outside 1..{self.inodes_count}")
         group, index = divmod(ino - 1, self.inodes_per_group)
-        self.stream.seek(self.inode_tables[group] * self.block_size + index * self.inode_size)
-        return self.stream.read(self.inode_size)
+        return self.read_bytes(self.inode_tables[group] * self.block_size
+                               + index * self.inode_size, self.inode_size, f"inode {ino}")
 
-    def extents(self, node: bytes, ino: int) -> list[ImageExtent]:
-        magic, entries, _max, depth, _gen = EXT4_EXTENT_HEADER.unpack_from(node)
+    def extents(self, node: bytes, ino: int, depth_above: int | None = None
+                ) -> list[ImageExtent]:
+        magic, entries, maximum, depth, _gen = EXT4_EXTENT_HEADER.unpack_from(node)
         if magic != EXTENT_MAGIC:
-            raise ImageError(f"ext4 inode {ino}: bad extent header")
+            raise self.damaged(f"inode {ino}: bad extent header")
+        if depth > MAX_DEPTH or (depth_above is not None and depth != depth_above - 1) \
+                or entries > maximum or 12 + 12 * entries > len(node):
+            raise self.damaged(f"inode {ino}: extent node of depth {depth} with {entries} "
+                               f"entries does not fit its place")
         out: list[ImageExtent] = []
+        blocks = self.file_size // self.block_size
         for i in range(entries):
             off = 12 + 12 * i
             if depth == 0:
                 logical, length, hi, lo = EXT4_EXTENT.unpack_from(node, off)
                 if length > 32768:
-                    length -= 32768  # unwritten extent: reads as zeros
-                    continue
-                out.append(ImageExtent(logical, length, lo | (hi << 32)))
+                    continue  # unwritten extent: reads as zeros
+                physical = lo | (hi << 32)
+                if physical + length > blocks:
+                    raise self.damaged(f"inode {ino}: extent of {length} blocks at block "
+                                       f"{physical} lies past the end of the image")
+                out.append(ImageExtent(logical, length, physical))
             else:
                 _logical, lo, hi, _ = EXT4_EXTENT_IDX.unpack_from(node, off)
-                out.extend(self.extents(self.read_block(lo | (hi << 32)), ino))
+                out.extend(self.extents(self.read_block(lo | (hi << 32)), ino, depth))
         return out
 
     def file_extents(self, raw: bytes, ino: int) -> list[ImageExtent]:
@@ -186,7 +179,10 @@ class Ext4Image:
         return self.extents(raw[40:100], ino)
 
     def data(self, raw: bytes, ino: int, size: int) -> bytes:
-        """Small files only (directories, symlinks)."""
+        """Small files only (directories, symlinks): at most the image's size."""
+        if size > self.file_size:
+            raise self.damaged(f"inode {ino} claims {size} bytes of metadata, more than "
+                               "the image holds")
         out = bytearray(size)
         bs = self.block_size
         for ext in self.file_extents(raw, ino):
@@ -202,14 +198,17 @@ class Ext4Image:
         data = self.data(raw, ino, size)
         out = []
         bs = self.block_size
-        for base in range(0, len(data), bs):
+        for base in range(0, len(data) - len(data) % bs, bs):
             pos = base
             while pos < base + bs - 8:
                 child, rec_len, name_len, _ = EXT4_DIR_ENTRY_2.unpack_from(data, pos)
-                if rec_len < 8:
-                    raise ImageError(f"ext4 directory inode {ino}: corrupt entry at {pos}")
+                if rec_len < 8 or rec_len % 4 or pos + rec_len > base + bs \
+                        or 8 + name_len > rec_len:
+                    raise self.damaged(f"directory inode {ino}: corrupt entry at {pos}")
                 name = data[pos + 8: pos + 8 + name_len]
                 if child and name not in (b".", b".."):
+                    if not name or b"/" in name or b"\0" in name:
+                        raise self.damaged(f"directory inode {ino}: bad name {name!r}")
                     out.append((name, child))
                 pos += rec_len
         return sorted(out)
@@ -220,15 +219,25 @@ class Ext4Image:
             extra = struct.unpack_from("<H", raw, 128)[0]
             start = 128 + extra
             if start + 4 <= len(raw) and struct.unpack_from("<I", raw, start)[0] == XATTR_MAGIC:
-                found += _xattr_entries(raw, start + 4, start + 4)
+                found += self._entries(raw, start + 4, start + 4, ino)
         block = struct.unpack_from("<I", raw, 104)[0] | (struct.unpack_from("<H", raw, 118)[0]
                                                          << 32)
         if block:
             data = self.read_block(block)
             if struct.unpack_from("<I", data)[0] != XATTR_MAGIC:
-                raise ImageError(f"ext4 inode {ino}: bad xattr block {block}")
-            found += _xattr_entries(data, 32, 0)
+                raise self.damaged(f"inode {ino}: bad xattr block {block}")
+            found += self._entries(data, 32, 0, ino)
+        names = [name for name, _ in found]
+        if len(set(names)) != len(names):
+            raise self.damaged(f"inode {ino}: an xattr name appears twice")
         return tuple(sorted(found))
+
+    def _entries(self, region: bytes, pos: int, base: int, ino: int
+                 ) -> list[tuple[bytes, bytes]]:
+        try:
+            return _xattr_entries(region, pos, base)
+        except (struct.error, ValueError) as exc:
+            raise self.damaged(f"inode {ino}: bad xattr entry ({exc})") from None
 
 
 def _xattr_entries(region: bytes, pos: int, value_base: int) -> list[tuple[bytes, bytes]]:
@@ -237,6 +246,9 @@ def _xattr_entries(region: bytes, pos: int, value_base: int) -> list[tuple[bytes
         name_len, index, value_offs, _inum, value_size, _h = \
             EXT4_XATTR_ENTRY.unpack_from(region, pos)
         suffix = region[pos + 16: pos + 16 + name_len]
+        if pos + 16 + name_len > len(region) \
+                or value_base + value_offs + value_size > len(region):
+            raise ValueError("a name or value lies past the end of its block")
         value = region[value_base + value_offs: value_base + value_offs + value_size]
         if index in (2, 3):
             value = acl_from_disk(value)
@@ -253,9 +265,11 @@ def read_image(path: str | bytes | os.PathLike[str]) -> Tree:
         root_raw = image.inode(ROOT_INO)
         tree = Tree(_entry(image, b"", ROOT_INO, root_raw))
         seen: dict[int, bytes] = {}
+        seen_dirs = {ROOT_INO}
+        budget = EntryBudget(image.file_size, image_path)
         # Depth-first, children in name order: canonical order, so the first path of a
         # hardlink group (the primary) is the one the tree model expects.
-        stack = [(b"", iter(image.dir_entries(root_raw, ROOT_INO)))]
+        stack = [(b"", iter(_listing(image, root_raw, ROOT_INO, budget)))]
         while stack:
             parent, children = stack[-1]
             step = next(children, None)
@@ -273,8 +287,18 @@ def read_image(path: str | bytes | os.PathLike[str]) -> Tree:
                 seen[child] = child_path
             tree.add(entry)
             if entry.type is EntryType.DIRECTORY:
-                stack.append((child_path, iter(image.dir_entries(child_raw, child))))
+                if child in seen_dirs:
+                    raise image.damaged(f"directory inode {child} appears twice (a loop)")
+                seen_dirs.add(child)
+                stack.append((child_path, iter(_listing(image, child_raw, child, budget))))
     return tree
+
+
+def _listing(image: Ext4Image, raw: bytes, ino: int, budget: EntryBudget
+             ) -> list[tuple[bytes, int]]:
+    entries = image.dir_entries(raw, ino)
+    budget.take(len(entries))
+    return entries
 
 
 def _entry(image: Ext4Image, path: bytes, ino: int, raw: bytes) -> Entry:
@@ -289,11 +313,16 @@ def _entry(image: Ext4Image, path: bytes, ino: int, raw: bytes) -> Entry:
     size = size_lo | (size_hi << 32)
     mtime_ns = decode_time(mtime, mtime_extra if extra_isize >= 12 else 0)
     fields: dict[str, object] = {}
+    what = f"{image.shown}: /{path.decode(errors='replace')}"
     if kind is EntryType.REGULAR:
-        extents = tuple(image.file_extents(raw, ino))
-        fields["content"] = Content(size, ExtentSource(image.path, extents, size,
-                                                       image.block_size))
+        if size > image.block_size << 32:
+            raise image.damaged(f"inode {ino} claims {size} bytes, more than ext4 holds")
+        pieces = _pieces(image.file_extents(raw, ino), size, image.block_size, what)
+        fields["content"] = Content(size, file_region(image.path, pieces,
+                                                      file_size=image.file_size, what=what))
     elif kind is EntryType.SYMLINK:
+        if not 0 < size <= MAX_SYMLINK:
+            raise image.damaged(f"symlink inode {ino} has a target of {size} bytes")
         if flags & EXTENTS_FL:
             fields["target"] = image.data(raw, ino, size)
         else:

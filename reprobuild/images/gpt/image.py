@@ -62,13 +62,11 @@ read-only regular file per partition, named ``NUMBER-LABEL`` (``/`` in labels be
 
 from __future__ import annotations
 
-import io
 import json
 import os
 import uuid as uuidlib
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import BinaryIO
 
 import blake3
 
@@ -78,11 +76,13 @@ from reprobuild.images.gpt.layout import (
     ATTRIBUTE_BITS,
     TYPE_NAMES,
     DiskLayout,
+    GptEntry,
     GptTable,
     PartitionSpec,
 )
 from reprobuild.images.registry import ImageOptions
 from reprobuild.integrity.verity import content_digest_of
+from reprobuild.trees.region import FileRegion, file_region
 from reprobuild.trees.tree import Content, Entry, EntryType, Tree
 from reprobuild.units import parse_size
 
@@ -411,46 +411,6 @@ def read_table(path: str | bytes | os.PathLike[str]) -> GptTable:
     raise ImageError(f"{disk}: not a GPT disk", hint="no 'EFI PART' header at LBA 1")
 
 
-class _RegionReader(io.RawIOBase):
-    """Reads ``size`` bytes of a file from ``offset``, as if they were a whole file."""
-
-    def __init__(self, path: str, offset: int, size: int) -> None:
-        super().__init__()
-        self._fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-        self._offset = offset
-        self._size = size
-        self._position = 0
-
-    def readable(self) -> bool:
-        return True
-
-    def readinto(self, buffer: memoryview) -> int:  # type: ignore[override]
-        want = min(len(buffer), self._size - self._position)
-        if want <= 0:
-            return 0
-        data = os.pread(self._fd, want, self._offset + self._position)
-        buffer[:len(data)] = data
-        self._position += len(data)
-        return len(data)
-
-    def close(self) -> None:
-        if not self.closed:
-            os.close(self._fd)
-        super().close()
-
-
-@dataclass(frozen=True)
-class RegionSource:
-    """A partition's bytes: a region of the disk file."""
-
-    path: str
-    offset: int
-    size: int
-
-    def open(self) -> BinaryIO:
-        return io.BufferedReader(_RegionReader(self.path, self.offset, self.size), 1 << 20)
-
-
 def partition_file_name(number: int, label: str) -> bytes:
     clean = label.replace("/", "_").replace("\0", "_")
     return f"{number}-{clean}".encode() if clean else str(number).encode()
@@ -462,8 +422,20 @@ def read(path: str | bytes | os.PathLike[str]) -> Tree:
     table = read_table(disk)
     tree = Tree(Entry(b"", EntryType.DIRECTORY, 0o555))
     for entry in table.entries:
-        offset = entry.first_lba * table.sector_size
-        size = (entry.last_lba - entry.first_lba + 1) * table.sector_size
+        region = partition_region(disk, table, entry)
         tree.add(Entry(partition_file_name(entry.number, entry.name), EntryType.REGULAR,
-                       0o444, content=Content(size, RegionSource(disk, offset, size))))
+                       0o444, content=Content(region.size, region)))
     return tree
+
+
+def partition_region(disk: str | bytes | os.PathLike[str], table: GptTable,
+                     entry: GptEntry) -> FileRegion:
+    """A partition's bytes as a region of the disk file, checked to lie inside it."""
+    what = f"{os.fsdecode(disk)}: partition {entry.number}"
+    if entry.last_lba < entry.first_lba:
+        raise ImageError(f"{what} ends (LBA {entry.last_lba}) before it starts "
+                         f"(LBA {entry.first_lba})", hint="the partition table is damaged")
+    offset = entry.first_lba * table.sector_size
+    size = (entry.last_lba - entry.first_lba + 1) * table.sector_size
+    return file_region(os.fsencode(disk), ((offset, size),), file_size=os.path.getsize(disk),
+                       what=what)

@@ -297,6 +297,9 @@ def parse(head: bytes, sector_size: int, where: str) -> GptTable:
     check[3] = 0
     if header_size != GPT_HEADER.size or zlib.crc32(GPT_HEADER.pack(*check)) != crc:
         raise ImageError(f"{where}: GPT header CRC mismatch", hint="the disk is corrupt")
+    if entry_size < GPT_ENTRY.size or entry_size % 8 or count * entry_size > len(head):
+        raise ImageError(f"{where}: GPT header claims {count} entries of {entry_size} "
+                         "bytes", hint="the partition table is damaged")
     start = entries_lba * sector_size
     array = head[start:start + count * entry_size]
     if len(array) != count * entry_size or zlib.crc32(array) != entries_crc:

@@ -113,10 +113,11 @@ class Compressor:
                     dctx = zstandard.ZstdDecompressor()
                     self._local.dctx = dctx
                 out = dctx.decompress(data, max_output_size=limit)
-            elif self.name == "gzip":
-                out = zlib.decompress(data)
+            elif self.name == "gzip":  # bounded: a damaged block must not inflate to GBs
+                out = zlib.decompressobj().decompress(data, limit + 1)
             elif self.name == "xz":
-                out = lzma.decompress(data, format=lzma.FORMAT_XZ)
+                out = lzma.LZMADecompressor(format=lzma.FORMAT_XZ).decompress(
+                    data, max_length=limit + 1)
             elif self.name == "lz4":
                 out = lz4.block.decompress(data, uncompressed_size=limit)
             else:

@@ -55,6 +55,7 @@ from reprobuild.images.squashfs.ondisk import (
     XATTR_PREFIXES,
     decode_rdev,
 )
+from reprobuild.trees.region import EntryBudget
 from reprobuild.trees.tree import Content, Entry, EntryType, Tree, path_key, sort_xattrs
 
 
@@ -103,12 +104,18 @@ class MetadataReader:
         self.image = image
         self.compressor = compressor
         self.cache: dict[int, tuple[bytes, int]] = {}
+        self.file_size = os.fstat(image.fileno()).st_size
+        # What a metadata read may ask for: every 8 KiB block takes at least 3 bytes of
+        # the image, so a longer read can only come from a damaged length or count.
+        self.limit = SQUASHFS_METADATA_SIZE * (self.file_size // 3 + 1)
 
     def block(self, position: int) -> tuple[bytes, int]:
         """The decompressed block at ``position`` and the position of the next one."""
         cached = self.cache.get(position)
         if cached is not None:
             return cached
+        if not 0 <= position <= self.file_size - 2:
+            raise ImageError(f"squashfs: metadata block at {position} lies outside the image")
         self.image.seek(position)
         (header,) = SQUASHFS_METADATA_HEADER.unpack(self.image.read(2))
         length = header & ~SQUASHFS_COMPRESSED_BIT
@@ -123,6 +130,9 @@ class MetadataReader:
 
     def read(self, position: int, offset: int, size: int) -> tuple[bytes, int, int]:
         """``size`` bytes from (block at ``position``, ``offset``); and where they end."""
+        if size > self.limit:
+            raise ImageError(f"squashfs: a metadata read of {size} bytes is more than the "
+                             "image can hold")
         out = bytearray()
         while len(out) < size:
             data, following = self.block(position)
@@ -142,6 +152,9 @@ class MetadataReader:
         """A table of ``count`` entries stored as metadata blocks listed at ``start``."""
         total = count * entry_size
         blocks = (total + SQUASHFS_METADATA_SIZE - 1) // SQUASHFS_METADATA_SIZE
+        if total > self.limit or not 0 <= start <= self.file_size - 8 * blocks:
+            raise ImageError(f"squashfs: a table of {count} entries at {start} does not fit "
+                             "in the image")
         self.image.seek(start)
         index = self.image.read(8 * blocks)
         out = bytearray()
@@ -171,6 +184,7 @@ class _BlockStream(io.RawIOBase):
     def __init__(self, source: BlockSource) -> None:
         self.source = source
         self.image = open(source.image_path, "rb")  # noqa: SIM115 - closed in close()
+        self.file_size = os.fstat(self.image.fileno()).st_size
         self.block_number = 0
         self.position = source.start
         self.buffer = b""
@@ -202,6 +216,9 @@ class _BlockStream(io.RawIOBase):
 
     def _load(self, position: int, size_field: int, want: int) -> bytes:
         length = size_field & ~SQUASHFS_COMPRESSED_BIT_BLOCK
+        if length > self.source.block_size or not 0 <= position <= self.file_size - length:
+            raise ImageError(f"squashfs: a data block of {length} bytes at {position} lies "
+                             "outside the image", hint="the image is truncated or damaged")
         self.image.seek(position)
         raw = self.image.read(length)
         if size_field & SQUASHFS_COMPRESSED_BIT_BLOCK:
@@ -429,6 +446,8 @@ def _walk(reader: _Reader) -> Tree:
     reader.layout[b""] = (reader.last_kind, 0)
     stack: list[tuple[bytes, tuple[int, ...]]] = [(b"", extra)]
     seen_directories: set[int] = set()
+    # Listings are compressed: allow many entries per image byte, but not without bound.
+    budget = EntryBudget(8 * reader.metadata.file_size, reader.path)
     while stack:
         path, (number, start, offset, size) = stack.pop()
         if number in seen_directories:
@@ -436,6 +455,7 @@ def _walk(reader: _Reader) -> Tree:
                              " image is corrupt")
         seen_directories.add(number)
         listing = reader.listing(start, offset, size)
+        budget.take(len(listing))
         reader.layout[path] = (reader.layout[path][0], reader.last_headers)
         for name, ref in listing:
             child = path + b"/" + name if path else name

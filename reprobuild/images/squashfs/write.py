@@ -123,8 +123,12 @@ def write_plan(plan: SquashfsPlan, output: BinaryIO, settings: WriteSettings) ->
             raise ImageError(f"squashfs: the image needs {padded} bytes, more than the"
                              f" {settings.size} requested", hint="raise the size or omit it")
         padded = settings.size
-    while image.position < padded:
-        image.write(bytes(min(padded - image.position, 1 << 20)))
+    if image.position < padded:
+        # Holes, not written zeros: a sized image stays sparse on disk.
+        output.truncate(padded)
+        end = output.seek(0, os.SEEK_END)
+        if end < padded:  # an in-memory file does not grow by truncate
+            output.write(bytes(padded - end))
     block_log = plan.block_size.bit_length() - 1
     root_ref = inode_refs.refs[plan.root_index]
     output.seek(0)
