@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import os
 import stat
+import tarfile
 from dataclasses import dataclass
 from typing import BinaryIO, Protocol, cast
 
@@ -27,7 +28,8 @@ from reprobuild.errors import ReprobuildError
 from reprobuild.images import tar
 from reprobuild.images.registry import ImageOptions
 from reprobuild.trees.directory import tree_from_directory
-from reprobuild.trees.tar_reader import SliceSource, tree_from_tar
+from reprobuild.trees.region import FileRegion
+from reprobuild.trees.tar_reader import Spool, tree_from_tar
 from reprobuild.trees.tree import Content, Entry, EntryType, FileSource, Tree
 
 ZSTD_LEVEL = 3
@@ -176,8 +178,11 @@ def unpack(tar_path: str, directory: str, what: str) -> str:
     ``directory`` must be a fresh private directory. Refuses (with
     :class:`ObjectError`) any archive that is not one output.
     """
+    _check_sizes(tar_path, what)
     try:
-        tree = tree_from_tar(tar_path)
+        # Nothing should need spooling (the tar is plain, without sparse members); if
+        # anything does, it stays in the private work directory, never in /tmp.
+        tree = tree_from_tar(tar_path, spool=Spool(os.path.join(directory, "spool")))
     except ReprobuildError as exc:
         raise ObjectError(f"{what}: refused archive: {exc.message}") from None
     names = [e.path for e in tree.children(b"")]
@@ -189,6 +194,20 @@ def unpack(tar_path: str, directory: str, what: str) -> str:
         if entry.path:
             _write_entry(tree, entry, place, what)
     return os.fsdecode(place.path(TOP))
+
+
+def _check_sizes(tar_path: str, what: str) -> None:
+    """Refuse sparse members before the reader expands them: ours has none, and a sparse
+    member can claim terabytes with a few bytes of archive."""
+    try:
+        with tarfile.open(tar_path, mode="r:") as archive:
+            for info in archive:  # headers only: member data is skipped, not read
+                if info.issparse():
+                    raise ObjectError(f"{what}: member {info.name!r} is sparse (it claims "
+                                      f"{info.size} bytes)", hint="reprobuild writes no "
+                                      "sparse members; this archive was not made by copy")
+    except (tarfile.TarError, OSError, ValueError) as exc:
+        raise ObjectError(f"{what}: refused archive: not a readable tar ({exc})") from None
 
 
 def _write_entry(tree: Tree, entry: Entry, place: _Place, what: str) -> None:
@@ -219,21 +238,35 @@ def _write_entry(tree: Tree, entry: Entry, place: _Place, what: str) -> None:
 
 
 def _copy_content(content: Content, out: BinaryIO) -> int:
-    """Copy a member's bytes; in-place members of the tar are copied by the kernel."""
+    """Copy a member's bytes; pieces of the tar read in place are copied by the kernel."""
     source = content.source
-    if isinstance(source, SliceSource):
-        with open(source.path, "rb") as tar_file:
-            offset, left = source.offset, source.size
-            while left:
-                count = os.copy_file_range(tar_file.fileno(), out.fileno(), min(left, 1 << 30),
-                                           offset)
-                if count == 0:
-                    break
-                offset += count
-                left -= count
-        return source.size - left
+    if not isinstance(source, FileRegion):
+        written = 0
+        for chunk in content.chunks(CHUNK):
+            out.write(chunk)
+            written += len(chunk)
+        return written
+    out.flush()
     written = 0
-    for chunk in content.chunks(CHUNK):
-        out.write(chunk)
-        written += len(chunk)
+    with open(source.path, "rb") as tar_file:
+        for piece in source.pieces:
+            if piece.offset is None:  # a hole: zeros, like any other bytes of an output
+                for start in range(0, piece.length, CHUNK):
+                    out.write(bytes(min(CHUNK, piece.length - start)))
+                out.flush()
+                written += piece.length
+                continue
+            written += _copy_range(tar_file.fileno(), out.fileno(), piece.offset,
+                                   piece.length)
     return written
+
+
+def _copy_range(source: int, destination: int, offset: int, length: int) -> int:
+    copied = 0
+    while copied < length:
+        count = os.copy_file_range(source, destination, min(length - copied, 1 << 30),
+                                   offset + copied)
+        if count == 0:
+            break
+        copied += count
+    return copied

@@ -264,3 +264,21 @@ def test_signed_metadata_with_hostile_fields(change: dict[str, object], reason: 
         "signatures": [{"keyid": signing.key_id(keys.private.public_key()),
                         "sig": base64.b64encode(signature).decode()}]}).encode())
     assert_refused(empty, cache, tree, keys, reason)
+
+
+def test_sparse_member_claiming_more_than_the_archive(built: Built, cache: Cache,
+                                                      empty: Store, keys: Keys) -> None:
+    """A GNU sparse member can claim a huge size with few bytes: refused before writing."""
+    plain = io.BytesIO()
+    with tarfile.open(fileobj=plain, mode="w", format=tarfile.PAX_FORMAT) as archive:
+        DIR(archive)
+        info = tarfile.TarInfo("out/huge")
+        info.size = 512
+        info.pax_headers = {"GNU.sparse.major": "1", "GNU.sparse.minor": "0",
+                            "GNU.sparse.name": "out/huge",
+                            "GNU.sparse.realsize": str(1 << 40)}
+        archive.addfile(info, io.BytesIO(b"1\n0\n512\n".ljust(512, b"\0")))
+    data = zstandard.ZstdCompressor().compress(plain.getvalue())
+    _sign_object(cache, keys, built.ids["tree"], data, len(plain.getvalue()))
+    assert_refused(empty, cache, built.ids["tree"], keys,
+                   f"member 'out/huge' is sparse (it claims {1 << 40} bytes)")
