@@ -103,9 +103,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"reprobuild: command not available: {exc.name}", file=sys.stderr)
         return 2
     args = parser.parse_args(args_list)
-    if getattr(args, "store", None) is None and hasattr(args, "store"):
-        args.store = default_store()
-        create_default_store(args.store)
+    if hasattr(args, "store"):
+        # What the user gave: hints that suggest a command repeat it.
+        args.store_option = args.store
+        if args.store is None:
+            args.store = default_store()
+            create_default_store(args.store)
     try:
         code: int = args.run(args)
         return code

@@ -59,11 +59,14 @@ class BuildReport:
     entries: dict[str, StoreEntry] = field(default_factory=dict)
     built: list[str] = field(default_factory=list)
     failures: list[Failure] = field(default_factory=list)
+    # Not built because something they depend on failed.
     skipped: list[str] = field(default_factory=list)
+    # Not started because the build stopped after a failure (no --keep-going).
+    cancelled: list[str] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
-        return not self.failures and not self.skipped
+        return not self.failures and not self.skipped and not self.cancelled
 
 
 @dataclass(frozen=True)
@@ -74,6 +77,8 @@ class Options:
     offline: bool = False
     cores: int = 1
     debug: bool = False
+    # The --store given on the command line, repeated in the commands hints suggest.
+    store_option: str | None = None
 
 
 def _warn(message: str) -> None:
@@ -125,7 +130,7 @@ class Engine:
             if self.options.offline:
                 fetches = [n for n in todo if self._producer(n).needs_network]
                 if fetches:
-                    raise offline_error(plan, fetches)
+                    raise offline_error(plan, fetches, store=self.options.store_option)
             if self.runner is None and any(self._producer(n).needs_runner for n in todo):
                 self.runner = self.runner_factory()
             try:
@@ -168,6 +173,12 @@ class Engine:
             self.progress.finished(key, ok=True,
                                    state=None if built else "done by another process")
 
+        def build(key: str) -> tuple[StoreEntry, bool]:
+            # Only the node's own inputs, all finished: not a copy of every entry per node
+            # (quadratic for a long chain), and never iterating a dict another thread fills.
+            inputs = {dep: report.entries[dep] for dep in nodes[key].deps}
+            return self._build_node(plan, nodes[key], inputs)
+
         def failed(key: str, exc: ReprobuildError) -> None:
             log = self.store.log_path(nodes[key].id)
             report.failures.append(Failure(key, str(exc),
@@ -176,13 +187,12 @@ class Engine:
 
         self.progress.start(total=len(todo))
         try:
-            outcome = self.scheduler.run(
-                deps, lambda key: self._build_node(plan, nodes[key], dict(report.entries)),
-                on_done=done, on_failed=failed, on_interrupt=self.close)
+            outcome = self.scheduler.run(deps, build, on_done=done, on_failed=failed,
+                                         on_interrupt=self.close)
         finally:
             self.progress.stop()
-        report.skipped.extend(k for k in outcome.skipped if k not in report.skipped)
-        report.skipped.sort()
+        report.skipped.extend(outcome.skipped)
+        report.cancelled.extend(outcome.cancelled)
 
     # -- one node -------------------------------------------------------------------
     def _build_node(self, plan: Plan, node: Node, done: dict[str, StoreEntry]
@@ -210,7 +220,7 @@ class Engine:
             build_dir = self._take_build_dir()
             job = Job(plan, node, done, build_dir, self.store.log_path(node.id), self.runner,
                       offline=self.options.offline, cores=self.options.cores,
-                      debug=self.options.debug)
+                      debug=self.options.debug, store_option=self.options.store_option)
             try:
                 with self.scheduler.slot(node.key):
                     self.progress.started(node.key, node.display, job.log)

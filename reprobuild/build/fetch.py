@@ -40,10 +40,6 @@ AR_MAGIC = b"!<arch>\n"
 AR_HEADER_SIZE = 60
 
 
-def fetch_command(recipe_path: str) -> str:
-    return f"reprobuild fetch {recipe_path}"
-
-
 def sha256_file(path: str) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as f:

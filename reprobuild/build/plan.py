@@ -86,13 +86,17 @@ def _options_json(options: ImageOptions) -> dict[str, Any]:
             "extra": {k: v for k, v in options.extra}}
 
 
-def plan(recipe: Recipe, targets: list[str] | None = None) -> Plan:
-    """The build graph for ``targets`` (default: the recipe's default targets)."""
+def plan(recipe: Recipe, targets: list[str] | None = None, *, store: str | None = None
+         ) -> Plan:
+    """The build graph for ``targets`` (default: the recipe's default targets).
+
+    With ``store`` (the store's directory), a path source that contains the store is
+    refused before it is read: importing it would copy the store into itself."""
     wanted = list(targets) if targets else recipe.default_targets()
     nodes: dict[str, Node] = {}
     for name in recipe.closure(wanted):
         if name in recipe.sources:
-            for node in _source_nodes(recipe.sources[name]):
+            for node in _source_nodes(recipe, recipe.sources[name], store):
                 nodes[node.key] = node
         elif name in recipe.steps:
             nodes[name] = _step_node(recipe, recipe.steps[name], nodes)
@@ -101,7 +105,8 @@ def plan(recipe: Recipe, targets: list[str] | None = None) -> Plan:
     return Plan(recipe, wanted, nodes)
 
 
-def _source_nodes(source: DebSource | PathSource | OciSource | HostSource) -> list[Node]:
+def _source_nodes(recipe: Recipe, source: DebSource | PathSource | OciSource | HostSource,
+                  store: str | None) -> list[Node]:
     if isinstance(source, DebSource):
         fetch = Derivation("fetch-deb", {"sha256": source.sha256},
                            name=f"{source.package}_{source.version}.deb")
@@ -112,15 +117,11 @@ def _source_nodes(source: DebSource | PathSource | OciSource | HostSource) -> li
                 Node(source.name, unpack, (f"{source.name}#fetch",), source,
                      display=f"unpack {label}")]
     if isinstance(source, PathSource):
-        check_path_source(source.path, f"[sources.{source.name}]",
-                          "oci" if isinstance(source, OciSource) else "path",
-                          base=source.base, allow_outside=source.allow_outside,
-                          allow_private=source.allow_private)
-        if isinstance(source, OciSource):
-            _check_oci_layout(source)
+        _check_path_source(recipe, source, store)
         content = path_hash(source.path)
         if source.blake3 is not None and source.blake3 != content:
-            raise RecipeError(f"[sources.{source.name}] blake3: {source.path} hashes to "
+            raise RecipeError(f"{recipe.path}: [sources.{source.name}] blake3: "
+                              f"{source.path} hashes to "
                               f"{content}, the recipe pins {source.blake3}",
                               hint="update the pin if the change is intended")
         drv = Derivation("path", {"hash": content}, name=source.name)
@@ -131,13 +132,35 @@ def _source_nodes(source: DebSource | PathSource | OciSource | HostSource) -> li
     return [Node(source.name, drv, (), source, closure, display=f"import {source.path}")]
 
 
-def _check_oci_layout(source: OciSource) -> None:
-    """Refuse a directory that is not an image layout before anything is imported (its
+def _check_path_source(recipe: Recipe, source: PathSource, store: str | None) -> None:
+    """Refuse a path source that does not exist or that holds the store (first: nothing
+    is read), one outside the recipe's directory or with private files (see
+    :func:`~reprobuild.build.inputs.check_path_source`), and a directory that is not an
+    image layout for ``oci =``, before anything is imported (an OCI layout's
     blobs are checked against their digests when an image merges the layers)."""
+    key = "oci" if isinstance(source, OciSource) else "path"
+    where = f"{recipe.path}: [sources.{source.name}] {key}"
     if not os.path.exists(source.path):
-        raise RecipeError(f"[sources.{source.name}] oci: {source.path} does not exist")
+        raise RecipeError(f"{where}: {source.path} does not exist",
+                          hint="paths are relative to the recipe's directory "
+                               f"({recipe.directory})")
+    if store is not None:
+        real_source, real_store = os.path.realpath(source.path), os.path.realpath(store)
+        if real_store == real_source or real_store.startswith(real_source.rstrip("/") + "/"):
+            raise RecipeError(f"{where}: {source.path} contains the store {store}: importing "
+                              "it would copy the store into itself",
+                              hint="point the source at a directory that does not hold the "
+                                   "store, or use a store elsewhere (--store DIR)")
+    check_path_source(source.path, f"{recipe.path}: [sources.{source.name}]", key,
+                      base=source.base, allow_outside=source.allow_outside,
+                      allow_private=source.allow_private)
+    if isinstance(source, OciSource):
+        _check_oci_layout(where, source)
+
+
+def _check_oci_layout(where: str, source: OciSource) -> None:
     if not is_oci_layout(source.path):
-        raise RecipeError(f"[sources.{source.name}] oci: {source.path} is not an OCI image "
+        raise RecipeError(f"{where}: {source.path} is not an OCI image "
                           "layout (a directory with oci-layout and index.json)",
                           hint="point oci = at an image layout (e.g. made by `skopeo copy "
                                "... oci:DIR`), or use path = for plain files")

@@ -13,7 +13,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Protocol
 
-from reprobuild.build import fetch, inputs, sandboxing
+from reprobuild.build import fetch, hints, inputs, sandboxing
 from reprobuild.build.plan import Node, Plan
 from reprobuild.build.recipe import DebSource, PathSource
 from reprobuild.errors import EXIT_DISK_FULL, BuildError, FetchError, no_space
@@ -36,6 +36,8 @@ class Job:
     offline: bool = False
     cores: int = 1
     debug: bool = False
+    # The --store given on the command line, repeated in the commands hints suggest.
+    store_option: str | None = None
 
     @property
     def output(self) -> str:
@@ -87,7 +89,7 @@ class FetchDeb(_Base):
         what = job.node.what
         assert isinstance(what, DebSource)
         if job.offline:
-            raise offline_error(job.plan, [job.node])
+            raise offline_error(job.plan, [job.node], store=job.store_option)
         fetch.apt_download(what.package, what.version, what.sha256, job.output)
 
 
@@ -165,10 +167,11 @@ class Sandboxed(_Base):
         last = tail(job.log)
         note, raise_limit = sandboxing.limit_note(node, spec, result, last)
         lines = "\n".join("    " + line for line in last)
-        show_log = f"reprobuild log {plan.recipe.path} {node.key}"
+        show_log = hints.command("log", plan.recipe.path, node.key, store=job.store_option)
+        cause = raise_limit or hints.failure_hint(last)
         raise BuildError(f"{node.key} {how}{note}; log: {job.log}"
                          + (f"\n  last lines:\n{lines}" if lines else ""),
-                         hint=f"{raise_limit}; {show_log}" if raise_limit else show_log)
+                         hint=f"{cause}; see {show_log}" if cause else show_log)
 
 
 PRODUCERS: Mapping[str, Producer] = {
@@ -194,7 +197,8 @@ def tail(path: str, lines: int = TAIL_LINES) -> list[str]:
     return data.decode("utf-8", "replace").splitlines()[-lines:]
 
 
-def offline_error(plan: Plan, fetches: list[Node]) -> FetchError:
+def offline_error(plan: Plan, fetches: list[Node], *, store: str | None = None
+                  ) -> FetchError:
     """The --offline error naming each missing input and the command that fetches it."""
     lines = []
     for node in fetches:
@@ -203,4 +207,5 @@ def offline_error(plan: Plan, fetches: list[Node]) -> FetchError:
         lines.append(f"  {source.name}: {source.package}={source.version} "
                      f"(sha256 {source.sha256[:16]}…) is not in the store")
     return FetchError("offline, and these inputs must be fetched:\n" + "\n".join(lines),
-                      hint=f"run `{fetch.fetch_command(plan.recipe.path)}` while online")
+                      hint=f"run `{hints.command('fetch', plan.recipe.path, store=store)}` "
+                           "while online")

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 from reprobuild.build.limits import StepLimits, table_limits
+from reprobuild.build.recipe_graph import check_cycles, check_inputs
 from reprobuild.errors import ImageError, RecipeError, suggest
 from reprobuild.images.protocol import COMMON_KEYS
 from reprobuild.images.registry import get_format, sane_size
@@ -167,21 +168,31 @@ class Recipe:
         return list(self.sources)
 
     def closure(self, targets: Iterable[str]) -> list[str]:
-        """``targets`` and everything they need, dependencies before dependents."""
+        """``targets`` and everything they need, dependencies before dependents.
+
+        Iterative (a chain of any length), linear in the size of the graph."""
         order: list[str] = []
         seen: set[str] = set()
-
-        def visit(name: str) -> None:
-            if name in seen:
-                return
-            seen.add(name)
-            for dep in self.inputs_of(name):
-                visit(dep)
-            order.append(name)
-
         for target in targets:
             self.check_target(target)
-            visit(target)
+            if target in seen:
+                continue
+            seen.add(target)
+            # (name, its inputs, index of the next input to visit): a depth-first walk
+            # that emits a name after all its inputs, as a recursive one would.
+            stack: list[tuple[str, tuple[str, ...], int]] = [
+                (target, self.inputs_of(target), 0)]
+            while stack:
+                name, deps, index = stack[-1]
+                if index == len(deps):
+                    stack.pop()
+                    order.append(name)
+                    continue
+                stack[-1] = (name, deps, index + 1)
+                dep = deps[index]
+                if dep not in seen:
+                    seen.add(dep)
+                    stack.append((dep, self.inputs_of(dep), 0))
         return order
 
     def check_target(self, target: str) -> None:
@@ -223,13 +234,23 @@ class _Table:
             return None
         if not isinstance(value, str) or not value:
             raise self.error(key, f"must be a non-empty string, not {value!r}")
+        self.no_nul(key, value)
         return value
 
     def strings(self, key: str, *, required: bool = False) -> tuple[str, ...]:
         value = self.require(key) if required else self.table.get(key, [])
         if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
             raise self.error(key, f"must be a list of strings, not {value!r}")
+        for index, item in enumerate(value):
+            self.no_nul(f"{key}[{index}]", item)
         return tuple(value)
+
+    def no_nul(self, key: str, value: str) -> None:
+        """Refuse a NUL byte: no argv word, environment entry or path can hold one."""
+        if "\0" in value:
+            raise self.error(key, f"contains a NUL byte ({value!r})",
+                             "remove the \\u0000: arguments, environment variables and "
+                             "paths cannot contain NUL")
 
     def parsed(self, key: str, parse: Callable[[object], _T]) -> _T | None:
         """``parse`` of the value at ``key`` (None when absent); its ValueError names the
@@ -258,11 +279,16 @@ class _Table:
 
 def _json_value(table: _Table, key: str, value: Any) -> Json:
     """TOML values of override tables as JSON-able data (no floats, no dates)."""
-    if value is None or isinstance(value, bool | int | str):
-        return value  # type: ignore[no-any-return]
+    if isinstance(value, str):
+        table.no_nul(key, value)
+        return value
+    if value is None or isinstance(value, bool | int):
+        return value
     if isinstance(value, list):
         return [_json_value(table, key, v) for v in value]
     if isinstance(value, dict):
+        for name in value:
+            table.no_nul(key, str(name))
         return {str(k): _json_value(table, key, v) for k, v in value.items()}
     raise table.error(key, f"{type(value).__name__} values are not allowed here",
                       "use strings or integers (floats and dates are not reproducible keys)")
@@ -317,8 +343,8 @@ def parse_recipe(data: dict[str, Any], *, path: str, directory: str) -> Recipe:
 
     recipe = Recipe(path=path, directory=directory, epoch=epoch, sources=sources,
                     steps=steps, images=images)
-    _check_inputs(recipe)
-    _check_cycles(recipe)
+    check_inputs(recipe)
+    check_cycles(recipe)
     return recipe
 
 
@@ -397,6 +423,7 @@ def _step(path: str, name: str, raw: Any) -> Step:
     for key, value in env_raw.items():
         if not isinstance(value, str | int) or isinstance(value, bool):
             raise table.error(f"env.{key}", f"must be a string, not {value!r}")
+        table.no_nul(f"env.{key!r}" if "\0" in key else f"env.{key}", f"{key}={value}")
         if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", key):
             raise table.error(f"env.{key}", "is not a valid environment variable name")
         if key == "out" or key in inputs:
@@ -457,41 +484,3 @@ def _image(path: str, name: str, raw: Any) -> Image:
         files=files, extra=tuple(sorted(extra)), table=whole,
         timeout=table.parsed("timeout", parse_duration),
         limits=table_limits(table.table, table.path, table.where))
-
-
-def _check_inputs(recipe: Recipe) -> None:
-    names = recipe.names()
-    for section, items in (("steps", recipe.steps), ("images", recipe.images)):
-        for name in items:
-            for dep in recipe.inputs_of(name):
-                if dep not in names:
-                    key = "from" if section == "images" and dep == recipe.images[name].source \
-                        else "inputs"
-                    raise RecipeError(
-                        f"{recipe.path}: [{section}.{name}] {key}: no source, step or image "
-                        f"named {dep!r}", hint=suggest(dep, names, "names"))
-                if dep == name:
-                    raise RecipeError(f"{recipe.path}: [{section}.{name}]: depends on itself "
-                                      f"(cycle {name} -> {name})")
-
-
-def _check_cycles(recipe: Recipe) -> None:
-    state: dict[str, int] = {}  # 1 visiting, 2 done
-    stack: list[str] = []
-
-    def visit(name: str) -> None:
-        state[name] = 1
-        stack.append(name)
-        for dep in recipe.inputs_of(name):
-            if state.get(dep) == 1:
-                cycle = [*stack[stack.index(dep):], dep]
-                raise RecipeError(f"{recipe.path}: dependency cycle: {' -> '.join(cycle)}",
-                                  hint="a step cannot depend, directly or not, on itself")
-            if dep not in state:
-                visit(dep)
-        stack.pop()
-        state[name] = 2
-
-    for name in recipe.names():
-        if name not in state:
-            visit(name)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import threading
+from collections import deque
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
@@ -31,7 +32,11 @@ class Outcome(Generic[T]):
 
     results: dict[str, T] = field(default_factory=dict)
     failures: list[tuple[str, ReprobuildError]] = field(default_factory=list)
+    # Not run because a node they depend on failed.
     skipped: list[str] = field(default_factory=list)
+    # Not started because the walk stopped (a failure without keep_going): most of them
+    # did not depend on the failure.
+    cancelled: list[str] = field(default_factory=list)
 
 
 class Scheduler(Generic[T]):
@@ -82,28 +87,30 @@ class Scheduler(Generic[T]):
         the running nodes to end before it re-raises."""
         self.cancelled = False
         outcome: Outcome[T] = Outcome()
+        # Each node holds the set of dependencies it still waits for; one whose set empties
+        # joins `ready` (in the order of ``deps``): the walk is linear in the graph's size.
         waiting = {key: set(before) for key, before in deps.items()}
         dependents: dict[str, list[str]] = {}
         for key, before in deps.items():
             for dep in before:
                 dependents.setdefault(dep, []).append(key)
+        ready = deque(key for key, before in waiting.items() if not before)
         running: dict[Future[T], str] = {}
         fatal: BaseException | None = None
         with ThreadPoolExecutor(max_workers=self._in_flight) as pool:
             try:
                 while True:
-                    if not self.cancelled:
-                        free = self._in_flight - len(running)
-                        for key in [k for k, d in waiting.items() if not d][:max(0, free)]:
-                            del waiting[key]
-                            running[pool.submit(build, key)] = key
+                    while not self.cancelled and ready and len(running) < self._in_flight:
+                        key = ready.popleft()
+                        del waiting[key]
+                        running[pool.submit(build, key)] = key
                     if not running:
                         break
                     done, _ = wait(list(running), return_when=FIRST_COMPLETED)
                     for future in done:
                         key = running.pop(future)
                         error = self._collect(key, future, outcome, waiting, dependents,
-                                              on_done, on_failed)
+                                              ready, on_done, on_failed)
                         fatal = fatal or error
             except BaseException:
                 self.cancel()  # e.g. KeyboardInterrupt: start nothing more
@@ -111,22 +118,23 @@ class Scheduler(Generic[T]):
                     on_interrupt()
                 raise
         if self.cancelled or fatal is not None:
-            outcome.skipped.extend(k for k in waiting if k not in outcome.skipped)
+            outcome.cancelled.extend(waiting)
         outcome.skipped.sort()
+        outcome.cancelled.sort()
         if fatal is not None:
             raise fatal
         return outcome
 
     def _collect(self, key: str, future: Future[T], outcome: Outcome[T],
                  waiting: dict[str, set[str]], dependents: dict[str, list[str]],
-                 on_done: Callable[[str, T], None] | None,
+                 ready: deque[str], on_done: Callable[[str, T], None] | None,
                  on_failed: Callable[[str, ReprobuildError], None] | None
                  ) -> BaseException | None:
         """Record one finished node; return an error that must end the walk."""
         try:
             result = future.result()
         except Cancelled:
-            outcome.skipped.append(key)
+            outcome.cancelled.append(key)
             return None
         except SandboxError as exc:
             self.cancel()
@@ -148,6 +156,8 @@ class Scheduler(Generic[T]):
         for child in dependents.get(key, []):
             if child in waiting:
                 waiting[child].discard(key)
+                if not waiting[child]:
+                    ready.append(child)
         return None
 
 

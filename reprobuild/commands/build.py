@@ -7,18 +7,23 @@ import json
 import sys
 
 from reprobuild.build.engine import BuildReport
-from reprobuild.commands.common import add_build_options, add_recipe, build_plan, load
+from reprobuild.build.plan import Plan
+from reprobuild.commands.common import add_build_options, add_recipe, load, run_plan
 from reprobuild.commands.substituters import add_substituter_options, substitute_first
+from reprobuild.errors import StoreError
+from reprobuild.store.store import Store
 
 HELP = "build targets of a recipe (default: all images, else all steps)"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_recipe(parser)
-    add_build_options(parser)
+    add_build_options(parser, substitute_only=True)
     add_substituter_options(parser)
     parser.add_argument("--json", action="store_true",
-                        help='print [{"target", "derivation", "path", "hash", "fsverity"}]')
+                        help='print [{"target", "derivation", "path", "hash", "fsverity", '
+                             '"record", "error"}], also when a target fails (then its '
+                             '"path" is null and "error" says why)')
     parser.add_argument("--out-link", "-o", metavar="PATH", default=None,
                         help="result link (several targets: PATH-TARGET; default "
                              "result-TARGET)")
@@ -44,26 +49,62 @@ def run(args: argparse.Namespace) -> int:
     done = substitute_first(args, store, plan)
     if done is not None:
         return done
-    report = build_plan(args, store, plan)
-    if report is None:
-        return 1
+    report = run_plan(args, store, plan)
     warn_unreproducible(report)
-    rows = []
-    for target in plan.targets:
-        entry = report.entries[target]
-        if not args.no_out_link:
-            if args.out_link is None:
-                link = f"result-{target}"
-            else:
-                link = args.out_link if len(plan.targets) == 1 else f"{args.out_link}-{target}"
-            store.make_result_link(link, entry.derivation_id)
-        rows.append({"target": target, "derivation": entry.derivation_id, "path": entry.path,
-                     "hash": entry.hash, "fsverity": entry.fsverity,
-                     "record": store.record_path(entry.derivation_id)})
-    store.release()  # the result links hold the outputs against gc from here on
+    try:
+        rows = [_row(args, store, plan, report, target) for target in plan.targets]
+    finally:
+        store.release()  # the result links hold the outputs against gc from here on
     if args.json:
         print(json.dumps(rows, indent=2))
     else:
         for row in rows:
-            print(f"{row['target']} {row['path']}")
-    return 0
+            if row["path"] is not None:
+                print(f"{row['target']} {row['path']}")
+    return 0 if report.ok else 1
+
+
+def _row(args: argparse.Namespace, store: Store, plan: Plan, report: BuildReport,
+         target: str) -> dict[str, str | None]:
+    """The JSON row of ``target``, after making its result link when it was built."""
+    entry = report.entries.get(target)
+    if entry is None:
+        return {"target": target, "derivation": plan.nodes[target].id, "path": None,
+                "hash": None, "fsverity": None, "record": None,
+                "error": _why_not_built(plan, report, target)}
+    if not args.no_out_link:
+        link = result_link(args.out_link, target, several=len(plan.targets) > 1)
+        try:
+            store.make_result_link(link, entry.derivation_id)
+        except OSError as exc:
+            raise StoreError(f"cannot create the result link {link}: {exc.strerror}",
+                             hint="run in a directory you can write, or give "
+                                  "--out-link PATH or --no-out-link") from None
+    return {"target": target, "derivation": entry.derivation_id, "path": entry.path,
+            "hash": entry.hash, "fsverity": entry.fsverity,
+            "record": store.record_path(entry.derivation_id), "error": None}
+
+
+def result_link(out_link: str | None, target: str, *, several: bool) -> str:
+    """Where the result link of ``target`` goes (``--out-link``, or ``result-TARGET``)."""
+    if out_link is None:
+        return f"result-{target}"
+    return f"{out_link}-{target}" if several else out_link
+
+
+def _why_not_built(plan: Plan, report: BuildReport, target: str) -> str:
+    """The JSON ``error`` of a target the build did not produce."""
+    failed = {f.key: f for f in report.failures}
+    if target in failed:
+        return failed[target].message
+    needed: set[str] = set()
+    stack = [target]
+    while stack:
+        key = stack.pop()
+        if key not in needed:
+            needed.add(key)
+            stack.extend(plan.nodes[key].deps)
+    causes = sorted(needed & failed.keys())
+    if causes:
+        return f"not built because a dependency failed: {', '.join(causes)}"
+    return "not started: the build stopped at the first failure (-k/--keep-going builds it)"

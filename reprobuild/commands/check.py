@@ -6,6 +6,7 @@ import argparse
 import json
 import sys
 
+from reprobuild.commands.common import add_recipe, positive_int
 from reprobuild.proof import check, variations
 
 HELP = ("rebuild targets under other host conditions and compare with the stored outputs; "
@@ -13,12 +14,10 @@ HELP = ("rebuild targets under other host conditions and compare with the stored
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("recipe", metavar="RECIPE", help="the recipe file")
-    parser.add_argument("targets", nargs="*", metavar="TARGET",
-                        help="targets to check (default: the recipe's default targets)")
+    add_recipe(parser)
     parser.add_argument("--deep", action="store_true",
                         help="rebuild the whole chain of steps, not only the targets")
-    parser.add_argument("--rounds", type=int, default=1, metavar="N",
+    parser.add_argument("--rounds", type=positive_int, default=1, metavar="N",
                         help="rebuild N times (default 1)")
     parser.add_argument("--variations", metavar="LIST", default=None,
                         help="comma-separated variations to apply (default all: "

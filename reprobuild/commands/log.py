@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from reprobuild.commands.common import add_recipe, load
+from reprobuild.commands.common import add_recipe, load, suggested
 from reprobuild.errors import StoreError
 
 HELP = "print the build log of a target"
@@ -28,6 +28,6 @@ def run(args: argparse.Namespace) -> int:
             raise StoreError(f"{args.target} is a source ({kind}); sources have no build log",
                              ) from None
         raise StoreError(f"no build log for {args.target} ({node.id}) in {store.root}",
-                         hint=f"build it first: reprobuild build {args.recipe} {args.target}"
-                         ) from None
+                         hint="build it first: "
+                              + suggested(args, "build", args.recipe, args.target)) from None
     return 0

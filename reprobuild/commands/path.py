@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from reprobuild.commands.common import add_recipe, load
+from reprobuild.commands.common import add_recipe, load, suggested
 
 HELP = "print the store path of each target (exit 1 when one is not built)"
 
@@ -24,8 +24,8 @@ def run(args: argparse.Namespace) -> int:
     for target in plan.targets:
         entry = store.trusted(plan.nodes[target].id, warn=_warn)  # never a damaged path
         if entry is None:
-            print(f"reprobuild: {target} is not built (reprobuild build {args.recipe} "
-                  f"{target})", file=sys.stderr)
+            build = suggested(args, "build", args.recipe, target)
+            print(f"reprobuild: {target} is not built ({build})", file=sys.stderr)
             status = 1
         else:
             print(entry.path)

@@ -27,7 +27,7 @@ SHELLS = ("sh", "bash", "dash", "ash")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    add_recipe(parser, targets="1")
+    add_recipe(parser, targets="step")
     add_build_options(parser)
     parser.add_argument("--command", "-c", nargs=argparse.REMAINDER, default=None,
                         help="run this argv instead of a shell (first word as in builder)")
@@ -48,7 +48,10 @@ def run(args: argparse.Namespace) -> int:
     recipe, store, full = load(args, [args.target])
     node = full.nodes[args.target]
     if not isinstance(node.what, Step):
-        raise RecipeError(f"{args.target} is not a step", hint="shell opens a step's sandbox")
+        kind = "an image" if node.derivation.kind == "image" else "a source"
+        raise RecipeError(f"{recipe.path}: {args.target} is {kind}, not a step",
+                          hint="shell opens the sandbox of a step ([steps.NAME]); steps: "
+                               + (", ".join(sorted(recipe.steps)) or "(none)"))
     argv = args.command or shell_argv(node.what)
     runner = common.start_runner(debug=args.debug)  # before any thread exists
     engine = make_engine(args, store)

@@ -105,8 +105,9 @@ def test_failure_without_keep_going_stops_new_steps(tmp_path: Path) -> None:
     steps = [f"s{i}" for i in range(6)]
     # s0..s5 are one derivation: one builds it, those that waited on its lock find it.
     built = [k for k in report.entries if k in steps]
-    assert sorted(built + report.skipped) == steps
-    assert len(report.skipped) >= 3  # queued steps never start after a failure
+    assert sorted(built + report.cancelled) == steps
+    assert len(report.cancelled) >= 3  # queued steps never start after a failure
+    assert report.skipped == []  # none of them depended on the failure
 
 
 def test_keep_failed_keeps_build_dir(tmp_path: Path) -> None:
@@ -190,7 +191,9 @@ def test_cli_json_links_and_gc(tmp_path: Path) -> None:
     assert proc.returncode == 0, err
     rows = json.loads(out)
     assert [r["target"] for r in rows] == ["keep", "drop"]
-    assert set(rows[0]) == {"target", "derivation", "path", "hash", "fsverity", "record"}
+    assert set(rows[0]) == {"target", "derivation", "path", "hash", "fsverity", "record",
+                            "error"}
+    assert rows[0]["error"] is None
     assert os.readlink(tmp_path / "result-keep") == rows[0]["path"]
     os.unlink(tmp_path / "result-drop")
     gc = fakecli("gc", "--store", str(store), cwd=tmp_path)

@@ -7,6 +7,7 @@ import io
 import os
 import stat
 import subprocess
+import sys
 import tarfile
 from pathlib import Path
 
@@ -19,7 +20,7 @@ from reprobuild.trees.diff import diff_trees
 from reprobuild.trees.directory import tree_from_directory
 from reprobuild.trees.load import load_tree
 from reprobuild.trees.tree import BytesSource, Content, Entry, EntryType, Tree
-from tests.conftest import need, need_tool
+from tests.conftest import REPO, need, need_tool
 from tests.images.archive_trees import CAP_NET_RAW, EPOCH, NS, sample_tree
 from tests.images.hostconditions import (
     Condition,
@@ -201,21 +202,72 @@ def test_gnu_tar_extracts_the_tree(tmp_path: Path) -> None:
     assert [d.display() for d in diff_trees(tree, back)] == []
 
 
-GNU_TAR_CREATE = ["tar", "--sort=name", "--format=pax", "--numeric-owner", "--xattrs",
-                  "--xattrs-include=*", f"--mtime=@{EPOCH}", "--clamp-mtime",
-                  "--pax-option=delete=atime,delete=ctime"]
+# GNU tar's reproducible mode, exactly as the README gives it (a test below checks that).
+GNU_TAR_FLAGS = ["--sort=name", "--format=pax", "--numeric-owner", f"--mtime=@{EPOCH}",
+                 "--clamp-mtime",
+                 "--pax-option=exthdr.name=%d/PaxHeaders/%f,delete=atime,delete=ctime"]
+GNU_TAR_XATTR_FLAGS = ["--xattrs", "--xattrs-include=*"]
+# A directory source: owners root and every mtime the epoch (so no --clamp-mtime).
+GNU_TAR_DIRECTORY_FLAGS = [f for f in GNU_TAR_FLAGS if f != "--clamp-mtime"] + \
+    ["--owner=0", "--group=0"]
+GNU_TAR_CREATE = ["tar", *GNU_TAR_FLAGS, *GNU_TAR_XATTR_FLAGS]
+
+
+def gnu_tar(flags: list[str], root: Path, out: Path) -> bytes:
+    # A foreign TZ and locale and a PID that differs per run: none may show in the bytes.
+    env = {**os.environ, "TZ": "Asia/Kolkata", "LC_ALL": "C.UTF-8"}
+    subprocess.run(["tar", *flags, "-cf", str(out), "-C", str(root), "."], check=True,
+                   env=env)
+    return out.read_bytes()
 
 
 @pytest.mark.tool
-def test_identical_to_gnu_tar_on_the_unpacked_tree(tmp_path: Path) -> None:
-    """GNU tar's reproducible mode on the tree unpacked as root gives our very bytes."""
+@pytest.mark.parametrize("xattrs", [True, False])
+def test_identical_to_gnu_tar_on_the_unpacked_tree(tmp_path: Path, xattrs: bool) -> None:
+    """GNU tar's reproducible mode on the tree unpacked as root gives our very bytes
+    (``--xattrs --xattrs-include='*'`` when the tree has xattrs)."""
     need_tool("tar")
     need(os.geteuid() == 0, "unpacking owners and devices needs root")
-    tree = sample_tree()
+    tree = sample_tree(xattrs=xattrs)
     write_tree(tree, tmp_path / "root")
-    subprocess.run([*GNU_TAR_CREATE, "-cf", str(tmp_path / "gnu.tar"), "-C",
-                    str(tmp_path / "root"), "."], check=True)
-    assert (tmp_path / "gnu.tar").read_bytes() == tar_of(tree)
+    flags = GNU_TAR_FLAGS + (GNU_TAR_XATTR_FLAGS if xattrs else [])
+    assert gnu_tar(flags, tmp_path / "root", tmp_path / "gnu.tar") == tar_of(tree)
+
+
+@pytest.mark.tool
+def test_identical_to_gnu_tar_on_a_directory_source(tmp_path: Path) -> None:
+    """``reprobuild image --format tar DIR`` equals GNU tar with ``--owner=0 --group=0``
+    and ``--mtime`` without ``--clamp-mtime`` (a directory's mtimes all become the epoch)."""
+    need_tool("tar")
+    source = tmp_path / "src"
+    (source / "bin").mkdir(parents=True)
+    (source / "bin" / "tool").write_bytes(b"#!/bin/sh\necho hi\n")
+    (source / "bin" / "tool").chmod(0o755)
+    (source / "bin" / "sh").symlink_to("tool")
+    (source / "etc").mkdir()
+    (source / "etc" / "motd").write_text("hello\n")
+    (source / "etc" / "secret").write_text("s\n")
+    (source / "etc" / "secret").chmod(0o600)
+    (source / "usr" / ("d" * 90) / ("e" * 90)).mkdir(parents=True)
+    (source / "usr" / ("d" * 90) / ("e" * 90) / ("f" * 120)).write_text("long name\n")
+    (source / "usr" / "caf\u00e9").write_text("utf-8 name\n")
+    (source / "usr" / "big").write_bytes(bytes(range(256)) * 300)
+    os.utime(source / "etc" / "motd", (EPOCH + 10**6, EPOCH + 10**6))  # later than the epoch
+    ours = tmp_path / "ours.tar"
+    result = subprocess.run([sys.executable, "-m", "reprobuild", "image", "--format", "tar",
+                             "--epoch", str(EPOCH), str(source), str(ours)],
+                            capture_output=True, text=True, check=False)
+    assert result.returncode == 0, result.stderr
+    gnu = gnu_tar(GNU_TAR_DIRECTORY_FLAGS, source, tmp_path / "gnu.tar")
+    assert gnu == ours.read_bytes()
+
+
+def test_readme_gives_the_tested_gnu_tar_flags() -> None:
+    text = (REPO / "README.md").read_text().replace("\\\n", " ").replace("`", "")
+    readme = " ".join(text.split())
+    flags = " ".join(GNU_TAR_FLAGS).replace(f"@{EPOCH}", "@N")
+    assert f"tar {flags} --xattrs --xattrs-include='*'" in readme
+    assert "--owner=0 --group=0 and no --clamp-mtime" in readme
 
 
 def test_host_conditions_give_identical_bytes() -> None:

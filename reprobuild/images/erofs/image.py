@@ -20,7 +20,7 @@ from typing import BinaryIO
 import blake3
 import crc32c
 
-from reprobuild.errors import ImageError
+from reprobuild.errors import ImageError, ImageTooSmall
 from reprobuild.images.erofs.compress import (
     AVAILABLE_COMPR_ALGS,
     COMPR_CFGS,
@@ -108,10 +108,13 @@ def write(tree: Tree, output: BinaryIO, options: ImageOptions) -> None:
         blocks += _write_compressed(output, inode, blocks, meta, hasher)
     size = blocks * BLOCK_SIZE
     if options.size is not None:
-        if options.size % BLOCK_SIZE or options.size < size:
-            raise ImageError(
-                f"EROFS image size {options.size} is too small or not a multiple of 4096",
-                hint=f"the tree needs at least {size} bytes; omit size for the smallest image")
+        if options.size < size:
+            raise ImageTooSmall(f"the tree needs an EROFS image of at least {size} bytes; "
+                                f"the size given is {options.size}", minimum=size)
+        if options.size % BLOCK_SIZE:
+            raise ImageError(f"EROFS image size {options.size} is not a multiple of 4096",
+                             hint=f"give a multiple of 4096 of at least {size} bytes, or no "
+                                  "size for the smallest image")
         size = options.size
         output.seek(size - 1)
         output.write(b"\0")

@@ -16,7 +16,7 @@ place wherever they fall.
 
 from __future__ import annotations
 
-from reprobuild.errors import ImageError
+from reprobuild.errors import ImageError, ImageTooSmall
 from reprobuild.images.ext4.allocate import (
     Extent,
     GroupPlan,
@@ -59,10 +59,10 @@ def plan(tree: Tree, options: ImageOptions, cache: dict[int, bytes] | None = Non
     if options.size is not None:
         blocks_count = options.size // BLOCK_SIZE
         if blocks_count < minimum:
-            raise ImageError(
+            raise ImageTooSmall(
                 f"the tree needs an ext4 image of at least {minimum * BLOCK_SIZE} bytes "
                 f"({minimum} blocks); the size given is {options.size}",
-                hint=f"give --size {minimum * BLOCK_SIZE} or more, or omit it for the minimum")
+                minimum=minimum * BLOCK_SIZE)
         groups, _, _, gdt_blocks = geometry(blocks_count, needs.inodes)
         last = groups - 1
         if groups > 1 and has_super_backup(last) and \
@@ -79,9 +79,8 @@ def plan(tree: Tree, options: ImageOptions, cache: dict[int, bytes] | None = Non
             needs = Needs(needs.inodes, needs.data_blocks + short.shortage)
             if options.size is not None or len(attempts) > 16:
                 need = minimum_blocks(needs) * BLOCK_SIZE
-                raise ImageError(
+                raise ImageTooSmall(
                     f"the tree needs an ext4 image of at least {need} bytes; the size given "
-                    f"is {options.size}",
-                    hint=f"give --size {need} or more, or omit it for the minimum") from None
+                    f"is {options.size}", minimum=need) from None
             attempts.append(minimum_blocks(needs))
 

@@ -21,7 +21,7 @@ from typing import BinaryIO
 
 import blake3
 
-from reprobuild.errors import ImageError
+from reprobuild.errors import ImageError, ImageTooSmall
 from reprobuild.images.squashfs.compressors import Compressor
 from reprobuild.images.squashfs.layout import SquashfsPlan
 from reprobuild.images.squashfs.ondisk import (
@@ -120,8 +120,8 @@ def write_plan(plan: SquashfsPlan, output: BinaryIO, settings: WriteSettings) ->
     padded = -(-bytes_used // PAD_TO) * PAD_TO
     if settings.size is not None:
         if settings.size < padded:
-            raise ImageError(f"squashfs: the image needs {padded} bytes, more than the"
-                             f" {settings.size} requested", hint="raise the size or omit it")
+            raise ImageTooSmall(f"squashfs: the image needs {padded} bytes, more than the"
+                                f" {settings.size} requested", minimum=padded)
         padded = settings.size
     if image.position < padded:
         # Holes, not written zeros: a sized image stays sparse on disk.
