@@ -29,6 +29,8 @@ from sandbox.spec import Limits
 
 PAGE = os.sysconf("SC_PAGE_SIZE")
 MIN_SCAN_INTERVAL = 0.05  # seconds between two scans of one run, at least
+CROWDED_WINDOW = 10  # scans looked back on for a run that keeps hitting its pids limit
+CROWDED_SCANS = 3  # of which this many found it near the limit: a runaway
 SCAN_SHARE = 20  # a scan taking t seconds waits SCAN_SHARE * t before the next
 
 
@@ -124,7 +126,7 @@ class Watch:
         self.writable = tuple(writable)
         self.rlimits = rlimits
         self.next_scan = time.monotonic() + MIN_SCAN_INTERVAL
-        self.crowded = 0  # consecutive scans that found the run at its pids limit
+        self.crowded: collections.deque[bool] = collections.deque(maxlen=CROWDED_WINDOW)
 
     @property
     def needed(self) -> bool:
@@ -146,10 +148,11 @@ class Watch:
         hidden_disk, hidden_memory = unlinked_usage(pids)
         if self.rlimits:  # else the run's cgroup bounds memory and processes
             # RLIMIT_NPROC refuses forks at the limit; what keeps forking hovers just
-            # below it (failed forks exit): two scans in a row near it mean a runaway.
-            near = limits.pids is not None and tasks >= limits.pids - max(1, limits.pids // 32)
-            self.crowded = self.crowded + 1 if near else 0
-            if self.crowded >= 2:
+            # below it (failed forks exit, and a loaded machine lets it sag between
+            # scans): near it in several of the last scans means a runaway.
+            near = limits.pids is not None and tasks >= limits.pids - max(2, limits.pids // 16)
+            self.crowded.append(near)
+            if sum(self.crowded) >= CROWDED_SCANS:
                 return "pids"
             if limits.memory is not None and private + hidden_memory > limits.memory:
                 return "memory"

@@ -13,7 +13,7 @@ from __future__ import annotations
 import dataclasses
 import re
 import signal
-from dataclasses import dataclass, fields
+from dataclasses import fields
 from typing import Any
 
 from reprobuild.errors import RecipeError
@@ -38,40 +38,28 @@ WHAT = {
 }
 
 
-@dataclass(frozen=True)
-class StepLimits:
-    """The limits a recipe table asked for; None keeps the default."""
-
-    memory: int | None = None
-    pids: int | None = None
-    tmp: int | None = None
-    shm: int | None = None
-    disk: int | None = None
-    log: int | None = None
-
-    def effective(self) -> Limits:
-        """The defaults, with what the recipe raised (or lowered) instead."""
-        given = {f.name: getattr(self, f.name) for f in fields(self)}
-        return Limits(**{name: value if value is not None else getattr(DEFAULTS, name)
-                         for name, value in given.items()})
+def effective(asked: Limits) -> Limits:
+    """The defaults, with what a recipe table asked for (its None fields) filled in."""
+    return Limits(**{f.name: getattr(asked, f.name) if getattr(asked, f.name) is not None
+                     else getattr(DEFAULTS, f.name) for f in fields(Limits)})
 
 
-def image_limits(limits: StepLimits, size: int | None) -> Limits:
+def image_limits(limits: Limits, size: int | None) -> Limits:
     """An image step's limits: ``disk`` is at least the image's size and a spool's room.
 
     ``disk`` also bounds any one file (``RLIMIT_FSIZE``), and a sized image is one file
     of that size however sparse: our own writer makes it, so its size is the bound.
     """
-    effective = limits.effective()
-    if size is not None and effective.disk is not None and effective.disk < size + (1 << 30):
-        effective = dataclasses.replace(effective, disk=size + (1 << 30))
-    return effective
+    bounded = effective(limits)
+    if size is not None and bounded.disk is not None and bounded.disk < size + (1 << 30):
+        bounded = dataclasses.replace(bounded, disk=size + (1 << 30))
+    return bounded
 
 
-def table_limits(table: dict[str, Any], path: str, where: str) -> StepLimits:
+def table_limits(table: dict[str, Any], path: str, where: str) -> Limits:
     """The ``limits`` of a recipe's step or image table; a RecipeError names the key."""
     if "limits" not in table:
-        return StepLimits()
+        return Limits()
     try:
         return parse_limits(table["limits"], f"[{where}.limits]")
     except LimitError as exc:
@@ -80,7 +68,7 @@ def table_limits(table: dict[str, Any], path: str, where: str) -> StepLimits:
                           hint=f"limits are {', '.join(LIMIT_KEYS)}") from None
 
 
-def parse_limits(raw: Any, where: str) -> StepLimits:
+def parse_limits(raw: Any, where: str) -> Limits:
     """A ``limits`` table; :class:`LimitError` names the key that is wrong."""
     if not isinstance(raw, dict):
         raise LimitError("", f"must be a table with keys {', '.join(LIMIT_KEYS)}")
@@ -101,7 +89,7 @@ def parse_limits(raw: Any, where: str) -> StepLimits:
         if size is None:
             raise LimitError(key, "must be a size like \"8G\" (\"min\" is for images)")
         values[key] = size
-    return StepLimits(**values)
+    return Limits(**values)
 
 
 class LimitError(ValueError):

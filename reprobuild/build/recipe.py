@@ -19,12 +19,13 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
-from reprobuild.build.limits import StepLimits, table_limits
+from reprobuild.build.limits import table_limits
 from reprobuild.build.recipe_graph import check_cycles, check_inputs
 from reprobuild.errors import ImageError, RecipeError, suggest
 from reprobuild.images.protocol import COMMON_KEYS
 from reprobuild.images.registry import get_format, sane_size
 from reprobuild.units import parse_duration, parse_size
+from sandbox.spec import Limits
 
 _T = TypeVar("_T")
 
@@ -108,7 +109,7 @@ class Step:
     builder: tuple[str, ...]
     env: tuple[tuple[str, str], ...] = ()
     timeout: float | None = None
-    limits: StepLimits = field(default_factory=StepLimits)
+    limits: Limits = field(default_factory=Limits)
 
 
 @dataclass(frozen=True)
@@ -134,7 +135,7 @@ class Image:
     extra: tuple[tuple[str, str | int | bool], ...] = ()
     table: Mapping[str, Json] = field(default_factory=dict)
     timeout: float | None = None
-    limits: StepLimits = field(default_factory=StepLimits)
+    limits: Limits = field(default_factory=Limits)
 
 
 @dataclass(frozen=True)

@@ -26,7 +26,7 @@ from typing import Any
 
 import reprobuild
 from reprobuild.build.elf import elf_closure, elf_interpreter
-from reprobuild.build.limits import IMAGE_TIMEOUT, failure_note, image_limits
+from reprobuild.build.limits import IMAGE_TIMEOUT, effective, failure_note, image_limits
 from reprobuild.build.plan import INPUTS_DIR, OUT, OUTPUT_DIR, Node
 from reprobuild.build.recipe import HostSource, Image, Step
 from reprobuild.errors import ReprobuildError, SandboxError
@@ -115,7 +115,7 @@ def step_spec(node: Node, inputs: Mapping[str, tuple[Node, str]], build_dir: str
     return SandboxSpec(argv=tuple(command), mounts=tuple(mounts),
                        env=tuple(sorted(env.items())), cwd="/build", epoch=epoch,
                        cores=cores, timeout=None if interactive else step.timeout,
-                       interactive=interactive, debug=debug, limits=step.limits.effective())
+                       interactive=interactive, debug=debug, limits=effective(step.limits))
 
 
 def image_spec(node: Node, inputs: Mapping[str, tuple[Node, str]], build_dir: str,

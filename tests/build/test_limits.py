@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from reprobuild.build import limits, sandboxing
+from reprobuild.build.limits import effective
 from reprobuild.build.plan import plan
 from reprobuild.build.recipe import Recipe, parse_recipe
 from reprobuild.errors import ImageError, RecipeError
@@ -33,10 +34,10 @@ def _recipe(text: str) -> Recipe:
 def test_step_limits_are_parsed_and_default(tmp_path: Path) -> None:
     recipe = _recipe(BASE + '[steps.s.limits]\nmemory = "8G"\npids = 4096\nlog = "1M"\n')
     step = recipe.steps["s"]
-    effective = step.limits.effective()
-    assert effective.memory == 8 << 30 and effective.pids == 4096 and effective.log == 1 << 20
-    assert effective.tmp == limits.DEFAULTS.tmp and effective.disk == 16 << 30
-    plain = _recipe(BASE).steps["s"].limits.effective()
+    bounded = effective(step.limits)
+    assert bounded.memory == 8 << 30 and bounded.pids == 4096 and bounded.log == 1 << 20
+    assert bounded.tmp == limits.DEFAULTS.tmp and bounded.disk == 16 << 30
+    plain = effective(_recipe(BASE).steps["s"].limits)
     assert plain == limits.DEFAULTS
 
 

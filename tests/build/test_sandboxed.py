@@ -120,7 +120,7 @@ def test_sigkill_of_a_sandboxed_build(unprivileged: Unprivileged) -> None:
     need_sandbox()
     work = unprivileged.scratch("kill")
     recipe = work / "r.toml"
-    script = "mkdir $out; echo half > $out/a; sleep 60; echo b > $out/b"
+    script = "mkdir $out; echo half > $out/a; sleep 71; echo b > $out/b"
     recipe.write_text(f'[sources.bb]\nhost = "/bin/busybox"\n[steps.slow]\ninputs = ["bb"]\n'
                       f'builder = ["bb", "sh", "-c", "{script}"]\n')
     os.chmod(recipe, 0o644)
@@ -140,12 +140,12 @@ def test_sigkill_of_a_sandboxed_build(unprivileged: Unprivileged) -> None:
     proc.wait()
     time.sleep(0.5)
     ps = subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True, check=True)
-    assert "sleep 60" not in ps.stdout  # the sandbox died with the engine
+    assert "sleep 71" not in ps.stdout  # the sandbox died (71: no other test sleeps so)
     verify = unprivileged.reprobuild("store", "verify", "--store", str(store), cwd=work)
     assert verify.returncode == 0, verify.stderr
     ls = unprivileged.reprobuild("store", "ls", "--store", str(store), cwd=work)
     assert " slow" not in ls.stdout  # the killed step is not valid
-    recipe.write_text(recipe.read_text().replace("sleep 60; ", ""))
+    recipe.write_text(recipe.read_text().replace("sleep 71; ", ""))
     again = unprivileged.reprobuild("build", "--json", "--no-out-link", "--store", str(store),
                                     str(recipe), cwd=work)
     assert again.returncode == 0, again.stderr
