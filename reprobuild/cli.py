@@ -36,6 +36,8 @@ COMMANDS: dict[str, str] = {
     "diff": "diff",
     "sign": "sign",
     "challenge": "challenge",
+    "copy": "copy",
+    "cache": "cache",
 }
 
 

@@ -11,7 +11,8 @@ with_tests=no
 
 runtime_debs="python3-venv python3-dev gcc busybox-static ca-certificates"
 test_debs="e2fsprogs squashfs-tools erofs-utils cryptsetup-bin fsverity gdisk fdisk
-  bubblewrap cpio tar util-linux mmdebstrap diffoscope-minimal zstd xz-utils lz4"
+  bubblewrap cpio tar util-linux mmdebstrap diffoscope-minimal zstd xz-utils lz4
+  nginx-light nodejs curl"
 
 debs=$runtime_debs
 [ "$with_tests" = yes ] && debs="$debs $test_debs"
@@ -21,8 +22,13 @@ for deb in $debs; do
   dpkg-query -W -f='${Status}' "$deb" 2>/dev/null | grep -q "install ok installed" \
     || missing="$missing $deb"
 done
+if [ "$(id -u)" = 0 ]; then sudo=""; else sudo="sudo"; fi
+# The cache tests' S3 server is an npm package: npm comes with nodesource's nodejs, or
+# as Debian's own package.
+if [ "$with_tests" = yes ] && ! command -v npm >/dev/null 2>&1; then
+  missing="$missing npm"
+fi
 if [ -n "$missing" ]; then
-  if [ "$(id -u)" = 0 ]; then sudo=""; else sudo="sudo"; fi
   echo "setup: installing Debian packages:$missing"
   $sudo apt-get update -qq
   DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends $missing >/dev/null
@@ -36,5 +42,9 @@ if [ "$with_tests" = yes ]; then
   .venv/bin/python -m pip install -q --disable-pip-version-check -e '.[test]'
 else
   .venv/bin/python -m pip install -q --disable-pip-version-check -e .
+fi
+if [ "$with_tests" = yes ] && [ ! -x .venv/s3rver/node_modules/.bin/s3rver ]; then
+  # s3rver: an S3-compatible server (buckets kept in a directory) for the cache tests.
+  npm install --silent --no-audit --no-fund --prefix .venv/s3rver s3rver@3.7.1 >/dev/null
 fi
 echo "setup: done (.venv/bin/reprobuild)"

@@ -9,6 +9,7 @@ import sys
 from reprobuild.build.engine import BuildReport
 from reprobuild.build.plan import Plan
 from reprobuild.commands.common import add_build_options, add_recipe, load, run_plan
+from reprobuild.commands.substituters import add_substituter_options, substitute_first
 from reprobuild.errors import StoreError
 from reprobuild.store.store import Store
 
@@ -17,7 +18,8 @@ HELP = "build targets of a recipe (default: all images, else all steps)"
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_recipe(parser)
-    add_build_options(parser)
+    add_build_options(parser, substitute_only=True)
+    add_substituter_options(parser)
     parser.add_argument("--json", action="store_true",
                         help='print [{"target", "derivation", "path", "hash", "fsverity", '
                              '"record", "error"}], also when a target fails (then its '
@@ -44,6 +46,9 @@ def warn_unreproducible(report: BuildReport) -> None:
 
 def run(args: argparse.Namespace) -> int:
     _recipe, store, plan = load(args, args.targets)
+    done = substitute_first(args, store, plan)
+    if done is not None:
+        return done
     report = run_plan(args, store, plan)
     warn_unreproducible(report)
     try:

@@ -31,6 +31,11 @@ def positive_int(text: str) -> int:
     return value
 
 
+def jobs_or_zero(text: str) -> int:
+    """argparse type for ``build -j``: at least 0 (0 builds nothing, only substitutes)."""
+    return 0 if text.strip() == "0" else positive_int(text)
+
+
 def add_recipe(parser: argparse.ArgumentParser, *, targets: str = "*") -> None:
     parser.add_argument("recipe", metavar="RECIPE", help="recipe file (TOML)")
     if targets == "*":
@@ -46,10 +51,14 @@ def add_recipe(parser: argparse.ArgumentParser, *, targets: str = "*") -> None:
                             help="a step of the recipe ([steps.NAME])")
 
 
-def add_build_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("-j", "--jobs", type=positive_int, default=os.cpu_count() or 1,
-                        metavar="N", help="steps to run at once, at least 1 (default: "
-                                          "number of cores)")
+def add_build_options(parser: argparse.ArgumentParser, *, substitute_only: bool = False
+                      ) -> None:
+    """``substitute_only`` lets ``-j 0`` mean: build nothing, take everything from caches."""
+    parser.add_argument("-j", "--jobs", type=jobs_or_zero if substitute_only else positive_int,
+                        default=os.cpu_count() or 1, metavar="N",
+                        help="steps to run at once, at least 1 (default: number of cores)"
+                             + ("; 0: build nothing, only substitute from caches"
+                                if substitute_only else ""))
     parser.add_argument("--offline", action="store_true",
                         help="never touch the network; name each missing input")
     parser.add_argument("-k", "--keep-going", action="store_true",

@@ -64,7 +64,8 @@ def register(layout: Layout, derivation_id: str, output: str, *,
              derivation: Mapping[str, Any], inputs: Mapping[str, Mapping[str, str]],
              epoch: int, expected_hash: str | None = None,
              fsverity_file: str | None = None,
-             record: RecordWriter | None = None) -> StoreEntry:
+             record: RecordWriter | None = None,
+             extra: Mapping[str, Any] | None = None) -> StoreEntry:
     """See :meth:`reprobuild.store.store.Store.register`."""
     if not os.path.lexists(output):
         raise StoreError(f"the build made no output at {output}")
@@ -101,6 +102,7 @@ def register(layout: Layout, derivation_id: str, output: str, *,
         "epoch": epoch,  # every mtime of the canonical output
         "reprobuild": __version__,
         "log": layout.log_path(derivation_id),
+        **(extra or {}),
     }
     trust.write_stats(layout, derivation_id, content_hash)
     # The record first: a valid entry (metadata present) always has its record.

@@ -160,7 +160,8 @@ class Store:
     def register(self, derivation_id: str, output: str, *, derivation: Mapping[str, Any],
                  inputs: Mapping[str, Mapping[str, str]], epoch: int,
                  expected_hash: str | None = None, fsverity_file: str | None = None,
-                 record: RecordWriter | None = None) -> StoreEntry:
+                 record: RecordWriter | None = None,
+                 extra: Mapping[str, Any] | None = None) -> StoreEntry:
         """Canonicalise ``output``, hash it and make it the valid entry of the derivation.
 
         Call with :meth:`lock` held. ``output`` must be on the store's filesystem (under
@@ -172,10 +173,11 @@ class Store:
         ``fsverity_file`` names the file of a directory output whose fs-verity digest is
         recorded instead (and as ``fsverity_file``); the build failed if it is missing.
         ``record`` makes the entry's build record, written before the metadata.
+        ``extra`` adds JSON-able keys to the metadata (a substitute's cache and signer).
         """
         return register.register(self.layout, derivation_id, output, derivation=derivation,
                                  inputs=inputs, epoch=epoch, expected_hash=expected_hash,
-                                 fsverity_file=fsverity_file, record=record)
+                                 fsverity_file=fsverity_file, record=record, extra=extra)
 
     def mark_unreproducible(self, derivation_id: str, report: Mapping[str, Any]) -> None:
         """Record in the entry's metadata that a rebuild differed; ``report`` is JSON-able."""

@@ -64,10 +64,13 @@ def test_build_without_arguments_names_recipe(capsys: pytest.CaptureFixture[str]
     assert "RECIPE" in last and "TARGET" not in last, err
 
 
-@pytest.mark.parametrize("jobs", ["-1", "0", "two"])
-def test_jobs_must_be_a_positive_integer(capsys: pytest.CaptureFixture[str],
+@pytest.mark.parametrize(("command", "jobs"), [("build", "-1"), ("build", "two"),
+                                             ("shell", "0")])
+def test_jobs_must_be_a_positive_integer(capsys: pytest.CaptureFixture[str], command: str,
                                          jobs: str) -> None:
-    err = usage(capsys, "build", "-j", jobs, "recipe.toml")
+    """``build -j 0`` is allowed: it builds nothing and only substitutes (tests/cache)."""
+    extra = ["step"] if command == "shell" else []
+    err = usage(capsys, command, "-j", jobs, "recipe.toml", *extra)
     assert "-j/--jobs" in err and ("positive integer" in err or "not an integer" in err), err
 
 
