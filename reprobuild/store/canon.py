@@ -190,7 +190,8 @@ def fsync_path(path: str | bytes) -> None:
 
 
 def remove_tree(path: str | bytes) -> None:
-    """Delete a file or tree even when its directories are read-only (store outputs)."""
+    """Delete a file or tree even when its directories are read-only (store outputs),
+    without recursion (a tree may be deeper than Python's recursion limit)."""
     top = os.fsencode(path)
     try:
         st = os.lstat(top)
@@ -199,8 +200,18 @@ def remove_tree(path: str | bytes) -> None:
     if not stat.S_ISDIR(st.st_mode):
         os.unlink(top)
         return
-    if stat.S_IMODE(st.st_mode) & 0o700 != 0o700:
-        os.chmod(top, 0o700)
-    for name in os.listdir(top):  # nondet-ok: deletion order is irrelevant
-        remove_tree(top + b"/" + name)
-    os.rmdir(top)
+    stack: list[tuple[bytes, bool]] = [(top, False)]
+    while stack:
+        directory, emptied = stack.pop()
+        if emptied:
+            os.rmdir(directory)
+            continue
+        if stat.S_IMODE(os.lstat(directory).st_mode) & 0o700 != 0o700:
+            os.chmod(directory, 0o700)
+        stack.append((directory, True))
+        for name in os.listdir(directory):  # nondet-ok: deletion order is irrelevant
+            child = directory + b"/" + name
+            if stat.S_ISDIR(os.lstat(child).st_mode):
+                stack.append((child, False))
+            else:
+                os.unlink(child)

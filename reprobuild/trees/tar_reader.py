@@ -135,6 +135,9 @@ class _Clamped:
         return self._raw.tell()
 
 
+_ZEROS = bytes(CHUNK)
+
+
 class Spool:
     """A content-addressed directory of file bytes (name = blake3 hex of the bytes)."""
 
@@ -161,10 +164,19 @@ class Spool:
                         raise ImageError(f"{what}: archive ended inside the member")
                     hasher.update(chunk)
                     try:
-                        out.write(chunk)
+                        # Zero runs (a sparse member's holes) stay holes: a tar that
+                        # claims terabytes of them must not fill the spool's disk.
+                        if chunk == _ZEROS[:len(chunk)]:
+                            out.seek(len(chunk), os.SEEK_CUR)
+                        else:
+                            out.write(chunk)
                     except OSError as exc:
                         raise self._error(exc) from None
                     copied += len(chunk)
+                try:
+                    out.truncate(copied)  # a trailing hole
+                except OSError as exc:
+                    raise self._error(exc) from None
             digest = hasher.digest()
             final = self.directory + b"/" + digest.hex().encode()
             if os.path.exists(final):

@@ -28,14 +28,20 @@ def _deep_tree(top: Path) -> None:
 
 def test_a_tree_deeper_than_the_recursion_limit(tmp_path: Path) -> None:
     source = tmp_path / "source"
-    _deep_tree(source)
     copy = tmp_path / "copy"
-    copy_path(str(source), str(copy))
-    assert canon.hash_path(copy) == canon.hash_path(source)
-    canon.canonicalize(copy, epoch=1700000000)
-    leaf = os.fsencode(copy) + b"/d" * DEPTH + b"/f"
-    assert os.lstat(leaf).st_mode & 0o777 == 0o444
-    canon.fsync_tree(copy)
+    try:
+        _deep_tree(source)
+        copy_path(str(source), str(copy))
+        assert canon.hash_path(copy) == canon.hash_path(source)
+        canon.canonicalize(copy, epoch=1700000000)
+        leaf = os.fsencode(copy) + b"/d" * DEPTH + b"/f"
+        assert os.lstat(leaf).st_mode & 0o777 == 0o444
+        canon.fsync_tree(copy)
+    finally:
+        # pytest removes old temporary directories recursively: leave nothing this deep.
+        canon.remove_tree(copy)
+        canon.remove_tree(source)
+    assert not copy.exists() and not source.exists()
 
 
 def test_the_hash_of_a_small_tree_is_unchanged(tmp_path: Path) -> None:

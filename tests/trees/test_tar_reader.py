@@ -146,6 +146,27 @@ def test_gnu_sparse_members_are_expanded(tmp_path: Path) -> None:
         assert entry.content.read() == (src / "sparse").read_bytes()
 
 
+@pytest.mark.tool
+def test_a_sparse_member_stays_sparse_in_the_spool(tmp_path: Path) -> None:
+    """A tar claiming a GiB of holes costs the spool's disk what its data costs."""
+    need_tool("tar")
+    src = tmp_path / "src"
+    src.mkdir()
+    with open(src / "holes", "wb") as f:
+        f.truncate(1 << 30)
+        f.seek(5 << 20)
+        f.write(b"data")
+    archive = tmp_path / "sparse.tar"
+    subprocess.run(["tar", "--sparse", "--format=pax", "-cf", str(archive), "-C", str(src),
+                    "holes"], check=True)
+    spool = tmp_path / "spool"
+    entry = tree_from_tar(archive, spool=Spool(spool)).get(b"holes")
+    assert entry is not None and entry.content is not None
+    assert entry.content.size == 1 << 30
+    used = sum(p.stat().st_blocks * 512 for p in spool.iterdir())
+    assert used < 8 << 20, used  # one chunk of data, not a GiB of zeros
+
+
 def test_parse_pax_time() -> None:
     assert parse_pax_time("1.5", "x") == 1_500_000_000
     assert parse_pax_time("-1.25", "x") == -1_250_000_000
