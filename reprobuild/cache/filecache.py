@@ -78,7 +78,7 @@ class FileCache(Cache):
     def list(self, directory: str) -> list[str]:
         path = self._path(directory)
         try:
-            names = os.listdir(path)
+            names = os.listdir(path)  # nondet-ok: sorted below
         except FileNotFoundError:
             return []
         except OSError as exc:

@@ -6,8 +6,10 @@ import importlib.util
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -17,6 +19,31 @@ from tests.conftest import REPO, Unprivileged, need, need_tool
 
 def need_sandbox() -> None:
     need(importlib.util.find_spec("sandbox.runner") is not None, "sandbox.runner not written")
+
+
+def _start_slow_build(unprivileged: Unprivileged, name: str, script: str
+                      ) -> tuple[Path, Path, Path, subprocess.Popen[bytes]]:
+    """Start ``build`` of one busybox step running ``script`` as the unprivileged uid, in
+    its own session; return once the step has written ``$out/a``."""
+    need_sandbox()
+    work = unprivileged.scratch(name)
+    recipe = work / "r.toml"
+    recipe.write_text(f'[sources.bb]\nhost = "/bin/busybox"\n[steps.slow]\ninputs = ["bb"]\n'
+                      f'builder = ["bb", "sh", "-c", "{script}"]\n')
+    os.chmod(recipe, 0o644)
+    store = work / "store"
+    env = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "LANG": "C.UTF-8",
+           "HOME": str(unprivileged.root / "home"), "PYTHONPATH": unprivileged.pythonpath,
+           "PYTHONDONTWRITEBYTECODE": "1"}
+    argv = unprivileged.command([unprivileged.python, "-m", "reprobuild", "build",
+                                 "--no-out-link", "--store", str(store), str(recipe)])
+    proc = subprocess.Popen(argv, env=env, cwd=work, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, start_new_session=True)
+    deadline = time.monotonic() + 60
+    while not list((store / "tmp").glob("*/output/out/a")):
+        assert time.monotonic() < deadline and proc.poll() is None, proc.communicate()
+        time.sleep(0.05)
+    return work, recipe, store, proc
 
 
 def copy_recipes(unprivileged: Unprivileged, name: str) -> Path:
@@ -114,28 +141,8 @@ def test_hello_in_an_empty_bwrap_root(tmp_path: Path) -> None:
 @pytest.mark.userns
 def test_sigkill_of_a_sandboxed_build(unprivileged: Unprivileged) -> None:
     """Killing the engine kills its sandboxes; nothing partial counts; a rebuild works."""
-    import signal
-    import time
-
-    need_sandbox()
-    work = unprivileged.scratch("kill")
-    recipe = work / "r.toml"
     script = "mkdir $out; echo half > $out/a; sleep 71; echo b > $out/b"
-    recipe.write_text(f'[sources.bb]\nhost = "/bin/busybox"\n[steps.slow]\ninputs = ["bb"]\n'
-                      f'builder = ["bb", "sh", "-c", "{script}"]\n')
-    os.chmod(recipe, 0o644)
-    store = work / "store"
-    env = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "LANG": "C.UTF-8",
-           "HOME": str(unprivileged.root / "home"), "PYTHONPATH": unprivileged.pythonpath,
-           "PYTHONDONTWRITEBYTECODE": "1"}
-    argv = unprivileged.command([unprivileged.python, "-m", "reprobuild", "build",
-                                 "--no-out-link", "--store", str(store), str(recipe)])
-    proc = subprocess.Popen(argv, env=env, cwd=work, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, start_new_session=True)
-    deadline = time.monotonic() + 60
-    while not list((store / "tmp").glob("*/output/out/a")):
-        assert time.monotonic() < deadline and proc.poll() is None, proc.communicate()
-        time.sleep(0.05)
+    work, recipe, store, proc = _start_slow_build(unprivileged, "kill", script)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
     time.sleep(0.5)
@@ -157,27 +164,8 @@ def test_sigkill_of_a_sandboxed_build(unprivileged: Unprivileged) -> None:
 def test_sigterm_of_a_sandboxed_build(unprivileged: Unprivileged) -> None:
     """SIGTERM to the engine alone is an interrupt: exit 130, its sandboxes killed, its
     build directories removed."""
-    import signal
-    import time
-
-    need_sandbox()
-    work = unprivileged.scratch("term")
-    recipe = work / "r.toml"
-    recipe.write_text('[sources.bb]\nhost = "/bin/busybox"\n[steps.slow]\ninputs = ["bb"]\n'
-                      'builder = ["bb", "sh", "-c", "mkdir $out; echo a > $out/a; sleep 61"]\n')
-    os.chmod(recipe, 0o644)
-    store = work / "store"
-    env = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "LANG": "C.UTF-8",
-           "HOME": str(unprivileged.root / "home"), "PYTHONPATH": unprivileged.pythonpath,
-           "PYTHONDONTWRITEBYTECODE": "1"}
-    argv = unprivileged.command([unprivileged.python, "-m", "reprobuild", "build",
-                                 "--no-out-link", "--store", str(store), str(recipe)])
-    proc = subprocess.Popen(argv, env=env, cwd=work, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, start_new_session=True)
-    deadline = time.monotonic() + 60
-    while not list((store / "tmp").glob("*/output/out/a")):
-        assert time.monotonic() < deadline and proc.poll() is None, proc.communicate()
-        time.sleep(0.05)
+    _work, _recipe, store, proc = _start_slow_build(unprivileged, "term",
+                                                    "mkdir $out; echo a > $out/a; sleep 61")
     proc.send_signal(signal.SIGTERM)  # the engine only, not its process group
     _out, err = proc.communicate(timeout=30)
     assert proc.returncode == 130, err
