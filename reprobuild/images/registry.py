@@ -89,6 +89,12 @@ _VERITY = OptionsSchema("verity", (
     Option("salt", str, "hex salt (default: derived from the data)"),
     Option("append", bool, "append the tree to a copy of the data"),
 ))
+_VFAT = OptionsSchema("vfat", (
+    Option("fat", int, "12, 16 or 32 (default: by size, as mkfs.fat)", minimum=12,
+           maximum=32),
+    Option("volume_id", str, "8 hex digits like \"ABCD-1234\" (default: derived)"),
+    Option("seed", str, "text mixed into the derived volume id"),
+))
 
 FORMATS: dict[str, Format] = {
     f.name: f
@@ -105,6 +111,8 @@ FORMATS: dict[str, Format] = {
                _GPT),
         Format("verity", "reprobuild.images.verity", "disk", "dm-verity hash tree of an image",
                _VERITY),
+        Format("vfat", "reprobuild.images.vfat.image", "tree",
+               "FAT12/16/32 with long names (EFI system partition)", _VFAT),
     )
 }
 
