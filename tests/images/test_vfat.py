@@ -184,6 +184,14 @@ def test_names_and_aliases() -> None:
         b"MAKEFILE   ", b"MAKEFI~1   ", b"MAKEFILETXT"]
 
 
+def test_many_similar_names_get_distinct_numbered_aliases() -> None:
+    names = sorted(b"some-long-file-name-%05d.txt" % number for number in range(12_000))
+    shorts = [stored.short for stored in directory_names(names, "/wide")]
+    assert len(set(shorts)) == len(shorts)
+    assert shorts[0] == b"SOME-L~1TXT" and shorts[9] == b"SOME-~10TXT"
+    assert shorts[99] == b"SOME~100TXT" and shorts[-1] == b"SO~12000TXT"
+
+
 def test_long_name_slots_carry_the_alias_checksum() -> None:
     (stored,) = directory_names([b"The quick brown fox.txt"], "/")
     assert stored.short == b"THEQUI~1TXT"
