@@ -19,6 +19,8 @@ from reprobuild.images.vfat import image as vfat
 from reprobuild.images.vfat.geometry import choose
 from reprobuild.images.vfat.names import directory_names
 from reprobuild.images.vfat.ondisk import FAT_BOOT_SECTOR
+from reprobuild.proof.diffreport import diff_paths
+from reprobuild.trees.diff import diff_trees
 from reprobuild.trees.tree import BytesSource, Content, Entry, EntryType, Tree
 from tests.conftest import Unprivileged, need_tool
 from tests.images.hostconditions import CONDITIONS, Condition, build_under_conditions, write_tree
@@ -327,6 +329,20 @@ def test_times_are_utc_and_clamped(sample_image: Path) -> None:
     assert times == {b"times/1970": 315532800, b"times/1979-12-31": 315532800,
                      b"times/future": EPOCH - 1, b"times/odd": EPOCH - 1001}
     assert fat_seconds(EPOCH * 10**9) == EPOCH - 1
+
+
+def test_diff_reads_vfat_images(tmp_path: Path) -> None:
+    tree = vfat_tree()
+    (tmp_path / "a.img").write_bytes(image_of(tree))
+    tree.replace_entry(Entry(b"readme.txt", EntryType.REGULAR, 0o644,
+                             content=Content.from_bytes(b"changed")))
+    (tmp_path / "b.img").write_bytes(image_of(tree))
+    report = diff_paths(tmp_path / "a.img", tmp_path / "b.img")
+    assert (report.kind_a, report.kind_b) == ("vfat", "vfat")
+    assert [d.display() for d in report.differences] == [
+        d.display() for d in diff_trees(vfat.read(tmp_path / "a.img"),
+                                        vfat.read(tmp_path / "b.img"))]
+    assert "/readme.txt" in report.render()
 
 
 # -- determinism -------------------------------------------------------------------------
