@@ -24,6 +24,7 @@ from reprobuild.trees.diff import diff_trees
 from reprobuild.trees.tree import BytesSource, Content, Entry, EntryType, Tree
 from tests.conftest import Unprivileged, need_tool
 from tests.images.hostconditions import CONDITIONS, Condition, build_under_conditions, write_tree
+from tests.images.vfat_qemu import expected_listing, fetch_kernel, kernel_listing
 from tests.images.vfat_trees import (
     EPOCH,
     NAMES,
@@ -391,3 +392,19 @@ def test_host_conditions_give_identical_bytes(unprivileged: Unprivileged) -> Non
     images = [path.read_bytes() for path in paths]
     assert images[0] == images[1] == images[2]
     assert fat_view(vfat.read(paths[1])) == fat_view(vfat_tree())
+
+
+# -- the kernel ---------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def debian_kernel(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, Path]]:
+    return fetch_kernel(tmp_path_factory.mktemp("kernel"))
+
+
+@pytest.mark.slow
+@pytest.mark.tool
+def test_the_kernel_reads_the_same_tree(sample_image: Path, tmp_path: Path,
+                                        debian_kernel: tuple[Path, dict[str, Path]]) -> None:
+    # This host's kernel has no vfat, so a loop mount proves nothing here: the image is
+    # mounted by Debian's kernel in a QEMU guest instead.
+    listing = kernel_listing(sample_image, debian_kernel, tmp_path)
+    assert listing == expected_listing(fat_view(vfat_tree()))
