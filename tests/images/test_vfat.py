@@ -17,6 +17,7 @@ from reprobuild.errors import ImageError
 from reprobuild.images.registry import ImageOptions, OptionValue
 from reprobuild.images.vfat import image as vfat
 from reprobuild.images.vfat.geometry import choose
+from reprobuild.images.vfat.layout import plan
 from reprobuild.images.vfat.names import directory_names
 from reprobuild.images.vfat.ondisk import FAT_BOOT_SECTOR
 from reprobuild.proof.diffreport import diff_paths
@@ -161,6 +162,31 @@ def test_min_size_and_fat_type() -> None:
 
 def fat_bits_of(data: bytes) -> int:
     return 32 if data[82:87] == b"FAT32" else int(data[57:59])
+
+
+def test_plan_allocates_contiguously_in_canonical_order() -> None:
+    tree = vfat_tree()
+    layout = plan(tree, ImageOptions(epoch=EPOCH), fat_bits=None)
+    extents = [(entry.path, layout.extents[entry.path]) for entry in tree
+               if entry.path in layout.extents]
+    assert extents[0][0] == b".hidden"  # the FAT12 root lies before the clusters
+    next_cluster = 2
+    for path, extent in extents:
+        if extent.count:
+            assert extent.first == next_cluster, path
+            next_cluster += extent.count
+        else:
+            assert extent.first == 0 and tree.get(path).size == 0  # type: ignore[union-attr]
+    assert next_cluster - 2 == layout.used_clusters
+    assert [entry.path for entry in layout.files] == [
+        entry.path for entry in tree if entry.type is EntryType.REGULAR and entry.size]
+
+
+def test_content_changing_size_is_refused() -> None:
+    tree = tree_with(Entry(b"grows", EntryType.REGULAR, 0o644,
+                           content=Content(3, BytesSource(b"four"))))
+    with pytest.raises(ImageError, match=r"/grows: content is 4 bytes, expected 3"):
+        image_of(tree)
 
 
 # -- names --------------------------------------------------------------------------------
