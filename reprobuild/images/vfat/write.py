@@ -107,9 +107,12 @@ def write_image(layout: Layout, output: BinaryIO, seed: bytes,
     geometry = layout.geometry
     output.seek(layout.image_size - 1)  # the full length, also for an in-memory output
     output.write(b"\0")
-    hasher = blake3.blake3(b"reprobuild vfat volume id v1\0" + seed + b"\0")
+    # The derived volume id hashes every directory and file byte: skipped when given.
+    hasher = (blake3.blake3(b"reprobuild vfat volume id v1\0" + seed + b"\0")
+              if volume_id is None else None)
     for path, raw in layout.directories.items():
-        hasher.update(len(path).to_bytes(4, "little") + path + raw)
+        if hasher is not None:
+            hasher.update(len(path).to_bytes(4, "little") + path + raw)
         extent = layout.extents.get(path)
         output.seek(geometry.cluster_offset(extent.first) if extent is not None
                     else geometry.root_start * SECTOR)
@@ -120,7 +123,8 @@ def write_image(layout: Layout, output: BinaryIO, seed: bytes,
         written = 0
         for chunk in entry.content.chunks():
             output.write(chunk)
-            hasher.update(chunk)
+            if hasher is not None:
+                hasher.update(chunk)
             written += len(chunk)
         if written != entry.size:
             raise ImageError(f"{entry.display()}: content is {written} bytes, expected "
@@ -130,8 +134,9 @@ def write_image(layout: Layout, output: BinaryIO, seed: bytes,
     for copy in range(NUM_FATS):
         output.seek((geometry.fat_start + copy * geometry.fat_length) * SECTOR)
         output.write(table)
-    if volume_id is None:
+    if hasher is not None:
         volume_id = int.from_bytes(hasher.digest(length=4), "little")
+    assert volume_id is not None
     boot = boot_sector(geometry, volume_id, layout.label)
     output.seek(0)
     output.write(boot)
