@@ -119,6 +119,23 @@ def test_mdir_shows_long_names_and_aliases(sample_image: Path) -> None:
                          re.M), entries
 
 
+@pytest.mark.tool
+@pytest.mark.parametrize("bits", ["12", "16", "32"])
+def test_reader_reads_what_mkfs_fat_and_mcopy_write(bits: str, tmp_path: Path) -> None:
+    need_tool("mkfs.fat", "mcopy")
+    source = tmp_path / "source"
+    tree = vfat_tree()
+    tree.remove(b"times")  # mcopy has its own ideas about times FAT cannot hold
+    write_tree(tree, source)
+    image = tmp_path / "reference.img"
+    subprocess.run(["mkfs.fat", "-C", "-F", bits, str(image), "40000"], check=True,
+                   capture_output=True)
+    subprocess.run(["mcopy", "-s", "-m", "-i", str(image),
+                    *sorted(str(path) for path in source.iterdir()), "::/"],
+                   check=True, capture_output=True, env=TOOL_ENV)
+    assert fat_view(vfat.read(image)) == fat_view(tree)
+
+
 # -- geometry ---------------------------------------------------------------------------
 SIZES_KIB = (1024, 3000, 4100, 9000, 20_000, 65_536, 140_000, 270_000, 524_288, 600_000,
              1_048_576, 9_000_000)
