@@ -292,6 +292,15 @@ def test_what_fat_cannot_hold_is_refused(entry: Entry, message: str) -> None:
     assert caught.value.hint
 
 
+def test_hardlinks_are_copies_when_asked() -> None:
+    tree = tree_with(Entry(b"dir/hard", EntryType.HARDLINK, 0o644, target=b"dir/file"))
+    back = fat_view(read_bytes(image_of(tree, hardlinks="copy")))
+    assert back[b"dir/hard"] == back[b"dir/file"] == ("regular", b"x", fat_seconds(0))
+    with pytest.raises(ImageError, match="is a hardlink") as caught:
+        image_of(tree, hardlinks="refuse")
+    assert caught.value.hint == 'set hardlinks = "copy" to store a copy of the file'
+
+
 def test_a_name_of_255_units_fits() -> None:
     back = fat_view(read_bytes(image_of(tree_with(file(b"dir/" + "\u00e9".encode() * 255)))))
     assert b"dir/" + "\u00e9".encode() * 255 in back
