@@ -230,6 +230,15 @@ def test_names_and_aliases() -> None:
         b"MAKEFILE   ", b"MAKEFI~1   ", b"MAKEFILETXT"]
 
 
+def test_letters_that_upper_case_to_ascii_keep_a_long_name(tmp_path: Path) -> None:
+    # U+0131 and U+017F upper-case to "I" and "S": an 8.3 name alone gives back "i", "s".
+    (dotless, long_s) = directory_names(["\u0131".encode(), "\u017ft".encode()], "/")
+    assert dotless.slots and long_s.slots
+    tree = tree_with(file("dir/\u0131".encode()), file("dir/\u017ft".encode()))
+    back = read_bytes(image_of(tree))
+    assert {"dir/\u0131".encode(), "dir/\u017ft".encode()} <= set(fat_view(back))
+
+
 def test_many_similar_names_get_distinct_numbered_aliases() -> None:
     names = sorted(b"some-long-file-name-%05d.txt" % number for number in range(12_000))
     shorts = [stored.short for stored in directory_names(names, "/wide")]

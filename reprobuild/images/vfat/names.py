@@ -94,7 +94,9 @@ def fold(text: str) -> str:
 
 def _split(text: str) -> tuple[str, str] | None:
     """(base, extension) when ``text`` has the 8.3 shape, else None."""
-    if len(text) > 12 or _SHORT_NAME.fullmatch(text.upper()) is None:
+    # ASCII first: a few letters (U+0131, U+017F) upper-case to ASCII and would come back
+    # as other letters from an 8.3 name.
+    if len(text) > 12 or not text.isascii() or _SHORT_NAME.fullmatch(text.upper()) is None:
         return None
     base, _, ext = text.partition(".")
     return base, ext
