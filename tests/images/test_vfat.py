@@ -8,6 +8,7 @@ import io
 import os
 import re
 import subprocess
+import sys
 import textwrap
 from pathlib import Path
 
@@ -469,3 +470,25 @@ def test_the_kernel_reads_the_same_tree(sample_image: Path, tmp_path: Path,
     # mounted by Debian's kernel in a QEMU guest instead.
     listing = kernel_listing(sample_image, debian_kernel, tmp_path)
     assert listing == expected_listing(fat_view(vfat_tree()))
+
+
+@pytest.mark.tool
+def test_reprobuild_image_command(tmp_path: Path) -> None:
+    need_tool("fsck.fat")
+    source = tmp_path / "source"
+    write_tree(vfat_tree(), source)
+    out = tmp_path / "esp.img"
+    result = subprocess.run(
+        [sys.executable, "-m", "reprobuild", "image", "--format", "vfat", "--epoch",
+         str(EPOCH), "--label", "ESP", "-o", "fat=16", "-o", "volume_id=ABCD-1234",
+         str(source), str(out)], capture_output=True, text=True, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    head = out.read_bytes()[:512]
+    assert head[54:62] == b"FAT16   " and head[39:43] == bytes.fromhex("3412cdab")
+    assert subprocess.run(["fsck.fat", "-n", str(out)], capture_output=True).returncode == 0
+    refused = subprocess.run(
+        [sys.executable, "-m", "reprobuild", "image", "--format", "vfat", "-o", "fat=12",
+         "--size", "300M", str(source), str(tmp_path / "no.img")], capture_output=True,
+        text=True, cwd=tmp_path)
+    assert refused.returncode == 2 and "no FAT12 file system fits" in refused.stderr
+    assert not (tmp_path / "no.img").exists()
