@@ -64,6 +64,8 @@ class Extent:
 
 @dataclass(frozen=True)
 class Layout:
+    """Everything the writer needs besides the file bytes and the volume id."""
+
     geometry: Geometry
     image_size: int  # bytes of the image file (at least the volume's sectors)
     extents: dict[bytes, Extent]  # every path but a FAT12/16 root
