@@ -386,6 +386,22 @@ def test_read_gives_back_the_tree(sample_image: Path) -> None:
     assert read_only is not None and read_only.mode == 0o444
 
 
+def test_cross_linked_clusters_are_refused(tmp_path: Path) -> None:
+    tree = Tree(Entry(b"", EntryType.DIRECTORY, 0o755))
+    tree.add(file(b"A"))
+    tree.add(file(b"B"))
+    image = bytearray(image_of(tree))
+    geometry = plan(tree, ImageOptions(epoch=EPOCH), fat_bits=None).geometry
+    root = geometry.root_start * 512
+    assert image[root:root + 11] == b"A".ljust(11)
+    assert image[root + 32:root + 43] == b"B".ljust(11)
+    image[root + 32 + 26:root + 32 + 28] = image[root + 26:root + 28]  # B starts where A does
+    path = tmp_path / "cross.img"
+    path.write_bytes(bytes(image))
+    with pytest.raises(ImageError, match=r"/B uses cluster 2, which another chain"):
+        vfat.read(path)
+
+
 def test_times_are_utc_and_clamped(sample_image: Path) -> None:
     back = vfat.read(sample_image)
     times = {e.path: e.mtime_ns // 10**9 for e in back if e.path.startswith(b"times/")}

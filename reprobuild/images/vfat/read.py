@@ -117,17 +117,27 @@ class _Reader:
         image.seek(self.volume.fat_offset)
         self.fat = _fat_entries(image.read(self.volume.fat_bytes), self.volume.fat_bits,
                                 self.volume.cluster_count + 2)
+        self.used = bytearray(self.volume.cluster_count + 2)
 
-    def chain(self, first: int, what: str) -> list[int]:
-        """The clusters of the chain starting at ``first``."""
+    def chain(self, first: int, what: str, limit: int | None = None) -> list[int]:
+        """The clusters of the chain starting at ``first`` (its first ``limit`` when
+        given). A cluster met twice, in this chain or an earlier one, is refused: every
+        cluster belongs to one file or directory, which keeps reading linear."""
         volume = self.volume
         clusters: list[int] = []
         current = first
         while True:
-            if not 2 <= current < volume.cluster_count + 2 or len(clusters) > volume.cluster_count:
+            if not 2 <= current < volume.cluster_count + 2:
                 raise ImageError(f"{self.shown}: {what} has a broken cluster chain "
                                  f"(cluster {current})", hint="the image is damaged")
+            if self.used[current]:
+                raise ImageError(f"{self.shown}: {what} uses cluster {current}, which "
+                                 "another chain (or itself) uses too",
+                                 hint="the image is damaged (cross-linked clusters)")
+            self.used[current] = 1
             clusters.append(current)
+            if len(clusters) == limit:
+                return clusters
             current = self.fat[current] & 0x0FFFFFFF
             if current >= END_MIN[volume.fat_bits]:
                 return clusters
@@ -151,7 +161,7 @@ class _Reader:
             return Content.from_bytes(b"")
         size_of = self.volume.cluster_size
         needed = -(-size // size_of)
-        clusters = self.chain(first, what)
+        clusters = self.chain(first, what, needed)
         if len(clusters) < needed:
             raise ImageError(f"{self.shown}: {what} is {size} bytes but has "
                              f"{len(clusters)} clusters", hint="the image is damaged")
