@@ -4,6 +4,7 @@ include/uapi/linux/msdos_fs.h), all little-endian, and the FAT time encoding."""
 from __future__ import annotations
 
 import datetime
+import functools
 import struct
 
 SECTOR = 512
@@ -66,6 +67,7 @@ FAT_FIRST = int(datetime.datetime(1980, 1, 1, tzinfo=datetime.UTC).timestamp())
 FAT_LAST = int(datetime.datetime(2107, 12, 31, 23, 59, 58, tzinfo=datetime.UTC).timestamp())
 
 
+@functools.lru_cache(maxsize=4096)  # trees share few times (most are the epoch)
 def fat_time(seconds: int) -> tuple[int, int]:
     """(date, time) fields of ``seconds`` since 1970 UTC, in [FAT_FIRST, FAT_LAST]; odd
     seconds round down, as the Linux driver stores them."""
