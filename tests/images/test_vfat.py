@@ -26,7 +26,13 @@ from reprobuild.trees.diff import diff_trees
 from reprobuild.trees.tree import BytesSource, Content, Entry, EntryType, Tree
 from tests.conftest import Unprivileged, need_tool
 from tests.images.hostconditions import CONDITIONS, Condition, build_under_conditions, write_tree
-from tests.images.vfat_qemu import expected_listing, fetch_kernel, kernel_listing
+from tests.images.vfat_qemu import (
+    expected_listing,
+    fetch_kernel,
+    firmware_console,
+    kernel_listing,
+    startup_script,
+)
 from tests.images.vfat_trees import (
     EPOCH,
     NAMES,
@@ -508,3 +514,22 @@ def test_reprobuild_image_command(tmp_path: Path) -> None:
         text=True, cwd=tmp_path)
     assert refused.returncode == 2 and "no FAT12 file system fits" in refused.stderr
     assert not (tmp_path / "no.img").exists()
+
+
+# -- the firmware -------------------------------------------------------------------------
+@pytest.mark.slow
+@pytest.mark.tool
+@pytest.mark.parametrize("bits", [None, 16, 32], ids=["auto", "fat16", "fat32"])
+def test_uefi_firmware_reads_the_image(bits: int | None, tmp_path: Path) -> None:
+    tree = vfat_tree()
+    tree.add(Entry(b"startup.nsh", EntryType.REGULAR, 0o644, content=Content.from_bytes(
+        startup_script(['type "\\loader\\entries\\entry-11-long-name.conf"',
+                        'type "\\a\\b\\c\\deep.txt"', "ls \\wide", "ls \\EFI\\BOOT"]))))
+    image = tmp_path / "esp.img"
+    image.write_bytes(image_of(tree, **({} if bits is None else {"fat": bits})))
+    console = firmware_console(image, tmp_path)
+    assert "title 11" in console and "deep" in console
+    listed = re.findall(r"^\d\d/\d\d/\d{4}\s+\d\d:\d\d\s+[\d,]+\s+(\S+)$", console, re.M)
+    assert listed == [f"file-with-a-long-name-{number:03d}" for number in range(300)] + [
+        "BOOTX64.EFI"]
+    assert "70,001  BOOTX64.EFI" in console

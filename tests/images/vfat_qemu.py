@@ -1,12 +1,16 @@
-"""The kernel's reading of a FAT image, where this host's kernel has no vfat: the image is
-attached to a QEMU guest running Debian's cloud kernel, whose init (busybox, from our own
-cpio writer) mounts it read-only with ``tz=UTC`` and prints every path, each file's mtime
-and sha256 on the serial console."""
+"""Other readers of a FAT image, in QEMU guests.
+
+The kernel, where this host's kernel has no vfat: the image is attached to a guest
+running Debian's cloud kernel, whose init (busybox, from our own cpio writer) mounts it
+read-only with ``tz=UTC`` and prints every path, each file's mtime and sha256 on the
+serial console. The firmware: OVMF boots from the image, and its UEFI shell runs the
+image's ``startup.nsh`` through the firmware's own FAT driver."""
 
 from __future__ import annotations
 
 import hashlib
 import io
+import re
 import shutil
 import subprocess
 from pathlib import Path
@@ -104,3 +108,34 @@ def expected_listing(view: dict[bytes, tuple[str, bytes, int]]
     return {path: (kind, None, None) if kind == "directory"
             else (kind, mtime, hashlib.sha256(data).hexdigest())
             for path, (kind, data, mtime) in view.items()}
+
+
+OVMF_CODE = Path("/usr/share/OVMF/OVMF_CODE_4M.fd")
+OVMF_VARS = Path("/usr/share/OVMF/OVMF_VARS_4M.fd")
+SHELL_END = "VFAT-SHELL-END"
+
+
+def startup_script(commands: list[str]) -> bytes:
+    """A UEFI shell ``startup.nsh`` that runs ``commands`` on the image and powers off."""
+    lines = ["fs0:", *commands, f"echo {SHELL_END}", "reset -s"]
+    return "".join(line + "\r\n" for line in lines).encode()
+
+
+def firmware_console(image: Path, work: Path) -> str:
+    """What OVMF's UEFI shell prints booting from ``image`` (it runs the image's
+    ``startup.nsh`` through the firmware's own FAT driver), escape codes removed."""
+    need_tool("qemu-system-x86_64")
+    need(OVMF_CODE.exists() and OVMF_VARS.exists(), "missing OVMF (Debian package ovmf)")
+    variables = work / "OVMF_VARS.fd"
+    shutil.copyfile(OVMF_VARS, variables)
+    result = subprocess.run(
+        ["qemu-system-x86_64", "-accel", "tcg", "-m", "256", "-display", "none",
+         "-serial", "stdio", "-monitor", "none", "-no-reboot", "-net", "none",
+         "-drive", f"if=pflash,format=raw,readonly=on,file={OVMF_CODE}",
+         "-drive", f"if=pflash,format=raw,file={variables}",
+         "-drive", f"file={image},format=raw,if=virtio,readonly=on"],
+        capture_output=True, timeout=600)
+    console = re.sub(rb"\x1b\[[0-9;=?]*[A-Za-z]", b"", result.stdout).replace(b"\r", b"")
+    text = console.decode(errors="replace")
+    assert SHELL_END in text, text[-3000:]
+    return text
