@@ -160,9 +160,12 @@ def test_same_image_from_layers_and_from_unpacked_root(tmp_path: Path, fmt: str)
     layout = make_layout(tmp_path / "oci", layers(mtime))
     root = unpacked_by_hand(tmp_path / "root", mtime)
     outputs = []
+    # FAT has no hardlinks: the vfat writer stores each as a copy when asked.
+    extra = (("hardlinks", "copy"),) if fmt == "vfat" else ()
     for n, source in enumerate((layout, root)):
         with (tmp_path / f"image{n}").open("w+b") as out:
-            writer.write(load_tree(source, epoch=EPOCH), out, ImageOptions(epoch=EPOCH))
+            writer.write(load_tree(source, epoch=EPOCH), out,
+                         ImageOptions(epoch=EPOCH, extra=extra))
         outputs.append((tmp_path / f"image{n}").read_bytes())
     assert outputs[0] == outputs[1]
 
