@@ -7,7 +7,8 @@ build time from the epoch, UUID from the content unless given, label as volume n
 ``compress="lz4"`` stores regular files longer than a block LZ4-compressed
 (:mod:`reprobuild.images.erofs.compress`); the default is uncompressed.
 The layout is planned first (:mod:`reprobuild.images.erofs.layout`), then serialised;
-file bytes are read once, through ``Content.chunks()``, straight into the data area.
+file bytes are read once, through :class:`~reprobuild.images.contents.ContentReader`,
+straight into the data area.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from __future__ import annotations
 import os
 import uuid as uuidlib
 from dataclasses import replace
-from typing import BinaryIO
+from typing import BinaryIO, NoReturn
 
 import blake3
 import crc32c
@@ -45,11 +46,12 @@ from reprobuild.images.erofs.ondisk import (
     SB_CHECKSUM_OFFSET,
     encode_dev,
 )
+from reprobuild.images.contents import ContentReader
 from reprobuild.images.erofs.read import read_image
 from reprobuild.images.registry import ImageOptions
 from reprobuild.images.timestamps import EROFS_TIMES, check_times
 from reprobuild.integrity.fsverity import digest_file
-from reprobuild.trees.tree import EntryType, Tree
+from reprobuild.trees.tree import S_IFMT_OF_TYPE, EntryType, Tree
 
 __all__ = ["VERSION", "composefs_digest", "identity", "read", "write"]
 
@@ -77,35 +79,12 @@ def write(tree: Tree, output: BinaryIO, options: ImageOptions) -> None:
 
     for offset, xattr_entry in layout.shared_xattrs:
         meta[offset:offset + len(xattr_entry)] = xattr_entry
-    nid_of = [inode.nid for inode in layout.inodes]
     output.seek(layout.data_blkaddr * BLOCK_SIZE)
-    compressed: list[InodePlan] = []
-    for inode in layout.inodes:
-        if inode.datalayout == COMPRESSED_FULL:
-            compressed.append(inode)
-            continue
-        header = _inode_header(inode)
-        at = inode.offset
-        meta[at:at + len(header)] = header
-        at += len(header)
-        meta[at:at + len(inode.xattr_ibody)] = inode.xattr_ibody
-        at += len(inode.xattr_ibody)
-        entry = inode.entry
-        if entry.type is EntryType.REGULAR:
-            tail = _write_content(output, inode, hasher)
-        elif entry.type is EntryType.DIRECTORY:
-            data = _directory_bytes(layout.directories[inode.index], nid_of)
-            tail = _write_bytes(output, inode, data, hasher)
-        elif entry.type is EntryType.SYMLINK:
-            assert entry.target is not None
-            tail = _write_bytes(output, inode, entry.target, hasher)
-        else:
-            continue
-        meta[at:at + len(tail)] = tail
-
-    blocks = layout.blocks
-    for inode in compressed:  # their blocks follow the planned data area
-        blocks += _write_compressed(output, inode, blocks, meta, hasher)
+    with ContentReader() as reader:
+        compressed = _write_inodes(layout, output, meta, reader, hasher)
+        blocks = layout.blocks
+        for inode in compressed:  # their blocks follow the planned data area
+            blocks += _write_compressed(output, inode, blocks, meta, hasher, reader)
     size = blocks * BLOCK_SIZE
     if options.size is not None:
         if options.size < size:
@@ -160,6 +139,57 @@ def _parse_uuid(text: str) -> bytes:
                          hint="give the EROFS UUID as 8-4-4-4-12 hex digits") from None
 
 
+def _write_inodes(layout: Layout, output: BinaryIO, meta: bytearray, reader: ContentReader,
+                  hasher: blake3.blake3 | None) -> list[InodePlan]:
+    """Put every uncompressed inode (header, xattrs, inline tail) into ``meta`` and its
+    whole blocks into the data area, in plan order; return the compressed inodes."""
+    nid_of = [inode.nid for inode in layout.inodes]
+    compressed: list[InodePlan] = []
+    pack_compact = EROFS_INODE_COMPACT.pack
+    regular, directory, symlink = EntryType.REGULAR, EntryType.DIRECTORY, EntryType.SYMLINK
+    s_ifmt = S_IFMT_OF_TYPE
+    for inode in layout.inodes:
+        entry = inode.entry
+        kind = entry.type
+        if inode.datalayout == COMPRESSED_FULL:
+            compressed.append(inode)
+            continue
+        if inode.extended or inode.xattr_ibody or kind not in (regular, directory, symlink):
+            header = _inode_header(inode) + inode.xattr_ibody
+        else:  # the common case, packed here: a compact inode without xattrs
+            header = pack_compact(inode.datalayout << 1, 0, s_ifmt[kind] | entry.mode,
+                                  inode.nlink, inode.size, 0, inode.blkaddr, inode.index + 1,
+                                  entry.uid, entry.gid, 0)
+        at = inode.offset
+        end = at + len(header)
+        meta[at:end] = header
+        if kind is regular:
+            if inode.nblocks:
+                tail = _write_content(output, inode, hasher, reader)
+            elif inode.size:  # all inline
+                tail = reader.read(entry.content)  # type: ignore[arg-type]
+                if len(tail) != inode.size:
+                    _changed(inode, len(tail))
+            else:
+                continue
+        elif kind is directory:
+            data = _directory_bytes(layout.directories[inode.index], nid_of)
+            tail = _write_bytes(output, inode, data, hasher) if inode.nblocks else data
+        elif kind is symlink:
+            assert entry.target is not None
+            tail = (_write_bytes(output, inode, entry.target, hasher) if inode.nblocks
+                    else entry.target)
+        else:
+            continue
+        meta[end:end + len(tail)] = tail
+    return compressed
+
+
+def _changed(inode: InodePlan, read: int) -> NoReturn:
+    raise ImageError(f"{inode.entry.display()}: expected {inode.size} bytes, read {read}",
+                     hint="do not modify the source tree during a build")
+
+
 def _inode_header(inode: InodePlan) -> bytes:
     entry = inode.entry
     i_format = (inode.datalayout << 1) | int(inode.extended)
@@ -208,14 +238,15 @@ def _write_bytes(output: BinaryIO, inode: InodePlan, data: bytes,
     return data[body:]
 
 
-def _write_content(output: BinaryIO, inode: InodePlan, hasher: blake3.blake3 | None) -> bytes:
+def _write_content(output: BinaryIO, inode: InodePlan, hasher: blake3.blake3 | None,
+                   reader: ContentReader) -> bytes:
     """Stream a regular file into the data area; return its inline tail."""
     content = inode.entry.content
     assert content is not None
     body = inode.size - inode.inline_size
     written = 0
     tail: list[bytes] = []
-    for chunk in content.chunks():
+    for chunk in reader.chunks(content):
         if written + len(chunk) <= body:
             output.write(chunk)
             if hasher is not None:
@@ -229,9 +260,7 @@ def _write_content(output: BinaryIO, inode: InodePlan, hasher: blake3.blake3 | N
             tail.append(chunk[cut:])
         written += len(chunk)
     if written != inode.size:
-        raise ImageError(
-            f"{inode.entry.display()}: expected {inode.size} bytes, read {written}",
-            hint="do not modify the source tree during a build")
+        _changed(inode, written)
     pad = inode.nblocks * BLOCK_SIZE - body
     if pad:
         output.write(_ZEROS[:pad])
@@ -239,7 +268,8 @@ def _write_content(output: BinaryIO, inode: InodePlan, hasher: blake3.blake3 | N
 
 
 def _write_compressed(output: BinaryIO, inode: InodePlan, first_block: int,
-                      meta: bytearray, hasher: blake3.blake3 | None) -> int:
+                      meta: bytearray, hasher: blake3.blake3 | None,
+                      reader: ContentReader) -> int:
     """Compress a regular file into blocks from ``first_block``; fill in its inode, xattrs
     and lcluster indexes; return the number of blocks written."""
     content = inode.entry.content
@@ -250,11 +280,10 @@ def _write_compressed(output: BinaryIO, inode: InodePlan, first_block: int,
         if hasher is not None:
             hasher.update(block)
 
-    nblocks, indexes, read = write_compressed(emit, content.chunks(), inode.size, first_block)
+    nblocks, indexes, read = write_compressed(emit, reader.chunks(content), inode.size,
+                                               first_block)
     if read != inode.size:
-        raise ImageError(
-            f"{inode.entry.display()}: expected {inode.size} bytes, read {read}",
-            hint="do not modify the source tree during a build")
+        _changed(inode, read)
     header = _inode_header(replace(inode, blkaddr=nblocks))
     record = header + inode.xattr_ibody
     record += bytes(-len(record) % 8) + indexes
