@@ -87,10 +87,11 @@ class ContentReader:
         if kind is FileRegion:  # a member read in place: one pread on a kept descriptor
             assert isinstance(source, FileRegion)
             pieces = source.pieces
-            if len(pieces) == 1 and pieces[0].offset is not None:
-                piece = pieces[0]
-                data = os.pread(self._region_fd(source.path), piece.length, piece.offset)
-                if len(data) == piece.length:
+            offset = pieces[0].offset if len(pieces) == 1 else None
+            if offset is not None:
+                length = pieces[0].length
+                data = os.pread(self._region_fd(source.path), length, offset)
+                if len(data) == length:
                     return data
         return b"".join(self.chunks(content))
 

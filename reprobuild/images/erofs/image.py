@@ -22,6 +22,7 @@ import blake3
 import crc32c
 
 from reprobuild.errors import ImageError, ImageTooSmall
+from reprobuild.images.contents import ContentReader
 from reprobuild.images.erofs.compress import (
     AVAILABLE_COMPR_ALGS,
     COMPR_CFGS,
@@ -46,7 +47,6 @@ from reprobuild.images.erofs.ondisk import (
     SB_CHECKSUM_OFFSET,
     encode_dev,
 )
-from reprobuild.images.contents import ContentReader
 from reprobuild.images.erofs.read import read_image
 from reprobuild.images.registry import ImageOptions
 from reprobuild.images.timestamps import EROFS_TIMES, check_times
