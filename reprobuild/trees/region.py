@@ -53,7 +53,7 @@ def file_region(path: bytes | str, pieces: Iterable[tuple[int | None, int]], *,
     """
     if isinstance(pieces, tuple) and len(pieces) == 1:
         offset, length = pieces[0]
-        if offset is not None and 0 <= offset and 0 < length and \
+        if offset is not None and offset >= 0 and length > 0 and \
                 offset + length <= file_size:
             return FileRegion(os.fsencode(path), (Piece(offset, length),))
     checked: list[Piece] = []

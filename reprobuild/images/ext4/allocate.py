@@ -124,7 +124,7 @@ class Allocator:
 
     def allocate(self, count: int, *, contiguous: bool = False) -> list[tuple[int, int]]:
         cursor = self.cursor
-        if 0 < count and cursor + count <= self.limit:  # the common case: one run
+        if count > 0 and cursor + count <= self.limit:  # the common case: one run
             self.cursor = cursor + count
             self._mark(cursor, count)
             return [(cursor, count)]
