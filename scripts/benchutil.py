@@ -16,7 +16,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -81,3 +81,66 @@ def run_child(argv: list[str], *, output: str | None = None, env: dict[str, str]
     if proc.returncode:
         raise SystemExit(f"{argv[0]} failed with exit code {proc.returncode}")
     return ChildRun(wall, usage.ru_utime + usage.ru_stime, usage.ru_maxrss)
+
+
+@dataclass(frozen=True)
+class Row:
+    """One line of a shape table: ours from one source against the reference tool."""
+
+    shape: str
+    source: str  # "tar" or "dir"
+    ours: ChildRun
+    reference: ChildRun
+    entries: int
+    baseline_kib: int  # peak of our child with the imports and an empty tree
+
+    @property
+    def ratio(self) -> float:
+        return self.ours.wall / self.reference.wall
+
+    @property
+    def per_entry_bytes(self) -> float:
+        return max(0, self.ours.peak_kib - self.baseline_kib) * 1024 / max(1, self.entries)
+
+
+def best(runs: list[ChildRun]) -> ChildRun:
+    """The fastest run, with the highest peak memory of all of them."""
+    fastest = min(runs, key=lambda r: r.wall)
+    return ChildRun(fastest.wall, min(r.cpu for r in runs), max(r.peak_kib for r in runs))
+
+
+def print_table(title: str, reference: str, rows: list[Row]) -> None:
+    """The shape table: shape, source, ours, reference, ratio, peak memory of both."""
+    print(f"\n{title}: best wall time of each, peak RSS of the child (MB), memory per entry "
+          "beyond the empty-tree baseline", flush=True)
+    print(f"{'shape':<12} {'from':<4} {'ours s':>8} {reference + ' s':>14} {'ratio':>6} "
+          f"{'ours MB':>8} {reference + ' MB':>15} {'B/entry':>8}")
+    for row in rows:
+        print(f"{row.shape:<12} {row.source:<4} {row.ours.wall:>8.2f} "
+              f"{row.reference.wall:>14.2f} {row.ratio:>6.2f} {row.ours.peak_kib / 1024:>8.0f} "
+              f"{row.reference.peak_kib / 1024:>15.0f} {row.per_entry_bytes:>8.0f}",
+              flush=True)
+
+
+def compare_on_shape(name: str, entries: int, sources: dict[str, str], *,
+                     ours: Callable[[str], list[str]], reference: list[str], repeat: int,
+                     baseline_kib: int, output: str, ref_output: str | None = None,
+                     ref_env: dict[str, str] | None = None, ref_shell: bool = False,
+                     ref_cwd: str | None = None,
+                     check: Callable[[str], str] | None = None) -> list[Row]:
+    """Alternating best-of-``repeat`` runs of the reference and of ours from each source.
+
+    ``sources`` maps "tar"/"dir" to the path ours reads; ``check`` (given our output)
+    returns "clean" or what is wrong, printed for the first run from each source.
+    """
+    refs: list[ChildRun] = []
+    runs: dict[str, list[ChildRun]] = {source: [] for source in sources}
+    for _ in range(repeat):
+        refs.append(run_child(reference, output=ref_output, env=ref_env, shell=ref_shell,
+                              cwd=ref_cwd, quiet=True))
+        for source, path in sources.items():
+            runs[source].append(run_child(ours(path), output=output))
+            if check is not None and len(runs[source]) == 1:
+                print(f"{name} from {source}: {check(output)}", flush=True)
+    return [Row(name, source, best(runs[source]), best(refs), entries, baseline_kib)
+            for source in sources]

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import enum
 import io
+import os
 import stat
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field, replace
@@ -23,6 +24,7 @@ from typing import BinaryIO, Protocol
 import blake3
 
 from reprobuild.errors import ImageError
+from reprobuild.trees.region import FileRegion
 
 CHUNK = 1 << 20
 """Read size when streaming file contents."""
@@ -129,6 +131,58 @@ class Content:
         return Content(len(data), BytesSource(data), blake3.blake3(data).digest())
 
 
+class ContentReader:
+    """Reads whole contents, fast: one ``pread`` from a descriptor kept open per archive
+    or image for bytes read in place, one ``read`` for a file, the bytes for bytes.
+
+    For writers that read many small files; :meth:`close` (or ``with``) releases the
+    descriptors. The result is what :meth:`Content.read` gives, checked for its size.
+    """
+
+    def __init__(self) -> None:
+        self._fds: dict[bytes, int] = {}
+
+    def read(self, content: Content, where: str) -> bytes:
+        source = content.source
+        size = content.size
+        if isinstance(source, BytesSource):
+            data = source.data
+        elif isinstance(source, FileRegion) and len(source.pieces) == 1 and \
+                source.pieces[0].offset is not None:
+            fd = self._fds.get(source.path)
+            if fd is None:
+                fd = self._fds[source.path] = os.open(source.path, os.O_RDONLY | os.O_CLOEXEC)
+            data = os.pread(fd, source.pieces[0].length, source.pieces[0].offset)
+        elif isinstance(source, FileSource):
+            fd = os.open(source.path, os.O_RDONLY | os.O_CLOEXEC)
+            try:
+                data = os.read(fd, size + 1)  # one byte more: a file that grew shows
+                while 0 < len(data) < size:  # a short read (some filesystems do)
+                    more = os.read(fd, size + 1 - len(data))
+                    if not more:
+                        break
+                    data += more
+            finally:
+                os.close(fd)
+        else:
+            data = content.read()
+        if len(data) != size:
+            raise ImageError(f"{where}: content is {len(data)} bytes, the tree says {size}",
+                             hint="do not modify the source tree during a build")
+        return data
+
+    def close(self) -> None:
+        for fd in self._fds.values():
+            os.close(fd)
+        self._fds.clear()
+
+    def __enter__(self) -> ContentReader:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
 @dataclass(frozen=True)
 class Entry:
     """One file, directory, link or special file of a tree.
@@ -178,6 +232,10 @@ def path_key(path: bytes) -> tuple[bytes, ...]:
 
 def check_relative_path(path: bytes, what: str) -> bytes:
     """Normalise a member name to the tree's relative form, refusing hostile names."""
+    body = path[2:] if path.startswith(b"./") else path
+    if (body and body[0] not in b"/." and b"//" not in body and b"/." not in body
+            and not body.endswith(b"/") and b"\0" not in body):
+        return body  # already canonical: no empty, ".", ".." or NUL component
     if path.startswith(b"/"):
         raise ImageError(
             f"{what}: absolute member name {path!r} is refused",
@@ -208,6 +266,41 @@ class Tree:
         self._entries: dict[bytes, Entry] = {b"": root}
         self._children: dict[bytes, list[bytes]] = {b"": []}
         self._sorted: list[Entry] | None = None
+
+    @classmethod
+    def from_canonical(cls, root: Entry, entries: Iterable[Entry]) -> Tree:
+        """A tree of ``entries`` given in canonical order (as iteration yields them and
+        :class:`~reprobuild.trees.builder.TreeBuilder` makes them), checked as
+        :meth:`add` checks them, without sorting again."""
+        tree = cls(root)
+        ordered = [tree.root]
+        append = ordered.append
+        known, children = tree._entries, tree._children
+        directory, regular = EntryType.DIRECTORY, EntryType.REGULAR
+        last_key: tuple[bytes, ...] = ()
+        for entry in entries:
+            path = entry.path
+            parent_path, _, _ = path.rpartition(b"/")
+            parent = known.get(parent_path)
+            if (parent is None or parent.type is not directory or path in known
+                    or entry.type is EntryType.HARDLINK or not path):
+                tree._sorted = None
+                tree.add(entry)  # the general checks and their messages
+                entry = known[path]
+            else:
+                if entry.type is regular and entry.content is None:
+                    entry = replace(entry, content=Content.from_bytes(b""))
+                known[path] = entry
+                children[parent_path].append(path)
+                if entry.type is directory:
+                    children[path] = []
+            key = path_key(path)
+            if key < last_key:
+                raise ImageError(f"{entry.display()}: entries out of canonical order")
+            last_key = key
+            append(entry)
+        tree._sorted = ordered
+        return tree
 
     # -- building -------------------------------------------------------------------
     def add(self, entry: Entry, *, replace_existing: bool = False) -> None:
@@ -335,16 +428,19 @@ class Tree:
     def normalized(self, *, epoch: int | None) -> Tree:
         """A copy with mtimes clamped to ``epoch`` (seconds) and xattrs sorted."""
         clamp = None if epoch is None else epoch * 1_000_000_000
-        out = Tree(_normalize_entry(self.root, clamp))
-        for entry in self:
-            if entry.path:
-                out.add(_normalize_entry(entry, clamp))
-        return out
+        entries = iter(self)
+        next(entries)  # the root
+        return Tree.from_canonical(_normalize_entry(self.root, clamp),
+                                   (_normalize_entry(e, clamp) for e in entries))
 
 
 def _normalize_entry(entry: Entry, clamp_ns: int | None) -> Entry:
+    """``entry`` itself when it is already normal (the common case), else a copy."""
     mtime = entry.mtime_ns if clamp_ns is None else min(entry.mtime_ns, clamp_ns)
-    return replace(entry, mtime_ns=mtime, xattrs=sort_xattrs(entry.xattrs))
+    xattrs = sort_xattrs(entry.xattrs) if entry.xattrs else ()
+    if mtime == entry.mtime_ns and xattrs == entry.xattrs:
+        return entry
+    return replace(entry, mtime_ns=mtime, xattrs=xattrs)
 
 
 def sort_xattrs(xattrs: Iterable[tuple[bytes, bytes]]) -> tuple[tuple[bytes, bytes], ...]:

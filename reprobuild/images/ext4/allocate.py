@@ -6,6 +6,7 @@ the serialiser writes."""
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import NamedTuple
 
 from reprobuild.images.ext4.directory import (
     DirBlock,
@@ -34,8 +35,7 @@ from reprobuild.images.ext4.prepare import Needs, Prepared
 from reprobuild.trees.tree import Content, Entry, EntryType
 
 
-@dataclass(frozen=True)
-class Extent:
+class Extent(NamedTuple):
     logical: int
     length: int
     physical: int
@@ -120,8 +120,38 @@ class Allocator:
         self.next_reserved = 0
         self.cursor = 0
         self.used: list[tuple[int, int]] = list(reserved)
+        self.limit = 0  # blocks [cursor, limit) hold no reserved block (0: not known)
 
     def allocate(self, count: int, *, contiguous: bool = False) -> list[tuple[int, int]]:
+        cursor = self.cursor
+        if count > 0 and cursor + count <= self.limit:  # the common case: one run
+            self.cursor = cursor + count
+            self._mark(cursor, count)
+            return [(cursor, count)]
+        runs = self._allocate(count, contiguous=contiguous)
+        self._set_limit()
+        return runs
+
+    def _mark(self, start: int, count: int) -> None:
+        used = self.used
+        last_start, last_count = used[-1] if used else (-1, 0)
+        if last_start + last_count == start:
+            used[-1] = (last_start, last_count + count)
+        else:
+            used.append((start, count))
+
+    def _set_limit(self) -> None:
+        reserved, cursor = self.reserved, self.cursor
+        while self.next_reserved < len(reserved) and \
+                cursor >= sum(reserved[self.next_reserved]):
+            self.next_reserved += 1
+        if self.next_reserved == len(reserved):
+            self.limit = 1 << 62
+        else:
+            start = reserved[self.next_reserved][0]
+            self.limit = start if cursor < start else 0
+
+    def _allocate(self, count: int, *, contiguous: bool) -> list[tuple[int, int]]:
         runs: list[tuple[int, int]] = []
         reserved = self.reserved
         while count:
@@ -143,7 +173,7 @@ class Allocator:
                 continue
             take = min(room, count)
             runs.append((self.cursor, take))
-            self.used.append((self.cursor, take))
+            self._mark(self.cursor, take)
             self.cursor += take
             count -= take
         return runs
@@ -160,6 +190,12 @@ class Allocator:
 
 
 def map_runs(alloc: Allocator, runs: tuple[tuple[int, int], ...]) -> list[Extent]:
+    if len(runs) == 1 and runs[0][1] <= MAX_EXTENT_LEN:  # most files: one extent
+        logical, count = runs[0]
+        allocated = alloc.allocate(count)
+        if len(allocated) == 1:
+            return [Extent(logical, count, allocated[0][0])]
+        return _extents(logical, allocated)
     extents: list[Extent] = []
     for logical, count in runs:
         for physical, n in alloc.allocate(count):
@@ -175,6 +211,25 @@ def map_runs(alloc: Allocator, runs: tuple[tuple[int, int], ...]) -> list[Extent
                 logical += take
                 physical += take
                 n -= take
+    return extents
+
+
+def _extents(logical: int, allocated: list[tuple[int, int]]) -> list[Extent]:
+    """The extents of one run of ``logical`` blocks given its allocated pieces."""
+    extents: list[Extent] = []
+    for physical, n in allocated:
+        while n:
+            take = min(n, MAX_EXTENT_LEN)
+            prev = extents[-1] if extents else None
+            if (prev is not None and prev.logical + prev.length == logical
+                    and prev.physical + prev.length == physical
+                    and prev.length + take <= MAX_EXTENT_LEN):
+                extents[-1] = Extent(prev.logical, prev.length + take, prev.physical)
+            else:
+                extents.append(Extent(logical, take, physical))
+            logical += take
+            physical += take
+            n -= take
     return extents
 
 
