@@ -37,7 +37,7 @@ from reprobuild.images.archive_compress import (
     compressed_writer,
     compressor_identity,
 )
-from reprobuild.images.contents import ContentReader
+from reprobuild.images.contents import ContentStreamer
 from reprobuild.images.registry import ImageOptions
 from reprobuild.images.tar import check_archive_options
 from reprobuild.trees.builder import TreeBuilder
@@ -181,12 +181,12 @@ def write(tree: Tree, output: BinaryIO, options: ImageOptions) -> None:
     """Write the newc archive of ``tree`` to ``output`` (compressed if asked)."""
     members = plan(tree, options)
     with compressed_writer(output, check_compress(options.compress, "cpio")) as stream, \
-            ContentReader() as reader:
+            ContentStreamer() as reader:
         _write_members(members, stream, reader)
 
 
 def _write_members(members: list[CpioMember], output: BinaryIO,
-                   reader: ContentReader) -> None:
+                   reader: ContentStreamer) -> None:
     """Headers, symlink targets and small files gather in one buffer, written a megabyte
     at a time; larger files stream through it."""
     total = 0
@@ -198,9 +198,7 @@ def _write_members(members: list[CpioMember], output: BinaryIO,
             pending += member.inline
             pending += bytes(-len(member.inline) % 4)
         elif content is not None and content.size <= SMALL_FILE:
-            data = reader.read(content)
-            if len(data) != content.size:
-                _changed(member, len(data))
+            data = reader.read_file(content, member.path)
             pending += data
             pending += bytes(-len(data) % 4)
         elif content is not None:

@@ -168,7 +168,7 @@ class TreeFormat(Protocol):
     def write(self, tree: Tree, output: BinaryIO, options: ImageOptions) -> None:
         """Write the image to a seekable, writable, empty file: plan first, then
         serialise; read file bytes only through ``Content.chunks()`` or its faster
-        equal, :class:`~reprobuild.images.contents.ContentReader`."""
+        equal, :class:`~reprobuild.images.contents.ContentStreamer`."""
 
     def read(self, path: str | bytes) -> Tree:
         """Read an image back into a tree; contents stream from the image file."""

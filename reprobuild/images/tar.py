@@ -41,7 +41,7 @@ from reprobuild.images.archive_compress import (
     compressed_writer,
     compressor_identity,
 )
-from reprobuild.images.contents import ContentReader
+from reprobuild.images.contents import ContentStreamer
 from reprobuild.images.registry import ImageOptions
 from reprobuild.trees.tar_reader import tree_from_tar
 from reprobuild.trees.tree import Content, Entry, EntryType, Tree, path_key
@@ -276,7 +276,7 @@ def write(tree: Tree, output: BinaryIO, options: ImageOptions) -> None:
     members = plan(tree, options)
     total = 0
     with compressed_writer(output, check_compress(options.compress, "tar")) as stream, \
-            ContentReader() as reader:
+            ContentStreamer() as reader:
         # Headers and small files gather in one buffer, written a megabyte at a time.
         pending = bytearray()
         for member in members:
@@ -285,9 +285,7 @@ def write(tree: Tree, output: BinaryIO, options: ImageOptions) -> None:
             if content is None:
                 continue
             if content.size <= SMALL_FILE:
-                data = reader.read(content)
-                if len(data) != content.size:
-                    _changed(member, len(data))
+                data = reader.read_file(content, member.path)
                 pending += data
                 pending += bytes(-len(data) % BLOCK)
             else:
@@ -313,7 +311,7 @@ def _changed(member: TarMember, read: int) -> NoReturn:
                      hint="do not modify the source tree during a build")
 
 
-def _write_content(member: TarMember, output: BinaryIO, reader: ContentReader) -> int:
+def _write_content(member: TarMember, output: BinaryIO, reader: ContentStreamer) -> int:
     assert member.content is not None
     written = 0
     for chunk in reader.chunks(member.content):

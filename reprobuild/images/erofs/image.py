@@ -7,7 +7,7 @@ build time from the epoch, UUID from the content unless given, label as volume n
 ``compress="lz4"`` stores regular files longer than a block LZ4-compressed
 (:mod:`reprobuild.images.erofs.compress`); the default is uncompressed.
 The layout is planned first (:mod:`reprobuild.images.erofs.layout`), then serialised;
-file bytes are read once, through :class:`~reprobuild.images.contents.ContentReader`,
+file bytes are read once, through :class:`~reprobuild.images.contents.ContentStreamer`,
 straight into the data area.
 """
 
@@ -22,7 +22,7 @@ import blake3
 import crc32c
 
 from reprobuild.errors import ImageError, ImageTooSmall
-from reprobuild.images.contents import ContentReader
+from reprobuild.images.contents import ContentStreamer
 from reprobuild.images.erofs.compress import (
     AVAILABLE_COMPR_ALGS,
     COMPR_CFGS,
@@ -80,7 +80,7 @@ def write(tree: Tree, output: BinaryIO, options: ImageOptions) -> None:
     for offset, xattr_entry in layout.shared_xattrs:
         meta[offset:offset + len(xattr_entry)] = xattr_entry
     output.seek(layout.data_blkaddr * BLOCK_SIZE)
-    with ContentReader() as reader:
+    with ContentStreamer() as reader:
         compressed = _write_inodes(layout, output, meta, reader, hasher)
         blocks = layout.blocks
         for inode in compressed:  # their blocks follow the planned data area
@@ -139,7 +139,7 @@ def _parse_uuid(text: str) -> bytes:
                          hint="give the EROFS UUID as 8-4-4-4-12 hex digits") from None
 
 
-def _write_inodes(layout: Layout, output: BinaryIO, meta: bytearray, reader: ContentReader,
+def _write_inodes(layout: Layout, output: BinaryIO, meta: bytearray, reader: ContentStreamer,
                   hasher: blake3.blake3 | None) -> list[InodePlan]:
     """Put every uncompressed inode (header, xattrs, inline tail) into ``meta`` and its
     whole blocks into the data area, in plan order; return the compressed inodes."""
@@ -167,9 +167,7 @@ def _write_inodes(layout: Layout, output: BinaryIO, meta: bytearray, reader: Con
             if inode.nblocks:
                 tail = _write_content(output, inode, hasher, reader)
             elif inode.size:  # all inline
-                tail = reader.read(entry.content)  # type: ignore[arg-type]
-                if len(tail) != inode.size:
-                    _changed(inode, len(tail))
+                tail = reader.read_file(entry.content, entry.path)  # type: ignore[arg-type]
             else:
                 continue
         elif kind is directory:
@@ -239,7 +237,7 @@ def _write_bytes(output: BinaryIO, inode: InodePlan, data: bytes,
 
 
 def _write_content(output: BinaryIO, inode: InodePlan, hasher: blake3.blake3 | None,
-                   reader: ContentReader) -> bytes:
+                   reader: ContentStreamer) -> bytes:
     """Stream a regular file into the data area; return its inline tail."""
     content = inode.entry.content
     assert content is not None
@@ -269,7 +267,7 @@ def _write_content(output: BinaryIO, inode: InodePlan, hasher: blake3.blake3 | N
 
 def _write_compressed(output: BinaryIO, inode: InodePlan, first_block: int,
                       meta: bytearray, hasher: blake3.blake3 | None,
-                      reader: ContentReader) -> int:
+                      reader: ContentStreamer) -> int:
     """Compress a regular file into blocks from ``first_block``; fill in its inode, xattrs
     and lcluster indexes; return the number of blocks written."""
     content = inode.entry.content

@@ -3,7 +3,7 @@
 The layout on disk follows mksquashfs, which the kernel's sanity checks expect: the
 superblock, the compressor options, file data and fragment blocks, the inode table, the
 directory table, the fragment table, the export table, the id table, the xattr table; the
-image is padded to 4 KiB. File data streams through a ``ContentReader`` one block at a
+image is padded to 4 KiB. File data streams through a ``ContentStreamer`` one block at a
 time; blocks compress in worker threads and are written in plan order, with a bounded
 number in flight.
 """
@@ -22,7 +22,7 @@ from typing import BinaryIO
 import blake3
 
 from reprobuild.errors import ImageError, ImageTooSmall
-from reprobuild.images.contents import ContentReader
+from reprobuild.images.contents import ContentStreamer
 from reprobuild.images.squashfs.compressors import Compressor
 from reprobuild.images.squashfs.layout import SquashfsPlan
 from reprobuild.images.squashfs.ondisk import (
@@ -144,7 +144,7 @@ def write_plan(plan: SquashfsPlan, output: BinaryIO, settings: WriteSettings) ->
 
 # -- data ---------------------------------------------------------------------------------
 def file_blocks(content: Content, block_size: int, entry: Entry,
-                reader: ContentReader | None = None) -> Iterator[bytes]:
+                reader: ContentStreamer | None = None) -> Iterator[bytes]:
     """The content in ``block_size`` pieces (the last one shorter), checking its size."""
     carry = b""
     total = 0
@@ -262,13 +262,13 @@ class ReadAhead:
 
     def _run(self) -> None:
         try:
-            with ContentReader(self.plan.block_size) as reader:
+            with ContentStreamer(self.plan.block_size) as reader:
                 if self._read_all(reader):
                     self._put(self.DONE)
         except BaseException as error:  # handed to the main thread, which raises it
             self._put(error)
 
-    def _read_all(self, reader: ContentReader) -> bool:
+    def _read_all(self, reader: ContentStreamer) -> bool:
         """Queue every block; False when stopped early."""
         block_size = self.plan.block_size
         put = self._put
