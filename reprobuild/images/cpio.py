@@ -198,7 +198,9 @@ def _write_members(members: list[CpioMember], output: BinaryIO,
             pending += member.inline
             pending += bytes(-len(member.inline) % 4)
         elif content is not None and content.size <= SMALL_FILE:
-            data = reader.read_file(content, member.path)
+            data = reader.whole(content)
+            if len(data) != content.size:
+                _changed(member, len(data))
             pending += data
             pending += bytes(-len(data) % 4)
         elif content is not None:

@@ -285,7 +285,9 @@ def write(tree: Tree, output: BinaryIO, options: ImageOptions) -> None:
             if content is None:
                 continue
             if content.size <= SMALL_FILE:
-                data = reader.read_file(content, member.path)
+                data = reader.whole(content)
+                if len(data) != content.size:
+                    _changed(member, len(data))
                 pending += data
                 pending += bytes(-len(data) % BLOCK)
             else:

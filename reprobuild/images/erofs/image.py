@@ -167,7 +167,9 @@ def _write_inodes(layout: Layout, output: BinaryIO, meta: bytearray, reader: Con
             if inode.nblocks:
                 tail = _write_content(output, inode, hasher, reader)
             elif inode.size:  # all inline
-                tail = reader.read_file(entry.content, entry.path)  # type: ignore[arg-type]
+                tail = reader.whole(entry.content)  # type: ignore[arg-type]
+                if len(tail) != inode.size:
+                    _changed(inode, len(tail))
             else:
                 continue
         elif kind is directory:
