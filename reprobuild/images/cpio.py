@@ -133,7 +133,7 @@ def plan(tree: Tree, options: ImageOptions) -> list[CpioMember]:
             subdirs[parent] = subdirs.get(parent, 0) + 1
     members = []
     epoch_ns = options.epoch * 1_000_000_000
-    s_ifmt = S_IFMT_OF_TYPE
+    s_ifmt = {kind._name_: bits for kind, bits in S_IFMT_OF_TYPE.items()}  # str keys hash fast
     for entry in tree:
         path = entry.path
         kind = entry.type
@@ -169,7 +169,7 @@ def plan(tree: Tree, options: ImageOptions) -> list[CpioMember]:
         if (inode.uid > U32 or inode.gid > U32 or size > U32 or mtime < 0 or mtime > U32
                 or entry.rdev_major > U32 or entry.rdev_minor > U32):
             _check_u32(entry, inode, mtime, size)
-        header = NEWC_FORMAT % (ino, s_ifmt[inode.type] | inode.mode, inode.uid, inode.gid,
+        header = NEWC_FORMAT % (ino, s_ifmt[inode.type._name_] | inode.mode, inode.uid, inode.gid,
                                 nlink, mtime, size, 0, 0, entry.rdev_major,
                                 entry.rdev_minor, len(name) + 1, 0)
         members.append(CpioMember(header + name + NAME_END[len(name) % 4], content, inline,

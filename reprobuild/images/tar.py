@@ -72,6 +72,7 @@ TYPEFLAG: dict[EntryType, bytes] = {
     EntryType.FIFO: b"6",
 }
 PAX_TYPEFLAG = b"x"
+_TYPEFLAG_BY_NAME = {kind._name_: flag for kind, flag in TYPEFLAG.items()}  # str keys hash fast
 SMALL_FILE = 1 << 18  # files up to this size are read whole into the write buffer
 WRITE_SIZE = 1 << 20
 
@@ -201,7 +202,8 @@ def plan_member(entry: Entry, inode: Entry, *, epoch: int, link_to: bytes | None
         # No pax record: the common member.
         return TarMember(headers.header(
             name=name, mode=inode.mode & 0o7777, uid=uid, gid=gid, size=size,
-            mtime=seconds, typeflag=TYPEFLAG[kind], linkname=linkname, devmajor=devmajor,
+            mtime=seconds, typeflag=_TYPEFLAG_BY_NAME[kind._name_], linkname=linkname,
+            devmajor=devmajor,
             devminor=devminor), content, entry.path)
     records: list[tuple[bytes, bytes]] = []
     if len(linkname) > NAME_MAX:

@@ -147,7 +147,7 @@ def _write_inodes(layout: Layout, output: BinaryIO, meta: bytearray, reader: Con
     compressed: list[InodePlan] = []
     pack_compact = EROFS_INODE_COMPACT.pack
     regular, directory, symlink = EntryType.REGULAR, EntryType.DIRECTORY, EntryType.SYMLINK
-    s_ifmt = S_IFMT_OF_TYPE
+    s_ifmt = {kind._name_: bits for kind, bits in S_IFMT_OF_TYPE.items()}  # str keys hash fast
     for inode in layout.inodes:
         entry = inode.entry
         kind = entry.type
@@ -157,7 +157,7 @@ def _write_inodes(layout: Layout, output: BinaryIO, meta: bytearray, reader: Con
         if inode.extended or inode.xattr_ibody or kind not in (regular, directory, symlink):
             header = _inode_header(inode) + inode.xattr_ibody
         else:  # the common case, packed here: a compact inode without xattrs
-            header = pack_compact(inode.datalayout << 1, 0, s_ifmt[kind] | entry.mode,
+            header = pack_compact(inode.datalayout << 1, 0, s_ifmt[kind._name_] | entry.mode,
                                   inode.nlink, inode.size, 0, inode.blkaddr, inode.index + 1,
                                   entry.uid, entry.gid, 0)
         at = inode.offset

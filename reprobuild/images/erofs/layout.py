@@ -284,7 +284,8 @@ def _directories_and_sizes(tree: Tree, primaries: list[Entry], index_of: dict[by
                 entry.rdev_major >= 1 << 12 or entry.rdev_minor >= 1 << 20):
             raise ImageError(f"{entry.display()}: device {entry.rdev_major}:{entry.rdev_minor}"
                              " does not fit 12-bit major, 20-bit minor")
-    file_type = FILE_TYPE
+    # Keyed by the member's name: hashing an Enum member runs Python code, a str does not.
+    file_type = {kind._name_: value for kind, value in FILE_TYPE.items()}
     for child in tree:
         path = child.path
         if not path:
@@ -293,7 +294,8 @@ def _directories_and_sizes(tree: Tree, primaries: list[Entry], index_of: dict[by
         if len(name) > NAME_LEN:
             raise ImageError(f"{child.display()}: name longer than {NAME_LEN} bytes",
                              hint="EROFS names are at most 255 bytes")
-        listing[index_of[parent_path]].append((name, index_of[path], file_type[child.type]))
+        listing[index_of[parent_path]].append((name, index_of[path],
+                                               file_type[child.type._name_]))
     directories: dict[int, tuple[tuple[DirentPlan, ...], ...]] = {}
     for index, dirents in listing.items():
         dirents.sort()
