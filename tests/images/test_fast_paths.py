@@ -108,7 +108,7 @@ def contents_from(kind: str, files: dict[bytes, bytes], tmp_path: Path
     with archive.open("wb") as output:
         tar.write(tree_of(contents_from("bytes", files, tmp_path)), output,
                   ImageOptions(epoch=EPOCH))
-    from_tar = tar.read(archive)
+    from_tar = tar.read(str(archive))
     found = {}
     for path in files:
         entry = from_tar.get(path)
@@ -188,13 +188,13 @@ def test_streamer_reads_regions_with_holes_in_order(tmp_path: Path) -> None:
     backing.write_bytes(data)
     pieces = [(4000, 3000), (None, 5000), (0, 10), (None, 1), (16000, 384)]
     expected = data[4000:7000] + bytes(5000) + data[:10] + bytes(1) + data[16000:]
-    region = file_region(backing, pieces, file_size=len(data), what="t")
+    region = file_region(str(backing), pieces, file_size=len(data), what="t")
     content = Content(len(expected), region)
     assert content.read() == expected
     with ContentStreamer(1024) as reader:
         assert streamed(reader, content) == expected
         assert reader.whole(content) == expected
-        single = Content(10, file_region(backing, [(20, 10)], file_size=len(data), what="t"))
+        single = Content(10, file_region(str(backing), [(20, 10)], file_size=len(data), what="t"))
         assert reader.whole(single) == data[20:30]
         assert len(reader._fds) == 1  # one descriptor for every region of the file
 
@@ -202,7 +202,7 @@ def test_streamer_reads_regions_with_holes_in_order(tmp_path: Path) -> None:
 def test_streamer_refuses_a_truncated_backing_file(tmp_path: Path) -> None:
     backing = tmp_path / "image"
     backing.write_bytes(bytes(1000))
-    content = Content(500, file_region(backing, [(600, 400)], file_size=1000, what="t"))
+    content = Content(500, file_region(str(backing), [(600, 400)], file_size=1000, what="t"))
     backing.write_bytes(bytes(700))
     with ContentStreamer() as reader, pytest.raises(ImageError, match="ended inside"):
         streamed(reader, content)
