@@ -44,6 +44,7 @@ from reprobuild.images.erofs.ondisk import (
     EROFS_SUPER_OFFSET,
     FEATURE_COMPAT_MTIME,
     FEATURE_COMPAT_SB_CHKSUM,
+    ISLOT_SIZE,
     SB_CHECKSUM_OFFSET,
     encode_dev,
 )
@@ -160,7 +161,7 @@ def _write_inodes(layout: Layout, output: BinaryIO, meta: bytearray, reader: Con
             header = pack_compact(inode.datalayout << 1, 0, s_ifmt[kind._name_] | entry.mode,
                                   inode.nlink, inode.size, 0, inode.blkaddr, inode.index + 1,
                                   entry.uid, entry.gid, 0)
-        at = inode.offset
+        at = inode.nid * ISLOT_SIZE
         end = at + len(header)
         meta[at:end] = header
         if kind is regular:

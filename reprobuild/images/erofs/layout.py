@@ -151,21 +151,29 @@ class _MetaAllocator:
 
     def place(self, size: int) -> int:
         slots = -(-size // ISLOT_SIZE)
-        if slots > self._SLOTS:
+        block_slots = self._SLOTS
+        if slots > block_slots:
             at = self.end
             self.end += -(-size // BLOCK_SIZE) * BLOCK_SIZE
             self._gap(at + slots * ISLOT_SIZE, self.end)
             return at
-        fitting = self.mask >> slots
-        if not fitting:
-            self._gap(self.end, self.end + BLOCK_SIZE)
+        mask = self.mask
+        fitting = mask >> slots
+        if not fitting:  # no gap fits: the record starts a new block
+            at = self.end
             self.end += BLOCK_SIZE
-            fitting = self.mask >> slots
-        bucket = slots + (fitting & -fitting).bit_length() - 1
-        at = heapq.heappop(self.buckets[bucket])
-        if not self.buckets[bucket]:
-            self.mask &= ~(1 << bucket)
-        self._gap(at + slots * ISLOT_SIZE, at + bucket * ISLOT_SIZE)
+            rest = block_slots - slots
+        else:
+            bucket = slots + (fitting & -fitting).bit_length() - 1
+            gaps = self.buckets[bucket]
+            at = heapq.heappop(gaps)
+            if not gaps:
+                mask &= ~(1 << bucket)
+            rest = bucket - slots
+        if rest:
+            heapq.heappush(self.buckets[rest], at + slots * ISLOT_SIZE)
+            mask |= 1 << rest
+        self.mask = mask
         return at
 
 
