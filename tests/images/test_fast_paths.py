@@ -17,6 +17,7 @@ import struct
 from pathlib import Path
 from typing import BinaryIO
 
+import crc32c
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -26,6 +27,7 @@ from reprobuild.images import cpio, tar
 from reprobuild.images.contents import ContentStreamer
 from reprobuild.images.erofs import image as erofs
 from reprobuild.images.erofs.layout import plan as erofs_plan
+from reprobuild.images.erofs.ondisk import superblock_crc32c
 from reprobuild.images.registry import ImageOptions
 from reprobuild.images.squashfs import image as squashfs
 from reprobuild.trees.region import file_region
@@ -286,3 +288,9 @@ def test_newc_header_refuses_values_over_32_bits() -> None:
         cpio.newc_header(b"x", ino=1, mode=0, uid=1 << 32, gid=0, nlink=1, mtime=0,
                          filesize=0)
 
+
+
+@settings(max_examples=200, deadline=None)
+@given(data=st.binary(max_size=5000))
+def test_erofs_superblock_checksum_is_the_crc32c_library_s(data: bytes) -> None:
+    assert superblock_crc32c(data) == crc32c.crc32c(data)

@@ -19,7 +19,6 @@ from dataclasses import replace
 from typing import BinaryIO, NoReturn
 
 import blake3
-import crc32c
 
 from reprobuild.errors import ImageError, ImageTooSmall
 from reprobuild.images.contents import ContentStreamer
@@ -47,6 +46,7 @@ from reprobuild.images.erofs.ondisk import (
     ISLOT_SIZE,
     SB_CHECKSUM_OFFSET,
     encode_dev,
+    superblock_crc32c,
 )
 from reprobuild.images.erofs.read import read_image
 from reprobuild.images.registry import ImageOptions
@@ -306,7 +306,7 @@ def _put_superblock(meta: bytearray, layout: Layout, blocks: int, volume_uuid: b
     meta[EROFS_SUPER_OFFSET:EROFS_SUPER_OFFSET + len(superblock)] = superblock
     # The kernel computes crc32c(~0, block 0 from the superblock on) without the final
     # inversion, over the block with the checksum field zeroed.
-    checksum = crc32c.crc32c(bytes(meta[EROFS_SUPER_OFFSET:BLOCK_SIZE])) ^ 0xFFFFFFFF
+    checksum = superblock_crc32c(bytes(meta[EROFS_SUPER_OFFSET:BLOCK_SIZE])) ^ 0xFFFFFFFF
     at = EROFS_SUPER_OFFSET + SB_CHECKSUM_OFFSET
     meta[at:at + 4] = checksum.to_bytes(4, "little")
 

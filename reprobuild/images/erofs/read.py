@@ -15,8 +15,6 @@ import struct
 from dataclasses import dataclass
 from typing import BinaryIO
 
-import crc32c
-
 from reprobuild.errors import ImageError
 from reprobuild.images.erofs.compress import COMPRESSED_FULL, index_area_size, read_compressed
 from reprobuild.images.erofs.ondisk import (
@@ -35,6 +33,7 @@ from reprobuild.images.erofs.ondisk import (
     SB_CHECKSUM_OFFSET,
     XATTR_PREFIX_OF_INDEX,
     decode_dev,
+    superblock_crc32c,
     xattr_align,
 )
 from reprobuild.trees.region import EntryBudget, file_region
@@ -101,7 +100,7 @@ class _Image:
         if compat & FEATURE_COMPAT_SB_CHKSUM:
             block = bytearray(data[EROFS_SUPER_OFFSET:max(self.block_size, 4096)])
             block[SB_CHECKSUM_OFFSET:SB_CHECKSUM_OFFSET + 4] = bytes(4)
-            if crc32c.crc32c(bytes(block)) ^ 0xFFFFFFFF != checksum:
+            if superblock_crc32c(bytes(block)) ^ 0xFFFFFFFF != checksum:
                 raise ImageError(f"{path.decode(errors='replace')}: bad superblock checksum")
         self.meta = meta_blkaddr * self.block_size
         self.xattr_base = xattr_blkaddr * self.block_size
