@@ -151,19 +151,20 @@ class HeaderMaker:
         ids, times, tail, fixed_sum = fixed
         size_field = b"%011o\0" % size
         name = name[:NAME_MAX]
-        linkname = linkname[:NAME_MAX]
-        checksum = fixed_sum + sum(name) + sum(size_field) + sum(linkname)
-        return b"".join((name, bytes(NAME_MAX - len(name)), ids, size_field, times,
-                         b"%06o\0 " % checksum, typeflag, linkname,
-                         bytes(NAME_MAX - len(linkname)), tail))
+        checksum = fixed_sum + sum(name) + sum(size_field)
+        if linkname:
+            linkname = linkname[:NAME_MAX]
+            checksum += sum(linkname)
+        return b"".join((name.ljust(NAME_MAX, b"\0"), ids, size_field, times,
+                         b"%06o\0 " % checksum, typeflag, linkname.ljust(NAME_MAX, b"\0"),
+                         tail))
 
 
 def _member_name(entry: Entry) -> bytes:
-    if entry.path == b"":
-        return b"./"
+    path = entry.path
     if entry.type is EntryType.DIRECTORY:
-        return b"./" + entry.path + b"/"
-    return b"./" + entry.path
+        return b"./" + path + b"/" if path else b"./"
+    return b"./" + path
 
 
 def pax_header_name(name: bytes) -> bytes:
