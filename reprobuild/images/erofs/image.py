@@ -168,7 +168,8 @@ def _write_inodes(layout: Layout, output: BinaryIO, meta: bytearray, reader: Con
             if inode.nblocks:
                 tail = _write_content(output, inode, hasher, reader)
             elif inode.size:  # all inline
-                tail = reader.whole(entry.content)  # type: ignore[arg-type]
+                assert entry.content is not None
+                tail = reader.whole(entry.content)
                 if len(tail) != inode.size:
                     _changed(inode, len(tail))
             else:
