@@ -17,7 +17,15 @@ import sys
 import tempfile
 
 from benchshapes import add_shape_option, chosen
-from benchutil import Row, argument_parser, compare_on_shape, print_table, run_child, warm
+from benchutil import (
+    Row,
+    argument_parser,
+    compare_on_shape,
+    print_cpu_table,
+    print_table,
+    run_child,
+    warm,
+)
 
 EPOCH = 1_700_000_000
 TARGET = 1.5
@@ -68,6 +76,7 @@ def main() -> int:
                                          ref_cwd=directory, output=out, ours=ours,
                                          repeat=args.repeat, baseline_kib=baseline)
             print_table(f"{fmt}: ours / GNU {fmt}", f"GNU {fmt}", rows)
+            print_cpu_table(rows)
             ok = ok and all(row.ratio <= TARGET for row in rows)
     print(f"target: ratio <= {TARGET} [{'ok' if ok else 'MISSED'}]")
     return 0 if ok else 1

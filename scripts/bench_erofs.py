@@ -19,7 +19,15 @@ import sys
 import tempfile
 
 from benchshapes import add_shape_option, chosen
-from benchutil import Row, argument_parser, compare_on_shape, print_table, run_child, warm
+from benchutil import (
+    Row,
+    argument_parser,
+    compare_on_shape,
+    print_cpu_table,
+    print_table,
+    run_child,
+    warm,
+)
 
 EPOCH = 1_700_000_000
 UUID = "6a7e0c52-61d4-4f0e-9c3b-2f0a8f5d1e42"
@@ -71,6 +79,7 @@ def main() -> int:
                 repeat=args.repeat, baseline_kib=baseline, check=fsck)
     print_table(f"erofs{' ' + args.compress if args.compress else ''}: ours / mkfs.erofs",
                 "mkfs.erofs", rows)
+    print_cpu_table(rows)
     ok = args.compress != "" or all(row.ratio <= TARGET for row in rows)
     print(f"target: ratio <= {TARGET} [{'ok' if ok else 'MISSED'}]")
     return 0 if ok else 1

@@ -18,7 +18,15 @@ import sys
 import tempfile
 
 from benchshapes import add_shape_option, chosen
-from benchutil import Row, argument_parser, compare_on_shape, print_table, run_child, warm
+from benchutil import (
+    Row,
+    argument_parser,
+    compare_on_shape,
+    print_cpu_table,
+    print_table,
+    run_child,
+    warm,
+)
 
 EPOCH = 1_700_000_000
 TARGET = 1.0
@@ -75,6 +83,7 @@ def main() -> int:
                                          repeat=args.repeat, baseline_kib=baseline,
                                          check=check)
             print_table(f"squashfs {comp}: ours / mksquashfs", "mksquashfs", rows)
+            print_cpu_table(rows)
             ok = ok and all(row.ratio <= TARGET for row in rows)
     print(f"target: ratio <= {TARGET} [{'ok' if ok else 'MISSED'}]")
     return 0 if ok else 1

@@ -144,3 +144,14 @@ def compare_on_shape(name: str, entries: int, sources: dict[str, str], *,
                 print(f"{name} from {source}: {check(output)}", flush=True)
     return [Row(name, source, best(runs[source]), best(refs), entries, baseline_kib)
             for source in sources]
+
+
+def print_cpu_table(rows: list[Row]) -> None:
+    """CPU seconds (user + system, of the child and what it waited for) beside the wall
+    times: steadier than wall time on a machine others share; a ratio above the wall
+    ratio means ours used more than one core."""
+    print("cpu seconds (best run):", flush=True)
+    for row in rows:
+        ratio = row.ours.cpu / max(row.reference.cpu, 1e-3)
+        print(f"  {row.shape:<12} {row.source:<4} ours {row.ours.cpu:.2f}, reference "
+              f"{row.reference.cpu:.2f}, cpu ratio {ratio:.2f}", flush=True)
