@@ -18,7 +18,6 @@ import os
 import stat
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field, replace
-from functools import cached_property
 from typing import BinaryIO, Protocol
 
 import blake3
@@ -65,7 +64,7 @@ class ContentSource(Protocol):
         ...
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class FileSource:
     """File bytes read from a path on disk (a store file, a spooled tar member)."""
 
@@ -75,7 +74,7 @@ class FileSource:
         return open(self.path, "rb")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class BytesSource:
     """File bytes held in memory (small files, overrides, tests)."""
 
@@ -85,7 +84,7 @@ class BytesSource:
         return io.BytesIO(self.data)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Content:
     """A regular file's bytes: their size and where to stream them from.
 
@@ -96,11 +95,19 @@ class Content:
     size: int
     source: ContentSource = field(compare=False, repr=False)
     known_blake3: bytes | None = field(default=None, compare=False, repr=False)
+    _computed_blake3: bytes | None = field(default=None, init=False, compare=False,
+                                           repr=False)
 
-    @cached_property
+    @property
     def blake3(self) -> bytes:
         if self.known_blake3 is not None:
             return self.known_blake3
+        if self._computed_blake3 is None:
+            object.__setattr__(self, "_computed_blake3", self._digest())
+        assert self._computed_blake3 is not None
+        return self._computed_blake3
+
+    def _digest(self) -> bytes:
         hasher = blake3.blake3()
         size = 0
         for chunk in self.chunks():
@@ -183,7 +190,7 @@ class ContentReader:
         self.close()
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Entry:
     """One file, directory, link or special file of a tree.
 

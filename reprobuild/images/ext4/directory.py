@@ -40,14 +40,14 @@ KIND_DX_ROOT = 1
 KIND_DX_NODE = 2
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class DirChild:
     name: bytes
     ino: int
     file_type: int
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class DirBlock:
     """One logical directory block; ``count`` is the dx entry count for index blocks."""
 

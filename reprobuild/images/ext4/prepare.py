@@ -58,7 +58,7 @@ FILE_TYPES = {
 
 
 
-@dataclass
+@dataclass(slots=True)
 class Node:
     ino: int
     entry: Entry

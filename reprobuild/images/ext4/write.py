@@ -69,9 +69,9 @@ class _Sink:
             self.fd = None
         self.start = 0
         self.size = 0
-        self.parts: list[bytes | memoryview] = []
+        self.parts: list[bytes | bytearray | memoryview] = []
 
-    def put(self, offset: int, data: bytes | memoryview) -> None:
+    def put(self, offset: int, data: bytes | bytearray | memoryview) -> None:
         if isinstance(data, memoryview):
             base = data.obj
             if isinstance(base, bytes | bytearray) and len(data) < len(base):
@@ -311,7 +311,7 @@ def _write_inode_tables(layout: Layout, sink: _Sink, fs_seed: int) -> None:
             else:  # reserved inodes 1 and 3-10: empty, but with a valid checksum
                 raw = _seal_inode(bytearray(empty), ino, fs_seed)
             table[i * INODE_SIZE: (i + 1) * INODE_SIZE] = raw
-        sink.put(group.inode_table * BLOCK_SIZE, bytes(table))
+        sink.put(group.inode_table * BLOCK_SIZE, table)  # not reused: no copy
 
 
 def _write_small_blocks(layout: Layout, sink: _Sink, fs_seed: int) -> None:
