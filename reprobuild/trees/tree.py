@@ -178,6 +178,14 @@ class ContentReader:
                              hint="do not modify the source tree during a build")
         return data
 
+    @staticmethod
+    def cheap_to_read_again(content: Content) -> bool:
+        """True when reading ``content`` again costs no more than keeping it: bytes in
+        memory, or one piece of an archive or image read with ``pread``."""
+        source = content.source
+        return isinstance(source, BytesSource) or (
+            isinstance(source, FileRegion) and len(source.pieces) == 1)
+
     def close(self) -> None:
         for fd in self._fds.values():
             os.close(fd)
@@ -237,12 +245,22 @@ def path_key(path: bytes) -> tuple[bytes, ...]:
     return tuple(path.split(b"/")) if path else ()
 
 
-def check_relative_path(path: bytes, what: str) -> bytes:
-    """Normalise a member name to the tree's relative form, refusing hostile names."""
+def canonical_relative_path(path: bytes) -> bytes | None:
+    """``path`` (less a leading ``./``) when it is already in the tree's relative form -
+    no empty, ``.``, ``..`` or NUL component, not absolute - else None (then ask
+    :func:`check_relative_path`)."""
     body = path[2:] if path.startswith(b"./") else path
     if (body and body[0] not in b"/." and b"//" not in body and b"/." not in body
             and not body.endswith(b"/") and b"\0" not in body):
-        return body  # already canonical: no empty, ".", ".." or NUL component
+        return body
+    return None
+
+
+def check_relative_path(path: bytes, what: str) -> bytes:
+    """Normalise a member name to the tree's relative form, refusing hostile names."""
+    canonical = canonical_relative_path(path)
+    if canonical is not None:
+        return canonical
     if path.startswith(b"/"):
         raise ImageError(
             f"{what}: absolute member name {path!r} is refused",

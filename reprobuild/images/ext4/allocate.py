@@ -384,8 +384,8 @@ def _place_contents(alloc: Allocator, prepared: Prepared) -> _Placed:
         i_block, tree_nodes = extent_tree(alloc, found)
         placed.i_blocks[ino] = i_block
         placed.tree_blocks.extend((p, ino, b) for p, b in tree_nodes)
-        blocks = found[0].length if len(found) == 1 else sum(e.length for e in found)
-        charged[ino] = blocks + len(tree_nodes)
+        data = found[0].length if len(found) == 1 else sum(e.length for e in found)
+        charged[ino] = data + len(tree_nodes)
     extents.clear()  # the files keep theirs; the rest is in i_blocks and charged
     return placed
 
