@@ -29,7 +29,7 @@ class Piece(NamedTuple):
     length: int
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class FileRegion:
     """A regular file's bytes: the concatenation of ``pieces`` of the file at ``path``."""
 

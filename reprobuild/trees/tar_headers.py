@@ -195,11 +195,12 @@ def _member(fields: tuple[bytes, ...], pax: dict[str, str], offset_data: int) ->
         type_ = b"5"
     if type_ == b"5":
         name = name.rstrip("/")
-    prefix = _text(prefix_f)
-    if prefix:
-        name = prefix + "/" + name
+    if prefix_f[0]:
+        name = _text(prefix_f) + "/" + name
+    # Only links use linkname (tarfile decodes it for every member; that cannot fail).
+    linkname = _text(link_f) if type_ in (b"1", b"2") else ""
     header = Header(name, type_, _number(mode_f), _number(uid_f), _number(gid_f),
-                    _number(mtime_f), _number(size_f), _text(link_f), _number(major_f),
+                    _number(mtime_f), _number(size_f), linkname, _number(major_f),
                     _number(minor_f), pax, offset_data)
     if pax:
         try:

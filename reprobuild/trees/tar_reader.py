@@ -36,15 +36,14 @@ import tempfile
 import urllib.parse
 import zlib
 from collections.abc import Iterator
-from dataclasses import dataclass
-from typing import IO, BinaryIO, cast
+from typing import IO, BinaryIO, NamedTuple, cast
 
 import blake3
 import zstandard
 
 from reprobuild.errors import ImageError
 from reprobuild.trees.builder import TreeBuilder
-from reprobuild.trees.region import file_region
+from reprobuild.trees.region import FileRegion, Piece, file_region
 from reprobuild.trees.tar_headers import GiveUp, Header, fast_headers
 from reprobuild.trees.tree import (
     CHUNK,
@@ -53,6 +52,7 @@ from reprobuild.trees.tree import (
     EntryType,
     FileSource,
     Tree,
+    canonical_relative_path,
     check_relative_path,
 )
 
@@ -213,8 +213,7 @@ def default_spool() -> Spool:
 
 
 # -- members ---------------------------------------------------------------------------
-@dataclass(frozen=True)
-class Member:
+class Member(NamedTuple):
     """One archive member as a tree entry; for hardlinks ``link_target`` is the path."""
 
     name: str  # as written in the archive, for messages
@@ -363,6 +362,31 @@ def _member(archive: tarfile.TarFile | None, info: TarHeader, path: bytes, what:
             in_place_size: int | None, spool: Spool | None) -> Member:
     """``info`` as a member; a regular member's bytes stay in place when
     ``in_place_size`` (the size of the uncompressed archive) is given."""
+    kind = _TYPES.get(info.type)
+    raw_name = _raw(info.name)
+    rel = canonical_relative_path(raw_name)
+    if kind is None or rel is None or kind is EntryType.HARDLINK:
+        return _checked_member(archive, info, path, what, in_place_size, spool)
+    content = None
+    if kind is EntryType.REGULAR:
+        offset, size = info.offset_data, info.size
+        if in_place_size is None or info.issparse() or size <= 0 or \
+                offset + size > in_place_size:
+            return _checked_member(archive, info, path, what, in_place_size, spool)
+        content = Content(size, FileRegion(path, (Piece(offset, size),)))
+    if not info.pax_headers and kind is not EntryType.SYMLINK:
+        devices = kind is EntryType.CHAR or kind is EntryType.BLOCK
+        return Member(info.name, Entry(
+            rel, kind, info.mode & 0o7777, int(info.uid), int(info.gid),
+            int(info.mtime) * 1_000_000_000, (), content, None,
+            int(info.devmajor) if devices else 0, int(info.devminor) if devices else 0))
+    label = f"{what}: member {info.name!r}"
+    return Member(info.name, _entry_of(info, rel, kind, label, content))
+
+
+def _checked_member(archive: tarfile.TarFile | None, info: TarHeader, path: bytes, what: str,
+                    in_place_size: int | None, spool: Spool | None) -> Member:
+    """:func:`_member` for every case, with the checks that name the member."""
     label = f"{what}: member {info.name!r}"
     kind = _TYPES.get(info.type)
     if kind is None:

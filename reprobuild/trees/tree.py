@@ -18,7 +18,6 @@ import os
 import stat
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field, replace
-from functools import cached_property
 from typing import BinaryIO, Protocol
 
 import blake3
@@ -65,7 +64,7 @@ class ContentSource(Protocol):
         ...
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class FileSource:
     """File bytes read from a path on disk (a store file, a spooled tar member)."""
 
@@ -75,7 +74,7 @@ class FileSource:
         return open(self.path, "rb")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class BytesSource:
     """File bytes held in memory (small files, overrides, tests)."""
 
@@ -85,7 +84,7 @@ class BytesSource:
         return io.BytesIO(self.data)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Content:
     """A regular file's bytes: their size and where to stream them from.
 
@@ -96,11 +95,19 @@ class Content:
     size: int
     source: ContentSource = field(compare=False, repr=False)
     known_blake3: bytes | None = field(default=None, compare=False, repr=False)
+    _computed_blake3: bytes | None = field(default=None, init=False, compare=False,
+                                           repr=False)
 
-    @cached_property
+    @property
     def blake3(self) -> bytes:
         if self.known_blake3 is not None:
             return self.known_blake3
+        if self._computed_blake3 is None:
+            object.__setattr__(self, "_computed_blake3", self._digest())
+        assert self._computed_blake3 is not None
+        return self._computed_blake3
+
+    def _digest(self) -> bytes:
         hasher = blake3.blake3()
         size = 0
         for chunk in self.chunks():
@@ -171,6 +178,14 @@ class ContentReader:
                              hint="do not modify the source tree during a build")
         return data
 
+    @staticmethod
+    def cheap_to_read_again(content: Content) -> bool:
+        """True when reading ``content`` again costs no more than keeping it: bytes in
+        memory, or one piece of an archive or image read with ``pread``."""
+        source = content.source
+        return isinstance(source, BytesSource) or (
+            isinstance(source, FileRegion) and len(source.pieces) == 1)
+
     def close(self) -> None:
         for fd in self._fds.values():
             os.close(fd)
@@ -183,7 +198,7 @@ class ContentReader:
         self.close()
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Entry:
     """One file, directory, link or special file of a tree.
 
@@ -230,12 +245,22 @@ def path_key(path: bytes) -> tuple[bytes, ...]:
     return tuple(path.split(b"/")) if path else ()
 
 
-def check_relative_path(path: bytes, what: str) -> bytes:
-    """Normalise a member name to the tree's relative form, refusing hostile names."""
+def canonical_relative_path(path: bytes) -> bytes | None:
+    """``path`` (less a leading ``./``) when it is already in the tree's relative form -
+    no empty, ``.``, ``..`` or NUL component, not absolute - else None (then ask
+    :func:`check_relative_path`)."""
     body = path[2:] if path.startswith(b"./") else path
     if (body and body[0] not in b"/." and b"//" not in body and b"/." not in body
             and not body.endswith(b"/") and b"\0" not in body):
-        return body  # already canonical: no empty, ".", ".." or NUL component
+        return body
+    return None
+
+
+def check_relative_path(path: bytes, what: str) -> bytes:
+    """Normalise a member name to the tree's relative form, refusing hostile names."""
+    canonical = canonical_relative_path(path)
+    if canonical is not None:
+        return canonical
     if path.startswith(b"/"):
         raise ImageError(
             f"{what}: absolute member name {path!r} is refused",

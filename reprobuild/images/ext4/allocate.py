@@ -42,7 +42,7 @@ class Extent(NamedTuple):
 
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class InodePlan:
     ino: int
     entry: Entry  # the primary entry: mode, owner, time, xattrs
@@ -308,6 +308,7 @@ class _Placed:
     raw_blocks: list[tuple[int, bytes]]
     files: list[tuple[int, Content, tuple[Extent, ...]]]
     tree_blocks: list[tuple[int, int, bytes]]
+    charged: dict[int, int]  # blocks of data and extent tree per inode
 
 
 def allocate(blocks_count: int, needs: Needs, prepared: Prepared,
@@ -351,7 +352,7 @@ def allocate(blocks_count: int, needs: Needs, prepared: Prepared,
 def _place_contents(alloc: Allocator, prepared: Prepared) -> _Placed:
     """Directories, xattr blocks, slow symlinks, file data, then extent trees."""
     nodes, dirs = prepared.numbering.nodes, prepared.dirs
-    placed = _Placed({}, {}, [], {}, [], [], [], [])
+    placed = _Placed({}, {}, [], {}, [], [], [], [], {})
     extents = placed.extents
     for ino in sorted(dirs):
         blocks, _ = dirs[ino]
@@ -370,16 +371,22 @@ def _place_contents(alloc: Allocator, prepared: Prepared) -> _Placed:
         extents[ino] = map_runs(alloc, ((0, 1),))
         target = nodes[ino].entry.target or b""
         placed.raw_blocks.append((extents[ino][0].physical, target.ljust(BLOCK_SIZE, b"\0")))
-    for ino in sorted(prepared.scans):
-        extents[ino] = map_runs(alloc, prepared.scans[ino].runs)
+    scans = prepared.scans
+    for ino in sorted(scans):
+        found = map_runs(alloc, scans[ino].runs)
+        extents[ino] = found
         content = nodes[ino].entry.content
         assert content is not None
-        placed.files.append((ino, content, tuple(extents[ino])))
+        placed.files.append((ino, content, tuple(found)))
+    charged = placed.charged
     for ino in sorted(extents):
-        i_block, tree_nodes = extent_tree(alloc, extents[ino])
+        found = extents[ino]
+        i_block, tree_nodes = extent_tree(alloc, found)
         placed.i_blocks[ino] = i_block
         placed.tree_blocks.extend((p, ino, b) for p, b in tree_nodes)
-        extents[ino].extend(Extent(-1, 1, p) for p, _ in tree_nodes)
+        data = found[0].length if len(found) == 1 else sum(e.length for e in found)
+        charged[ino] = data + len(tree_nodes)
+    extents.clear()  # the files keep theirs; the rest is in i_blocks and charged
     return placed
 
 
@@ -391,7 +398,7 @@ def _inode_plans(prepared: Prepared, placed: _Placed) -> list[InodePlan]:
         entry = node.entry
         flags = 0
         size = 0
-        charged = sum(e.length for e in placed.extents.get(ino, ()))
+        charged = placed.charged.get(ino, 0)
         links = node.links
         if entry.type is EntryType.DIRECTORY:
             blocks, htree = prepared.dirs[ino]

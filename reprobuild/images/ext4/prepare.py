@@ -42,13 +42,16 @@ from reprobuild.images.ext4.ondisk import (
 from reprobuild.images.ext4.scan import (
     CACHE_BUDGET,
     CACHE_FILE_MAX,
+    CACHE_PER_ENTRY,
     WHOLE_READ_MAX,
     FileScan,
     scan_bytes,
     scan_content,
 )
 from reprobuild.images.registry import ImageOptions
-from reprobuild.trees.tree import ContentReader, Entry, EntryType, Tree
+from reprobuild.trees.tree import Content, ContentReader, Entry, EntryType, Tree
+
+EMPTY = Content.from_bytes(b"")
 
 FILE_TYPES = {
     EntryType.REGULAR: FT_REG, EntryType.HARDLINK: FT_REG, EntryType.DIRECTORY: FT_DIR,
@@ -58,7 +61,7 @@ FILE_TYPES = {
 
 
 
-@dataclass
+@dataclass(slots=True)
 class Node:
     ino: int
     entry: Entry
@@ -197,11 +200,14 @@ def scan_files(nodes: dict[int, Node], cache: dict[int, bytes] | None, *,
     """Each regular file read once: its runs, its digest (when ``digest``), and the
     smallest files' bytes kept in ``cache`` for the write (within CACHE_BUDGET)."""
     regular = [ino for ino in sorted(nodes) if nodes[ino].entry.type is EntryType.REGULAR]
-    # Keep the smallest files for the write (opening a file costs more than reading it).
+    # Keep the smallest files for the write (opening a file costs more than reading it,
+    # unless it is a piece of an archive), within a budget that grows with the tree.
     cached: set[int] = set()
     if cache is not None:
-        room = CACHE_BUDGET
-        for size, ino in sorted((nodes[ino].entry.size, ino) for ino in regular):
+        room = min(CACHE_BUDGET, CACHE_PER_ENTRY * len(nodes))
+        reopened = [ino for ino in regular if not ContentReader.cheap_to_read_again(
+            nodes[ino].entry.content or EMPTY)]
+        for size, ino in sorted((nodes[ino].entry.size, ino) for ino in reopened):
             if size > CACHE_FILE_MAX or size > room:
                 break
             cached.add(ino)

@@ -21,10 +21,12 @@ CACHE_FILE_MAX = 256 << 10
 WHOLE_READ_MAX = 1 << 20
 """Files up to this size are read whole in one call (see scan_bytes)."""
 CACHE_BUDGET = 64 << 20
-"""Small files read while planning are kept for the write (bounded, for peak memory)."""
+CACHE_PER_ENTRY = 256
+"""Small files read while planning are kept for the write, within the smaller of
+CACHE_BUDGET and CACHE_PER_ENTRY bytes per tree entry (for peak memory)."""
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class FileScan:
     """A regular file's non-zero block runs (logical start, count) and blake3 digest."""
 
@@ -87,7 +89,19 @@ def scan_bytes(data: bytes, *, digest: bool) -> FileScan:
     runs: list[tuple[int, int]] = []
     if data:
         chunk_runs(data, 0, runs)
-    return FileScan(tuple(runs), blake3.blake3(data).digest() if digest else b"")
+    if digest:
+        return FileScan(tuple(runs), blake3.blake3(data).digest())
+    # Without a digest most scans are alike (one run from block 0): share them.
+    key = tuple(runs)
+    scan = _SHARED_SCANS.get(key)
+    if scan is None:
+        scan = FileScan(key, b"")
+        if len(runs) <= 1:
+            _SHARED_SCANS[key] = scan
+    return scan
+
+
+_SHARED_SCANS: dict[tuple[tuple[int, int], ...], FileScan] = {}
 
 
 def chunk_runs(chunk: bytes, block: int, runs: list[tuple[int, int]]) -> int:
