@@ -27,6 +27,7 @@ from reprobuild.images import cpio, tar
 from reprobuild.images.contents import ContentStreamer
 from reprobuild.images.erofs import image as erofs
 from reprobuild.images.erofs.layout import plan as erofs_plan
+from reprobuild.images.erofs.metaarea import MetaArea
 from reprobuild.images.erofs.ondisk import superblock_crc32c
 from reprobuild.images.registry import ImageOptions
 from reprobuild.images.squashfs import image as squashfs
@@ -294,3 +295,51 @@ def test_newc_header_refuses_values_over_32_bits() -> None:
 @given(data=st.binary(max_size=5000))
 def test_erofs_superblock_checksum_is_the_crc32c_library_s(data: bytes) -> None:
     assert superblock_crc32c(data) == crc32c.crc32c(data)
+
+
+def many_small_files(count: int = 3000) -> Tree:
+    """Enough tail-packed files for a metadata area of ~100 blocks, some with xattrs
+    (shared and inline), some compressible for lz4, one large."""
+    rng = random.Random(7)
+    tree = Tree(Entry(b"", EntryType.DIRECTORY, 0o755, mtime_ns=NS))
+    for d in range(30):
+        tree.add(Entry(b"d%02d" % d, EntryType.DIRECTORY, 0o755, mtime_ns=NS))
+    for i in range(count):
+        data = rng.randbytes(rng.randrange(1, 400)) if i % 3 else b"text " * (i % 2000)
+        xattrs = ((b"user.shared", b"1"),) if i % 50 == 0 else (
+            ((b"user.own%d" % i, b"v" * (i % 90)),) if i % 77 == 0 else ())
+        tree.add(Entry(b"d%02d/f%05d" % (i % 30, i), EntryType.REGULAR, 0o644,
+                       mtime_ns=NS if i % 11 else NS - 5, xattrs=xattrs,
+                       content=Content.from_bytes(data)))
+    return tree
+
+
+@pytest.mark.parametrize("options", [
+    ImageOptions(epoch=EPOCH, uuid="6a7e0c52-61d4-4f0e-9c3b-2f0a8f5d1e42"),
+    ImageOptions(epoch=EPOCH),
+    ImageOptions(epoch=EPOCH, compress="lz4"),
+    ImageOptions(epoch=EPOCH, size=64 << 20, label="x"),
+], ids=["given-uuid", "derived-uuid", "lz4", "sized"])
+def test_erofs_metadata_written_as_blocks_complete(options: ImageOptions, tmp_path: Path,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """To a file, the metadata area goes out a block at a time and few blocks are held;
+    the image equals the one assembled whole in memory."""
+    tree = many_small_files()
+    in_memory = io.BytesIO()
+    erofs.write(tree, in_memory, options)
+    held: list[int] = []
+    original = MetaArea.written
+
+    def spy(self: MetaArea, index: int) -> None:
+        original(self, index)
+        held.append(len(self.blocks))
+
+    monkeypatch.setattr(MetaArea, "written", spy)
+    path = tmp_path / "image.erofs"
+    with path.open("wb") as output:
+        erofs.write(tree, output, options)
+    assert path.read_bytes() == in_memory.getvalue()
+    blocks = erofs_plan(tree, EPOCH, compress=options.compress == "lz4").data_blkaddr
+    assert blocks > 50
+    if options.compress is None:
+        assert max(held) < blocks // 4

@@ -32,6 +32,7 @@ from reprobuild.images.erofs.compress import (
 )
 from reprobuild.images.erofs.compress import identity as compress_identity
 from reprobuild.images.erofs.layout import DirentPlan, InodePlan, Layout, plan
+from reprobuild.images.erofs.metaarea import MetaArea
 from reprobuild.images.erofs.ondisk import (
     BLOCK_BITS,
     BLOCK_SIZE,
@@ -75,11 +76,19 @@ def write(tree: Tree, output: BinaryIO, options: ImageOptions) -> None:
     volume_name = _volume_name(options.label)
     given_uuid = _parse_uuid(options.uuid) if options.uuid is not None else None
     layout = plan(tree, options.epoch, compress=options.compress == "lz4")
-    meta = bytearray(layout.data_blkaddr * BLOCK_SIZE)
+    meta = MetaArea(output, layout, read_back=given_uuid is None)
+    try:
+        _write_image(output, layout, meta, options, volume_name, given_uuid)
+    finally:
+        meta.close()
+
+
+def _write_image(output: BinaryIO, layout: Layout, meta: MetaArea, options: ImageOptions,
+                 volume_name: bytes, given_uuid: bytes | None) -> None:
     hasher = blake3.blake3() if given_uuid is None else None
 
     for offset, xattr_entry in layout.shared_xattrs:
-        meta[offset:offset + len(xattr_entry)] = xattr_entry
+        meta.put(offset, xattr_entry)
     output.seek(layout.data_blkaddr * BLOCK_SIZE)
     with ContentStreamer() as reader:
         compressed = _write_inodes(layout, output, meta, reader, hasher)
@@ -103,16 +112,15 @@ def write(tree: Tree, output: BinaryIO, options: ImageOptions) -> None:
         volume_uuid = given_uuid
     else:
         assert hasher is not None
-        hasher.update(meta)
+        meta.hash_into(hasher)
         hasher.update(b"reprobuild-erofs\0%d\0%d\0" % (options.epoch, size) + volume_name)
         raw = bytearray(hasher.digest(length=16))
         raw[6] = (raw[6] & 0x0F) | 0x40  # shaped like an RFC 4122 version 4 UUID
         raw[8] = (raw[8] & 0x3F) | 0x80
         volume_uuid = bytes(raw)
-    _put_superblock(meta, layout, size // BLOCK_SIZE, volume_uuid, volume_name,
+    _put_superblock(meta.block(0), layout, size // BLOCK_SIZE, volume_uuid, volume_name,
                     compress=options.compress == "lz4")
-    output.seek(0)
-    output.write(meta)
+    meta.finish()
     output.seek(size)
 
 
@@ -140,7 +148,7 @@ def _parse_uuid(text: str) -> bytes:
                          hint="give the EROFS UUID as 8-4-4-4-12 hex digits") from None
 
 
-def _write_inodes(layout: Layout, output: BinaryIO, meta: bytearray, reader: ContentStreamer,
+def _write_inodes(layout: Layout, output: BinaryIO, meta: MetaArea, reader: ContentStreamer,
                   hasher: blake3.blake3 | None) -> list[InodePlan]:
     """Put every uncompressed inode (header, xattrs, inline tail) into ``meta`` and its
     whole blocks into the data area, in plan order; return the compressed inodes."""
@@ -149,6 +157,7 @@ def _write_inodes(layout: Layout, output: BinaryIO, meta: bytearray, reader: Con
     pack_compact = EROFS_INODE_COMPACT.pack
     regular, directory, symlink = EntryType.REGULAR, EntryType.DIRECTORY, EntryType.SYMLINK
     s_ifmt = {kind._name_: bits for kind, bits in S_IFMT_OF_TYPE.items()}  # str keys hash fast
+    put, written = meta.put, meta.written
     for inode in layout.inodes:
         entry = inode.entry
         kind = entry.type
@@ -162,8 +171,8 @@ def _write_inodes(layout: Layout, output: BinaryIO, meta: bytearray, reader: Con
                                   inode.nlink, inode.size, 0, inode.blkaddr, inode.index + 1,
                                   entry.uid, entry.gid, 0)
         at = inode.nid * ISLOT_SIZE
-        end = at + len(header)
-        meta[at:end] = header
+        put(at, header)
+        at += len(header)
         if kind is regular:
             if inode.nblocks:
                 tail = _write_content(output, inode, hasher, reader)
@@ -173,6 +182,7 @@ def _write_inodes(layout: Layout, output: BinaryIO, meta: bytearray, reader: Con
                 if len(tail) != inode.size:
                     _changed(inode, len(tail))
             else:
+                written(inode.index)
                 continue
         elif kind is directory:
             data = _directory_bytes(layout.directories[inode.index], nid_of)
@@ -182,8 +192,11 @@ def _write_inodes(layout: Layout, output: BinaryIO, meta: bytearray, reader: Con
             tail = (_write_bytes(output, inode, entry.target, hasher) if inode.nblocks
                     else entry.target)
         else:
+            written(inode.index)
             continue
-        meta[end:end + len(tail)] = tail
+        if tail:
+            put(at, tail)
+        written(inode.index)
     return compressed
 
 
@@ -270,7 +283,7 @@ def _write_content(output: BinaryIO, inode: InodePlan, hasher: blake3.blake3 | N
 
 
 def _write_compressed(output: BinaryIO, inode: InodePlan, first_block: int,
-                      meta: bytearray, hasher: blake3.blake3 | None,
+                      meta: MetaArea, hasher: blake3.blake3 | None,
                       reader: ContentStreamer) -> int:
     """Compress a regular file into blocks from ``first_block``; fill in its inode, xattrs
     and lcluster indexes; return the number of blocks written."""
@@ -290,11 +303,11 @@ def _write_compressed(output: BinaryIO, inode: InodePlan, first_block: int,
     record = header + inode.xattr_ibody
     record += bytes(-len(record) % 8) + indexes
     assert len(record) == inode.record_size
-    meta[inode.offset:inode.offset + len(record)] = record
+    meta.put(inode.offset, record)
     return nblocks
 
 
-def _put_superblock(meta: bytearray, layout: Layout, blocks: int, volume_uuid: bytes,
+def _put_superblock(block0: bytearray, layout: Layout, blocks: int, volume_uuid: bytes,
                     volume_name: bytes, *, compress: bool) -> None:
     incompat = FEATURE_INCOMPAT_ZERO_PADDING | FEATURE_INCOMPAT_COMPR_CFGS if compress else 0
     superblock = EROFS_SUPER_BLOCK.pack(
@@ -304,12 +317,12 @@ def _put_superblock(meta: bytearray, layout: Layout, blocks: int, volume_uuid: b
         0, b"")
     if compress:
         superblock += COMPR_CFGS
-    meta[EROFS_SUPER_OFFSET:EROFS_SUPER_OFFSET + len(superblock)] = superblock
+    block0[EROFS_SUPER_OFFSET:EROFS_SUPER_OFFSET + len(superblock)] = superblock
     # The kernel computes crc32c(~0, block 0 from the superblock on) without the final
     # inversion, over the block with the checksum field zeroed.
-    checksum = superblock_crc32c(bytes(meta[EROFS_SUPER_OFFSET:BLOCK_SIZE])) ^ 0xFFFFFFFF
+    checksum = superblock_crc32c(bytes(block0[EROFS_SUPER_OFFSET:BLOCK_SIZE])) ^ 0xFFFFFFFF
     at = EROFS_SUPER_OFFSET + SB_CHECKSUM_OFFSET
-    meta[at:at + 4] = checksum.to_bytes(4, "little")
+    block0[at:at + 4] = checksum.to_bytes(4, "little")
 
 
 def read(path: str | bytes | os.PathLike[str]) -> Tree:
