@@ -38,6 +38,7 @@ from reprobuild.images.archive_compress import (
     compressor_identity,
 )
 from reprobuild.images.contents import ContentStreamer
+from reprobuild.images.gcpause import collector_paused
 from reprobuild.images.registry import ImageOptions
 from reprobuild.images.tar import check_archive_options
 from reprobuild.trees.builder import TreeBuilder
@@ -179,10 +180,11 @@ def plan(tree: Tree, options: ImageOptions) -> list[CpioMember]:
 
 def write(tree: Tree, output: BinaryIO, options: ImageOptions) -> None:
     """Write the newc archive of ``tree`` to ``output`` (compressed if asked)."""
-    members = plan(tree, options)
-    with compressed_writer(output, check_compress(options.compress, "cpio")) as stream, \
-            ContentStreamer() as reader:
-        _write_members(members, stream, reader)
+    with collector_paused():
+        members = plan(tree, options)
+        with compressed_writer(output, check_compress(options.compress, "cpio")) as stream, \
+                ContentStreamer() as reader:
+            _write_members(members, stream, reader)
 
 
 def _write_members(members: list[CpioMember], output: BinaryIO,

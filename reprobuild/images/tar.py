@@ -42,6 +42,7 @@ from reprobuild.images.archive_compress import (
     compressor_identity,
 )
 from reprobuild.images.contents import ContentStreamer
+from reprobuild.images.gcpause import collector_paused
 from reprobuild.images.registry import ImageOptions
 from reprobuild.trees.tar_reader import tree_from_tar
 from reprobuild.trees.tree import Content, Entry, EntryType, Tree, path_key
@@ -276,7 +277,11 @@ def plan(tree: Tree, options: ImageOptions) -> list[TarMember]:
 
 def write(tree: Tree, output: BinaryIO, options: ImageOptions) -> None:
     """Write the canonical pax tar of ``tree`` to ``output`` (compressed if asked)."""
-    members = plan(tree, options)
+    with collector_paused():
+        _write(plan(tree, options), output, options)
+
+
+def _write(members: list[TarMember], output: BinaryIO, options: ImageOptions) -> None:
     total = 0
     with compressed_writer(output, check_compress(options.compress, "tar")) as stream, \
             ContentStreamer() as reader:

@@ -10,6 +10,7 @@ formatter and through the general one - and asks for identical bytes.
 
 from __future__ import annotations
 
+import gc
 import io
 import os
 import random
@@ -343,3 +344,27 @@ def test_erofs_metadata_written_as_blocks_complete(options: ImageOptions, tmp_pa
     assert blocks > 50
     if options.compress is None:
         assert max(held) < blocks // 4
+
+
+@pytest.mark.parametrize("fmt", ["erofs", "tar", "cpio"])
+def test_writers_pause_the_collector_and_restore_it(fmt: str, tmp_path: Path,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    states: list[bool] = []
+    original = ContentStreamer.whole
+
+    def spy(self: ContentStreamer, content: Content) -> bytes:
+        states.append(gc.isenabled())
+        return original(self, content)
+
+    monkeypatch.setattr(ContentStreamer, "whole", spy)
+    assert gc.isenabled()
+    image(fmt, tree_of(contents_from("files", file_bytes(), tmp_path)))
+    assert states and not any(states) and gc.isenabled()
+    shrunk = tmp_path / "shrunk"
+    shrunk.write_bytes(b"z" * 10)
+    tree = Tree(Entry(b"", EntryType.DIRECTORY, 0o755, mtime_ns=NS))
+    tree.add(Entry(b"f", EntryType.REGULAR, 0o644, mtime_ns=NS,
+                   content=Content(20, FileSource(os.fsencode(shrunk)))))
+    with pytest.raises(ImageError):
+        image(fmt, tree)
+    assert gc.isenabled()

@@ -88,6 +88,10 @@ class Layout:
     meta_size: int  # bytes from the image start to the end of the metadata area
     data_blkaddr: int  # first block of the data area
     blocks: int  # total image blocks
+    # Per metadata block, the index of the last inode whose record lies in it; the
+    # inode count for block 0 (the superblock) and blocks with compressed inodes, which
+    # are complete only when everything else is written.
+    meta_last_inode: tuple[int, ...] = ()
 
     @property
     def root_nid(self) -> int:
@@ -233,7 +237,26 @@ def plan(tree: Tree, epoch: int, *, compress: bool = False) -> Layout:
     return Layout(
         epoch=epoch, inodes=tuple(inodes), directories=directories,
         shared_xattrs=tuple(shared_entries),
-        meta_size=meta_size, data_blkaddr=data_blkaddr, blocks=next_block)
+        meta_size=meta_size, data_blkaddr=data_blkaddr, blocks=next_block,
+        meta_last_inode=_last_inode_per_block(offsets, records, shapes, data_blkaddr))
+
+
+def _last_inode_per_block(offsets: list[int], records: list[int], shapes: list[_Shape],
+                          count: int) -> tuple[int, ...]:
+    """Layout.meta_last_inode: which inode completes each metadata block."""
+    last = [-1] * count
+    final = len(offsets)
+    for index, at in enumerate(offsets):
+        first, end = at // BLOCK_SIZE, (at + records[index] - 1) // BLOCK_SIZE
+        closing = final if shapes[index][1] == COMPRESSED_FULL else index
+        if first == end:
+            if last[first] < closing:
+                last[first] = closing
+        else:
+            for block in range(first, end + 1):
+                last[block] = max(last[block], closing)
+    last[0] = final
+    return tuple(last)
 
 
 def _number(tree: Tree) -> tuple[dict[bytes, int], list[Entry], list[int]]:

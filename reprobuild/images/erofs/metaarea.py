@@ -20,9 +20,8 @@ from typing import BinaryIO
 
 import blake3
 
-from reprobuild.images.erofs.compress import COMPRESSED_FULL
 from reprobuild.images.erofs.layout import Layout
-from reprobuild.images.erofs.ondisk import BLOCK_SIZE, ISLOT_SIZE
+from reprobuild.images.erofs.ondisk import BLOCK_SIZE
 
 
 class MetaArea:
@@ -42,20 +41,10 @@ class MetaArea:
             self.fd = None
         # For each inode index, the blocks it is the last to write into.
         self.closes: dict[int, list[int]] = {}
-        if self.fd is None:
-            return
-        last: dict[int, int] = {}
-        kept = {0}  # the superblock's block, written last
-        for inode in layout.inodes:
-            at = inode.nid * ISLOT_SIZE
-            first, final = at // BLOCK_SIZE, (at + inode.record_size - 1) // BLOCK_SIZE
-            for block in range(first, final + 1):
-                if inode.datalayout == COMPRESSED_FULL:
-                    kept.add(block)
-                last[block] = inode.index
-        for block, index in last.items():
-            if block not in kept:
-                self.closes.setdefault(index, []).append(block)
+        if self.fd is not None:
+            for block, index in enumerate(layout.meta_last_inode):
+                if 0 <= index < len(layout.inodes):
+                    self.closes.setdefault(index, []).append(block)
 
     def block(self, number: int) -> bytearray:
         buffer = self.blocks.get(number)
