@@ -111,13 +111,16 @@ def best(runs: list[ChildRun]) -> ChildRun:
 
 def print_table(title: str, reference: str, rows: list[Row]) -> None:
     """The shape table: shape, source, ours, reference, ratio, peak memory of both."""
-    print(f"\n{title}: best wall time of each, peak RSS of the child (MB), memory per entry "
-          "beyond the empty-tree baseline", flush=True)
-    print(f"{'shape':<12} {'from':<4} {'ours s':>8} {reference + ' s':>14} {'ratio':>6} "
-          f"{'ours MB':>8} {reference + ' MB':>15} {'B/entry':>8}")
+    print(f"\n{title}: best wall time and CPU time (user + system) of each, peak RSS of "
+          "the child (MB), our memory per entry beyond the empty-tree baseline", flush=True)
+    print(f"{'shape':<12} {'from':<4} {'ours s':>7} {reference + ' s':>14} {'ratio':>6} "
+          f"{'CPU ours':>9} {'CPU ref':>8} {'ratio':>6} {'ours MB':>8} "
+          f"{reference + ' MB':>15} {'B/entry':>8}")
     for row in rows:
-        print(f"{row.shape:<12} {row.source:<4} {row.ours.wall:>8.2f} "
-              f"{row.reference.wall:>14.2f} {row.ratio:>6.2f} {row.ours.peak_kib / 1024:>8.0f} "
+        cpu_ratio = row.ours.cpu / max(row.reference.cpu, 1e-9)
+        print(f"{row.shape:<12} {row.source:<4} {row.ours.wall:>7.2f} "
+              f"{row.reference.wall:>14.2f} {row.ratio:>6.2f} {row.ours.cpu:>9.2f} "
+              f"{row.reference.cpu:>8.2f} {cpu_ratio:>6.2f} {row.ours.peak_kib / 1024:>8.0f} "
               f"{row.reference.peak_kib / 1024:>15.0f} {row.per_entry_bytes:>8.0f}",
               flush=True)
 
