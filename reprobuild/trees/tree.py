@@ -184,7 +184,8 @@ class ContentReader:
         memory, or one piece of an archive or image read with ``pread``."""
         source = content.source
         return isinstance(source, BytesSource) or (
-            isinstance(source, FileRegion) and len(source.pieces) == 1)
+            isinstance(source, FileRegion) and len(source.pieces) == 1
+            and source.pieces[0].offset is not None)
 
     def close(self) -> None:
         for fd in self._fds.values():
@@ -298,19 +299,23 @@ class Tree:
         :class:`~reprobuild.trees.builder.TreeBuilder` makes them), checked as
         :meth:`add` checks them, without sorting again."""
         tree = cls(root)
-        ordered = [tree.root]
+        tree._extend_canonical(entries)
+        return tree
+
+    def _extend_canonical(self, entries: Iterable[Entry]) -> None:
+        ordered = list(self)
         append = ordered.append
-        known, children = tree._entries, tree._children
+        known, children = self._entries, self._children
         directory, regular = EntryType.DIRECTORY, EntryType.REGULAR
-        last_key: tuple[bytes, ...] = ()
+        last_key = path_key(ordered[-1].path)
         for entry in entries:
             path = entry.path
             parent_path, _, _ = path.rpartition(b"/")
             parent = known.get(parent_path)
             if (parent is None or parent.type is not directory or path in known
                     or entry.type is EntryType.HARDLINK or not path):
-                tree._sorted = None
-                tree.add(entry)  # the general checks and their messages
+                self._sorted = None
+                self.add(entry)  # the general checks and their messages
                 entry = known[path]
             else:
                 if entry.type is regular and entry.content is None:
@@ -324,8 +329,7 @@ class Tree:
                 raise ImageError(f"{entry.display()}: entries out of canonical order")
             last_key = key
             append(entry)
-        tree._sorted = ordered
-        return tree
+        self._sorted = ordered
 
     # -- building -------------------------------------------------------------------
     def add(self, entry: Entry, *, replace_existing: bool = False) -> None:
