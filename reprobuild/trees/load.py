@@ -56,4 +56,5 @@ def load_tree(path: bytes | str, *, epoch: int, spool: Spool | None = None,
                                  spool=spool)
         else:
             tree = tree_from_tar(path, implied_mtime_ns=implied, spool=spool)
-        return tree.normalized(epoch=epoch)
+        # Most trees are normal already (a directory source always is): no copy then.
+        return tree if tree.is_normal(epoch=epoch) else tree.normalized(epoch=epoch)
