@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -103,21 +104,42 @@ class Row:
         return max(0, self.ours.peak_kib - self.baseline_kib) * 1024 / max(1, self.entries)
 
 
+def largest_file_alone(directory: Path, tmp: str) -> Path:
+    """A directory holding only the largest regular file of ``directory`` (a copy)."""
+    largest, size = None, -1
+    for dirpath, _dirs, files in os.walk(directory):
+        for name in files:
+            path = os.path.join(dirpath, name)
+            st = os.lstat(path)
+            if st.st_size > size and os.path.isfile(path) and not os.path.islink(path):
+                largest, size = path, st.st_size
+    alone = Path(tmp) / "largest-file-alone"
+    shutil.rmtree(alone, ignore_errors=True)
+    alone.mkdir()
+    if largest is not None:
+        shutil.copyfile(largest, alone / "largest")
+    return alone
+
+
 def best(runs: list[ChildRun]) -> ChildRun:
     """The fastest run, with the highest peak memory of all of them."""
     fastest = min(runs, key=lambda r: r.wall)
     return ChildRun(fastest.wall, min(r.cpu for r in runs), max(r.peak_kib for r in runs))
 
 
-def print_table(title: str, reference: str, rows: list[Row]) -> None:
+def print_table(title: str, reference: str, rows: list[Row], *,
+                baseline: str = "an empty tree's") -> None:
     """The shape table: shape, source, ours, reference, ratio, peak memory of both."""
-    print(f"\n{title}: best wall time of each, peak RSS of the child (MB), memory per entry "
-          "beyond the empty-tree baseline", flush=True)
-    print(f"{'shape':<12} {'from':<4} {'ours s':>8} {reference + ' s':>14} {'ratio':>6} "
-          f"{'ours MB':>8} {reference + ' MB':>15} {'B/entry':>8}")
+    print(f"\n{title}: best wall time and CPU time (user + system) of each, peak RSS of "
+          f"the child (MB), our memory per entry beyond {baseline} peak", flush=True)
+    print(f"{'shape':<12} {'from':<4} {'ours s':>7} {reference + ' s':>14} {'ratio':>6} "
+          f"{'CPU ours':>9} {'CPU ref':>8} {'ratio':>6} {'ours MB':>8} "
+          f"{reference + ' MB':>15} {'B/entry':>8}")
     for row in rows:
-        print(f"{row.shape:<12} {row.source:<4} {row.ours.wall:>8.2f} "
-              f"{row.reference.wall:>14.2f} {row.ratio:>6.2f} {row.ours.peak_kib / 1024:>8.0f} "
+        cpu_ratio = row.ours.cpu / max(row.reference.cpu, 1e-9)
+        print(f"{row.shape:<12} {row.source:<4} {row.ours.wall:>7.2f} "
+              f"{row.reference.wall:>14.2f} {row.ratio:>6.2f} {row.ours.cpu:>9.2f} "
+              f"{row.reference.cpu:>8.2f} {cpu_ratio:>6.2f} {row.ours.peak_kib / 1024:>8.0f} "
               f"{row.reference.peak_kib / 1024:>15.0f} {row.per_entry_bytes:>8.0f}",
               flush=True)
 

@@ -21,7 +21,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, replace
 
 from reprobuild.errors import ImageError
-from reprobuild.trees.tree import Entry, EntryType, Tree, path_key
+from reprobuild.trees.tree import Entry, EntryType, Tree, sort_key
 
 
 @dataclass(frozen=True)
@@ -208,7 +208,7 @@ class TreeBuilder:
 
     def _canonical_entries(self) -> Iterator[Entry]:
         primaries: dict[int, bytes] = {}
-        for path in sorted(self.nodes, key=path_key):
+        for path in sorted(self.nodes, key=sort_key):
             if not path:
                 continue
             node = self.nodes[path]

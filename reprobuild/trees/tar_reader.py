@@ -8,6 +8,11 @@ device numbers, fifos, symlink targets as given, hardlinks, and xattrs from pax
 GNU sparse members (old GNU and pax 0.0/0.1/1.0) are expanded: holes become zero bytes
 of content.
 
+How headers are read: for an uncompressed tar file, by
+:mod:`~reprobuild.trees.tar_headers` (no per-member ``TarInfo``), which hands the archive
+to ``tarfile`` from the first member it does not take plainly; compressed streams go to
+``tarfile`` whole. Either way a member gives the same entry.
+
 Where the bytes live: for an uncompressed tar file, regular members are read in place
 (a :class:`~reprobuild.trees.region.FileRegion` of the archive, nothing copied); members of
 a compressed tar, and sparse members, are copied once into a content-addressed

@@ -184,7 +184,8 @@ class ContentReader:
         memory, or one piece of an archive or image read with ``pread``."""
         source = content.source
         return isinstance(source, BytesSource) or (
-            isinstance(source, FileRegion) and len(source.pieces) == 1)
+            isinstance(source, FileRegion) and len(source.pieces) == 1
+            and source.pieces[0].offset is not None)
 
     def close(self) -> None:
         for fd in self._fds.values():
@@ -245,6 +246,12 @@ def path_key(path: bytes) -> tuple[bytes, ...]:
     return tuple(path.split(b"/")) if path else ()
 
 
+def sort_key(path: bytes) -> bytes:
+    """The order of :func:`path_key` as one bytes value (cheaper to make and to hold):
+    the separator becomes NUL, which no name contains and every other byte follows."""
+    return path.replace(b"/", b"\0")
+
+
 def canonical_relative_path(path: bytes) -> bytes | None:
     """``path`` (less a leading ``./``) when it is already in the tree's relative form -
     no empty, ``.``, ``..`` or NUL component, not absolute - else None (then ask
@@ -298,19 +305,23 @@ class Tree:
         :class:`~reprobuild.trees.builder.TreeBuilder` makes them), checked as
         :meth:`add` checks them, without sorting again."""
         tree = cls(root)
-        ordered = [tree.root]
+        tree._extend_canonical(entries)
+        return tree
+
+    def _extend_canonical(self, entries: Iterable[Entry]) -> None:
+        ordered = list(self)
         append = ordered.append
-        known, children = tree._entries, tree._children
+        known, children = self._entries, self._children
         directory, regular = EntryType.DIRECTORY, EntryType.REGULAR
-        last_key: tuple[bytes, ...] = ()
+        last_key = sort_key(ordered[-1].path)
         for entry in entries:
             path = entry.path
             parent_path, _, _ = path.rpartition(b"/")
             parent = known.get(parent_path)
             if (parent is None or parent.type is not directory or path in known
                     or entry.type is EntryType.HARDLINK or not path):
-                tree._sorted = None
-                tree.add(entry)  # the general checks and their messages
+                self._sorted = None
+                self.add(entry)  # the general checks and their messages
                 entry = known[path]
             else:
                 if entry.type is regular and entry.content is None:
@@ -319,13 +330,12 @@ class Tree:
                 children[parent_path].append(path)
                 if entry.type is directory:
                     children[path] = []
-            key = path_key(path)
+            key = sort_key(path)
             if key < last_key:
                 raise ImageError(f"{entry.display()}: entries out of canonical order")
             last_key = key
             append(entry)
-        tree._sorted = ordered
-        return tree
+        self._sorted = ordered
 
     # -- building -------------------------------------------------------------------
     def add(self, entry: Entry, *, replace_existing: bool = False) -> None:
@@ -425,7 +435,7 @@ class Tree:
     def __iter__(self) -> Iterator[Entry]:
         """Entries in canonical order (root first, depth-first, siblings bytewise)."""
         if self._sorted is None:
-            self._sorted = sorted(self._entries.values(), key=lambda e: path_key(e.path))
+            self._sorted = sorted(self._entries.values(), key=lambda e: sort_key(e.path))
         return iter(self._sorted)
 
     def children(self, path: bytes) -> list[Entry]:
@@ -450,6 +460,12 @@ class Tree:
         return entry
 
     # -- normalising ----------------------------------------------------------------
+    def is_normal(self, *, epoch: int | None) -> bool:
+        """True when :meth:`normalized` would change nothing (no mtime after ``epoch``,
+        xattrs sorted and unique)."""
+        clamp = None if epoch is None else epoch * 1_000_000_000
+        return all(_normalize_entry(entry, clamp) is entry for entry in self)
+
     def normalized(self, *, epoch: int | None) -> Tree:
         """A copy with mtimes clamped to ``epoch`` (seconds) and xattrs sorted."""
         clamp = None if epoch is None else epoch * 1_000_000_000

@@ -21,7 +21,7 @@ CACHE_FILE_MAX = 256 << 10
 WHOLE_READ_MAX = 1 << 20
 """Files up to this size are read whole in one call (see scan_bytes)."""
 CACHE_BUDGET = 64 << 20
-CACHE_PER_ENTRY = 256
+CACHE_PER_ENTRY = 128
 """Small files read while planning are kept for the write, within the smaller of
 CACHE_BUDGET and CACHE_PER_ENTRY bytes per tree entry (for peak memory)."""
 

@@ -288,13 +288,18 @@ def write_image(layout: Layout, output: BinaryIO, cache: dict[int, bytes]) -> No
 
     _write_inode_tables(layout, sink, fs_seed)
     _write_small_blocks(layout, sink, fs_seed)
+    _write_files(layout, sink, cache)
+    sink.finish(layout.image_size)
+
+
+def _write_files(layout: Layout, sink: _Sink, cache: dict[int, bytes]) -> None:
+    """File data in inode order: kept from the scan, read whole, or streamed."""
     with ContentReader() as reader:
         for ino, content, extents in layout.files:
             cached = cache.pop(ino, None)
             if cached is None and extents and content.size <= WHOLE_READ_MAX:
                 cached = reader.read(content, f"inode {ino}")
             _write_file(sink, content, extents, cached)
-    sink.finish(layout.image_size)
 
 
 def _write_inode_tables(layout: Layout, sink: _Sink, fs_seed: int) -> None:
