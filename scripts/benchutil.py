@@ -168,12 +168,23 @@ def compare_on_shape(name: str, entries: int, sources: dict[str, str], *,
             for source in sources]
 
 
-def print_cpu_table(rows: list[Row]) -> None:
-    """CPU seconds (user + system, of the child and what it waited for) beside the wall
-    times: steadier than wall time on a machine others share; a ratio above the wall
-    ratio means ours used more than one core."""
-    print("cpu seconds (best run):", flush=True)
-    for row in rows:
-        ratio = row.ours.cpu / max(row.reference.cpu, 1e-3)
-        print(f"  {row.shape:<12} {row.source:<4} ours {row.ours.cpu:.2f}, reference "
-              f"{row.reference.cpu:.2f}, cpu ratio {ratio:.2f}", flush=True)
+
+MEMORY_TARGET_MB = 300
+PER_ENTRY_TARGET = 2048
+
+
+def largest_file_baseline(directory: str, tmp: str, ours: Callable[[str], list[str]],
+                          output: str) -> int:
+    """Our peak (KiB) on a tree of ``directory``'s largest file alone: the buffers the
+    per-entry memory target leaves out."""
+    alone = largest_file_alone(Path(directory), tmp)
+    try:
+        return run_child(ours(str(alone)), output=output).peak_kib
+    finally:
+        shutil.rmtree(alone)
+
+
+def memory_ok(rows: list[Row]) -> bool:
+    """Peak under MEMORY_TARGET_MB and under PER_ENTRY_TARGET bytes per entry."""
+    return all(row.ours.peak_kib < MEMORY_TARGET_MB * 1024
+               and row.per_entry_bytes < PER_ENTRY_TARGET for row in rows)

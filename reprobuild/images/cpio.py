@@ -38,10 +38,10 @@ from reprobuild.images.archive_compress import (
     compressor_identity,
 )
 from reprobuild.images.contents import ContentStreamer
-from reprobuild.images.gcpause import collector_paused
 from reprobuild.images.registry import ImageOptions
 from reprobuild.images.tar import check_archive_options
 from reprobuild.trees.builder import TreeBuilder
+from reprobuild.trees.gcpause import collector_paused
 from reprobuild.trees.region import file_region
 from reprobuild.trees.tar_reader import (
     default_spool,

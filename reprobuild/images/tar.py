@@ -42,8 +42,8 @@ from reprobuild.images.archive_compress import (
     compressor_identity,
 )
 from reprobuild.images.contents import ContentStreamer
-from reprobuild.images.gcpause import collector_paused
 from reprobuild.images.registry import ImageOptions
+from reprobuild.trees.gcpause import collector_paused
 from reprobuild.trees.tar_reader import tree_from_tar
 from reprobuild.trees.tree import Content, Entry, EntryType, Tree, path_key
 

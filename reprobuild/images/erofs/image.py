@@ -50,10 +50,10 @@ from reprobuild.images.erofs.ondisk import (
     superblock_crc32c,
 )
 from reprobuild.images.erofs.read import read_image
-from reprobuild.images.gcpause import collector_paused
 from reprobuild.images.registry import ImageOptions
 from reprobuild.images.timestamps import EROFS_TIMES, check_times
 from reprobuild.integrity.fsverity import digest_file
+from reprobuild.trees.gcpause import collector_paused
 from reprobuild.trees.tree import S_IFMT_OF_TYPE, EntryType, Tree
 
 __all__ = ["VERSION", "composefs_digest", "identity", "read", "write"]
