@@ -60,7 +60,7 @@ from reprobuild.trees.tree import Content, Entry
 PAD_TO = 4096
 IN_FLIGHT_PER_WORKER = 4
 HOLD_LIMIT = 16 << 20  # files sharing a size are held in memory up to this size
-READ_AHEAD_BYTES = 8 << 20
+READ_AHEAD_BYTES = 2 << 20  # 16 blocks of 128 KiB: twice what the compressors hold
 
 
 @dataclass(frozen=True)
