@@ -23,6 +23,7 @@ from typing import BinaryIO
 from reprobuild.errors import ImageError
 from reprobuild.images.composefs import ondisk
 from reprobuild.images.composefs.layout import Layout, plan
+from reprobuild.images.composefs.store import fill_store
 from reprobuild.images.composefs.write import write_image
 from reprobuild.images.erofs.read import read_image
 from reprobuild.images.registry import ImageOptions
@@ -37,7 +38,7 @@ from reprobuild.integrity.fsverity import (
 from reprobuild.trees.tree import Entry, EntryType, FileSource, Tree
 
 __all__ = ["VERSION", "composefs_digest", "content_digests", "identity", "layout_of",
-           "read", "write"]
+           "read", "write", "write_with_store"]
 
 VERSION = "1"
 """The writer's code version: bump it whenever the bytes for a given tree change."""
@@ -118,6 +119,16 @@ def write(tree: Tree, output: BinaryIO, options: ImageOptions) -> None:
     (:func:`reprobuild.images.composefs.store.fill_store`)."""
     _check_options(options)
     write_image(layout_of(tree), output)
+
+
+def write_with_store(tree: Tree, output: BinaryIO, options: ImageOptions, *,
+                     digest_store: str) -> None:
+    """Write the image of ``tree`` and put the files it stores by reference into the
+    digest store at ``digest_store`` (each file hashed once for both)."""
+    _check_options(options)
+    digests = content_digests(tree)
+    fill_store(tree, digest_store, digests)
+    write_image(plan(tree, lambda entry: digests[entry.path]), output)
 
 
 def read(path: str | bytes | os.PathLike[str]) -> Tree:
