@@ -69,7 +69,7 @@ def build_tree_image(fmt_name: str, source: str, output: str, options: ImageOpti
     ``sync`` makes the bytes durable before the rename. ``digest_store`` (composefs
     only) is the directory that receives the files the image stores by reference."""
     fmt = get_format(fmt_name)
-    fmt.options.check(dict(options.extra))
+    fmt.options.check_image_options(options)
     writer = fmt.load_tree()
     write: WriteImage = writer.write
     if digest_store is not None:
@@ -138,6 +138,7 @@ def _build_image(job: Mapping[str, Any]) -> None:
     epoch = int(job["epoch"])
     options = options_from_json(epoch, job.get("options") or {})
     if fmt.kind == "disk":
+        fmt.options.check_image_options(options)
         fmt.load_disk().build(dict(job["inputs"]), dict(job["table"]), options, job["output"])
         return
     build_tree_image(fmt.name, job["from"], job["output"], options,
