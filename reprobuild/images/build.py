@@ -141,6 +141,12 @@ def _build_image(job: Mapping[str, Any]) -> None:
         fmt.options.check_image_options(options)
         fmt.load_disk().build(dict(job["inputs"]), dict(job["table"]), options, job["output"])
         return
-    build_tree_image(fmt.name, job["from"], job["output"], options,
+    output, digest_store = job["output"], None
+    main_file = getattr(fmt.load_module(), "MAIN_FILE", None)
+    if main_file is not None:  # an image with its digest store: one output directory
+        os.mkdir(job["output"])
+        output = os.path.join(job["output"], main_file)
+        digest_store = os.path.join(job["output"], fmt.load_module().STORE_DIR)
+    build_tree_image(fmt.name, job["from"], output, options,
                      files=job.get("files") or None, where=f"[images.{job['name']}.files]",
-                     scratch=job.get("scratch"))
+                     scratch=job.get("scratch"), digest_store=digest_store)

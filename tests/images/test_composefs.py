@@ -312,3 +312,11 @@ def test_mount_composefs_reads_back_the_tree(composefs_tools: ComposefsTools,
         assert len(back) == len(expected)
     finally:
         subprocess.run(["umount", str(mnt)], check=False)
+
+
+def test_reading_a_composefs_image_back_is_refused_with_what_to_do(tmp_path: Path) -> None:
+    image = tmp_path / "x.cfs"
+    image.write_bytes(ours(linked_tree()))
+    with pytest.raises(ImageError, match="digest store") as info:
+        composefs.read(image)
+    assert "mount.composefs" in (info.value.hint or "")

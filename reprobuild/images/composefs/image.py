@@ -25,7 +25,6 @@ from reprobuild.images.composefs import ondisk
 from reprobuild.images.composefs.layout import Layout, plan
 from reprobuild.images.composefs.store import fill_store
 from reprobuild.images.composefs.write import write_image
-from reprobuild.images.erofs.read import read_image
 from reprobuild.images.registry import ImageOptions
 from reprobuild.integrity.blockhash import hash_blocks
 from reprobuild.integrity.fsverity import (
@@ -37,11 +36,17 @@ from reprobuild.integrity.fsverity import (
 )
 from reprobuild.trees.tree import Entry, EntryType, FileSource, Tree
 
-__all__ = ["VERSION", "composefs_digest", "content_digests", "identity", "layout_of",
+__all__ = ["MAIN_FILE", "STORE_DIR", "VERSION", "composefs_digest", "content_digests", "identity", "layout_of",
            "read", "write", "write_with_store"]
 
 VERSION = "1"
 """The writer's code version: bump it whenever the bytes for a given tree change."""
+
+MAIN_FILE = "image.cfs"
+STORE_DIR = "objects"
+"""A recipe's composefs image step writes a directory: the image as MAIN_FILE (the store
+records its fs-verity digest, the composefs digest) and its digest store as STORE_DIR,
+so ``mount.composefs -o basedir=OUT/objects OUT/image.cfs`` mounts it."""
 
 LCFS_VERSION = "1.0.8"
 """The libcomposefs release whose mkcomposefs output this writer reproduces."""
@@ -132,8 +137,13 @@ def write_with_store(tree: Tree, output: BinaryIO, options: ImageOptions, *,
 
 
 def read(path: str | bytes | os.PathLike[str]) -> Tree:
-    """The image's EROFS tree as stored (metacopy and redirect xattrs included)."""
-    return read_image(path)
+    """Refused: a composefs image names its files' data in a digest store it does not
+    contain, so no tree of the image alone has their bytes."""
+    shown = os.fsdecode(path)
+    raise ImageError(f"{shown}: a composefs image keeps its files' data in a digest "
+                     "store; reprobuild does not read composefs images back",
+                     hint=f"mount it (mount.composefs -o basedir=STORE {shown} DIR) and "
+                          "read the directory")
 
 
 def composefs_digest(image_path: str | bytes | os.PathLike[str]) -> str:

@@ -51,7 +51,7 @@ from reprobuild.images.timestamps import EROFS_TIMES, check_times
 from reprobuild.integrity.fsverity import digest_file
 from reprobuild.trees.tree import EntryType, Tree
 
-__all__ = ["VERSION", "composefs_digest", "identity", "read", "write"]
+__all__ = ["VERSION", "fsverity_digest", "identity", "read", "write"]
 
 VERSION = "1"
 """The writer's code version: bump it whenever the bytes for a given tree change."""
@@ -286,8 +286,9 @@ def read(path: str | bytes | os.PathLike[str]) -> Tree:
     return read_image(path)
 
 
-def composefs_digest(image_path: str | bytes | os.PathLike[str]) -> str:
-    """The composefs digest of an EROFS image: its fs-verity sha256 digest (4 KiB blocks,
-    no salt), as lowercase hex."""
+def fsverity_digest(image_path: str | bytes | os.PathLike[str]) -> str:
+    """The EROFS image's fs-verity sha256 digest (4 KiB blocks, no salt), as lowercase
+    hex. Not a composefs digest: a plain EROFS image holds its files' data and has no
+    composefs header (:mod:`reprobuild.images.composefs` writes composefs images)."""
     return digest_file(image_path, algorithm="sha256", block_size=4096, salt=b"").hex()
 
