@@ -16,7 +16,7 @@ import tarfile
 import tempfile
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import pytest
 
@@ -230,9 +230,9 @@ class ComposefsTools:
     """mkcomposefs, composefs-info and mount.composefs of Debian unstable's ``composefs``
     package, run from a cached chroot through its own loader (no chroot call needed)."""
 
-    PROGRAMS = {"mkcomposefs": "usr/bin/mkcomposefs",
-                "composefs-info": "usr/bin/composefs-info",
-                "mount.composefs": "usr/sbin/mount.composefs"}
+    PROGRAMS: ClassVar[dict[str, str]] = {"mkcomposefs": "usr/bin/mkcomposefs",
+                                          "composefs-info": "usr/bin/composefs-info",
+                                          "mount.composefs": "usr/sbin/mount.composefs"}
 
     def __init__(self, root: Path) -> None:
         self.root = root

@@ -18,7 +18,8 @@ from reprobuild.trees.oci import DEFAULT_PLATFORM
 from reprobuild.trees.overrides import load_overrides_file
 from reprobuild.units import parse_size
 
-HELP = "build an image (ext4, squashfs, erofs, composefs, cpio, tar) from a directory, tar or OCI layout"
+HELP = ("build an image (ext4, squashfs, erofs, composefs, cpio, tar) from a directory, tar "
+        "or OCI layout")
 
 
 def _size(text: str) -> int | None:

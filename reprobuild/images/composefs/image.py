@@ -36,8 +36,8 @@ from reprobuild.integrity.fsverity import (
 )
 from reprobuild.trees.tree import Entry, EntryType, FileSource, Tree
 
-__all__ = ["MAIN_FILE", "STORE_DIR", "VERSION", "composefs_digest", "content_digests", "identity", "layout_of",
-           "read", "write", "write_with_store"]
+__all__ = ["MAIN_FILE", "STORE_DIR", "VERSION", "composefs_digest", "content_digests",
+           "identity", "layout_of", "read", "write", "write_with_store"]
 
 VERSION = "1"
 """The writer's code version: bump it whenever the bytes for a given tree change."""
