@@ -23,6 +23,7 @@ from typing import BinaryIO
 from reprobuild.errors import ImageError
 from reprobuild.images.composefs import ondisk
 from reprobuild.images.composefs.layout import Layout, plan
+from reprobuild.images.composefs.read import read_composefs
 from reprobuild.images.composefs.store import fill_store
 from reprobuild.images.composefs.write import write_image
 from reprobuild.images.registry import ImageOptions
@@ -137,13 +138,10 @@ def write_with_store(tree: Tree, output: BinaryIO, options: ImageOptions, *,
 
 
 def read(path: str | bytes | os.PathLike[str]) -> Tree:
-    """Refused: a composefs image names its files' data in a digest store it does not
-    contain, so no tree of the image alone has their bytes."""
-    shown = os.fsdecode(path)
-    raise ImageError(f"{shown}: a composefs image keeps its files' data in a digest "
-                     "store; reprobuild does not read composefs images back",
-                     hint=f"mount it (mount.composefs -o basedir=STORE {shown} DIR) and "
-                          "read the directory")
+    """The tree a composefs image was made from, file bytes from the digest store
+    ``objects/`` beside it (a recipe output's layout); see
+    :func:`reprobuild.images.composefs.read.read_composefs` to name another store."""
+    return read_composefs(path)
 
 
 def composefs_digest(image_path: str | bytes | os.PathLike[str]) -> str:
