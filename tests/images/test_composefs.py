@@ -18,6 +18,7 @@ from reprobuild.images.composefs import image as composefs
 from reprobuild.images.composefs.layout import plan
 from reprobuild.images.composefs.read import read_composefs
 from reprobuild.images.registry import ImageOptions
+from reprobuild.proof import diffreport
 from reprobuild.trees.diff import diff_trees
 from reprobuild.trees.directory import tree_from_directory
 from reprobuild.trees.load import load_tree
@@ -342,3 +343,20 @@ def test_a_whiteout_reads_back_as_a_whiteout(tmp_path: Path) -> None:
     assert gone is not None and gone.type is EntryType.CHAR
     assert (gone.rdev_major, gone.rdev_minor) == (0, 0)
     assert b"00" not in back  # the root's own whiteouts are composefs's, not the tree's
+
+
+def test_diff_tells_two_composefs_images_apart_by_their_files(tmp_path: Path) -> None:
+    images = []
+    for name, text in (("a", b"first " * 20), ("b", b"second " * 20)):
+        tree = linked_tree()
+        tree.add(Entry(b"changed", EntryType.REGULAR, 0o644, content=Content.from_bytes(text)))
+        (tmp_path / name).mkdir()
+        image = tmp_path / name / "image.cfs"
+        with image.open("wb") as out:
+            composefs.write_with_store(tree, out, OPTIONS,
+                                       digest_store=str(tmp_path / name / "objects"))
+        images.append(image)
+    assert diffreport.detect(images[0]) == "composefs"
+    report = diffreport.diff_paths(images[0], images[1])
+    assert [(d.path, d.kind) for d in report.differences] == [(b"changed", "size"),
+                                                              (b"changed", "content")]
