@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from reprobuild.cli import main
 from reprobuild.errors import ImageError
 from reprobuild.images.build import build_tree_image
 from reprobuild.images.composefs import image as composefs
@@ -148,6 +149,17 @@ def linked_tree() -> Tree:
     return tree
 
 
+# The composefs digest of linked_tree(): what mkcomposefs 1.0.8 --from-file prints for its
+# dump (test_hardlinks_match_mkcomposefs_from_dump checks the bytes against the tool).
+LINKED_TREE_DIGEST = "3542df731234b08981777bda99f7702ab37ac3a2c4213aaa11f63dd5152ba572"
+
+
+def test_golden_composefs_digest(tmp_path: Path) -> None:
+    image = tmp_path / "x.cfs"
+    image.write_bytes(ours(linked_tree()))
+    assert composefs.composefs_digest(image) == LINKED_TREE_DIGEST
+
+
 @pytest.mark.tool
 def test_hardlinks_match_mkcomposefs_from_dump(composefs_tools: ComposefsTools,
                                                tmp_path: Path) -> None:
@@ -156,8 +168,10 @@ def test_hardlinks_match_mkcomposefs_from_dump(composefs_tools: ComposefsTools,
     dump = tmp_path / "tree.dump"
     dump.write_text("\n".join(render(tree, digests)) + "\n")
     expected = tmp_path / "ref.cfs"
-    composefs_tools.run("mkcomposefs", "--from-file", dump, expected)
+    printed = composefs_tools.run("mkcomposefs", "--print-digest", "--from-file", dump,
+                                  expected).stdout
     assert ours(tree) == expected.read_bytes()
+    assert printed.split()[-1] == LINKED_TREE_DIGEST
 
 
 @pytest.mark.tool
@@ -206,6 +220,24 @@ def test_digest_store_holds_each_object_once_under_its_digest(tmp_path: Path) ->
     assert len(after) == len(objects) + 1
     assert all(p.stat().st_ino == ino for p, ino in before.items())  # kept, not rewritten
     assert not [p for p in store.rglob(".tmp-*")]
+
+
+def test_reprobuild_image_command_writes_image_and_store(tmp_path: Path,
+                                                        capsys: pytest.CaptureFixture[str]
+                                                        ) -> None:
+    source = tmp_path / "src"
+    source.mkdir()
+    (source / "big").write_bytes(b"b" * 1000)
+    (source / "small").write_bytes(b"s")
+    code = main(["image", "--format", "composefs", "--epoch", "0", "--digest-store",
+                 str(tmp_path / "store"), str(source), str(tmp_path / "x.cfs")])
+    assert code == 0, capsys.readouterr().err
+    (obj,) = [p for p in (tmp_path / "store").rglob("*") if p.is_file()]
+    assert obj.read_bytes() == b"b" * 1000
+    back = read_composefs(tmp_path / "x.cfs", str(tmp_path / "store"))
+    big = back.get(b"big")
+    assert big is not None and big.content is not None
+    assert big.content.read() == b"b" * 1000
 
 
 def test_reprobuild_image_writes_the_store_only_for_composefs(tmp_path: Path) -> None:
