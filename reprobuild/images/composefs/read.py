@@ -27,12 +27,17 @@ def read_composefs(path: str | bytes | os.PathLike[str], store: str | None = Non
         store = os.path.join(os.path.dirname(os.path.abspath(image)), "objects")
     stored = read_image(path)
     tree = Tree(_logical(stored.root, image, store))
+    links = []
     for entry in stored:
         if not entry.path or (entry.type is EntryType.CHAR
                               and (entry.rdev_major, entry.rdev_minor) == (0, 0)):
             continue  # the root, and whiteouts composefs made (escaped ones are files)
-        tree.add(entry if entry.type is EntryType.HARDLINK
-                 else _logical(entry, image, store))
+        if entry.type is EntryType.HARDLINK:
+            links.append(entry)  # its primary may come later in path order
+        else:
+            tree.add(_logical(entry, image, store))
+    for link in links:
+        tree.add(link)
     return tree
 
 
