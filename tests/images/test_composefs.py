@@ -70,6 +70,7 @@ def every_kind(root: Path) -> Path:
     (root / "with space=eq").write_bytes(b"a b\tc\\")
     (root / "link").symlink_to("inline64")
     (root / "longlink").symlink_to("x" * 4000)
+    (root / "longestlink").symlink_to("y" * 4095)  # with its inode, more than a block
     os.mkfifo(root / "fifo")
     os.mknod(root / "chr", stat.S_IFCHR | 0o620, os.makedev(4, 64))
     os.mknod(root / "blk", stat.S_IFBLK | 0o600, os.makedev(259, 70000))
