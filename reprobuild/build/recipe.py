@@ -22,7 +22,7 @@ from typing import Any, TypeVar
 from reprobuild.build.limits import table_limits
 from reprobuild.build.recipe_graph import check_cycles, check_inputs
 from reprobuild.errors import ImageError, RecipeError, suggest
-from reprobuild.images.protocol import COMMON_KEYS
+from reprobuild.images.protocol import COMMON_KEYS, VALUE_KEYS
 from reprobuild.images.registry import get_format, sane_size
 from reprobuild.units import parse_duration, parse_size
 from sandbox.spec import Limits
@@ -445,6 +445,11 @@ def _image(path: str, name: str, raw: Any) -> Image:
     except ImageError as exc:
         raise table.error("format", exc.message, exc.hint) from None
     for key, value in table.table.items():
+        if key in VALUE_KEYS and key not in fmt.options.common:
+            try:
+                fmt.options.check_common({key: value})
+            except ImageError as exc:
+                raise table.error(key, exc.message, exc.hint) from None
         if key in IMAGE_KEYS:
             continue
         if key not in fmt.options.names():

@@ -9,6 +9,7 @@ list and :data:`reprobuild.images.registry.FORMATS` name the same modules.
 from __future__ import annotations
 
 from reprobuild.images import cpio, tar, verity
+from reprobuild.images.composefs import image as composefs
 from reprobuild.images.erofs import image as erofs
 from reprobuild.images.ext4 import image as ext4
 from reprobuild.images.gpt import image as gpt
@@ -17,5 +18,6 @@ from reprobuild.images.squashfs import image as squashfs
 
 TREE_FORMATS: dict[str, TreeFormat] = {
     "ext4": ext4, "squashfs": squashfs, "erofs": erofs, "cpio": cpio, "tar": tar,
+    "composefs": composefs,
 }
 DISK_FORMATS: dict[str, DiskFormat] = {"gpt": gpt, "verity": verity}

@@ -64,7 +64,7 @@ _EXT4 = OptionsSchema("ext4", (
     Option("hash_seed", str, "the htree hash seed, a UUID (default: derived from the content)"),
     Option("hash_version", str, "the htree hash", choices=("half_md4", "tea")),
     Option("inodes", int, "spare inodes beyond those the tree needs", minimum=0),
-))
+), common=("size", "uuid", "label", "block_size"))
 _SQUASHFS = OptionsSchema("squashfs", (
     Option("compression_level", int, "zstd 1-22 (default 15), gzip 1-9 (default 9)",
            minimum=1, maximum=22),
@@ -72,23 +72,23 @@ _SQUASHFS = OptionsSchema("squashfs", (
     Option("tail_fragments", bool, "pack tails of files larger than a block into fragments"),
     Option("probe", bool, "store blocks zstd -1 cannot shrink without compressing them"),
     Option("threads", int, "compression threads (the bytes never depend on it)", minimum=1),
-))
+), common=("size", "compress", "block_size"))
 _CPIO = OptionsSchema("cpio", (
     Option("xattrs", str, "\"ignore\" drops extended attributes", choices=("ignore",)),
-))
+), common=("compress",))
 _GPT = OptionsSchema("gpt", (
     Option("seed", str, "disk and partition GUIDs derive from it"),
     Option("partitions", object, "the partition table (see reprobuild.images.gpt.image)"),
     Option("sector-size", int, "512 or 4096", minimum=512, maximum=4096),
     Option("alignment", object, "partition alignment, a size like \"1M\""),
-))
+), common=("size", "uuid"))
 _VERITY = OptionsSchema("verity", (
     Option("hash-algorithm", str, "sha1, sha256 (default) or sha512"),
     Option("data-block-size", int, "data block size (default 4096)", minimum=512),
     Option("hash-block-size", int, "hash block size (default 4096)", minimum=512),
     Option("salt", str, "hex salt (default: derived from the data)"),
     Option("append", bool, "append the tree to a copy of the data"),
-))
+), common=("uuid", "block_size"))
 
 FORMATS: dict[str, Format] = {
     f.name: f
@@ -100,7 +100,11 @@ FORMATS: dict[str, Format] = {
         Format("erofs", "reprobuild.images.erofs.image", "tree", "EROFS, uncompressed or lz4",
                OptionsSchema("erofs")),
         Format("cpio", "reprobuild.images.cpio", "tree", "cpio newc (initramfs)", _CPIO),
-        Format("tar", "reprobuild.images.tar", "tree", "POSIX pax tar", OptionsSchema("tar")),
+        Format("tar", "reprobuild.images.tar", "tree", "POSIX pax tar",
+               OptionsSchema("tar", common=("compress",))),
+        Format("composefs", "reprobuild.images.composefs.image", "tree",
+               "composefs (as mkcomposefs writes it; files over 64 bytes in a digest store)",
+               OptionsSchema("composefs", common=("block_size",))),
         Format("gpt", "reprobuild.images.gpt.image", "disk", "GPT disk from other images",
                _GPT),
         Format("verity", "reprobuild.images.verity", "disk", "dm-verity hash tree of an image",

@@ -35,7 +35,7 @@ from reprobuild.trees.directory import tree_from_directory
 from reprobuild.trees.load import load_tree
 from reprobuild.trees.tree import EntryType, Tree
 
-TREE_FORMATS = ("tar", "cpio", "ext4", "squashfs", "erofs")
+TREE_FORMATS = ("tar", "cpio", "ext4", "squashfs", "erofs", "composefs")
 MAX_HEXDUMPS = 8  # content differences inside a tree that get a hexdump
 MAX_NESTED = 8  # differing image files inside a directory that are compared as images
 
@@ -46,7 +46,8 @@ class ReaderMissing(ImageError):
 
 # -- what a path is -------------------------------------------------------------------
 def detect(path: str | os.PathLike[str]) -> str:
-    """The kind of ``path``: directory, tar, cpio, ext4, squashfs, erofs, gpt or file."""
+    """The kind of ``path``: directory, tar, cpio, ext4, squashfs, erofs, composefs, gpt
+    or file."""
     st = os.lstat(path)
     if stat.S_ISDIR(st.st_mode):
         return "directory"
@@ -65,9 +66,10 @@ def detect(path: str | os.PathLike[str]) -> str:
     # struct ext4_super_block at 1024: s_magic (le16 0xEF53) at offset 0x38
     if head[1024 + 0x38:1024 + 0x3A] == b"\x53\xef":
         return "ext4"
-    # struct erofs_super_block at 1024: magic le32 0xE0F5E1E2 at offset 0
+    # struct erofs_super_block at 1024: magic le32 0xE0F5E1E2 at offset 0; composefs puts
+    # its header (magic le32 0xD078629A) before it
     if head[1024:1028] == b"\xe2\xe1\xf5\xe0":
-        return "erofs"
+        return "composefs" if head[:4] == b"\x9a\x62\x78\xd0" else "erofs"
     if head[257:262] == b"ustar":
         return "tar"
     return "file"

@@ -32,6 +32,7 @@ from types import FrameType
 import crc32c
 
 from reprobuild.errors import ReprobuildError
+from reprobuild.images.composefs import image as composefs
 from reprobuild.images.registry import ImageOptions, get_format
 from reprobuild.proof.diffreport import diff_paths
 from reprobuild.trees.tree import Content, Entry, EntryType, Tree
@@ -45,6 +46,7 @@ VARIANTS: dict[str, tuple[str, dict[str, object]]] = {
     "squashfs-none": ("squashfs", {"compress": "none"}),
     "erofs": ("erofs", {}),
     "erofs-lz4": ("erofs", {"compress": "lz4"}),
+    "composefs": ("composefs", {}),
     "cpio": ("cpio", {}),
     "cpio-zstd": ("cpio", {"compress": "zstd"}),
     "tar": ("tar", {}),
@@ -102,6 +104,11 @@ def build_image(variant: str, directory: Path) -> Path:
     path = directory / f"{variant}.img"
     module = get_format(fmt).load()
     tree = sample_tree(xattrs=fmt not in ("cpio",))
+    if fmt == "composefs":  # its digest store beside it, where its reader looks
+        with path.open("wb") as output:
+            composefs.write_with_store(tree, output, ImageOptions(epoch=EPOCH),
+                                       digest_store=str(directory / "objects"))
+        return path
     with path.open("wb") as output:
         module.write(tree, output, ImageOptions(epoch=EPOCH, **options))  # type: ignore[arg-type]
     return path

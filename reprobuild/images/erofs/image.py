@@ -56,7 +56,7 @@ from reprobuild.integrity.fsverity import digest_file
 from reprobuild.trees.gcpause import collector_paused
 from reprobuild.trees.tree import S_IFMT_OF_TYPE, EntryType, Tree
 
-__all__ = ["VERSION", "composefs_digest", "identity", "read", "write"]
+__all__ = ["VERSION", "fsverity_digest", "identity", "read", "write"]
 
 VERSION = "1"
 """The writer's code version: bump it whenever the bytes for a given tree change."""
@@ -332,8 +332,9 @@ def read(path: str | bytes | os.PathLike[str]) -> Tree:
     return read_image(path)
 
 
-def composefs_digest(image_path: str | bytes | os.PathLike[str]) -> str:
-    """The composefs digest of an EROFS image: its fs-verity sha256 digest (4 KiB blocks,
-    no salt), as lowercase hex."""
+def fsverity_digest(image_path: str | bytes | os.PathLike[str]) -> str:
+    """The EROFS image's fs-verity sha256 digest (4 KiB blocks, no salt), as lowercase
+    hex. Not a composefs digest: a plain EROFS image holds its files' data and has no
+    composefs header (:mod:`reprobuild.images.composefs` writes composefs images)."""
     return digest_file(image_path, algorithm="sha256", block_size=4096, salt=b"").hex()
 
