@@ -193,7 +193,7 @@ class DaskExecutor:
     def _collect(self, plan: Plan, client: Client, futures: list[Future[Any]],
                  by_key: Mapping[str, Node], report: BuildReport) -> None:
         unfinished = {str(f.key): f for f in futures}
-        for future in as_completed(futures):
+        for future in as_completed(futures, loop=client.loop):
             node = by_key[str(future.key)]
             unfinished.pop(str(future.key), None)
             if future.status == "finished":
