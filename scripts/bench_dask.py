@@ -1,0 +1,129 @@
+#!/usr/bin/env python3
+"""Dask executor benchmark, against the local executor in the same run.
+
+A scheduler (TLS, 127.0.0.1) and two ``reprobuild worker``s (one thread each: this is a
+2-core machine) share a file:// cache. Measured, each as a fresh ``reprobuild build``:
+
+1. 200 trivial sandboxed steps (scripts/bench_engine.py's recipe) cold: Dask vs local
+   (target: at most 1.5x); no-op with everything in the cache and nothing in the
+   client's store (the client downloads the one target): Dask vs the local no-op
+   (target: at most 2x).
+2. ``--big N`` steps (default 5,000): the client's peak memory while it plans, submits
+   and follows the graph (target: under 500 MB), and the per-step wall time on the
+   cluster against the local executor's (``--big 0`` skips it: about 3 minutes here).
+
+Run once, not in a loop: the machine is shared.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO / "scripts"))
+
+from bench_engine import make_recipe  # noqa: E402
+from benchutil import ChildRun, run_child  # noqa: E402
+
+ENV = {**os.environ, "PYTHONPATH": str(REPO)}
+
+
+def reprobuild(*args: str) -> list[str]:
+    return [sys.executable, "-m", "reprobuild", *args]
+
+
+class Cluster:
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.certs = root / "certs"
+        subprocess.run(reprobuild("cluster-certs", str(self.certs)), check=True, env=ENV,
+                       stdout=subprocess.DEVNULL)
+        self.key = root / "worker.key"
+        subprocess.run(reprobuild("sign", "--generate-key", str(self.key)), check=True,
+                       env=ENV, stdout=subprocess.DEVNULL)
+        self.cache = f"file://{root / 'cache'}"
+        address_file = root / "scheduler.json"
+        self.processes = [subprocess.Popen(
+            [str(Path(sys.executable).parent / "dask"), "scheduler", "--host", "127.0.0.1",
+             "--port", "0", "--protocol", "tls", "--no-dashboard", "--tls-ca-file",
+             str(self.certs / "ca.pem"), "--tls-cert", str(self.certs / "scheduler.pem"),
+             "--tls-key", str(self.certs / "scheduler.key"), "--scheduler-file",
+             str(address_file)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)]
+        while True:
+            try:
+                self.address = json.loads(address_file.read_text())["address"]
+                break
+            except (OSError, ValueError):
+                time.sleep(0.1)
+        for name in ("w1", "w2"):
+            self.processes.append(subprocess.Popen(
+                reprobuild("worker", "--scheduler", self.address, "--certs", str(self.certs),
+                           "--cache", self.cache, "--key", str(self.key), "--store",
+                           str(root / f"store-{name}"), "--nthreads", "2", "--name", name),
+                env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+        time.sleep(3)  # the workers join (a build waits for them anyway)
+
+    def build(self, recipe: Path, store: Path) -> ChildRun:
+        return run_child(reprobuild(
+            "build", "--store", str(store), "--no-out-link", "--executor", self.address,
+            "--certs", str(self.certs), "--cache", self.cache,
+            f"--trusted-keys={self.key}.pub", str(recipe), "all"), env=ENV, quiet=True)
+
+    def stop(self) -> None:
+        for process in reversed(self.processes):
+            process.terminate()
+            process.wait()
+
+
+def local(recipe: Path, store: Path) -> ChildRun:
+    return run_child(reprobuild("build", "--store", str(store), "--no-out-link", "-j", "2",
+                                str(recipe), "all"), env=ENV, quiet=True)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=200)
+    parser.add_argument("--big", type=int, default=5000)
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory(prefix="reprobuild-bench-dask-", dir="/var/tmp") as tmp:
+        root = Path(tmp)
+        os.chmod(root, 0o755)
+        (root / "small").mkdir()
+        recipe = make_recipe(root / "small", args.steps)
+        local_cold = local(recipe, root / "local")
+        local_noop = local(recipe, root / "local")
+        cluster = Cluster(root / "cluster")
+        try:
+            dask_cold = cluster.build(recipe, root / "client-1")
+            dask_noop = cluster.build(recipe, root / "client-2")
+            print(f"{args.steps} steps cold: dask {dask_cold.wall:.2f} s, local "
+                  f"{local_cold.wall:.2f} s: {dask_cold.wall / local_cold.wall:.2f}x "
+                  f"(target <= 1.5x)")
+            print(f"{args.steps} steps no-op (all in the cache, client store empty): dask "
+                  f"{dask_noop.wall:.2f} s, local no-op {local_noop.wall:.2f} s: "
+                  f"{dask_noop.wall / local_noop.wall:.2f}x (target <= 2x)")
+            if args.big:
+                (root / "big").mkdir()
+                big = make_recipe(root / "big", args.big)
+                dask_big = cluster.build(big, root / "client-big")
+                local_big = local(big, root / "local-big")
+                print(f"{args.big} steps cold: dask {dask_big.wall:.1f} s "
+                      f"({dask_big.wall / args.big * 1000:.1f} ms/step), local "
+                      f"{local_big.wall:.1f} s ({local_big.wall / args.big * 1000:.1f} "
+                      f"ms/step): overhead {(dask_big.wall - local_big.wall) / args.big * 1000:.1f}"
+                      f" ms/step; client peak memory {dask_big.peak_kib / 1024:.0f} MB "
+                      f"(target < 500 MB), local {local_big.peak_kib / 1024:.0f} MB")
+        finally:
+            cluster.stop()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
