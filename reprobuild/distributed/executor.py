@@ -26,9 +26,11 @@ from distributed.scheduler import KilledWorker
 from distributed.security import Security
 
 from reprobuild.build.executor import BuildReport, Failure, Options
+from reprobuild.build.limits import effective, image_limits
 from reprobuild.build.local import LocalExecutor
 from reprobuild.build.plan import Node, Plan
 from reprobuild.build.progress import Progress
+from reprobuild.build.recipe import Image, Step
 from reprobuild.cache import archive
 from reprobuild.cache.backend import Cache, CacheError, open_cache
 from reprobuild.cache.layout import ObjectInfo, object_name
@@ -47,6 +49,7 @@ from reprobuild.distributed.task import (
 )
 from reprobuild.errors import BuildError
 from reprobuild.store.store import Store
+from sandbox.limits import human
 from sandbox.spec import Runner
 
 IMPORT_KINDS = ("path", "host")
@@ -178,10 +181,14 @@ class DaskExecutor:
                                         *(task_key(plan.nodes[d].id) for d in node.deps
                                           if d in keys))
         by_key = {task_key(n.id): n for n in remote}
+        needs = {key: task_resources(node) for key, node in by_key.items()}
+        _check_resources(client, needs, by_key)
         self.progress.start(total=len(remote))
         futures: list[Future[Any]] = []
         try:
-            futures = client.get(graph, list(by_key), sync=False)
+            # A dict's bound get() pickles without reprobuild: the scheduler calls it with
+            # each key to find the task's resources.
+            futures = client.get(graph, list(by_key), sync=False, resources=needs.get)
             self._collect(plan, client, futures, by_key, report)
         except BaseException:
             if futures:
@@ -277,6 +284,42 @@ def open_executor(address: str, *, certs: str | None, insecure: bool, cache_url:
     return DaskExecutor(store, options, progress, address=target,
                         security=security(certs, "client"), cache_url=cache_url,
                         trusted=load_keys(trusted_keys), warn=warn)
+
+
+def task_resources(node: Node) -> dict[str, float]:
+    """The Dask resources a node's task takes: ``cores`` (the step's, default 1) and, for
+    a sandboxed node, ``memory`` (its memory limit, which the sandbox enforces)."""
+    needs = {"cores": 1.0}
+    if isinstance(node.what, Step):
+        needs["cores"] = float(node.what.cores or 1)
+        needs["memory"] = float(effective(node.what.limits).memory or 0)
+    elif isinstance(node.what, Image):
+        needs["memory"] = float(image_limits(node.what.limits, node.what.size).memory or 0)
+    return needs
+
+
+def _check_resources(client: Client, needs: Mapping[str, Mapping[str, float]],
+                     by_key: Mapping[str, Node]) -> None:
+    """Refuse a task no connected worker can ever take (it would wait forever)."""
+    offers = [w.get("resources") or {}
+              for w in client.scheduler_info(n_workers=-1)["workers"].values()]
+    if not offers:
+        return  # workers may yet join (an autoscaling cluster)
+    for key, need in needs.items():
+        if not any(all(offer.get(r, 0) >= amount for r, amount in need.items())
+                   for offer in offers):
+            node = by_key[key]
+            best = max(offers, key=lambda o: (o.get("cores", 0), o.get("memory", 0)))
+            raise ClusterError(
+                f"{node.key} needs {_describe(need)}, and no worker offers that (the "
+                f"largest offers {_describe(best)})",
+                hint="start a worker with more (`reprobuild worker --cores N --memory "
+                     "SIZE`), or lower the step's cores or limits.memory")
+
+
+def _describe(resources: Mapping[str, float]) -> str:
+    return ", ".join(f"{name}={human(int(amount)) if name == 'memory' else int(amount)}"
+                     for name, amount in sorted(resources.items()))
 
 
 def _query(cache: Cache, node: Node, trusted: Mapping[str, Ed25519PublicKey],

@@ -114,7 +114,7 @@ def built_here(cluster: Cluster, derivation_id: str) -> list[str]:
 @pytest.mark.userns
 def test_two_clients_at_once_build_each_step_once(cluster: Cluster, tmp_path: Path) -> None:
     body = "".join(f'[steps.s{i}]\ninputs = ["bb"]\nbuilder = ["bb", "sh", "-c", '
-                   f'"sleep 1; echo {i} > $out"]\n' for i in range(4))
+                   f'"echo building {i}; sleep 1; echo {i} > $out"]\n' for i in range(4))
     body += ('[steps.all]\ninputs = ["bb", "s0", "s1", "s2", "s3"]\n'
              'builder = ["bb", "sh", "-c", "cat $s0 $s1 $s2 $s3 > $out"]\n')
     recipe = write_recipe(tmp_path / "r", body)
@@ -138,6 +138,14 @@ def test_two_clients_at_once_build_each_step_once(cluster: Cluster, tmp_path: Pa
     ).stdout)["id"] for i in range(4)]
     for derivation_id in ids:
         assert len(built_here(cluster, derivation_id)) == 1
+    # s0 was built on a worker and never downloaded: its log is read from the cache.
+    log = [sys.executable, "-m", "reprobuild", "log", "--store", str(tmp_path / "client0"),
+           str(recipe), "s0"]
+    missing = subprocess.run(log, capture_output=True, text=True, cwd=REPO)
+    assert missing.returncode == 2 and "no build log for s0" in missing.stderr
+    remote = subprocess.run([*log, "--cache", cluster.cache_url], capture_output=True,
+                            text=True, cwd=REPO)
+    assert remote.returncode == 0 and remote.stdout.endswith("\nbuilding 0\n")
 
 
 @pytest.mark.userns
@@ -171,3 +179,22 @@ def test_a_worker_killed_mid_step_and_the_build_still_finishes(cluster: Cluster,
         assert built_here(cluster, derivation_id) != [], "no other worker built it"
     finally:
         cluster.start_worker(victim)
+
+
+@pytest.mark.userns
+def test_step_cores_are_a_dask_resource(cluster: Cluster, tmp_path: Path) -> None:
+    recipe = write_recipe(tmp_path / "r", '[steps.two]\ninputs = ["bb"]\ncores = 2\n'
+                          'builder = ["bb", "sh", "-c", "echo $BUILD_CORES > $out"]\n'
+                          '[steps.many]\ninputs = ["bb"]\ncores = 64\n'
+                          'builder = ["bb", "sh", "-c", "echo > $out"]\n'
+                          '[steps.huge]\ninputs = ["bb"]\nlimits = { memory = "64T" }\n'
+                          'builder = ["bb", "sh", "-c", "echo > $out"]\n')
+    result = cluster.build(recipe, "two", store=tmp_path / "client")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert Path(str(rows(result)["two"]["path"])).read_text() == "2\n"
+    # A step no worker can take is refused at once, not left waiting forever.
+    for step, need in (("many", "cores=64"), ("huge", "memory=64 TiB")):
+        refused = cluster.build(recipe, step, store=tmp_path / "client", timeout=60)
+        assert refused.returncode == 2, refused.stderr[-3000:]
+        assert f"{step} needs " in refused.stderr and need in refused.stderr
+        assert "no worker offers that" in refused.stderr
