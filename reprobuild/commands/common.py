@@ -14,7 +14,7 @@ from reprobuild.build.plan import Plan, plan
 from reprobuild.build.progress import Progress
 from reprobuild.build.recipe import Recipe, load_recipe
 from reprobuild.build.sandboxing import start_runner
-from reprobuild.cache.settings import resolve
+from reprobuild.cache.settings import executor_settings, resolve
 
 __all__ = ["add_build_options", "add_recipe", "build_plan", "load", "make_engine",
            "positive_int", "print_failures", "run_plan", "start_runner", "suggested"]
@@ -101,14 +101,16 @@ EXECUTORS = {"dask": "reprobuild.distributed.executor"}
 def remote_executor(args: argparse.Namespace, store: Store, options: Options,
                     progress: Progress) -> Executor | None:
     """The executor ``--executor`` names (None: the local thread pool)."""
-    address = getattr(args, "executor", None)
-    if address in (None, "local"):
+    if not hasattr(args, "executor"):
+        return None
+    chosen = executor_settings(args.executor, args.cache, args.certs)
+    if chosen.executor in (None, "local"):
         return None
     module = importlib.import_module(EXECUTORS["dask"])
     trusted = resolve(getattr(args, "substituters", None),
                       getattr(args, "trusted_keys", None)).trusted_keys
     executor: Executor = module.open_executor(
-        address, certs=args.certs, insecure=args.insecure, cache_url=args.cache,
+        chosen.executor, certs=chosen.certs, insecure=args.insecure, cache_url=chosen.cache,
         trusted_keys=trusted, store=store, options=options, progress=progress, warn=_warn)
     return executor
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import signal
 import subprocess
 import sys
 import threading
@@ -198,3 +199,34 @@ def test_step_cores_are_a_dask_resource(cluster: Cluster, tmp_path: Path) -> Non
         assert refused.returncode == 2, refused.stderr[-3000:]
         assert f"{step} needs " in refused.stderr and need in refused.stderr
         assert "no worker offers that" in refused.stderr
+
+
+@pytest.mark.userns
+def test_ctrl_c_on_the_client_cancels_its_tasks(cluster: Cluster, tmp_path: Path) -> None:
+    recipe = write_recipe(tmp_path / "r", '[steps.slow]\ninputs = ["bb"]\nbuilder = '
+                          '["bb", "sh", "-c", "echo started; sleep 3; echo > $out"]\n'
+                          '[steps.after]\ninputs = ["bb", "slow"]\nbuilder = '
+                          '["bb", "sh", "-c", "echo after > $out"]\n')
+    ids = {}
+    for step in ("slow", "after"):
+        show = subprocess.run([sys.executable, "-m", "reprobuild", "show", "--store",
+                               str(tmp_path / "c"), str(recipe), step], capture_output=True,
+                              text=True, cwd=REPO, check=True)
+        ids[step] = json.loads(show.stdout)["id"]
+    client = subprocess.Popen(
+        [sys.executable, "-m", "reprobuild", "build", "--store", str(tmp_path / "client"),
+         "--executor", cluster.address, "--certs", str(cluster.certs), "--cache",
+         cluster.cache_url, f"--trusted-keys={cluster.key}.pub", str(recipe), "after"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO)
+    deadline = time.monotonic() + 60
+    while not any((cluster.worker_store(n) / "logs" / f"{ids['slow']}.log").exists()
+                  for n in cluster.workers):
+        assert time.monotonic() < deadline and client.poll() is None, "slow never started"
+        time.sleep(0.05)
+    client.send_signal(signal.SIGINT)
+    _out, err = client.communicate(timeout=60)
+    assert client.returncode == 130, err
+    time.sleep(5)  # slow's sandbox ends on its own; after must never start
+    assert not (cluster.cache / "meta" / f"{ids['after']}.json").exists()
+    assert not any((cluster.worker_store(n) / "logs" / f"{ids['after']}.log").exists()
+                   for n in cluster.workers)

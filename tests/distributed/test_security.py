@@ -86,3 +86,25 @@ def test_missing_certificate_names_the_file_and_the_command(tmp_path: Path) -> N
     with pytest.raises(ClusterError, match=r"client\.key is missing") as caught:
         security(str(tmp_path / "certs"), "client")
     assert "cluster-certs" in str(caught.value.hint)
+
+
+def test_the_executor_may_come_from_the_config_file(tmp_path: Path) -> None:
+    recipe = tmp_path / "r.toml"
+    recipe.write_text('[sources.bb]\nhost = "/bin/busybox"\n[steps.s]\ninputs = ["bb"]\n'
+                      'builder = ["bb", "sh", "-c", "echo > $out"]\n')
+    _key, public = signing.generate_key(tmp_path / "k.key")
+    config = tmp_path / "config" / "reprobuild"
+    config.mkdir(parents=True)
+    (config / "config.toml").write_text(
+        'executor = "dask://192.0.2.7:8786"\ncache = "file:///nowhere"\n'
+        f'trusted-keys = ["{public}"]\n')
+    env = {**os.environ, "XDG_CONFIG_HOME": str(tmp_path / "config")}
+    argv = [sys.executable, "-m", "reprobuild", "build", "--store", str(tmp_path / "store"),
+            "--no-out-link", str(recipe)]
+    remote = subprocess.run(argv, capture_output=True, text=True, cwd=REPO, env=env)
+    assert remote.returncode == 2
+    assert "refusing a plain-TCP connection to 192.0.2.7" in remote.stderr
+    (config / "config.toml").write_text('certs = "certs"\n')
+    local = subprocess.run([*argv, "--executor", "local", "-n"], capture_output=True,
+                           text=True, cwd=REPO, env=env)
+    assert local.returncode == 0, local.stderr
