@@ -6,7 +6,7 @@ import argparse
 import os
 
 from reprobuild.commands.common import positive_int
-from reprobuild.distributed.address import scheduler_address, security
+from reprobuild.distributed.address import scheduler_address, tls_files
 from reprobuild.distributed.worker import WorkerSettings, serve
 from reprobuild.units import parse_size
 
@@ -47,7 +47,7 @@ def run(args: argparse.Namespace) -> int:
     settings = WorkerSettings(
         scheduler=scheduler_address(args.scheduler, tls=args.certs is not None,
                                     insecure=args.insecure),
-        security=security(args.certs, "worker"), cache_url=args.cache, key_path=args.key,
+        tls=tls_files(args.certs, "worker"), cache_url=args.cache, key_path=args.key,
         trusted_keys=args.trusted_keys, store=args.store, nthreads=args.nthreads,
         name=args.name, resources=resources, debug=args.debug)
     serve(settings)

@@ -1,9 +1,10 @@
-"""Cluster addresses and their security: TLS with client certificates, or refused.
+"""Cluster addresses and their TLS files: TLS with client certificates, or refused.
 
 Dask tasks are pickles: whoever reaches the scheduler runs code on every worker. So a
 connection uses TLS with the certificates of :mod:`reprobuild.distributed.certs`, and a
 plain-TCP address is accepted only on the loopback interface, or with ``insecure``.
 ``dask://HOST:PORT`` means ``tls://`` when certificates are given, else ``tcp://``.
+Nothing here imports Dask (a build that needs no task never loads it).
 """
 
 from __future__ import annotations
@@ -11,8 +12,7 @@ from __future__ import annotations
 import ipaddress
 import os
 import urllib.parse
-
-from distributed.security import Security
+from dataclasses import dataclass
 
 from reprobuild.errors import ReprobuildError
 
@@ -71,8 +71,18 @@ def scheduler_address(text: str, *, tls: bool, insecure: bool) -> str:
     return f"{scheme}://{host}:{port}"
 
 
-def security(directory: str | None, role: str) -> Security | None:
-    """Dask's TLS settings for ``role`` from a ``cluster-certs`` directory (None: none)."""
+@dataclass(frozen=True)
+class TlsFiles:
+    """The CA and one role's certificate and key (checked to exist), for Dask's TLS."""
+
+    role: str
+    ca: str
+    cert: str
+    key: str
+
+
+def tls_files(directory: str | None, role: str) -> TlsFiles | None:
+    """``role``'s files in a ``cluster-certs`` directory (None: no directory given)."""
     if directory is None:
         return None
     ca = os.path.join(directory, CA_FILE)
@@ -83,11 +93,4 @@ def security(directory: str | None, role: str) -> Security | None:
                                hint=f"make the certificates with `reprobuild cluster-certs "
                                     f"{directory}`, and copy ca.pem, {role}.pem and "
                                     f"{role}.key to this machine")
-    if role == "client":
-        return Security(tls_ca_file=ca, tls_client_cert=cert, tls_client_key=key,
-                        require_encryption=True)
-    if role == "worker":
-        return Security(tls_ca_file=ca, tls_worker_cert=cert, tls_worker_key=key,
-                        require_encryption=True)
-    return Security(tls_ca_file=ca, tls_scheduler_cert=cert, tls_scheduler_key=key,
-                    require_encryption=True)
+    return TlsFiles(role, ca, cert, key)

@@ -14,16 +14,13 @@ Ctrl-C cancels this client's tasks (another client waiting for the same key keep
 
 from __future__ import annotations
 
+import importlib
 import os
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-import dask
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
-from distributed import Client, Future, as_completed
-from distributed.scheduler import KilledWorker
-from distributed.security import Security
 
 from reprobuild.build.executor import BuildReport, Failure, Options
 from reprobuild.build.limits import effective, image_limits
@@ -37,24 +34,21 @@ from reprobuild.cache.layout import ObjectInfo, object_name
 from reprobuild.cache.settings import load_keys
 from reprobuild.cache.substitute import SubstituteError, Substituter, from_any, query
 from reprobuild.cache.upload import entry_epoch
-from reprobuild.distributed.address import ClusterError, scheduler_address, security
+from reprobuild.distributed.address import ClusterError, TlsFiles, scheduler_address, tls_files
 from reprobuild.distributed.task import (
-    LOG_MARK,
-    RemoteBuildError,
     StepTask,
-    TaskResult,
     run_task,
     slim_recipe,
     task_key,
 )
 from reprobuild.errors import BuildError
 from reprobuild.store.store import Store
-from sandbox.limits import human
 from sandbox.spec import Runner
 
+# The Dask side, imported only when there are tasks to run (Dask takes half a second).
+CLUSTER = "reprobuild.distributed.cluster"
 IMPORT_KINDS = ("path", "host")
 QUERY_THREADS = 16
-CONNECT_TIMEOUT = 30.0
 
 
 def _no_runner() -> Runner:
@@ -68,17 +62,17 @@ class DaskExecutor:
     runner: Runner | None = None
 
     def __init__(self, store: Store, options: Options, progress: Progress, *, address: str,
-                 security: Security | None, cache_url: str,
+                 tls: TlsFiles | None, cache_url: str,
                  trusted: Mapping[str, Ed25519PublicKey], warn: Callable[[str], None]) -> None:
         self.store = store
         self.options = options
         self.progress = progress
         self.address = address
-        self.security = security
+        self.tls = tls
         self.cache_url = cache_url
         self.trusted = dict(trusted)
         self.warn = warn
-        self.client: Client | None = None
+        self.client: Any = None  # a distributed.Client, once connected
         self.cache: Cache | None = None
 
     def close(self) -> None:
@@ -88,17 +82,6 @@ class DaskExecutor:
         if self.cache is not None:
             self.cache.close()
             self.cache = None
-
-    def _connect(self) -> Client:
-        if self.client is None:
-            try:
-                self.client = Client(self.address, security=self.security,
-                                     timeout=CONNECT_TIMEOUT, set_as_default=False)
-            except (OSError, TimeoutError) as exc:
-                raise ClusterError(f"cannot reach the Dask scheduler at {self.address}: {exc}",
-                                   hint="is `dask scheduler` running there, with the "
-                                        "certificates of the same `cluster-certs`?") from None
-        return self.client
 
     def execute(self, plan: Plan, todo: list[Node], report: BuildReport) -> None:
         self.cache = self.cache or open_cache(self.cache_url)
@@ -170,10 +153,12 @@ class DaskExecutor:
     # -- the cluster --------------------------------------------------------------------
     def _run(self, plan: Plan, remote: list[Node], objects: Mapping[str, tuple[ObjectInfo, int]],
              report: BuildReport) -> None:
-        client = self._connect()
+        cluster = importlib.import_module(CLUSTER)
+        if self.client is None:
+            self.client = cluster.connect(self.address, self.tls)
         recipe = slim_recipe(plan.recipe)
-        graph: dict[str, Any] = {}
         keys = {n.key for n in remote}
+        graph: dict[str, Any] = {}
         for node in remote:
             info, epoch = objects.get(node.key, (None, 0))
             task = StepTask(recipe, node, tuple(plan.nodes[d] for d in node.deps), info, epoch)
@@ -182,71 +167,8 @@ class DaskExecutor:
                                           if d in keys))
         by_key = {task_key(n.id): n for n in remote}
         needs = {key: task_resources(node) for key, node in by_key.items()}
-        _check_resources(client, needs, by_key)
-        self.progress.start(total=len(remote))
-        futures: list[Future[Any]] = []
-        try:
-            # A dict's bound get() pickles without reprobuild: the scheduler calls it with
-            # each key to find the task's resources.
-            futures = client.get(graph, list(by_key), sync=False, resources=needs.get)
-            self._collect(plan, client, futures, by_key, report)
-        except BaseException:
-            if futures:
-                client.cancel(futures)
-            raise
-        finally:
-            self.progress.stop()
-
-    def _collect(self, plan: Plan, client: Client, futures: list[Future[Any]],
-                 by_key: Mapping[str, Node], report: BuildReport) -> None:
-        unfinished = {str(f.key): f for f in futures}
-        for future in as_completed(futures, loop=client.loop):
-            node = by_key[str(future.key)]
-            unfinished.pop(str(future.key), None)
-            if future.status == "finished":
-                result: TaskResult = future.result()
-                if result.built:
-                    report.built.append(node.key)
-                self.progress.finished(node.key, ok=True, state=(
-                    f"built on {result.worker}" if result.built else "done by another client"))
-                continue
-            if future.status == "cancelled":
-                continue
-            error = future.exception()
-            if isinstance(error, RemoteBuildError) and error.derivation_id != node.id:
-                continue  # a dependency failed: counted below
-            report.failures.append(self._failure(node, error))
-            self.progress.finished(node.key, ok=False)
-            if not self.options.keep_going:
-                client.cancel(list(unfinished.values()))
-                break
-        failed = {f.key for f in report.failures}
-        below = _dependents(plan, failed, {n.key for n in by_key.values()})
-        finished = set(report.built) | failed
-        for future in futures:
-            key = by_key[str(future.key)].key
-            if key in finished or future.status == "finished":
-                continue
-            (report.skipped if key in below else report.cancelled).append(key)
-        report.skipped.sort()
-        report.cancelled.sort()
-
-    def _failure(self, node: Node, error: BaseException | None) -> Failure:
-        """A remote failure as a local one: the log is copied into the local store."""
-        if isinstance(error, KilledWorker):
-            allowed = dask.config.get("distributed.scheduler.allowed-failures")
-            message = (f"{node.key}: the workers building it died {int(allowed) + 1} times "
-                       "(killed, out of memory?), so the scheduler gave up on it")
-            return Failure(node.key, message, None, BuildError(message))
-        if not isinstance(error, RemoteBuildError):
-            message = f"{node.key} failed on the cluster: {error!r}"
-            return Failure(node.key, message, None, BuildError(message))
-        log = self.store.log_path(node.id)
-        with open(log, "w", encoding="utf-8") as f:
-            f.write(error.log)
-        message = error.message.replace(LOG_MARK, log) + f" (on worker {error.worker})"
-        return Failure(node.key, message, log if error.log else None,
-                       BuildError(message, hint=error.hint))
+        run = cluster.GraphRun(self.client, self.store, self.options, self.progress)
+        run.run(plan, graph, by_key, needs, report)
 
     def _download(self, plan: Plan, targets: list[str], report: BuildReport) -> None:
         """Put the targets into the local store from the cache, checked."""
@@ -282,7 +204,7 @@ def open_executor(address: str, *, certs: str | None, insecure: bool, cache_url:
                            hint="give the workers' public keys (the outputs are "
                                 "downloaded only when one of them signed)")
     return DaskExecutor(store, options, progress, address=target,
-                        security=security(certs, "client"), cache_url=cache_url,
+                        tls=tls_files(certs, "client"), cache_url=cache_url,
                         trusted=load_keys(trusted_keys), warn=warn)
 
 
@@ -298,30 +220,6 @@ def task_resources(node: Node) -> dict[str, float]:
     return needs
 
 
-def _check_resources(client: Client, needs: Mapping[str, Mapping[str, float]],
-                     by_key: Mapping[str, Node]) -> None:
-    """Refuse a task no connected worker can ever take (it would wait forever)."""
-    offers = [w.get("resources") or {}
-              for w in client.scheduler_info(n_workers=-1)["workers"].values()]
-    if not offers:
-        return  # workers may yet join (an autoscaling cluster)
-    for key, need in needs.items():
-        if not any(all(offer.get(r, 0) >= amount for r, amount in need.items())
-                   for offer in offers):
-            node = by_key[key]
-            best = max(offers, key=lambda o: (o.get("cores", 0), o.get("memory", 0)))
-            raise ClusterError(
-                f"{node.key} needs {_describe(need)}, and no worker offers that (the "
-                f"largest offers {_describe(best)})",
-                hint="start a worker with more (`reprobuild worker --cores N --memory "
-                     "SIZE`), or lower the step's cores or limits.memory")
-
-
-def _describe(resources: Mapping[str, float]) -> str:
-    return ", ".join(f"{name}={human(int(amount)) if name == 'memory' else int(amount)}"
-                     for name, amount in sorted(resources.items()))
-
-
 def _query(cache: Cache, node: Node, trusted: Mapping[str, Ed25519PublicKey],
            warn: Callable[[str], None]) -> object | None:
     try:
@@ -334,15 +232,6 @@ def _query(cache: Cache, node: Node, trusted: Mapping[str, Ed25519PublicKey],
 def _failed(report: BuildReport, key: str) -> bool:
     return key in report.skipped or key in report.cancelled or any(
         f.key == key for f in report.failures)
-
-
-def _dependents(plan: Plan, failed: set[str], among: set[str]) -> set[str]:
-    """The keys of ``among`` that depend, directly or not, on a key of ``failed``."""
-    below: set[str] = set()
-    for node in plan.order():
-        if node.key in among and any(d in failed or d in below for d in node.deps):
-            below.add(node.key)
-    return below
 
 
 __all__ = ["DaskExecutor", "open_executor"]

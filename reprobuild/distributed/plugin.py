@@ -34,6 +34,7 @@ from reprobuild.distributed.task import (
     RemoteBuildError,
     StepTask,
     TaskResult,
+    install,
 )
 from reprobuild.errors import BuildError, ReprobuildError
 from reprobuild.proof import records
@@ -73,6 +74,7 @@ class ReprobuildPlugin(WorkerPlugin):
 
     def setup(self, worker: Worker) -> None:
         self.worker_name = str(worker.name)
+        install(self)
 
     def build(self, task: StepTask) -> TaskResult:
         node = task.node

@@ -5,14 +5,14 @@ same derivation at the same time share one task. It carries the node, the nodes 
 direct inputs and a recipe stripped to its path, directory and epoch: never the whole
 plan, so submitting a graph is linear in its size. An import of a path or host source
 carries the object the client put in the cache instead (the worker checks it against the
-content hash in the derivation). Everything here pickles by reference to this module.
+content hash in the derivation). Everything here pickles by reference to this module,
+which does not import Dask.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-
-from distributed import get_worker
+from typing import Protocol
 
 from reprobuild.build.plan import Node
 from reprobuild.build.recipe import Recipe
@@ -70,12 +70,23 @@ class RemoteBuildError(Exception):
         return self.message
 
 
+class Builder(Protocol):
+    def build(self, task: StepTask) -> TaskResult: ...
+
+
+# The worker plugin of this process (`reprobuild worker` runs one Dask worker per
+# process), set when the worker starts it.
+_builder: list[Builder] = []
+
+
+def install(builder: Builder) -> None:
+    _builder[:] = [builder]
+
+
 def run_task(task: StepTask, *_after: object) -> TaskResult:
     """The Dask task: build ``task`` with this worker's reprobuild plugin. ``_after`` are
     the results of the input tasks (only their order matters: the inputs come from the
-    cache)."""
-    plugin = get_worker().plugins.get(PLUGIN_NAME)
-    if plugin is None:
+    cache). Nothing here imports Dask: the client never has to load it for this."""
+    if not _builder:
         raise RuntimeError("this Dask worker was not started by `reprobuild worker`")
-    result: TaskResult = plugin.build(task)  # type: ignore[attr-defined]
-    return result
+    return _builder[0].build(task)

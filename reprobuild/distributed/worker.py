@@ -17,12 +17,13 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from distributed import Worker
-from distributed.security import Security
 
 from reprobuild.build.sandboxing import start_runner
 from reprobuild.cache.backend import open_cache
 from reprobuild.cache.settings import load_keys
 from reprobuild.cache.upload import ensure_cache_info
+from reprobuild.distributed.address import TlsFiles
+from reprobuild.distributed.cluster import to_security
 from reprobuild.distributed.plugin import ReprobuildPlugin
 from reprobuild.errors import ReprobuildError, SandboxError
 from reprobuild.proof import signing
@@ -36,7 +37,7 @@ class WorkerError(ReprobuildError):
 @dataclass(frozen=True)
 class WorkerSettings:
     scheduler: str  # a Dask address (tls://… or tcp://…)
-    security: Security | None
+    tls: TlsFiles | None
     cache_url: str
     key_path: str
     trusted_keys: Sequence[str]
@@ -79,7 +80,7 @@ async def _run(settings: WorkerSettings, plugin: ReprobuildPlugin,
                resources: Mapping[str, float]) -> None:
     try:
         worker = await Worker(settings.scheduler, nthreads=settings.nthreads,
-                              name=settings.name, security=settings.security,
+                              name=settings.name, security=to_security(settings.tls),
                               plugins=(plugin,), resources=dict(resources))
     except (OSError, TimeoutError) as exc:
         raise WorkerError(f"cannot join the Dask scheduler at {settings.scheduler}: {exc}",

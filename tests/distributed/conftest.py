@@ -84,7 +84,7 @@ class Cluster:
         result = self.client_python(
             "import sys, json\n"
             "from distributed import Client\n"
-            "from reprobuild.distributed.address import security\n"
+            "from reprobuild.distributed.cluster import security\n"
             f"c = Client({self.address!r}, security=security({str(self.certs)!r}, 'client'),"
             " timeout=20)\n"
             "print(json.dumps(sorted(str(w['name']) for w in "

@@ -11,8 +11,9 @@ from pathlib import Path
 import pytest
 from cryptography import x509
 
-from reprobuild.distributed.address import ClusterError, scheduler_address, security
+from reprobuild.distributed.address import ClusterError, scheduler_address
 from reprobuild.distributed.certs import make_certs
+from reprobuild.distributed.cluster import security
 from reprobuild.proof import signing
 from tests.conftest import REPO
 
