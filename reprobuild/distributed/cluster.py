@@ -86,11 +86,14 @@ class GraphRun:
     def _collect(self, plan: Plan, futures: list[Future[Any]], by_key: Mapping[str, Node],
                  report: BuildReport) -> None:
         unfinished = {str(f.key): f for f in futures}
-        for future in as_completed(futures, loop=self.client.loop):
+        # with_results: results are fetched concurrently as tasks end, not one round trip
+        # at a time from this thread (6 ms each: a third of a 200-step build).
+        for future, outcome in as_completed(futures, loop=self.client.loop, with_results=True,
+                                            raise_errors=False):
             node = by_key[str(future.key)]
             unfinished.pop(str(future.key), None)
-            if future.status == "finished":
-                result: TaskResult = future.result()
+            if future.status == "finished" and isinstance(outcome, TaskResult):
+                result = outcome
                 if result.built:
                     report.built.append(node.key)
                 self.progress.finished(node.key, ok=True, state=(
@@ -98,7 +101,7 @@ class GraphRun:
                 continue
             if future.status == "cancelled":
                 continue
-            error = future.exception()
+            error = outcome if isinstance(outcome, BaseException) else future.exception()
             if isinstance(error, RemoteBuildError) and error.derivation_id != node.id:
                 continue  # a dependency failed: counted below
             report.failures.append(self._failure(node, error))

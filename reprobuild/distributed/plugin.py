@@ -15,6 +15,7 @@ import contextlib
 import os
 import sys
 from collections.abc import Mapping
+from concurrent.futures import ThreadPoolExecutor
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 from distributed import Worker, WorkerPlugin
@@ -42,6 +43,7 @@ from reprobuild.store.store import Store, StoreEntry
 from sandbox.spec import Runner
 
 LOG_TAIL = 64 << 10
+INPUT_THREADS = 8
 
 
 def _no_runner() -> Runner:
@@ -98,7 +100,12 @@ class ReprobuildPlugin(WorkerPlugin):
         node = task.node
         if task.object is not None:
             return self._import(task), True
-        inputs = {dep.key: self._input(dep) for dep in task.inputs}
+        if len(task.inputs) > 1:  # substitutions wait on the cache: overlap them
+            with ThreadPoolExecutor(max_workers=INPUT_THREADS) as pool:
+                entries = list(pool.map(self._input, task.inputs))
+        else:
+            entries = [self._input(dep) for dep in task.inputs]
+        inputs = {dep.key: entry for dep, entry in zip(task.inputs, entries, strict=True)}
         nodes = {dep.key: dep for dep in task.inputs}
         nodes[node.key] = node
         plan = Plan(task.recipe, [node.key], nodes)
