@@ -18,7 +18,7 @@ from reprobuild.build.executor import BuildReport, Failure, Options
 from reprobuild.build.plan import Node, Plan
 from reprobuild.build.progress import Progress
 from reprobuild.distributed.address import ClusterError, TlsFiles, tls_files
-from reprobuild.distributed.task import LOG_MARK, RemoteBuildError, TaskResult
+from reprobuild.distributed.task import LOG_MARK, STARTED_TOPIC, RemoteBuildError, TaskResult
 from reprobuild.errors import BuildError
 from reprobuild.store.store import Store
 from sandbox.limits import human
@@ -64,11 +64,15 @@ class GraphRun:
         self.store = store
         self.options = options
         self.progress = progress
+        # Steps shown as running on a worker (their start event came), steps that ended.
+        self.shown: set[str] = set()
+        self.ended: set[str] = set()
 
     def run(self, plan: Plan, graph: Mapping[str, Any], by_key: Mapping[str, Node],
             needs: Mapping[str, Mapping[str, float]], report: BuildReport) -> None:
         check_resources(self.client, needs, by_key)
         self.progress.start(total=len(by_key))
+        self._watch(by_key)
         futures: list[Future[Any]] = []
         try:
             # A dict's bound get() pickles without reprobuild: the scheduler calls it with
@@ -81,7 +85,23 @@ class GraphRun:
                 self.client.cancel(futures)
             raise
         finally:
+            self.client.unsubscribe_topic(STARTED_TOPIC)
             self.progress.stop()
+
+    def _watch(self, by_key: Mapping[str, Node]) -> None:
+        """Show each step as running, with its worker, when a worker starts it."""
+        nodes = {node.id: node for node in by_key.values()}
+
+        def started(event: tuple[float, Any]) -> None:
+            message = event[1]
+            node = nodes.get(str(message.get("derivation_id"))) \
+                if isinstance(message, dict) else None
+            if node is not None and node.key not in self.ended:
+                self.shown.add(node.key)
+                self.progress.started(node.key, f"{node.display or node.key} on "
+                                      f"{message.get('name')}", "")
+
+        self.client.subscribe_topic(STARTED_TOPIC, started)
 
     def _collect(self, plan: Plan, futures: list[Future[Any]], by_key: Mapping[str, Node],
                  report: BuildReport) -> None:
@@ -94,10 +114,12 @@ class GraphRun:
             unfinished.pop(str(future.key), None)
             if future.status == "finished" and isinstance(outcome, TaskResult):
                 result = outcome
+                self.ended.add(node.key)
                 if result.built:
                     report.built.append(node.key)
+                where = "" if node.key in self.shown else f" on {result.worker}"
                 self.progress.finished(node.key, ok=True, state=(
-                    f"built on {result.worker}" if result.built else "done by another client"))
+                    f"built{where}" if result.built else "done by another client"))
                 continue
             if future.status == "cancelled":
                 continue

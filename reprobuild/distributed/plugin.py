@@ -32,6 +32,7 @@ from reprobuild.cache.upload import upload_one
 from reprobuild.distributed.task import (
     LOG_MARK,
     PLUGIN_NAME,
+    STARTED_TOPIC,
     RemoteBuildError,
     StepTask,
     TaskResult,
@@ -68,6 +69,7 @@ class ReprobuildPlugin(WorkerPlugin):
         self.key = key
         self.trusted = dict(trusted)
         self.worker_name = "worker"
+        self.worker: Worker | None = None
         # keep_going: one task's failure must not cancel the tasks after it.
         self.executor = LocalExecutor(
             store, _no_runner, Options(jobs=jobs, keep_going=True, cores=cores, debug=debug),
@@ -76,6 +78,7 @@ class ReprobuildPlugin(WorkerPlugin):
 
     def setup(self, worker: Worker) -> None:
         self.worker_name = str(worker.name)
+        self.worker = worker
         install(self)
 
     def build(self, task: StepTask) -> TaskResult:
@@ -87,6 +90,10 @@ class ReprobuildPlugin(WorkerPlugin):
             known = None
         if known is not None:
             return TaskResult(node.id, known.entry.hash, self.worker_name, False)
+        # For the clients' progress ("worker" is the address: the scheduler sets it).
+        if self.worker is not None:
+            self.worker.log_event(STARTED_TOPIC, {"derivation_id": node.id,
+                                                  "name": self.worker_name})
         with self.store.session():
             try:
                 entry, built = self._produce(task)

@@ -20,6 +20,8 @@ from reprobuild.cache.layout import ObjectInfo
 
 PLUGIN_NAME = "reprobuild"
 KEY_PREFIX = "reprobuild-"
+# The topic of the events a worker sends when it starts building a step (for progress).
+STARTED_TOPIC = "reprobuild-started"
 # Stands for the log file in a failure message; the client puts its own copy's path there.
 LOG_MARK = "<LOG>"
 
