@@ -6,7 +6,7 @@ a second, which a build whose outputs are all in the cache should not pay).
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import dask
@@ -59,8 +59,9 @@ class GraphRun:
     """One graph of tasks (key -> ``(run_task, StepTask, *input keys)``) on ``client``."""
 
     def __init__(self, client: Client, store: Store, options: Options,
-                 progress: Progress) -> None:
+                 progress: Progress, warn: Callable[[str], None]) -> None:
         self.client = client
+        self.warn = warn
         self.store = store
         self.options = options
         self.progress = progress
@@ -70,7 +71,9 @@ class GraphRun:
 
     def run(self, plan: Plan, graph: Mapping[str, Any], by_key: Mapping[str, Node],
             needs: Mapping[str, Mapping[str, float]], report: BuildReport) -> None:
-        check_resources(self.client, needs, by_key)
+        if not check_resources(self.client, needs, by_key):
+            self.warn("no worker is connected to the scheduler yet: the "
+                      "steps wait for one (start `reprobuild worker`)")
         self.progress.start(total=len(by_key))
         self._watch(by_key)
         futures: list[Future[Any]] = []
@@ -162,12 +165,13 @@ class GraphRun:
 
 
 def check_resources(client: Client, needs: Mapping[str, Mapping[str, float]],
-                     by_key: Mapping[str, Node]) -> None:
-    """Refuse a task no connected worker can ever take (it would wait forever)."""
+                    by_key: Mapping[str, Node]) -> bool:
+    """Refuse a task no connected worker can ever take (it would wait forever); False when
+    no worker is connected (they may yet join: an autoscaling cluster)."""
     offers = [w.get("resources") or {}
               for w in client.scheduler_info(n_workers=-1)["workers"].values()]
     if not offers:
-        return  # workers may yet join (an autoscaling cluster)
+        return False
     for key, need in needs.items():
         if not any(all(offer.get(r, 0) >= amount for r, amount in need.items())
                    for offer in offers):
@@ -178,6 +182,7 @@ def check_resources(client: Client, needs: Mapping[str, Mapping[str, float]],
                 f"largest offers {_describe(best)})",
                 hint="start a worker with more (`reprobuild worker --cores N --memory "
                      "SIZE`), or lower the step's cores or limits.memory")
+    return True
 
 
 def _describe(resources: Mapping[str, float]) -> str:

@@ -167,7 +167,7 @@ class DaskExecutor:
                                           if d in keys))
         by_key = {task_key(n.id): n for n in remote}
         needs = {key: task_resources(node) for key, node in by_key.items()}
-        run = cluster.GraphRun(self.client, self.store, self.options, self.progress)
+        run = cluster.GraphRun(self.client, self.store, self.options, self.progress, self.warn)
         run.run(plan, graph, by_key, needs, report)
 
     def _download(self, plan: Plan, targets: list[str], report: BuildReport) -> None:
