@@ -44,7 +44,7 @@ OCI_KEYS = ("oci", "blake3", "allow-outside", "allow-private")
 SOURCE_KINDS = ("deb", "path", "host", "oci")
 DEB_PACKAGE_RE = re.compile(r"[a-z0-9][a-z0-9+.-]+")
 DEB_VERSION_RE = re.compile(r"[0-9][A-Za-z0-9.+~:-]*")
-STEP_KEYS = ("inputs", "builder", "env", "timeout", "limits")
+STEP_KEYS = ("inputs", "builder", "env", "timeout", "limits", "cores")
 RUN_KEYS = ("timeout", "limits")  # how an image's step runs, not what it makes: not in ids
 IMAGE_KEYS = (*COMMON_KEYS, *RUN_KEYS)
 
@@ -110,6 +110,8 @@ class Step:
     env: tuple[tuple[str, str], ...] = ()
     timeout: float | None = None
     limits: Limits = field(default_factory=Limits)
+    # Cores it uses ($BUILD_CORES; a Dask resource): how it runs, not in its id.
+    cores: int | None = None
 
 
 @dataclass(frozen=True)
@@ -432,8 +434,11 @@ def _step(path: str, name: str, raw: Any) -> Step:
                               "($out and the inputs' paths)")
         env.append((key, str(value)))
     timeout = table.parsed("timeout", parse_duration)
+    cores = table.integer("cores")
+    if cores == 0:
+        raise table.error("cores", "must be at least 1")
     return Step(name, inputs, builder, tuple(sorted(env)), timeout,
-                table_limits(table.table, table.path, table.where))
+                table_limits(table.table, table.path, table.where), cores)
 
 
 def _image(path: str, name: str, raw: Any) -> Image:
