@@ -12,7 +12,7 @@ with_tests=no
 runtime_debs="python3-venv python3-dev gcc busybox-static ca-certificates"
 test_debs="e2fsprogs squashfs-tools erofs-utils cryptsetup-bin fsverity gdisk fdisk
   bubblewrap cpio tar util-linux mmdebstrap diffoscope-minimal zstd xz-utils lz4
-  nginx-light nodejs curl"
+  nginx-light nodejs curl qemu-system-x86 ovmf"
 
 debs=$runtime_debs
 [ "$with_tests" = yes ] && debs="$debs $test_debs"

@@ -89,6 +89,15 @@ _VERITY = OptionsSchema("verity", (
     Option("salt", str, "hex salt (default: derived from the data)"),
     Option("append", bool, "append the tree to a copy of the data"),
 ))
+_UKI = OptionsSchema("uki", (
+    Option("stub", str, "the UEFI stub: INPUT/path of linuxx64.efi.stub"),
+    Option("kernel", str, "the kernel: INPUT/path of a vmlinuz"),
+    Option("initrd", str, "the initramfs: a cpio image, or INPUT/path"),
+    Option("cmdline", str, "the kernel command line; @NAME is verity image NAME's root hash"),
+    Option("osrel", str, "the text of the .osrel section (os-release)"),
+    Option("uname", str, "the kernel release for the .uname section"),
+    Option("sbat", str, "SBAT lines appended to the stub's .sbat"),
+))
 
 FORMATS: dict[str, Format] = {
     f.name: f
@@ -105,6 +114,8 @@ FORMATS: dict[str, Format] = {
                _GPT),
         Format("verity", "reprobuild.images.verity", "disk", "dm-verity hash tree of an image",
                _VERITY),
+        Format("uki", "reprobuild.images.uki.image", "disk", "unified kernel image (UEFI)",
+               _UKI),
     )
 }
 
