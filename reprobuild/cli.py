@@ -38,6 +38,7 @@ COMMANDS: dict[str, str] = {
     "challenge": "challenge",
     "copy": "copy",
     "cache": "cache",
+    "test": "test",
 }
 
 
