@@ -98,7 +98,7 @@ def build_image(variant: str, directory: Path) -> Path:
                                 {"type": "esp", "label": "ESP", "size": "64K"}],
                  "alignment": "4K"}
         module.build({"root": str(part)}, table, ImageOptions(epoch=EPOCH), str(out))
-        return out / "disk.img"
+        return out / "disk.raw"
     path = directory / f"{variant}.img"
     module = get_format(fmt).load()
     tree = sample_tree(xattrs=fmt not in ("cpio",))
