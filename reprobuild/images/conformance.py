@@ -15,9 +15,11 @@ from reprobuild.images.gpt import image as gpt
 from reprobuild.images.protocol import DiskFormat, TreeFormat
 from reprobuild.images.squashfs import image as squashfs
 from reprobuild.images.uki import image as uki
+from reprobuild.images.vfat import image as vfat
 
 TREE_FORMATS: dict[str, TreeFormat] = {
     "ext4": ext4, "squashfs": squashfs, "erofs": erofs, "cpio": cpio, "tar": tar,
+    "vfat": vfat,
 }
 DISK_FORMATS: dict[str, DiskFormat] = {"gpt": gpt, "verity": verity,
                                         "uki": uki}

@@ -98,6 +98,12 @@ _UKI = OptionsSchema("uki", (
     Option("uname", str, "the kernel release for the .uname section"),
     Option("sbat", str, "SBAT lines appended to the stub's .sbat"),
 ))
+_VFAT = OptionsSchema("vfat", (
+    Option("fat", int, "12, 16 or 32 (default: by size, as mkfs.fat)", minimum=12,
+           maximum=32),
+    Option("volume_id", str, "8 hex digits like \"ABCD-1234\" (default: derived)"),
+    Option("seed", str, "text mixed into the derived volume id"),
+))
 
 FORMATS: dict[str, Format] = {
     f.name: f
@@ -116,6 +122,8 @@ FORMATS: dict[str, Format] = {
                _VERITY),
         Format("uki", "reprobuild.images.uki.image", "disk", "unified kernel image (UEFI)",
                _UKI),
+        Format("vfat", "reprobuild.images.vfat.image", "tree",
+               "FAT12/16/32 with long names (EFI system partition)", _VFAT),
     )
 }
 
