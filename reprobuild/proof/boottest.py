@@ -28,7 +28,7 @@ OVMF_CODE = "/usr/share/OVMF/OVMF_CODE_4M.fd"
 OVMF_VARS = "/usr/share/OVMF/OVMF_VARS_4M.fd"
 TAIL_LINES = 30
 # Terminal control sequences (OVMF draws its menus with them) hide nothing we match.
-_ESCAPES = re.compile(rb"\x1b\[[0-9;?]*[A-Za-z]|\x1b[()][A-Z0-9]|\x1bc")
+_ESCAPES = re.compile(rb"\x1b\[[=0-9;?]*[A-Za-z]|\x1b[()][A-Z0-9]|\x1bc")
 
 
 @dataclass(frozen=True)
