@@ -1,9 +1,11 @@
 """Boot tests: run a recipe's built disk or kernel under QEMU and watch its serial console.
 
-:func:`qemu_command` turns a :class:`~reprobuild.build.boottests.BootTest` and the store
-paths of what it needs into QEMU's argv (pure; TCG, or KVM on request; OVMF from Debian's ``ovmf`` for a disk booted through UEFI); :func:`boot` runs it,
-unprivileged, until every expected line has appeared (in order), QEMU exits or the
-timeout passes, and returns what the console printed.
+:func:`prepare` turns a :class:`~reprobuild.build.boottests.BootTest` and the store paths
+of what it needs into QEMU's argv (:func:`qemu_command`: TCG, or KVM on request; OVMF
+from Debian's ``ovmf`` for a disk booted through UEFI; a corrupted copy of the disk when
+the test asks for one); :func:`boot` runs it, unprivileged, until every expected line has
+appeared (in order), QEMU exits or the timeout passes, and returns what the console
+printed.
 """
 
 from __future__ import annotations

@@ -51,11 +51,11 @@ def test_inputs_and_registry() -> None:
 def test_recipe_errors_name_the_image_and_key(tmp_path: Path) -> None:
     recipe = tmp_path / "r.toml"
     recipe.write_text('[steps.s]\nbuilder = ["/bin/true"]\n[images.uki]\nformat = "uki"\n'
-                      f'stub = "s/x"\ninitrd = "s"\n')
+                      'stub = "s/x"\ninitrd = "s"\n')
     with pytest.raises(RecipeError, match=r"\[images\.uki\].*needs `kernel`"):
         load_recipe(str(recipe))
     recipe.write_text(recipe.read_text() + 'kernel = "s/k"\ncmdlin = "x"\n')
-    with pytest.raises(RecipeError, match="cmdlin.*cmdline"):
+    with pytest.raises(RecipeError, match=r"cmdlin.*cmdline"):
         load_recipe(str(recipe))
 
 
@@ -146,6 +146,16 @@ def test_build_errors_name_the_key(bootable_disk: BootableDisk, tmp_path: Path) 
     with pytest.raises(ImageError, match="@initrd is not a verity image"):
         uki.build(given, table(cmdline="roothash=@initrd"), OPTIONS, str(tmp_path / "o5"))
     shutil.rmtree(tmp_path / "arm")
+    line = "uki,1,UKI,uki,1,https://x"  # this stub leaves 30 bytes before .sdmagic
+    uki.build(given, table(sbat=f"sbat,1,SBAT Version,sbat,1,x\n{line}\n"), OPTIONS,
+              str(tmp_path / "sbat"))
+    sbat = _objdump_sections(tmp_path / "sbat" / "uki.efi")[".sbat"]
+    data = (tmp_path / "sbat" / "uki.efi").read_bytes()
+    lines = data[sbat[2]:sbat[2] + sbat[0]].decode().splitlines()
+    assert lines[-1] == line and sum(x.startswith("sbat,") for x in lines) == 1
+    assert lines[0].startswith("sbat,1,") and any("systemd" in x for x in lines)
+    with pytest.raises(ImageError, match=r"the \.sbat section \(\d+ bytes\) does not fit in the stub's \.sbat \(256"):
+        uki.build(given, table(sbat=line * 10), OPTIONS, str(tmp_path / "big"))
     uki.build(given, table(), OPTIONS, str(tmp_path / "ok"))
     again = tmp_path / "again"
     uki.build(given, table(), OPTIONS, str(again))

@@ -87,7 +87,7 @@ def test_qemu_command_is_unprivileged_tcg_with_a_read_only_disk() -> None:
     direct = BootTest("d", ("x",), kernel="k/vmlinuz", initrd="i")
     argv = boottest.qemu_command(direct, kernel="/s/vmlinuz", initrd="/s/i", cmdline="quiet",
                                  disk="/s/disk.raw", vars_copy=None)
-    assert argv[:1] == [boottest.QEMU] and ["-accel", "tcg"] == argv[3:5]
+    assert argv[:1] == [boottest.QEMU] and argv[3:5] == ["-accel", "tcg"]
     assert argv[argv.index("-append") + 1] == "quiet"
     assert argv[-1] == "if=virtio,format=raw,readonly=on,file=/s/disk.raw"
     uefi = boottest.qemu_command(BootTest("u", ("x",), disk="disk"), kernel=None, initrd=None,
@@ -114,7 +114,7 @@ def test_corrupt_copy_inverts_one_byte_of_the_partition(tmp_path: Path) -> None:
     changed = copy.read_bytes()
     assert at == 1 << 20 | 7 and changed[at] == original[at] ^ 0xFF == 7 ^ 0xFF
     assert changed[:at] == original[:at] and changed[at + 1:] == original[at + 1:]
-    with pytest.raises(BootTestError, match="no partition labelled 'home'.*"):
+    with pytest.raises(BootTestError, match="no partition labelled 'home'"):
         boottest.corrupt_copy(str(out / "disk.raw"), "home", 0, str(copy))
     with pytest.raises(BootTestError, match="beyond partition 'root'"):
         boottest.corrupt_copy(str(out / "disk.raw"), "root", 1 << 30, str(copy))

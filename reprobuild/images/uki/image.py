@@ -138,9 +138,10 @@ def _read(path: str) -> bytes:
 
 def _sbat(stub: bytes, layout: pe.PeImage, extra: str) -> bytes:
     """The stub's .sbat followed by ``extra`` lines (without a second header line)."""
-    (section,) = [s for s in layout.sections if s.name == ".sbat"] or [None]
-    if section is None:
+    sections = [s for s in layout.sections if s.name == ".sbat"]
+    if not sections:
         raise ImageError("`sbat`: the stub has no .sbat section to extend")
+    section = sections[0]
     own = stub[section.raw_offset:section.raw_offset + section.virtual_size].rstrip(b"\0")
     lines = [line for line in extra.encode().splitlines() if not line.startswith(b"sbat,")]
     return own.rstrip(b"\n") + b"\n" + b"".join(line + b"\n" for line in lines)
