@@ -52,7 +52,7 @@ MACHINES = {0x014C: "i386", 0x8664: "x86-64", 0xAA64: "arm64", 0x01C4: "arm",
 class Section:
     """One section header: where its bytes sit in the file and in memory."""
 
-    name: str
+    name: str  # latin-1, so that any 8 bytes of a stub's header round-trip
     virtual_size: int
     virtual_address: int
     raw_size: int
@@ -60,7 +60,7 @@ class Section:
     characteristics: int
 
     def header(self) -> bytes:
-        return IMAGE_SECTION_HEADER.pack(self.name.encode("ascii"), self.virtual_size,
+        return IMAGE_SECTION_HEADER.pack(self.name.encode("latin-1"), self.virtual_size,
                                          self.virtual_address, self.raw_size, self.raw_offset,
                                          0, 0, 0, 0, self.characteristics)
 
@@ -109,7 +109,7 @@ def parse_stub(data: bytes, what: str) -> PeImage:
             data, table + index * IMAGE_SECTION_HEADER.size)
         if raw_offset + raw_size > len(data):
             raise bad(f"section {index} lies beyond the end of the file")
-        sections.append(Section(name.rstrip(b"\0").decode("ascii", "replace"), vsize, va,
+        sections.append(Section(name.rstrip(b"\0").decode("latin-1"), vsize, va,
                                 raw_size, raw_offset, flags))
     section_alignment = U32.unpack_from(data, optional + OPT_SECTION_ALIGNMENT)[0]
     file_alignment = U32.unpack_from(data, optional + OPT_FILE_ALIGNMENT)[0]
@@ -118,8 +118,11 @@ def parse_stub(data: bytes, what: str) -> PeImage:
             raise bad(f"alignment {alignment} is not a power of two")
     if not sections:
         raise bad("no sections")
-    return PeImage(machine, coff, optional, table,
-                   U32.unpack_from(data, optional + OPT_SIZE_OF_HEADERS)[0],
+    size_of_headers = U32.unpack_from(data, optional + OPT_SIZE_OF_HEADERS)[0]
+    if size_of_headers > len(data) or any(
+            s.raw_size and s.raw_offset < size_of_headers for s in sections):
+        raise bad(f"SizeOfHeaders {size_of_headers} overlaps the sections or the file's end")
+    return PeImage(machine, coff, optional, table, size_of_headers,
                    section_alignment, file_alignment,
                    U32.unpack_from(data, optional + OPT_SIZE_OF_INITIALIZED_DATA)[0],
                    tuple(sections))
@@ -172,14 +175,17 @@ def plan(stub: PeImage, stub_size: int, payloads: list[tuple[str, int]]) -> UkiL
             initialized += size
     header_end = stub.section_table_offset + len(sections) * IMAGE_SECTION_HEADER.size
     if header_end > stub.size_of_headers:
-        raise ImageError(f"the stub's headers have room for {len(stub.sections)} more "
-                         f"sections at most, not {len(sections) - len(stub.sections)}",
+        room = (stub.size_of_headers - stub.section_table_offset) // IMAGE_SECTION_HEADER.size
+        raise ImageError(f"the stub's headers have room for {room - len(stub.sections)} "
+                         f"more sections at most, not {len(sections) - len(stub.sections)}",
                          hint="use a stub built with room for UKI sections")
     last = sections[-1]
-    return UkiLayout(stub, tuple(sections), tuple(replaced),
-                     _round_up(last.virtual_address + last.virtual_size,
-                               stub.section_alignment),
-                     initialized, file_end)
+    size_of_image = _round_up(last.virtual_address + last.virtual_size, stub.section_alignment)
+    if max(size_of_image, initialized, file_end) >> 32:
+        raise ImageError("the UKI would not fit in the 4 GiB a PE image can address",
+                         hint="use a smaller kernel and initrd (or check the stub's headers)")
+    return UkiLayout(stub, tuple(sections), tuple(replaced), size_of_image, initialized,
+                     file_end)
 
 
 def assemble_headers(stub_bytes: bytes, layout: UkiLayout) -> bytearray:
