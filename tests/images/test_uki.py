@@ -154,7 +154,9 @@ def test_build_errors_name_the_key(bootable_disk: BootableDisk, tmp_path: Path) 
     lines = data[sbat[2]:sbat[2] + sbat[0]].decode().splitlines()
     assert lines[-1] == line and sum(x.startswith("sbat,") for x in lines) == 1
     assert lines[0].startswith("sbat,1,") and any("systemd" in x for x in lines)
-    with pytest.raises(ImageError, match=r"the \.sbat section \(\d+ bytes\) does not fit in the stub's \.sbat \(256"):
+    with pytest.raises(ImageError,
+                       match=r"the \.sbat section \(\d+ bytes\) does not fit in the stub's "
+                             r"\.sbat \(256"):
         uki.build(given, table(sbat=line * 10), OPTIONS, str(tmp_path / "big"))
     uki.build(given, table(), OPTIONS, str(tmp_path / "ok"))
     again = tmp_path / "again"
