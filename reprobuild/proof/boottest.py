@@ -125,7 +125,10 @@ def disk_file(path: str) -> str:
 def prepare(test: BootTest, inputs: Mapping[str, str], workdir: str, *,
             accel: str = "tcg") -> list[str]:
     """Resolve the test's files among the built ``inputs`` and return QEMU's argv."""
-    disk = disk_file(inputs[test.disk]) if test.disk is not None else None
+    disk = None
+    if test.disk is not None:
+        disk = (file_of(inputs, test.disk, "disk") if "/" in test.disk
+                else disk_file(inputs[test.disk]))
     if disk is not None and test.corrupt is not None:
         corrupted = os.path.join(workdir, "corrupted.raw")
         corrupt_copy(disk, test.corrupt.partition, test.corrupt.offset, corrupted)

@@ -13,6 +13,8 @@ import pytest
 from reprobuild.build.recipe import load_recipe
 from reprobuild.errors import ImageError, RecipeError
 from reprobuild.images import registry
+from reprobuild.images.gpt import image as gpt
+from reprobuild.images.gpt import layout as gpt_layout
 from reprobuild.images.registry import ImageOptions
 from reprobuild.images.uki import image as uki
 from reprobuild.images.uki import pe
@@ -172,3 +174,32 @@ def test_uki_esp_and_disk_are_identical_under_check(bootable_disk: BootableDisk)
     result = bootable_disk.reprobuild("check", "--store", bootable_disk.store,
                                       "recipes/bootable-disk.toml", "uki", "esp", "disk")
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+@pytest.mark.slow
+@pytest.mark.userns
+@pytest.mark.tool
+def test_disk_holds_the_uki_on_its_esp(bootable_disk: BootableDisk, tmp_path: Path) -> None:
+    """sgdisk finds the table clean, fsck.fat the ESP, and mcopy reads back the UKI as
+    EFI/BOOT/BOOTX64.EFI; disk.roothash beside disk.raw is the root's verity hash."""
+    need_tool("sgdisk", "fsck.fat", "mcopy")
+    disk = bootable_disk.paths["disk"]
+    check = subprocess.run(["sgdisk", "-v", str(disk / "disk.raw")], capture_output=True,
+                           text=True)
+    assert "No problems found" in check.stdout, check.stdout
+    table = gpt.read_table(disk)
+    assert [(e.name, gpt_layout.TYPE_NAMES[e.type_guid]) for e in table.entries] == [
+        ("ESP", "esp"), ("root", "root-x86-64"), ("root-verity", "root-x86-64-verity")]
+    root_hash = (bootable_disk.paths["root-verity"] / "roothash").read_text()
+    assert (disk / "disk.roothash").read_text() == root_hash
+    esp = table.entries[0]
+    partition = tmp_path / "esp.img"
+    with (disk / "disk.raw").open("rb") as f:
+        f.seek(esp.first_lba * 512)
+        partition.write_bytes(f.read((esp.last_lba - esp.first_lba + 1) * 512))
+    fsck = subprocess.run(["fsck.fat", "-n", str(partition)], capture_output=True, text=True)
+    assert fsck.returncode == 0, fsck.stdout + fsck.stderr
+    copied = tmp_path / "BOOTX64.EFI"
+    subprocess.run(["mcopy", "-i", str(partition), "::/EFI/BOOT/BOOTX64.EFI", str(copied)],
+                   check=True, capture_output=True)
+    assert copied.read_bytes() == (bootable_disk.paths["uki"] / "uki.efi").read_bytes()

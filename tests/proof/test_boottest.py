@@ -119,6 +119,13 @@ def test_corrupt_copy_inverts_one_byte_of_the_partition(tmp_path: Path) -> None:
     with pytest.raises(BootTestError, match="beyond partition 'root'"):
         boottest.corrupt_copy(str(out / "disk.raw"), "root", 1 << 30, str(copy))
     assert boottest.disk_file(str(out)) == str(out / "disk.raw")
+    test = BootTest("t", ("x",), disk="disk/disk.raw", corrupt=Corruption("root", 7))
+    argv = boottest.prepare(test, {"disk": str(out)}, str(tmp_path))
+    assert argv[-1].endswith(f"file={tmp_path / 'corrupted.raw'}")
+    assert (tmp_path / "corrupted.raw").read_bytes() == changed
+    with pytest.raises(BootTestError, match="'disk/disk.img' is not a file of the built"):
+        boottest.prepare(BootTest("t", ("x",), disk="disk/disk.img"), {"disk": str(out)},
+                         str(tmp_path))
 
 
 def test_missing_qemu_is_an_environment_error(monkeypatch: pytest.MonkeyPatch) -> None:
