@@ -123,7 +123,7 @@ def test_corrupt_copy_inverts_one_byte_of_the_partition(tmp_path: Path) -> None:
     argv = boottest.prepare(test, {"disk": str(out)}, str(tmp_path))
     assert argv[-1].endswith(f"file={tmp_path / 'corrupted.raw'}")
     assert (tmp_path / "corrupted.raw").read_bytes() == changed
-    with pytest.raises(BootTestError, match="'disk/disk.img' is not a file of the built"):
+    with pytest.raises(BootTestError, match=r"'disk/disk\.img' is not a file of the built"):
         boottest.prepare(BootTest("t", ("x",), disk="disk/disk.img"), {"disk": str(out)},
                          str(tmp_path))
 
