@@ -167,6 +167,7 @@ def boot(test: BootTest, argv: Sequence[str]) -> BootResult:
     assert process.stdout is not None
     watcher = _Console(test.expect)
     reason = ""
+    status: int | None = None
     try:
         while not reason:
             left = start + test.timeout - time.monotonic()
@@ -178,13 +179,20 @@ def boot(test: BootTest, argv: Sequence[str]) -> BootResult:
                 continue
             chunk = os.read(process.stdout.fileno(), 65536)
             if not chunk:
-                reason = f"QEMU exited (status {process.wait()})"
+                status = process.wait()
+                reason = f"QEMU exited (status {status})"
                 break
             if watcher.feed(chunk):
                 reason = "all lines seen"
     finally:
         _stop(process)
     watcher.feed(b"\n")
+    if status not in (None, 0) and watcher.missing():
+        # A guest that powers off or panics (-no-reboot) leaves QEMU with status 0: this
+        # is QEMU refusing its command line or firmware, not the image failing.
+        raise BootTestError(f"QEMU failed (status {status}): "
+                            + " / ".join(line for line in watcher.lines[-3:] if line),
+                            hint="check the QEMU and OVMF installation (scripts/setup.sh)")
     return BootResult(test.name, not watcher.missing(), time.monotonic() - start,
                       tuple(watcher.lines), watcher.missing(), reason)
 

@@ -134,6 +134,15 @@ def test_missing_qemu_is_an_environment_error(monkeypatch: pytest.MonkeyPatch) -
         boottest.boot(BootTest("d", ("x",), disk="disk"), [boottest.QEMU])
 
 
+@pytest.mark.tool
+def test_qemu_refusing_its_command_line_is_an_environment_error() -> None:
+    need_tool("qemu-system-x86_64")
+    with pytest.raises(BootTestError,
+                       match=r"QEMU failed \(status 1\): qemu-system-x86_64: unsupported"):
+        boottest.boot(BootTest("d", ("reprobuild: booted",), disk="disk", timeout=60),
+                      [boottest.QEMU, "-machine", "no-such-machine", "-display", "none"])
+
+
 def _test_json(disk: BootableDisk, recipe: str, *names: str) -> tuple[int, list[dict[str,
                                                                                   object]], str]:
     result = disk.reprobuild("test", "--json", "--store", disk.store, recipe, *names)
