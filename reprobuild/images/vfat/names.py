@@ -13,6 +13,7 @@ its names only.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 from reprobuild.errors import ImageError
@@ -30,10 +31,11 @@ from reprobuild.images.vfat.ondisk import (
 # Characters no FAT name may hold (the Linux vfat driver's vfat_bad_char), besides
 # control characters.
 LONG_NAME_FORBIDDEN = frozenset('"*/:<>?\\|')
-# Characters an 8.3 name may hold besides A-Z and 0-9 (the FAT specification).
-SHORT_NAME_EXTRA = frozenset("!#$%&'()-@^_`{}~")
-# Characters a long name may hold that an alias replaces with "_".
-ALIAS_REPLACED = frozenset("+,;=[]")
+_FORBIDDEN = re.compile(r'["*/:<>?\\|\x00-\x1f\x7f]')
+# A character an 8.3 name may hold (the FAT specification; ASCII only here).
+_SHORT = r"[A-Z0-9!#$%&'()\-@^_`{}~]"
+_NOT_SHORT = re.compile(rf"(?!{_SHORT}).")
+_SHORT_NAME = re.compile(rf"({_SHORT}{{1,8}})(?:\.({_SHORT}{{1,3}}))?")
 
 
 @dataclass(frozen=True)
@@ -55,6 +57,18 @@ def check_name(name: bytes, shown: str) -> str:
     try:
         text = name.decode("utf-8")
     except UnicodeDecodeError:
+        text = ""
+    if (text and not _FORBIDDEN.search(text) and text[-1] not in ". "
+            and (len(text) <= MAX_NAME_UNITS // 2
+                 or len(text.encode("utf-16-le")) // 2 <= MAX_NAME_UNITS)):
+        return text
+    return _refuse_name(name, shown)
+
+
+def _refuse_name(name: bytes, shown: str) -> str:
+    try:
+        text = name.decode("utf-8")
+    except UnicodeDecodeError:
         raise ImageError(f"{shown}: the name is not UTF-8, which FAT long names need",
                          hint="rename the file with a UTF-8 name") from None
     bad = sorted({c for c in text if c in LONG_NAME_FORBIDDEN or ord(c) < 0x20 or c == "\x7f"})
@@ -66,30 +80,23 @@ def check_name(name: bytes, shown: str) -> str:
     if text.endswith((".", " ")):
         raise ImageError(f"{shown}: FAT drops dots and spaces at the end of a name",
                          hint="rename the file so it does not end with '.' or ' '")
-    if len(text.encode("utf-16-le")) // 2 > MAX_NAME_UNITS:
-        raise ImageError(f"{shown}: the name is longer than FAT's {MAX_NAME_UNITS} UTF-16 "
-                         "units", hint="shorten the name")
-    return text
+    raise ImageError(f"{shown}: the name is longer than FAT's {MAX_NAME_UNITS} UTF-16 "
+                     "units", hint="shorten the name")
 
 
 def fold(text: str) -> str:
     """The case-insensitive form FAT compares names in (one character for one)."""
+    upper = text.upper()
+    if len(upper) == len(text):  # upper() never shortens: every character mapped alone
+        return upper
     return "".join(c.upper() if len(c.upper()) == 1 else c for c in text)
-
-
-def _short_char(c: str) -> bool:
-    return ("A" <= c <= "Z") or ("0" <= c <= "9") or c in SHORT_NAME_EXTRA
 
 
 def _split(text: str) -> tuple[str, str] | None:
     """(base, extension) when ``text`` has the 8.3 shape, else None."""
-    base, dot, ext = text.rpartition(".")
-    if not dot:
-        base, ext = text, ""
-    if not 1 <= len(base) <= 8 or len(ext) > 3 or (dot and not ext):
+    if len(text) > 12 or _SHORT_NAME.fullmatch(text.upper()) is None:
         return None
-    if not all(_short_char(c) for c in (base + ext).upper()):
-        return None
+    base, _, ext = text.partition(".")
     return base, ext
 
 
@@ -120,17 +127,10 @@ def _pack(base: str, ext: str) -> bytes:
 def _alias_part(part: str) -> tuple[str, bool]:
     """The part upper-cased with what 8.3 cannot hold dropped or replaced; True when
     something was lost."""
-    out = []
-    lossy = False
-    for c in part.upper():
-        if c in " .":
-            lossy = True
-        elif _short_char(c):
-            out.append(c)
-        else:
-            out.append("_")
-            lossy = True
-    return "".join(out), lossy
+    upper = part.upper()
+    kept = upper.replace(" ", "").replace(".", "")
+    out = _NOT_SHORT.sub("_", kept)
+    return out, len(kept) != len(upper) or out != kept or len(upper) != len(part)
 
 
 def alias_stem(text: str) -> tuple[str, str, bool]:
@@ -149,19 +149,24 @@ def alias_stem(text: str) -> tuple[str, str, bool]:
     return base or "_", ext[:3], lossy
 
 
-def make_alias(text: str, taken: set[bytes]) -> bytes:
-    """A free 8.3 alias of ``text``; adds it to ``taken``."""
+def make_alias(text: str, taken: set[bytes], tails: dict[tuple[str, str], int]) -> bytes:
+    """A free 8.3 alias of ``text``; adds it to ``taken``. ``tails`` remembers the next
+    ``~N`` to try for each stem, so a directory of many similar names stays linear."""
     base, ext, lossy = alias_stem(text)
     if not lossy:
         candidate = _pack(base, ext)
         if candidate not in taken:
             taken.add(candidate)
             return candidate
-    for number in range(1, 1_000_000):
+    stem = (base[:6], ext)  # every ~N alias of this name starts with at most 6 of it
+    number = tails.get(stem, 1)
+    while number < 1_000_000:
         tail = f"~{number}"
         candidate = _pack(base[:8 - len(tail)] + tail, ext)
+        number += 1
         if candidate not in taken:
             taken.add(candidate)
+            tails[stem] = number
             return candidate
     raise ImageError(f"no free 8.3 alias for {text!r}")  # a directory holds < 65536
 
@@ -200,10 +205,11 @@ def directory_names(names: list[bytes], shown_dir: str) -> list[DirName]:
     exact = [exact_short(text) for text in texts]
     taken = {found[0] for found in exact if found is not None}
     out = []
+    tails: dict[tuple[str, str], int] = {}
     for text, found in zip(texts, exact, strict=True):
         if found is not None:
             out.append(DirName(found[0], found[1], ()))
             continue
-        short = make_alias(text, taken)
+        short = make_alias(text, taken, tails)
         out.append(DirName(short, 0, long_slots(text, short)))
     return out

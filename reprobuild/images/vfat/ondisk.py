@@ -37,7 +37,7 @@ HALT_CODE = b"\xfa\xf4\xeb\xfd"
 # (0x61417272), free_clusters @488, next_cluster @492, reserved2[3] (12 bytes),
 # trail signature @508 (0xAA550000).
 FSINFO_LEAD = struct.Struct("<I")
-FSINFO_TAIL = struct.Struct("<IIII12sI")
+FSINFO_TAIL = struct.Struct("<III12sI")
 FSINFO_SIGNATURES = (0x41615252, 0x61417272, 0xAA550000)
 FSINFO_TAIL_OFFSET = 484
 UNKNOWN_FREE = 0xFFFFFFFF

@@ -98,14 +98,15 @@ def boot_sector(geometry: Geometry, volume_id: int, label: bytes | None) -> byte
 def fsinfo_sector(free: int, next_free: int) -> bytes:
     lead, middle, trail = FSINFO_SIGNATURES
     return (FSINFO_LEAD.pack(lead) + bytes(FSINFO_TAIL_OFFSET - 4)
-            + FSINFO_TAIL.pack(middle, free, next_free, 0, bytes(12), trail))
+            + FSINFO_TAIL.pack(middle, free, next_free, bytes(12), trail))
 
 
 def write_image(layout: Layout, output: BinaryIO, seed: bytes,
                 volume_id: int | None) -> None:
     """Write the planned image to the empty, seekable ``output``."""
     geometry = layout.geometry
-    output.truncate(layout.image_size)
+    output.seek(layout.image_size - 1)  # the full length, also for an in-memory output
+    output.write(b"\0")
     hasher = blake3.blake3(b"reprobuild vfat volume id v1\0" + seed + b"\0")
     for path, raw in layout.directories.items():
         hasher.update(len(path).to_bytes(4, "little") + path + raw)
