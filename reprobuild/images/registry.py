@@ -95,7 +95,7 @@ _UKI = OptionsSchema("uki", (
     Option("initrd", str, "the initramfs: a cpio image, or INPUT/path"),
     Option("cmdline", str, "the kernel command line; @NAME is verity image NAME's root hash"),
     Option("osrel", str, "the text of the .osrel section (os-release)"),
-    Option("uname", str, "the kernel release for the .uname section"),
+    Option("uname", str, "the kernel release for .uname (default: read from the kernel)"),
     Option("sbat", str, "SBAT lines appended to the stub's .sbat"),
 ))
 _VFAT = OptionsSchema("vfat", (

@@ -161,6 +161,10 @@ def test_build_errors_name_the_key(bootable_disk: BootableDisk, tmp_path: Path) 
                              r"\.sbat \(256"):
         uki.build(given, table(sbat=line * 10), OPTIONS, str(tmp_path / "big"))
     uki.build(given, table(), OPTIONS, str(tmp_path / "ok"))
+    ok = tmp_path / "ok" / "uki.efi"
+    size, _, offset = _objdump_sections(ok)[".uname"]  # no `uname`: the kernel's own
+    assert ok.read_bytes()[offset:offset + size] == b"6.1.0-57-cloud-amd64"
+    assert uki.kernel_release(b"MZ" + bytes(0x300)) == ""
     again = tmp_path / "again"
     uki.build(given, table(), OPTIONS, str(again))
     assert (again / "uki.efi").read_bytes() == (tmp_path / "ok" / "uki.efi").read_bytes()

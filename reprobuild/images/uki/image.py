@@ -9,7 +9,7 @@ Implements :class:`reprobuild.images.protocol.DiskFormat`. Recipe shape::
     initrd = "initrd"                   # a cpio image (or INPUT/path)
     cmdline = "console=ttyS0 roothash=@root-verity"
     osrel = "ID=reprobuild\\nPRETTY_NAME=\\"sealed\\"\\n"   # optional
-    uname = "6.1.0-57-cloud-amd64"      # optional
+    uname = "6.1.0-57-cloud-amd64"      # optional: default the kernel's own release
     sbat = "uki.reprobuild,1,reprobuild,uki,1,https://example.invalid\\n"  # optional
 
 ``stub``, ``kernel`` and ``initrd`` name an input (``NAME``: its output is one file) or a
@@ -136,6 +136,28 @@ def _read(path: str) -> bytes:
         return f.read()
 
 
+# The x86 boot protocol's setup header: kernel_version (le16) at 0x20e points, from 0x200,
+# at a NUL-terminated "RELEASE (builder) #1 SMP ..." string.
+SETUP_KERNEL_VERSION = 0x20E
+SETUP_BASE = 0x200
+
+
+def kernel_release(kernel: bytes) -> str:
+    """The release (``uname -r``) a bzImage names in its setup header, or "" if none."""
+    if len(kernel) < SETUP_KERNEL_VERSION + 2:
+        return ""
+    pointer = pe.U16.unpack_from(kernel, SETUP_KERNEL_VERSION)[0]
+    if not pointer:
+        return ""
+    start = SETUP_BASE + pointer
+    text = kernel[start:start + 256].split(b"\0", 1)[0].split(b" ", 1)[0]
+    try:
+        release = text.decode("ascii")
+    except UnicodeDecodeError:
+        return ""
+    return release if release.isprintable() else ""
+
+
 def _sbat(stub: bytes, layout: pe.PeImage, extra: str) -> bytes:
     """The stub's .sbat followed by ``extra`` lines (without a second header line)."""
     sections = [s for s in layout.sections if s.name == ".sbat"]
@@ -165,7 +187,7 @@ def build(inputs: dict[str, str], table: Mapping[str, object], options: ImageOpt
     cmdline = resolve_cmdline(inputs, table)
     payloads: list[tuple[str, bytes]] = []
     for name, text in ((".osrel", _text(table, "osrel")), (".cmdline", cmdline),
-                       (".uname", _text(table, "uname"))):
+                       (".uname", _text(table, "uname") or kernel_release(kernel))):
         if text:
             payloads.append((name, text.encode()))
     payloads += [(".initrd", initrd), (".linux", kernel)]
