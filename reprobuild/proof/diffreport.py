@@ -46,8 +46,8 @@ class ReaderMissing(ImageError):
 
 # -- what a path is -------------------------------------------------------------------
 def detect(path: str | os.PathLike[str]) -> str:
-    """The kind of ``path``: directory, tar, cpio, ext4, squashfs, erofs, gpt, vfat or
-    file."""
+    """The kind of ``path``: directory, tar, cpio, ext4, squashfs, erofs, gpt, vfat, uki
+    (a PE image) or file."""
     st = os.lstat(path)
     if stat.S_ISDIR(st.st_mode):
         return "directory"
@@ -75,6 +75,10 @@ def detect(path: str | os.PathLike[str]) -> str:
         return "erofs"
     if head[257:262] == b"ustar":
         return "tar"
+    # IMAGE_DOS_HEADER: "MZ", e_lfanew at 0x3c pointing at "PE\0\0" (a UKI, any PE)
+    pe_at = int.from_bytes(head[0x3C:0x40], "little") if head[:2] == b"MZ" else -1
+    if 0 <= pe_at <= len(head) - 4 and head[pe_at:pe_at + 4] == b"PE\0\0":
+        return "uki"
     return "file"
 
 
@@ -221,7 +225,7 @@ def _diff(a: Path, b: Path, *, compare_owner: bool, store_outputs: bool,
             return base
     if kind_a == kind_b == "gpt":
         return _diff_gpt(base, a, b, byte_diff, compare_owner=compare_owner, workdir=workdir)
-    treeish = ("directory", *TREE_FORMATS)
+    treeish = ("directory", *TREE_FORMATS, "uki")  # a UKI reads as its PE sections
     if kind_a in treeish and kind_b in treeish:
         try:
             tree_a = read_tree(a, kind_a, store_output=store_outputs)

@@ -10,7 +10,9 @@ from pathlib import Path
 import pytest
 
 from reprobuild.errors import ImageError
+from reprobuild.images.uki import image as uki
 from reprobuild.images.uki import pe
+from reprobuild.proof.diffreport import detect, diff_paths
 from tests.conftest import need_tool
 
 PE_AT = 0x80
@@ -141,3 +143,41 @@ def test_mutated_stubs_give_image_errors_only() -> None:
         except ImageError:
             pass
     assert planned > 100  # most mutants leave a usable stub
+
+
+def test_diff_names_the_section_that_differs(tmp_path: Path) -> None:
+    """A UKI reads as its headers and sections: two that differ in the command line
+    differ in .cmdline (and the checksum in the headers), nowhere else."""
+    a, b = tmp_path / "a.efi", tmp_path / "b.efi"
+    a.write_bytes(build(make_stub(), [(".cmdline", b"quiet"), (".linux", b"\x90" * 99)]))
+    b.write_bytes(build(make_stub(), [(".cmdline", b"debug"), (".linux", b"\x90" * 99)]))
+    assert detect(a) == "uki"
+    tree = uki.read(a)
+    assert [e.path for e in tree if e.path] == [b".cmdline", b".linux", b".sbat", b".text",
+                                                  b"headers"]
+    linux = tree.get(b".linux")
+    assert linux is not None and linux.content is not None
+    assert linux.content.read() == b"\x90" * 99 + bytes(0x200 - 99)
+    report = diff_paths(a, b)
+    assert {(d.path, d.kind) for d in report.differences} == {(b".cmdline", "content"),
+                                                              (b"headers", "content")}
+
+
+def test_mutated_ukis_read_as_image_errors_only(tmp_path: Path) -> None:
+    image = build(make_stub(), [(".cmdline", b"quiet"), (".linux", b"\x90" * 99)])
+    rng = random.Random(5)
+    path = tmp_path / "m.efi"
+    for _ in range(1000):
+        mutant = bytearray(image)
+        for _ in range(rng.randint(1, 3)):
+            at = rng.randrange(0, 0x400)
+            mutant[at:at + 4] = rng.choice([b"\xff\xff\xff\xff", rng.randbytes(4)])
+        if rng.random() < 0.2:
+            del mutant[rng.randrange(0, len(mutant)):]
+        path.write_bytes(bytes(mutant))
+        try:
+            for entry in uki.read(path):
+                if entry.content is not None:
+                    entry.content.read()
+        except ImageError:
+            pass

@@ -37,6 +37,7 @@ from collections.abc import Mapping
 from reprobuild.errors import ImageError
 from reprobuild.images.registry import ImageOptions
 from reprobuild.images.uki import pe
+from reprobuild.trees.region import file_region
 from reprobuild.trees.tree import Content, Entry, EntryType, FileSource, Tree
 
 VERSION = "1"
@@ -221,8 +222,13 @@ def summary(layout: pe.UkiLayout, cmdline: str) -> dict[str, object]:
 
 
 def read(path: str | bytes | os.PathLike[str]) -> Tree:
-    """The output directory as a tree of its files."""
+    """An output directory as a tree of its files; a UKI file (any PE32+ image) as a tree
+    of ``headers`` and one file per section (named as the section, or ``N-NAME`` when the
+    name is empty, repeated or not a file name), so a diff names the section that differs.
+    """
     root = os.fsencode(path)
+    if os.path.isfile(root):
+        return _sections_tree(root)
     tree = Tree(Entry(b"", EntryType.DIRECTORY, 0o555))
     for name in (UKI_FILE, SUMMARY_FILE):  # bytewise order
         file_path = os.path.join(root, name.encode())
@@ -230,4 +236,28 @@ def read(path: str | bytes | os.PathLike[str]) -> Tree:
             tree.add(Entry(name.encode(), EntryType.REGULAR, 0o444,
                            content=Content(os.path.getsize(file_path),
                                            FileSource(file_path))))
+    return tree
+
+
+HEADER_READ = 1 << 16  # headers beyond this are refused by parse_stub's bounds
+
+
+def _sections_tree(path: bytes) -> Tree:
+    size = os.path.getsize(path)
+    with open(path, "rb") as f:
+        head = f.read(HEADER_READ)
+    what = os.fsdecode(path)
+    parsed = pe.parse_stub(head, what, file_size=size)
+    tree = Tree(Entry(b"", EntryType.DIRECTORY, 0o555))
+    pieces: list[tuple[bytes, int, int]] = [(b"headers", 0, parsed.size_of_headers)]
+    names = [s.name.encode("latin-1") for s in parsed.sections]
+    for index, (section, name) in enumerate(zip(parsed.sections, names, strict=True)):
+        if not name or names.count(name) > 1 or b"/" in name or b"\0" in name \
+                or name in (b".", b"..", b"headers"):
+            name = f"{index}-".encode() + name.replace(b"/", b"_").replace(b"\0", b"_")
+        pieces.append((name, section.raw_offset, section.raw_size))
+    for name, offset, length in pieces:
+        region = file_region(path, ((offset, length),), file_size=size,
+                             what=f"{what}: {name.decode('latin-1')}")
+        tree.add(Entry(name, EntryType.REGULAR, 0o444, content=Content(length, region)))
     return tree

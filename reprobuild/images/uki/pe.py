@@ -84,8 +84,12 @@ def _round_up(value: int, alignment: int) -> int:
     return -(-value // alignment) * alignment
 
 
-def parse_stub(data: bytes, what: str) -> PeImage:
-    """The headers of a PE32+ image; anything malformed is an ImageError naming ``what``."""
+def parse_stub(data: bytes, what: str, *, file_size: int | None = None) -> PeImage:
+    """The headers of a PE32+ image; anything malformed is an ImageError naming ``what``.
+
+    ``data`` holds at least the headers; ``file_size`` is the whole file's size when
+    ``data`` is only its beginning (sections are checked against it)."""
+    size = len(data) if file_size is None else file_size
     def bad(reason: str) -> ImageError:
         return ImageError(f"{what} is not a usable UEFI stub: {reason}",
                           hint="point `stub` at linuxx64.efi.stub from systemd-boot-efi")
@@ -107,7 +111,7 @@ def parse_stub(data: bytes, what: str) -> PeImage:
     for index in range(count):
         name, vsize, va, raw_size, raw_offset, *_, flags = IMAGE_SECTION_HEADER.unpack_from(
             data, table + index * IMAGE_SECTION_HEADER.size)
-        if raw_offset + raw_size > len(data):
+        if raw_offset + raw_size > size:
             raise bad(f"section {index} lies beyond the end of the file")
         sections.append(Section(name.rstrip(b"\0").decode("latin-1"), vsize, va,
                                 raw_size, raw_offset, flags))
@@ -119,7 +123,7 @@ def parse_stub(data: bytes, what: str) -> PeImage:
     if not sections:
         raise bad("no sections")
     size_of_headers = U32.unpack_from(data, optional + OPT_SIZE_OF_HEADERS)[0]
-    if size_of_headers > len(data) or any(
+    if size_of_headers > size or any(
             s.raw_size and s.raw_offset < size_of_headers for s in sections):
         raise bad(f"SizeOfHeaders {size_of_headers} overlaps the sections or the file's end")
     return PeImage(machine, coff, optional, table, size_of_headers,
