@@ -103,6 +103,8 @@ _VFAT = OptionsSchema("vfat", (
            maximum=32),
     Option("volume_id", str, "8 hex digits like \"ABCD-1234\" (default: derived)"),
     Option("seed", str, "text mixed into the derived volume id"),
+    Option("hardlinks", str, "\"refuse\" (default) or \"copy\" (each link a copy of its file)",
+           choices=("refuse", "copy")),
 ))
 
 FORMATS: dict[str, Format] = {

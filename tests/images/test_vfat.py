@@ -17,6 +17,7 @@ from reprobuild.errors import ImageError
 from reprobuild.images.registry import ImageOptions, OptionValue
 from reprobuild.images.vfat import image as vfat
 from reprobuild.images.vfat.geometry import choose
+from reprobuild.images.vfat.layout import plan
 from reprobuild.images.vfat.names import directory_names
 from reprobuild.images.vfat.ondisk import FAT_BOOT_SECTOR
 from reprobuild.proof.diffreport import diff_paths
@@ -24,6 +25,7 @@ from reprobuild.trees.diff import diff_trees
 from reprobuild.trees.tree import BytesSource, Content, Entry, EntryType, Tree
 from tests.conftest import Unprivileged, need_tool
 from tests.images.hostconditions import CONDITIONS, Condition, build_under_conditions, write_tree
+from tests.images.vfat_qemu import expected_listing, fetch_kernel, kernel_listing
 from tests.images.vfat_trees import (
     EPOCH,
     NAMES,
@@ -117,6 +119,23 @@ def test_mdir_shows_long_names_and_aliases(sample_image: Path) -> None:
                          re.M), entries
 
 
+@pytest.mark.tool
+@pytest.mark.parametrize("bits", ["12", "16", "32"])
+def test_reader_reads_what_mkfs_fat_and_mcopy_write(bits: str, tmp_path: Path) -> None:
+    need_tool("mkfs.fat", "mcopy")
+    source = tmp_path / "source"
+    tree = vfat_tree()
+    tree.remove(b"times")  # mcopy has its own ideas about times FAT cannot hold
+    write_tree(tree, source)
+    image = tmp_path / "reference.img"
+    subprocess.run(["mkfs.fat", "-C", "-F", bits, str(image), "40000"], check=True,
+                   capture_output=True)
+    subprocess.run(["mcopy", "-s", "-m", "-i", str(image),
+                    *sorted(str(path) for path in source.iterdir()), "::/"],
+                   check=True, capture_output=True, env=TOOL_ENV)
+    assert fat_view(vfat.read(image)) == fat_view(tree)
+
+
 # -- geometry ---------------------------------------------------------------------------
 SIZES_KIB = (1024, 3000, 4100, 9000, 20_000, 65_536, 140_000, 270_000, 524_288, 600_000,
              1_048_576, 9_000_000)
@@ -160,6 +179,31 @@ def test_min_size_and_fat_type() -> None:
 
 def fat_bits_of(data: bytes) -> int:
     return 32 if data[82:87] == b"FAT32" else int(data[57:59])
+
+
+def test_plan_allocates_contiguously_in_canonical_order() -> None:
+    tree = vfat_tree()
+    layout = plan(tree, ImageOptions(epoch=EPOCH), fat_bits=None)
+    extents = [(entry.path, layout.extents[entry.path]) for entry in tree
+               if entry.path in layout.extents]
+    assert extents[0][0] == b".hidden"  # the FAT12 root lies before the clusters
+    next_cluster = 2
+    for path, extent in extents:
+        if extent.count:
+            assert extent.first == next_cluster, path
+            next_cluster += extent.count
+        else:
+            assert extent.first == 0 and tree.get(path).size == 0  # type: ignore[union-attr]
+    assert next_cluster - 2 == layout.used_clusters
+    assert [entry.path for entry in layout.files] == [
+        entry.path for entry in tree if entry.type is EntryType.REGULAR and entry.size]
+
+
+def test_content_changing_size_is_refused() -> None:
+    tree = tree_with(Entry(b"grows", EntryType.REGULAR, 0o644,
+                           content=Content(3, BytesSource(b"four"))))
+    with pytest.raises(ImageError, match=r"/grows: content is 4 bytes, expected 3"):
+        image_of(tree)
 
 
 # -- names --------------------------------------------------------------------------------
@@ -246,6 +290,15 @@ def test_what_fat_cannot_hold_is_refused(entry: Entry, message: str) -> None:
     with pytest.raises(ImageError, match=message) as caught:
         image_of(tree_with(entry))
     assert caught.value.hint
+
+
+def test_hardlinks_are_copies_when_asked() -> None:
+    tree = tree_with(Entry(b"dir/hard", EntryType.HARDLINK, 0o644, target=b"dir/file"))
+    back = fat_view(read_bytes(image_of(tree, hardlinks="copy")))
+    assert back[b"dir/hard"] == back[b"dir/file"] == ("regular", b"x", fat_seconds(0))
+    with pytest.raises(ImageError, match="is a hardlink") as caught:
+        image_of(tree, hardlinks="refuse")
+    assert caught.value.hint == 'set hardlinks = "copy" to store a copy of the file'
 
 
 def test_a_name_of_255_units_fits() -> None:
@@ -391,3 +444,19 @@ def test_host_conditions_give_identical_bytes(unprivileged: Unprivileged) -> Non
     images = [path.read_bytes() for path in paths]
     assert images[0] == images[1] == images[2]
     assert fat_view(vfat.read(paths[1])) == fat_view(vfat_tree())
+
+
+# -- the kernel ---------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def debian_kernel(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, Path]]:
+    return fetch_kernel(tmp_path_factory.mktemp("kernel"))
+
+
+@pytest.mark.slow
+@pytest.mark.tool
+def test_the_kernel_reads_the_same_tree(sample_image: Path, tmp_path: Path,
+                                        debian_kernel: tuple[Path, dict[str, Path]]) -> None:
+    # This host's kernel has no vfat, so a loop mount proves nothing here: the image is
+    # mounted by Debian's kernel in a QEMU guest instead.
+    listing = kernel_listing(sample_image, debian_kernel, tmp_path)
+    assert listing == expected_listing(fat_view(vfat_tree()))

@@ -5,7 +5,8 @@ Options: ``size`` ("min": the smallest size, in whole MiB, that holds the tree w
 sixteenth to spare), ``label`` (up to 11 upper-case characters; none by default),
 ``fat`` (12, 16 or 32: force the type; by default chosen by size as mkfs.fat does),
 ``volume_id`` (8 hex digits, ``ABCD-1234`` or ``ABCD1234``; by default derived from
-the content and ``seed``), ``seed`` (any text mixed into the derived volume id).
+the content and ``seed``), ``seed`` (any text mixed into the derived volume id),
+``hardlinks`` (``"refuse"``, the default, or ``"copy"``: each link a copy of its file).
 See :mod:`reprobuild.images.vfat.layout` for what FAT cannot hold and the time policy.
 """
 

@@ -4,7 +4,8 @@ bytes of every directory, computed before any file byte is read.
 Clusters are handed out in the tree's canonical order (parents before children,
 siblings bytewise), each file and directory in one contiguous run, so the layout is a
 function of the tree alone. Only regular files and directories go in: FAT has no
-symlinks, devices, fifos, sockets or hardlinks, and those are refused with their path.
+symlinks, devices, fifos, sockets or hardlinks, and those are refused with their path
+(a hardlink is stored as a copy of its file with the option ``hardlinks = "copy"``).
 Owners, permission bits (except that a file without write bits is marked read-only)
 and xattrs have no place in FAT and are not stored.
 
@@ -15,7 +16,7 @@ day) is stored as 1980-01-01 00:00:00, as the Linux driver does; an epoch after
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from reprobuild.errors import ImageError
 from reprobuild.images.protocol import ImageOptions
@@ -102,8 +103,10 @@ def _check_entries(tree: Tree) -> dict[bytes, list[DirName]]:
         what = REFUSED_TYPES.get(entry.type)
         if what is not None:
             raise ImageError(f"{entry.display()} is {what}, which FAT cannot hold",
-                             hint="remove it from the tree (or replace it with a copy of "
-                                  "the file) for a vfat image")
+                             hint='set hardlinks = "copy" to store a copy of the file'
+                             if entry.type is EntryType.HARDLINK else
+                             "remove it from the tree (or replace it with a copy of the "
+                             "file) for a vfat image")
         if entry.type is EntryType.REGULAR and entry.size > MAX_FILE_SIZE:
             raise ImageError(f"{entry.display()} is {entry.size} bytes, over FAT's limit of "
                              f"{MAX_FILE_SIZE} bytes", hint="split the file")
@@ -179,9 +182,23 @@ def _geometry(tree: Tree, counts: dict[bytes, int], options: ImageOptions,
                      hint="leave the option fat unset to let the size choose the type")
 
 
+def copy_hardlinks(tree: Tree) -> Tree:
+    """``tree`` with every hardlink replaced by a regular file: the primary's metadata
+    and bytes under the link's path (what copying a tree onto FAT does)."""
+    out = Tree(tree.root)
+    for entry in tree:
+        if entry.type is EntryType.HARDLINK:
+            entry = replace(tree.resolve(entry), path=entry.path)
+        if entry.path:
+            out.add(entry)
+    return out
+
+
 def plan(tree: Tree, options: ImageOptions, *, fat_bits: int | None) -> Layout:
     """The whole layout of the image of ``tree``."""
     check_epoch(options.epoch)
+    if options.get("hardlinks") == "copy":
+        tree = copy_hardlinks(tree)
     if options.size is not None and options.size % SECTOR:
         raise ImageError(f"vfat size {options.size} is not a multiple of {SECTOR} bytes",
                          hint='give a size like "64M", or "min"')

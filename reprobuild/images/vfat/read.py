@@ -90,10 +90,10 @@ def _volume(head: bytes, file_size: int, shown: str) -> Volume:
 
 def _fat_entries(raw: bytes, bits: int, count: int) -> array.array[int]:
     if bits == 32:
-        entries = array.array("I", raw[:4 * count])
+        entries = array.array("I", raw[:4 * count])  # the top 4 bits are masked on use
         if sys.byteorder == "big":
             entries.byteswap()
-        return array.array("I", (value & 0x0FFFFFFF for value in entries))
+        return entries
     if bits == 16:
         halves = array.array("H", raw[:2 * count])
         if sys.byteorder == "big":
@@ -128,7 +128,7 @@ class _Reader:
                 raise ImageError(f"{self.shown}: {what} has a broken cluster chain "
                                  f"(cluster {current})", hint="the image is damaged")
             clusters.append(current)
-            current = self.fat[current]
+            current = self.fat[current] & 0x0FFFFFFF
             if current >= END_MIN[volume.fat_bits]:
                 return clusters
 
