@@ -40,6 +40,7 @@ COMMANDS: dict[str, str] = {
     "cache": "cache",
     "worker": "worker",
     "cluster-certs": "cluster_certs",
+    "test": "test",
 }
 
 

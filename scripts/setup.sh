@@ -13,6 +13,10 @@ runtime_debs="python3-venv python3-dev gcc busybox-static ca-certificates"
 test_debs="e2fsprogs squashfs-tools erofs-utils cryptsetup-bin fsverity gdisk fdisk
   bubblewrap cpio tar util-linux mmdebstrap diffoscope-minimal zstd xz-utils lz4
   nginx-light nodejs curl"
+# The FAT writer's oracles: fsck.fat, mtools' mdir and mcopy, a QEMU guest's kernel.
+test_debs="$test_debs dosfstools mtools qemu-system-x86"
+# Boot tests (`reprobuild test`): QEMU and its UEFI firmware.
+test_debs="$test_debs qemu-system-x86 ovmf"
 
 debs=$runtime_debs
 [ "$with_tests" = yes ] && debs="$debs $test_debs"

@@ -293,3 +293,36 @@ def composefs_tools() -> ComposefsTools:
     (partial / "reprobuild-composefs-version").write_text(version + "\n")
     partial.rename(target)
     return ComposefsTools(target)
+class BootableDisk:
+    """recipes/bootable-disk.toml built once as the unprivileged uid: where and what."""
+
+    TARGETS = ("systemd-boot", "kernel", "initrd", "root-verity", "uki", "esp", "disk")
+
+    def __init__(self, unprivileged: Unprivileged, work: Path, rows: dict[str, Path]) -> None:
+        self.unprivileged = unprivileged
+        self.work = work
+        self.store = str(work / "store")
+        self.paths = rows
+
+    def reprobuild(self, *args: str, timeout: float = 900) -> subprocess.CompletedProcess[str]:
+        """``reprobuild ARGS`` in the work directory (recipes/ there), as the same uid."""
+        return self.unprivileged.reprobuild(*args, cwd=self.work, timeout=timeout)
+
+
+@pytest.fixture(scope="session")
+def bootable_disk(unprivileged: Unprivileged) -> BootableDisk:
+    """The shipped bootable disk recipe built into one store, shared by the UKI and boot
+    tests (fetches its pinned Debian packages once)."""
+    import json
+
+    need_tool("apt-get")
+    work = unprivileged.scratch("bootable")
+    shutil.copytree(REPO / "recipes", work / "recipes")
+    unprivileged.run(["chmod", "-R", "a+rwX", str(work)], check=False)
+    built = unprivileged.reprobuild("build", "--json", "--no-out-link", "--store",
+                                    str(work / "store"), "recipes/bootable-disk.toml",
+                                    *BootableDisk.TARGETS, cwd=work, timeout=1800)
+    need("could not fetch" not in built.stderr.lower(), "no network to fetch the packages")
+    assert built.returncode == 0, built.stderr
+    rows = {row["target"]: Path(row["path"]) for row in json.loads(built.stdout)}
+    return BootableDisk(unprivileged, work, rows)

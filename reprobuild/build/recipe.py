@@ -19,6 +19,7 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
+from reprobuild.build.boottests import BootTest, parse_tests
 from reprobuild.build.limits import table_limits
 from reprobuild.build.recipe_graph import check_cycles, check_inputs
 from reprobuild.errors import ImageError, RecipeError, suggest
@@ -36,7 +37,7 @@ NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_.-]*$")
 # Store outputs get mtime = epoch through utime, whose nanosecond count is a signed
 # 64-bit number; each image format then refuses what it cannot hold (images/timestamps).
 MAX_EPOCH = ((1 << 63) - 1) // 1_000_000_000
-TOP_KEYS = ("epoch", "sources", "steps", "images")
+TOP_KEYS = ("epoch", "sources", "steps", "images", "tests")
 DEB_KEYS = ("deb", "version", "sha256")
 PATH_KEYS = ("path", "blake3", "allow-outside", "allow-private")
 HOST_KEYS = ("host",)
@@ -150,6 +151,7 @@ class Recipe:
     sources: Mapping[str, Source]
     steps: Mapping[str, Step]
     images: Mapping[str, Image]
+    tests: Mapping[str, BootTest] = field(default_factory=dict)  # [tests.NAME]: boot tests
 
     def names(self) -> list[str]:
         return [*self.sources, *self.steps, *self.images]
@@ -345,7 +347,8 @@ def parse_recipe(data: dict[str, Any], *, path: str, directory: str) -> Recipe:
         images[name] = _image(path, name, table)
 
     recipe = Recipe(path=path, directory=directory, epoch=epoch, sources=sources,
-                    steps=steps, images=images)
+                    steps=steps, images=images,
+                    tests=parse_tests(path, data.get("tests"), set(owner)))
     check_inputs(recipe)
     check_cycles(recipe)
     return recipe

@@ -15,9 +15,13 @@ from reprobuild.images.ext4 import image as ext4
 from reprobuild.images.gpt import image as gpt
 from reprobuild.images.protocol import DiskFormat, TreeFormat
 from reprobuild.images.squashfs import image as squashfs
+from reprobuild.images.uki import image as uki
+from reprobuild.images.vfat import image as vfat
 
 TREE_FORMATS: dict[str, TreeFormat] = {
     "ext4": ext4, "squashfs": squashfs, "erofs": erofs, "cpio": cpio, "tar": tar,
     "composefs": composefs,
+    "vfat": vfat,
 }
-DISK_FORMATS: dict[str, DiskFormat] = {"gpt": gpt, "verity": verity}
+DISK_FORMATS: dict[str, DiskFormat] = {"gpt": gpt, "verity": verity,
+                                        "uki": uki}

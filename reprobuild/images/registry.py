@@ -89,6 +89,23 @@ _VERITY = OptionsSchema("verity", (
     Option("salt", str, "hex salt (default: derived from the data)"),
     Option("append", bool, "append the tree to a copy of the data"),
 ), common=("uuid", "block_size"))
+_UKI = OptionsSchema("uki", (
+    Option("stub", str, "the UEFI stub: INPUT/path of linuxx64.efi.stub"),
+    Option("kernel", str, "the kernel: INPUT/path of a vmlinuz"),
+    Option("initrd", str, "the initramfs: a cpio image, or INPUT/path"),
+    Option("cmdline", str, "the kernel command line; @NAME is verity image NAME's root hash"),
+    Option("osrel", str, "the text of the .osrel section (os-release)"),
+    Option("uname", str, "the kernel release for .uname (default: read from the kernel)"),
+    Option("sbat", str, "SBAT lines appended to the stub's .sbat"),
+), common=())
+_VFAT = OptionsSchema("vfat", (
+    Option("fat", int, "12, 16 or 32 (default: by size, as mkfs.fat)", minimum=12,
+           maximum=32),
+    Option("volume_id", str, "8 hex digits like \"ABCD-1234\" (default: derived)"),
+    Option("seed", str, "text mixed into the derived volume id"),
+    Option("hardlinks", str, "\"refuse\" (default) or \"copy\" (each link a copy of its file)",
+           choices=("refuse", "copy")),
+), common=("size", "uuid", "label", "block_size"))
 
 FORMATS: dict[str, Format] = {
     f.name: f
@@ -109,6 +126,10 @@ FORMATS: dict[str, Format] = {
                _GPT),
         Format("verity", "reprobuild.images.verity", "disk", "dm-verity hash tree of an image",
                _VERITY),
+        Format("uki", "reprobuild.images.uki.image", "disk", "unified kernel image (UEFI)",
+               _UKI),
+        Format("vfat", "reprobuild.images.vfat.image", "tree",
+               "FAT12/16/32 with long names (EFI system partition)", _VFAT),
     )
 }
 

@@ -1,7 +1,7 @@
 """Difference reports: say where and why two outputs (trees or images) differ.
 
 Both sides are identified by their magic numbers (directory, tar, cpio, ext4, squashfs,
-EROFS, GPT disk, or plain file), read back into trees through the format table's
+EROFS, GPT disk, FAT, or plain file), read back into trees through the format table's
 readers, and compared with :func:`reprobuild.trees.diff.diff_trees`. Files that are not
 images get the first differing offset and a hexdump around it; two images whose trees
 are equal but whose bytes differ get the same. A GPT disk is compared table first, then
@@ -35,7 +35,7 @@ from reprobuild.trees.directory import tree_from_directory
 from reprobuild.trees.load import load_tree
 from reprobuild.trees.tree import EntryType, Tree
 
-TREE_FORMATS = ("tar", "cpio", "ext4", "squashfs", "erofs", "composefs")
+TREE_FORMATS = ("tar", "cpio", "ext4", "squashfs", "erofs", "composefs", "vfat")
 MAX_HEXDUMPS = 8  # content differences inside a tree that get a hexdump
 MAX_NESTED = 8  # differing image files inside a directory that are compared as images
 
@@ -46,8 +46,8 @@ class ReaderMissing(ImageError):
 
 # -- what a path is -------------------------------------------------------------------
 def detect(path: str | os.PathLike[str]) -> str:
-    """The kind of ``path``: directory, tar, cpio, ext4, squashfs, erofs, composefs, gpt
-    or file."""
+    """The kind of ``path``: directory, tar, cpio, ext4, squashfs, erofs, composefs, gpt,
+    vfat, uki (a PE image) or file."""
     st = os.lstat(path)
     if stat.S_ISDIR(st.st_mode):
         return "directory"
@@ -63,6 +63,10 @@ def detect(path: str | os.PathLike[str]) -> str:
         return "cpio"
     if head[512:520] == b"EFI PART" or head[4096:4104] == b"EFI PART":
         return "gpt"
+    # struct fat_boot_sector: 55 AA at 510; fs_type "FAT12"/"FAT16" at 54, "FAT32" at 82
+    if head[510:512] == b"\x55\xaa" and (head[54:59] in (b"FAT12", b"FAT16")
+                                          or head[82:87] == b"FAT32"):
+        return "vfat"
     # struct ext4_super_block at 1024: s_magic (le16 0xEF53) at offset 0x38
     if head[1024 + 0x38:1024 + 0x3A] == b"\x53\xef":
         return "ext4"
@@ -72,6 +76,10 @@ def detect(path: str | os.PathLike[str]) -> str:
         return "composefs" if head[:4] == b"\x9a\x62\x78\xd0" else "erofs"
     if head[257:262] == b"ustar":
         return "tar"
+    # IMAGE_DOS_HEADER: "MZ", e_lfanew at 0x3c pointing at "PE\0\0" (a UKI, any PE)
+    pe_at = int.from_bytes(head[0x3C:0x40], "little") if head[:2] == b"MZ" else -1
+    if 0 <= pe_at <= len(head) - 4 and head[pe_at:pe_at + 4] == b"PE\0\0":
+        return "uki"
     return "file"
 
 
@@ -218,7 +226,7 @@ def _diff(a: Path, b: Path, *, compare_owner: bool, store_outputs: bool,
             return base
     if kind_a == kind_b == "gpt":
         return _diff_gpt(base, a, b, byte_diff, compare_owner=compare_owner, workdir=workdir)
-    treeish = ("directory", *TREE_FORMATS)
+    treeish = ("directory", *TREE_FORMATS, "uki")  # a UKI reads as its PE sections
     if kind_a in treeish and kind_b in treeish:
         try:
             tree_a = read_tree(a, kind_a, store_output=store_outputs)

@@ -238,7 +238,7 @@ def test_image_steps_record_the_fsverity_digest_of_the_image_file(tmp_path: Path
     rows = {row["target"]: row for row in json.loads(out)}
     root = rows["root"]["path"]
     assert rows["root"]["fsverity"] == erofs.fsverity_digest(root)
-    main_files = {"root-verity": "hash", "root-appended": "image", "disk": "disk.img"}
+    main_files = {"root-verity": "hash", "root-appended": "image", "disk": "disk.raw"}
     for target, name in main_files.items():
         image = os.path.join(rows[target]["path"], name)
         assert rows[target]["fsverity"] == digest_file(image).hex(), target

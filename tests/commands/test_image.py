@@ -101,7 +101,7 @@ def test_usage_errors(tmp_path: Path) -> None:
         main(["image", "-t", "tar", "--size", "lots", str(tmp_path), str(tmp_path / "o")])
     assert info.value.code == 2
     with pytest.raises(SystemExit):
-        main(["image", "-t", "vfat", str(tmp_path), str(tmp_path / "o")])
+        main(["image", "-t", "ntfs", str(tmp_path), str(tmp_path / "o")])
     assert main(["image", "-t", "tar", str(tmp_path / "missing"), str(tmp_path / "o")]) == 2
     with pytest.raises(ImageError, match="made from other images"):
         build_tree_image("gpt", str(tmp_path), str(tmp_path / "o"), ImageOptions(epoch=0))

@@ -1,4 +1,5 @@
-"""A seeded mutation fuzzer for the image readers (ext4, squashfs, EROFS, cpio, tar, GPT).
+"""A seeded mutation fuzzer for the image readers (ext4, squashfs, EROFS, cpio, tar, GPT,
+FAT).
 
 Small valid images of every format are mutated (bytes flipped, fields overwritten with
 boundary values, the file truncated, a region spliced elsewhere) and each mutant is read
@@ -52,6 +53,7 @@ VARIANTS: dict[str, tuple[str, dict[str, object]]] = {
     "tar": ("tar", {}),
     "tar-gzip": ("tar", {"compress": "gzip"}),
     "gpt": ("gpt", {}),
+    "vfat": ("vfat", {}),
 }
 INTERESTING = (b"\x00" * 4, b"\xff" * 4, b"\xff" * 8, b"\x7f\xff\xff\xff", b"\x00\x00\x00\x80",
                b"\x01\x00\x00\x00", b"\x00\x10\x00\x00", b"\xff\xff", b"\x00\x80",
@@ -89,6 +91,14 @@ def sample_tree(*, xattrs: bool) -> Tree:
     return tree
 
 
+def files_and_directories(tree: Tree) -> Tree:
+    out = Tree(tree.root)
+    for entry in tree:
+        if entry.path and entry.type in (EntryType.REGULAR, EntryType.DIRECTORY):
+            out.add(entry)
+    return out
+
+
 def build_image(variant: str, directory: Path) -> Path:
     """The valid image ``variant`` names, written under ``directory``."""
     fmt, options = VARIANTS[variant]
@@ -100,7 +110,7 @@ def build_image(variant: str, directory: Path) -> Path:
                                 {"type": "esp", "label": "ESP", "size": "64K"}],
                  "alignment": "4K"}
         module.build({"root": str(part)}, table, ImageOptions(epoch=EPOCH), str(out))
-        return out / "disk.img"
+        return out / "disk.raw"
     path = directory / f"{variant}.img"
     module = get_format(fmt).load()
     tree = sample_tree(xattrs=fmt not in ("cpio",))
@@ -109,6 +119,8 @@ def build_image(variant: str, directory: Path) -> Path:
             composefs.write_with_store(tree, output, ImageOptions(epoch=EPOCH),
                                        digest_store=str(directory / "objects"))
         return path
+    if fmt == "vfat":  # FAT holds files and directories only
+        tree = files_and_directories(tree)
     with path.open("wb") as output:
         module.write(tree, output, ImageOptions(epoch=EPOCH, **options))  # type: ignore[arg-type]
     return path
