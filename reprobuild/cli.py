@@ -38,6 +38,9 @@ COMMANDS: dict[str, str] = {
     "challenge": "challenge",
     "copy": "copy",
     "cache": "cache",
+    "worker": "worker",
+    "cluster-certs": "cluster_certs",
+    "test": "test",
 }
 
 

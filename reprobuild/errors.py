@@ -94,6 +94,10 @@ class VerifyError(ReprobuildError):
 
 
 
+class BootTestError(ReprobuildError):
+    """A boot test cannot run: no QEMU or firmware, a test naming what is not there."""
+
+
 class DiskFullError(ReprobuildError):
     """A file system ran out of space (or quota) while reprobuild wrote to it."""
 

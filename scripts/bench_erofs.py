@@ -1,13 +1,14 @@
-"""Time our EROFS writer against mkfs.erofs on the same tree, in the same run.
+"""Time our EROFS writer against mkfs.erofs on the same trees, in the same run.
 
-Runs our writer (a subprocess: walk the directory, plan, write; once with the same given
-UUID as mkfs.erofs, once deriving it from the content, which hashes every byte) and
-``mkfs.erofs -T EPOCH -U UUID --all-root -x -1 --quiet OUT TREE`` (erofs-utils 1.5 always
+For each shape of scripts/benchshapes.py (``--shape``, all three by default) our writer
+runs as a subprocess from the shape's tar and from its directory (load the tree as an
+image step does, plan, write, the UUID given as mkfs.erofs gets it), against
+``mkfs.erofs -T EPOCH -U UUID --all-root -x -1 --quiet OUT DIR`` (erofs-utils 1.5 always
 uses 4 KiB blocks here; -T fixes every mtime and the build time, --all-root the owners,
--x -1 leaves xattrs out as our default walk does), alternating, best of N each. Prints
-the times, the time ratio (ours / mkfs.erofs; target <= 1.5) and the size ratio, and
-checks our image with fsck.erofs. The source is a directory argument or the generated
-benchmark tree (scripts/benchtree.py, ~200 MB in 10,000 files).
+-x -1 leaves xattrs out as a directory source does), alternating, best of N each.
+Prints the table (times, ratio ours / mkfs.erofs, target <= 1.5; peak memory) and
+checks our images with fsck.erofs. ``--compress lz4`` compares ``-zlz4`` images (no
+target). A directory argument replaces the shapes (directory row only).
 """
 
 from __future__ import annotations
@@ -15,8 +16,18 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import tempfile
 
-from benchutil import argument_parser, run_child, workspace
+from benchshapes import add_shape_option, chosen
+from benchutil import (
+    Row,
+    argument_parser,
+    compare_on_shape,
+    largest_file_baseline,
+    memory_ok,
+    print_table,
+    warm,
+)
 
 EPOCH = 1_700_000_000
 UUID = "6a7e0c52-61d4-4f0e-9c3b-2f0a8f5d1e42"
@@ -26,63 +37,55 @@ OURS = """
 import sys
 from reprobuild.images.erofs import image as erofs
 from reprobuild.images.registry import ImageOptions
-from reprobuild.trees.directory import tree_from_directory
-tree = tree_from_directory(sys.argv[1], epoch={epoch})
+from reprobuild.trees.load import load_tree
+from reprobuild.trees.tree import Tree
+tree = load_tree(sys.argv[1], epoch={epoch}) if sys.argv[1] else Tree()
 with open(sys.argv[2], "wb") as output:
-    erofs.write(tree, output, ImageOptions(epoch={epoch}, uuid=sys.argv[3] or None,
-                                           compress=sys.argv[4] if len(sys.argv) > 4 else None))
+    erofs.write(tree, output, ImageOptions(epoch={epoch}, uuid="{uuid}",
+                                           compress=sys.argv[3] or None))
 """
 
 
-def timed(argv: list[str], output: str) -> float:
-    return run_child(argv, output=output).wall
+def fsck(image: str) -> str:
+    check = subprocess.run(["fsck.erofs", image], capture_output=True, text=True)
+    return "fsck.erofs clean" if check.returncode == 0 else "fsck.erofs FAILED: " + \
+        check.stderr.strip()[-500:]
 
 
 def main() -> int:
-    parser = argument_parser(__doc__)
-    parser.add_argument("--lz4", action="store_true",
-                        help="also compare LZ4 images with mkfs.erofs -zlz4 (no target)")
+    parser = argument_parser(__doc__, repeat=2)
+    add_shape_option(parser)
+    parser.add_argument("--compress", default="", help="lz4: compressed images (no target)")
     args = parser.parse_args()
-    with workspace("erofs", args.tree) as (tmp, tree):
-        ours_out = os.path.join(tmp, "ours.erofs")
-        ref_out = os.path.join(tmp, "mkfs.erofs")
-        ours_argv = [sys.executable, "-c", OURS.format(epoch=EPOCH), str(tree), ours_out, UUID]
-        derived_argv = [*ours_argv[:-1], ""]
-        ref_argv = ["mkfs.erofs", "-T", str(EPOCH), "-U", UUID, "--all-root", "-x", "-1",
-                    "--quiet", ref_out, str(tree)]
-        ours_times: list[float] = []
-        ref_times: list[float] = []
-        derived_times: list[float] = []
-        for _ in range(args.repeat):
-            ref_times.append(timed(ref_argv, ref_out))
-            derived_times.append(timed(derived_argv, ours_out))
-            ours_times.append(timed(ours_argv, ours_out))
-        ref_time, our_time = min(ref_times), min(ours_times)
-        derived_ratio = min(derived_times) / ref_time
-        ref_size, our_size = os.path.getsize(ref_out), os.path.getsize(ours_out)
-        check = subprocess.run(["fsck.erofs", ours_out], capture_output=True, text=True)
-        ratio = our_time / ref_time
-        verdict = ("ok" if max(ratio, derived_ratio) <= TARGET and check.returncode == 0
-                   else "MISSED")
-        print(f"erofs: ours {our_time:.3f} s, mkfs.erofs {ref_time:.3f} s, "
-              f"time ratio {ratio:.2f} (target <= {TARGET}), "
-              f"{derived_ratio:.2f} with the UUID derived from the content; "
-              f"size ours {our_size} B, mkfs.erofs {ref_size} B, "
-              f"size ratio {our_size / ref_size:.4f}; fsck.erofs "
-              f"{'clean' if check.returncode == 0 else 'FAILED: ' + check.stderr.strip()}"
-              f" [{verdict}]", flush=True)
-        if args.lz4:
-            lz4_ours = [*ours_argv, "lz4"]
-            lz4_ref = [*ref_argv[:1], "-zlz4", *ref_argv[1:]]
-            ref_lz4 = min(timed(lz4_ref, ref_out) for _ in range(args.repeat))
-            our_lz4 = min(timed(lz4_ours, ours_out) for _ in range(args.repeat))
-            check = subprocess.run(["fsck.erofs", ours_out], capture_output=True, text=True)
-            print(f"erofs lz4 (no target): ours {our_lz4:.3f} s, mkfs.erofs -zlz4 "
-                  f"{ref_lz4:.3f} s, time ratio {our_lz4 / ref_lz4:.2f}; size ours "
-                  f"{os.path.getsize(ours_out)} B, mkfs.erofs {os.path.getsize(ref_out)} B, "
-                  f"size ratio {os.path.getsize(ours_out) / os.path.getsize(ref_out):.4f}; "
-                  f"fsck.erofs {'clean' if check.returncode == 0 else 'FAILED'}", flush=True)
-        return 0 if verdict == "ok" else 1
+    ours_py = OURS.format(epoch=EPOCH, uuid=UUID)
+    rows: list[Row] = []
+    with tempfile.TemporaryDirectory(prefix="bench-erofs-") as tmp:
+        out, ref_out = os.path.join(tmp, "ours.erofs"), os.path.join(tmp, "mkfs.erofs")
+        if args.tree is not None:
+            shapes = [(args.tree.name, 0, {"dir": str(args.tree)}, str(args.tree))]
+        else:
+            shapes = [(s.name, s.entries, {"tar": str(s.tar), "dir": str(s.directory)},
+                       str(s.directory)) for s in chosen(args)]
+        def ours(path: str) -> list[str]:
+            return [sys.executable, "-c", ours_py, path, out, args.compress]
+
+        for name, entries, sources, directory in shapes:
+            warm(directory)
+            baseline = largest_file_baseline(directory, tmp, ours, out)
+            ref = ["mkfs.erofs", "-T", str(EPOCH), "-U", UUID, "--all-root", "-x", "-1",
+                   "--quiet", *(["-z" + args.compress] if args.compress else []), ref_out,
+                   directory]
+            rows += compare_on_shape(
+                name, entries, sources, reference=ref, ref_output=ref_out, output=out,
+                ours=ours,
+                repeat=args.repeat, baseline_kib=baseline, check=fsck)
+    print_table(f"erofs{' ' + args.compress if args.compress else ''}: ours / mkfs.erofs",
+                "mkfs.erofs", rows, baseline="a tree of the shape's largest file alone:")
+    ok = args.compress != "" or all(row.ratio <= TARGET for row in rows)
+    ok = ok and memory_ok(rows)
+    print(f"targets: ratio <= {TARGET}, peak < 300 MB, < 2048 B per entry "
+          f"[{'ok' if ok else 'MISSED'}]")
+    return 0 if ok else 1
 
 
 if __name__ == "__main__":

@@ -12,11 +12,12 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -81,3 +82,109 @@ def run_child(argv: list[str], *, output: str | None = None, env: dict[str, str]
     if proc.returncode:
         raise SystemExit(f"{argv[0]} failed with exit code {proc.returncode}")
     return ChildRun(wall, usage.ru_utime + usage.ru_stime, usage.ru_maxrss)
+
+
+@dataclass(frozen=True)
+class Row:
+    """One line of a shape table: ours from one source against the reference tool."""
+
+    shape: str
+    source: str  # "tar" or "dir"
+    ours: ChildRun
+    reference: ChildRun
+    entries: int
+    baseline_kib: int  # peak of our child with the imports and an empty tree
+
+    @property
+    def ratio(self) -> float:
+        return self.ours.wall / self.reference.wall
+
+    @property
+    def per_entry_bytes(self) -> float:
+        return max(0, self.ours.peak_kib - self.baseline_kib) * 1024 / max(1, self.entries)
+
+
+def largest_file_alone(directory: Path, tmp: str) -> Path:
+    """A directory holding only the largest regular file of ``directory`` (a copy)."""
+    largest, size = None, -1
+    for dirpath, _dirs, files in os.walk(directory):
+        for name in files:
+            path = os.path.join(dirpath, name)
+            st = os.lstat(path)
+            if st.st_size > size and os.path.isfile(path) and not os.path.islink(path):
+                largest, size = path, st.st_size
+    alone = Path(tmp) / "largest-file-alone"
+    shutil.rmtree(alone, ignore_errors=True)
+    alone.mkdir()
+    if largest is not None:
+        shutil.copyfile(largest, alone / "largest")
+    return alone
+
+
+def best(runs: list[ChildRun]) -> ChildRun:
+    """The fastest run, with the highest peak memory of all of them."""
+    fastest = min(runs, key=lambda r: r.wall)
+    return ChildRun(fastest.wall, min(r.cpu for r in runs), max(r.peak_kib for r in runs))
+
+
+def print_table(title: str, reference: str, rows: list[Row], *,
+                baseline: str = "an empty tree's") -> None:
+    """The shape table: shape, source, ours, reference, ratio, peak memory of both."""
+    print(f"\n{title}: best wall time and CPU time (user + system) of each, peak RSS of "
+          f"the child (MB), our memory per entry beyond {baseline} peak", flush=True)
+    print(f"{'shape':<12} {'from':<4} {'ours s':>7} {reference + ' s':>14} {'ratio':>6} "
+          f"{'CPU ours':>9} {'CPU ref':>8} {'ratio':>6} {'ours MB':>8} "
+          f"{reference + ' MB':>15} {'B/entry':>8}")
+    for row in rows:
+        cpu_ratio = row.ours.cpu / max(row.reference.cpu, 1e-9)
+        print(f"{row.shape:<12} {row.source:<4} {row.ours.wall:>7.2f} "
+              f"{row.reference.wall:>14.2f} {row.ratio:>6.2f} {row.ours.cpu:>9.2f} "
+              f"{row.reference.cpu:>8.2f} {cpu_ratio:>6.2f} {row.ours.peak_kib / 1024:>8.0f} "
+              f"{row.reference.peak_kib / 1024:>15.0f} {row.per_entry_bytes:>8.0f}",
+              flush=True)
+
+
+def compare_on_shape(name: str, entries: int, sources: dict[str, str], *,
+                     ours: Callable[[str], list[str]], reference: list[str], repeat: int,
+                     baseline_kib: int, output: str, ref_output: str | None = None,
+                     ref_env: dict[str, str] | None = None, ref_shell: bool = False,
+                     ref_cwd: str | None = None,
+                     check: Callable[[str], str] | None = None) -> list[Row]:
+    """Alternating best-of-``repeat`` runs of the reference and of ours from each source.
+
+    ``sources`` maps "tar"/"dir" to the path ours reads; ``check`` (given our output)
+    returns "clean" or what is wrong, printed for the first run from each source.
+    """
+    refs: list[ChildRun] = []
+    runs: dict[str, list[ChildRun]] = {source: [] for source in sources}
+    for _ in range(repeat):
+        refs.append(run_child(reference, output=ref_output, env=ref_env, shell=ref_shell,
+                              cwd=ref_cwd, quiet=True))
+        for source, path in sources.items():
+            runs[source].append(run_child(ours(path), output=output))
+            if check is not None and len(runs[source]) == 1:
+                print(f"{name} from {source}: {check(output)}", flush=True)
+    return [Row(name, source, best(runs[source]), best(refs), entries, baseline_kib)
+            for source in sources]
+
+
+
+MEMORY_TARGET_MB = 300
+PER_ENTRY_TARGET = 2048
+
+
+def largest_file_baseline(directory: str, tmp: str, ours: Callable[[str], list[str]],
+                          output: str) -> int:
+    """Our peak (KiB) on a tree of ``directory``'s largest file alone: the buffers the
+    per-entry memory target leaves out."""
+    alone = largest_file_alone(Path(directory), tmp)
+    try:
+        return run_child(ours(str(alone)), output=output).peak_kib
+    finally:
+        shutil.rmtree(alone)
+
+
+def memory_ok(rows: list[Row]) -> bool:
+    """Peak under MEMORY_TARGET_MB and under PER_ENTRY_TARGET bytes per entry."""
+    return all(row.ours.peak_kib < MEMORY_TARGET_MB * 1024
+               and row.per_entry_bytes < PER_ENTRY_TARGET for row in rows)

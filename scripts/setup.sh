@@ -15,6 +15,8 @@ test_debs="e2fsprogs squashfs-tools erofs-utils cryptsetup-bin fsverity gdisk fd
   nginx-light nodejs curl"
 # The FAT writer's oracles: fsck.fat, mtools' mdir and mcopy, a QEMU guest's kernel, OVMF.
 test_debs="$test_debs dosfstools mtools qemu-system-x86 ovmf"
+# Boot tests (`reprobuild test`): QEMU and its UEFI firmware.
+test_debs="$test_debs qemu-system-x86 ovmf"
 
 debs=$runtime_debs
 [ "$with_tests" = yes ] && debs="$debs $test_debs"

@@ -16,6 +16,7 @@ import tarfile
 import tempfile
 from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import Any, ClassVar
 
 import pytest
 
@@ -223,3 +224,105 @@ def _valid_tar(path: Path) -> bool:
             return any(True for _ in archive)
     except (tarfile.TarError, OSError, EOFError):
         return False
+
+
+class ComposefsTools:
+    """mkcomposefs, composefs-info and mount.composefs of Debian unstable's ``composefs``
+    package, run from a cached chroot through its own loader (no chroot call needed)."""
+
+    PROGRAMS: ClassVar[dict[str, str]] = {"mkcomposefs": "usr/bin/mkcomposefs",
+                                          "composefs-info": "usr/bin/composefs-info",
+                                          "mount.composefs": "usr/sbin/mount.composefs"}
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.version = (root / "reprobuild-composefs-version").read_text().strip()
+
+    def command(self, program: str, *args: str | Path) -> list[str]:
+        libs = f"{self.root}/usr/lib/x86_64-linux-gnu:{self.root}/lib/x86_64-linux-gnu"
+        return [str(self.root / "lib64/ld-linux-x86-64.so.2"), "--library-path", libs,
+                str(self.root / self.PROGRAMS[program]), *map(str, args)]
+
+    def run(self, program: str, *args: str | Path, text: bool = True,
+            check: bool = True) -> subprocess.CompletedProcess[Any]:
+        return subprocess.run(self.command(program, *args), capture_output=True, text=text,
+                              check=check, timeout=600)
+
+
+def _host_debian_uri() -> str | None:
+    """The first Debian archive URI of the host's apt sources (deb822 or one-line)."""
+    deb822 = Path("/etc/apt/sources.list.d/debian.sources")
+    if deb822.exists():
+        for line in deb822.read_text().splitlines():
+            if line.startswith("URIs:"):
+                return line.split()[1]
+    one_line = Path("/etc/apt/sources.list")
+    if one_line.exists():
+        for line in one_line.read_text().splitlines():
+            words = line.split()
+            if words[:1] == ["deb"]:
+                return next(w for w in words[1:] if not w.startswith("["))
+    return None
+
+
+@pytest.fixture(scope="session")
+def composefs_tools() -> ComposefsTools:
+    """Debian unstable with the ``composefs`` package, made once with mmdebstrap (as
+    root) and cached beside the minbase tar."""
+    target = MINBASE_CACHE / "sid-composefs"
+    marker = target / "reprobuild-composefs-version"
+    if marker.is_file():
+        return ComposefsTools(target)
+    if target.exists():
+        shutil.rmtree(target)
+    need_tool("mmdebstrap")
+    need(os.geteuid() == 0, "making the composefs chroot needs root")
+    uri = _host_debian_uri()
+    need(uri is not None, "no apt sources on this host for mmdebstrap")
+    MINBASE_CACHE.mkdir(parents=True, exist_ok=True)
+    partial = MINBASE_CACHE / f"sid-composefs.{os.getpid()}.partial"
+    shutil.rmtree(partial, ignore_errors=True)
+    # The unstable Release file may be past its Valid-Until in a snapshot.
+    cmd = ["mmdebstrap", "--variant=essential", "--include=composefs", "--quiet",
+           "--aptopt=Acquire::Check-Valid-Until \"false\"", "unstable", str(partial),
+           f"deb {uri} unstable main"]
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=1800)
+    need(result.returncode == 0, f"mmdebstrap failed: {result.stderr[-2000:]}")
+    version = subprocess.run(["chroot", str(partial), "dpkg-query", "-W", "-f=${Version}",
+                              "composefs"], capture_output=True, text=True, check=True).stdout
+    (partial / "reprobuild-composefs-version").write_text(version + "\n")
+    partial.rename(target)
+    return ComposefsTools(target)
+class BootableDisk:
+    """recipes/bootable-disk.toml built once as the unprivileged uid: where and what."""
+
+    TARGETS = ("systemd-boot", "kernel", "initrd", "root-verity", "uki", "esp", "disk")
+
+    def __init__(self, unprivileged: Unprivileged, work: Path, rows: dict[str, Path]) -> None:
+        self.unprivileged = unprivileged
+        self.work = work
+        self.store = str(work / "store")
+        self.paths = rows
+
+    def reprobuild(self, *args: str, timeout: float = 900) -> subprocess.CompletedProcess[str]:
+        """``reprobuild ARGS`` in the work directory (recipes/ there), as the same uid."""
+        return self.unprivileged.reprobuild(*args, cwd=self.work, timeout=timeout)
+
+
+@pytest.fixture(scope="session")
+def bootable_disk(unprivileged: Unprivileged) -> BootableDisk:
+    """The shipped bootable disk recipe built into one store, shared by the UKI and boot
+    tests (fetches its pinned Debian packages once)."""
+    import json
+
+    need_tool("apt-get")
+    work = unprivileged.scratch("bootable")
+    shutil.copytree(REPO / "recipes", work / "recipes")
+    unprivileged.run(["chmod", "-R", "a+rwX", str(work)], check=False)
+    built = unprivileged.reprobuild("build", "--json", "--no-out-link", "--store",
+                                    str(work / "store"), "recipes/bootable-disk.toml",
+                                    *BootableDisk.TARGETS, cwd=work, timeout=1800)
+    need("could not fetch" not in built.stderr.lower(), "no network to fetch the packages")
+    assert built.returncode == 0, built.stderr
+    rows = {row["target"]: Path(row["path"]) for row in json.loads(built.stdout)}
+    return BootableDisk(unprivileged, work, rows)

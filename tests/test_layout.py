@@ -8,6 +8,8 @@ The rules, with the direction of every arrow (ARCHITECTURE.md explains them):
 * ``trees`` never imports ``images`` or ``build``;
 * ``store`` never imports ``proof`` (records are written by whoever builds);
 * ``integrity`` imports nothing of ours but ``reprobuild.errors``;
+* Dask (``distributed``, ``dask``) is imported only in ``reprobuild/distributed/``, and that
+  package only by ``reprobuild/commands/`` (the engine loads it lazily, by name);
 * an ``import`` statement sits at module level; lazy loading of format and command
   modules goes through ``importlib.import_module`` in the registry and the CLI.
 """
@@ -28,6 +30,7 @@ FORBIDDEN: dict[str, tuple[str, ...]] = {
     "reprobuild/images/": ("reprobuild.build",),
     "reprobuild/trees/": ("reprobuild.images", "reprobuild.build"),
     "reprobuild/store/": ("reprobuild.proof",),
+    "reprobuild/distributed/": ("reprobuild.commands", "reprobuild.cli"),
 }
 # Distributions whose import name is not their name.
 IMPORT_NAMES = {"pyelftools": "elftools"}
@@ -143,3 +146,19 @@ def test_every_pinned_dependency_is_imported() -> None:
         for line in config["options"]["install_requires"].splitlines() if line.strip())}
     used = {name.split(".")[0] for path in modules() for _, name in imported(path)}
     assert sorted(pinned - used) == []
+
+
+def test_dask_stays_in_the_distributed_package() -> None:
+    """Dask is big and runs pickles: only reprobuild.distributed imports it, and only the
+    commands import that package (build loads its executor by name, when asked)."""
+    wrong = []
+    for path in modules():
+        rel = relative(path)
+        for line, name in imported(path):
+            if (names_module(name, "distributed") or names_module(name, "dask")) \
+                    and not rel.startswith("reprobuild/distributed/"):
+                wrong.append(f"{rel}:{line} imports {name}")
+            if names_module(name, "reprobuild.distributed") and not rel.startswith(
+                    ("reprobuild/distributed/", "reprobuild/commands/")):
+                wrong.append(f"{rel}:{line} imports {name}")
+    assert wrong == []

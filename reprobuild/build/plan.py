@@ -199,5 +199,6 @@ def _image_node(recipe: Recipe, image: Image, nodes: Mapping[str, Node]) -> Node
     drv = Derivation("image", attrs, {name: nodes[name].id for name in image.inputs},
                      name=image.name)
     main_file = fmt.load_disk().main_file(image.table) if fmt.kind == "disk" else None
+    main_file = getattr(module, "MAIN_FILE", main_file)  # a tree image with a second output
     return Node(image.name, drv, image.inputs, image,
                 display=f"write {image.format} image {image.name}", main_file=main_file)

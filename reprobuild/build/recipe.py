@@ -19,10 +19,11 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
+from reprobuild.build.boottests import BootTest, parse_tests
 from reprobuild.build.limits import table_limits
 from reprobuild.build.recipe_graph import check_cycles, check_inputs
 from reprobuild.errors import ImageError, RecipeError, suggest
-from reprobuild.images.protocol import COMMON_KEYS
+from reprobuild.images.protocol import COMMON_KEYS, VALUE_KEYS
 from reprobuild.images.registry import get_format, sane_size
 from reprobuild.units import parse_duration, parse_size
 from sandbox.spec import Limits
@@ -36,7 +37,7 @@ NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_.-]*$")
 # Store outputs get mtime = epoch through utime, whose nanosecond count is a signed
 # 64-bit number; each image format then refuses what it cannot hold (images/timestamps).
 MAX_EPOCH = ((1 << 63) - 1) // 1_000_000_000
-TOP_KEYS = ("epoch", "sources", "steps", "images")
+TOP_KEYS = ("epoch", "sources", "steps", "images", "tests")
 DEB_KEYS = ("deb", "version", "sha256")
 PATH_KEYS = ("path", "blake3", "allow-outside", "allow-private")
 HOST_KEYS = ("host",)
@@ -44,7 +45,7 @@ OCI_KEYS = ("oci", "blake3", "allow-outside", "allow-private")
 SOURCE_KINDS = ("deb", "path", "host", "oci")
 DEB_PACKAGE_RE = re.compile(r"[a-z0-9][a-z0-9+.-]+")
 DEB_VERSION_RE = re.compile(r"[0-9][A-Za-z0-9.+~:-]*")
-STEP_KEYS = ("inputs", "builder", "env", "timeout", "limits")
+STEP_KEYS = ("inputs", "builder", "env", "timeout", "limits", "cores")
 RUN_KEYS = ("timeout", "limits")  # how an image's step runs, not what it makes: not in ids
 IMAGE_KEYS = (*COMMON_KEYS, *RUN_KEYS)
 
@@ -110,6 +111,8 @@ class Step:
     env: tuple[tuple[str, str], ...] = ()
     timeout: float | None = None
     limits: Limits = field(default_factory=Limits)
+    # Cores it uses ($BUILD_CORES; a Dask resource): how it runs, not in its id.
+    cores: int | None = None
 
 
 @dataclass(frozen=True)
@@ -148,6 +151,7 @@ class Recipe:
     sources: Mapping[str, Source]
     steps: Mapping[str, Step]
     images: Mapping[str, Image]
+    tests: Mapping[str, BootTest] = field(default_factory=dict)  # [tests.NAME]: boot tests
 
     def names(self) -> list[str]:
         return [*self.sources, *self.steps, *self.images]
@@ -343,7 +347,8 @@ def parse_recipe(data: dict[str, Any], *, path: str, directory: str) -> Recipe:
         images[name] = _image(path, name, table)
 
     recipe = Recipe(path=path, directory=directory, epoch=epoch, sources=sources,
-                    steps=steps, images=images)
+                    steps=steps, images=images,
+                    tests=parse_tests(path, data.get("tests"), set(owner)))
     check_inputs(recipe)
     check_cycles(recipe)
     return recipe
@@ -432,8 +437,11 @@ def _step(path: str, name: str, raw: Any) -> Step:
                               "($out and the inputs' paths)")
         env.append((key, str(value)))
     timeout = table.parsed("timeout", parse_duration)
+    cores = table.integer("cores")
+    if cores == 0:
+        raise table.error("cores", "must be at least 1")
     return Step(name, inputs, builder, tuple(sorted(env)), timeout,
-                table_limits(table.table, table.path, table.where))
+                table_limits(table.table, table.path, table.where), cores)
 
 
 def _image(path: str, name: str, raw: Any) -> Image:
@@ -445,6 +453,11 @@ def _image(path: str, name: str, raw: Any) -> Image:
     except ImageError as exc:
         raise table.error("format", exc.message, exc.hint) from None
     for key, value in table.table.items():
+        if key in VALUE_KEYS and key not in fmt.options.common:
+            try:
+                fmt.options.check_common({key: value})
+            except ImageError as exc:
+                raise table.error(key, exc.message, exc.hint) from None
         if key in IMAGE_KEYS:
             continue
         if key not in fmt.options.names():

@@ -114,7 +114,7 @@ def step_spec(node: Node, inputs: Mapping[str, tuple[Node, str]], build_dir: str
                Mount(output_dir, OUTPUT_DIR, writable=True)]
     return SandboxSpec(argv=tuple(command), mounts=tuple(mounts),
                        env=tuple(sorted(env.items())), cwd="/build", epoch=epoch,
-                       cores=cores, timeout=None if interactive else step.timeout,
+                       cores=step.cores or cores, timeout=None if interactive else step.timeout,
                        interactive=interactive, debug=debug, limits=effective(step.limits))
 
 

@@ -8,6 +8,9 @@ The first of these that names them wins, as a whole (lists are not merged):
 
        substituters = ["http://cache.local:8080/reprobuild", "file:///srv/cache"]
        trusted-keys = ["ci.pub"]      # relative to the config file's directory
+       executor = "dask://sched.local:8786"   # build's --executor, --cache, --certs
+       cache = "s3://builds/reprobuild?endpoint=http://minio.local:9000"
+       certs = "cluster-certs"        # relative to the config file's directory
 
 A trusted key is a PEM public key file (or a private key, whose public half is used), or
 a directory whose ``*.pub`` files are all trusted.
@@ -29,6 +32,9 @@ from reprobuild.proof import signing
 
 ENV_SUBSTITUTERS = "REPROBUILD_SUBSTITUTERS"
 ENV_TRUSTED_KEYS = "REPROBUILD_TRUSTED_KEYS"
+
+
+KNOWN = ("substituters", "trusted-keys", "executor", "cache", "certs")
 
 
 class SettingsError(ReprobuildError):
@@ -74,10 +80,10 @@ def resolve(substituters: Sequence[str] | None, trusted_keys: Sequence[str] | No
     env = os.environ if environ is None else environ
     path = config_path(env)
     config = _read_config(path)
-    unknown = sorted(set(config) - {"substituters", "trusted-keys"})
+    unknown = sorted(set(config) - set(KNOWN))
     if unknown:
         raise SettingsError(f"{path}: unknown setting {unknown[0]!r}",
-                            hint="known settings: substituters, trusted-keys")
+                            hint=f"known settings: {', '.join(KNOWN)}")
     urls: Sequence[str] | None = substituters
     if urls is None and ENV_SUBSTITUTERS in env:
         urls = env[ENV_SUBSTITUTERS].split()
@@ -90,6 +96,33 @@ def resolve(substituters: Sequence[str] | None, trusted_keys: Sequence[str] | No
         keys = tuple(str(path.parent / k)
                      for k in _strings(config, "trusted-keys", path) or ())
     return CacheSettings(tuple(urls), tuple(keys))
+
+
+@dataclass(frozen=True)
+class ExecutorSettings:
+    """Where ``build`` runs steps: ``executor`` (None: here), ``cache`` and ``certs``."""
+
+    executor: str | None = None
+    cache: str | None = None
+    certs: str | None = None
+
+
+def executor_settings(executor: str | None, cache: str | None, certs: str | None,
+                      environ: Mapping[str, str] | None = None) -> ExecutorSettings:
+    """The command line's ``--executor``, ``--cache``, ``--certs``, each else the config
+    file's ``executor``, ``cache``, ``certs`` (a path relative to the file)."""
+    path = config_path(os.environ if environ is None else environ)
+    config = _read_config(path)
+    found: dict[str, str | None] = {}
+    for key in ("executor", "cache", "certs"):
+        value = config.get(key)
+        if value is not None and not isinstance(value, str):
+            raise SettingsError(f"{path}: {key} must be a string")
+        found[key] = value
+    if found["certs"] is not None:
+        found["certs"] = str(path.parent / found["certs"])
+    return ExecutorSettings(executor or found["executor"], cache or found["cache"],
+                            certs or found["certs"])
 
 
 def load_keys(paths: Sequence[str]) -> dict[str, Ed25519PublicKey]:

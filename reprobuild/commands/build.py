@@ -29,6 +29,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "result-TARGET)")
     parser.add_argument("--no-out-link", action="store_true",
                         help="create no result links (the outputs may then be collected)")
+    add_executor_options(parser)
+
+
+def add_executor_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--executor", default=None, metavar="local|dask://HOST:PORT",
+                        help="where steps run: here (default) or on a Dask cluster of "
+                             "`reprobuild worker`s, through --cache")
+    parser.add_argument("--cache", default=None, metavar="URL",
+                        help="with --executor dask://…: the cache the workers use")
+    parser.add_argument("--certs", default=None, metavar="DIR",
+                        help="with --executor dask://…: the `reprobuild cluster-certs` "
+                             "directory (ca.pem, client.pem, client.key): TLS")
+    parser.add_argument("--insecure", action="store_true",
+                        help="allow plain TCP to a non-loopback scheduler")
 
 
 def warn_unreproducible(report: BuildReport) -> None:

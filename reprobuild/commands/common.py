@@ -3,16 +3,18 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import os
 import sys
 from dataclasses import replace
 
 from reprobuild.build import hints
-from reprobuild.build.engine import BuildReport, Engine, Options
+from reprobuild.build.engine import BuildReport, Engine, Executor, Options
 from reprobuild.build.plan import Plan, plan
 from reprobuild.build.progress import Progress
 from reprobuild.build.recipe import Recipe, load_recipe
 from reprobuild.build.sandboxing import start_runner
+from reprobuild.cache.settings import executor_settings, resolve
 
 __all__ = ["add_build_options", "add_recipe", "build_plan", "load", "make_engine",
            "positive_int", "print_failures", "run_plan", "start_runner", "suggested"]
@@ -87,8 +89,34 @@ def make_engine(args: argparse.Namespace, store: Store, *, quiet: bool = False) 
                       cores=max(1, getattr(args, "jobs", 1) or 1),
                       debug=getattr(args, "debug", False),
                       store_option=getattr(args, "store_option", None))
-    return Engine(store, lambda: start_runner(debug=options.debug), options,
-                  Progress(enabled=not quiet))
+    progress = Progress(enabled=not quiet)
+    return Engine(store, lambda: start_runner(debug=options.debug), options, progress,
+                  executor=remote_executor(args, store, options, progress))
+
+
+# Executors other than the local thread pool, loaded only when asked for (Dask is big).
+EXECUTORS = {"dask": "reprobuild.distributed.executor"}
+
+
+def remote_executor(args: argparse.Namespace, store: Store, options: Options,
+                    progress: Progress) -> Executor | None:
+    """The executor ``--executor`` names (None: the local thread pool)."""
+    if not hasattr(args, "executor"):
+        return None
+    chosen = executor_settings(args.executor, args.cache, args.certs)
+    if chosen.executor in (None, "local"):
+        return None
+    module = importlib.import_module(EXECUTORS["dask"])
+    trusted = resolve(getattr(args, "substituters", None),
+                      getattr(args, "trusted_keys", None)).trusted_keys
+    executor: Executor = module.open_executor(
+        chosen.executor, certs=chosen.certs, insecure=args.insecure, cache_url=chosen.cache,
+        trusted_keys=trusted, store=store, options=options, progress=progress, warn=_warn)
+    return executor
+
+
+def _warn(message: str) -> None:
+    print(f"reprobuild: warning: {message}", file=sys.stderr)
 
 
 LISTED = 20

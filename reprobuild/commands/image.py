@@ -18,7 +18,8 @@ from reprobuild.trees.oci import DEFAULT_PLATFORM
 from reprobuild.trees.overrides import load_overrides_file
 from reprobuild.units import parse_size
 
-HELP = "build an image (ext4, squashfs, erofs, cpio, tar) from a directory, tar or OCI layout"
+HELP = ("build an image (ext4, squashfs, erofs, composefs, cpio, tar) from a directory, tar "
+        "or OCI layout")
 
 
 def _size(text: str) -> int | None:
@@ -72,6 +73,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--platform", type=_platform, default=DEFAULT_PLATFORM,
                         metavar="OS/ARCH", help="manifest of a multi-platform OCI image "
                         "(default: linux/amd64)")
+    parser.add_argument("--digest-store", metavar="DIR", default=None,
+                        help="composefs: put the files the image stores by reference "
+                             "here, named by fs-verity digest (xx/rest); kept objects "
+                             "are reused")
     parser.add_argument("--option", "-o", dest="extra", type=_option, action="append",
                         default=[], metavar="KEY=VALUE",
                         help="a format-specific option; " + "; ".join(
@@ -96,6 +101,7 @@ def run(args: argparse.Namespace) -> int:
             (key, schema.parse_text(key, text)) for key, text in args.extra)))
     files = load_overrides_file(args.files) if args.files is not None else None
     size = build_tree_image(args.format, args.source, args.output, options, files=files,
-                            where=args.files or "files", platform=args.platform, sync=True)
+                            where=args.files or "files", platform=args.platform, sync=True,
+                            digest_store=args.digest_store)
     print(f"{args.output}: {args.format} image, {size} bytes")
     return 0

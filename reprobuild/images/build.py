@@ -18,19 +18,22 @@ once the image is written.
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator, Mapping
-from typing import Any
+from collections.abc import Callable, Iterator, Mapping
+from typing import Any, BinaryIO
 
 from reprobuild.errors import ImageError, disk_full
-from reprobuild.images.registry import ImageOptions, OptionValue, TreeFormat, get_format
+from reprobuild.images.registry import ImageOptions, OptionValue, get_format
 from reprobuild.trees.load import load_tree
 from reprobuild.trees.oci import DEFAULT_PLATFORM
 from reprobuild.trees.overrides import apply_overrides
 from reprobuild.trees.tar_reader import Spool
 from reprobuild.trees.tree import Tree
+
+WriteImage = Callable[[Tree, BinaryIO, ImageOptions], None]
 
 
 def options_from_json(epoch: int, options: Mapping[str, Any]) -> ImageOptions:
@@ -59,13 +62,22 @@ def scratch_spool(scratch: str | None) -> Iterator[Spool]:
 def build_tree_image(fmt_name: str, source: str, output: str, options: ImageOptions, *,
                      files: Mapping[str, Mapping[str, object]] | None = None,
                      where: str = "files", scratch: str | None = None,
-                     platform: tuple[str, str] = DEFAULT_PLATFORM, sync: bool = False) -> int:
+                     platform: tuple[str, str] = DEFAULT_PLATFORM, sync: bool = False,
+                     digest_store: str | None = None) -> int:
     """Write the ``fmt_name`` image of the tree at ``source`` (with the overrides
     ``files``, named ``where`` in messages) to ``output``; returns its size in bytes.
-    ``sync`` makes the bytes durable before the rename."""
+    ``sync`` makes the bytes durable before the rename. ``digest_store`` (composefs
+    only) is the directory that receives the files the image stores by reference."""
     fmt = get_format(fmt_name)
-    fmt.options.check(dict(options.extra))
+    fmt.options.check_image_options(options)
     writer = fmt.load_tree()
+    write: WriteImage = writer.write
+    if digest_store is not None:
+        if fmt.name != "composefs":
+            raise ImageError(f"a digest store is written only for composefs images, not "
+                             f"{fmt.name}", hint="drop --digest-store or use --format composefs")
+        write = functools.partial(fmt.load_module().write_with_store,
+                                  digest_store=digest_store)
     directory = os.path.dirname(os.path.abspath(output))
     if not os.path.isdir(directory):
         raise ImageError(f"the directory of {output} does not exist",
@@ -77,7 +89,7 @@ def build_tree_image(fmt_name: str, source: str, output: str, options: ImageOpti
         if os.path.isdir(output):
             raise ImageError(f"output {output} is a directory", hint="name the image file")
         try:
-            return _write_atomically(writer, tree, output, options, sync=sync)
+            return _write_atomically(write, tree, output, options, sync=sync)
         except OSError as exc:  # the partial file is gone: name the full disk
             full = disk_full(exc, output, f"the {fmt_name} image {output}")
             if full is None:
@@ -85,7 +97,7 @@ def build_tree_image(fmt_name: str, source: str, output: str, options: ImageOpti
             raise full from None
 
 
-def _write_atomically(writer: TreeFormat, tree: Tree, output: str, options: ImageOptions,
+def _write_atomically(write: WriteImage, tree: Tree, output: str, options: ImageOptions,
                       *, sync: bool) -> int:
     directory = os.path.dirname(os.path.abspath(output))
     try:
@@ -95,7 +107,7 @@ def _write_atomically(writer: TreeFormat, tree: Tree, output: str, options: Imag
                          hint="the output's directory must exist and be writable") from None
     try:
         with os.fdopen(fd, "w+b") as out:
-            writer.write(tree, out, options)
+            write(tree, out, options)
             out.flush()
             if sync:
                 os.fsync(out.fileno())
@@ -126,8 +138,15 @@ def _build_image(job: Mapping[str, Any]) -> None:
     epoch = int(job["epoch"])
     options = options_from_json(epoch, job.get("options") or {})
     if fmt.kind == "disk":
+        fmt.options.check_image_options(options)
         fmt.load_disk().build(dict(job["inputs"]), dict(job["table"]), options, job["output"])
         return
-    build_tree_image(fmt.name, job["from"], job["output"], options,
+    output, digest_store = job["output"], None
+    main_file = getattr(fmt.load_module(), "MAIN_FILE", None)
+    if main_file is not None:  # an image with its digest store: one output directory
+        os.mkdir(job["output"])
+        output = os.path.join(job["output"], main_file)
+        digest_store = os.path.join(job["output"], fmt.load_module().STORE_DIR)
+    build_tree_image(fmt.name, job["from"], output, options,
                      files=job.get("files") or None, where=f"[images.{job['name']}.files]",
-                     scratch=job.get("scratch"))
+                     scratch=job.get("scratch"), digest_store=digest_store)

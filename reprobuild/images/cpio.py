@@ -27,7 +27,7 @@ import os
 import struct
 import zlib
 from dataclasses import dataclass
-from typing import BinaryIO
+from typing import BinaryIO, NoReturn
 
 import zstandard
 
@@ -37,9 +37,11 @@ from reprobuild.images.archive_compress import (
     compressed_writer,
     compressor_identity,
 )
+from reprobuild.images.contents import ContentStreamer
 from reprobuild.images.registry import ImageOptions
 from reprobuild.images.tar import check_archive_options
 from reprobuild.trees.builder import TreeBuilder
+from reprobuild.trees.gcpause import collector_paused
 from reprobuild.trees.region import file_region
 from reprobuild.trees.tar_reader import (
     default_spool,
@@ -47,6 +49,7 @@ from reprobuild.trees.tar_reader import (
     open_decompressed,
 )
 from reprobuild.trees.tree import (
+    S_IFMT_OF_TYPE,
     Content,
     Entry,
     EntryType,
@@ -70,6 +73,8 @@ TRAILER = b"TRAILER!!!"
 PATH_MAX = 4096
 U32 = 0xFFFFFFFF
 BLOCK = 512
+SMALL_FILE = 1 << 18  # files up to this size are read whole into the write buffer
+WRITE_SIZE = 1 << 20
 
 
 @dataclass(frozen=True)
@@ -82,21 +87,32 @@ class CpioMember:
     path: bytes
 
 
+# The whole header in one formatting operation: CPIO_NEWC_HEADER's layout, for values
+# that fit 32 bits (the plan checks them).
+NEWC_FORMAT = NEWC_MAGIC + b"%08X" * 13
+# NUL terminator and padding after a name of each length modulo 4: the 110-byte header
+# plus the name plus these end on a multiple of 4.
+NAME_END = tuple(b"\0" * (1 + (-(NEWC_HEADER_SIZE + n + 1) % 4)) for n in range(4))
+
+
 def newc_header(name: bytes, *, ino: int, mode: int, uid: int, gid: int, nlink: int,
                 mtime: int, filesize: int, rdevmajor: int = 0, rdevminor: int = 0) -> bytes:
     """Header plus NUL-terminated name, padded to a multiple of 4 bytes."""
     fields = (ino, mode, uid, gid, nlink, mtime, filesize, 0, 0, rdevmajor, rdevminor,
               len(name) + 1, 0)
-    header = CPIO_NEWC_HEADER.pack(NEWC_MAGIC, *(b"%08X" % value for value in fields))
-    header += name + b"\0"
-    return header + b"\0" * (-len(header) % 4)
+    if max(fields) > U32 or min(fields) < 0:
+        raise ImageError(f"cpio: a header field of {name!r} does not fit 32 bits")
+    return NEWC_FORMAT % fields + name + NAME_END[len(name) % 4]
 
 
-def _u32(value: int, what: str, shown: str) -> int:
-    if not 0 <= value <= U32:
-        raise ImageError(f"{shown}: {what} {value} does not fit in a cpio newc header",
-                         hint="newc holds 32-bit sizes, ids and times")
-    return value
+def _check_u32(entry: Entry, inode: Entry, mtime: int, size: int) -> None:
+    """Refuse, naming the entry, a value newc's 32-bit hex fields cannot hold."""
+    for what, value in (("uid", inode.uid), ("gid", inode.gid), ("mtime", mtime),
+                        ("size", size), ("device major", entry.rdev_major),
+                        ("device minor", entry.rdev_minor)):
+        if not 0 <= value <= U32:
+            raise ImageError(f"{entry.display()}: {what} {value} does not fit in a cpio "
+                             "newc header", hint="newc holds 32-bit sizes, ids and times")
 
 
 def plan(tree: Tree, options: ImageOptions) -> list[CpioMember]:
@@ -111,83 +127,112 @@ def plan(tree: Tree, options: ImageOptions) -> list[CpioMember]:
             group_of[path] = ordered
     inode_of: dict[bytes, int] = {}
     subdirs: dict[bytes, int] = {}
+    directory, symlink, regular = EntryType.DIRECTORY, EntryType.SYMLINK, EntryType.REGULAR
     for entry in tree:
-        if entry.type is EntryType.DIRECTORY and entry.path:
-            subdirs[entry.parent] = subdirs.get(entry.parent, 0) + 1
+        if entry.type is directory and entry.path:
+            parent = entry.path.rpartition(b"/")[0]
+            subdirs[parent] = subdirs.get(parent, 0) + 1
     members = []
     epoch_ns = options.epoch * 1_000_000_000
+    s_ifmt = {kind._name_: bits for kind, bits in S_IFMT_OF_TYPE.items()}  # str keys hash fast
     for entry in tree:
-        shown = entry.display()
-        inode = tree.resolve(entry)
-        group = group_of.get(entry.path)
-        first = group[0] if group else entry.path
-        if first not in inode_of:
-            inode_of[first] = len(inode_of) + 1
+        path = entry.path
+        kind = entry.type
+        inode = tree.resolve(entry) if kind is EntryType.HARDLINK else entry
+        group = group_of.get(path) if group_of else None
+        first = group[0] if group else path
+        ino = inode_of.get(first)
+        if ino is None:
+            ino = inode_of[first] = len(inode_of) + 1
         if inode.xattrs and not ignore_xattrs:
-            raise ImageError(f"{shown}: cpio newc cannot store xattrs",
+            raise ImageError(f"{entry.display()}: cpio newc cannot store xattrs",
                              hint="drop them with the image option xattrs = \"ignore\"")
-        name = entry.path or b"."
+        name = path or b"."
         if name == TRAILER:
-            raise ImageError(f"{shown}: a top-level {TRAILER.decode()} would end the archive",
-                             hint="rename it; newc cannot hold this name")
+            raise ImageError(f"{entry.display()}: a top-level {TRAILER.decode()} would end "
+                             "the archive", hint="rename it; newc cannot hold this name")
         if len(name) + 1 > PATH_MAX:
-            raise ImageError(f"{shown}: name of {len(name)} bytes is longer than PATH_MAX")
+            raise ImageError(f"{entry.display()}: name of {len(name)} bytes is longer than "
+                             "PATH_MAX")
         content = None
         inline = b""
-        if entry.type is EntryType.SYMLINK:
+        if kind is symlink:
             inline = entry.target or b""
             size = len(inline)
-        elif inode.type is EntryType.REGULAR and (group is None or entry.path == group[-1]):
+        elif inode.type is regular and (group is None or path == group[-1]):
             content = inode.content
-            size = inode.size
+            size = content.size if content is not None else 0
         else:
             size = 0
-        if entry.type is EntryType.DIRECTORY:
-            nlink = 2 + subdirs.get(entry.path, 0)
-        else:
-            nlink = len(group) if group else 1
-        mtime = min(inode.mtime_ns, epoch_ns)
-        header = newc_header(
-            name, ino=inode_of[first], mode=inode.st_mode,
-            uid=_u32(inode.uid, "uid", shown), gid=_u32(inode.gid, "gid", shown),
-            nlink=nlink, mtime=_u32(mtime // 1_000_000_000, "mtime", shown),
-            filesize=_u32(size, "size", shown),
-            rdevmajor=_u32(entry.rdev_major, "device major", shown),
-            rdevminor=_u32(entry.rdev_minor, "device minor", shown))
-        members.append(CpioMember(header, content, inline, entry.path))
+        nlink = (2 + subdirs.get(path, 0) if kind is directory
+                 else len(group) if group else 1)
+        mtime = min(inode.mtime_ns, epoch_ns) // 1_000_000_000
+        if (inode.uid > U32 or inode.gid > U32 or size > U32 or mtime < 0 or mtime > U32
+                or entry.rdev_major > U32 or entry.rdev_minor > U32):
+            _check_u32(entry, inode, mtime, size)
+        header = NEWC_FORMAT % (ino, s_ifmt[inode.type._name_] | inode.mode, inode.uid, inode.gid,
+                                nlink, mtime, size, 0, 0, entry.rdev_major,
+                                entry.rdev_minor, len(name) + 1, 0)
+        members.append(CpioMember(header + name + NAME_END[len(name) % 4], content, inline,
+                                  path))
     return members
 
 
 def write(tree: Tree, output: BinaryIO, options: ImageOptions) -> None:
     """Write the newc archive of ``tree`` to ``output`` (compressed if asked)."""
-    members = plan(tree, options)
-    with compressed_writer(output, check_compress(options.compress, "cpio")) as stream:
-        _write_members(members, stream)
+    with collector_paused():
+        members = plan(tree, options)
+        with compressed_writer(output, check_compress(options.compress, "cpio")) as stream, \
+                ContentStreamer() as reader:
+            _write_members(members, stream, reader)
 
 
-def _write_members(members: list[CpioMember], output: BinaryIO) -> None:
+def _write_members(members: list[CpioMember], output: BinaryIO,
+                   reader: ContentStreamer) -> None:
+    """Headers, symlink targets and small files gather in one buffer, written a megabyte
+    at a time; larger files stream through it."""
     total = 0
+    pending = bytearray()
     for member in members:
-        output.write(member.header)
-        total += len(member.header)
-        data_size = len(member.inline)
+        pending += member.header
+        content = member.content
         if member.inline:
-            output.write(member.inline)
-        elif member.content is not None:
-            for chunk in member.content.chunks():
+            pending += member.inline
+            pending += bytes(-len(member.inline) % 4)
+        elif content is not None and content.size <= SMALL_FILE:
+            data = reader.whole(content)
+            if len(data) != content.size:
+                _changed(member, len(data))
+            pending += data
+            pending += bytes(-len(data) % 4)
+        elif content is not None:
+            output.write(pending)
+            total += len(pending)
+            pending.clear()
+            data_size = 0
+            for chunk in reader.chunks(content):
                 output.write(chunk)
                 data_size += len(chunk)
-            if data_size != member.content.size:
-                raise ImageError(
-                    f"/{member.path.decode(errors='replace')}: content is {data_size} bytes,"
-                    f" expected {member.content.size}",
-                    hint="do not modify the source tree during a build")
-        padding = -data_size % 4
-        output.write(b"\0" * padding)
-        total += data_size + padding
-    trailer = newc_header(TRAILER, ino=0, mode=0, uid=0, gid=0, nlink=1, mtime=0, filesize=0)
-    total += len(trailer)
-    output.write(trailer + b"\0" * (-total % BLOCK))
+            if data_size != content.size:
+                _changed(member, data_size)
+            pending += bytes(-data_size % 4)
+            total += data_size
+        if len(pending) >= WRITE_SIZE:
+            output.write(pending)
+            total += len(pending)
+            pending.clear()
+    pending += newc_header(TRAILER, ino=0, mode=0, uid=0, gid=0, nlink=1, mtime=0,
+                           filesize=0)
+    total += len(pending)
+    pending += bytes(-total % BLOCK)
+    output.write(pending)
+
+
+def _changed(member: CpioMember, read: int) -> NoReturn:
+    assert member.content is not None
+    raise ImageError(f"/{member.path.decode(errors='replace')}: content is {read} bytes,"
+                     f" expected {member.content.size}",
+                     hint="do not modify the source tree during a build")
 
 
 # -- reading ---------------------------------------------------------------------------

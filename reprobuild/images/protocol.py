@@ -13,6 +13,7 @@ of :class:`ImageOptions`; each writer checks the values it cannot use.
 
 from __future__ import annotations
 
+import difflib
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -23,6 +24,8 @@ from reprobuild.trees.tree import Tree
 
 OptionValue = str | int | bool
 COMMON_KEYS = ("from", "format", "size", "uuid", "label", "compress", "block_size", "files")
+# The common keys that carry a value into ImageOptions; a format lists those it honours.
+VALUE_KEYS = ("size", "uuid", "label", "compress", "block_size")
 
 
 # The largest image any writer is asked for (16 TiB): a larger size is a typo far more
@@ -122,13 +125,33 @@ _TYPE_WORDS: dict[type, str] = {bool: "true or false", str: "a string", int: "an
 
 @dataclass(frozen=True)
 class OptionsSchema:
-    """The format-specific keys of one format; anything else is refused."""
+    """The format-specific keys of one format and the common value keys (``size``,
+    ``uuid``, ``label``, ``compress``, ``block_size``) it honours; anything else is
+    refused."""
 
     format: str
     options: tuple[Option, ...] = ()
+    common: tuple[str, ...] = VALUE_KEYS
 
     def names(self) -> tuple[str, ...]:
         return tuple(option.name for option in self.options)
+
+    def check_common(self, given: Mapping[str, object]) -> None:
+        """Refuse a common key (``given``: key -> value, None when unset) that this
+        format would ignore, rather than build something the user did not ask for."""
+        for key, value in given.items():
+            if value is not None and key not in self.common:
+                takes = ", ".join(self.common) or "none of them"
+                raise ImageError(f"{self.format} images take no {key}",
+                                 hint=f"leave {key} out; of size, uuid, label, compress "
+                                      f"and block_size, {self.format} takes {takes}")
+
+    def check_image_options(self, options: ImageOptions) -> None:
+        """:meth:`check_common` and :meth:`check` for every field of ``options``."""
+        self.check_common({"size": options.size, "uuid": options.uuid,
+                           "label": options.label, "compress": options.compress,
+                           "block_size": options.block_size})
+        self.check(dict(options.extra))
 
     def option(self, name: str) -> Option:
         """The option ``name``; an unknown name is an ImageError with a suggestion."""
@@ -151,7 +174,20 @@ class OptionsSchema:
             raise ImageError(f"{self.format} {exc.message}", hint=exc.hint) from None
 
     def parse_text(self, name: str, text: str) -> OptionValue:
-        """Type the command line's ``-o NAME=TEXT`` and check it."""
+        """Type the command line's ``-o NAME=TEXT`` and check it. ``-o`` sets only
+        format-specific keys: a common key or a misspelt one is refused with the flag or
+        key meant."""
+        if name not in self.names():
+            # How each key the format takes is written on the command line.
+            spelled = {key: f"--{key.replace('_', '-')}" for key in (*self.common, "files")}
+            if name in spelled:
+                raise ImageError(f"{name} is not a -o option", hint=f"use {spelled[name]}")
+            spelled.update((key, repr(key)) for key in self.names())
+            close = difflib.get_close_matches(name, sorted(spelled), n=1, cutoff=0.6)
+            meant = f"did you mean {spelled[close[0]]}? " if close else ""
+            raise ImageError(f"unknown {self.format} option {name!r}",
+                             hint=f"{meant}{self.format}'s -o options: "
+                                  f"{', '.join(self.names()) or 'none'}")
         try:
             value = self.option(name).from_text(text)
         except ImageError as exc:
@@ -167,7 +203,8 @@ class TreeFormat(Protocol):
 
     def write(self, tree: Tree, output: BinaryIO, options: ImageOptions) -> None:
         """Write the image to a seekable, writable, empty file: plan first, then
-        serialise; read file bytes only through ``Content.chunks()``."""
+        serialise; read file bytes only through ``Content.chunks()`` or its faster
+        equal, :class:`~reprobuild.images.contents.ContentStreamer`."""
 
     def read(self, path: str | bytes) -> Tree:
         """Read an image back into a tree; contents stream from the image file."""

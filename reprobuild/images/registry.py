@@ -64,7 +64,7 @@ _EXT4 = OptionsSchema("ext4", (
     Option("hash_seed", str, "the htree hash seed, a UUID (default: derived from the content)"),
     Option("hash_version", str, "the htree hash", choices=("half_md4", "tea")),
     Option("inodes", int, "spare inodes beyond those the tree needs", minimum=0),
-))
+), common=("size", "uuid", "label", "block_size"))
 _SQUASHFS = OptionsSchema("squashfs", (
     Option("compression_level", int, "zstd 1-22 (default 15), gzip 1-9 (default 9)",
            minimum=1, maximum=22),
@@ -72,23 +72,32 @@ _SQUASHFS = OptionsSchema("squashfs", (
     Option("tail_fragments", bool, "pack tails of files larger than a block into fragments"),
     Option("probe", bool, "store blocks zstd -1 cannot shrink without compressing them"),
     Option("threads", int, "compression threads (the bytes never depend on it)", minimum=1),
-))
+), common=("size", "compress", "block_size"))
 _CPIO = OptionsSchema("cpio", (
     Option("xattrs", str, "\"ignore\" drops extended attributes", choices=("ignore",)),
-))
+), common=("compress",))
 _GPT = OptionsSchema("gpt", (
     Option("seed", str, "disk and partition GUIDs derive from it"),
     Option("partitions", object, "the partition table (see reprobuild.images.gpt.image)"),
     Option("sector-size", int, "512 or 4096", minimum=512, maximum=4096),
     Option("alignment", object, "partition alignment, a size like \"1M\""),
-))
+), common=("size", "uuid"))
 _VERITY = OptionsSchema("verity", (
     Option("hash-algorithm", str, "sha1, sha256 (default) or sha512"),
     Option("data-block-size", int, "data block size (default 4096)", minimum=512),
     Option("hash-block-size", int, "hash block size (default 4096)", minimum=512),
     Option("salt", str, "hex salt (default: derived from the data)"),
     Option("append", bool, "append the tree to a copy of the data"),
-))
+), common=("uuid", "block_size"))
+_UKI = OptionsSchema("uki", (
+    Option("stub", str, "the UEFI stub: INPUT/path of linuxx64.efi.stub"),
+    Option("kernel", str, "the kernel: INPUT/path of a vmlinuz"),
+    Option("initrd", str, "the initramfs: a cpio image, or INPUT/path"),
+    Option("cmdline", str, "the kernel command line; @NAME is verity image NAME's root hash"),
+    Option("osrel", str, "the text of the .osrel section (os-release)"),
+    Option("uname", str, "the kernel release for .uname (default: read from the kernel)"),
+    Option("sbat", str, "SBAT lines appended to the stub's .sbat"),
+), common=())
 _VFAT = OptionsSchema("vfat", (
     Option("fat", int, "12, 16 or 32 (default: by size, as mkfs.fat)", minimum=12,
            maximum=32),
@@ -96,7 +105,7 @@ _VFAT = OptionsSchema("vfat", (
     Option("seed", str, "text mixed into the derived volume id"),
     Option("hardlinks", str, "\"refuse\" (default) or \"copy\" (each link a copy of its file)",
            choices=("refuse", "copy")),
-))
+), common=("size", "uuid", "label", "block_size"))
 
 FORMATS: dict[str, Format] = {
     f.name: f
@@ -108,11 +117,17 @@ FORMATS: dict[str, Format] = {
         Format("erofs", "reprobuild.images.erofs.image", "tree", "EROFS, uncompressed or lz4",
                OptionsSchema("erofs")),
         Format("cpio", "reprobuild.images.cpio", "tree", "cpio newc (initramfs)", _CPIO),
-        Format("tar", "reprobuild.images.tar", "tree", "POSIX pax tar", OptionsSchema("tar")),
+        Format("tar", "reprobuild.images.tar", "tree", "POSIX pax tar",
+               OptionsSchema("tar", common=("compress",))),
+        Format("composefs", "reprobuild.images.composefs.image", "tree",
+               "composefs (as mkcomposefs writes it; files over 64 bytes in a digest store)",
+               OptionsSchema("composefs", common=("block_size",))),
         Format("gpt", "reprobuild.images.gpt.image", "disk", "GPT disk from other images",
                _GPT),
         Format("verity", "reprobuild.images.verity", "disk", "dm-verity hash tree of an image",
                _VERITY),
+        Format("uki", "reprobuild.images.uki.image", "disk", "unified kernel image (UEFI)",
+               _UKI),
         Format("vfat", "reprobuild.images.vfat.image", "tree",
                "FAT12/16/32 with long names (EFI system partition)", _VFAT),
     )

@@ -33,7 +33,7 @@ from __future__ import annotations
 import struct
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import BinaryIO
+from typing import BinaryIO, NoReturn
 
 from reprobuild.errors import ImageError
 from reprobuild.images.archive_compress import (
@@ -41,7 +41,9 @@ from reprobuild.images.archive_compress import (
     compressed_writer,
     compressor_identity,
 )
+from reprobuild.images.contents import ContentStreamer
 from reprobuild.images.registry import ImageOptions
+from reprobuild.trees.gcpause import collector_paused
 from reprobuild.trees.tar_reader import tree_from_tar
 from reprobuild.trees.tree import Content, Entry, EntryType, Tree, path_key
 
@@ -71,6 +73,9 @@ TYPEFLAG: dict[EntryType, bytes] = {
     EntryType.FIFO: b"6",
 }
 PAX_TYPEFLAG = b"x"
+_TYPEFLAG_BY_NAME = {kind._name_: flag for kind, flag in TYPEFLAG.items()}  # str keys hash fast
+SMALL_FILE = 1 << 18  # files up to this size are read whole into the write buffer
+WRITE_SIZE = 1 << 20
 
 
 @dataclass(frozen=True)
@@ -122,12 +127,45 @@ def ustar_header(*, name: bytes, mode: int, uid: int, gid: int, size: int, mtime
     return header[:CHKSUM_OFFSET] + checksum + header[CHKSUM_OFFSET + 8:]
 
 
+class HeaderMaker:
+    """:func:`ustar_header` for the common member, with the fields that repeat (mode,
+    owners, mtime, type, device) formatted once per distinct combination and the
+    checksum summed only over the name, link name and size; the same 512 bytes."""
+
+    def __init__(self) -> None:
+        self._fixed: dict[tuple[int, int, int, int, bytes, int, int],
+                          tuple[bytes, bytes, bytes, int]] = {}
+
+    def header(self, *, name: bytes, mode: int, uid: int, gid: int, size: int, mtime: int,
+               typeflag: bytes, linkname: bytes = b"", devmajor: int = 0,
+               devminor: int = 0) -> bytes:
+        key = (mode, uid, gid, mtime, typeflag, devmajor, devminor)
+        fixed = self._fixed.get(key)
+        if fixed is None:
+            ids = _octal(mode, 8) + _octal(uid, 8) + _octal(gid, 8)
+            times = _octal(mtime, 12)
+            tail = (b"ustar\0" b"00" + bytes(64) + _octal(devmajor, 8) + _octal(devminor, 8)
+                    + bytes(167))
+            fixed = (ids, times, tail,
+                     sum(ids) + sum(times) + sum(tail) + 8 * 0x20 + typeflag[0])
+            self._fixed[key] = fixed
+        ids, times, tail, fixed_sum = fixed
+        size_field = b"%011o\0" % size
+        name = name[:NAME_MAX]
+        checksum = fixed_sum + sum(name) + sum(size_field)
+        if linkname:
+            linkname = linkname[:NAME_MAX]
+            checksum += sum(linkname)
+        return b"".join((name.ljust(NAME_MAX, b"\0"), ids, size_field, times,
+                         b"%06o\0 " % checksum, typeflag, linkname.ljust(NAME_MAX, b"\0"),
+                         tail))
+
+
 def _member_name(entry: Entry) -> bytes:
-    if entry.path == b"":
-        return b"./"
+    path = entry.path
     if entry.type is EntryType.DIRECTORY:
-        return b"./" + entry.path + b"/"
-    return b"./" + entry.path
+        return b"./" + path + b"/" if path else b"./"
+    return b"./" + path
 
 
 def pax_header_name(name: bytes) -> bytes:
@@ -139,24 +177,41 @@ def pax_header_name(name: bytes) -> bytes:
     return (directory + b"/PaxHeaders/" + base)[:NAME_MAX]
 
 
-def plan_member(entry: Entry, inode: Entry, *, epoch: int, link_to: bytes | None) -> TarMember:
+def plan_member(entry: Entry, inode: Entry, *, epoch: int, link_to: bytes | None,
+                headers: HeaderMaker | None = None) -> TarMember:
     """Header blocks for ``entry``; ``inode`` holds the metadata (the hardlink primary)."""
-    shown = entry.display()
-    if entry.type is EntryType.SOCKET:
-        raise ImageError(f"{shown}: tar cannot store a socket",
+    kind = entry.type
+    if kind is EntryType.SOCKET:
+        raise ImageError(f"{entry.display()}: tar cannot store a socket",
                          hint="remove sockets from the tree; they are made at run time")
-    kind = EntryType.HARDLINK if link_to is not None else entry.type
+    if link_to is not None:
+        kind = EntryType.HARDLINK
     name = _member_name(entry)
     linkname = b"./" + link_to if link_to is not None else (entry.target or b"")
     content = inode.content if kind is EntryType.REGULAR else None
     size = content.size if content is not None else 0
     mtime_ns = min(inode.mtime_ns, epoch * 1_000_000_000)
+    seconds, fraction = divmod(mtime_ns, 1_000_000_000)
+    uid, gid = inode.uid, inode.gid
+    devmajor, devminor = entry.rdev_major, entry.rdev_minor
+    if devmajor > MAX_ID or devminor > MAX_ID:
+        raise ImageError(f"{entry.display()}: device number {devmajor}:{devminor} does not"
+                         " fit in tar")
+    if (headers is not None and len(name) <= NAME_MAX and len(linkname) <= NAME_MAX
+            and name.isascii() and uid <= MAX_ID and gid <= MAX_ID and size <= MAX_SIZE
+            and not fraction and 0 <= seconds <= MAX_MTIME
+            and (kind is EntryType.HARDLINK or not inode.xattrs)):
+        # No pax record: the common member.
+        return TarMember(headers.header(
+            name=name, mode=inode.mode & 0o7777, uid=uid, gid=gid, size=size,
+            mtime=seconds, typeflag=_TYPEFLAG_BY_NAME[kind._name_], linkname=linkname,
+            devmajor=devmajor,
+            devminor=devminor), content, entry.path)
     records: list[tuple[bytes, bytes]] = []
     if len(linkname) > NAME_MAX:
         records.append((b"linkpath", linkname))
     if len(name) > NAME_MAX or not name.isascii():
         records.append((b"path", name))
-    uid, gid = inode.uid, inode.gid
     if uid > MAX_ID:
         records.append((b"uid", b"%d" % uid))
         uid = 0
@@ -167,19 +222,15 @@ def plan_member(entry: Entry, inode: Entry, *, epoch: int, link_to: bytes | None
     if size > MAX_SIZE:
         records.append((b"size", b"%d" % size))
         header_size = 0
-    seconds = mtime_ns // 1_000_000_000
-    if mtime_ns % 1_000_000_000 or not 0 <= seconds <= MAX_MTIME:
+    if fraction or not 0 <= seconds <= MAX_MTIME:
         records.append((b"mtime", format_pax_time(mtime_ns)))
         seconds = min(max(seconds, 0), MAX_MTIME)
     if kind is not EntryType.HARDLINK:
         for xname, xvalue in inode.xattrs:
             if b"=" in xname or b"\0" in xname or b"\n" in xname:
-                raise ImageError(f"{shown}: xattr name {xname!r} cannot be stored in a pax"
-                                 " record")
+                raise ImageError(f"{entry.display()}: xattr name {xname!r} cannot be stored"
+                                 " in a pax record")
             records.append((b"SCHILY.xattr." + xname, xvalue))
-    devmajor, devminor = entry.rdev_major, entry.rdev_minor
-    if devmajor > MAX_ID or devminor > MAX_ID:
-        raise ImageError(f"{shown}: device number {devmajor}:{devminor} does not fit in tar")
     header = ustar_header(
         name=name[:NAME_MAX], mode=inode.mode & 0o7777, uid=uid, gid=gid, size=header_size,
         mtime=seconds, typeflag=TYPEFLAG[kind], linkname=linkname[:NAME_MAX],
@@ -212,41 +263,74 @@ def plan(tree: Tree, options: ImageOptions) -> list[TarMember]:
         for path in paths:
             first_of[path] = first
     members = []
+    headers = HeaderMaker()
+    epoch = options.epoch
+    hardlink = EntryType.HARDLINK
     for entry in tree:
-        inode = tree.resolve(entry)
-        group_first = first_of.get(entry.path)
+        inode = tree.resolve(entry) if entry.type is hardlink else entry
+        group_first = first_of.get(entry.path) if first_of else None
         link_to = group_first if group_first not in (None, entry.path) else None
-        members.append(plan_member(entry, inode, epoch=options.epoch, link_to=link_to))
+        members.append(plan_member(entry, inode, epoch=epoch, link_to=link_to,
+                                   headers=headers))
     return members
 
 
 def write(tree: Tree, output: BinaryIO, options: ImageOptions) -> None:
     """Write the canonical pax tar of ``tree`` to ``output`` (compressed if asked)."""
-    members = plan(tree, options)
+    with collector_paused():
+        _write(plan(tree, options), output, options)
+
+
+def _write(members: list[TarMember], output: BinaryIO, options: ImageOptions) -> None:
     total = 0
-    with compressed_writer(output, check_compress(options.compress, "tar")) as stream:
+    with compressed_writer(output, check_compress(options.compress, "tar")) as stream, \
+            ContentStreamer() as reader:
+        # Headers and small files gather in one buffer, written a megabyte at a time.
+        pending = bytearray()
         for member in members:
-            stream.write(member.header)
-            total += len(member.header)
-            if member.content is not None:
-                total += _write_content(member, stream)
+            pending += member.header
+            content = member.content
+            if content is None:
+                continue
+            if content.size <= SMALL_FILE:
+                data = reader.whole(content)
+                if len(data) != content.size:
+                    _changed(member, len(data))
+                pending += data
+                pending += bytes(-len(data) % BLOCK)
+            else:
+                stream.write(pending)
+                total += len(pending)
+                pending.clear()
+                total += _write_content(member, stream, reader)
+            if len(pending) >= WRITE_SIZE:
+                stream.write(pending)
+                total += len(pending)
+                pending.clear()
+        total += len(pending)
         end = 2 * BLOCK
         end += -(total + end) % RECORD
-        stream.write(b"\0" * end)
+        pending += bytes(end)
+        stream.write(pending)
 
 
-def _write_content(member: TarMember, output: BinaryIO) -> int:
+def _changed(member: TarMember, read: int) -> NoReturn:
+    assert member.content is not None
+    raise ImageError(f"/{member.path.decode(errors='replace')}: content is {read} bytes,"
+                     f" expected {member.content.size}",
+                     hint="do not modify the source tree during a build")
+
+
+def _write_content(member: TarMember, output: BinaryIO, reader: ContentStreamer) -> int:
     assert member.content is not None
     written = 0
-    for chunk in member.content.chunks():
+    for chunk in reader.chunks(member.content):
         output.write(chunk)
         written += len(chunk)
     if written != member.content.size:
-        raise ImageError(f"/{member.path.decode(errors='replace')}: content is {written} bytes,"
-                         f" expected {member.content.size}",
-                         hint="do not modify the source tree during a build")
+        _changed(member, written)
     padding = -written % BLOCK
-    output.write(b"\0" * padding)
+    output.write(bytes(padding))
     return written + padding
 
 

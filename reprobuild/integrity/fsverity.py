@@ -6,8 +6,9 @@ where salt' is the salt zero-padded to a multiple of the hash's input block size
 when there is no salt). The digests of one level, zero-padded to a whole block, are the
 blocks of the next level, up to a level of one block; its hash is the root hash. An empty
 file has an all-zero root hash; a one-block file's root hash is its block's hash. The file
-digest is H(fsverity_descriptor). The composefs digest of an EROFS image is
-``digest_file(image)`` with the defaults (sha256, 4 KiB, no salt).
+digest is H(fsverity_descriptor). ``digest_file(image)`` with the defaults (sha256,
+4 KiB, no salt) is an image's fs-verity digest; for a composefs image (and only there)
+that is its composefs digest.
 """
 
 from __future__ import annotations

@@ -35,7 +35,7 @@ from reprobuild.trees.directory import tree_from_directory
 from reprobuild.trees.load import load_tree
 from reprobuild.trees.tree import EntryType, Tree
 
-TREE_FORMATS = ("tar", "cpio", "ext4", "squashfs", "erofs", "vfat")
+TREE_FORMATS = ("tar", "cpio", "ext4", "squashfs", "erofs", "composefs", "vfat")
 MAX_HEXDUMPS = 8  # content differences inside a tree that get a hexdump
 MAX_NESTED = 8  # differing image files inside a directory that are compared as images
 
@@ -46,8 +46,8 @@ class ReaderMissing(ImageError):
 
 # -- what a path is -------------------------------------------------------------------
 def detect(path: str | os.PathLike[str]) -> str:
-    """The kind of ``path``: directory, tar, cpio, ext4, squashfs, erofs, gpt, vfat or
-    file."""
+    """The kind of ``path``: directory, tar, cpio, ext4, squashfs, erofs, composefs, gpt,
+    vfat, uki (a PE image) or file."""
     st = os.lstat(path)
     if stat.S_ISDIR(st.st_mode):
         return "directory"
@@ -70,11 +70,16 @@ def detect(path: str | os.PathLike[str]) -> str:
     # struct ext4_super_block at 1024: s_magic (le16 0xEF53) at offset 0x38
     if head[1024 + 0x38:1024 + 0x3A] == b"\x53\xef":
         return "ext4"
-    # struct erofs_super_block at 1024: magic le32 0xE0F5E1E2 at offset 0
+    # struct erofs_super_block at 1024: magic le32 0xE0F5E1E2 at offset 0; composefs puts
+    # its header (magic le32 0xD078629A) before it
     if head[1024:1028] == b"\xe2\xe1\xf5\xe0":
-        return "erofs"
+        return "composefs" if head[:4] == b"\x9a\x62\x78\xd0" else "erofs"
     if head[257:262] == b"ustar":
         return "tar"
+    # IMAGE_DOS_HEADER: "MZ", e_lfanew at 0x3c pointing at "PE\0\0" (a UKI, any PE)
+    pe_at = int.from_bytes(head[0x3C:0x40], "little") if head[:2] == b"MZ" else -1
+    if 0 <= pe_at <= len(head) - 4 and head[pe_at:pe_at + 4] == b"PE\0\0":
+        return "uki"
     return "file"
 
 
@@ -221,7 +226,7 @@ def _diff(a: Path, b: Path, *, compare_owner: bool, store_outputs: bool,
             return base
     if kind_a == kind_b == "gpt":
         return _diff_gpt(base, a, b, byte_diff, compare_owner=compare_owner, workdir=workdir)
-    treeish = ("directory", *TREE_FORMATS)
+    treeish = ("directory", *TREE_FORMATS, "uki")  # a UKI reads as its PE sections
     if kind_a in treeish and kind_b in treeish:
         try:
             tree_a = read_tree(a, kind_a, store_output=store_outputs)

@@ -17,10 +17,11 @@ layer made. :class:`TreeBuilder` keeps that mutable state and produces a canonic
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass, replace
 
 from reprobuild.errors import ImageError
-from reprobuild.trees.tree import Entry, EntryType, Tree, path_key
+from reprobuild.trees.tree import Entry, EntryType, Tree, sort_key
 
 
 @dataclass(frozen=True)
@@ -56,7 +57,8 @@ class TreeBuilder:
     def entry(self, path: bytes) -> Entry:
         node = self.nodes[path]
         if isinstance(node, _Link):
-            return replace(self.inodes[node.inode], path=path)
+            inode = self.inodes[node.inode]
+            return inode if inode.path == path else replace(inode, path=path)
         return node
 
     def is_dir(self, path: bytes) -> bool:
@@ -69,6 +71,9 @@ class TreeBuilder:
 
     # -- changes ----------------------------------------------------------------------
     def _ensure_parents(self, path: bytes, member: str) -> None:
+        parent = self.nodes.get(path.rpartition(b"/")[0])
+        if isinstance(parent, Entry) and parent.type is EntryType.DIRECTORY:
+            return  # the common case: the parent is there
         parts = path.split(b"/")[:-1]
         current = b""
         for part in parts:
@@ -93,7 +98,7 @@ class TreeBuilder:
         if entry.type is EntryType.REGULAR:
             inode = self._next_inode
             self._next_inode += 1
-            self.inodes[inode] = replace(entry, path=b"")
+            self.inodes[inode] = entry  # its path is the first one; build() picks the primary
             self.nodes[entry.path] = _Link(inode)
         else:
             self.nodes[entry.path] = entry
@@ -199,21 +204,22 @@ class TreeBuilder:
     def build(self, *, root: Entry | None = None) -> Tree:
         """The canonical tree; ``root`` overrides the root directory's metadata."""
         root_entry = root if root is not None else self.entry(b"")
-        tree = Tree(root_entry)
+        return Tree.from_canonical(root_entry, self._canonical_entries())
+
+    def _canonical_entries(self) -> Iterator[Entry]:
         primaries: dict[int, bytes] = {}
-        for path in sorted(self.nodes, key=path_key):
+        for path in sorted(self.nodes, key=sort_key):
             if not path:
                 continue
             node = self.nodes[path]
             if isinstance(node, _Link):
+                inode = self.inodes[node.inode]
                 primary = primaries.get(node.inode)
                 if primary is None:
                     primaries[node.inode] = path
-                    tree.add(replace(self.inodes[node.inode], path=path))
+                    yield inode if inode.path == path else replace(inode, path=path)
                 else:
-                    inode = self.inodes[node.inode]
-                    tree.add(Entry(path, EntryType.HARDLINK, inode.mode, inode.uid,
-                                   inode.gid, inode.mtime_ns, inode.xattrs, target=primary))
+                    yield Entry(path, EntryType.HARDLINK, inode.mode, inode.uid,
+                                inode.gid, inode.mtime_ns, inode.xattrs, target=primary)
             else:
-                tree.add(node)
-        return tree
+                yield node

@@ -20,6 +20,7 @@ import stat
 
 from reprobuild.errors import ImageError
 from reprobuild.trees.directory import tree_from_directory
+from reprobuild.trees.gcpause import collector_paused
 from reprobuild.trees.oci import DEFAULT_PLATFORM, is_oci_layout, tree_from_oci
 from reprobuild.trees.tar_reader import Spool, tree_from_tar
 from reprobuild.trees.tree import Tree
@@ -47,10 +48,13 @@ def load_tree(path: bytes | str, *, epoch: int, spool: Spool | None = None,
     """
     kind = source_kind(path)
     implied = epoch * 1_000_000_000
-    if kind == "directory":
-        tree = tree_from_directory(os.fsencode(path), epoch=epoch)
-    elif kind == "oci":
-        tree = tree_from_oci(path, platform=platform, implied_mtime_ns=implied, spool=spool)
-    else:
-        tree = tree_from_tar(path, implied_mtime_ns=implied, spool=spool)
-    return tree.normalized(epoch=epoch)
+    with collector_paused():
+        if kind == "directory":
+            tree = tree_from_directory(os.fsencode(path), epoch=epoch)
+        elif kind == "oci":
+            tree = tree_from_oci(path, platform=platform, implied_mtime_ns=implied,
+                                 spool=spool)
+        else:
+            tree = tree_from_tar(path, implied_mtime_ns=implied, spool=spool)
+        # Most trees are normal already (a directory source always is): no copy then.
+        return tree if tree.is_normal(epoch=epoch) else tree.normalized(epoch=epoch)

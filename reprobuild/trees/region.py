@@ -14,7 +14,7 @@ import io
 import os
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import BinaryIO
+from typing import BinaryIO, NamedTuple
 
 from reprobuild.errors import ImageError
 
@@ -22,15 +22,14 @@ BUFFER = 1 << 20
 ZEROS = bytes(BUFFER)
 
 
-@dataclass(frozen=True)
-class Piece:
+class Piece(NamedTuple):
     """``length`` bytes of the file at ``offset``; a hole of zeros when ``offset`` is None."""
 
     offset: int | None
     length: int
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class FileRegion:
     """A regular file's bytes: the concatenation of ``pieces`` of the file at ``path``."""
 
@@ -52,6 +51,11 @@ def file_region(path: bytes | str, pieces: Iterable[tuple[int | None, int]], *,
     ``what`` names the thing the bytes belong to in the error (an image path and a file).
     Empty pieces are dropped; adjacent pieces are not merged (their order is the data's).
     """
+    if isinstance(pieces, tuple) and len(pieces) == 1:
+        offset, length = pieces[0]
+        if offset is not None and offset >= 0 and length > 0 and \
+                offset + length <= file_size:
+            return FileRegion(os.fsencode(path), (Piece(offset, length),))
     checked: list[Piece] = []
     for offset, length in pieces:
         if length < 0 or (offset is not None and offset < 0):

@@ -8,6 +8,11 @@ device numbers, fifos, symlink targets as given, hardlinks, and xattrs from pax
 GNU sparse members (old GNU and pax 0.0/0.1/1.0) are expanded: holes become zero bytes
 of content.
 
+How headers are read: for an uncompressed tar file, by
+:mod:`~reprobuild.trees.tar_headers` (no per-member ``TarInfo``), which hands the archive
+to ``tarfile`` from the first member it does not take plainly; compressed streams go to
+``tarfile`` whole. Either way a member gives the same entry.
+
 Where the bytes live: for an uncompressed tar file, regular members are read in place
 (a :class:`~reprobuild.trees.region.FileRegion` of the archive, nothing copied); members of
 a compressed tar, and sparse members, are copied once into a content-addressed
@@ -36,15 +41,15 @@ import tempfile
 import urllib.parse
 import zlib
 from collections.abc import Iterator
-from dataclasses import dataclass
-from typing import IO, BinaryIO, cast
+from typing import IO, BinaryIO, NamedTuple, cast
 
 import blake3
 import zstandard
 
 from reprobuild.errors import ImageError
 from reprobuild.trees.builder import TreeBuilder
-from reprobuild.trees.region import file_region
+from reprobuild.trees.region import FileRegion, Piece, file_region
+from reprobuild.trees.tar_headers import GiveUp, Header, fast_headers
 from reprobuild.trees.tree import (
     CHUNK,
     Content,
@@ -52,6 +57,7 @@ from reprobuild.trees.tree import (
     EntryType,
     FileSource,
     Tree,
+    canonical_relative_path,
     check_relative_path,
 )
 
@@ -61,6 +67,9 @@ COMPRESSION_MAGIC: tuple[tuple[bytes, str], ...] = (
     (b"\x28\xb5\x2f\xfd", "zstd"),
     (b"BZh", "bzip2"),
 )
+
+TarHeader = tarfile.TarInfo | Header
+"""A member's header: tarfile's, or the fast parser's with the same values."""
 
 _TYPES: dict[bytes, EntryType] = {
     tarfile.REGTYPE: EntryType.REGULAR,
@@ -209,8 +218,7 @@ def default_spool() -> Spool:
 
 
 # -- members ---------------------------------------------------------------------------
-@dataclass(frozen=True)
-class Member:
+class Member(NamedTuple):
     """One archive member as a tree entry; for hardlinks ``link_target`` is the path."""
 
     name: str  # as written in the archive, for messages
@@ -269,7 +277,7 @@ def acl_text_to_xattr(text: str, what: str, *, default: bool) -> bytes | None:
     return struct.pack("<I", 2) + b"".join(struct.pack("<HHI", *e) for e in entries)
 
 
-def member_xattrs(info: tarfile.TarInfo, what: str) -> tuple[tuple[bytes, bytes], ...]:
+def member_xattrs(info: TarHeader, what: str) -> tuple[tuple[bytes, bytes], ...]:
     """Xattrs from SCHILY.xattr.* and LIBARCHIVE.xattr.* pax records, sorted by name.
 
     ACLs stored only as text (``SCHILY.acl.access``/``default``) become the
@@ -301,7 +309,8 @@ def member_xattrs(info: tarfile.TarInfo, what: str) -> tuple[tuple[bytes, bytes]
     return tuple(sorted(found.items()))
 
 
-def _entry_of(info: tarfile.TarInfo, path: bytes, kind: EntryType, what: str) -> Entry:
+def _entry_of(info: TarHeader, path: bytes, kind: EntryType, what: str,
+              content: Content | None = None) -> Entry:
     mtime_ns = (parse_pax_time(info.pax_headers["mtime"], what) if "mtime" in info.pax_headers
                 else int(info.mtime) * 1_000_000_000)
     target = _raw(info.linkname) if kind is EntryType.SYMLINK else None
@@ -310,9 +319,9 @@ def _entry_of(info: tarfile.TarInfo, path: bytes, kind: EntryType, what: str) ->
     devices = kind in (EntryType.CHAR, EntryType.BLOCK)
     return Entry(
         path, kind, info.mode & 0o7777, int(info.uid), int(info.gid), mtime_ns,
-        member_xattrs(info, what), target=target,
+        member_xattrs(info, what) if info.pax_headers else (), target=target,
         rdev_major=int(info.devmajor) if devices else 0,
-        rdev_minor=int(info.devminor) if devices else 0)
+        rdev_minor=int(info.devminor) if devices else 0, content=content)
 
 
 def iter_members(path: bytes | str, *, what: str | None = None,
@@ -327,22 +336,62 @@ def iter_members(path: bytes | str, *, what: str | None = None,
     with open(path, "rb") as raw:
         compression = detect_compression(raw.read(6))
         raw.seek(0)
+        file_size = os.fstat(raw.fileno()).st_size
+        taken = 0
+        if compression is None:
+            try:
+                for header in fast_headers(raw.fileno(), file_size):
+                    member = _member(None, header, path, what, file_size, spool)
+                    taken += 1
+                    yield member
+                return
+            except (GiveUp, OSError):
+                pass  # tarfile decides, from the first member not yet taken
         try:
             stream = open_decompressed(raw, compression) if compression is not None \
-                else cast(BinaryIO, _Clamped(raw, os.fstat(raw.fileno()).st_size))
+                else cast(BinaryIO, _Clamped(raw, file_size))
             mode = "r:" if compression is None else "r|"
             with tarfile.open(fileobj=stream, mode=mode, encoding="utf-8",  # type: ignore[call-overload]
                               errors="surrogateescape") as archive:
-                for info in archive:
-                    yield _member(archive, info, path, what, compression is None, spool)
+                for index, info in enumerate(archive):
+                    if index >= taken:
+                        yield _member(archive, info, path, what,
+                                      file_size if compression is None else None, spool)
         except (tarfile.TarError, EOFError, OSError, ValueError, zlib.error, lzma.LZMAError,
                 zstandard.ZstdError) as exc:
             raise ImageError(f"{what}: not a readable tar archive ({exc})",
                              hint="give a tar file (plain, gzip, xz, zstd or bzip2)") from None
 
 
-def _member(archive: tarfile.TarFile, info: tarfile.TarInfo, path: bytes, what: str,
-            in_place: bool, spool: Spool | None) -> Member:
+def _member(archive: tarfile.TarFile | None, info: TarHeader, path: bytes, what: str,
+            in_place_size: int | None, spool: Spool | None) -> Member:
+    """``info`` as a member; a regular member's bytes stay in place when
+    ``in_place_size`` (the size of the uncompressed archive) is given."""
+    kind = _TYPES.get(info.type)
+    raw_name = _raw(info.name)
+    rel = canonical_relative_path(raw_name)
+    if kind is None or rel is None or kind is EntryType.HARDLINK:
+        return _checked_member(archive, info, path, what, in_place_size, spool)
+    content = None
+    if kind is EntryType.REGULAR:
+        offset, size = info.offset_data, info.size
+        if in_place_size is None or info.issparse() or size <= 0 or \
+                offset + size > in_place_size:
+            return _checked_member(archive, info, path, what, in_place_size, spool)
+        content = Content(size, FileRegion(path, (Piece(offset, size),)))
+    if not info.pax_headers and kind is not EntryType.SYMLINK:
+        devices = kind is EntryType.CHAR or kind is EntryType.BLOCK
+        return Member(info.name, Entry(
+            rel, kind, info.mode & 0o7777, int(info.uid), int(info.gid),
+            int(info.mtime) * 1_000_000_000, (), content, None,
+            int(info.devmajor) if devices else 0, int(info.devminor) if devices else 0))
+    label = f"{what}: member {info.name!r}"
+    return Member(info.name, _entry_of(info, rel, kind, label, content))
+
+
+def _checked_member(archive: tarfile.TarFile | None, info: TarHeader, path: bytes, what: str,
+                    in_place_size: int | None, spool: Spool | None) -> Member:
+    """:func:`_member` for every case, with the checks that name the member."""
     label = f"{what}: member {info.name!r}"
     kind = _TYPES.get(info.type)
     if kind is None:
@@ -352,20 +401,18 @@ def _member(archive: tarfile.TarFile, info: tarfile.TarInfo, path: bytes, what: 
     if kind is EntryType.HARDLINK:
         target = check_relative_path(_raw(info.linkname), label)
         return Member(info.name, _entry_of(info, rel, kind, label), target)
-    entry = _entry_of(info, rel, kind, label)
+    content = None
     if kind is EntryType.REGULAR:
-        if in_place and not info.issparse():
+        if in_place_size is not None and not info.issparse():
             content = Content(info.size, file_region(
-                path, ((info.offset_data, info.size),), file_size=os.path.getsize(path),
-                what=label))
+                path, ((info.offset_data, info.size),), file_size=in_place_size, what=label))
         else:
+            assert archive is not None and isinstance(info, tarfile.TarInfo)
             data = archive.extractfile(info)
             assert data is not None
             with data:
                 content = (spool or default_spool()).store(data, info.size, label)
-        entry = Entry(entry.path, kind, entry.mode, entry.uid, entry.gid, entry.mtime_ns,
-                      entry.xattrs, content)
-    return Member(info.name, entry)
+    return Member(info.name, _entry_of(info, rel, kind, label, content))
 
 
 def tree_from_tar(path: bytes | str, *, implied_mtime_ns: int = 0,

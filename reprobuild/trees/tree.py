@@ -14,15 +14,16 @@ from __future__ import annotations
 
 import enum
 import io
+import os
 import stat
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field, replace
-from functools import cached_property
 from typing import BinaryIO, Protocol
 
 import blake3
 
 from reprobuild.errors import ImageError
+from reprobuild.trees.region import FileRegion
 
 CHUNK = 1 << 20
 """Read size when streaming file contents."""
@@ -63,7 +64,7 @@ class ContentSource(Protocol):
         ...
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class FileSource:
     """File bytes read from a path on disk (a store file, a spooled tar member)."""
 
@@ -73,7 +74,7 @@ class FileSource:
         return open(self.path, "rb")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class BytesSource:
     """File bytes held in memory (small files, overrides, tests)."""
 
@@ -83,7 +84,7 @@ class BytesSource:
         return io.BytesIO(self.data)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Content:
     """A regular file's bytes: their size and where to stream them from.
 
@@ -94,11 +95,19 @@ class Content:
     size: int
     source: ContentSource = field(compare=False, repr=False)
     known_blake3: bytes | None = field(default=None, compare=False, repr=False)
+    _computed_blake3: bytes | None = field(default=None, init=False, compare=False,
+                                           repr=False)
 
-    @cached_property
+    @property
     def blake3(self) -> bytes:
         if self.known_blake3 is not None:
             return self.known_blake3
+        if self._computed_blake3 is None:
+            object.__setattr__(self, "_computed_blake3", self._digest())
+        assert self._computed_blake3 is not None
+        return self._computed_blake3
+
+    def _digest(self) -> bytes:
         hasher = blake3.blake3()
         size = 0
         for chunk in self.chunks():
@@ -129,7 +138,68 @@ class Content:
         return Content(len(data), BytesSource(data), blake3.blake3(data).digest())
 
 
-@dataclass(frozen=True)
+class ContentReader:
+    """Reads whole contents, fast: one ``pread`` from a descriptor kept open per archive
+    or image for bytes read in place, one ``read`` for a file, the bytes for bytes.
+
+    For writers that read many small files; :meth:`close` (or ``with``) releases the
+    descriptors. The result is what :meth:`Content.read` gives, checked for its size.
+    """
+
+    def __init__(self) -> None:
+        self._fds: dict[bytes, int] = {}
+
+    def read(self, content: Content, where: str) -> bytes:
+        source = content.source
+        size = content.size
+        if isinstance(source, BytesSource):
+            data = source.data
+        elif isinstance(source, FileRegion) and len(source.pieces) == 1 and \
+                source.pieces[0].offset is not None:
+            fd = self._fds.get(source.path)
+            if fd is None:
+                fd = self._fds[source.path] = os.open(source.path, os.O_RDONLY | os.O_CLOEXEC)
+            data = os.pread(fd, source.pieces[0].length, source.pieces[0].offset)
+        elif isinstance(source, FileSource):
+            fd = os.open(source.path, os.O_RDONLY | os.O_CLOEXEC)
+            try:
+                data = os.read(fd, size + 1)  # one byte more: a file that grew shows
+                while 0 < len(data) < size:  # a short read (some filesystems do)
+                    more = os.read(fd, size + 1 - len(data))
+                    if not more:
+                        break
+                    data += more
+            finally:
+                os.close(fd)
+        else:
+            data = content.read()
+        if len(data) != size:
+            raise ImageError(f"{where}: content is {len(data)} bytes, the tree says {size}",
+                             hint="do not modify the source tree during a build")
+        return data
+
+    @staticmethod
+    def cheap_to_read_again(content: Content) -> bool:
+        """True when reading ``content`` again costs no more than keeping it: bytes in
+        memory, or one piece of an archive or image read with ``pread``."""
+        source = content.source
+        return isinstance(source, BytesSource) or (
+            isinstance(source, FileRegion) and len(source.pieces) == 1
+            and source.pieces[0].offset is not None)
+
+    def close(self) -> None:
+        for fd in self._fds.values():
+            os.close(fd)
+        self._fds.clear()
+
+    def __enter__(self) -> ContentReader:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+@dataclass(frozen=True, slots=True)
 class Entry:
     """One file, directory, link or special file of a tree.
 
@@ -176,8 +246,28 @@ def path_key(path: bytes) -> tuple[bytes, ...]:
     return tuple(path.split(b"/")) if path else ()
 
 
+def sort_key(path: bytes) -> bytes:
+    """The order of :func:`path_key` as one bytes value (cheaper to make and to hold):
+    the separator becomes NUL, which no name contains and every other byte follows."""
+    return path.replace(b"/", b"\0")
+
+
+def canonical_relative_path(path: bytes) -> bytes | None:
+    """``path`` (less a leading ``./``) when it is already in the tree's relative form -
+    no empty, ``.``, ``..`` or NUL component, not absolute - else None (then ask
+    :func:`check_relative_path`)."""
+    body = path[2:] if path.startswith(b"./") else path
+    if (body and body[0] not in b"/." and b"//" not in body and b"/." not in body
+            and not body.endswith(b"/") and b"\0" not in body):
+        return body
+    return None
+
+
 def check_relative_path(path: bytes, what: str) -> bytes:
     """Normalise a member name to the tree's relative form, refusing hostile names."""
+    canonical = canonical_relative_path(path)
+    if canonical is not None:
+        return canonical
     if path.startswith(b"/"):
         raise ImageError(
             f"{what}: absolute member name {path!r} is refused",
@@ -208,6 +298,44 @@ class Tree:
         self._entries: dict[bytes, Entry] = {b"": root}
         self._children: dict[bytes, list[bytes]] = {b"": []}
         self._sorted: list[Entry] | None = None
+
+    @classmethod
+    def from_canonical(cls, root: Entry, entries: Iterable[Entry]) -> Tree:
+        """A tree of ``entries`` given in canonical order (as iteration yields them and
+        :class:`~reprobuild.trees.builder.TreeBuilder` makes them), checked as
+        :meth:`add` checks them, without sorting again."""
+        tree = cls(root)
+        tree._extend_canonical(entries)
+        return tree
+
+    def _extend_canonical(self, entries: Iterable[Entry]) -> None:
+        ordered = list(self)
+        append = ordered.append
+        known, children = self._entries, self._children
+        directory, regular = EntryType.DIRECTORY, EntryType.REGULAR
+        last_key = sort_key(ordered[-1].path)
+        for entry in entries:
+            path = entry.path
+            parent_path, _, _ = path.rpartition(b"/")
+            parent = known.get(parent_path)
+            if (parent is None or parent.type is not directory or path in known
+                    or entry.type is EntryType.HARDLINK or not path):
+                self._sorted = None
+                self.add(entry)  # the general checks and their messages
+                entry = known[path]
+            else:
+                if entry.type is regular and entry.content is None:
+                    entry = replace(entry, content=Content.from_bytes(b""))
+                known[path] = entry
+                children[parent_path].append(path)
+                if entry.type is directory:
+                    children[path] = []
+            key = sort_key(path)
+            if key < last_key:
+                raise ImageError(f"{entry.display()}: entries out of canonical order")
+            last_key = key
+            append(entry)
+        self._sorted = ordered
 
     # -- building -------------------------------------------------------------------
     def add(self, entry: Entry, *, replace_existing: bool = False) -> None:
@@ -307,7 +435,7 @@ class Tree:
     def __iter__(self) -> Iterator[Entry]:
         """Entries in canonical order (root first, depth-first, siblings bytewise)."""
         if self._sorted is None:
-            self._sorted = sorted(self._entries.values(), key=lambda e: path_key(e.path))
+            self._sorted = sorted(self._entries.values(), key=lambda e: sort_key(e.path))
         return iter(self._sorted)
 
     def children(self, path: bytes) -> list[Entry]:
@@ -332,19 +460,28 @@ class Tree:
         return entry
 
     # -- normalising ----------------------------------------------------------------
+    def is_normal(self, *, epoch: int | None) -> bool:
+        """True when :meth:`normalized` would change nothing (no mtime after ``epoch``,
+        xattrs sorted and unique)."""
+        clamp = None if epoch is None else epoch * 1_000_000_000
+        return all(_normalize_entry(entry, clamp) is entry for entry in self)
+
     def normalized(self, *, epoch: int | None) -> Tree:
         """A copy with mtimes clamped to ``epoch`` (seconds) and xattrs sorted."""
         clamp = None if epoch is None else epoch * 1_000_000_000
-        out = Tree(_normalize_entry(self.root, clamp))
-        for entry in self:
-            if entry.path:
-                out.add(_normalize_entry(entry, clamp))
-        return out
+        entries = iter(self)
+        next(entries)  # the root
+        return Tree.from_canonical(_normalize_entry(self.root, clamp),
+                                   (_normalize_entry(e, clamp) for e in entries))
 
 
 def _normalize_entry(entry: Entry, clamp_ns: int | None) -> Entry:
+    """``entry`` itself when it is already normal (the common case), else a copy."""
     mtime = entry.mtime_ns if clamp_ns is None else min(entry.mtime_ns, clamp_ns)
-    return replace(entry, mtime_ns=mtime, xattrs=sort_xattrs(entry.xattrs))
+    xattrs = sort_xattrs(entry.xattrs) if entry.xattrs else ()
+    if mtime == entry.mtime_ns and xattrs == entry.xattrs:
+        return entry
+    return replace(entry, mtime_ns=mtime, xattrs=xattrs)
 
 
 def sort_xattrs(xattrs: Iterable[tuple[bytes, bytes]]) -> tuple[tuple[bytes, bytes], ...]:

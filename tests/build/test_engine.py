@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from reprobuild.build.engine import Engine, Options
+from reprobuild.build.engine import Engine, Failure, Options
 from reprobuild.build.plan import plan
 from reprobuild.build.progress import Progress
 from reprobuild.build.recipe import load_recipe
@@ -246,3 +246,35 @@ def test_shell_runs_in_the_step_sandbox(tmp_path: Path) -> None:
     out, err = proc.communicate()
     assert proc.returncode == 7, err
     assert out == "hello\n"
+
+
+class RecordingExecutor:
+    """An executor that builds nothing: it records what the engine hands it."""
+
+    runner = None
+
+    def __init__(self) -> None:
+        self.handed: list[list[str]] = []
+        self.closed = False
+
+    def execute(self, plan, todo, report) -> None:  # type: ignore[no-untyped-def]
+        self.handed.append([n.key for n in todo])
+        report.failures.append(Failure(todo[-1].key, "recorded only"))
+
+    def close(self) -> None:
+        self.closed = True
+
+
+def test_the_engine_hands_only_what_the_store_lacks_to_its_executor(tmp_path: Path) -> None:
+    path = recipe(tmp_path, step("a", "echo a > $out") + step("b", "cat $a > $out", ("sh", "a"))
+                  + step("c", "cat $b > $out", ("sh", "b")))
+    report, _runner = build(path, tmp_path / "store", ["a"])
+    assert report.ok
+    executor = RecordingExecutor()
+    engine = Engine(Store(str(tmp_path / "store")), FakeRunner, Options(),
+                    Progress(enabled=False), executor=executor)
+    later = engine.build(plan(load_recipe(path), ["c"]))
+    engine.close()
+    # "a" and "sh" are in the store: not handed over; the rest in dependency order.
+    assert executor.handed == [["b", "c"]] and executor.closed
+    assert sorted(later.entries) == ["a", "sh"] and not later.ok

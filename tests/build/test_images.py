@@ -16,6 +16,7 @@ from reprobuild.build.sandboxing import image_spec
 from reprobuild.errors import RecipeError
 from reprobuild.images import tar as tar_image
 from reprobuild.images.build import build_image
+from reprobuild.images.composefs import image as composefs
 from reprobuild.images.erofs import image as erofs
 from reprobuild.integrity.fsverity import digest_file
 from tests.archive_helpers import M, compress, dir_, file, tar_bytes
@@ -236,8 +237,8 @@ def test_image_steps_record_the_fsverity_digest_of_the_image_file(tmp_path: Path
     assert proc.returncode == 0, err
     rows = {row["target"]: row for row in json.loads(out)}
     root = rows["root"]["path"]
-    assert rows["root"]["fsverity"] == erofs.composefs_digest(root)
-    main_files = {"root-verity": "hash", "root-appended": "image", "disk": "disk.img"}
+    assert rows["root"]["fsverity"] == erofs.fsverity_digest(root)
+    main_files = {"root-verity": "hash", "root-appended": "image", "disk": "disk.raw"}
     for target, name in main_files.items():
         image = os.path.join(rows[target]["path"], name)
         assert rows[target]["fsverity"] == digest_file(image).hex(), target
@@ -246,3 +247,26 @@ def test_image_steps_record_the_fsverity_digest_of_the_image_file(tmp_path: Path
         assert meta["fsverity_file"] == name
     # Distinct files, distinct digests: each row names its own image file.
     assert len({rows[t]["fsverity"] for t in targets}) == len(targets)
+
+
+def test_a_composefs_image_step_outputs_the_image_and_its_digest_store(
+        tmp_path: Path) -> None:
+    (tmp_path / "files" / "etc").mkdir(parents=True)
+    (tmp_path / "files" / "etc" / "motd").write_text("composed\n" * 20)
+    (tmp_path / "files" / "etc" / "short").write_text("inline\n")
+    path = tmp_path / "r.toml"
+    path.write_text(f'epoch = {EPOCH}\n[sources.files]\npath = "files"\n'
+                    '[images.root]\nfrom = "files"\nformat = "composefs"\n')
+    proc = fakecli("build", "--json", "--no-out-link", "--store", str(tmp_path / "store"),
+                   str(path), "root", cwd=tmp_path)
+    out, err = proc.communicate()
+    assert proc.returncode == 0, err
+    (row,) = json.loads(out)
+    result = Path(row["path"])
+    assert sorted(p.name for p in result.iterdir()) == ["image.cfs", "objects"]
+    assert row["fsverity"] == composefs.composefs_digest(result / "image.cfs")
+    objects = [p for p in (result / "objects").rglob("*") if p.is_file()]
+    assert len(objects) == 1  # the inline file is in the image
+    digest = objects[0].parent.name + objects[0].name
+    assert digest == digest_file(objects[0]).hex()
+    assert objects[0].read_text() == "composed\n" * 20

@@ -33,6 +33,7 @@ from types import FrameType
 import crc32c
 
 from reprobuild.errors import ReprobuildError
+from reprobuild.images.composefs import image as composefs
 from reprobuild.images.registry import ImageOptions, get_format
 from reprobuild.proof.diffreport import diff_paths
 from reprobuild.trees.tree import Content, Entry, EntryType, Tree
@@ -46,6 +47,7 @@ VARIANTS: dict[str, tuple[str, dict[str, object]]] = {
     "squashfs-none": ("squashfs", {"compress": "none"}),
     "erofs": ("erofs", {}),
     "erofs-lz4": ("erofs", {"compress": "lz4"}),
+    "composefs": ("composefs", {}),
     "cpio": ("cpio", {}),
     "cpio-zstd": ("cpio", {"compress": "zstd"}),
     "tar": ("tar", {}),
@@ -108,10 +110,15 @@ def build_image(variant: str, directory: Path) -> Path:
                                 {"type": "esp", "label": "ESP", "size": "64K"}],
                  "alignment": "4K"}
         module.build({"root": str(part)}, table, ImageOptions(epoch=EPOCH), str(out))
-        return out / "disk.img"
+        return out / "disk.raw"
     path = directory / f"{variant}.img"
     module = get_format(fmt).load()
     tree = sample_tree(xattrs=fmt not in ("cpio",))
+    if fmt == "composefs":  # its digest store beside it, where its reader looks
+        with path.open("wb") as output:
+            composefs.write_with_store(tree, output, ImageOptions(epoch=EPOCH),
+                                       digest_store=str(directory / "objects"))
+        return path
     if fmt == "vfat":  # FAT holds files and directories only
         tree = files_and_directories(tree)
     with path.open("wb") as output:

@@ -105,6 +105,22 @@ def test_registry_lists_gpt_and_verity() -> None:
         gpt.inputs_of({"partitions": [{"from": "a", "typo": "esp"}]})
 
 
+def test_an_esp_must_hold_a_fat_file_system(tmp_path: Path) -> None:
+    """Firmware takes an ESP of anything else for a broken one: refused, naming the input."""
+    data = tmp_path / "data.img"
+    data.write_bytes(pattern(MiB, 5))
+    table = {"format": "gpt", "partitions": [{"from": "esp", "type": "esp"}]}
+    with pytest.raises(ImageError, match="'esp' is not a FAT file system") as raised:
+        gpt.build({"esp": str(data)}, table, OPTIONS, str(tmp_path / "bad"))
+    assert raised.value.hint is not None and "vfat" in raised.value.hint
+    fat = bytearray(MiB)  # a FAT16 boot sector's signature and type string suffice
+    fat[54:59], fat[510:512] = b"FAT16", b"\x55\xaa"
+    data.write_bytes(bytes(fat))
+    gpt.build({"esp": str(data)}, table, OPTIONS, str(tmp_path / "good"))
+    assert (tmp_path / "good" / "disk.raw").stat().st_size > MiB
+    assert not (tmp_path / "good" / "disk.roothash").exists()
+
+
 def test_plan_aligns_partitions_and_places_backup() -> None:
     specs = [gpt_layout.PartitionSpec("a", gpt_layout.PARTITION_TYPES["esp"], str(uuid.UUID(
         int=1)), content_size=MiB + 1),
@@ -154,7 +170,7 @@ def test_sgdisk_and_sfdisk_accept_a_sealed_disk(tmp_path: Path) -> None:
     data = tmp_path / "root.img"
     data.write_bytes(pattern(3 * MiB, 2))
     out = sealed_disk(tmp_path, data)
-    disk = out / "disk.img"
+    disk = out / "disk.raw"
     check = subprocess.run(["sgdisk", "-v", str(disk)], capture_output=True, text=True)
     assert check.returncode == 0 and "No problems found" in check.stdout, check.stdout
     listed = json.loads(subprocess.run(["sfdisk", "--json", str(disk)], check=True,
@@ -175,6 +191,9 @@ def test_sgdisk_and_sfdisk_accept_a_sealed_disk(tmp_path: Path) -> None:
     assert [p.get("attrs") for p in parts] == ["GUID:60", "GUID:60", "GUID:63", "GUID:59"]
     assert [p["start"] for p in parts] == [2048, 2048 * 4, 2048 * 5, 2048 * 9]
     assert (out / "cmdline").read_text() == f"roothash={root_hash.hex()}\n"
+    # systemd-dissect's sidecar convention: NAME.raw beside NAME.roothash.
+    assert (out / "disk.roothash").read_text() == root_hash.hex() + "\n"
+    assert not (out / "disk.usrhash").exists()
     summary = json.loads((out / "disk.json").read_text())
     assert summary["partitions"][1]["type"] == "root-x86-64-verity"
 
@@ -186,6 +205,7 @@ def test_partitions_read_back_and_verity_checks_out(tmp_path: Path) -> None:
     data.write_bytes(pattern(2 * MiB, 3))
     out = sealed_disk(tmp_path, data, kind="usr", seed=None)
     assert (out / "cmdline").read_text().startswith("usrhash=")
+    assert (out / "cmdline").read_text() == f"usrhash={(out / 'disk.usrhash').read_text()}"
     tree = gpt.read(out)
     names = [e.path for e in tree if e.path]
     assert names == [b"1-usr", b"2-usr-verity", b"3-ESP", b"4-home"]
@@ -231,7 +251,7 @@ def test_same_disk_from_different_places(tmp_path: Path) -> None:
             out = sealed_disk(place, data, seed=None)
         finally:
             os.umask(old)
-        disks.append(((out / "disk.img").read_bytes(), (out / "disk.json").read_text(),
+        disks.append(((out / "disk.raw").read_bytes(), (out / "disk.json").read_text(),
                       (out / "cmdline").read_text()))
     assert disks[0] == disks[1]
 
@@ -244,7 +264,7 @@ def test_kernel_mounts_a_partition_read_back_from_the_disk(
     out = sealed_disk(tmp_path, image)
     listed = gpt.read_table(out)
     root = listed.entries[0]
-    mounted = mount_image(out / "disk.img", fstype, offset=root.first_lba * 512)
+    mounted = mount_image(out / "disk.raw", fstype, offset=root.first_lba * 512)
     back = tree_from_directory(mounted, epoch=1700000000)
     if fstype == "ext4":
         back.remove(b"lost+found")
@@ -290,7 +310,7 @@ def test_4k_sector_disk_on_a_4k_loop_device(tmp_path: Path) -> None:
                                     "partitions": [{"from": "data", "type": "srv"}]},
               OPTIONS, str(out))
     loop = subprocess.run(["losetup", "--find", "--show", "--read-only", "--sector-size",
-                           "4096", str(out / "disk.img")], capture_output=True, text=True)
+                           "4096", str(out / "disk.raw")], capture_output=True, text=True)
     need(loop.returncode == 0, f"no 4K-sector loop device: {loop.stderr.strip()}")
     device = loop.stdout.strip()
     try:
@@ -359,7 +379,7 @@ def test_shipped_sealed_disk_builds_reproducibly(unprivileged: Unprivileged) -> 
     assert built.returncode == 0, built.stderr
     rows = {row["target"]: row for row in json.loads(built.stdout)}
     disk = Path(rows["disk"]["path"])
-    check = subprocess.run(["sgdisk", "-v", str(disk / "disk.img")], capture_output=True,
+    check = subprocess.run(["sgdisk", "-v", str(disk / "disk.raw")], capture_output=True,
                            text=True)
     assert "No problems found" in check.stdout
     table = gpt.read_table(disk)

@@ -87,3 +87,59 @@ def test_parsing_a_recipe_imports_no_writer() -> None:
     shown = subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True,
                            capture_output=True, text=True).stdout
     assert shown.strip() == "['reprobuild.images.protocol', 'reprobuild.images.registry']"
+
+
+@pytest.mark.parametrize("name", sorted(n for n, f in FORMATS.items() if f.kind == "tree"))
+def test_every_format_refuses_an_unknown_command_line_option(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str], name: str) -> None:
+    (tmp_path / "src").mkdir()
+    out = tmp_path / "o.img"
+    code = main(["image", "--format", name, "-o", "composefs=true", str(tmp_path / "src"),
+                 str(out)])
+    err = capsys.readouterr().err
+    assert code == 2 and not out.exists()
+    # once, named for the format, with the -o keys it does take
+    assert f"error: unknown {name} option 'composefs'\n" in err
+    assert f"{name}'s -o options: " in err
+
+
+@pytest.mark.parametrize("name", sorted(n for n, f in FORMATS.items() if f.kind == "tree"))
+def test_a_common_key_given_as_o_names_its_flag(name: str) -> None:
+    schema = FORMATS[name].options
+    key = schema.common[0] if schema.common else "files"
+    with pytest.raises(ImageError) as info:
+        schema.parse_text(key, "1")
+    assert info.value.hint == f"use --{key.replace('_', '-')}"
+
+
+def test_a_misspelt_common_key_suggests_its_flag() -> None:
+    with pytest.raises(ImageError) as info:
+        FORMATS["erofs"].options.parse_text("lable", "x")
+    assert (info.value.hint or "").startswith("did you mean --label?")
+
+
+def test_every_format_refuses_the_common_keys_it_would_ignore(tmp_path: Path) -> None:
+    values = {"size": '"1M"', "uuid": '"12345678-1234-1234-1234-123456789abc"',
+              "label": '"x"', "compress": '"zstd"', "block_size": "4096"}
+    refused = []
+    for name, fmt in sorted(FORMATS.items()):
+        for key, value in values.items():
+            path = recipe(tmp_path, f'format = "{name}"\n{key} = {value}\n')
+            try:
+                load_recipe(path)
+            except RecipeError as exc:
+                if "take no" in exc.message:
+                    assert key not in fmt.options.common
+                    refused.append(f"{name}.{key}")
+                continue
+            assert key in fmt.options.common, f"{name} accepted {key}"
+    assert {"squashfs.label", "squashfs.uuid", "tar.label", "verity.size"} <= set(refused)
+
+
+def test_squashfs_refuses_a_label_it_cannot_store(tmp_path: Path) -> None:
+    (tmp_path / "src").mkdir()
+    for flag in (["--label", "x"], ["--uuid", "12345678-1234-1234-1234-123456789abc"]):
+        code = main(["image", "--format", "squashfs", *flag, str(tmp_path / "src"),
+                     str(tmp_path / "o.img")])
+        assert code == 2
+        assert not (tmp_path / "o.img").exists()

@@ -6,6 +6,8 @@ import os
 from pathlib import Path
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from reprobuild.errors import ImageError
 from reprobuild.trees.diff import diff_trees
@@ -15,7 +17,10 @@ from reprobuild.trees.tree import (
     Entry,
     EntryType,
     Tree,
+    canonical_relative_path,
     check_relative_path,
+    path_key,
+    sort_key,
 )
 
 
@@ -86,3 +91,20 @@ def test_normalized_clamps_mtimes_and_sorts_xattrs() -> None:
     assert f is not None
     assert f.mtime_ns == 100 * 10**9
     assert f.xattrs == ((b"user.a", b"1"), (b"user.b", b"2"))
+
+
+NAME = st.lists(st.sampled_from([b"\x01", b"-", b".", b"a", b"\xff"]), min_size=1,
+                max_size=3).map(b"".join)
+PATHS = st.lists(NAME, min_size=1, max_size=4).map(b"/".join)
+
+
+@given(st.lists(PATHS, max_size=30))
+def test_sort_key_orders_as_path_key(paths: list[bytes]) -> None:
+    assert sorted(paths, key=sort_key) == sorted(paths, key=path_key)
+
+
+@given(st.binary(max_size=24).map(lambda b: b.replace(b"\0", b"")))
+def test_canonical_names_are_what_the_checked_path_gives(name: bytes) -> None:
+    canonical = canonical_relative_path(name)
+    if canonical is not None:
+        assert check_relative_path(name, "test") == canonical

@@ -7,7 +7,8 @@ build time from the epoch, UUID from the content unless given, label as volume n
 ``compress="lz4"`` stores regular files longer than a block LZ4-compressed
 (:mod:`reprobuild.images.erofs.compress`); the default is uncompressed.
 The layout is planned first (:mod:`reprobuild.images.erofs.layout`), then serialised;
-file bytes are read once, through ``Content.chunks()``, straight into the data area.
+file bytes are read once, through :class:`~reprobuild.images.contents.ContentStreamer`,
+straight into the data area.
 """
 
 from __future__ import annotations
@@ -15,12 +16,12 @@ from __future__ import annotations
 import os
 import uuid as uuidlib
 from dataclasses import replace
-from typing import BinaryIO
+from typing import BinaryIO, NoReturn
 
 import blake3
-import crc32c
 
 from reprobuild.errors import ImageError, ImageTooSmall
+from reprobuild.images.contents import ContentStreamer
 from reprobuild.images.erofs.compress import (
     AVAILABLE_COMPR_ALGS,
     COMPR_CFGS,
@@ -31,6 +32,7 @@ from reprobuild.images.erofs.compress import (
 )
 from reprobuild.images.erofs.compress import identity as compress_identity
 from reprobuild.images.erofs.layout import DirentPlan, InodePlan, Layout, plan
+from reprobuild.images.erofs.metaarea import MetaArea
 from reprobuild.images.erofs.ondisk import (
     BLOCK_BITS,
     BLOCK_SIZE,
@@ -42,16 +44,19 @@ from reprobuild.images.erofs.ondisk import (
     EROFS_SUPER_OFFSET,
     FEATURE_COMPAT_MTIME,
     FEATURE_COMPAT_SB_CHKSUM,
+    ISLOT_SIZE,
     SB_CHECKSUM_OFFSET,
     encode_dev,
+    superblock_crc32c,
 )
 from reprobuild.images.erofs.read import read_image
 from reprobuild.images.registry import ImageOptions
 from reprobuild.images.timestamps import EROFS_TIMES, check_times
 from reprobuild.integrity.fsverity import digest_file
-from reprobuild.trees.tree import EntryType, Tree
+from reprobuild.trees.gcpause import collector_paused
+from reprobuild.trees.tree import S_IFMT_OF_TYPE, EntryType, Tree
 
-__all__ = ["VERSION", "composefs_digest", "identity", "read", "write"]
+__all__ = ["VERSION", "fsverity_digest", "identity", "read", "write"]
 
 VERSION = "1"
 """The writer's code version: bump it whenever the bytes for a given tree change."""
@@ -71,41 +76,27 @@ def write(tree: Tree, output: BinaryIO, options: ImageOptions) -> None:
     check_times(tree, options.epoch, EROFS_TIMES, "EROFS")
     volume_name = _volume_name(options.label)
     given_uuid = _parse_uuid(options.uuid) if options.uuid is not None else None
-    layout = plan(tree, options.epoch, compress=options.compress == "lz4")
-    meta = bytearray(layout.data_blkaddr * BLOCK_SIZE)
+    with collector_paused():
+        layout = plan(tree, options.epoch, compress=options.compress == "lz4")
+        meta = MetaArea(output, layout, read_back=given_uuid is None)
+        try:
+            _write_image(output, layout, meta, options, volume_name, given_uuid)
+        finally:
+            meta.close()
+
+
+def _write_image(output: BinaryIO, layout: Layout, meta: MetaArea, options: ImageOptions,
+                 volume_name: bytes, given_uuid: bytes | None) -> None:
     hasher = blake3.blake3() if given_uuid is None else None
 
     for offset, xattr_entry in layout.shared_xattrs:
-        meta[offset:offset + len(xattr_entry)] = xattr_entry
-    nid_of = [inode.nid for inode in layout.inodes]
+        meta.put(offset, xattr_entry)
     output.seek(layout.data_blkaddr * BLOCK_SIZE)
-    compressed: list[InodePlan] = []
-    for inode in layout.inodes:
-        if inode.datalayout == COMPRESSED_FULL:
-            compressed.append(inode)
-            continue
-        header = _inode_header(inode)
-        at = inode.offset
-        meta[at:at + len(header)] = header
-        at += len(header)
-        meta[at:at + len(inode.xattr_ibody)] = inode.xattr_ibody
-        at += len(inode.xattr_ibody)
-        entry = inode.entry
-        if entry.type is EntryType.REGULAR:
-            tail = _write_content(output, inode, hasher)
-        elif entry.type is EntryType.DIRECTORY:
-            data = _directory_bytes(layout.directories[inode.index], nid_of)
-            tail = _write_bytes(output, inode, data, hasher)
-        elif entry.type is EntryType.SYMLINK:
-            assert entry.target is not None
-            tail = _write_bytes(output, inode, entry.target, hasher)
-        else:
-            continue
-        meta[at:at + len(tail)] = tail
-
-    blocks = layout.blocks
-    for inode in compressed:  # their blocks follow the planned data area
-        blocks += _write_compressed(output, inode, blocks, meta, hasher)
+    with ContentStreamer() as reader:
+        compressed = _write_inodes(layout, output, meta, reader, hasher)
+        blocks = layout.blocks
+        for inode in compressed:  # their blocks follow the planned data area
+            blocks += _write_compressed(output, inode, blocks, meta, hasher, reader)
     size = blocks * BLOCK_SIZE
     if options.size is not None:
         if options.size < size:
@@ -123,16 +114,15 @@ def write(tree: Tree, output: BinaryIO, options: ImageOptions) -> None:
         volume_uuid = given_uuid
     else:
         assert hasher is not None
-        hasher.update(meta)
+        meta.hash_into(hasher)
         hasher.update(b"reprobuild-erofs\0%d\0%d\0" % (options.epoch, size) + volume_name)
         raw = bytearray(hasher.digest(length=16))
         raw[6] = (raw[6] & 0x0F) | 0x40  # shaped like an RFC 4122 version 4 UUID
         raw[8] = (raw[8] & 0x3F) | 0x80
         volume_uuid = bytes(raw)
-    _put_superblock(meta, layout, size // BLOCK_SIZE, volume_uuid, volume_name,
+    _put_superblock(meta.block(0), layout, size // BLOCK_SIZE, volume_uuid, volume_name,
                     compress=options.compress == "lz4")
-    output.seek(0)
-    output.write(meta)
+    meta.finish()
     output.seek(size)
 
 
@@ -158,6 +148,63 @@ def _parse_uuid(text: str) -> bytes:
     except ValueError:
         raise ImageError(f"{text!r} is not a UUID",
                          hint="give the EROFS UUID as 8-4-4-4-12 hex digits") from None
+
+
+def _write_inodes(layout: Layout, output: BinaryIO, meta: MetaArea, reader: ContentStreamer,
+                  hasher: blake3.blake3 | None) -> list[InodePlan]:
+    """Put every uncompressed inode (header, xattrs, inline tail) into ``meta`` and its
+    whole blocks into the data area, in plan order; return the compressed inodes."""
+    nid_of = [inode.nid for inode in layout.inodes]
+    compressed: list[InodePlan] = []
+    pack_compact = EROFS_INODE_COMPACT.pack
+    regular, directory, symlink = EntryType.REGULAR, EntryType.DIRECTORY, EntryType.SYMLINK
+    s_ifmt = {kind._name_: bits for kind, bits in S_IFMT_OF_TYPE.items()}  # str keys hash fast
+    put, written, closes, open_blocks = meta.put, meta.written, meta.closes, meta.blocks
+    for inode in layout.inodes:
+        entry = inode.entry
+        kind = entry.type
+        if inode.datalayout == COMPRESSED_FULL:
+            compressed.append(inode)
+            continue
+        if inode.extended or inode.xattr_ibody or kind not in (regular, directory, symlink):
+            record = _inode_header(inode) + inode.xattr_ibody
+        else:  # the common case, packed here: a compact inode without xattrs
+            record = pack_compact(inode.datalayout << 1, 0, s_ifmt[kind._name_] | entry.mode,
+                                  inode.nlink, inode.size, 0, inode.blkaddr, inode.index + 1,
+                                  entry.uid, entry.gid, 0)
+        if kind is regular:
+            if inode.nblocks:
+                record += _write_content(output, inode, hasher, reader)
+            elif inode.size:  # all inline
+                assert entry.content is not None
+                tail = reader.whole(entry.content)
+                if len(tail) != inode.size:
+                    _changed(inode, len(tail))
+                record += tail
+        elif kind is directory:
+            data = _directory_bytes(layout.directories[inode.index], nid_of)
+            record += _write_bytes(output, inode, data, hasher) if inode.nblocks else data
+        elif kind is symlink:
+            assert entry.target is not None
+            record += (_write_bytes(output, inode, entry.target, hasher) if inode.nblocks
+                       else entry.target)
+        # The record (header, xattrs, inline tail) into its metadata block; records
+        # within one block, nearly all, without a call.
+        number, offset = divmod(inode.nid * ISLOT_SIZE, BLOCK_SIZE)
+        end = offset + len(record)
+        buffer = open_blocks.get(number)
+        if buffer is not None and end <= BLOCK_SIZE:
+            buffer[offset:end] = record
+        else:
+            put(number * BLOCK_SIZE + offset, record)
+        if inode.index in closes:
+            written(inode.index)
+    return compressed
+
+
+def _changed(inode: InodePlan, read: int) -> NoReturn:
+    raise ImageError(f"{inode.entry.display()}: expected {inode.size} bytes, read {read}",
+                     hint="do not modify the source tree during a build")
 
 
 def _inode_header(inode: InodePlan) -> bytes:
@@ -208,14 +255,15 @@ def _write_bytes(output: BinaryIO, inode: InodePlan, data: bytes,
     return data[body:]
 
 
-def _write_content(output: BinaryIO, inode: InodePlan, hasher: blake3.blake3 | None) -> bytes:
+def _write_content(output: BinaryIO, inode: InodePlan, hasher: blake3.blake3 | None,
+                   reader: ContentStreamer) -> bytes:
     """Stream a regular file into the data area; return its inline tail."""
     content = inode.entry.content
     assert content is not None
     body = inode.size - inode.inline_size
     written = 0
     tail: list[bytes] = []
-    for chunk in content.chunks():
+    for chunk in reader.chunks(content):
         if written + len(chunk) <= body:
             output.write(chunk)
             if hasher is not None:
@@ -229,9 +277,7 @@ def _write_content(output: BinaryIO, inode: InodePlan, hasher: blake3.blake3 | N
             tail.append(chunk[cut:])
         written += len(chunk)
     if written != inode.size:
-        raise ImageError(
-            f"{inode.entry.display()}: expected {inode.size} bytes, read {written}",
-            hint="do not modify the source tree during a build")
+        _changed(inode, written)
     pad = inode.nblocks * BLOCK_SIZE - body
     if pad:
         output.write(_ZEROS[:pad])
@@ -239,7 +285,8 @@ def _write_content(output: BinaryIO, inode: InodePlan, hasher: blake3.blake3 | N
 
 
 def _write_compressed(output: BinaryIO, inode: InodePlan, first_block: int,
-                      meta: bytearray, hasher: blake3.blake3 | None) -> int:
+                      meta: MetaArea, hasher: blake3.blake3 | None,
+                      reader: ContentStreamer) -> int:
     """Compress a regular file into blocks from ``first_block``; fill in its inode, xattrs
     and lcluster indexes; return the number of blocks written."""
     content = inode.entry.content
@@ -250,20 +297,19 @@ def _write_compressed(output: BinaryIO, inode: InodePlan, first_block: int,
         if hasher is not None:
             hasher.update(block)
 
-    nblocks, indexes, read = write_compressed(emit, content.chunks(), inode.size, first_block)
+    nblocks, indexes, read = write_compressed(emit, reader.chunks(content), inode.size,
+                                               first_block)
     if read != inode.size:
-        raise ImageError(
-            f"{inode.entry.display()}: expected {inode.size} bytes, read {read}",
-            hint="do not modify the source tree during a build")
+        _changed(inode, read)
     header = _inode_header(replace(inode, blkaddr=nblocks))
     record = header + inode.xattr_ibody
     record += bytes(-len(record) % 8) + indexes
     assert len(record) == inode.record_size
-    meta[inode.offset:inode.offset + len(record)] = record
+    meta.put(inode.offset, record)
     return nblocks
 
 
-def _put_superblock(meta: bytearray, layout: Layout, blocks: int, volume_uuid: bytes,
+def _put_superblock(block0: bytearray, layout: Layout, blocks: int, volume_uuid: bytes,
                     volume_name: bytes, *, compress: bool) -> None:
     incompat = FEATURE_INCOMPAT_ZERO_PADDING | FEATURE_INCOMPAT_COMPR_CFGS if compress else 0
     superblock = EROFS_SUPER_BLOCK.pack(
@@ -273,12 +319,12 @@ def _put_superblock(meta: bytearray, layout: Layout, blocks: int, volume_uuid: b
         0, b"")
     if compress:
         superblock += COMPR_CFGS
-    meta[EROFS_SUPER_OFFSET:EROFS_SUPER_OFFSET + len(superblock)] = superblock
+    block0[EROFS_SUPER_OFFSET:EROFS_SUPER_OFFSET + len(superblock)] = superblock
     # The kernel computes crc32c(~0, block 0 from the superblock on) without the final
     # inversion, over the block with the checksum field zeroed.
-    checksum = crc32c.crc32c(bytes(meta[EROFS_SUPER_OFFSET:BLOCK_SIZE])) ^ 0xFFFFFFFF
+    checksum = superblock_crc32c(bytes(block0[EROFS_SUPER_OFFSET:BLOCK_SIZE])) ^ 0xFFFFFFFF
     at = EROFS_SUPER_OFFSET + SB_CHECKSUM_OFFSET
-    meta[at:at + 4] = checksum.to_bytes(4, "little")
+    block0[at:at + 4] = checksum.to_bytes(4, "little")
 
 
 def read(path: str | bytes | os.PathLike[str]) -> Tree:
@@ -286,8 +332,9 @@ def read(path: str | bytes | os.PathLike[str]) -> Tree:
     return read_image(path)
 
 
-def composefs_digest(image_path: str | bytes | os.PathLike[str]) -> str:
-    """The composefs digest of an EROFS image: its fs-verity sha256 digest (4 KiB blocks,
-    no salt), as lowercase hex."""
+def fsverity_digest(image_path: str | bytes | os.PathLike[str]) -> str:
+    """The EROFS image's fs-verity sha256 digest (4 KiB blocks, no salt), as lowercase
+    hex. Not a composefs digest: a plain EROFS image holds its files' data and has no
+    composefs header (:mod:`reprobuild.images.composefs` writes composefs images)."""
     return digest_file(image_path, algorithm="sha256", block_size=4096, salt=b"").hex()
 

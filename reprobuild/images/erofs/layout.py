@@ -88,6 +88,10 @@ class Layout:
     meta_size: int  # bytes from the image start to the end of the metadata area
     data_blkaddr: int  # first block of the data area
     blocks: int  # total image blocks
+    # Per metadata block, the index of the last inode whose record lies in it; the
+    # inode count for block 0 (the superblock) and blocks with compressed inodes, which
+    # are complete only when everything else is written.
+    meta_last_inode: tuple[int, ...] = ()
 
     @property
     def root_nid(self) -> int:
@@ -126,11 +130,6 @@ def encode_xattr(key: XattrKey) -> bytes:
     return raw + b"\0" * (xattr_align(len(raw)) - len(raw))
 
 
-def _needs_extended(entry: Entry, nlink: int, size: int, epoch_ns: int) -> bool:
-    return (entry.uid > 0xFFFF or entry.gid > 0xFFFF or nlink > 0xFFFF
-            or size > 0xFFFFFFFF or entry.mtime_ns != epoch_ns)
-
-
 class _MetaAllocator:
     """Best-fit placement of metadata records in 32-byte slots.
 
@@ -156,21 +155,29 @@ class _MetaAllocator:
 
     def place(self, size: int) -> int:
         slots = -(-size // ISLOT_SIZE)
-        if slots > self._SLOTS:
+        block_slots = self._SLOTS
+        if slots > block_slots:
             at = self.end
             self.end += -(-size // BLOCK_SIZE) * BLOCK_SIZE
             self._gap(at + slots * ISLOT_SIZE, self.end)
             return at
-        fitting = self.mask >> slots
-        if not fitting:
-            self._gap(self.end, self.end + BLOCK_SIZE)
+        mask = self.mask
+        fitting = mask >> slots
+        if not fitting:  # no gap fits: the record starts a new block
+            at = self.end
             self.end += BLOCK_SIZE
-            fitting = self.mask >> slots
-        bucket = slots + (fitting & -fitting).bit_length() - 1
-        at = heapq.heappop(self.buckets[bucket])
-        if not self.buckets[bucket]:
-            self.mask &= ~(1 << bucket)
-        self._gap(at + slots * ISLOT_SIZE, at + bucket * ISLOT_SIZE)
+            rest = block_slots - slots
+        else:
+            bucket = slots + (fitting & -fitting).bit_length() - 1
+            gaps = self.buckets[bucket]
+            at = heapq.heappop(gaps)
+            if not gaps:
+                mask &= ~(1 << bucket)
+            rest = bucket - slots
+        if rest:
+            heapq.heappush(self.buckets[rest], at + slots * ISLOT_SIZE)
+            mask |= 1 << rest
+        self.mask = mask
         return at
 
 
@@ -186,26 +193,26 @@ def plan(tree: Tree, epoch: int, *, compress: bool = False) -> Layout:
     shapes = _shapes(primaries, sizes, nlink, xattrs, epoch * 1_000_000_000,
                      compress=compress)
 
-    def record_size(index: int) -> int:
-        extended, _, _, inline, index_bytes = shapes[index]
-        isize = EROFS_INODE_EXTENDED.size if extended else EROFS_INODE_COMPACT.size
-        return isize + xattrs.ibody_size(xattrs.keys[index]) + inline + index_bytes
+    compact, extended_size = EROFS_INODE_COMPACT.size, EROFS_INODE_EXTENDED.size
+    keys, ibody_size = xattrs.keys, xattrs.ibody_size
+    records = [(extended_size if extended else compact)
+               + (ibody_size(keys[index]) if keys[index] else 0) + inline + index_bytes
+               for index, (extended, _, _, inline, index_bytes) in enumerate(shapes)]
 
     # Metadata placement: root, shared xattrs, then the rest in canonical order.
     # Compression configurations (lz4) follow the superblock.
     allocator = _MetaAllocator(EROFS_SUPER_OFFSET + EROFS_SUPER_BLOCK.size
                                + (len(COMPR_CFGS) if compress else 0))
-    offsets = [0] * len(primaries)
-    offsets[0] = allocator.place(record_size(0))
+    place = allocator.place
+    root_offset = place(records[0])
     shared_id: dict[XattrKey, int] = {}
     shared_entries: list[tuple[int, bytes]] = []
     for key in xattrs.shared:
-        at = allocator.place(len(xattrs.encoded[key]))
+        at = place(len(xattrs.encoded[key]))
         shared_entries.append((at, xattrs.encoded[key]))
         shared_id[key] = at // 4
-    for index in range(1, len(primaries)):
-        offsets[index] = allocator.place(record_size(index))
-    if offsets[0] // ISLOT_SIZE > 0xFFFF:
+    offsets = [root_offset, *(place(size) for size in records[1:])]
+    if root_offset // ISLOT_SIZE > 0xFFFF:
         raise ImageError("the EROFS root inode does not fit a 16-bit nid")
     meta_size = allocator.end
 
@@ -213,6 +220,7 @@ def plan(tree: Tree, epoch: int, *, compress: bool = False) -> Layout:
     data_blkaddr = -(-meta_size // BLOCK_SIZE)
     next_block = data_blkaddr
     inodes: list[InodePlan] = []
+    ibody = xattrs.ibody
     for index, entry in enumerate(primaries):
         extended, datalayout, nblocks, inline, index_bytes = shapes[index]
         if nblocks:
@@ -221,16 +229,34 @@ def plan(tree: Tree, epoch: int, *, compress: bool = False) -> Layout:
         else:
             blkaddr = NULL_ADDR if datalayout == INODE_FLAT_INLINE else 0
         inodes.append(InodePlan(
-            index=index, entry=entry, nid=offsets[index] // ISLOT_SIZE, extended=extended,
-            datalayout=datalayout, size=sizes[index], nlink=nlink[index],
-            xattr_ibody=xattrs.ibody(xattrs.keys[index], shared_id),
-            blkaddr=blkaddr, nblocks=nblocks, inline_size=inline, index_size=index_bytes))
+            index, entry, offsets[index] // ISLOT_SIZE, extended, datalayout, sizes[index],
+            nlink[index], ibody(keys[index], shared_id) if keys[index] else b"",
+            blkaddr, nblocks, inline, index_bytes))
     if next_block > 0xFFFFFFFF:
         raise ImageError("the tree is too large for a 32-bit EROFS block address")
     return Layout(
         epoch=epoch, inodes=tuple(inodes), directories=directories,
         shared_xattrs=tuple(shared_entries),
-        meta_size=meta_size, data_blkaddr=data_blkaddr, blocks=next_block)
+        meta_size=meta_size, data_blkaddr=data_blkaddr, blocks=next_block,
+        meta_last_inode=_last_inode_per_block(offsets, records, shapes, data_blkaddr))
+
+
+def _last_inode_per_block(offsets: list[int], records: list[int], shapes: list[_Shape],
+                          count: int) -> tuple[int, ...]:
+    """Layout.meta_last_inode: which inode completes each metadata block."""
+    last = [-1] * count
+    final = len(offsets)
+    for index, at in enumerate(offsets):
+        first, end = at // BLOCK_SIZE, (at + records[index] - 1) // BLOCK_SIZE
+        closing = final if shapes[index][1] == COMPRESSED_FULL else index
+        if first == end:
+            if last[first] < closing:
+                last[first] = closing
+        else:
+            for block in range(first, end + 1):
+                last[block] = max(last[block], closing)
+    last[0] = final
+    return tuple(last)
 
 
 def _number(tree: Tree) -> tuple[dict[bytes, int], list[Entry], list[int]]:
@@ -239,19 +265,26 @@ def _number(tree: Tree) -> tuple[dict[bytes, int], list[Entry], list[int]]:
     index_of: dict[bytes, int] = {}
     primaries: list[Entry] = []
     nlink: list[int] = []
+    links: list[Entry] = []
+    directory, hardlink = EntryType.DIRECTORY, EntryType.HARDLINK
     for entry in entries:
-        if entry.type is not EntryType.HARDLINK:
-            index_of[entry.path] = len(primaries)
-            primaries.append(entry)
-            nlink.append(2 if entry.type is EntryType.DIRECTORY else 1)
-            if entry.type is EntryType.DIRECTORY and entry.path:
-                nlink[index_of[entry.parent]] += 1
-    for entry in entries:
-        if entry.type is EntryType.HARDLINK:  # its primary may come later in canonical order
-            assert entry.target is not None
-            primary = index_of[entry.target]
-            index_of[entry.path] = primary
-            nlink[primary] += 1
+        kind = entry.type
+        if kind is hardlink:
+            links.append(entry)
+            continue
+        index_of[entry.path] = len(primaries)
+        primaries.append(entry)
+        if kind is directory:
+            nlink.append(2)
+            if entry.path:
+                nlink[index_of[entry.path.rpartition(b"/")[0]]] += 1
+        else:
+            nlink.append(1)
+    for entry in links:  # its primary may come later in canonical order
+        assert entry.target is not None
+        primary = index_of[entry.target]
+        index_of[entry.path] = primary
+        nlink[primary] += 1
     return index_of, primaries, nlink
 
 
@@ -259,33 +292,47 @@ def _directories_and_sizes(tree: Tree, primaries: list[Entry], index_of: dict[by
                            ) -> tuple[dict[int, tuple[tuple[DirentPlan, ...], ...]], list[int]]:
     """Directory blocks (".", ".." and the children, all sorted bytewise together) and
     every inode's size; refuses what EROFS cannot store."""
-    directories: dict[int, tuple[tuple[DirentPlan, ...], ...]] = {}
+    # One pass over the canonical order lists every directory's children (siblings
+    # come in bytewise name order there, hardlinks included).
+    listing: dict[int, list[DirentPlan]] = {}
     sizes = [0] * len(primaries)
+    regular, directory, symlink = EntryType.REGULAR, EntryType.DIRECTORY, EntryType.SYMLINK
     for index, entry in enumerate(primaries):
-        if entry.type is EntryType.DIRECTORY:
-            dirents: list[DirentPlan] = [(b".", index, 2), (b"..", index_of[entry.parent], 2)]
-            for child in tree.children(entry.path):
-                name = child.name
-                if len(name) > NAME_LEN:
-                    raise ImageError(f"{child.display()}: name longer than {NAME_LEN} bytes",
-                                     hint="EROFS names are at most 255 bytes")
-                dirents.append((name, index_of[child.path], FILE_TYPE[child.type]))
-            dirents.sort()
-            blocks = dir_blocks(dirents)
-            directories[index] = blocks
-            sizes[index] = dir_size(blocks)
-        elif entry.type is EntryType.REGULAR:
-            sizes[index] = entry.size
-        elif entry.type is EntryType.SYMLINK:
+        kind = entry.type
+        if kind is directory:
+            parent = index_of[entry.path.rpartition(b"/")[0]] if entry.path else index
+            listing[index] = [(b".", index, 2), (b"..", parent, 2)]
+        elif kind is regular:
+            content = entry.content
+            sizes[index] = content.size if content is not None else 0
+        elif kind is symlink:
             target = entry.target or b""
             if not target or len(target) >= BLOCK_SIZE:
                 raise ImageError(f"{entry.display()}: symlink target of {len(target)} bytes",
                                  hint="a symlink target has 1 to 4095 bytes")
             sizes[index] = len(target)
-        elif entry.type in (EntryType.CHAR, EntryType.BLOCK) and (
+        elif kind in (EntryType.CHAR, EntryType.BLOCK) and (
                 entry.rdev_major >= 1 << 12 or entry.rdev_minor >= 1 << 20):
             raise ImageError(f"{entry.display()}: device {entry.rdev_major}:{entry.rdev_minor}"
                              " does not fit 12-bit major, 20-bit minor")
+    # Keyed by the member's name: hashing an Enum member runs Python code, a str does not.
+    file_type = {kind._name_: value for kind, value in FILE_TYPE.items()}
+    for child in tree:
+        path = child.path
+        if not path:
+            continue
+        parent_path, _, name = path.rpartition(b"/")
+        if len(name) > NAME_LEN:
+            raise ImageError(f"{child.display()}: name longer than {NAME_LEN} bytes",
+                             hint="EROFS names are at most 255 bytes")
+        listing[index_of[parent_path]].append((name, index_of[path],
+                                               file_type[child.type._name_]))
+    directories: dict[int, tuple[tuple[DirentPlan, ...], ...]] = {}
+    for index, dirents in listing.items():
+        dirents.sort()
+        blocks = dir_blocks(dirents)
+        directories[index] = blocks
+        sizes[index] = dir_size(blocks)
     return directories, sizes
 
 
@@ -296,6 +343,9 @@ class _Xattrs:
         self.keys: list[tuple[XattrKey, ...]] = []
         self.uses: Counter[XattrKey] = Counter()
         for entry in primaries:
+            if not entry.xattrs:
+                self.keys.append(())
+                continue
             keys: list[XattrKey] = []
             for name, value in entry.xattrs:
                 index, suffix = split_xattr_name(name, entry.display())
@@ -334,15 +384,20 @@ def _shapes(primaries: list[Entry], sizes: list[int], nlink: list[int], xattrs: 
             epoch_ns: int, *, compress: bool) -> list[_Shape]:
     """Per inode: compact or extended, inline tail or not, compressed or not."""
     shapes: list[_Shape] = []
+    compact, extended_size = EROFS_INODE_COMPACT.size, EROFS_INODE_EXTENDED.size
+    header_size = EROFS_XATTR_IBODY_HEADER.size
+    keys, ibody_size = xattrs.keys, xattrs.ibody_size
+    regular = EntryType.REGULAR
     for index, entry in enumerate(primaries):
         size = sizes[index]
-        extended = _needs_extended(entry, nlink[index], size, epoch_ns)
-        isize = EROFS_INODE_EXTENDED.size if extended else EROFS_INODE_COMPACT.size
-        ibody_len = xattrs.ibody_size(xattrs.keys[index])
-        if (ibody_len - EROFS_XATTR_IBODY_HEADER.size) // 4 + 1 > 0xFFFF:
+        extended = (entry.mtime_ns != epoch_ns or entry.uid > 0xFFFF or entry.gid > 0xFFFF
+                    or nlink[index] > 0xFFFF or size > 0xFFFFFFFF)
+        isize = extended_size if extended else compact
+        ibody_len = ibody_size(keys[index]) if keys[index] else 0
+        if ibody_len and (ibody_len - header_size) // 4 + 1 > 0xFFFF:
             raise ImageError(f"{entry.display()}: too many inline xattrs for EROFS")
         tail = size % BLOCK_SIZE
-        if compress and entry.type is EntryType.REGULAR and size > BLOCK_SIZE:
+        if compress and entry.type is regular and size > BLOCK_SIZE:
             shapes.append((extended, COMPRESSED_FULL, 0, 0,
                            index_area_size(isize + ibody_len, size)))
         elif tail and isize + ibody_len + tail <= BLOCK_SIZE:

@@ -111,5 +111,30 @@ def decode_dev(rdev: int) -> tuple[int, int]:
     return (rdev & 0xFFF00) >> 8, (rdev & 0xFF) | ((rdev >> 12) & 0xFFF00)
 
 
+def _crc32c_table() -> tuple[int, ...]:
+    table = []
+    for byte in range(256):
+        crc = byte
+        for _ in range(8):
+            crc = (crc >> 1) ^ (0x82F63B78 if crc & 1 else 0)
+        table.append(crc)
+    return tuple(table)
+
+
+_CRC32C_TABLE = _crc32c_table()
+
+
+def superblock_crc32c(data: bytes) -> int:
+    """CRC-32C (Castagnoli, reflected, initial and final value ~0) of ``data``, as the
+    ``crc32c`` package computes it: for the superblock's 3 KiB only. Computed here
+    because importing that package (it loads importlib.metadata) takes longer than
+    checksumming one block in Python."""
+    crc = 0xFFFFFFFF
+    table = _CRC32C_TABLE
+    for byte in data:
+        crc = table[(crc ^ byte) & 0xFF] ^ (crc >> 8)
+    return crc ^ 0xFFFFFFFF
+
+
 def xattr_align(size: int) -> int:
     return (size + 3) & ~3

@@ -15,8 +15,6 @@ import struct
 from dataclasses import dataclass
 from typing import BinaryIO
 
-import crc32c
-
 from reprobuild.errors import ImageError
 from reprobuild.images.erofs.compress import COMPRESSED_FULL, index_area_size, read_compressed
 from reprobuild.images.erofs.ondisk import (
@@ -29,12 +27,14 @@ from reprobuild.images.erofs.ondisk import (
     EROFS_XATTR_ENTRY,
     EROFS_XATTR_IBODY_HEADER,
     FEATURE_COMPAT_SB_CHKSUM,
+    INODE_CHUNK_BASED,
     INODE_FLAT_INLINE,
     INODE_FLAT_PLAIN,
     ISLOT_SIZE,
     SB_CHECKSUM_OFFSET,
     XATTR_PREFIX_OF_INDEX,
     decode_dev,
+    superblock_crc32c,
     xattr_align,
 )
 from reprobuild.trees.region import EntryBudget, file_region
@@ -81,6 +81,7 @@ class _Inode:
     ranges: tuple[tuple[int, int], ...]
     xattrs: tuple[tuple[bytes, bytes], ...]
     index_base: int | None = None  # compressed: where the lcluster indexes start
+    hole: bool = False  # chunk-based with no chunk allocated: reads as zeros (composefs)
 
 
 class _Image:
@@ -101,7 +102,7 @@ class _Image:
         if compat & FEATURE_COMPAT_SB_CHKSUM:
             block = bytearray(data[EROFS_SUPER_OFFSET:max(self.block_size, 4096)])
             block[SB_CHECKSUM_OFFSET:SB_CHECKSUM_OFFSET + 4] = bytes(4)
-            if crc32c.crc32c(bytes(block)) ^ 0xFFFFFFFF != checksum:
+            if superblock_crc32c(bytes(block)) ^ 0xFFFFFFFF != checksum:
                 raise ImageError(f"{path.decode(errors='replace')}: bad superblock checksum")
         self.meta = meta_blkaddr * self.block_size
         self.xattr_base = xattr_blkaddr * self.block_size
@@ -129,6 +130,7 @@ class _Image:
         xattrs = self._xattrs(at + isize, xattr_size) if icount else ()
         ranges: tuple[tuple[int, int], ...] = ()
         index_base = None
+        hole = False
         kind = stat.S_IFMT(mode)
         if kind in (stat.S_IFREG, stat.S_IFDIR, stat.S_IFLNK) and size:
             if datalayout == COMPRESSED_FULL and kind == stat.S_IFREG:
@@ -142,12 +144,28 @@ class _Image:
             elif datalayout == INODE_FLAT_INLINE:
                 plain = (-(-size // self.block_size) - 1) * self.block_size
                 ranges = ((i_u * self.block_size, plain), (at + isize + xattr_size, size - plain))
+            elif datalayout == INODE_CHUNK_BASED and kind == stat.S_IFREG:
+                hole = self._unallocated(nid, at + isize + xattr_size, i_u, size)
             else:
                 raise ImageError(
                     f"EROFS inode {nid} uses data layout {datalayout}, which reprobuild"
                     " cannot read", hint="only uncompressed flat EROFS images can be read")
         return _Inode(mode, nlink, size, uid, gid, mtime * 1_000_000_000 + mtime_nsec,
-                      i_u, tuple(r for r in ranges if r[1]), xattrs, index_base)
+                      i_u, tuple(r for r in ranges if r[1]), xattrs, index_base, hole)
+
+    def _unallocated(self, nid: int, at: int, chunk_format: int, size: int) -> bool:
+        """True for a chunk-based file whose block map allocates no chunk (composefs
+        writes files stored elsewhere so); allocated chunks are refused."""
+        bits = self.block_size.bit_length() - 1 + (chunk_format & 0x1F)
+        count = -(-size // (1 << bits))
+        if chunk_format & 0x20 or count > len(self.data) // 4:  # 8-byte chunk indexes
+            raise ImageError(f"EROFS inode {nid} uses chunk indexes, which reprobuild "
+                             "cannot read")
+        self.inside(at, 4 * count, f"inode {nid}'s chunk map")
+        if self.data[at:at + 4 * count] != b"\xff" * (4 * count):
+            raise ImageError(f"EROFS inode {nid} has allocated chunks, which reprobuild "
+                             "cannot read", hint="only unallocated (composefs) chunk maps")
+        return True
 
     def inside(self, at: int, size: int, what: str) -> None:
         """Refuse a structure of ``size`` bytes at ``at`` that is not inside the image."""
@@ -260,7 +278,10 @@ def _entry(image: _Image, path: bytes, inode: _Inode) -> Entry:
     major, minor = decode_dev(inode.rdev) if kind in (EntryType.CHAR, EntryType.BLOCK) else (0, 0)
     content = None
     target = None
-    if kind is EntryType.REGULAR and inode.index_base is not None:
+    if kind is EntryType.REGULAR and inode.hole:
+        content = Content(inode.size, file_region(image.path, ((None, inode.size),),
+                                                  file_size=len(image.data), what="hole"))
+    elif kind is EntryType.REGULAR and inode.index_base is not None:
         content = Content(inode.size,
                           ErofsCompressedSource(image.path, inode.index_base, inode.size))
     elif kind is EntryType.REGULAR:

@@ -6,6 +6,7 @@ the serialiser writes."""
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import NamedTuple
 
 from reprobuild.images.ext4.directory import (
     DirBlock,
@@ -34,15 +35,14 @@ from reprobuild.images.ext4.prepare import Needs, Prepared
 from reprobuild.trees.tree import Content, Entry, EntryType
 
 
-@dataclass(frozen=True)
-class Extent:
+class Extent(NamedTuple):
     logical: int
     length: int
     physical: int
 
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class InodePlan:
     ino: int
     entry: Entry  # the primary entry: mode, owner, time, xattrs
@@ -120,8 +120,38 @@ class Allocator:
         self.next_reserved = 0
         self.cursor = 0
         self.used: list[tuple[int, int]] = list(reserved)
+        self.limit = 0  # blocks [cursor, limit) hold no reserved block (0: not known)
 
     def allocate(self, count: int, *, contiguous: bool = False) -> list[tuple[int, int]]:
+        cursor = self.cursor
+        if count > 0 and cursor + count <= self.limit:  # the common case: one run
+            self.cursor = cursor + count
+            self._mark(cursor, count)
+            return [(cursor, count)]
+        runs = self._allocate(count, contiguous=contiguous)
+        self._set_limit()
+        return runs
+
+    def _mark(self, start: int, count: int) -> None:
+        used = self.used
+        last_start, last_count = used[-1] if used else (-1, 0)
+        if last_start + last_count == start:
+            used[-1] = (last_start, last_count + count)
+        else:
+            used.append((start, count))
+
+    def _set_limit(self) -> None:
+        reserved, cursor = self.reserved, self.cursor
+        while self.next_reserved < len(reserved) and \
+                cursor >= sum(reserved[self.next_reserved]):
+            self.next_reserved += 1
+        if self.next_reserved == len(reserved):
+            self.limit = 1 << 62
+        else:
+            start = reserved[self.next_reserved][0]
+            self.limit = start if cursor < start else 0
+
+    def _allocate(self, count: int, *, contiguous: bool) -> list[tuple[int, int]]:
         runs: list[tuple[int, int]] = []
         reserved = self.reserved
         while count:
@@ -143,7 +173,7 @@ class Allocator:
                 continue
             take = min(room, count)
             runs.append((self.cursor, take))
-            self.used.append((self.cursor, take))
+            self._mark(self.cursor, take)
             self.cursor += take
             count -= take
         return runs
@@ -160,6 +190,12 @@ class Allocator:
 
 
 def map_runs(alloc: Allocator, runs: tuple[tuple[int, int], ...]) -> list[Extent]:
+    if len(runs) == 1 and runs[0][1] <= MAX_EXTENT_LEN:  # most files: one extent
+        logical, count = runs[0]
+        allocated = alloc.allocate(count)
+        if len(allocated) == 1:
+            return [Extent(logical, count, allocated[0][0])]
+        return _extents(logical, allocated)
     extents: list[Extent] = []
     for logical, count in runs:
         for physical, n in alloc.allocate(count):
@@ -175,6 +211,25 @@ def map_runs(alloc: Allocator, runs: tuple[tuple[int, int], ...]) -> list[Extent
                 logical += take
                 physical += take
                 n -= take
+    return extents
+
+
+def _extents(logical: int, allocated: list[tuple[int, int]]) -> list[Extent]:
+    """The extents of one run of ``logical`` blocks given its allocated pieces."""
+    extents: list[Extent] = []
+    for physical, n in allocated:
+        while n:
+            take = min(n, MAX_EXTENT_LEN)
+            prev = extents[-1] if extents else None
+            if (prev is not None and prev.logical + prev.length == logical
+                    and prev.physical + prev.length == physical
+                    and prev.length + take <= MAX_EXTENT_LEN):
+                extents[-1] = Extent(prev.logical, prev.length + take, prev.physical)
+            else:
+                extents.append(Extent(logical, take, physical))
+            logical += take
+            physical += take
+            n -= take
     return extents
 
 
@@ -253,6 +308,7 @@ class _Placed:
     raw_blocks: list[tuple[int, bytes]]
     files: list[tuple[int, Content, tuple[Extent, ...]]]
     tree_blocks: list[tuple[int, int, bytes]]
+    charged: dict[int, int]  # blocks of data and extent tree per inode
 
 
 def allocate(blocks_count: int, needs: Needs, prepared: Prepared,
@@ -296,7 +352,7 @@ def allocate(blocks_count: int, needs: Needs, prepared: Prepared,
 def _place_contents(alloc: Allocator, prepared: Prepared) -> _Placed:
     """Directories, xattr blocks, slow symlinks, file data, then extent trees."""
     nodes, dirs = prepared.numbering.nodes, prepared.dirs
-    placed = _Placed({}, {}, [], {}, [], [], [], [])
+    placed = _Placed({}, {}, [], {}, [], [], [], [], {})
     extents = placed.extents
     for ino in sorted(dirs):
         blocks, _ = dirs[ino]
@@ -315,16 +371,22 @@ def _place_contents(alloc: Allocator, prepared: Prepared) -> _Placed:
         extents[ino] = map_runs(alloc, ((0, 1),))
         target = nodes[ino].entry.target or b""
         placed.raw_blocks.append((extents[ino][0].physical, target.ljust(BLOCK_SIZE, b"\0")))
-    for ino in sorted(prepared.scans):
-        extents[ino] = map_runs(alloc, prepared.scans[ino].runs)
+    scans = prepared.scans
+    for ino in sorted(scans):
+        found = map_runs(alloc, scans[ino].runs)
+        extents[ino] = found
         content = nodes[ino].entry.content
         assert content is not None
-        placed.files.append((ino, content, tuple(extents[ino])))
+        placed.files.append((ino, content, tuple(found)))
+    charged = placed.charged
     for ino in sorted(extents):
-        i_block, tree_nodes = extent_tree(alloc, extents[ino])
+        found = extents[ino]
+        i_block, tree_nodes = extent_tree(alloc, found)
         placed.i_blocks[ino] = i_block
         placed.tree_blocks.extend((p, ino, b) for p, b in tree_nodes)
-        extents[ino].extend(Extent(-1, 1, p) for p, _ in tree_nodes)
+        data = found[0].length if len(found) == 1 else sum(e.length for e in found)
+        charged[ino] = data + len(tree_nodes)
+    extents.clear()  # the files keep theirs; the rest is in i_blocks and charged
     return placed
 
 
@@ -336,7 +398,7 @@ def _inode_plans(prepared: Prepared, placed: _Placed) -> list[InodePlan]:
         entry = node.entry
         flags = 0
         size = 0
-        charged = sum(e.length for e in placed.extents.get(ino, ()))
+        charged = placed.charged.get(ino, 0)
         links = node.links
         if entry.type is EntryType.DIRECTORY:
             blocks, htree = prepared.dirs[ino]

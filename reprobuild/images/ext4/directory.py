@@ -34,26 +34,38 @@ from reprobuild.images.ext4.ondisk import (
 )
 
 LEAF_SPACE = BLOCK_SIZE - DIRENT_TAIL_SIZE  # 4084 bytes of entries before the dirent tail
+# struct ext4_dir_entry_tail: inode 0, rec_len 12, name_len 0, file_type 0xDE, checksum
+DIRENT_TAIL = EXT4_DIR_ENTRY_2.pack(0, DIRENT_TAIL_SIZE, 0, DIRENT_TAIL_TYPE) + bytes(4)
 
 KIND_LEAF = 0
 KIND_DX_ROOT = 1
 KIND_DX_NODE = 2
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class DirChild:
     name: bytes
     ino: int
     file_type: int
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class DirBlock:
-    """One logical directory block; ``count`` is the dx entry count for index blocks."""
+    """One logical directory block; ``count`` is the dx entry count for index blocks.
+
+    A leaf's ``data`` is compact: its bytes before the dirent tail, trailing zeros
+    dropped (most directories are small); :meth:`block` gives all 4096 bytes.
+    """
 
     data: bytes
     kind: int
     count: int = 0
+
+    def block(self) -> bytes:
+        """The whole block, the checksum of a leaf's dirent tail still zero."""
+        if self.kind == KIND_LEAF:
+            return self.data.ljust(LEAF_SPACE, b"\0") + DIRENT_TAIL
+        return self.data
 
 
 def _rec_len(name: bytes) -> int:
@@ -62,7 +74,7 @@ def _rec_len(name: bytes) -> int:
 
 def _leaf_block(entries: list[tuple[int, bytes, int]]) -> bytes:
     """Dirents in the given order; the last one's rec_len reaches the tail."""
-    block = bytearray(BLOCK_SIZE)
+    block = bytearray(LEAF_SPACE)
     pos = 0
     for i, (ino, name, ftype) in enumerate(entries):
         rec = _rec_len(name) if i + 1 < len(entries) else LEAF_SPACE - pos
@@ -71,8 +83,7 @@ def _leaf_block(entries: list[tuple[int, bytes, int]]) -> bytes:
         pos += rec
     if not entries:
         EXT4_DIR_ENTRY_2.pack_into(block, 0, 0, LEAF_SPACE, 0, 0)
-    EXT4_DIR_ENTRY_2.pack_into(block, LEAF_SPACE, 0, DIRENT_TAIL_SIZE, 0, DIRENT_TAIL_TYPE)
-    return bytes(block)
+    return bytes(block).rstrip(b"\0")  # the compact form of DirBlock
 
 
 def directory_blocks(self_ino: int, parent_ino: int, children: list[DirChild], *,

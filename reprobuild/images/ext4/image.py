@@ -35,6 +35,7 @@ from reprobuild.images.ext4.read import read_image
 from reprobuild.images.ext4.write import write_image
 from reprobuild.images.registry import ImageOptions
 from reprobuild.images.timestamps import EXT4_TIMES, check_times
+from reprobuild.trees.gcpause import collector_paused
 from reprobuild.trees.tree import Tree
 
 VERSION = "1"
@@ -44,8 +45,9 @@ def write(tree: Tree, output: BinaryIO, options: ImageOptions) -> None:
     """Write ``tree`` as an ext4 image to ``output`` (seekable and initially empty)."""
     check_times(tree, options.epoch, EXT4_TIMES, "ext4")
     cache: dict[int, bytes] = {}
-    layout = plan(tree, options, cache)
-    write_image(layout, output, cache)
+    with collector_paused():  # the plan is many objects that live until written
+        layout = plan(tree, options, cache)
+        write_image(layout, output, cache)
 
 
 def read(path: str | bytes | os.PathLike[str]) -> Tree:

@@ -39,9 +39,19 @@ from reprobuild.images.ext4.ondisk import (
     MAX_NAME,
     ROOT_INO,
 )
-from reprobuild.images.ext4.scan import CACHE_BUDGET, CACHE_FILE_MAX, FileScan, scan_content
+from reprobuild.images.ext4.scan import (
+    CACHE_BUDGET,
+    CACHE_FILE_MAX,
+    CACHE_PER_ENTRY,
+    WHOLE_READ_MAX,
+    FileScan,
+    scan_bytes,
+    scan_content,
+)
 from reprobuild.images.registry import ImageOptions
-from reprobuild.trees.tree import Entry, EntryType, Tree
+from reprobuild.trees.tree import Content, ContentReader, Entry, EntryType, Tree
+
+EMPTY = Content.from_bytes(b"")
 
 FILE_TYPES = {
     EntryType.REGULAR: FT_REG, EntryType.HARDLINK: FT_REG, EntryType.DIRECTORY: FT_DIR,
@@ -51,7 +61,7 @@ FILE_TYPES = {
 
 
 
-@dataclass
+@dataclass(slots=True)
 class Node:
     ino: int
     entry: Entry
@@ -185,24 +195,37 @@ class Prepared:
 
 
 
-def scan_files(nodes: dict[int, Node], cache: dict[int, bytes] | None
-                ) -> dict[int, FileScan]:
+def scan_files(nodes: dict[int, Node], cache: dict[int, bytes] | None, *,
+               digest: bool = True) -> dict[int, FileScan]:
+    """Each regular file read once: its runs, its digest (when ``digest``), and the
+    smallest files' bytes kept in ``cache`` for the write (within CACHE_BUDGET)."""
     regular = [ino for ino in sorted(nodes) if nodes[ino].entry.type is EntryType.REGULAR]
-    # Keep the smallest files for the write (opening a file costs more than reading it).
+    # Keep the smallest files for the write (opening a file costs more than reading it,
+    # unless it is a piece of an archive), within a budget that grows with the tree.
     cached: set[int] = set()
     if cache is not None:
-        room = CACHE_BUDGET
-        for size, ino in sorted((nodes[ino].entry.size, ino) for ino in regular):
+        room = min(CACHE_BUDGET, CACHE_PER_ENTRY * len(nodes))
+        reopened = [ino for ino in regular if not ContentReader.cheap_to_read_again(
+            nodes[ino].entry.content or EMPTY)]
+        for size, ino in sorted((nodes[ino].entry.size, ino) for ino in reopened):
             if size > CACHE_FILE_MAX or size > room:
                 break
             cached.add(ino)
             room -= size
     scans: dict[int, FileScan] = {}
-    for ino in regular:
-        content = nodes[ino].entry.content
-        assert content is not None
-        scans[ino] = scan_content(content, nodes[ino].entry.display(),
-                                  cache if ino in cached else None, ino)
+    with ContentReader() as reader:
+        for ino in regular:
+            entry = nodes[ino].entry
+            content = entry.content
+            assert content is not None
+            if content.size <= WHOLE_READ_MAX:
+                data = reader.read(content, entry.display())
+                scans[ino] = scan_bytes(data, digest=digest)
+                if ino in cached and cache is not None:
+                    cache[ino] = data
+                continue
+            scans[ino] = scan_content(content, entry.display(),
+                                      cache if ino in cached else None, ino, digest=digest)
     return scans
 
 
@@ -232,8 +255,10 @@ def prepare(tree: Tree, options: ImageOptions, cache: dict[int, bytes] | None,
              hash_version: int, label: bytes) -> Prepared:
     numbering = Numbering(tree, options.epoch)
     nodes = numbering.nodes
-    scans = scan_files(nodes, cache)
-    digest = tree_digest(tree, scans, numbering, options.epoch)
+    # The tree's digest (every file's bytes hashed) only names what the options do not.
+    hashed = options.uuid is None or options.get("hash_seed") is None
+    scans = scan_files(nodes, cache, digest=hashed)
+    digest = tree_digest(tree, scans, numbering, options.epoch) if hashed else b""
     fs_uuid, hash_seed = derive_ids(digest, options)
     w = [int.from_bytes(hash_seed[i: i + 4], "little") for i in range(0, 16, 4)]
     dirs = directories(tree, numbering, hash_version, (w[0], w[1], w[2], w[3]))

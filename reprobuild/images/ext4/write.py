@@ -46,8 +46,8 @@ from reprobuild.images.ext4.ondisk import (
     inode_checksum_seed,
     pack_fields,
 )
-from reprobuild.images.ext4.scan import aligned_chunks
-from reprobuild.trees.tree import Content
+from reprobuild.images.ext4.scan import WHOLE_READ_MAX, aligned_chunks
+from reprobuild.trees.tree import Content, ContentReader
 
 LEAF_CSUM_AT = BLOCK_SIZE - 4
 TREE_CSUM_AT = 12 + 340 * 12  # ext4_extent_tail after eh_max entries
@@ -57,7 +57,7 @@ XATTR_CSUM_AT = 16
 class _Sink:
     """Coalesces writes at consecutive offsets into few large ones (pwrite when possible)."""
 
-    LIMIT = 8 << 20
+    LIMIT = 1 << 20
 
     def __init__(self, output: BinaryIO) -> None:
         self.output = output
@@ -69,9 +69,9 @@ class _Sink:
             self.fd = None
         self.start = 0
         self.size = 0
-        self.parts: list[bytes | memoryview] = []
+        self.parts: list[bytes | bytearray | memoryview] = []
 
-    def put(self, offset: int, data: bytes | memoryview) -> None:
+    def put(self, offset: int, data: bytes | bytearray | memoryview) -> None:
         if isinstance(data, memoryview):
             base = data.obj
             if isinstance(base, bytes | bytearray) and len(data) < len(base):
@@ -197,7 +197,7 @@ def _seal_inode(raw: bytearray, ino: int, fs_seed: int) -> bytes:
 
 def seal_dir_block(block: DirBlock, inode_seed: int) -> bytes:
     """A directory block with its dirent-tail or dx-tail checksum filled in."""
-    data = bytearray(block.data)
+    data = bytearray(block.block())
     if block.kind == KIND_LEAF:
         crc = crc32c_raw(inode_seed, data[:LEAF_CSUM_AT - 8])
         data[LEAF_CSUM_AT:] = crc.to_bytes(4, "little")
@@ -288,9 +288,18 @@ def write_image(layout: Layout, output: BinaryIO, cache: dict[int, bytes]) -> No
 
     _write_inode_tables(layout, sink, fs_seed)
     _write_small_blocks(layout, sink, fs_seed)
-    for ino, content, extents in layout.files:
-        _write_file(sink, content, extents, cache.pop(ino, None))
+    _write_files(layout, sink, cache)
     sink.finish(layout.image_size)
+
+
+def _write_files(layout: Layout, sink: _Sink, cache: dict[int, bytes]) -> None:
+    """File data in inode order: kept from the scan, read whole, or streamed."""
+    with ContentReader() as reader:
+        for ino, content, extents in layout.files:
+            cached = cache.pop(ino, None)
+            if cached is None and extents and content.size <= WHOLE_READ_MAX:
+                cached = reader.read(content, f"inode {ino}")
+            _write_file(sink, content, extents, cached)
 
 
 def _write_inode_tables(layout: Layout, sink: _Sink, fs_seed: int) -> None:
@@ -311,11 +320,12 @@ def _write_inode_tables(layout: Layout, sink: _Sink, fs_seed: int) -> None:
             else:  # reserved inodes 1 and 3-10: empty, but with a valid checksum
                 raw = _seal_inode(bytearray(empty), ino, fs_seed)
             table[i * INODE_SIZE: (i + 1) * INODE_SIZE] = raw
-        sink.put(group.inode_table * BLOCK_SIZE, bytes(table))
+        sink.put(group.inode_table * BLOCK_SIZE, table)  # not reused: no copy
 
 
 def _write_small_blocks(layout: Layout, sink: _Sink, fs_seed: int) -> None:
-    blocks: dict[int, bytes] = {}
+    """Directory, extent-tree, xattr and symlink blocks, each sealed as it is written
+    (in block order, so that no more than the sink's buffer is held)."""
     seeds: dict[int, int] = {}
 
     def seed_of(ino: int) -> int:
@@ -323,20 +333,27 @@ def _write_small_blocks(layout: Layout, sink: _Sink, fs_seed: int) -> None:
             seeds[ino] = inode_checksum_seed(fs_seed, ino)
         return seeds[ino]
 
-    for physical, ino, block in layout.dir_blocks:
-        blocks[physical] = seal_dir_block(block, seed_of(ino))
-    for physical, ino, node in layout.tree_blocks:
-        crc = crc32c_raw(seed_of(ino), node[:TREE_CSUM_AT])
-        blocks[physical] = node[:TREE_CSUM_AT] + crc.to_bytes(4, "little")
-    for physical, xblock in layout.xattr_blocks:
-        crc = crc32c_raw(fs_seed, physical.to_bytes(8, "little"))
-        crc = crc32c_raw(crc, xblock)
-        blocks[physical] = (xblock[:XATTR_CSUM_AT] + crc.to_bytes(4, "little")
-                            + xblock[XATTR_CSUM_AT + 4:])
-    for physical, raw in layout.raw_blocks:
-        blocks[physical] = raw
-    for physical in sorted(blocks):
-        sink.put(physical * BLOCK_SIZE, blocks[physical])
+    order = sorted([(p, 0, i) for i, (p, _, _) in enumerate(layout.dir_blocks)]
+                   + [(p, 1, i) for i, (p, _, _) in enumerate(layout.tree_blocks)]
+                   + [(p, 2, i) for i, (p, _) in enumerate(layout.xattr_blocks)]
+                   + [(p, 3, i) for i, (p, _) in enumerate(layout.raw_blocks)])
+    for physical, kind, index in order:
+        if kind == 0:
+            _, ino, block = layout.dir_blocks[index]
+            sealed = seal_dir_block(block, seed_of(ino))
+        elif kind == 1:
+            _, ino, node = layout.tree_blocks[index]
+            crc = crc32c_raw(seed_of(ino), node[:TREE_CSUM_AT])
+            sealed = node[:TREE_CSUM_AT] + crc.to_bytes(4, "little")
+        elif kind == 2:
+            xblock = layout.xattr_blocks[index][1]
+            crc = crc32c_raw(fs_seed, physical.to_bytes(8, "little"))
+            crc = crc32c_raw(crc, xblock)
+            sealed = (xblock[:XATTR_CSUM_AT] + crc.to_bytes(4, "little")
+                      + xblock[XATTR_CSUM_AT + 4:])
+        else:
+            sealed = layout.raw_blocks[index][1]
+        sink.put(physical * BLOCK_SIZE, sealed)
 
 
 def _write_file(sink: _Sink, content: Content, extents: tuple[Extent, ...],

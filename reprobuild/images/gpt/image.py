@@ -14,7 +14,7 @@ its options schema is in :mod:`reprobuild.images.registry`):
 * ``identity(options: ImageOptions) -> dict[str, str]`` - anything besides the options
   and VERSION that changes the bytes (nothing here).
 * ``main_file(table: Mapping[str, object]) -> str`` - the file of the output directory
-  that is the image (here ``disk.img``); the store records its fs-verity digest.
+  that is the image (here ``disk.raw``); the store records its fs-verity digest.
 
 Recipe shape::
 
@@ -49,13 +49,18 @@ Specification says, the data partition's UUID is the first 128 bits of the root 
 the verity partition's the last 128 bits, and the pair must agree (the hash tree was made
 from that very data partition's content).
 
-Output: a directory with ``disk.img`` (the disk), ``cmdline`` (the kernel command-line
+An ``esp`` partition fed by an image must hold a FAT file system (a ``vfat`` image, the
+UKI at ``EFI/BOOT/BOOTX64.EFI``): firmware would take anything else for a broken ESP.
+
+Output: a directory with ``disk.raw`` (the disk), for a verity pair ``disk.roothash``
+and/or ``disk.usrhash`` (the root hash in hex and a newline: the sidecar names
+systemd-dissect looks for beside ``disk.raw``), ``cmdline`` (the kernel command-line
 fragment, ``roothash=HEX`` and/or ``usrhash=HEX`` separated by spaces and a newline; empty
 without a verity pair) and ``disk.json`` (disk GUID, size, sector size, and for each
 partition its number, label, type, type GUID, UUID, offset, size, attributes, source and
 content blake3).
 
-:func:`read` turns a disk (``disk.img`` or the output directory) into a tree of one
+:func:`read` turns a disk (``disk.raw`` or the output directory) into a tree of one
 read-only regular file per partition, named ``NUMBER-LABEL`` (``/`` in labels becomes
 ``_``; just ``NUMBER`` without a label), holding the partition's bytes.
 """
@@ -86,9 +91,10 @@ from reprobuild.trees.region import FileRegion, file_region
 from reprobuild.trees.tree import Content, Entry, EntryType, Tree
 from reprobuild.units import parse_size
 
-VERSION = "1"
+VERSION = "2"  # 2: the disk is disk.raw (was disk.img), beside disk.roothash/usrhash
 PARTITION_KEYS = ("from", "type", "label", "size", "uuid", "file", *ATTRIBUTE_BITS)
-DISK_FILE = "disk.img"
+DISK_FILE = "disk.raw"
+OLD_DISK_FILE = "disk.img"  # gpt VERSION 1 outputs, still read
 CMDLINE_FILE = "cmdline"
 SUMMARY_FILE = "disk.json"
 VERITY_SUMMARY = "verity.json"  # written by reprobuild.images.verity
@@ -259,6 +265,19 @@ def resolve_inputs(inputs: Mapping[str, str], table: Mapping[str, object]
     return resolved
 
 
+def check_esp(part: PartitionInput) -> None:
+    """Refuse an ESP whose content is not a FAT file system (boot sector signature and
+    a FAT12/16/32 type string where the BPB keeps it)."""
+    if part.path is None or part.type_guid != layout_mod.PARTITION_TYPES["esp"]:
+        return
+    with open(part.path, "rb") as f:
+        boot = f.read(512)
+    if len(boot) < 512 or boot[510:512] != b"\x55\xaa" or not (
+            boot[54:57] == b"FAT" or boot[82:87] == b"FAT32"):
+        raise ImageError(f"partition {part.label!r} is an ESP but {part.source!r} is not a "
+                         "FAT file system", hint='make it with format = "vfat"')
+
+
 def _content_digest(part: PartitionInput) -> bytes:
     """blake3 of a partition's bytes (the same digest a verity image derives its salt from)."""
     if part.path is None:
@@ -294,8 +313,11 @@ def verity_pairs(parts: list[PartitionInput]) -> list[VerityPair]:
 
 def build(inputs: dict[str, str], table: Mapping[str, object], options: ImageOptions,
           output: str) -> None:
-    """Write ``output``/disk.img, cmdline and disk.json (see the module docstring)."""
+    """Write ``output``/disk.raw, its root hash sidecars, cmdline and disk.json (see the
+    module docstring)."""
     parts = resolve_inputs(inputs, table)
+    for part in parts:
+        check_esp(part)
     digests = [_content_digest(p) for p in parts]
     pairs = verity_pairs(parts)
     uuids: dict[int, str] = {}
@@ -332,6 +354,9 @@ def build(inputs: dict[str, str], table: Mapping[str, object], options: ImageOpt
     cmdline = " ".join(f"{pair.kind}hash={pair.root_hash.hex()}" for pair in pairs)
     with open(os.path.join(output, CMDLINE_FILE), "w", encoding="utf-8") as f:
         f.write(cmdline + "\n" if cmdline else "")
+    for pair in pairs:
+        with open(os.path.join(output, f"disk.{pair.kind}hash"), "x", encoding="ascii") as f:
+            f.write(pair.root_hash.hex() + "\n")
     with open(os.path.join(output, SUMMARY_FILE), "w", encoding="utf-8") as f:
         json.dump(summary(layout, parts, digests, cmdline), f, indent=2, sort_keys=True)
         f.write("\n")
@@ -396,12 +421,15 @@ def write_disk(path: str, layout: DiskLayout, contents: list[str | None]) -> Non
 def _disk_path(path: str | bytes | os.PathLike[str]) -> str:
     text = os.fsdecode(path)
     if os.path.isdir(text):
+        if not os.path.exists(os.path.join(text, DISK_FILE)) and \
+                os.path.exists(os.path.join(text, OLD_DISK_FILE)):
+            return os.path.join(text, OLD_DISK_FILE)
         return os.path.join(text, DISK_FILE)
     return text
 
 
 def read_table(path: str | bytes | os.PathLike[str]) -> GptTable:
-    """The primary GPT of a disk (``disk.img`` or a gpt output directory), CRCs checked."""
+    """The primary GPT of a disk (``disk.raw`` or a gpt output directory), CRCs checked."""
     disk = _disk_path(path)
     with open(disk, "rb") as f:
         head = f.read(4096 * 6)

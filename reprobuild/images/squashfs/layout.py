@@ -47,7 +47,7 @@ BASIC_TYPE: dict[EntryType, int] = {
 XattrSet = tuple[tuple[int, bytes, bytes], ...]  # (prefix index, name without prefix, value)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class InodePlan:
     """One inode: its number, the entry holding its metadata, and its table indexes."""
 
@@ -61,7 +61,7 @@ class InodePlan:
     parent_number: int  # directories: the parent's inode number (root: inode count + 1)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class DirectoryPlan:
     """A directory's listing: (name, inode index) in bytewise name order."""
 
@@ -69,7 +69,7 @@ class DirectoryPlan:
     children: tuple[tuple[bytes, int], ...]
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class FilePlan:
     """One regular file's data: how many full data blocks, and whether it may duplicate.
 

@@ -104,7 +104,7 @@ def compress_metadata(compressor: Compressor, raw: bytes) -> bytes:
     return SQUASHFS_METADATA_HEADER.pack(len(raw) | SQUASHFS_COMPRESSED_BIT) + raw
 
 
-@dataclass
+@dataclass(slots=True)
 class FileResult:
     """Where one file's data went (shared by the files that duplicate it)."""
 

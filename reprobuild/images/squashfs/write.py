@@ -3,7 +3,7 @@
 The layout on disk follows mksquashfs, which the kernel's sanity checks expect: the
 superblock, the compressor options, file data and fragment blocks, the inode table, the
 directory table, the fragment table, the export table, the id table, the xattr table; the
-image is padded to 4 KiB. File data streams through ``Content.chunks()`` one block at a
+image is padded to 4 KiB. File data streams through a ``ContentStreamer`` one block at a
 time; blocks compress in worker threads and are written in plan order, with a bounded
 number in flight.
 """
@@ -22,6 +22,7 @@ from typing import BinaryIO
 import blake3
 
 from reprobuild.errors import ImageError, ImageTooSmall
+from reprobuild.images.contents import ContentStreamer
 from reprobuild.images.squashfs.compressors import Compressor
 from reprobuild.images.squashfs.layout import SquashfsPlan
 from reprobuild.images.squashfs.ondisk import (
@@ -54,12 +55,12 @@ from reprobuild.images.squashfs.tables import (
     write_lookup_table,
     write_xattr_table,
 )
-from reprobuild.trees.tree import Content
+from reprobuild.trees.tree import Content, Entry
 
 PAD_TO = 4096
 IN_FLIGHT_PER_WORKER = 4
 HOLD_LIMIT = 16 << 20  # files sharing a size are held in memory up to this size
-READ_AHEAD_BYTES = 8 << 20
+READ_AHEAD_BYTES = 2 << 20  # 16 blocks of 128 KiB: twice what the compressors hold
 
 
 @dataclass(frozen=True)
@@ -142,11 +143,14 @@ def write_plan(plan: SquashfsPlan, output: BinaryIO, settings: WriteSettings) ->
 
 
 # -- data ---------------------------------------------------------------------------------
-def file_blocks(content: Content, block_size: int, where: str) -> Iterator[bytes]:
+def file_blocks(content: Content, block_size: int, entry: Entry,
+                reader: ContentStreamer | None = None) -> Iterator[bytes]:
     """The content in ``block_size`` pieces (the last one shorter), checking its size."""
     carry = b""
     total = 0
-    for chunk in content.chunks(block_size):
+    chunks = (content.chunks(block_size) if reader is None or reader.chunk_size != block_size
+              else reader.chunks(content))
+    for chunk in chunks:
         total += len(chunk)
         if not carry and len(chunk) == block_size:
             yield chunk
@@ -158,7 +162,7 @@ def file_blocks(content: Content, block_size: int, where: str) -> Iterator[bytes
     if carry:
         yield carry
     if total != content.size:
-        raise ImageError(f"squashfs: {where}: content has {total} bytes, expected"
+        raise ImageError(f"squashfs: {entry.display()}: content has {total} bytes, expected"
                          f" {content.size}", hint="do not modify the source during a build")
 
 
@@ -258,33 +262,40 @@ class ReadAhead:
 
     def _run(self) -> None:
         try:
-            block_size = self.plan.block_size
-            for index, file in enumerate(self.plan.files):
-                if file.size == 0:
-                    continue
-                content = file.entry.content
-                assert content is not None
-                digest: bytes | None = None
-                hasher = None
-                if file.may_duplicate:
-                    if content.known_blake3 is not None or file.size > HOLD_LIMIT:
-                        digest = content.blake3
-                    else:
-                        hasher = blake3.blake3()
-                previous: bytes | None = None
-                for block in file_blocks(content, block_size, file.entry.display()):
-                    if hasher is not None:
-                        hasher.update(block)
-                    if previous is not None and not self._put((index, previous, digest)):
-                        return
-                    previous = block
-                if hasher is not None:
-                    digest = hasher.digest()
-                if not self._put((index, previous, digest)):
-                    return
-            self._put(self.DONE)
+            with ContentStreamer(self.plan.block_size) as reader:
+                if self._read_all(reader):
+                    self._put(self.DONE)
         except BaseException as error:  # handed to the main thread, which raises it
             self._put(error)
+
+    def _read_all(self, reader: ContentStreamer) -> bool:
+        """Queue every block; False when stopped early."""
+        block_size = self.plan.block_size
+        put = self._put
+        for index, file in enumerate(self.plan.files):
+            if file.size == 0:
+                continue
+            content = file.entry.content
+            assert content is not None
+            digest: bytes | None = None
+            hasher = None
+            if file.may_duplicate:
+                if content.known_blake3 is not None or file.size > HOLD_LIMIT:
+                    digest = content.blake3
+                else:
+                    hasher = blake3.blake3()
+            previous: bytes | None = None
+            for block in file_blocks(content, block_size, file.entry, reader):
+                if hasher is not None:
+                    hasher.update(block)
+                if previous is not None and not put((index, previous, digest)):
+                    return False
+                previous = block
+            if hasher is not None:
+                digest = hasher.digest()
+            if not put((index, previous, digest)):
+                return False
+        return True
 
     def __iter__(self) -> Iterator[tuple[int, bytes, bytes | None]]:
         while True:

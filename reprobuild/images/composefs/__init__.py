@@ -1,0 +1,1 @@
+"""composefs images: what libcomposefs's mkcomposefs writes, and their digest store."""

@@ -1,0 +1,150 @@
+"""Write composefs images: the EROFS metadata image libcomposefs's ``mkcomposefs`` writes
+(version 1.0.8, byte for byte), whose files over 64 bytes live in a digest store.
+
+A file of 1 to 64 bytes is inline; a larger one is an inode without data carrying
+``trusted.overlay.metacopy`` (its content's fs-verity sha256 digest) and
+``trusted.overlay.redirect`` (``/xx/rest``, its path in the digest store, see
+:mod:`reprobuild.images.composefs.store`). overlayfs, given the image as its lower
+layer and the store as a data-only layer (``mount.composefs -o basedir=STORE``), serves
+the files. The composefs digest is the image's fs-verity sha256 digest
+(:func:`composefs_digest`), which ``mkcomposefs --print-digest-only`` prints.
+
+Hardlinks of the tree are hardlinks in the image (as ``mkcomposefs --from-file`` writes
+them; ``mkcomposefs DIR`` makes each path its own inode). Times, owners and xattrs are
+the tree's: the pipeline has already clamped them to the epoch.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from typing import BinaryIO
+
+from reprobuild.errors import ImageError
+from reprobuild.images.composefs import ondisk
+from reprobuild.images.composefs.layout import Layout, plan
+from reprobuild.images.composefs.read import read_composefs
+from reprobuild.images.composefs.store import fill_store
+from reprobuild.images.composefs.write import write_image
+from reprobuild.images.registry import ImageOptions
+from reprobuild.integrity.blockhash import hash_blocks
+from reprobuild.integrity.fsverity import (
+    descriptor,
+    digest_chunks,
+    digest_file,
+    params,
+    root_hash_from_leaves,
+)
+from reprobuild.trees.tree import Entry, EntryType, FileSource, Tree
+
+__all__ = ["MAIN_FILE", "STORE_DIR", "VERSION", "composefs_digest", "content_digests",
+           "identity", "layout_of", "read", "write", "write_with_store"]
+
+VERSION = "1"
+"""The writer's code version: bump it whenever the bytes for a given tree change."""
+
+MAIN_FILE = "image.cfs"
+STORE_DIR = "objects"
+"""A recipe's composefs image step writes a directory: the image as MAIN_FILE (the store
+records its fs-verity digest, the composefs digest) and its digest store as STORE_DIR,
+so ``mount.composefs -o basedir=OUT/objects OUT/image.cfs`` mounts it."""
+
+LCFS_VERSION = "1.0.8"
+"""The libcomposefs release whose mkcomposefs output this writer reproduces."""
+
+
+def identity(options: ImageOptions) -> dict[str, str]:
+    return {"libcomposefs": LCFS_VERSION}
+
+
+def _check_options(options: ImageOptions) -> None:
+    for key, value in (("size", options.size), ("uuid", options.uuid),
+                       ("label", options.label), ("compress", options.compress)):
+        if value is not None:
+            raise ImageError(f"composefs images take no {key}",
+                             hint="mkcomposefs writes a zero UUID, no label, no "
+                                  "compression and the smallest size: drop the option")
+    if options.block_size not in (None, 4096):
+        raise ImageError(f"composefs block size {options.block_size} is not 4096",
+                         hint="composefs images always use 4096-byte blocks")
+
+
+class _Digester:
+    """fs-verity sha256 digests (4 KiB blocks, no salt) of file contents. A file of up
+    to 8 MiB is read whole into one reused buffer and hashed on this thread: per-file
+    overhead, not hashing, is what a root filesystem's thousands of small files cost."""
+
+    WHOLE_MAX = 8 << 20
+
+    def __init__(self) -> None:
+        self.params = params()
+        self.buffer = bytearray(1 << 20)
+
+    def __call__(self, entry: Entry) -> bytes:
+        assert entry.content is not None
+        size = entry.content.size
+        source = entry.content.source
+        if not isinstance(source, FileSource):
+            return digest_chunks(entry.content.chunks())
+        if size > self.WHOLE_MAX:
+            return digest_file(source.path)
+        if len(self.buffer) < size:
+            self.buffer = bytearray(size)
+        view = memoryview(self.buffer)[:size]
+        fd = os.open(source.path, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            done = 0
+            while done < size:
+                got = os.preadv(fd, [view[done:]], done)
+                if not got:
+                    raise ImageError(f"{entry.display()}: file ended {size - done} bytes "
+                                     "early", hint="do not modify the source during a build")
+                done += got
+        finally:
+            os.close(fd)
+        leaves = hash_blocks(view, 4096, "sha256")
+        root = root_hash_from_leaves(leaves, self.params)
+        return hashlib.sha256(descriptor(size, root, self.params)).digest()
+
+
+def content_digests(tree: Tree) -> dict[bytes, bytes]:
+    """Path -> content digest of every regular file stored by reference."""
+    digest = _Digester()
+    return {e.path: digest(e) for e in tree
+            if e.type is EntryType.REGULAR and e.size > ondisk.INLINE_CONTENT_MAX}
+
+
+def layout_of(tree: Tree, digests: dict[bytes, bytes] | None = None) -> Layout:
+    """The planned image of ``tree`` (digests computed when not given)."""
+    known = content_digests(tree) if digests is None else digests
+    return plan(tree, lambda entry: known[entry.path])
+
+
+def write(tree: Tree, output: BinaryIO, options: ImageOptions) -> None:
+    """Write the composefs image of ``tree``; the digest store is written separately
+    (:func:`reprobuild.images.composefs.store.fill_store`)."""
+    _check_options(options)
+    write_image(layout_of(tree), output)
+
+
+def write_with_store(tree: Tree, output: BinaryIO, options: ImageOptions, *,
+                     digest_store: str) -> None:
+    """Write the image of ``tree`` and put the files it stores by reference into the
+    digest store at ``digest_store`` (each file hashed once for both)."""
+    _check_options(options)
+    digests = content_digests(tree)
+    fill_store(tree, digest_store, digests)
+    write_image(plan(tree, lambda entry: digests[entry.path]), output)
+
+
+def read(path: str | bytes | os.PathLike[str]) -> Tree:
+    """The tree a composefs image was made from, file bytes from the digest store
+    ``objects/`` beside it (a recipe output's layout); see
+    :func:`reprobuild.images.composefs.read.read_composefs` to name another store."""
+    return read_composefs(path)
+
+
+def composefs_digest(image_path: str | bytes | os.PathLike[str]) -> str:
+    """The composefs digest of a composefs image: its fs-verity sha256 digest (4 KiB
+    blocks, no salt), as lowercase hex; what ``mkcomposefs --print-digest-only`` prints."""
+    return digest_file(image_path, algorithm="sha256", block_size=4096, salt=b"").hex()

@@ -1,0 +1,342 @@
+"""Plan a composefs image: the tree rewritten as libcomposefs rewrites it, then every
+inode's number, nid, padding, xattrs and blocks, as data (no bytes yet).
+
+The order of work is libcomposefs 1.0.8's (``lcfs-writer-erofs.c``): escape user
+``trusted.overlay.*`` xattrs, add ``metacopy`` and ``redirect`` to files stored by
+reference, turn whiteout devices into escaped whiteouts, mark the root opaque and add
+its 256 whiteouts; then number the inodes breadth first with children in bytewise name
+order (``.`` and ``..`` included), share the xattrs used more than once, and place
+each inode on a 32-byte slot so that no inline tail crosses a block.
+"""
+
+from __future__ import annotations
+
+import stat
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from reprobuild.errors import ImageError
+from reprobuild.images.composefs import ondisk
+from reprobuild.images.erofs.ondisk import BLOCK_SIZE, EROFS_SUPER_OFFSET, ISLOT_SIZE
+from reprobuild.trees.tree import Entry, EntryType, Tree
+
+SUPER_BLOCK_SIZE = 128
+DIRENT_SIZE = 12
+COMPACT_SIZE = 32
+EXTENDED_SIZE = 64
+U16 = 0xFFFF
+U32 = 0xFFFFFFFF
+
+DigestOf = Callable[[Entry], bytes]
+
+
+class Node:
+    """One inode of the image."""
+
+    __slots__ = ("children", "compact", "content", "digest", "gid", "ino", "ipad",
+                 "isize", "mode", "mtime", "n_blocks", "nid", "nlink", "rdev", "shared",
+                 "size", "tail", "target", "uid", "unshared", "xattrs")
+
+    def __init__(self, entry: Entry) -> None:
+        self.mode = entry.st_mode
+        self.uid = entry.uid
+        self.gid = entry.gid
+        self.mtime = divmod(entry.mtime_ns, 1_000_000_000)
+        self.size = entry.size if entry.type is EntryType.REGULAR else 0
+        self.rdev = (ondisk.encode_rdev(entry.rdev_major, entry.rdev_minor)
+                     if entry.type in (EntryType.CHAR, EntryType.BLOCK) else 0)
+        self.target = entry.target if entry.type is EntryType.SYMLINK else None
+        self.xattrs: dict[bytes, bytes] = dict(entry.xattrs)
+        self.children: list[tuple[bytes, Node, bool]] = []  # name, inode, is a link
+        self.content: bytes | None = None  # inline file bytes
+        self.digest: bytes | None = None
+        self.nlink = 1
+        self.ino = self.nid = self.ipad = self.isize = self.n_blocks = self.tail = 0
+        self.compact = True
+        self.shared: list[int] = []  # offsets into the shared xattr area
+        self.unshared: list[tuple[bytes, bytes]] = []
+
+    @property
+    def kind(self) -> int:
+        return stat.S_IFMT(self.mode)
+
+    def set_xattr(self, name: bytes, value: bytes) -> None:
+        self.xattrs.pop(name, None)
+        self.xattrs[name] = value
+
+    def sorted_xattrs(self) -> list[tuple[bytes, bytes]]:
+        return sorted(self.xattrs.items())
+
+
+@dataclass
+class Layout:
+    """Everything the serialiser needs, in write order."""
+
+    nodes: list[Node]
+    root: Node
+    version: int
+    has_acl: bool
+    build_time: tuple[int, int]
+    inodes_end: int = 0
+    shared_xattrs: list[tuple[bytes, bytes]] = field(default_factory=list)
+    shared_size: int = 0
+    data_start: int = 0
+    n_data_blocks: int = 0
+
+
+def plan(tree: Tree, digest_of: DigestOf) -> Layout:
+    """The layout of ``tree``'s composefs image; ``digest_of`` gives a regular file's
+    fs-verity sha256 digest (called once per inode stored by reference)."""
+    root, version = _rewrite(tree, digest_of)
+    nodes = _breadth_first(root)
+    build_time = min(node.mtime for node in nodes)
+    has_acl = False
+    for node in nodes:
+        if node.kind == stat.S_IFDIR:
+            node.nlink = 2 + sum(1 for _, child, link in node.children
+                                 if not link and child.kind == stat.S_IFDIR)
+        has_acl = has_acl or any(n in node.xattrs for n in (b"system.posix_acl_access",
+                                                            b"system.posix_acl_default"))
+    layout = Layout(nodes, root, version, has_acl, build_time)
+    _share_xattrs(layout)
+    _place_inodes(layout)
+    return layout
+
+
+def _rewrite(tree: Tree, digest_of: DigestOf) -> tuple[Node, int]:
+    """Nodes for the tree's inodes, with composefs's xattrs; the format version (1 when
+    the tree holds a whiteout device)."""
+    nodes: dict[bytes, Node] = {}
+    version = 0
+    for entry in tree:
+        if entry.type is EntryType.HARDLINK:
+            continue
+        node = Node(entry)
+        nodes[entry.path] = node
+        _escape(node, entry)
+        if entry.type is EntryType.REGULAR and entry.content is not None and node.size:
+            if node.size <= ondisk.INLINE_CONTENT_MAX:
+                node.content = entry.content.read()
+                if len(node.content) != node.size:
+                    raise ImageError(f"{entry.display()}: content changed while reading")
+            else:
+                _by_reference(node, entry, digest_of(entry))
+        if entry.type is EntryType.CHAR and (entry.rdev_major, entry.rdev_minor) == (0, 0):
+            version = 1
+    for entry in tree:
+        if not entry.path:
+            continue
+        parent = nodes[entry.parent]
+        if entry.type is EntryType.HARDLINK:
+            primary = nodes[tree.resolve(entry).path]
+            primary.nlink += 1
+            parent.children.append((entry.name, primary, True))
+        else:
+            parent.children.append((entry.name, nodes[entry.path], False))
+    for path, node in nodes.items():
+        if node.kind == stat.S_IFCHR and node.rdev == 0:
+            _escape_whiteout(node, nodes[path.rsplit(b"/", 1)[0] if b"/" in path else b""],
+                             version)
+    root = nodes[b""]
+    root.set_xattr(ondisk.OPAQUE, b"y")
+    _add_root_whiteouts(root)
+    for path, node in nodes.items():
+        if node.kind == stat.S_IFDIR:
+            parent = nodes[path.rsplit(b"/", 1)[0] if b"/" in path else b""]
+            node.children.append((b".", node, True))
+            node.children.append((b"..", parent, True))
+            node.children.sort(key=lambda child: child[0])
+    return root, version
+
+
+def _escape(node: Node, entry: Entry) -> None:
+    space = 0
+    for name, value in entry.xattrs:
+        if len(value) > U16:
+            raise ImageError(f"{entry.display()}: xattr {name!r} has {len(value)} bytes",
+                             hint="composefs stores values of at most 65535 bytes")
+        space += 2 * 4 - 1 + len(name) + len(value)
+    if space and space + ondisk.XATTR_HEADER_SPACE > ondisk.XATTR_SPACE_MAX:
+        raise ImageError(f"{entry.display()}: its xattrs take {space} bytes",
+                         hint="libcomposefs stores at most 32767 bytes of xattrs a file")
+    if any(name.startswith(ondisk.OVERLAY_PREFIX) for name in node.xattrs):
+        node.xattrs = {
+            (ondisk.OVERLAY_ESCAPE_PREFIX + name[len(ondisk.OVERLAY_PREFIX):]
+             if name.startswith(ondisk.OVERLAY_PREFIX) else name): value
+            for name, value in node.xattrs.items()}
+
+
+def object_path(digest: bytes) -> str:
+    """The digest store path of an object: ``xx/rest`` of the hex digest."""
+    text = digest.hex()
+    return f"{text[:2]}/{text[2:]}"
+
+
+def _by_reference(node: Node, entry: Entry, digest: bytes) -> None:
+    node.digest = digest
+    metacopy = bytes((0, 4 + len(digest), 0, ondisk.FS_VERITY_HASH_ALG_SHA256)) + digest
+    node.set_xattr(ondisk.METACOPY, metacopy)
+    node.set_xattr(ondisk.REDIRECT, b"/" + object_path(digest).encode())
+
+
+def _escape_whiteout(node: Node, parent: Node, version: int) -> None:
+    node.size = 0
+    node.mode = stat.S_IFREG | stat.S_IMODE(node.mode)
+    node.set_xattr(ondisk.ESCAPED_WHITEOUT, b"")
+    node.set_xattr(ondisk.USERXATTR_WHITEOUT, b"")
+    parent.set_xattr(ondisk.ESCAPED_WHITEOUTS, b"")
+    parent.set_xattr(ondisk.USERXATTR_WHITEOUTS, b"")
+    if version >= 1:
+        parent.set_xattr(ondisk.ESCAPED_OPAQUE, b"x")
+        parent.set_xattr(ondisk.USERXATTR_OPAQUE, b"x")
+
+
+def _add_root_whiteouts(root: Node) -> None:
+    taken = {name for name, _, _ in root.children}
+    selinux = root.xattrs.get(b"security.selinux")
+    for i in range(256):
+        name = b"%02x" % i
+        if name in taken:
+            continue
+        whiteout = Node(Entry(name, EntryType.CHAR, 0o644, root.uid, root.gid))
+        whiteout.mtime = root.mtime
+        if selinux is not None:
+            whiteout.xattrs[b"security.selinux"] = selinux
+        root.children.append((name, whiteout, False))
+
+
+def _breadth_first(root: Node) -> list[Node]:
+    """Inodes in breadth-first order; a hardlink is numbered where its primary is."""
+    order = [root]
+    for node in order:  # grows while iterated: a queue
+        order.extend(child for _, child, link in node.children if not link)
+    for index, node in enumerate(order):
+        node.ino = index
+    return order
+
+
+def _share_xattrs(layout: Layout) -> None:
+    """xattrs (name and value) used by more than one inode go to the shared area, in
+    libcomposefs's order (names, then value lengths, then values, all descending)."""
+    uses: dict[tuple[bytes, bytes], int] = {}
+    for node in layout.nodes:
+        for item in node.xattrs.items():
+            uses[item] = uses.get(item, 0) + 1
+    shared = sorted((item for item, count in uses.items() if count > 1),
+                    key=lambda item: (item[0], len(item[1]), item[1]), reverse=True)
+    offsets: dict[tuple[bytes, bytes], int] = {}
+    offset = 0
+    for name, value in shared:
+        offsets[(name, value)] = offset
+        offset += ondisk.entry_size(name, value)
+    layout.shared_xattrs = shared
+    layout.shared_size = offset
+    for node in layout.nodes:
+        for item in node.sorted_xattrs():
+            at = offsets.get(item)
+            if at is not None and len(node.shared) < ondisk.MAX_SHARED_PER_INODE:
+                node.shared.append(at)
+            else:
+                node.unshared.append(item)
+
+
+def xattr_body_size(node: Node) -> int:
+    """Bytes of the inode's xattr header, shared ids and inline entries (0: none)."""
+    if not node.shared and not node.unshared:
+        return 0
+    return 12 + 4 * len(node.shared) + sum(ondisk.entry_size(n, v) for n, v in node.unshared)
+
+
+def _data_size(node: Node) -> None:
+    """n_blocks and tail (compute_erofs_inode_size)."""
+    kind = node.kind
+    node.n_blocks = node.tail = 0
+    if kind == stat.S_IFDIR:
+        size = 0
+        for name, _, _ in node.children:
+            length = DIRENT_SIZE + len(name)
+            if size + length > BLOCK_SIZE:
+                node.n_blocks += 1
+                size = 0
+            size += length
+        if size > BLOCK_SIZE // 2:  # never inline more than half a block
+            node.n_blocks += 1
+            size = 0
+        node.tail = size
+    elif kind == stat.S_IFLNK:
+        assert node.target is not None
+        node.tail = len(node.target)
+    elif kind == stat.S_IFREG and node.size:
+        if node.content is not None:
+            node.n_blocks, node.tail = divmod(node.size, BLOCK_SIZE)
+            if node.tail > BLOCK_SIZE // 2:
+                node.n_blocks += 1
+                node.tail = 0
+        else:
+            node.tail = 4 * chunking(node.size)[1]
+
+
+def chunking(size: int) -> tuple[int, int]:
+    """(chunk bits, chunk count) of a file stored by reference (erofs_compute_chunking)."""
+    bits = max((size - 1).bit_length(), 12)
+    bits = min(bits, 12 + 31)
+    return bits, -(-size // (1 << bits))
+
+
+def inode_size_field(node: Node) -> int:
+    kind = node.kind
+    if kind == stat.S_IFDIR:
+        return node.n_blocks * BLOCK_SIZE + node.tail
+    if kind == stat.S_IFREG:
+        return node.size
+    if kind == stat.S_IFLNK:
+        assert node.target is not None
+        return node.tail if node.n_blocks == 0 else len(node.target)
+    return 0
+
+
+def _tail_padding(node: Node, pos: int, inode_size: int, xattr_size: int) -> int:
+    """Padding before an inode so that its inline tail does not cross a block."""
+    total = inode_size + xattr_size + node.tail
+    if node.kind == stat.S_IFLNK:
+        if total // BLOCK_SIZE > 0:
+            node.n_blocks += 1
+            node.tail = 0
+        if pos // BLOCK_SIZE != (pos + total - 1) // BLOCK_SIZE:
+            return -pos % BLOCK_SIZE
+        return 0
+    remainder = BLOCK_SIZE - (pos + inode_size + xattr_size) % BLOCK_SIZE
+    if remainder < node.tail:
+        pad = -(-remainder // ISLOT_SIZE) * ISLOT_SIZE
+        remainder = BLOCK_SIZE - (pos + inode_size + xattr_size + pad) % BLOCK_SIZE
+        if node.tail <= remainder:
+            return pad
+        node.n_blocks += 1
+        node.tail = 0
+        return -pos % BLOCK_SIZE
+    return 0
+
+
+def _place_inodes(layout: Layout) -> None:
+    pos = EROFS_SUPER_OFFSET + SUPER_BLOCK_SIZE
+    for node in layout.nodes:
+        _data_size(node)
+        size = inode_size_field(node)
+        node.compact = (node.mtime == layout.build_time and node.nlink <= U16
+                        and node.uid <= U16 and node.gid <= U16 and size <= U32)
+        inode_size = COMPACT_SIZE if node.compact else EXTENDED_SIZE
+        xattr_size = xattr_body_size(node)
+        start = -(-pos // ISLOT_SIZE) * ISLOT_SIZE
+        pad = _tail_padding(node, start, inode_size, xattr_size)
+        node.ipad = start - pos + pad
+        pos = start + pad
+        node.isize = inode_size + xattr_size + node.tail
+        layout.n_data_blocks += node.n_blocks
+        node.nid = pos // ISLOT_SIZE
+        pos += node.isize
+    layout.inodes_end = -(-pos // ISLOT_SIZE) * ISLOT_SIZE
+    end = layout.inodes_end + layout.shared_size
+    layout.data_start = -(-end // BLOCK_SIZE) * BLOCK_SIZE
+    if layout.root.nid >= U16:
+        raise ImageError("the root directory's inode is beyond what composefs can address",
+                         hint="the root has too many xattrs")
