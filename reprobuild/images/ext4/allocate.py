@@ -198,25 +198,21 @@ def map_runs(alloc: Allocator, runs: tuple[tuple[int, int], ...]) -> list[Extent
         return _extents(logical, allocated)
     extents: list[Extent] = []
     for logical, count in runs:
-        for physical, n in alloc.allocate(count):
-            while n:
-                take = min(n, MAX_EXTENT_LEN)
-                prev = extents[-1] if extents else None
-                if (prev is not None and prev.logical + prev.length == logical
-                        and prev.physical + prev.length == physical
-                        and prev.length + take <= MAX_EXTENT_LEN):
-                    extents[-1] = Extent(prev.logical, prev.length + take, prev.physical)
-                else:
-                    extents.append(Extent(logical, take, physical))
-                logical += take
-                physical += take
-                n -= take
+        _add_extents(extents, logical, alloc.allocate(count))
     return extents
 
 
 def _extents(logical: int, allocated: list[tuple[int, int]]) -> list[Extent]:
     """The extents of one run of ``logical`` blocks given its allocated pieces."""
     extents: list[Extent] = []
+    _add_extents(extents, logical, allocated)
+    return extents
+
+
+def _add_extents(extents: list[Extent], logical: int, allocated: list[tuple[int, int]]
+                 ) -> None:
+    """Append the extents of one run of ``logical`` blocks given its allocated pieces,
+    merging with the last extent where they are contiguous on both sides."""
     for physical, n in allocated:
         while n:
             take = min(n, MAX_EXTENT_LEN)
@@ -230,7 +226,6 @@ def _extents(logical: int, allocated: list[tuple[int, int]]) -> list[Extent]:
             logical += take
             physical += take
             n -= take
-    return extents
 
 
 def extent_tree(alloc: Allocator, extents: list[Extent]
