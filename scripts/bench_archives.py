@@ -33,11 +33,13 @@ TARGET = 1.5
 OURS = """
 import sys
 from reprobuild.images.registry import ImageOptions, get_format
+from reprobuild.trees.gcpause import freeze_after_pauses
 from reprobuild.trees.load import load_tree
 from reprobuild.trees.tree import Tree
-tree = load_tree(sys.argv[2], epoch={epoch}) if sys.argv[2] else Tree()
-with open(sys.argv[3], "wb") as output:
-    get_format(sys.argv[1]).load().write(tree, output, ImageOptions(epoch={epoch}))
+with freeze_after_pauses():  # as `reprobuild image` does
+    tree = load_tree(sys.argv[2], epoch={epoch}) if sys.argv[2] else Tree()
+    with open(sys.argv[3], "wb") as output:
+        get_format(sys.argv[1]).load().write(tree, output, ImageOptions(epoch={epoch}))
 """
 
 

@@ -37,12 +37,14 @@ OURS = """
 import sys
 from reprobuild.images.erofs import image as erofs
 from reprobuild.images.registry import ImageOptions
+from reprobuild.trees.gcpause import freeze_after_pauses
 from reprobuild.trees.load import load_tree
 from reprobuild.trees.tree import Tree
-tree = load_tree(sys.argv[1], epoch={epoch}) if sys.argv[1] else Tree()
-with open(sys.argv[2], "wb") as output:
-    erofs.write(tree, output, ImageOptions(epoch={epoch}, uuid="{uuid}",
-                                           compress=sys.argv[3] or None))
+with freeze_after_pauses():  # as `reprobuild image` does
+    tree = load_tree(sys.argv[1], epoch={epoch}) if sys.argv[1] else Tree()
+    with open(sys.argv[2], "wb") as output:
+        erofs.write(tree, output, ImageOptions(epoch={epoch}, uuid="{uuid}",
+                                               compress=sys.argv[3] or None))
 """
 
 

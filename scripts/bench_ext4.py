@@ -18,7 +18,6 @@ our images with ``e2fsck -fn``. A directory argument replaces the shapes (direct
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -26,31 +25,33 @@ from pathlib import Path
 
 from benchshapes import Shape, add_shape_option, chosen
 from benchutil import (
+    MEMORY_TARGET_MB,
+    PER_ENTRY_TARGET,
     Row,
     argument_parser,
-    best,
-    largest_file_alone,
+    compare_on_shape,
+    largest_file_baseline,
+    memory_ok,
     print_table,
-    run_child,
     warm,
 )
 
 EPOCH = 1_700_000_000
 UUID = "6a7e0c52-61d4-4f0e-9c3b-2f0a8f5d1e42"
 TARGET = 1.5
-MEMORY_TARGET_MB = 300
-PER_ENTRY_TARGET = 2048
 
 OURS = """
 import sys
 from reprobuild.images.ext4 import image as ext4
 from reprobuild.images.registry import ImageOptions
+from reprobuild.trees.gcpause import freeze_after_pauses
 from reprobuild.trees.load import load_tree
 from reprobuild.trees.tree import Tree
-tree = load_tree(sys.argv[1], epoch={epoch}) if sys.argv[1] else Tree()
-with open(sys.argv[2], "wb") as output:
-    ext4.write(tree, output, ImageOptions(epoch={epoch}, uuid="{uuid}",
-               extra=(("hash_seed", "{uuid}"),)))
+with freeze_after_pauses():  # as `reprobuild image` does
+    tree = load_tree(sys.argv[1], epoch={epoch}) if sys.argv[1] else Tree()
+    with open(sys.argv[2], "wb") as output:
+        ext4.write(tree, output, ImageOptions(epoch={epoch}, uuid="{uuid}",
+                   extra=(("hash_seed", "{uuid}"),)))
 """
 
 
@@ -70,12 +71,14 @@ def e2fsck(image: str) -> str:
 def bench_shape(shape: Shape, tmp: str, repeat: int,
                 sources: tuple[str, ...]) -> tuple[list[Row], bool]:
     ours_out = os.path.join(tmp, "ours.ext4")
+    ours_py = OURS.format(epoch=EPOCH, uuid=UUID)
+
+    def ours(path: str) -> list[str]:
+        return [sys.executable, "-c", ours_py, path, ours_out]
+
     # The memory target is per entry beyond the largest file's buffers: the baseline is
     # our peak on a tree of that file alone.
-    alone = largest_file_alone(shape.directory, tmp)
-    baseline_kib = run_child([sys.executable, "-c", OURS.format(epoch=EPOCH, uuid=UUID),
-                              str(alone), ours_out], output=ours_out).peak_kib
-    shutil.rmtree(alone)
+    baseline_kib = largest_file_baseline(str(shape.directory), tmp, ours, ours_out)
     ref_out = os.path.join(tmp, "mke2fs.ext4")
     entries = shape.entries
     inodes = entries * 5 // 4 + 1024
@@ -86,24 +89,19 @@ def bench_shape(shape: Shape, tmp: str, repeat: int,
                 "-E", f"root_owner=0:0,hash_seed={UUID},lazy_itable_init=0",
                 "-U", UUID, "-d", str(shape.directory), ref_out, f"{size_kib}k"]
     ref_env = dict(os.environ, E2FSPROGS_FAKE_TIME=str(EPOCH), SOURCE_DATE_EPOCH=str(EPOCH))
-    ours_py = OURS.format(epoch=EPOCH, uuid=UUID)
+    verdicts: list[str] = []
+
+    def check(image: str) -> str:
+        verdicts.append(e2fsck(image))
+        return f"e2fsck -fn {verdicts[-1]}"
+
     warm(shape.directory)
-    subprocess.run(["cat", str(shape.tar)], stdout=subprocess.DEVNULL, check=True)
-    refs, ours = [], {source: [] for source in sources}
-    ok = True
-    for _ in range(repeat):
-        refs.append(run_child(ref_argv, output=ref_out, env=ref_env))
-        for source in sources:
-            path = shape.tar if source == "tar" else shape.directory
-            ours[source].append(run_child([sys.executable, "-c", ours_py, str(path),
-                                           ours_out], output=ours_out))
-            if len(ours[source]) == 1:
-                verdict = e2fsck(ours_out)
-                ok = ok and verdict == "clean"
-                print(f"{shape.name} from {source}: e2fsck -fn {verdict}", flush=True)
-    rows = [Row(shape.name, source, best(ours[source]), best(refs), entries, baseline_kib)
-            for source in sources]
-    return rows, ok
+    paths = {"tar": str(shape.tar), "dir": str(shape.directory)}
+    rows = compare_on_shape(shape.name, entries, {source: paths[source] for source in sources},
+                            ours=ours, reference=ref_argv, ref_env=ref_env,
+                            ref_output=ref_out, output=ours_out, repeat=repeat,
+                            baseline_kib=baseline_kib, check=check)
+    return rows, all(verdict == "clean" for verdict in verdicts)
 
 
 def main() -> int:
@@ -124,9 +122,7 @@ def main() -> int:
             ok = ok and clean
     print_table("ext4: ours / mke2fs -d", "mke2fs", rows,
                 baseline="a tree of the shape's largest file alone:")  # its buffers
-    for row in rows:
-        ok = (ok and row.ratio <= TARGET and row.ours.peak_kib < MEMORY_TARGET_MB * 1024
-              and row.per_entry_bytes < PER_ENTRY_TARGET)
+    ok = ok and all(row.ratio <= TARGET for row in rows) and memory_ok(rows)
     print(f"targets: ratio <= {TARGET}, peak < {MEMORY_TARGET_MB} MB, < {PER_ENTRY_TARGET} B "
           f"per entry [{'ok' if ok else 'MISSED'}]")
     return 0 if ok else 1

@@ -35,13 +35,15 @@ OURS = """
 import sys
 from reprobuild.images.squashfs import image as squashfs
 from reprobuild.images.registry import ImageOptions
+from reprobuild.trees.gcpause import freeze_after_pauses
 from reprobuild.trees.load import load_tree
 from reprobuild.trees.tree import Tree
-tree = load_tree(sys.argv[1], epoch={epoch}) if sys.argv[1] else Tree()
 options = ImageOptions(epoch={epoch}, compress=sys.argv[3], block_size=131072,
                        extra=(("threads", int(sys.argv[4])),))
-with open(sys.argv[2], "wb") as output:
-    squashfs.write(tree, output, options)
+with freeze_after_pauses():  # as `reprobuild image` does
+    tree = load_tree(sys.argv[1], epoch={epoch}) if sys.argv[1] else Tree()
+    with open(sys.argv[2], "wb") as output:
+        squashfs.write(tree, output, options)
 """
 
 

@@ -14,6 +14,7 @@ import os
 from reprobuild.errors import ReprobuildError
 from reprobuild.images.build import build_tree_image
 from reprobuild.images.registry import FORMATS, ImageOptions, get_format
+from reprobuild.trees.gcpause import freeze_after_pauses
 from reprobuild.trees.oci import DEFAULT_PLATFORM
 from reprobuild.trees.overrides import load_overrides_file
 from reprobuild.units import parse_size
@@ -100,8 +101,9 @@ def run(args: argparse.Namespace) -> int:
         block_size=args.block_size, extra=tuple(sorted(
             (key, schema.parse_text(key, text)) for key, text in args.extra)))
     files = load_overrides_file(args.files) if args.files is not None else None
-    size = build_tree_image(args.format, args.source, args.output, options, files=files,
-                            where=args.files or "files", platform=args.platform, sync=True,
-                            digest_store=args.digest_store)
+    with freeze_after_pauses():  # one image per process: the tree needs no collector
+        size = build_tree_image(args.format, args.source, args.output, options, files=files,
+                                where=args.files or "files", platform=args.platform,
+                                sync=True, digest_store=args.digest_store)
     print(f"{args.output}: {args.format} image, {size} bytes")
     return 0

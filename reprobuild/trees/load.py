@@ -55,6 +55,7 @@ def load_tree(path: bytes | str, *, epoch: int, spool: Spool | None = None,
             tree = tree_from_oci(path, platform=platform, implied_mtime_ns=implied,
                                  spool=spool)
         else:
-            tree = tree_from_tar(path, implied_mtime_ns=implied, spool=spool)
-        # Most trees are normal already (a directory source always is): no copy then.
+            tree = tree_from_tar(path, implied_mtime_ns=implied, spool=spool, epoch=epoch)
+        # Most trees are normal already (a directory source always is, a tar comes back
+        # normalised): no check and no copy then.
         return tree if tree.is_normal(epoch=epoch) else tree.normalized(epoch=epoch)

@@ -416,15 +416,61 @@ def _checked_member(archive: tarfile.TarFile | None, info: TarHeader, path: byte
 
 
 def tree_from_tar(path: bytes | str, *, implied_mtime_ns: int = 0,
-                  spool: Spool | None = None, what: str | None = None) -> Tree:
-    """The tree a tar file describes (not normalised; see :func:`reprobuild.trees.load.load_tree`).
+                  spool: Spool | None = None, what: str | None = None,
+                  epoch: int | None = None) -> Tree:
+    """The tree a tar file describes; with ``epoch``, normalised for it (as
+    :func:`reprobuild.trees.load.load_tree` wants), else as the archive gives it.
 
     Raises :class:`ImageError` naming the member for hostile or unreadable input.
     """
     path = os.fsencode(path)
     what = what or path.decode("utf-8", "backslashreplace")
+    members = list(iter_members(path, what=what, spool=spool))
+    # The common tar (GNU tar --sort=name, ours, mmdebstrap's) is canonical already:
+    # its entries make the tree as they are. Anything else takes the builder.
+    clamp_ns = None if epoch is None else epoch * 1_000_000_000
+    tree = _canonical_tree(members, implied_mtime_ns, clamp_ns)
+    if tree is None:
+        tree = _built_tree(members, what, implied_mtime_ns)
+        if epoch is not None and not tree.is_normal(epoch=epoch):
+            tree = tree.normalized(epoch=epoch)
+    return tree
+
+
+def _canonical_tree(members: list[Member], implied_mtime_ns: int,
+                    clamp_ns: int | None) -> Tree | None:
+    """The tree of ``members`` when they are in canonical order with their parents
+    before them (see :meth:`Tree.try_canonical`); None for the builder to decide."""
+    entries = [member.entry for member in members]
+    if entries and entries[0].path == b"":
+        root = entries[0]
+        if root.type is not EntryType.DIRECTORY:
+            return None
+        del entries[0]
+    else:
+        root = Entry(b"", EntryType.DIRECTORY, 0o755, mtime_ns=implied_mtime_ns)
+    if any(member.link_target is not None for member in members):
+        # A hardlink member becomes the entry the builder makes: the metadata of the
+        # file it names, pointing at the group's first path (the earlier member).
+        by_path = {entry.path: entry for entry in entries}
+        start = 1 if members and members[0].entry.path == b"" else 0
+        for index, member in enumerate(members[start:]):
+            if member.link_target is None:
+                continue
+            inode = by_path.get(member.link_target)
+            if inode is not None and inode.type is EntryType.HARDLINK:
+                inode = by_path.get(inode.target or b"")
+            if inode is None or inode.type is not EntryType.REGULAR:
+                return None
+            link = Entry(member.entry.path, EntryType.HARDLINK, inode.mode, inode.uid,
+                         inode.gid, inode.mtime_ns, inode.xattrs, target=inode.path)
+            entries[index] = by_path[link.path] = link
+    return Tree.try_canonical(root, entries, clamp_ns=clamp_ns)
+
+
+def _built_tree(members: list[Member], what: str, implied_mtime_ns: int) -> Tree:
     builder = TreeBuilder(what=what, implied_mtime_ns=implied_mtime_ns)
-    for member in iter_members(path, what=what, spool=spool):
+    for member in members:
         if member.link_target is not None:
             builder.link(member.entry.path, member.link_target, member.name,
                          replace_existing=False)

@@ -18,6 +18,7 @@ import os
 import stat
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field, replace
+from itertools import pairwise
 from typing import BinaryIO, Protocol
 
 import blake3
@@ -296,8 +297,11 @@ class Tree:
         if root.path != b"" or root.type is not EntryType.DIRECTORY:
             raise ImageError("the root of a tree must be a directory with path ''")
         self._entries: dict[bytes, Entry] = {b"": root}
-        self._children: dict[bytes, list[bytes]] = {b"": []}
+        # Made on first use by _child_index() for trees assembled by try_canonical.
+        self._children: dict[bytes, list[bytes]] | None = {b"": []}
         self._sorted: list[Entry] | None = None
+        # Set when known: no mtime is later than this (ns), xattrs are sorted and unique.
+        self._normal_below: int | None = None
 
     @classmethod
     def from_canonical(cls, root: Entry, entries: Iterable[Entry]) -> Tree:
@@ -308,10 +312,78 @@ class Tree:
         tree._extend_canonical(entries)
         return tree
 
+    @classmethod
+    def try_canonical(cls, root: Entry, entries: Iterable[Entry], *,
+                      clamp_ns: int | None = None) -> Tree | None:
+        """The tree of ``entries`` when they are already what a tree holds, else None.
+
+        For readers whose input is usually canonical (a sorted tar, a directory walked in
+        order): each entry must follow the one before in canonical order, have its parent
+        directory before it, and, for a hardlink, name an earlier regular file; regular
+        files carry their content, xattrs are sorted and unique. Then the tree is made in
+        one pass, without :meth:`add`'s bookkeeping. With ``clamp_ns``, mtimes later than
+        it are clamped, so the tree is already :meth:`normalized`. On None the caller
+        takes its general path (:class:`~reprobuild.trees.builder.TreeBuilder`), which
+        decides what the input means and names what is wrong with it.
+        """
+        if root.path != b"" or root.type is not EntryType.DIRECTORY:
+            return None
+        if clamp_ns is not None and root.mtime_ns > clamp_ns:
+            root = replace(root, mtime_ns=clamp_ns)
+        if root.xattrs and not _xattrs_normal(root.xattrs):
+            return None
+        known: dict[bytes, Entry] = {b"": root}
+        ordered = [root]
+        append = ordered.append
+        directory, regular, hardlink = EntryType.DIRECTORY, EntryType.REGULAR, \
+            EntryType.HARDLINK
+        last_key = b""
+        for entry in entries:
+            path = entry.path
+            key = path.replace(b"/", b"\0")  # sort_key, inline: this loop is per entry
+            parent = known.get(path.rpartition(b"/")[0])
+            if key <= last_key or parent is None or parent.type is not directory:
+                return None  # out of order, a duplicate, the root again, or no parent
+            kind = entry.type
+            if kind is regular:
+                if entry.content is None:
+                    return None
+            elif kind is hardlink:
+                primary = known.get(entry.target or b"")
+                if primary is None or primary.type is not regular:
+                    return None
+            if entry.xattrs and not _xattrs_normal(entry.xattrs):
+                return None
+            if clamp_ns is not None and entry.mtime_ns > clamp_ns:
+                entry = replace(entry, mtime_ns=clamp_ns)
+            known[path] = entry
+            append(entry)
+            last_key = key
+        tree = cls(root)
+        tree._entries = known
+        tree._children = None
+        tree._sorted = ordered
+        tree._normal_below = clamp_ns
+        return tree
+
+    def _child_index(self) -> dict[bytes, list[bytes]]:
+        """Paths of each directory's children (in canonical order when first made)."""
+        if self._children is None:
+            children: dict[bytes, list[bytes]] = {b"": []}
+            directory = EntryType.DIRECTORY
+            for entry in self:
+                path = entry.path
+                if path:
+                    children[path.rpartition(b"/")[0]].append(path)
+                if entry.type is directory:
+                    children[path] = []
+            self._children = children
+        return self._children
+
     def _extend_canonical(self, entries: Iterable[Entry]) -> None:
         ordered = list(self)
         append = ordered.append
-        known, children = self._entries, self._children
+        known, children = self._entries, self._child_index()
         directory, regular = EntryType.DIRECTORY, EntryType.REGULAR
         last_key = sort_key(ordered[-1].path)
         for entry in entries:
@@ -345,6 +417,7 @@ class Tree:
                 raise ImageError("the root of a tree must be a directory")
             self._entries[b""] = entry
             self._sorted = None
+            self._normal_below = None
             return
         if entry.path in self._entries:
             if not replace_existing:
@@ -358,6 +431,7 @@ class Tree:
                 return self.add(entry)
             self._entries[entry.path] = entry
             self._sorted = None
+            self._normal_below = None
             return
         parent = self._entries.get(entry.parent)
         if parent is None:
@@ -380,11 +454,13 @@ class Tree:
                 )
         if entry.type is EntryType.REGULAR and entry.content is None:
             entry = replace(entry, content=Content.from_bytes(b""))
+        children = self._child_index()
         self._entries[entry.path] = entry
-        self._children[entry.parent].append(entry.path)
+        children[entry.parent].append(entry.path)
         if entry.type is EntryType.DIRECTORY:
-            self._children[entry.path] = []
+            children[entry.path] = []
         self._sorted = None
+        self._normal_below = None
 
     def remove(self, path: bytes) -> None:
         """Remove an entry and, for a directory, everything under it. Removing the
@@ -402,12 +478,13 @@ class Tree:
         self._drop(path)
 
     def _drop(self, path: bytes) -> None:
+        children = self._child_index()
         entry = self._entries.pop(path)
         if entry.type is EntryType.DIRECTORY:
-            for child in list(self._children.pop(path, [])):
+            for child in list(children.pop(path, [])):
                 if child in self._entries:
                     self._drop(child)
-        siblings = self._children.get(entry.parent)
+        siblings = children.get(entry.parent)
         if siblings is not None and path in siblings:
             siblings.remove(path)
         self._sorted = None
@@ -440,7 +517,7 @@ class Tree:
 
     def children(self, path: bytes) -> list[Entry]:
         """The entries directly inside directory ``path``, sorted bytewise by name."""
-        names = sorted(self._children.get(path, []), key=lambda p: p.rsplit(b"/", 1)[-1])
+        names = sorted(self._child_index().get(path, []), key=lambda p: p.rsplit(b"/", 1)[-1])
         return [self._entries[p] for p in names]
 
     def hardlink_groups(self) -> dict[bytes, list[bytes]]:
@@ -464,6 +541,8 @@ class Tree:
         """True when :meth:`normalized` would change nothing (no mtime after ``epoch``,
         xattrs sorted and unique)."""
         clamp = None if epoch is None else epoch * 1_000_000_000
+        if self._normal_below is not None and (clamp is None or self._normal_below <= clamp):
+            return True  # made normal (try_canonical with a clamp) and not changed since
         return all(_normalize_entry(entry, clamp) is entry for entry in self)
 
     def normalized(self, *, epoch: int | None) -> Tree:
@@ -471,8 +550,10 @@ class Tree:
         clamp = None if epoch is None else epoch * 1_000_000_000
         entries = iter(self)
         next(entries)  # the root
-        return Tree.from_canonical(_normalize_entry(self.root, clamp),
+        tree = Tree.from_canonical(_normalize_entry(self.root, clamp),
                                    (_normalize_entry(e, clamp) for e in entries))
+        tree._normal_below = clamp
+        return tree
 
 
 def _normalize_entry(entry: Entry, clamp_ns: int | None) -> Entry:
@@ -482,6 +563,11 @@ def _normalize_entry(entry: Entry, clamp_ns: int | None) -> Entry:
     if mtime == entry.mtime_ns and xattrs == entry.xattrs:
         return entry
     return replace(entry, mtime_ns=mtime, xattrs=xattrs)
+
+
+def _xattrs_normal(xattrs: tuple[tuple[bytes, bytes], ...]) -> bool:
+    """True when the names are in strictly increasing bytewise order (sorted, unique)."""
+    return all(a[0] < b[0] for a, b in pairwise(xattrs))
 
 
 def sort_xattrs(xattrs: Iterable[tuple[bytes, bytes]]) -> tuple[tuple[bytes, bytes], ...]:
