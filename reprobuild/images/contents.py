@@ -30,15 +30,27 @@ from reprobuild.trees.region import FileRegion
 from reprobuild.trees.tree import CHUNK, BytesSource, Content, ContentReader, FileSource
 
 _ZEROS = bytes(CHUNK)
+WINDOW = 1 << 18
+"""Bytes read at once from an archive whose small members are read in its order."""
 
 
 class ContentStreamer(ContentReader):
     """Reads file contents for one image write, whole or in ``chunk_size`` pieces; a
-    context manager that closes the descriptors of the archives and images it read."""
+    context manager that closes the descriptors of the archives and images it read.
+
+    Small pieces read in place that follow each other through a file (the members of
+    a canonical tar, written in the same order) come out of one read-ahead window of
+    :data:`WINDOW` bytes, not one ``pread`` each; a read that jumps back or far ahead
+    is one ``pread``, so no order of reads costs more than before.
+    """
 
     def __init__(self, chunk_size: int = CHUNK) -> None:
         super().__init__()
         self.chunk_size = chunk_size
+        self._window = b""
+        self._window_path = b""
+        self._window_start = 0
+        self._last_end = -1  # where the last piece read in place ended (in _window_path)
 
     def __enter__(self) -> ContentStreamer:
         return self
@@ -48,9 +60,6 @@ class ContentStreamer(ContentReader):
         sources; its length is the caller's to check, as for :meth:`chunks`."""
         source = content.source
         kind = type(source)
-        if kind is BytesSource:
-            assert isinstance(source, BytesSource)
-            return source.data
         if kind is FileSource:
             assert isinstance(source, FileSource)
             fd = os.open(source.path, os.O_RDONLY | os.O_CLOEXEC)
@@ -63,16 +72,36 @@ class ContentStreamer(ContentReader):
             finally:
                 os.close(fd)
             return data
-        if kind is FileRegion:  # a member read in place: one pread on the kept descriptor
+        if kind is BytesSource:
+            assert isinstance(source, BytesSource)
+            return source.data
+        if kind is FileRegion:  # a member read in place: the window, or one pread
             assert isinstance(source, FileRegion)
             pieces = source.pieces
             offset = pieces[0].offset if len(pieces) == 1 else None
             if offset is not None:
                 length = pieces[0].length
-                data = os.pread(self._fd(source.path), length, offset)
+                data = self._in_place(source.path, offset, length)
                 if len(data) == length:
                     return data
         return b"".join(self.chunks(content))
+
+    def _in_place(self, path: bytes, offset: int, length: int) -> bytes:
+        """``length`` bytes at ``offset`` of ``path`` (fewer at its end)."""
+        at = offset - self._window_start
+        same_file = path == self._window_path
+        if same_file and at >= 0 and at + length <= len(self._window):
+            data = self._window[at:at + length]
+        elif same_file and length < WINDOW // 4 and \
+                0 <= offset - self._last_end < WINDOW // 4:  # going forward: read ahead
+            self._window = os.pread(self._fd(path), WINDOW, offset)
+            self._window_start = offset
+            data = self._window[:length]
+        else:
+            data = os.pread(self._fd(path), length, offset)
+            self._window, self._window_path, self._window_start = b"", path, 0
+        self._last_end = offset + length
+        return data
 
     def _fd(self, path: bytes) -> int:
         fd = self._fds.get(path)

@@ -20,6 +20,8 @@ import os
 import re
 import struct
 from collections.abc import Iterator
+from typing import NamedTuple
+from zlib import adler32
 
 BLOCK = 512
 READ_SIZE = 64 << 10  # headers of small members come many to a read
@@ -37,30 +39,36 @@ class GiveUp(Exception):
     """This member needs ``tarfile``; nothing about it has been yielded."""
 
 
-class Header:
+class Header(NamedTuple):
     """The fields of one member that the tar reader uses, named as ``TarInfo`` names them."""
 
-    __slots__ = ("devmajor", "devminor", "gid", "linkname", "mode", "mtime", "name",
-                 "offset_data", "pax_headers", "size", "type", "uid")
-
-    def __init__(self, name: str, type_: bytes, mode: int, uid: int, gid: int, mtime: int,
-                 size: int, linkname: str, devmajor: int, devminor: int,
-                 pax_headers: dict[str, str], offset_data: int) -> None:
-        self.name = name
-        self.type = type_
-        self.mode = mode
-        self.uid = uid
-        self.gid = gid
-        self.mtime = mtime
-        self.size = size
-        self.linkname = linkname
-        self.devmajor = devmajor
-        self.devminor = devminor
-        self.pax_headers = pax_headers
-        self.offset_data = offset_data
+    name: str
+    type: bytes
+    mode: int
+    uid: int
+    gid: int
+    mtime: int
+    size: int
+    linkname: str
+    devmajor: int
+    devminor: int
+    pax_headers: dict[str, str]
+    offset_data: int
 
     def issparse(self) -> bool:
         return False
+
+
+def header_checksum(block: bytes) -> int:
+    """The ustar checksum of a 512-byte header: its byte sum, the chksum field (148-155)
+    counted as eight spaces.
+
+    ``zlib.adler32`` keeps 1 + the byte sum modulo 65521 in its low 16 bits; a 256-byte
+    half sums to at most 65280, so each half's sum is exact, and two calls cost a
+    sixth of ``sum(block)``.
+    """
+    return ((adler32(block[:256]) & 0xFFFF) + (adler32(block[256:]) & 0xFFFF) - 2
+            - sum(block[148:156]) + 8 * 0x20)
 
 
 def _text(field: bytes) -> str:
@@ -142,7 +150,7 @@ def _header(blocks: _Blocks, offset: int) -> tuple[tuple[bytes, ...], bytes] | N
         if offset == 0:
             raise GiveUp
         return None
-    if _number(raw[148:156]) != sum(raw) - sum(raw[148:156]) + 256:
+    if _number(raw[148:156]) != header_checksum(raw):
         raise GiveUp
     return USTAR_HEADER.unpack_from(raw), raw
 
@@ -199,23 +207,30 @@ def _member(fields: tuple[bytes, ...], pax: dict[str, str], offset_data: int) ->
         name = _text(prefix_f) + "/" + name
     # Only links use linkname (tarfile decodes it for every member; that cannot fail).
     linkname = _text(link_f) if type_ in (b"1", b"2") else ""
-    header = Header(name, type_, _number(mode_f), _number(uid_f), _number(gid_f),
-                    _number(mtime_f), _number(size_f), linkname, _number(major_f),
-                    _number(minor_f), pax, offset_data)
+    numbers = _NUMBERS
+    mode, uid, gid, mtime, size, major, minor = (
+        numbers.get(mode_f), numbers.get(uid_f), numbers.get(gid_f), numbers.get(mtime_f),
+        numbers.get(size_f), numbers.get(major_f), numbers.get(minor_f))
+    if mode is None or uid is None or gid is None or mtime is None or size is None or \
+            major is None or minor is None:  # a value not met before: parse (or give up)
+        mode, uid, gid, mtime, size, major, minor = (
+            _number(mode_f), _number(uid_f), _number(gid_f), _number(mtime_f),
+            _number(size_f), _number(major_f), _number(minor_f))
     if pax:
         try:
             if "path" in pax:
-                header.name = pax["path"].rstrip("/")
+                name = pax["path"].rstrip("/")
             if "linkpath" in pax:
-                header.linkname = pax["linkpath"]
+                linkname = pax["linkpath"]
             if "size" in pax:
-                header.size = int(pax["size"])
+                size = int(pax["size"])
             if "uid" in pax:
-                header.uid = int(pax["uid"])
+                uid = int(pax["uid"])
             if "gid" in pax:
-                header.gid = int(pax["gid"])
+                gid = int(pax["gid"])
             if "mtime" in pax:
                 float(pax["mtime"])
         except ValueError:
             raise GiveUp from None
-    return header
+    return Header(name, type_, mode, uid, gid, mtime, size, linkname, major, minor, pax,
+                  offset_data)

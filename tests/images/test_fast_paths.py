@@ -267,6 +267,50 @@ def test_tar_plan_fast_and_general_members_agree() -> None:
         assert fast.header == general.header, entry.path
 
 
+def test_tar_plan_inline_members_equal_plan_member() -> None:
+    """plan() makes the common member inline; every header is plan_member's."""
+    tree = tree_of(contents_from("bytes", file_bytes(), Path()))
+    tree.add(Entry(b"d/late", EntryType.REGULAR, 0o4755, 7, 8, NS + 10**9,  # clamped
+                   content=Content.from_bytes(b"x")))
+    tree.add(Entry(b"d/half", EntryType.REGULAR, 0o644, mtime_ns=NS - 5,  # a fraction
+                   content=Content.from_bytes(b"y")))
+    tree.add(Entry(b"d/xattr", EntryType.DIRECTORY, 0o755, xattrs=((b"user.a", b"1"),)))
+    tree.add(Entry("d/é".encode(), EntryType.DIRECTORY, 0o700))  # not ASCII: pax path
+    planned = tar.plan(tree, OPTIONS["tar"])
+    general = [tar.plan_member(e, tree.resolve(e), epoch=EPOCH,
+                               link_to=e.target if e.type is EntryType.HARDLINK else None)
+               for e in tree]
+    assert [m.header for m in planned] == [m.header for m in general]
+    assert [m.content for m in planned] == [m.content for m in general]
+
+
+@pytest.mark.parametrize("order", ["forward", "backward", "shuffled", "strided"])
+def test_streamer_window_gives_each_piece_in_any_order(order: str, tmp_path: Path) -> None:
+    """Pieces read in place through the read-ahead window are the file's bytes, in
+    whatever order they are asked for, up to the file's very end."""
+    data = random.Random(5).randbytes(3 * (1 << 18) + 77)
+    path = tmp_path / "archive"
+    path.write_bytes(data)
+    pieces = [(offset, 1 + offset % 700) for offset in range(0, len(data) - 700, 611)]
+    pieces.append((len(data) - 5, 5))
+    if order == "backward":
+        pieces.reverse()
+    elif order == "shuffled":
+        random.Random(6).shuffle(pieces)
+    elif order == "strided":
+        pieces = pieces[::3] + pieces[1::3] + pieces[2::3]
+    with ContentStreamer() as reader:
+        for offset, length in pieces:
+            region = file_region(os.fsencode(path), ((offset, length),),
+                                 file_size=len(data), what="test")
+            assert reader.whole(Content(length, region)) == data[offset:offset + length]
+    past_end = file_region(os.fsencode(path), ((len(data) - 5, 5),), file_size=len(data),
+                           what="test")
+    path.write_bytes(data[:-3])  # truncated since: the window must not hide it
+    with ContentStreamer() as reader, pytest.raises(ImageError, match="ended inside"):
+        reader.whole(Content(5, past_end))
+
+
 def _reference_newc(name: bytes, fields: tuple[int, ...]) -> bytes:
     """newc as cpio(5) lays it out, field by field."""
     header = struct.pack("6s" + "8s" * 13, b"070701", *(b"%08X" % v for v in fields))

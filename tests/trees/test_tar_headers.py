@@ -21,7 +21,7 @@ from hypothesis import strategies as st
 
 from reprobuild.errors import ImageError
 from reprobuild.trees import tar_reader
-from reprobuild.trees.tar_headers import GiveUp, fast_headers
+from reprobuild.trees.tar_headers import GiveUp, fast_headers, header_checksum
 from reprobuild.trees.tar_reader import Member, iter_members
 from tests.archive_helpers import M, dir_, file, hardlink, symlink, tar_bytes
 
@@ -199,3 +199,10 @@ def test_generated_archives_read_the_same(spec: list[tuple[str, list[str], int, 
         path.write_bytes(data)
         fast, slow = read_both(path)
     assert fast == slow
+
+
+@settings(max_examples=300, deadline=None)
+@given(block=st.binary(min_size=512, max_size=512))
+def test_header_checksum_is_the_byte_sum_with_the_field_as_spaces(block: bytes) -> None:
+    assert header_checksum(block) == sum(block[:148]) + 8 * 0x20 + sum(block[156:])
+    assert header_checksum(b"\xff" * 512) == 255 * 504 + 256  # the largest sums stay exact
