@@ -27,7 +27,7 @@ import os
 import struct
 import zlib
 from dataclasses import dataclass
-from typing import BinaryIO, NoReturn
+from typing import BinaryIO, NamedTuple, NoReturn
 
 import zstandard
 
@@ -77,8 +77,7 @@ SMALL_FILE = 1 << 18  # files up to this size are read whole into the write buff
 WRITE_SIZE = 1 << 20
 
 
-@dataclass(frozen=True)
-class CpioMember:
+class CpioMember(NamedTuple):
     """One planned member: header and name (padded) and the data to follow."""
 
     header: bytes
@@ -92,6 +91,7 @@ class CpioMember:
 NEWC_FORMAT = NEWC_MAGIC + b"%08X" * 13
 # NUL terminator and padding after a name of each length modulo 4: the 110-byte header
 # plus the name plus these end on a multiple of 4.
+_PADDING = (b"", b"\0", b"\0\0", b"\0\0\0")
 NAME_END = tuple(b"\0" * (1 + (-(NEWC_HEADER_SIZE + n + 1) % 4)) for n in range(4))
 
 
@@ -132,18 +132,25 @@ def plan(tree: Tree, options: ImageOptions) -> list[CpioMember]:
         if entry.type is directory and entry.path:
             parent = entry.path.rpartition(b"/")[0]
             subdirs[parent] = subdirs.get(parent, 0) + 1
-    members = []
+    members: list[CpioMember] = []
     epoch_ns = options.epoch * 1_000_000_000
     s_ifmt = {kind._name_: bits for kind, bits in S_IFMT_OF_TYPE.items()}  # str keys hash fast
+    next_ino = 1
+    append = members.append
+    hardlink = EntryType.HARDLINK
     for entry in tree:
         path = entry.path
         kind = entry.type
-        inode = tree.resolve(entry) if kind is EntryType.HARDLINK else entry
+        inode = tree.resolve(entry) if kind is hardlink else entry
         group = group_of.get(path) if group_of else None
-        first = group[0] if group else path
-        ino = inode_of.get(first)
-        if ino is None:
-            ino = inode_of[first] = len(inode_of) + 1
+        if group is None:  # an inode of its own: the next number
+            ino = next_ino
+            next_ino += 1
+        else:  # a hardlink group: the number of its first path
+            ino = inode_of.get(group[0], 0)
+            if not ino:
+                ino = inode_of[group[0]] = next_ino
+                next_ino += 1
         if inode.xattrs and not ignore_xattrs:
             raise ImageError(f"{entry.display()}: cpio newc cannot store xattrs",
                              hint="drop them with the image option xattrs = \"ignore\"")
@@ -173,8 +180,7 @@ def plan(tree: Tree, options: ImageOptions) -> list[CpioMember]:
         header = NEWC_FORMAT % (ino, s_ifmt[inode.type._name_] | inode.mode, inode.uid, inode.gid,
                                 nlink, mtime, size, 0, 0, entry.rdev_major,
                                 entry.rdev_minor, len(name) + 1, 0)
-        members.append(CpioMember(header + name + NAME_END[len(name) % 4], content, inline,
-                                  path))
+        append(CpioMember(header + name + NAME_END[len(name) % 4], content, inline, path))
     return members
 
 
@@ -193,18 +199,19 @@ def _write_members(members: list[CpioMember], output: BinaryIO,
     at a time; larger files stream through it."""
     total = 0
     pending = bytearray()
+    whole = reader.whole
     for member in members:
-        pending += member.header
-        content = member.content
-        if member.inline:
-            pending += member.inline
-            pending += bytes(-len(member.inline) % 4)
+        header, content, inline, _ = member
+        pending += header
+        if inline:
+            pending += inline
+            pending += _PADDING[-len(inline) % 4]
         elif content is not None and content.size <= SMALL_FILE:
-            data = reader.whole(content)
+            data = whole(content)
             if len(data) != content.size:
                 _changed(member, len(data))
             pending += data
-            pending += bytes(-len(data) % 4)
+            pending += _PADDING[-len(data) % 4]
         elif content is not None:
             output.write(pending)
             total += len(pending)

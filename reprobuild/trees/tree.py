@@ -16,8 +16,8 @@ import enum
 import io
 import os
 import stat
-from collections.abc import Iterable, Iterator
-from dataclasses import dataclass, field, replace
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field, fields, replace
 from itertools import pairwise
 from typing import BinaryIO, Protocol
 
@@ -65,11 +65,14 @@ class ContentSource(Protocol):
         ...
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, slots=True, init=False)
 class FileSource:
     """File bytes read from a path on disk (a store file, a spooled tar member)."""
 
     path: bytes
+
+    def __init__(self, path: bytes) -> None:
+        _set_source_path(self, path)  # see Entry.__init__
 
     def open(self) -> BinaryIO:
         return open(self.path, "rb")
@@ -85,7 +88,7 @@ class BytesSource:
         return io.BytesIO(self.data)
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, slots=True, init=False)
 class Content:
     """A regular file's bytes: their size and where to stream them from.
 
@@ -98,6 +101,13 @@ class Content:
     known_blake3: bytes | None = field(default=None, compare=False, repr=False)
     _computed_blake3: bytes | None = field(default=None, init=False, compare=False,
                                            repr=False)
+
+    def __init__(self, size: int, source: ContentSource,
+                 known_blake3: bytes | None = None) -> None:
+        _set_size(self, size)  # see Entry.__init__
+        _set_source(self, source)
+        _set_known_blake3(self, known_blake3)
+        _set_computed_blake3(self, None)
 
     @property
     def blake3(self) -> bytes:
@@ -200,7 +210,7 @@ class ContentReader:
         self.close()
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, slots=True, init=False)
 class Entry:
     """One file, directory, link or special file of a tree.
 
@@ -221,6 +231,27 @@ class Entry:
     rdev_major: int = 0
     rdev_minor: int = 0
 
+    def __init__(self, path: bytes, type: EntryType, mode: int, uid: int = 0,
+                 gid: int = 0, mtime_ns: int = 0,
+                 xattrs: tuple[tuple[bytes, bytes], ...] = (), content: Content | None = None,
+                 target: bytes | None = None, rdev_major: int = 0,
+                 rdev_minor: int = 0) -> None:
+        # The __init__ dataclass writes for a frozen class stores each field through
+        # object.__setattr__; storing through the slots' own descriptors makes the same
+        # object in half the time, and loading a tree makes one Entry (and a Content
+        # and its source) per file.
+        _set_path(self, path)
+        _set_type(self, type)
+        _set_mode(self, mode)
+        _set_uid(self, uid)
+        _set_gid(self, gid)
+        _set_mtime_ns(self, mtime_ns)
+        _set_xattrs(self, xattrs)
+        _set_content(self, content)
+        _set_target(self, target)
+        _set_rdev_major(self, rdev_major)
+        _set_rdev_minor(self, rdev_minor)
+
     @property
     def name(self) -> bytes:
         return self.path.rsplit(b"/", 1)[-1]
@@ -240,6 +271,20 @@ class Entry:
 
     def display(self) -> str:
         return "/" + self.path.decode("utf-8", "backslashreplace")
+
+
+def _slot_setters(cls: type, *names: str) -> tuple[Callable[[object, object], None], ...]:
+    """The ``__set__`` of each named slot of ``cls`` (which a frozen class's own
+    ``__setattr__`` refuses): for the ``__init__`` of the value classes above."""
+    return tuple(cls.__dict__[name].__set__ for name in names)
+
+
+(_set_path, _set_type, _set_mode, _set_uid, _set_gid, _set_mtime_ns, _set_xattrs,
+ _set_content, _set_target, _set_rdev_major, _set_rdev_minor) = _slot_setters(
+    Entry, *(f.name for f in fields(Entry)))
+_set_size, _set_source, _set_known_blake3, _set_computed_blake3 = _slot_setters(
+    Content, "size", "source", "known_blake3", "_computed_blake3")
+(_set_source_path,) = _slot_setters(FileSource, "path")
 
 
 def path_key(path: bytes) -> tuple[bytes, ...]:

@@ -8,6 +8,7 @@ targets) with what the general path makes of the same input.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import socket
 import stat
@@ -23,7 +24,7 @@ from reprobuild.trees.builder import TreeBuilder
 from reprobuild.trees.directory import tree_from_directory
 from reprobuild.trees.load import load_tree
 from reprobuild.trees.tar_reader import iter_members, tree_from_tar
-from reprobuild.trees.tree import Content, Entry, EntryType, Tree
+from reprobuild.trees.tree import BytesSource, Content, Entry, EntryType, FileSource, Tree
 from tests.archive_helpers import M, dir_, file, hardlink, symlink, write_tar
 from tests.conftest import need_tool
 
@@ -272,3 +273,21 @@ def test_long_member_names_in_gnu_format(tmp_path: Path) -> None:
     archive = write_tar(tmp_path / "gnu.tar", members, fmt=tarfile.GNU_FORMAT)
     assert full_view(tree_from_tar(archive, epoch=EPOCH)) == \
         full_view(general_tar_tree(archive, epoch=EPOCH))
+
+
+def test_value_classes_are_still_frozen_dataclasses() -> None:
+    """Entry, Content and FileSource store their fields through the slots; they stay
+    frozen, compare, hash and replace as dataclasses do."""
+    content = Content(3, FileSource(b"/x"), b"k" * 32)
+    entry = Entry(b"a", R, 0o644, 1, 2, 3, ((b"user.a", b""),), content, None, 0, 0)
+    same = Entry(path=b"a", type=R, mode=0o644, uid=1, gid=2, mtime_ns=3,
+                 xattrs=((b"user.a", b""),), content=Content(3, FileSource(b"/y")))
+    assert entry == same and hash(entry) == hash(same)  # content compares by size
+    assert dataclasses.replace(entry, mode=0o600).mode == 0o600
+    assert (entry.target, entry.rdev_major, entry.rdev_minor) == (None, 0, 0)
+    assert content.blake3 == b"k" * 32 and FileSource(b"/x") == FileSource(b"/x")
+    assert Content(3, BytesSource(b"abc")).blake3 == Content.from_bytes(b"abc").blake3
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        entry.mode = 0  # type: ignore[misc]
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        content.size = 0  # type: ignore[misc]
