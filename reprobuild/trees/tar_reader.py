@@ -59,6 +59,7 @@ from reprobuild.trees.tree import (
     Tree,
     canonical_relative_path,
     check_relative_path,
+    sort_key,
 )
 
 COMPRESSION_MAGIC: tuple[tuple[bytes, str], ...] = (
@@ -439,33 +440,47 @@ def tree_from_tar(path: bytes | str, *, implied_mtime_ns: int = 0,
 
 def _canonical_tree(members: list[Member], implied_mtime_ns: int,
                     clamp_ns: int | None) -> Tree | None:
-    """The tree of ``members`` when they are in canonical order with their parents
-    before them (see :meth:`Tree.try_canonical`); None for the builder to decide."""
-    entries = [member.entry for member in members]
-    if entries and entries[0].path == b"":
-        root = entries[0]
-        if root.type is not EntryType.DIRECTORY:
-            return None
-        del entries[0]
-    else:
-        root = Entry(b"", EntryType.DIRECTORY, 0o755, mtime_ns=implied_mtime_ns)
-    if any(member.link_target is not None for member in members):
-        # A hardlink member becomes the entry the builder makes: the metadata of the
-        # file it names, pointing at the group's first path (the earlier member).
-        by_path = {entry.path: entry for entry in entries}
-        start = 1 if members and members[0].entry.path == b"" else 0
-        for index, member in enumerate(members[start:]):
-            if member.link_target is None:
-                continue
+    """The tree of ``members`` when each is an entry the tree keeps as it is: no path
+    twice, every parent directory listed, a hardlink after the file it names; in
+    canonical order, or put in it (mmdebstrap lists ``dev/`` before the root). None
+    for the builder to decide (see :meth:`Tree.try_canonical`)."""
+    root: Entry | None = None
+    entries: list[Entry] = []
+    append = entries.append
+    by_path: dict[bytes, Entry] | None = None  # made at the first hardlink
+    for member in members:
+        entry = member.entry
+        if member.link_target is not None:
+            # The entry the builder makes: the metadata of the file the link names,
+            # pointing at that file (a link to a link: at the file), an earlier member.
+            if by_path is None:
+                by_path = {e.path: e for e in entries}
             inode = by_path.get(member.link_target)
             if inode is not None and inode.type is EntryType.HARDLINK:
                 inode = by_path.get(inode.target or b"")
-            if inode is None or inode.type is not EntryType.REGULAR:
+            if inode is None or inode.type is not EntryType.REGULAR or not entry.path:
                 return None
-            link = Entry(member.entry.path, EntryType.HARDLINK, inode.mode, inode.uid,
-                         inode.gid, inode.mtime_ns, inode.xattrs, target=inode.path)
-            entries[index] = by_path[link.path] = link
-    return Tree.try_canonical(root, entries, clamp_ns=clamp_ns)
+            entry = Entry(entry.path, EntryType.HARDLINK, inode.mode, inode.uid, inode.gid,
+                          inode.mtime_ns, inode.xattrs, target=inode.path)
+        if by_path is not None:
+            by_path[entry.path] = entry
+        if not entry.path:
+            if root is not None or entry.type is not EntryType.DIRECTORY:
+                return None
+            root = entry
+            continue
+        append(entry)
+    if root is None:
+        root = Entry(b"", EntryType.DIRECTORY, 0o755, mtime_ns=implied_mtime_ns)
+    tree = Tree.try_canonical(root, entries, clamp_ns=clamp_ns)
+    if tree is None:  # perhaps only out of order: sorted, the builder's tree, or None
+        entries.sort(key=_sort_key)
+        tree = Tree.try_canonical(root, entries, clamp_ns=clamp_ns)
+    return tree
+
+
+def _sort_key(entry: Entry) -> bytes:
+    return sort_key(entry.path)
 
 
 def _built_tree(members: list[Member], what: str, implied_mtime_ns: int) -> Tree:

@@ -158,14 +158,30 @@ CANONICAL = [dir_("./", mtime=1_500_000_000), dir_("a"),
                                                  pax={"SCHILY.xattr.user.b": "2",
                                                       "SCHILY.xattr.user.a": "1"})]
 
-NOT_CANONICAL = {
+OUT_OF_ORDER = {
     "unsorted": [dir_("b"), dir_("a")],
-    "parent implied": [file("a/f", b"1")],
-    "parent listed after": [file("a/f", b"1"), dir_("a")],
-    "root not first": [dir_("a"), dir_("./")],
-    "hardlink to a symlink": [symlink("a", "x"), hardlink("b", "a")],
+    "parent listed after": [file("a/f", b"1"), dir_("a", mode=0o700)],
+    "root not first": [dir_("a"), dir_("./", mode=0o750)],
     "separator order": [dir_("a"), dir_("a-b"), file("a/f")],
+    "devices before the root (mmdebstrap)": [
+        dir_("dev"), M("dev/null", tarfile.CHRTYPE, major=1, minor=3), dir_("./"),
+        dir_("bin"), file("bin/sh", b"sh"), hardlink("bin/sh2", "bin/sh")],
 }
+NOT_CANONICAL = {
+    "parent implied": [file("a/f", b"1")],
+    "hardlink to a symlink": [symlink("a", "x"), hardlink("b", "a")],
+    "a link named before its file": [file("z", b"1"), hardlink("a", "z")],
+}
+
+
+@pytest.mark.parametrize("case", sorted(OUT_OF_ORDER))
+def test_tar_out_of_order_is_sorted_without_the_builder(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, case: str) -> None:
+    archive = write_tar(tmp_path / "o.tar", OUT_OF_ORDER[case])
+    expected = general_tar_tree(archive, epoch=EPOCH)
+    made = counting_builder(monkeypatch)
+    assert full_view(tree_from_tar(archive, epoch=EPOCH)) == full_view(expected)
+    assert made == []
 
 
 def test_tar_fast_path_on_canonical_members(tmp_path: Path,
@@ -198,6 +214,8 @@ def test_tar_falls_back_to_the_builder(tmp_path: Path, monkeypatch: pytest.Monke
     ([file("a", b"1"), file("a", b"2")], "appears twice"),
     ([hardlink("a", "b"), file("b", b"1")], "not an earlier member"),
     ([file("f", b"1"), file("f/x", b"2")], "not a directory"),
+    ([file("f/x", b"2"), file("f", b"1")], "appears twice"),  # f implied, then a file
+    ([dir_("./"), dir_("a"), dir_("./")], "root appears twice"),
 ])
 def test_hostile_tars_still_get_the_builders_message(tmp_path: Path, members: list[M],
                                                      message: str) -> None:
