@@ -29,12 +29,17 @@ class Piece(NamedTuple):
     length: int
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, slots=True, init=False)
 class FileRegion:
     """A regular file's bytes: the concatenation of ``pieces`` of the file at ``path``."""
 
     path: bytes
     pieces: tuple[Piece, ...]
+
+    def __init__(self, path: bytes, pieces: tuple[Piece, ...]) -> None:
+        # Through the slots' descriptors, as Entry does (one region per tar member).
+        _set_path(self, path)
+        _set_pieces(self, pieces)
 
     @property
     def size(self) -> int:
@@ -42,6 +47,9 @@ class FileRegion:
 
     def open(self) -> BinaryIO:
         return io.BufferedReader(_RegionReader(self.path, self.pieces), BUFFER)
+
+
+_set_path, _set_pieces = (FileRegion.__dict__[name].__set__ for name in ("path", "pieces"))
 
 
 def file_region(path: bytes | str, pieces: Iterable[tuple[int | None, int]], *,

@@ -342,7 +342,7 @@ def iter_members(path: bytes | str, *, what: str | None = None,
         if compression is None:
             try:
                 for header in fast_headers(raw.fileno(), file_size):
-                    member = _member(None, header, path, what, file_size, spool)
+                    member = _plain_member(header, path, what, file_size, spool)
                     taken += 1
                     yield member
                 return
@@ -362,6 +362,29 @@ def iter_members(path: bytes | str, *, what: str | None = None,
                 zstandard.ZstdError) as exc:
             raise ImageError(f"{what}: not a readable tar archive ({exc})",
                              hint="give a tar file (plain, gzip, xz, zstd or bzip2)") from None
+
+
+def _plain_member(header: Header, path: bytes, what: str, file_size: int,
+                  spool: Spool | None) -> Member:
+    """:func:`_member` of a header the fast parser read, with the common members (a
+    file or directory with no pax record) made here: the same entry, in fewer steps."""
+    kind = _TYPES.get(header.type)
+    if not header.pax_headers and (kind is _REGULAR or kind is _DIRECTORY):
+        rel = canonical_relative_path(header.name.encode("utf-8", "surrogateescape"))
+        if rel is not None:
+            if kind is _DIRECTORY:
+                return Member(header.name, Entry(rel, kind, header.mode & 0o7777, header.uid,
+                                                 header.gid, header.mtime * 1_000_000_000))
+            offset, size = header.offset_data, header.size
+            if size > 0 and offset + size <= file_size:
+                return Member(header.name, Entry(
+                    rel, kind, header.mode & 0o7777, header.uid, header.gid,
+                    header.mtime * 1_000_000_000, (),
+                    Content(size, FileRegion(path, (Piece(offset, size),)))))
+    return _member(None, header, path, what, file_size, spool)
+
+
+_REGULAR, _DIRECTORY = EntryType.REGULAR, EntryType.DIRECTORY
 
 
 def _member(archive: tarfile.TarFile | None, info: TarHeader, path: bytes, what: str,
