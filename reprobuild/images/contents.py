@@ -81,6 +81,11 @@ class ContentStreamer(ContentReader):
             offset = pieces[0].offset if len(pieces) == 1 else None
             if offset is not None:
                 length = pieces[0].length
+                at = offset - self._window_start
+                if source.path == self._window_path and at >= 0 and \
+                        at + length <= len(self._window):  # _in_place's first case, inline
+                    self._last_end = offset + length
+                    return self._window[at:at + length]
                 data = self._in_place(source.path, offset, length)
                 if len(data) == length:
                     return data
