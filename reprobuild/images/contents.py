@@ -22,8 +22,10 @@ differ.
 
 from __future__ import annotations
 
+import errno
 import os
 from collections.abc import Iterator
+from typing import BinaryIO
 
 from reprobuild.errors import ImageError
 from reprobuild.trees.region import FileRegion
@@ -108,6 +110,40 @@ class ContentStreamer(ContentReader):
         self._last_end = offset + length
         return data
 
+    def copy_to(self, content: Content, output: BinaryIO) -> int | None:
+        """Copy the content to ``output`` (a file whose Python buffer is empty) at its
+        position, by ``os.copy_file_range`` (the kernel moves the bytes, no copy
+        through Python), for a file on disk or one piece of an archive or image; the
+        bytes copied - one more than planned for a file that grew - or None when this
+        cannot be done (another source, an output that is not a plain file): then
+        nothing was written and the caller streams the bytes itself."""
+        source = content.source
+        kind = type(source)
+        try:
+            out_fd = output.fileno()
+        except (AttributeError, OSError, ValueError):  # io.UnsupportedOperation too
+            return None
+        if kind is FileSource:
+            assert isinstance(source, FileSource)
+            fd = os.open(source.path, os.O_RDONLY | os.O_CLOEXEC)
+            try:
+                copied = _copy_range(fd, out_fd, 0, content.size)
+                if copied == content.size and os.pread(fd, 1, copied):
+                    copied += 1  # the file grew since the tree was made
+            finally:
+                os.close(fd)
+        elif kind is FileRegion:
+            assert isinstance(source, FileRegion)
+            if len(source.pieces) != 1 or source.pieces[0].offset is None:
+                return None
+            copied = _copy_range(self._fd(source.path), out_fd, source.pieces[0].offset,
+                                 content.size)
+        else:
+            return None
+        if copied is not None:
+            output.seek(0, os.SEEK_CUR)  # the buffered file learns its new position
+        return copied
+
     def _fd(self, path: bytes) -> int:
         fd = self._fds.get(path)
         if fd is None:
@@ -167,3 +203,25 @@ class ContentStreamer(ContentReader):
                                               "truncated")
                 done += len(chunk)
                 yield chunk
+
+
+def _copy_range(source_fd: int, out_fd: int, offset: int, size: int) -> int | None:
+    """``size`` bytes from ``offset`` of ``source_fd`` to ``out_fd``'s position: the
+    count copied (less at the source's end), or None when the kernel copies nothing
+    between these two files (another file system type, a pipe, an old kernel)."""
+    done = 0
+    while done < size:
+        try:
+            count = os.copy_file_range(source_fd, out_fd, size - done, offset + done)
+        except OSError as exc:
+            if done or exc.errno not in _NO_COPY_RANGE:
+                raise
+            return None
+        if not count:
+            break
+        done += count
+    return done
+
+
+_NO_COPY_RANGE = frozenset((errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP,
+                            errno.EBADF, errno.EPERM))

@@ -190,13 +190,14 @@ def write(tree: Tree, output: BinaryIO, options: ImageOptions) -> None:
         members = plan(tree, options)
         with compressed_writer(output, check_compress(options.compress, "cpio")) as stream, \
                 ContentStreamer() as reader:
-            _write_members(members, stream, reader)
+            _write_members(members, stream, reader, uncompressed=stream is output)
 
 
 def _write_members(members: list[CpioMember], output: BinaryIO,
-                   reader: ContentStreamer) -> None:
+                   reader: ContentStreamer, *, uncompressed: bool) -> None:
     """Headers, symlink targets and small files gather in one buffer, written a megabyte
-    at a time; larger files stream through it."""
+    at a time; larger files are copied by the kernel into an uncompressed file, else
+    stream through it."""
     total = 0
     pending = bytearray()
     whole = reader.whole
@@ -216,10 +217,15 @@ def _write_members(members: list[CpioMember], output: BinaryIO,
             output.write(pending)
             total += len(pending)
             pending.clear()
-            data_size = 0
-            for chunk in reader.chunks(content):
-                output.write(chunk)
-                data_size += len(chunk)
+            copied = None
+            if uncompressed:  # a compressor's fileno() is the file under it
+                output.flush()
+                copied = reader.copy_to(content, output)
+            data_size = copied or 0
+            if copied is None:
+                for chunk in reader.chunks(content):
+                    output.write(chunk)
+                    data_size += len(chunk)
             if data_size != content.size:
                 _changed(member, data_size)
             pending += bytes(-data_size % 4)

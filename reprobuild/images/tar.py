@@ -340,7 +340,7 @@ def _write(members: list[TarMember], output: BinaryIO, options: ImageOptions) ->
                 stream.write(pending)
                 total += len(pending)
                 pending.clear()
-                total += _write_content(member, stream, reader)
+                total += _write_content(member, stream, reader, uncompressed=stream is output)
             if len(pending) >= WRITE_SIZE:
                 stream.write(pending)
                 total += len(pending)
@@ -359,12 +359,18 @@ def _changed(member: TarMember, read: int) -> NoReturn:
                      hint="do not modify the source tree during a build")
 
 
-def _write_content(member: TarMember, output: BinaryIO, reader: ContentStreamer) -> int:
+def _write_content(member: TarMember, output: BinaryIO, reader: ContentStreamer, *,
+                   uncompressed: bool) -> int:
     assert member.content is not None
-    written = 0
-    for chunk in reader.chunks(member.content):
-        output.write(chunk)
-        written += len(chunk)
+    written = None
+    if uncompressed:  # a compressor's fileno() is the file under it: never copy there
+        output.flush()
+        written = reader.copy_to(member.content, output)
+    if written is None:  # not a plain file to a plain file: through Python
+        written = 0
+        for chunk in reader.chunks(member.content):
+            output.write(chunk)
+            written += len(chunk)
     if written != member.content.size:
         _changed(member, written)
     padding = -written % BLOCK

@@ -20,6 +20,7 @@ from typing import BinaryIO
 
 import crc32c
 import pytest
+import zstandard
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -141,6 +142,52 @@ def test_every_content_source_gives_the_same_image(fmt: str, tmp_path: Path) -> 
         entry = back.get(path)
         assert entry is not None and entry.content is not None
         assert entry.content.read() == data, path
+
+
+@pytest.mark.parametrize("fmt", ["cpio", "tar"])
+def test_large_files_copied_by_the_kernel_give_the_same_archive(
+        fmt: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Into a plain file, files over the small-file limit go by copy_file_range (from
+    files and from a tar in place); into a compressor or memory they stream."""
+    files = file_bytes()
+    general = image(fmt, tree_of(contents_from("opaque", files, tmp_path)))
+    copies: list[int] = []
+    copy_file_range = os.copy_file_range
+
+    def counted(src: int, dst: int, count: int, offset_src: int | None = None) -> int:
+        copies.append(count)
+        return copy_file_range(src, dst, count, offset_src)
+
+    monkeypatch.setattr(os, "copy_file_range", counted)
+    for kind in ("files", "tar"):
+        out = tmp_path / f"out-{kind}.{fmt}"
+        with out.open("w+b") as output:
+            WRITERS[fmt](tree_of(contents_from(kind, files, tmp_path)), output, OPTIONS[fmt])
+            assert output.tell() == len(general)  # the buffered file knows where it is
+        assert out.read_bytes() == general, kind
+    assert len(copies) >= 4  # two files over the limit, from each source
+    copies.clear()
+    compressed = tmp_path / f"out.{fmt}.zst"
+    with compressed.open("wb") as output:
+        WRITERS[fmt](tree_of(contents_from("files", files, tmp_path)), output,
+                     ImageOptions(epoch=EPOCH, compress="zstd"))
+    assert zstandard.ZstdDecompressor().decompressobj().decompress(
+        compressed.read_bytes()) == general
+    assert copies == []  # never past the compressor
+
+
+@pytest.mark.parametrize("fmt", ["cpio", "tar"])
+@pytest.mark.parametrize("change", [-1, +1])
+def test_a_large_file_that_changed_size_is_refused_when_copied(fmt: str, change: int,
+                                                               tmp_path: Path) -> None:
+    size = (1 << 18) + 10
+    path = tmp_path / "f"
+    path.write_bytes(b"x" * size)
+    tree = Tree(Entry(b"", EntryType.DIRECTORY, 0o755, mtime_ns=NS))
+    tree.add(Entry(b"f", EntryType.REGULAR, 0o644, mtime_ns=NS,
+                   content=Content(size - change, FileSource(os.fsencode(path)))))
+    with (tmp_path / "out").open("wb") as output, pytest.raises(ImageError, match="/f"):
+        WRITERS[fmt](tree, output, OPTIONS[fmt])
 
 
 def test_erofs_lz4_from_files_equals_the_general_path(tmp_path: Path) -> None:
