@@ -13,23 +13,22 @@ primary regular file, and no value depends on the host that made the tree.
 from __future__ import annotations
 
 import enum
-import io
-import os
 import stat
-from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass, field, fields, replace
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, fields, replace
 from itertools import pairwise
-from typing import BinaryIO, Protocol
-
-import blake3
 
 from reprobuild.errors import ImageError
-from reprobuild.trees.region import FileRegion
 
-CHUNK = 1 << 20
-"""Read size when streaming file contents."""
-
-ZERO_BLAKE3 = blake3.blake3(b"").digest()
+# Content and its sources live in trees.content; their names stay importable from here.
+from reprobuild.trees.content import CHUNK as CHUNK
+from reprobuild.trees.content import ZERO_BLAKE3 as ZERO_BLAKE3
+from reprobuild.trees.content import BytesSource as BytesSource
+from reprobuild.trees.content import Content as Content
+from reprobuild.trees.content import ContentReader as ContentReader
+from reprobuild.trees.content import ContentSource as ContentSource
+from reprobuild.trees.content import FileSource as FileSource
+from reprobuild.trees.content import slot_setters
 
 
 class EntryType(enum.Enum):
@@ -55,159 +54,6 @@ S_IFMT_OF_TYPE: dict[EntryType, int] = {
     EntryType.FIFO: stat.S_IFIFO,
     EntryType.SOCKET: stat.S_IFSOCK,
 }
-
-
-class ContentSource(Protocol):
-    """Where the bytes of a regular file come from."""
-
-    def open(self) -> BinaryIO:
-        """Open the bytes for reading from offset 0."""
-        ...
-
-
-@dataclass(frozen=True, slots=True, init=False)
-class FileSource:
-    """File bytes read from a path on disk (a store file, a spooled tar member)."""
-
-    path: bytes
-
-    def __init__(self, path: bytes) -> None:
-        _set_source_path(self, path)  # see Entry.__init__
-
-    def open(self) -> BinaryIO:
-        return open(self.path, "rb")
-
-
-@dataclass(frozen=True, slots=True)
-class BytesSource:
-    """File bytes held in memory (small files, overrides, tests)."""
-
-    data: bytes
-
-    def open(self) -> BinaryIO:
-        return io.BytesIO(self.data)
-
-
-@dataclass(frozen=True, slots=True, init=False)
-class Content:
-    """A regular file's bytes: their size and where to stream them from.
-
-    The blake3 digest is computed on first use (or given when already known, e.g. from
-    the store), so building a tree does not read every file twice.
-    """
-
-    size: int
-    source: ContentSource = field(compare=False, repr=False)
-    known_blake3: bytes | None = field(default=None, compare=False, repr=False)
-    _computed_blake3: bytes | None = field(default=None, init=False, compare=False,
-                                           repr=False)
-
-    def __init__(self, size: int, source: ContentSource,
-                 known_blake3: bytes | None = None) -> None:
-        _set_size(self, size)  # see Entry.__init__
-        _set_source(self, source)
-        _set_known_blake3(self, known_blake3)
-        _set_computed_blake3(self, None)
-
-    @property
-    def blake3(self) -> bytes:
-        if self.known_blake3 is not None:
-            return self.known_blake3
-        if self._computed_blake3 is None:
-            object.__setattr__(self, "_computed_blake3", self._digest())
-        assert self._computed_blake3 is not None
-        return self._computed_blake3
-
-    def _digest(self) -> bytes:
-        hasher = blake3.blake3()
-        size = 0
-        for chunk in self.chunks():
-            hasher.update(chunk)
-            size += len(chunk)
-        if size != self.size:
-            raise ImageError(
-                f"file content changed while reading: expected {self.size} bytes, got {size}",
-                hint="do not modify the source tree during a build",
-            )
-        return hasher.digest()
-
-    def chunks(self, chunk_size: int = CHUNK) -> Iterator[bytes]:
-        """Yield the file's bytes in order, ``chunk_size`` at a time."""
-        with self.source.open() as stream:
-            while True:
-                chunk = stream.read(chunk_size)
-                if not chunk:
-                    return
-                yield chunk
-
-    def read(self) -> bytes:
-        """The whole content in memory; only for small files (symlink-sized, tests)."""
-        return b"".join(self.chunks())
-
-    @staticmethod
-    def from_bytes(data: bytes) -> Content:
-        return Content(len(data), BytesSource(data), blake3.blake3(data).digest())
-
-
-class ContentReader:
-    """Reads whole contents, fast: one ``pread`` from a descriptor kept open per archive
-    or image for bytes read in place, one ``read`` for a file, the bytes for bytes.
-
-    For writers that read many small files; :meth:`close` (or ``with``) releases the
-    descriptors. The result is what :meth:`Content.read` gives, checked for its size.
-    """
-
-    def __init__(self) -> None:
-        self._fds: dict[bytes, int] = {}
-
-    def read(self, content: Content, where: str) -> bytes:
-        source = content.source
-        size = content.size
-        if isinstance(source, BytesSource):
-            data = source.data
-        elif isinstance(source, FileRegion) and len(source.pieces) == 1 and \
-                source.pieces[0].offset is not None:
-            fd = self._fds.get(source.path)
-            if fd is None:
-                fd = self._fds[source.path] = os.open(source.path, os.O_RDONLY | os.O_CLOEXEC)
-            data = os.pread(fd, source.pieces[0].length, source.pieces[0].offset)
-        elif isinstance(source, FileSource):
-            fd = os.open(source.path, os.O_RDONLY | os.O_CLOEXEC)
-            try:
-                data = os.read(fd, size + 1)  # one byte more: a file that grew shows
-                while 0 < len(data) < size:  # a short read (some filesystems do)
-                    more = os.read(fd, size + 1 - len(data))
-                    if not more:
-                        break
-                    data += more
-            finally:
-                os.close(fd)
-        else:
-            data = content.read()
-        if len(data) != size:
-            raise ImageError(f"{where}: content is {len(data)} bytes, the tree says {size}",
-                             hint="do not modify the source tree during a build")
-        return data
-
-    @staticmethod
-    def cheap_to_read_again(content: Content) -> bool:
-        """True when reading ``content`` again costs no more than keeping it: bytes in
-        memory, or one piece of an archive or image read with ``pread``."""
-        source = content.source
-        return isinstance(source, BytesSource) or (
-            isinstance(source, FileRegion) and len(source.pieces) == 1
-            and source.pieces[0].offset is not None)
-
-    def close(self) -> None:
-        for fd in self._fds.values():
-            os.close(fd)
-        self._fds.clear()
-
-    def __enter__(self) -> ContentReader:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
 
 @dataclass(frozen=True, slots=True, init=False)
@@ -236,10 +82,7 @@ class Entry:
                  xattrs: tuple[tuple[bytes, bytes], ...] = (), content: Content | None = None,
                  target: bytes | None = None, rdev_major: int = 0,
                  rdev_minor: int = 0) -> None:
-        # The __init__ dataclass writes for a frozen class stores each field through
-        # object.__setattr__; storing through the slots' own descriptors makes the same
-        # object in half the time, and loading a tree makes one Entry (and a Content
-        # and its source) per file.
+        # Through the slots' descriptors: see slot_setters.
         _set_path(self, path)
         _set_type(self, type)
         _set_mode(self, mode)
@@ -273,18 +116,9 @@ class Entry:
         return "/" + self.path.decode("utf-8", "backslashreplace")
 
 
-def _slot_setters(cls: type, *names: str) -> tuple[Callable[[object, object], None], ...]:
-    """The ``__set__`` of each named slot of ``cls`` (which a frozen class's own
-    ``__setattr__`` refuses): for the ``__init__`` of the value classes above."""
-    return tuple(cls.__dict__[name].__set__ for name in names)
-
-
 (_set_path, _set_type, _set_mode, _set_uid, _set_gid, _set_mtime_ns, _set_xattrs,
- _set_content, _set_target, _set_rdev_major, _set_rdev_minor) = _slot_setters(
+ _set_content, _set_target, _set_rdev_major, _set_rdev_minor) = slot_setters(
     Entry, *(f.name for f in fields(Entry)))
-_set_size, _set_source, _set_known_blake3, _set_computed_blake3 = _slot_setters(
-    Content, "size", "source", "known_blake3", "_computed_blake3")
-(_set_source_path,) = _slot_setters(FileSource, "path")
 
 
 def path_key(path: bytes) -> tuple[bytes, ...]:
@@ -405,11 +239,16 @@ class Tree:
             append(entry)
             last_key = key
         tree = cls(root)
-        tree._entries = known
-        tree._children = None
-        tree._sorted = ordered
-        tree._normal_below = clamp_ns
+        tree._assemble(known, ordered, normal_below=clamp_ns)
         return tree
+
+    def _assemble(self, entries: dict[bytes, Entry], ordered: list[Entry], *,
+                  normal_below: int | None) -> None:
+        """Take checked entries as they are (the child index is made on first use)."""
+        self._entries = entries
+        self._children = None
+        self._sorted = ordered
+        self._normal_below = normal_below
 
     def _child_index(self) -> dict[bytes, list[bytes]]:
         """Paths of each directory's children (in canonical order when first made)."""
@@ -597,8 +436,11 @@ class Tree:
         next(entries)  # the root
         tree = Tree.from_canonical(_normalize_entry(self.root, clamp),
                                    (_normalize_entry(e, clamp) for e in entries))
-        tree._normal_below = clamp
+        tree._known_normal(clamp)
         return tree
+
+    def _known_normal(self, clamp_ns: int | None) -> None:
+        self._normal_below = clamp_ns
 
 
 def _normalize_entry(entry: Entry, clamp_ns: int | None) -> Entry:

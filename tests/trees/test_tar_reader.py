@@ -14,7 +14,8 @@ from reprobuild.errors import ImageError
 from reprobuild.trees.diff import diff_trees
 from reprobuild.trees.load import load_tree
 from reprobuild.trees.region import FileRegion
-from reprobuild.trees.tar_reader import Spool, parse_pax_time, tree_from_tar
+from reprobuild.trees.tar_pax import parse_pax_time
+from reprobuild.trees.tar_reader import Spool, tree_from_tar
 from reprobuild.trees.tree import EntryType, FileSource
 from tests.archive_helpers import M, compress, dir_, file, hardlink, symlink, write_tar
 from tests.conftest import need_tool
