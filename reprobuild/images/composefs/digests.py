@@ -1,0 +1,175 @@
+"""The content digests of a composefs image: the fs-verity sha256 digest (4 KiB blocks,
+no salt) of every regular file it stores by reference, in a few processes.
+
+A root filesystem's thousands of small files cost per-file overhead more than hashing:
+a file of up to 8 MiB is read whole with one ``preadv`` into a buffer its thread
+reuses, padded with zeros to whole blocks and hashed with one call per block (one call
+in all for a one-block file). The files are cut into shares of equal work, one per
+CPU, each but the first digested by a forked child that sends them back through a
+pipe. Each digest depends on its file alone and the result is keyed by path: the bytes
+never depend on the number of processes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import threading
+from collections.abc import Sequence
+
+from reprobuild.errors import ImageError
+from reprobuild.images.composefs import ondisk
+from reprobuild.integrity.fsverity import (
+    FSVERITY_DESCRIPTOR,
+    FsVerityParams,
+    descriptor,
+    digest_chunks,
+    digest_file,
+    params,
+    root_hash_from_leaves,
+)
+from reprobuild.trees.tree import Entry, EntryType, FileSource, Tree
+
+BLOCK_SIZE = 4096
+DIGEST_SIZE = 32
+WHOLE_MAX = 8 << 20
+"""Files up to this size are read whole into the thread's buffer; larger ones stream."""
+MAX_PROCESSES = 4
+PARALLEL_MIN_FILES = 256
+"""Fewer files are digested in this process alone: a fork would cost more."""
+FILE_COST = 16 << 10
+"""What opening and reading a file costs, counted in bytes hashed (measured)."""
+
+
+_PARAMS: FsVerityParams = params("sha256", BLOCK_SIZE, b"")
+# The fsverity_descriptor of a digest here is _HEAD, the le64 size, the root, _TAIL.
+_HEAD = descriptor(0, bytes(DIGEST_SIZE), _PARAMS)[:8]
+_TAIL = bytes(FSVERITY_DESCRIPTOR.size - 16 - DIGEST_SIZE)
+_ZEROS = bytes(BLOCK_SIZE)
+_sha256 = hashlib.sha256
+_digest_of = type(hashlib.sha256()).digest
+# Every block of a file read whole, as slices made once (cutting a buffer with reused
+# slice objects is the least Python work per block).
+_BLOCKS = tuple(slice(i, i + BLOCK_SIZE) for i in range(0, WHOLE_MAX, BLOCK_SIZE))
+
+
+def _root(leaves: bytes) -> bytes:
+    """The Merkle root over ``leaves`` (more than one digest)."""
+    if len(leaves) <= BLOCK_SIZE:  # up to 128 data blocks: one hash block
+        return _sha256(leaves + _ZEROS[len(leaves):]).digest()
+    return root_hash_from_leaves(leaves, _PARAMS)
+
+
+class _Digester:
+    """Digests of file contents in one process, with a reused buffer."""
+
+    def __init__(self) -> None:
+        self.buffer = bytearray(1 << 20)
+
+    def __call__(self, entry: Entry) -> bytes:
+        assert entry.content is not None
+        size = entry.content.size
+        source = entry.content.source
+        if not isinstance(source, FileSource):
+            return digest_chunks(entry.content.chunks())
+        if size > WHOLE_MAX:
+            return digest_file(source.path, threads=1)
+        padded = -(-size // BLOCK_SIZE) * BLOCK_SIZE
+        if len(self.buffer) < padded:
+            self.buffer = bytearray(padded)
+        view = memoryview(self.buffer)
+        self._read(entry, source.path, view, size)
+        view[size:padded] = _ZEROS[:padded - size]
+        if padded == BLOCK_SIZE:  # a one-block file: its block's hash is the root
+            root = _sha256(view[:BLOCK_SIZE]).digest()
+        else:
+            root = _root(b"".join(map(_digest_of, map(_sha256, map(
+                view.__getitem__, _BLOCKS[:padded // BLOCK_SIZE])))))
+        return _sha256(_HEAD + size.to_bytes(8, "little") + root + _TAIL).digest()
+
+    @staticmethod
+    def _read(entry: Entry, path: bytes, view: memoryview, size: int) -> None:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            done = 0
+            while done < size:
+                got = os.preadv(fd, [view[done:size]], done)
+                if not got:
+                    raise ImageError(f"{entry.display()}: file ended {size - done} bytes "
+                                     "early", hint="do not modify the source during a build")
+                done += got
+        finally:
+            os.close(fd)
+
+
+def stored_by_reference(tree: Tree) -> list[Entry]:
+    """The regular files of ``tree`` too big to be inline: those with a content digest."""
+    return [e for e in tree
+            if e.type is EntryType.REGULAR and e.size > ondisk.INLINE_CONTENT_MAX]
+
+
+def _shares(entries: Sequence[Entry], count: int) -> list[Sequence[Entry]]:
+    """``entries`` cut into at most ``count`` runs of about equal work (bytes, plus
+    what a file's open and read cost), none empty."""
+    costs = [e.size + FILE_COST for e in entries]
+    total = sum(costs)
+    shares: list[Sequence[Entry]] = []
+    start = done = 0
+    for index, cost in enumerate(costs):
+        done += cost
+        if len(shares) < count - 1 and done * count >= total * (len(shares) + 1):
+            shares.append(entries[start:index + 1])
+            start = index + 1
+    if start < len(entries):
+        shares.append(entries[start:])
+    return shares or [entries]
+
+
+def _forked(share: Sequence[Entry]) -> tuple[int, int]:
+    """A child process computing the digests of ``share`` into a pipe: (pid, read end)."""
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: digests out, then leave without running any cleanup
+        code = 1
+        try:
+            os.close(read_end)
+            digest = _Digester()
+            with open(write_end, "wb") as out:
+                for entry in share:
+                    out.write(digest(entry))
+            code = 0
+        finally:
+            os._exit(code)
+    os.close(write_end)
+    return pid, read_end
+
+
+def _collect(pid: int, read_end: int, share: Sequence[Entry]) -> list[bytes] | None:
+    """The digests a child computed, or None when it failed (the caller redoes them)."""
+    with open(read_end, "rb") as pipe:
+        data = pipe.read()
+    _, status = os.waitpid(pid, 0)
+    if status != 0 or len(data) != DIGEST_SIZE * len(share):
+        return None
+    return [data[i:i + DIGEST_SIZE] for i in range(0, len(data), DIGEST_SIZE)]
+
+
+def content_digests(tree: Tree, *, processes: int | None = None) -> dict[bytes, bytes]:
+    """Path -> content digest of every regular file ``tree`` stores by reference.
+
+    ``processes`` (default: the number of CPUs, at most 4) share the work: this one and
+    children forked for the others, only while this process runs no other thread (a
+    fork copies no thread, and a lock another thread holds would stay held). Python
+    threads would not help: hashing a 4 KiB block is too short for them to overlap."""
+    entries = stored_by_reference(tree)
+    workers = processes if processes is not None else min(os.cpu_count() or 1, MAX_PROCESSES)
+    if len(entries) < PARALLEL_MIN_FILES or threading.active_count() > 1:
+        workers = 1
+    shares = _shares(entries, workers)
+    children = [_forked(share) for share in shares[1:]]
+    digest = _Digester()
+    results = [digest(e) for e in shares[0]]
+    for (pid, read_end), share in zip(children, shares[1:], strict=True):
+        found = _collect(pid, read_end, share)
+        results += [digest(e) for e in share] if found is None else found
+    return {e.path: d for e, d in zip(entries, results, strict=True)}

@@ -1,0 +1,71 @@
+"""The content digests of composefs images (reprobuild.images.composefs.digests): equal
+to ``fsverity digest`` of each file whatever its size and source, and the same in one
+process as shared among forked children."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from reprobuild.images.composefs import digests
+from reprobuild.integrity.fsverity import digest_bytes, digest_file
+from reprobuild.trees.directory import tree_from_directory
+from reprobuild.trees.tree import Content, Entry, EntryType, Tree
+
+# Every edge of the digester: one block, its edge, two blocks, one hash block of
+# leaves (128 data blocks) and one more, and a file streamed instead of read whole.
+SIZES = (65, 100, 4095, 4096, 4097, 8192, 12289, 128 * 4096, 128 * 4096 + 1,
+         129 * 4096 + 7, 1 << 20, digests.WHOLE_MAX, digests.WHOLE_MAX + 4097)
+
+
+def pattern(size: int, seed: int) -> bytes:
+    block = bytes((seed * 7 + i) % 251 for i in range(4096))
+    return (block * (size // 4096 + 1))[:size]
+
+
+def tree_of(directory: Path, sizes: list[int]) -> Tree:
+    for index, size in enumerate(sizes):
+        (directory / f"f{index:05d}").write_bytes(pattern(size, index))
+    return tree_from_directory(directory, epoch=0)
+
+
+def test_every_size_gives_the_fsverity_digest(tmp_path: Path) -> None:
+    tree = tree_of(tmp_path, list(SIZES))
+    found = digests.content_digests(tree, processes=1)
+    assert len(found) == len(SIZES)
+    for index, size in enumerate(SIZES):
+        path = tmp_path / f"f{index:05d}"
+        assert found[os.fsencode(path.name)] == digest_file(path), size
+
+
+def test_inline_sized_files_have_no_digest(tmp_path: Path) -> None:
+    tree = tree_of(tmp_path, [0, 1, 64, 65])
+    assert sorted(digests.content_digests(tree)) == [b"f00003"]
+
+
+@pytest.mark.parametrize("processes", [2, 3, 4])
+def test_forked_children_give_the_same_digests(tmp_path: Path, processes: int) -> None:
+    sizes = [65 + (i * 977) % 70_000 for i in range(3 * digests.PARALLEL_MIN_FILES)]
+    tree = tree_of(tmp_path, sizes)
+    alone = digests.content_digests(tree, processes=1)
+    assert digests.content_digests(tree, processes=processes) == alone
+    assert alone[b"f00007"] == digest_file(tmp_path / "f00007")
+
+
+def test_shares_cover_every_file_once_in_order(tmp_path: Path) -> None:
+    tree = tree_of(tmp_path, [100 + i for i in range(10)] + [5 << 20])
+    entries = digests.stored_by_reference(tree)
+    assert len(digests._shares(entries[:10], 3)) == 3
+    for count in (1, 2, 3, 4):
+        shares = digests._shares(entries, count)
+        assert 1 <= len(shares) <= count and all(shares)
+        assert [e.path for share in shares for e in share] == [e.path for e in entries]
+
+
+def test_contents_held_in_memory_are_digested_too() -> None:
+    data = pattern(10_000, 3)
+    tree = Tree()
+    tree.add(Entry(b"f", EntryType.REGULAR, 0o644, content=Content.from_bytes(data)))
+    assert digests.content_digests(tree) == {b"f": digest_bytes(data)}
