@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from reprobuild.images.composefs import digests
+from reprobuild.images.composefs import digests, shares
 from reprobuild.integrity.fsverity import digest_bytes, digest_file
 from reprobuild.trees.directory import tree_from_directory
 from reprobuild.trees.tree import Content, Entry, EntryType, Tree
@@ -47,7 +47,7 @@ def test_inline_sized_files_have_no_digest(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("processes", [2, 3, 4])
 def test_forked_children_give_the_same_digests(tmp_path: Path, processes: int) -> None:
-    sizes = [65 + (i * 977) % 70_000 for i in range(3 * digests.PARALLEL_MIN_FILES)]
+    sizes = [65 + (i * 977) % 70_000 for i in range(3 * shares.PARALLEL_MIN_FILES)]
     tree = tree_of(tmp_path, sizes)
     alone = digests.content_digests(tree, processes=1)
     assert digests.content_digests(tree, processes=processes) == alone
@@ -57,11 +57,12 @@ def test_forked_children_give_the_same_digests(tmp_path: Path, processes: int) -
 def test_shares_cover_every_file_once_in_order(tmp_path: Path) -> None:
     tree = tree_of(tmp_path, [100 + i for i in range(10)] + [5 << 20])
     entries = digests.stored_by_reference(tree)
-    assert len(digests._shares(entries[:10], 3)) == 3
+    assert len(shares.shares(entries[:10], 3)) == 3
+    assert shares.shares([], 2) == [[]]
     for count in (1, 2, 3, 4):
-        shares = digests._shares(entries, count)
-        assert 1 <= len(shares) <= count and all(shares)
-        assert [e.path for share in shares for e in share] == [e.path for e in entries]
+        runs = shares.shares(entries, count)
+        assert 1 <= len(runs) <= count and all(runs)
+        assert [e.path for run in runs for e in run] == [e.path for e in entries]
 
 
 def test_contents_held_in_memory_are_digested_too() -> None:

@@ -4,21 +4,20 @@ no salt) of every regular file it stores by reference, in a few processes.
 A root filesystem's thousands of small files cost per-file overhead more than hashing:
 a file of up to 8 MiB is read whole with one ``preadv`` into a buffer its thread
 reuses, padded with zeros to whole blocks and hashed with one call per block (one call
-in all for a one-block file). The files are cut into shares of equal work, one per
-CPU, each but the first digested by a forked child that sends them back through a
-pipe. Each digest depends on its file alone and the result is keyed by path: the bytes
-never depend on the number of processes.
+in all for a one-block file). The files are shared among a few processes
+(:mod:`reprobuild.images.composefs.shares`). Each digest depends on its file alone and
+the result is keyed by path: the bytes never depend on the number of processes.
 """
 
 from __future__ import annotations
 
 import hashlib
 import os
-import threading
 from collections.abc import Sequence
 
 from reprobuild.errors import ImageError
 from reprobuild.images.composefs import ondisk
+from reprobuild.images.composefs.shares import in_processes
 from reprobuild.integrity.fsverity import (
     FSVERITY_DESCRIPTOR,
     FsVerityParams,
@@ -34,11 +33,6 @@ BLOCK_SIZE = 4096
 DIGEST_SIZE = 32
 WHOLE_MAX = 8 << 20
 """Files up to this size are read whole into the thread's buffer; larger ones stream."""
-MAX_PROCESSES = 4
-PARALLEL_MIN_FILES = 256
-"""Fewer files are digested in this process alone: a fork would cost more."""
-FILE_COST = 16 << 10
-"""What opening and reading a file costs, counted in bytes hashed (measured)."""
 
 
 _PARAMS: FsVerityParams = params("sha256", BLOCK_SIZE, b"")
@@ -108,68 +102,14 @@ def stored_by_reference(tree: Tree) -> list[Entry]:
             if e.type is EntryType.REGULAR and e.size > ondisk.INLINE_CONTENT_MAX]
 
 
-def _shares(entries: Sequence[Entry], count: int) -> list[Sequence[Entry]]:
-    """``entries`` cut into at most ``count`` runs of about equal work (bytes, plus
-    what a file's open and read cost), none empty."""
-    costs = [e.size + FILE_COST for e in entries]
-    total = sum(costs)
-    shares: list[Sequence[Entry]] = []
-    start = done = 0
-    for index, cost in enumerate(costs):
-        done += cost
-        if len(shares) < count - 1 and done * count >= total * (len(shares) + 1):
-            shares.append(entries[start:index + 1])
-            start = index + 1
-    if start < len(entries):
-        shares.append(entries[start:])
-    return shares or [entries]
-
-
-def _forked(share: Sequence[Entry]) -> tuple[int, int]:
-    """A child process computing the digests of ``share`` into a pipe: (pid, read end)."""
-    read_end, write_end = os.pipe()
-    pid = os.fork()
-    if pid == 0:  # the child: digests out, then leave without running any cleanup
-        code = 1
-        try:
-            os.close(read_end)
-            digest = _Digester()
-            with open(write_end, "wb") as out:
-                for entry in share:
-                    out.write(digest(entry))
-            code = 0
-        finally:
-            os._exit(code)
-    os.close(write_end)
-    return pid, read_end
-
-
-def _collect(pid: int, read_end: int, share: Sequence[Entry]) -> list[bytes] | None:
-    """The digests a child computed, or None when it failed (the caller redoes them)."""
-    with open(read_end, "rb") as pipe:
-        data = pipe.read()
-    _, status = os.waitpid(pid, 0)
-    if status != 0 or len(data) != DIGEST_SIZE * len(share):
-        return None
-    return [data[i:i + DIGEST_SIZE] for i in range(0, len(data), DIGEST_SIZE)]
-
-
 def content_digests(tree: Tree, *, processes: int | None = None) -> dict[bytes, bytes]:
-    """Path -> content digest of every regular file ``tree`` stores by reference.
-
-    ``processes`` (default: the number of CPUs, at most 4) share the work: this one and
-    children forked for the others, only while this process runs no other thread (a
-    fork copies no thread, and a lock another thread holds would stay held). Python
-    threads would not help: hashing a 4 KiB block is too short for them to overlap."""
+    """Path -> content digest of every regular file ``tree`` stores by reference,
+    computed in ``processes`` processes (default: one per CPU, at most 4)."""
     entries = stored_by_reference(tree)
-    workers = processes if processes is not None else min(os.cpu_count() or 1, MAX_PROCESSES)
-    if len(entries) < PARALLEL_MIN_FILES or threading.active_count() > 1:
-        workers = 1
-    shares = _shares(entries, workers)
-    children = [_forked(share) for share in shares[1:]]
-    digest = _Digester()
-    results = [digest(e) for e in shares[0]]
-    for (pid, read_end), share in zip(children, shares[1:], strict=True):
-        found = _collect(pid, read_end, share)
-        results += [digest(e) for e in share] if found is None else found
-    return {e.path: d for e, d in zip(entries, results, strict=True)}
+
+    def digest_all(run: Sequence[Entry]) -> bytes:
+        return b"".join(map(_Digester(), run))
+
+    found = b"".join(in_processes(entries, digest_all, processes=processes))
+    return {e.path: found[i * DIGEST_SIZE:(i + 1) * DIGEST_SIZE]
+            for i, e in enumerate(entries)}
