@@ -16,17 +16,18 @@ the tree's: the pipeline has already clamped them to the epoch.
 
 from __future__ import annotations
 
+import importlib
 import os
 from typing import BinaryIO
 
 from reprobuild.errors import ImageError
 from reprobuild.images.composefs import digests
 from reprobuild.images.composefs.layout import Layout, plan
-from reprobuild.images.composefs.read import read_composefs
 from reprobuild.images.composefs.store import fill_store
 from reprobuild.images.composefs.write import write_image
 from reprobuild.images.registry import ImageOptions
 from reprobuild.integrity.fsverity import digest_file
+from reprobuild.trees.gcpause import collector_paused
 from reprobuild.trees.tree import Tree
 
 __all__ = ["MAIN_FILE", "STORE_DIR", "VERSION", "composefs_digest", "content_digests",
@@ -40,6 +41,9 @@ STORE_DIR = "objects"
 """A recipe's composefs image step writes a directory: the image as MAIN_FILE (the store
 records its fs-verity digest, the composefs digest) and its digest store as STORE_DIR,
 so ``mount.composefs -o basedir=OUT/objects OUT/image.cfs`` mounts it."""
+
+READER = "reprobuild.images.composefs.read"
+"""The reader (with the EROFS reader under it), loaded only to read an image back."""
 
 LCFS_VERSION = "1.0.8"
 """The libcomposefs release whose mkcomposefs output this writer reproduces."""
@@ -76,7 +80,8 @@ def write(tree: Tree, output: BinaryIO, options: ImageOptions) -> None:
     """Write the composefs image of ``tree``; the digest store is written separately
     (:func:`reprobuild.images.composefs.store.fill_store`)."""
     _check_options(options)
-    write_image(layout_of(tree), output)
+    with collector_paused():  # the plan's objects all live until the image is written
+        write_image(layout_of(tree), output)
 
 
 def write_with_store(tree: Tree, output: BinaryIO, options: ImageOptions, *,
@@ -86,14 +91,16 @@ def write_with_store(tree: Tree, output: BinaryIO, options: ImageOptions, *,
     _check_options(options)
     known = content_digests(tree)
     fill_store(tree, digest_store, known)
-    write_image(plan(tree, lambda entry: known[entry.path]), output)
+    with collector_paused():
+        write_image(plan(tree, lambda entry: known[entry.path]), output)
 
 
 def read(path: str | bytes | os.PathLike[str]) -> Tree:
     """The tree a composefs image was made from, file bytes from the digest store
     ``objects/`` beside it (a recipe output's layout); see
     :func:`reprobuild.images.composefs.read.read_composefs` to name another store."""
-    return read_composefs(path)
+    tree: Tree = importlib.import_module(READER).read_composefs(path)
+    return tree
 
 
 def composefs_digest(image_path: str | bytes | os.PathLike[str]) -> str:
