@@ -29,7 +29,7 @@ HEAVY = ("dask", "distributed", "boto3", "botocore", "cryptography", "urllib3", 
          "reprobuild.proof", "reprobuild.store")
 TAR_IMAGE_NEVER = (*HEAVY, "reprobuild.trees.overrides", "tomllib", "traceback",
                    "difflib", "reprobuild.images.ext4", "reprobuild.images.squashfs",
-                   "reprobuild.images.composefs", "__editable___reprobuild_0_1_0_finder")
+                   "reprobuild.images.composefs")
 HELP_NEVER = (*TAR_IMAGE_NEVER, "reprobuild.images.build", "reprobuild.trees.load",
               "reprobuild.trees.tree", "reprobuild.trees.tar_reader", "blake3",
               "zstandard")
