@@ -5,6 +5,8 @@ process as shared among forked children."""
 from __future__ import annotations
 
 import os
+import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import pytest
@@ -63,6 +65,36 @@ def test_shares_cover_every_file_once_in_order(tmp_path: Path) -> None:
         runs = shares.shares(entries, count)
         assert 1 <= len(runs) <= count and all(runs)
         assert [e.path for run in runs for e in run] == [e.path for e in entries]
+
+
+CHILD_SLEEP = 60
+
+
+def test_children_are_ended_when_this_process_fails(tmp_path: Path) -> None:
+    tree = tree_of(tmp_path, [100] * (2 * shares.PARALLEL_MIN_FILES))
+    entries = digests.stored_by_reference(tree)
+    here = os.getpid()
+    pids = tmp_path / "pids"
+
+    def work(run: Sequence[Entry]) -> bytes:
+        if os.getpid() == here:
+            raise ValueError("this process failed")
+        with open(pids, "a") as out:
+            out.write(f"{os.getpid()}\n")
+        time.sleep(CHILD_SLEEP)
+        return b""
+
+    start = time.monotonic()
+    with pytest.raises(ValueError, match="this process failed"):
+        shares.in_processes(entries, work, processes=3)
+    # Ended, not waited out: back long before a child would have finished its work.
+    assert time.monotonic() - start < CHILD_SLEEP / 2
+    children = [int(line) for line in pids.read_text().split()] if pids.exists() else []
+    for pid in children:  # ended and waited for: no such process any more
+        with pytest.raises(ProcessLookupError):
+            os.kill(pid, 0)
+    with pytest.raises(ChildProcessError):
+        os.waitpid(-1, os.WNOHANG)
 
 
 def test_contents_held_in_memory_are_digested_too() -> None:

@@ -13,7 +13,9 @@ processes.
 
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
 import threading
 from collections.abc import Callable, Sequence
 
@@ -66,9 +68,11 @@ def in_processes(entries: Sequence[Entry], work: Work, *,
             del pending[0]
             results.append(work(run) if found is None else found)
         return results
-    finally:  # an error here: the children still running are waited for, not left
+    finally:  # an error or an interruption here: the children left are ended
         for pid, read_end in pending:
             os.close(read_end)
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGTERM)
             os.waitpid(pid, 0)
 
 
