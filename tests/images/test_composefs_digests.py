@@ -4,6 +4,7 @@ process as shared among forked children."""
 
 from __future__ import annotations
 
+import errno
 import os
 import time
 from collections.abc import Sequence
@@ -65,6 +66,18 @@ def test_shares_cover_every_file_once_in_order(tmp_path: Path) -> None:
         runs = shares.shares(entries, count)
         assert 1 <= len(runs) <= count and all(runs)
         assert [e.path for run in runs for e in run] == [e.path for e in entries]
+
+
+def test_shares_no_process_can_be_forked_for_are_done_here(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    tree = tree_of(tmp_path, [100 + i for i in range(2 * shares.PARALLEL_MIN_FILES)])
+    alone = digests.content_digests(tree, processes=1)
+
+    def no_fork() -> int:
+        raise BlockingIOError(errno.EAGAIN, "Resource temporarily unavailable")
+
+    monkeypatch.setattr(os, "fork", no_fork)
+    assert digests.content_digests(tree, processes=3) == alone
 
 
 CHILD_SLEEP = 60

@@ -6,7 +6,8 @@ Python threads would not help the work done here (hashing 4 KiB blocks, copying
 files): each call is too short for them to overlap, and two threads hashed slower than
 one. A child is forked only while this process runs no other thread (a fork copies
 no thread, and a lock another thread holds would stay held). A child that fails has
-its share done again here, so an error is raised by this process, with its message.
+its share done again here, so an error is raised by this process, with its message;
+a share no process can be forked for (a limit on processes) is done here too.
 The results come back in the order of the files: they never depend on the number of
 processes.
 """
@@ -60,26 +61,40 @@ def in_processes(entries: Sequence[Entry], work: Work, *,
                  processes: int | None = None) -> list[bytes]:
     """``work`` of each share of ``entries``, in order; see the module's description."""
     runs = shares(entries, process_count(len(entries), processes))
-    pending = [_forked(run, work) for run in runs[1:]]
+    children: list[tuple[int, int] | None] = []  # for runs[1:]; None: done here
     try:
+        for run in runs[1:]:  # after a fork fails (a process limit), no more tries
+            failed = bool(children) and children[-1] is None
+            children.append(None if failed else _forked(run, work))
         results = [work(runs[0])]
-        for run in runs[1:]:
-            found = _collect(*pending[0])
-            del pending[0]
+        for index, run in enumerate(runs[1:]):
+            child, children[index] = children[index], None
+            found = None if child is None else _collect(*child)
             results.append(work(run) if found is None else found)
         return results
     finally:  # an error or an interruption here: the children left are ended
-        for pid, read_end in pending:
-            os.close(read_end)
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGTERM)
-            os.waitpid(pid, 0)
+        for child in children:
+            if child is not None:
+                pid, read_end = child
+                os.close(read_end)
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGTERM)
+                os.waitpid(pid, 0)
 
 
-def _forked(run: Sequence[Entry], work: Work) -> tuple[int, int]:
-    """A child process doing ``work(run)`` into a pipe: (its pid, the read end)."""
-    read_end, write_end = os.pipe()
-    pid = os.fork()
+def _forked(run: Sequence[Entry], work: Work) -> tuple[int, int] | None:
+    """A child process doing ``work(run)`` into a pipe: (its pid, the read end); None
+    when no process or pipe can be made."""
+    try:
+        read_end, write_end = os.pipe()
+    except OSError:
+        return None
+    try:
+        pid = os.fork()
+    except OSError:
+        os.close(read_end)
+        os.close(write_end)
+        return None
     if pid == 0:  # the child: the result out, then leave without running any cleanup
         code = 1
         try:
