@@ -13,7 +13,6 @@ import importlib
 import os
 import signal
 import sys
-import traceback
 from collections.abc import Sequence
 
 from reprobuild import __version__
@@ -117,7 +116,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return code
     except ReprobuildError as exc:
         if getattr(args, "debug", False):
-            traceback.print_exc()
+            # The interpreter's own printer (the traceback module costs every start-up).
+            sys.__excepthook__(type(exc), exc, exc.__traceback__)
         print(f"reprobuild: error: {exc}", file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt:

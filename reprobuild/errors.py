@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-import difflib
 import errno
+import importlib
 import os
 from collections.abc import Iterable
 
@@ -31,10 +31,18 @@ SUGGEST_LISTED = 30
 """How many valid choices a hint lists (a recipe may have thousands of steps)."""
 
 
+def close_matches(word: str, options: list[str], *, cutoff: float = 0.6) -> list[str]:
+    """The option closest to ``word`` (a list of at most one), as difflib finds it.
+    difflib is loaded on the first misspelling, not by every command's start."""
+    difflib = importlib.import_module("difflib")
+    close: list[str] = difflib.get_close_matches(word, options, n=1, cutoff=cutoff)
+    return close
+
+
 def suggest(word: str, choices: Iterable[str], what: str, *, cutoff: float = 0.6) -> str:
     """A hint naming the closest valid choice to a misspelt ``word`` and listing them all."""
     options = sorted(choices)
-    close = difflib.get_close_matches(word, options, n=1, cutoff=cutoff)
+    close = close_matches(word, options, cutoff=cutoff)
     listing = ", ".join(options[:SUGGEST_LISTED]) if options else "(none)"
     if len(options) > SUGGEST_LISTED:
         listing += f", … ({len(options) - SUGGEST_LISTED} more)"

@@ -4,20 +4,25 @@ The image is made by the one image pipeline, :func:`reprobuild.images.build.buil
 (written beside OUTPUT and renamed into place when complete). ``-o KEY=VALUE`` sets a
 format-specific option, typed and checked by the format's options schema. The epoch
 defaults to ``$SOURCE_DATE_EPOCH``, else 0.
+
+The options are made from the format table alone; the pipeline (with the readers of
+directories, tars and OCI layouts) and the overrides reader are loaded by :func:`run`,
+so ``--help`` and a usage error cost only the table.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import os
 
 from reprobuild.errors import ReprobuildError
-from reprobuild.images.build import build_tree_image
 from reprobuild.images.registry import FORMATS, ImageOptions, get_format
-from reprobuild.trees.gcpause import freeze_after_pauses
-from reprobuild.trees.oci import DEFAULT_PLATFORM
-from reprobuild.trees.overrides import load_overrides_file
 from reprobuild.units import parse_size
+
+PIPELINE = "reprobuild.images.build"
+OVERRIDES = "reprobuild.trees.overrides"
+GCPAUSE = "reprobuild.trees.gcpause"
 
 HELP = ("build an image (ext4, squashfs, erofs, composefs, cpio, tar) from a directory, tar "
         "or OCI layout")
@@ -71,7 +76,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="compressor (squashfs: zstd, gzip, xz, lz4, none; "
                              "tar and cpio: zstd, gzip, none)")
     parser.add_argument("--block-size", type=int, default=None, help="block size in bytes")
-    parser.add_argument("--platform", type=_platform, default=DEFAULT_PLATFORM,
+    parser.add_argument("--platform", type=_platform, default=None,
                         metavar="OS/ARCH", help="manifest of a multi-platform OCI image "
                         "(default: linux/amd64)")
     parser.add_argument("--digest-store", metavar="DIR", default=None,
@@ -100,10 +105,15 @@ def run(args: argparse.Namespace) -> int:
         size=args.size, uuid=args.uuid, label=args.label, compress=args.compress,
         block_size=args.block_size, extra=tuple(sorted(
             (key, schema.parse_text(key, text)) for key, text in args.extra)))
-    files = load_overrides_file(args.files) if args.files is not None else None
-    with freeze_after_pauses():  # one image per process: the tree needs no collector
-        size = build_tree_image(args.format, args.source, args.output, options, files=files,
-                                where=args.files or "files", platform=args.platform,
-                                sync=True, digest_store=args.digest_store)
+    files = None
+    if args.files is not None:
+        files = importlib.import_module(OVERRIDES).load_overrides_file(args.files)
+    pipeline = importlib.import_module(PIPELINE)
+    gcpause = importlib.import_module(GCPAUSE)
+    with gcpause.freeze_after_pauses():  # one image per process: the tree needs no collector
+        size = pipeline.build_tree_image(
+            args.format, args.source, args.output, options, files=files,
+            where=args.files or "files", platform=args.platform or pipeline.DEFAULT_PLATFORM,
+            sync=True, digest_store=args.digest_store)
     print(f"{args.output}: {args.format} image, {size} bytes")
     return 0

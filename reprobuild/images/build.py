@@ -19,21 +19,25 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import importlib
 import os
 import shutil
 import tempfile
 from collections.abc import Callable, Iterator, Mapping
-from typing import Any, BinaryIO
+from typing import TYPE_CHECKING, Any, BinaryIO
 
 from reprobuild.errors import ImageError, disk_full
 from reprobuild.images.registry import ImageOptions, OptionValue, get_format
 from reprobuild.trees.load import load_tree
 from reprobuild.trees.oci import DEFAULT_PLATFORM
-from reprobuild.trees.overrides import apply_overrides
 from reprobuild.trees.tar_reader import Spool
-from reprobuild.trees.tree import Tree
 
-WriteImage = Callable[[Tree, BinaryIO, ImageOptions], None]
+if TYPE_CHECKING:
+    from reprobuild.trees.tree import Tree
+
+WriteImage = Callable[["Tree", BinaryIO, ImageOptions], None]
+# Loaded only for an image with overrides (it reads TOML).
+OVERRIDES = "reprobuild.trees.overrides"
 
 
 def options_from_json(epoch: int, options: Mapping[str, Any]) -> ImageOptions:
@@ -85,7 +89,8 @@ def build_tree_image(fmt_name: str, source: str, output: str, options: ImageOpti
     with scratch_spool(scratch) as spool:
         tree = load_tree(source, epoch=options.epoch, spool=spool, platform=platform)
         if files:
-            tree = apply_overrides(tree, files, where=where, epoch=options.epoch)
+            overrides = importlib.import_module(OVERRIDES)
+            tree = overrides.apply_overrides(tree, files, where=where, epoch=options.epoch)
         if os.path.isdir(output):
             raise ImageError(f"output {output} is a directory", hint="name the image file")
         try:

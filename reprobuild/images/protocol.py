@@ -13,14 +13,15 @@ of :class:`ImageOptions`; each writer checks the values it cannot use.
 
 from __future__ import annotations
 
-import difflib
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import BinaryIO, Protocol
+from typing import TYPE_CHECKING, BinaryIO, Protocol
 
-from reprobuild.errors import ImageError, suggest
-from reprobuild.trees.tree import Tree
+from reprobuild.errors import ImageError, close_matches, suggest
+
+if TYPE_CHECKING:  # the registry (and so every command) reads this without a tree
+    from reprobuild.trees.tree import Tree
 
 OptionValue = str | int | bool
 COMMON_KEYS = ("from", "format", "size", "uuid", "label", "compress", "block_size", "files")
@@ -183,7 +184,7 @@ class OptionsSchema:
             if name in spelled:
                 raise ImageError(f"{name} is not a -o option", hint=f"use {spelled[name]}")
             spelled.update((key, repr(key)) for key in self.names())
-            close = difflib.get_close_matches(name, sorted(spelled), n=1, cutoff=0.6)
+            close = close_matches(name, sorted(spelled))
             meant = f"did you mean {spelled[close[0]]}? " if close else ""
             raise ImageError(f"unknown {self.format} option {name!r}",
                              hint=f"{meant}{self.format}'s -o options: "

@@ -10,10 +10,10 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import importlib
 import os
 import threading
 from collections.abc import Callable, Iterable, Iterator
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from reprobuild.errors import ImageError
@@ -138,5 +138,7 @@ def hash_file_blocks(fd: int, offset: int, length: int, block_size: int, algorit
     workers = threads if threads is not None else min(os.cpu_count() or 1, 4)
     if workers <= 1 or length < THREADED_MIN:
         return b"".join(map(segment, _segments(offset, length)))
-    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="blockhash") as pool:
+    # concurrent.futures (and the logging it imports) only for a region this big.
+    futures = importlib.import_module("concurrent.futures")
+    with futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="blockhash") as pool:
         return b"".join(pool.map(segment, _segments(offset, length)))

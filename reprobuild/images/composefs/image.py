@@ -16,26 +16,19 @@ the tree's: the pipeline has already clamped them to the epoch.
 
 from __future__ import annotations
 
-import hashlib
+import importlib
 import os
 from typing import BinaryIO
 
 from reprobuild.errors import ImageError
-from reprobuild.images.composefs import ondisk
+from reprobuild.images.composefs import digests
 from reprobuild.images.composefs.layout import Layout, plan
-from reprobuild.images.composefs.read import read_composefs
 from reprobuild.images.composefs.store import fill_store
 from reprobuild.images.composefs.write import write_image
 from reprobuild.images.registry import ImageOptions
-from reprobuild.integrity.blockhash import hash_blocks
-from reprobuild.integrity.fsverity import (
-    descriptor,
-    digest_chunks,
-    digest_file,
-    params,
-    root_hash_from_leaves,
-)
-from reprobuild.trees.tree import Entry, EntryType, FileSource, Tree
+from reprobuild.integrity.fsverity import digest_file
+from reprobuild.trees.gcpause import collector_paused
+from reprobuild.trees.tree import Tree
 
 __all__ = ["MAIN_FILE", "STORE_DIR", "VERSION", "composefs_digest", "content_digests",
            "identity", "layout_of", "read", "write", "write_with_store"]
@@ -48,6 +41,9 @@ STORE_DIR = "objects"
 """A recipe's composefs image step writes a directory: the image as MAIN_FILE (the store
 records its fs-verity digest, the composefs digest) and its digest store as STORE_DIR,
 so ``mount.composefs -o basedir=OUT/objects OUT/image.cfs`` mounts it."""
+
+READER = "reprobuild.images.composefs.read"
+"""The reader (with the EROFS reader under it), loaded only to read an image back."""
 
 LCFS_VERSION = "1.0.8"
 """The libcomposefs release whose mkcomposefs output this writer reproduces."""
@@ -69,49 +65,9 @@ def _check_options(options: ImageOptions) -> None:
                          hint="composefs images always use 4096-byte blocks")
 
 
-class _Digester:
-    """fs-verity sha256 digests (4 KiB blocks, no salt) of file contents. A file of up
-    to 8 MiB is read whole into one reused buffer and hashed on this thread: per-file
-    overhead, not hashing, is what a root filesystem's thousands of small files cost."""
-
-    WHOLE_MAX = 8 << 20
-
-    def __init__(self) -> None:
-        self.params = params()
-        self.buffer = bytearray(1 << 20)
-
-    def __call__(self, entry: Entry) -> bytes:
-        assert entry.content is not None
-        size = entry.content.size
-        source = entry.content.source
-        if not isinstance(source, FileSource):
-            return digest_chunks(entry.content.chunks())
-        if size > self.WHOLE_MAX:
-            return digest_file(source.path)
-        if len(self.buffer) < size:
-            self.buffer = bytearray(size)
-        view = memoryview(self.buffer)[:size]
-        fd = os.open(source.path, os.O_RDONLY | os.O_CLOEXEC)
-        try:
-            done = 0
-            while done < size:
-                got = os.preadv(fd, [view[done:]], done)
-                if not got:
-                    raise ImageError(f"{entry.display()}: file ended {size - done} bytes "
-                                     "early", hint="do not modify the source during a build")
-                done += got
-        finally:
-            os.close(fd)
-        leaves = hash_blocks(view, 4096, "sha256")
-        root = root_hash_from_leaves(leaves, self.params)
-        return hashlib.sha256(descriptor(size, root, self.params)).digest()
-
-
 def content_digests(tree: Tree) -> dict[bytes, bytes]:
     """Path -> content digest of every regular file stored by reference."""
-    digest = _Digester()
-    return {e.path: digest(e) for e in tree
-            if e.type is EntryType.REGULAR and e.size > ondisk.INLINE_CONTENT_MAX}
+    return digests.content_digests(tree)
 
 
 def layout_of(tree: Tree, digests: dict[bytes, bytes] | None = None) -> Layout:
@@ -124,7 +80,8 @@ def write(tree: Tree, output: BinaryIO, options: ImageOptions) -> None:
     """Write the composefs image of ``tree``; the digest store is written separately
     (:func:`reprobuild.images.composefs.store.fill_store`)."""
     _check_options(options)
-    write_image(layout_of(tree), output)
+    with collector_paused():  # the plan's objects all live until the image is written
+        write_image(layout_of(tree), output)
 
 
 def write_with_store(tree: Tree, output: BinaryIO, options: ImageOptions, *,
@@ -132,16 +89,18 @@ def write_with_store(tree: Tree, output: BinaryIO, options: ImageOptions, *,
     """Write the image of ``tree`` and put the files it stores by reference into the
     digest store at ``digest_store`` (each file hashed once for both)."""
     _check_options(options)
-    digests = content_digests(tree)
-    fill_store(tree, digest_store, digests)
-    write_image(plan(tree, lambda entry: digests[entry.path]), output)
+    known = content_digests(tree)
+    fill_store(tree, digest_store, known)
+    with collector_paused():
+        write_image(plan(tree, lambda entry: known[entry.path]), output)
 
 
 def read(path: str | bytes | os.PathLike[str]) -> Tree:
     """The tree a composefs image was made from, file bytes from the digest store
     ``objects/`` beside it (a recipe output's layout); see
     :func:`reprobuild.images.composefs.read.read_composefs` to name another store."""
-    return read_composefs(path)
+    tree: Tree = importlib.import_module(READER).read_composefs(path)
+    return tree
 
 
 def composefs_digest(image_path: str | bytes | os.PathLike[str]) -> str:

@@ -34,11 +34,12 @@ class Node:
     """One inode of the image."""
 
     __slots__ = ("children", "compact", "content", "digest", "gid", "ino", "ipad",
-                 "isize", "mode", "mtime", "n_blocks", "nid", "nlink", "rdev", "shared",
-                 "size", "tail", "target", "uid", "unshared", "xattrs")
+                 "isize", "kind", "mode", "mtime", "n_blocks", "nid", "nlink", "rdev", "shared",
+                 "size", "tail", "target", "uid", "unshared", "xattr_size", "xattrs")
 
     def __init__(self, entry: Entry) -> None:
         self.mode = entry.st_mode
+        self.kind = stat.S_IFMT(self.mode)  # kept equal to S_IFMT(mode)
         self.uid = entry.uid
         self.gid = entry.gid
         self.mtime = divmod(entry.mtime_ns, 1_000_000_000)
@@ -52,13 +53,10 @@ class Node:
         self.digest: bytes | None = None
         self.nlink = 1
         self.ino = self.nid = self.ipad = self.isize = self.n_blocks = self.tail = 0
+        self.xattr_size = 0  # of the xattr header, shared ids and inline entries
         self.compact = True
         self.shared: list[int] = []  # offsets into the shared xattr area
         self.unshared: list[tuple[bytes, bytes]] = []
-
-    @property
-    def kind(self) -> int:
-        return stat.S_IFMT(self.mode)
 
     def set_xattr(self, name: bytes, value: bytes) -> None:
         self.xattrs.pop(name, None)
@@ -105,48 +103,59 @@ def plan(tree: Tree, digest_of: DigestOf) -> Layout:
 
 def _rewrite(tree: Tree, digest_of: DigestOf) -> tuple[Node, int]:
     """Nodes for the tree's inodes, with composefs's xattrs; the format version (1 when
-    the tree holds a whiteout device)."""
+    the tree holds a whiteout device). One pass over the tree (a parent comes before
+    its children), then hardlinks, whiteouts and each directory's ``.`` and ``..``."""
     nodes: dict[bytes, Node] = {}
+    links: list[Entry] = []
+    whiteouts: list[tuple[Node, Node]] = []
+    directories: list[tuple[Node, Node]] = []  # a directory and its parent
     version = 0
     for entry in tree:
+        path = entry.path
+        parent_path, _, name = path.rpartition(b"/")
         if entry.type is EntryType.HARDLINK:
+            links.append(entry)
             continue
         node = Node(entry)
-        nodes[entry.path] = node
-        _escape(node, entry)
-        if entry.type is EntryType.REGULAR and entry.content is not None and node.size:
-            if node.size <= ondisk.INLINE_CONTENT_MAX:
-                node.content = entry.content.read()
-                if len(node.content) != node.size:
-                    raise ImageError(f"{entry.display()}: content changed while reading")
-            else:
-                _by_reference(node, entry, digest_of(entry))
-        if entry.type is EntryType.CHAR and (entry.rdev_major, entry.rdev_minor) == (0, 0):
-            version = 1
-    for entry in tree:
-        if not entry.path:
-            continue
-        parent = nodes[entry.parent]
-        if entry.type is EntryType.HARDLINK:
-            primary = nodes[tree.resolve(entry).path]
-            primary.nlink += 1
-            parent.children.append((entry.name, primary, True))
-        else:
-            parent.children.append((entry.name, nodes[entry.path], False))
-    for path, node in nodes.items():
-        if node.kind == stat.S_IFCHR and node.rdev == 0:
-            _escape_whiteout(node, nodes[path.rsplit(b"/", 1)[0] if b"/" in path else b""],
-                             version)
+        nodes[path] = node
+        parent = nodes[parent_path] if path else node
+        if path:
+            parent.children.append((name, node, False))
+        if entry.xattrs:
+            _escape(node, entry)
+        if node.kind == stat.S_IFREG:
+            if entry.content is not None and node.size:
+                if node.size <= ondisk.INLINE_CONTENT_MAX:
+                    node.content = entry.content.read()
+                    if len(node.content) != node.size:
+                        raise ImageError(f"{entry.display()}: content changed while reading")
+                else:
+                    _by_reference(node, entry, digest_of(entry))
+        elif node.kind == stat.S_IFDIR:
+            directories.append((node, parent))
+        elif node.kind == stat.S_IFCHR and node.rdev == 0:
+            whiteouts.append((node, parent))
+            if (entry.rdev_major, entry.rdev_minor) == (0, 0):
+                version = 1
+    for entry in links:
+        parent_path, _, name = entry.path.rpartition(b"/")
+        primary = nodes[tree.resolve(entry).path]
+        primary.nlink += 1
+        nodes[parent_path].children.append((name, primary, True))
+    for node, parent in whiteouts:
+        _escape_whiteout(node, parent, version)
     root = nodes[b""]
     root.set_xattr(ondisk.OPAQUE, b"y")
     _add_root_whiteouts(root)
-    for path, node in nodes.items():
-        if node.kind == stat.S_IFDIR:
-            parent = nodes[path.rsplit(b"/", 1)[0] if b"/" in path else b""]
-            node.children.append((b".", node, True))
-            node.children.append((b"..", parent, True))
-            node.children.sort(key=lambda child: child[0])
+    for node, parent in directories:
+        node.children.append((b".", node, True))
+        node.children.append((b"..", parent, True))
+        node.children.sort(key=_child_name)
     return root, version
+
+
+def _child_name(child: tuple[bytes, Node, bool]) -> bytes:
+    return child[0]
 
 
 def _escape(node: Node, entry: Entry) -> None:
@@ -182,6 +191,7 @@ def _by_reference(node: Node, entry: Entry, digest: bytes) -> None:
 def _escape_whiteout(node: Node, parent: Node, version: int) -> None:
     node.size = 0
     node.mode = stat.S_IFREG | stat.S_IMODE(node.mode)
+    node.kind = stat.S_IFREG
     node.set_xattr(ondisk.ESCAPED_WHITEOUT, b"")
     node.set_xattr(ondisk.USERXATTR_WHITEOUT, b"")
     parent.set_xattr(ondisk.ESCAPED_WHITEOUTS, b"")
@@ -325,7 +335,7 @@ def _place_inodes(layout: Layout) -> None:
         node.compact = (node.mtime == layout.build_time and node.nlink <= U16
                         and node.uid <= U16 and node.gid <= U16 and size <= U32)
         inode_size = COMPACT_SIZE if node.compact else EXTENDED_SIZE
-        xattr_size = xattr_body_size(node)
+        xattr_size = node.xattr_size = xattr_body_size(node)
         start = -(-pos // ISLOT_SIZE) * ISLOT_SIZE
         pad = _tail_padding(node, start, inode_size, xattr_size)
         node.ipad = start - pos + pad

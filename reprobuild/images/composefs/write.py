@@ -68,9 +68,7 @@ def write_image(layout: Layout, output: BinaryIO) -> None:
 
 def _inode(out: bytearray, node: Node, blkaddr: int) -> None:
     kind = node.kind
-    xattr_size = 12 + 4 * len(node.shared) + sum(
-        ondisk.entry_size(n, v) for n, v in node.unshared) if (
-        node.shared or node.unshared) else 0
+    xattr_size = node.xattr_size
     icount = (xattr_size - 12) // 4 + 1 if xattr_size else 0
     layout = INODE_FLAT_INLINE if node.tail else INODE_FLAT_PLAIN
     i_u = blkaddr
@@ -154,7 +152,7 @@ def _tail(out: bytearray, node: Node) -> None:
         if node.content is not None:
             out += node.content[node.size - node.tail:]
         else:
-            out += _NULL_CHUNK * chunking(node.size)[1]
+            out += _NULL_CHUNK * (node.tail // len(_NULL_CHUNK))  # the chunk indexes
 
 
 def _blocks(out: bytearray, node: Node) -> None:

@@ -1,0 +1,115 @@
+"""The content digests of a composefs image: the fs-verity sha256 digest (4 KiB blocks,
+no salt) of every regular file it stores by reference, in a few processes.
+
+A root filesystem's thousands of small files cost per-file overhead more than hashing:
+a file of up to 8 MiB is read whole with one ``preadv`` into a buffer its thread
+reuses, padded with zeros to whole blocks and hashed with one call per block (one call
+in all for a one-block file). The files are shared among a few processes
+(:mod:`reprobuild.images.composefs.shares`). Each digest depends on its file alone and
+the result is keyed by path: the bytes never depend on the number of processes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from collections.abc import Sequence
+
+from reprobuild.errors import ImageError
+from reprobuild.images.composefs import ondisk
+from reprobuild.images.composefs.shares import in_processes
+from reprobuild.integrity.fsverity import (
+    FSVERITY_DESCRIPTOR,
+    FsVerityParams,
+    descriptor,
+    digest_chunks,
+    digest_file,
+    params,
+    root_hash_from_leaves,
+)
+from reprobuild.trees.tree import Entry, EntryType, FileSource, Tree
+
+BLOCK_SIZE = 4096
+DIGEST_SIZE = 32
+WHOLE_MAX = 8 << 20
+"""Files up to this size are read whole into the thread's buffer; larger ones stream."""
+
+
+_PARAMS: FsVerityParams = params("sha256", BLOCK_SIZE, b"")
+# The fsverity_descriptor of a digest here is _HEAD, the le64 size, the root, _TAIL.
+_HEAD = descriptor(0, bytes(DIGEST_SIZE), _PARAMS)[:8]
+_TAIL = bytes(FSVERITY_DESCRIPTOR.size - 16 - DIGEST_SIZE)
+_ZEROS = bytes(BLOCK_SIZE)
+_sha256 = hashlib.sha256
+_digest_of = type(hashlib.sha256()).digest
+# Every block of a file read whole, as slices made once (cutting a buffer with reused
+# slice objects is the least Python work per block).
+_BLOCKS = tuple(slice(i, i + BLOCK_SIZE) for i in range(0, WHOLE_MAX, BLOCK_SIZE))
+
+
+def _root(leaves: bytes) -> bytes:
+    """The Merkle root over ``leaves`` (more than one digest)."""
+    if len(leaves) <= BLOCK_SIZE:  # up to 128 data blocks: one hash block
+        return _sha256(leaves + _ZEROS[len(leaves):]).digest()
+    return root_hash_from_leaves(leaves, _PARAMS)
+
+
+class _Digester:
+    """Digests of file contents in one process, with a reused buffer."""
+
+    def __init__(self) -> None:
+        self.buffer = bytearray(1 << 20)
+
+    def __call__(self, entry: Entry) -> bytes:
+        assert entry.content is not None
+        size = entry.content.size
+        source = entry.content.source
+        if not isinstance(source, FileSource):
+            return digest_chunks(entry.content.chunks())
+        if size > WHOLE_MAX:
+            return digest_file(source.path, threads=1)
+        padded = -(-size // BLOCK_SIZE) * BLOCK_SIZE
+        if len(self.buffer) < padded:
+            self.buffer = bytearray(padded)
+        view = memoryview(self.buffer)
+        self._read(entry, source.path, view, size)
+        view[size:padded] = _ZEROS[:padded - size]
+        if padded == BLOCK_SIZE:  # a one-block file: its block's hash is the root
+            root = _sha256(view[:BLOCK_SIZE]).digest()
+        else:
+            root = _root(b"".join(map(_digest_of, map(_sha256, map(
+                view.__getitem__, _BLOCKS[:padded // BLOCK_SIZE])))))
+        return _sha256(_HEAD + size.to_bytes(8, "little") + root + _TAIL).digest()
+
+    @staticmethod
+    def _read(entry: Entry, path: bytes, view: memoryview, size: int) -> None:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            done = 0
+            while done < size:
+                got = os.preadv(fd, [view[done:size]], done)
+                if not got:
+                    raise ImageError(f"{entry.display()}: file ended {size - done} bytes "
+                                     "early", hint="do not modify the source during a build")
+                done += got
+        finally:
+            os.close(fd)
+
+
+def stored_by_reference(tree: Tree) -> list[Entry]:
+    """The regular files of ``tree`` too big to be inline: those with a content digest."""
+    return [e for e in tree
+            if e.type is EntryType.REGULAR and e.size > ondisk.INLINE_CONTENT_MAX]
+
+
+def content_digests(tree: Tree, *, processes: int | None = None) -> dict[bytes, bytes]:
+    """Path -> content digest of every regular file ``tree`` stores by reference,
+    computed in ``processes`` processes (default: one per CPU, at most 4)."""
+    entries = stored_by_reference(tree)
+
+    def digest_all(run: Sequence[Entry]) -> bytes:
+        return b"".join(map(_Digester(), run))
+
+    found = b"".join(in_processes(entries, digest_all, processes=processes))
+    return {e.path: found[i * DIGEST_SIZE:(i + 1) * DIGEST_SIZE]
+            for i, e in enumerate(entries)}
