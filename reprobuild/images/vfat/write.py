@@ -4,12 +4,15 @@ FATs, and last the boot sector (its volume id hashes the contents written before
 from __future__ import annotations
 
 import array
+import io
+import os
 import sys
 from typing import BinaryIO
 
 import blake3
 
 from reprobuild.errors import ImageError
+from reprobuild.images.contents import ContentStreamer
 from reprobuild.images.vfat.geometry import NUM_FATS, Geometry
 from reprobuild.images.vfat.layout import Layout
 from reprobuild.images.vfat.ondisk import (
@@ -35,6 +38,13 @@ BACKUP_BOOT_SECTOR = 6
 NO_NAME = b"NO NAME    "
 OEM_NAME = b"MSWIN4.1"  # what the FAT specification recommends drivers see
 END_OF_CHAIN = {12: 0xFFF, 16: 0xFFFF, 32: 0x0FFFFFFF}
+# Files up to this size are read whole in one call; larger ones stream in pieces.
+WHOLE_FILE = 1 << 20
+# The data area is written in batches of about this many bytes and at most this many
+# pieces (the kernel's IOV_MAX is 1024).
+BATCH = 8 << 20
+BATCH_PIECES = 1000
+_ZEROS = memoryview(bytes(64 << 10))  # padding: less than a cluster (at most 64 KiB)
 
 
 def fat_table(layout: Layout) -> bytes:
@@ -76,31 +86,96 @@ def _fat12(entries: array.array[int]) -> bytes:
 
 def _write_clusters(layout: Layout, output: BinaryIO, hasher: blake3.blake3 | None) -> None:
     """Directories and files in cluster order: they lie end to end from cluster 2, so
-    this is one sequential write (each file padded to its last cluster)."""
+    this is one sequential stream (each file padded to its last cluster), written a few
+    MiB at a time (see :class:`_ClusterStream`)."""
     cluster_size = layout.geometry.cluster_size
-    padding = memoryview(bytes(cluster_size))
     files = iter(layout.files)
-    output.seek(layout.geometry.cluster_offset(2))
-    for path, extent in layout.extents.items():
-        if not extent.count:
-            continue
-        raw = layout.directories.get(path)
-        if raw is not None:
-            output.write(raw)
-            continue
-        entry = next(files)
-        assert entry.path == path and entry.content is not None
-        written = 0
-        for chunk in entry.content.chunks():
-            output.write(chunk)
-            if hasher is not None:
-                hasher.update(chunk)
-            written += len(chunk)
-        if written != entry.size:
-            raise ImageError(f"{entry.display()}: content is {written} bytes, expected "
-                             f"{entry.size}", hint="do not modify the source tree during a "
-                                                   "build")
-        output.write(padding[:-written % cluster_size])
+    stream = _ClusterStream(output, layout.geometry.cluster_offset(2))
+    with ContentStreamer() as contents:
+        for path, extent in layout.extents.items():
+            if not extent.count:
+                continue
+            raw = layout.directories.get(path)
+            if raw is not None:
+                stream.put(raw)
+                continue
+            entry = next(files)
+            assert entry.path == path and entry.content is not None
+            written = 0
+            try:
+                if entry.size <= WHOLE_FILE:
+                    data = contents.whole(entry.content)
+                    written = len(data)
+                    if written == entry.size:  # else refused below, before any byte of it
+                        stream.put(data)
+                        if hasher is not None:
+                            hasher.update(data)
+                else:
+                    for chunk in contents.chunks(entry.content):
+                        stream.put(chunk)
+                        if hasher is not None:
+                            hasher.update(chunk)
+                        written += len(chunk)
+            except OSError as error:
+                raise ImageError(f"{entry.display()}: cannot read its content: "
+                                 f"{error.strerror}",
+                                 hint="check that the source tree is readable") from None
+            if written != entry.size:
+                raise ImageError(f"{entry.display()}: content is {written} bytes, expected "
+                                 f"{entry.size}", hint="do not modify the source tree during "
+                                                       "a build")
+            stream.pad(-written % cluster_size)
+    stream.flush()
+
+
+class _ClusterStream:
+    """Bytes written at consecutive offsets of ``output`` from ``offset`` on, gathered
+    into batches of up to :data:`BATCH` bytes and :data:`BATCH_PIECES` pieces: one
+    ``pwritev`` a batch when ``output`` is a file (the pieces are not copied again),
+    else one ``write`` of the joined batch."""
+
+    def __init__(self, output: BinaryIO, offset: int) -> None:
+        self.output = output
+        self.offset = offset
+        self.pieces: list[bytes | memoryview] = []
+        self.size = 0
+        try:
+            self.fd: int | None = output.fileno()
+        except (OSError, AttributeError, io.UnsupportedOperation):
+            self.fd = None
+        if self.fd is not None:
+            output.flush()  # what went through ``output`` lies before our writes
+        else:
+            output.seek(offset)
+
+    def put(self, data: bytes | memoryview) -> None:
+        if data:
+            self.pieces.append(data)
+            self.size += len(data)
+            if self.size >= BATCH or len(self.pieces) >= BATCH_PIECES:
+                self.flush()
+
+    def pad(self, count: int) -> None:
+        """``count`` zero bytes (less than a cluster)."""
+        if count:
+            self.put(_ZEROS[:count])
+
+    def flush(self) -> None:
+        if not self.pieces:
+            return
+        if self.fd is None:
+            self.output.write(b"".join(self.pieces))
+        else:
+            done = os.pwritev(self.fd, self.pieces, self.offset)
+            if done < self.size:  # a short write: the rest one piece at a time
+                rest = memoryview(b"".join(self.pieces))[done:]
+                while rest:
+                    count = os.pwrite(self.fd, rest, self.offset + done)
+                    rest = rest[count:]
+                    done += count
+        self.offset += self.size
+        self.pieces = []
+        self.size = 0
 
 
 def boot_sector(geometry: Geometry, volume_id: int, label: bytes | None) -> bytes:
