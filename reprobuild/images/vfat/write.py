@@ -9,8 +9,6 @@ import os
 import sys
 from typing import BinaryIO
 
-import blake3
-
 from reprobuild.errors import ImageError
 from reprobuild.images.contents import ContentStreamer
 from reprobuild.images.vfat.geometry import NUM_FATS, Geometry
@@ -32,6 +30,7 @@ from reprobuild.images.vfat.ondisk import (
     SECTOR,
     UNKNOWN_FREE,
 )
+from reprobuild.images.vfat.volume_id import THREAD_BYTES, VolumeIdHash
 
 FSINFO_SECTOR = 1
 BACKUP_BOOT_SECTOR = 6
@@ -84,7 +83,7 @@ def _fat12(entries: array.array[int]) -> bytes:
     return bytes(out[:(len(entries) * 3 + 1) // 2])
 
 
-def _write_clusters(layout: Layout, output: BinaryIO, hasher: blake3.blake3 | None) -> None:
+def _write_clusters(layout: Layout, output: BinaryIO, hasher: VolumeIdHash | None) -> None:
     """Directories and files in cluster order: they lie end to end from cluster 2, so
     this is one sequential stream (each file padded to its last cluster), written a few
     MiB at a time (see :class:`_ClusterStream`)."""
@@ -211,23 +210,23 @@ def write_image(layout: Layout, output: BinaryIO, seed: bytes,
     geometry = layout.geometry
     output.seek(layout.image_size - 1)  # the full length, also for an in-memory output
     output.write(b"\0")
-    # The derived volume id hashes every directory and file byte: skipped when given.
-    hasher = (blake3.blake3(b"reprobuild vfat volume id v1\0" + seed + b"\0")
-              if volume_id is None else None)
-    if hasher is not None:
-        for path, raw in layout.directories.items():
-            hasher.update(len(path).to_bytes(4, "little") + path + raw)
     if b"" not in layout.extents:  # the FAT12/16 root has its own area
         output.seek(geometry.root_start * SECTOR)
         output.write(layout.directories[b""])
-    _write_clusters(layout, output, hasher)
+    if volume_id is None:
+        # The derived volume id hashes every directory and file byte: skipped when given.
+        file_bytes = sum(entry.size for entry in layout.files)
+        with VolumeIdHash(seed, threaded=file_bytes >= THREAD_BYTES) as hasher:
+            for path, raw in layout.directories.items():
+                hasher.update(len(path).to_bytes(4, "little") + path + raw)
+            _write_clusters(layout, output, hasher)
+            volume_id = hasher.digest()
+    else:
+        _write_clusters(layout, output, None)
     table = fat_table(layout)
     for copy in range(NUM_FATS):
         output.seek((geometry.fat_start + copy * geometry.fat_length) * SECTOR)
         output.write(table)
-    if hasher is not None:
-        volume_id = int.from_bytes(hasher.digest(length=4), "little")
-    assert volume_id is not None
     boot = boot_sector(geometry, volume_id, layout.label)
     output.seek(0)
     output.write(boot)
