@@ -54,7 +54,7 @@ REFUSED_TYPES = {
 }
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Extent:
     """A file's or directory's contiguous clusters (first 0 and count 0: no clusters)."""
 
@@ -93,14 +93,19 @@ def check_label(label: str | None) -> bytes | None:
     return label.encode("ascii").ljust(11)
 
 
-@dataclass(frozen=True)
 class _Scan:
-    """The tree as the plan needs it, from one pass in canonical order."""
+    """The tree as the plan needs it, from one pass in canonical order (a plain class:
+    a dataclass costs a millisecond to define at import)."""
 
-    entries: list[Entry]
-    children: dict[bytes, list[Entry]]  # directory -> its children, bytewise by name
-    directories: list[tuple[int, Entry]]  # (position in ``entries``, directory)
-    problem: tuple[int, Entry] | None  # the first entry FAT cannot hold, and where
+    __slots__ = ("children", "directories", "entries", "problem")
+
+    def __init__(self, entries: list[Entry], children: dict[bytes, list[Entry]],
+                 directories: list[tuple[int, Entry]],
+                 problem: tuple[int, Entry] | None) -> None:
+        self.entries = entries
+        self.children = children  # directory -> its children, bytewise by name
+        self.directories = directories  # (position in ``entries``, directory)
+        self.problem = problem  # the first entry FAT cannot hold, and where
 
 
 def _scan(tree: Tree) -> _Scan:
@@ -163,14 +168,16 @@ def _entry_counts(tree: Tree, names: dict[bytes, list[DirName]],
     return counts
 
 
-@dataclass(frozen=True)
 class _Sizes:
     """Bytes of every file with data and of every directory's entries but the root's,
     and the root's entry count."""
 
-    files: list[int]
-    directories: list[int]
-    root_entries: int
+    __slots__ = ("directories", "files", "root_entries")
+
+    def __init__(self, files: list[int], directories: list[int], root_entries: int) -> None:
+        self.files = files
+        self.directories = directories
+        self.root_entries = root_entries
 
     def clusters(self, cluster_size: int, fat_bits: int) -> int:
         total = sum([-(-size // cluster_size) for size in self.files])
@@ -181,10 +188,11 @@ class _Sizes:
 
 
 def _sizes(scan: _Scan, counts: dict[bytes, int]) -> _Sizes:
-    files = [entry.size for entry in scan.entries if entry.type is EntryType.REGULAR]
+    regular = EntryType.REGULAR
+    files = [entry.size for entry in scan.entries if entry.type is regular and entry.size]
     directories = [counts[entry.path] * DIR_ENTRY_SIZE for _, entry in scan.directories
                    if entry.path]
-    return _Sizes([size for size in files if size], directories, counts[b""])
+    return _Sizes(files, directories, counts[b""])
 
 
 def _slack(clusters: int) -> int:

@@ -14,7 +14,7 @@ its names only.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from typing import NamedTuple
 
 from reprobuild.errors import ImageError
 from reprobuild.images.vfat.ondisk import (
@@ -38,10 +38,10 @@ _NOT_SHORT = re.compile(rf"(?!{_SHORT}).")
 _SHORT_NAME = re.compile(rf"({_SHORT}{{1,8}})(?:\.({_SHORT}{{1,3}}))?")
 
 
-@dataclass(frozen=True)
-class DirName:
+class DirName(NamedTuple):
     """How one name is stored: the 11-byte 8.3 name, its case bits, and the long-name
-    slots (already encoded, in on-disk order) that come before it."""
+    slots (already encoded, in on-disk order) that come before it. (A tuple: one is
+    made for every entry of a tree, three times faster than a frozen dataclass.)"""
 
     short: bytes
     case_bits: int
