@@ -19,8 +19,8 @@ import blake3
 PREFIX = b"reprobuild vfat volume id v1\0"
 # Trees with at least this many file bytes are hashed on a second thread.
 THREAD_BYTES = 16 << 20
-BATCH = 4 << 20  # bytes handed to the hashing thread at a time
-QUEUED_BATCHES = 4  # how far the writer may run ahead of the hash (memory bound)
+BATCH = 2 << 20  # bytes handed to the hashing thread at a time
+QUEUED_BATCHES = 2  # how far the writer may run ahead of the hash (memory bound)
 
 
 class VolumeIdHash:

@@ -41,7 +41,7 @@ END_OF_CHAIN = {12: 0xFFF, 16: 0xFFFF, 32: 0x0FFFFFFF}
 WHOLE_FILE = 1 << 20
 # The data area is written in batches of about this many bytes and at most this many
 # pieces (the kernel's IOV_MAX is 1024).
-BATCH = 8 << 20
+BATCH = 4 << 20
 BATCH_PIECES = 1000
 _ZEROS = memoryview(bytes(64 << 10))  # padding: less than a cluster (at most 64 KiB)
 
