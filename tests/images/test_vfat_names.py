@@ -106,3 +106,17 @@ def test_hardlinks_are_copies_when_asked() -> None:
 def test_a_name_of_255_units_fits() -> None:
     back = fat_view(read_bytes(image_of(tree_with(file(b"dir/" + "\u00e9".encode() * 255)))))
     assert b"dir/" + "\u00e9".encode() * 255 in back
+
+
+@pytest.mark.parametrize(("bad_name_in", "message"), [
+    (b"a", r"/a/x:y: FAT names cannot hold"), (b"c", r"/b/link is a symlink")])
+def test_the_first_problem_in_canonical_order_is_refused(bad_name_in: bytes,
+                                                         message: str) -> None:
+    # A directory's names are checked where the directory lies in canonical order.
+    tree = tree_with(Entry(b"a", EntryType.DIRECTORY, 0o755),
+                     Entry(b"b", EntryType.DIRECTORY, 0o755),
+                     Entry(b"b/link", EntryType.SYMLINK, 0o777, target=b"x"),
+                     Entry(b"c", EntryType.DIRECTORY, 0o755))
+    tree.add(file(bad_name_in + b"/x:y"))
+    with pytest.raises(ImageError, match=message):
+        image_of(tree)

@@ -120,7 +120,9 @@ def _write_clusters(layout: Layout, output: BinaryIO, hasher: VolumeIdHash | Non
                                  f"{error.strerror}",
                                  hint="check that the source tree is readable") from None
             if written != entry.size:
-                raise ImageError(f"{entry.display()}: content is {written} bytes, expected "
+                # A file read whole is read one byte past its size: it grew by at least one.
+                found = f"more than {entry.size}" if written > entry.size else written
+                raise ImageError(f"{entry.display()}: content is {found} bytes, expected "
                                  f"{entry.size}", hint="do not modify the source tree during "
                                                        "a build")
             stream.pad(-written % cluster_size)
