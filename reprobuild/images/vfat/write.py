@@ -4,13 +4,12 @@ FATs, and last the boot sector (its volume id hashes the contents written before
 from __future__ import annotations
 
 import array
-import io
-import os
 import sys
 from typing import BinaryIO
 
-from reprobuild.errors import ImageError
-from reprobuild.images.contents import ContentStreamer
+import blake3
+
+from reprobuild.images.vfat.data import write_data_area
 from reprobuild.images.vfat.geometry import NUM_FATS, Geometry
 from reprobuild.images.vfat.layout import Layout
 from reprobuild.images.vfat.ondisk import (
@@ -30,20 +29,12 @@ from reprobuild.images.vfat.ondisk import (
     SECTOR,
     UNKNOWN_FREE,
 )
-from reprobuild.images.vfat.volume_id import THREAD_BYTES, VolumeIdHash
 
 FSINFO_SECTOR = 1
 BACKUP_BOOT_SECTOR = 6
 NO_NAME = b"NO NAME    "
 OEM_NAME = b"MSWIN4.1"  # what the FAT specification recommends drivers see
 END_OF_CHAIN = {12: 0xFFF, 16: 0xFFFF, 32: 0x0FFFFFFF}
-# Files up to this size are read whole in one call; larger ones stream in pieces.
-WHOLE_FILE = 1 << 20
-# The data area is written in batches of about this many bytes and at most this many
-# pieces (the kernel's IOV_MAX is 1024).
-BATCH = 4 << 20
-BATCH_PIECES = 1000
-_ZEROS = memoryview(bytes(64 << 10))  # padding: less than a cluster (at most 64 KiB)
 
 
 def fat_table(layout: Layout) -> bytes:
@@ -83,102 +74,6 @@ def _fat12(entries: array.array[int]) -> bytes:
     return bytes(out[:(len(entries) * 3 + 1) // 2])
 
 
-def _write_clusters(layout: Layout, output: BinaryIO, hasher: VolumeIdHash | None) -> None:
-    """Directories and files in cluster order: they lie end to end from cluster 2, so
-    this is one sequential stream (each file padded to its last cluster), written a few
-    MiB at a time (see :class:`_ClusterStream`)."""
-    cluster_size = layout.geometry.cluster_size
-    files = iter(layout.files)
-    stream = _ClusterStream(output, layout.geometry.cluster_offset(2))
-    with ContentStreamer() as contents:
-        for path, extent in layout.extents.items():
-            if not extent.count:
-                continue
-            raw = layout.directories.get(path)
-            if raw is not None:
-                stream.put(raw)
-                continue
-            entry = next(files)
-            assert entry.path == path and entry.content is not None
-            written = 0
-            try:
-                if entry.size <= WHOLE_FILE:
-                    data = contents.whole(entry.content)
-                    written = len(data)
-                    if written == entry.size:  # else refused below, before any byte of it
-                        stream.put(data)
-                        if hasher is not None:
-                            hasher.update(data)
-                else:
-                    for chunk in contents.chunks(entry.content):
-                        stream.put(chunk)
-                        if hasher is not None:
-                            hasher.update(chunk)
-                        written += len(chunk)
-            except OSError as error:
-                raise ImageError(f"{entry.display()}: cannot read its content: "
-                                 f"{error.strerror}",
-                                 hint="check that the source tree is readable") from None
-            if written != entry.size:
-                # A file read whole is read one byte past its size: it grew by at least one.
-                found = f"more than {entry.size}" if written > entry.size else written
-                raise ImageError(f"{entry.display()}: content is {found} bytes, expected "
-                                 f"{entry.size}", hint="do not modify the source tree during "
-                                                       "a build")
-            stream.pad(-written % cluster_size)
-    stream.flush()
-
-
-class _ClusterStream:
-    """Bytes written at consecutive offsets of ``output`` from ``offset`` on, gathered
-    into batches of up to :data:`BATCH` bytes and :data:`BATCH_PIECES` pieces: one
-    ``pwritev`` a batch when ``output`` is a file (the pieces are not copied again),
-    else one ``write`` of the joined batch."""
-
-    def __init__(self, output: BinaryIO, offset: int) -> None:
-        self.output = output
-        self.offset = offset
-        self.pieces: list[bytes | memoryview] = []
-        self.size = 0
-        try:
-            self.fd: int | None = output.fileno()
-        except (OSError, AttributeError, io.UnsupportedOperation):
-            self.fd = None
-        if self.fd is not None:
-            output.flush()  # what went through ``output`` lies before our writes
-        else:
-            output.seek(offset)
-
-    def put(self, data: bytes | memoryview) -> None:
-        if data:
-            self.pieces.append(data)
-            self.size += len(data)
-            if self.size >= BATCH or len(self.pieces) >= BATCH_PIECES:
-                self.flush()
-
-    def pad(self, count: int) -> None:
-        """``count`` zero bytes (less than a cluster)."""
-        if count:
-            self.put(_ZEROS[:count])
-
-    def flush(self) -> None:
-        if not self.pieces:
-            return
-        if self.fd is None:
-            self.output.write(b"".join(self.pieces))
-        else:
-            done = os.pwritev(self.fd, self.pieces, self.offset)
-            if done < self.size:  # a short write: the rest one piece at a time
-                rest = memoryview(b"".join(self.pieces))[done:]
-                while rest:
-                    count = os.pwrite(self.fd, rest, self.offset + done)
-                    rest = rest[count:]
-                    done += count
-        self.offset += self.size
-        self.pieces = []
-        self.size = 0
-
-
 def boot_sector(geometry: Geometry, volume_id: int, label: bytes | None) -> bytes:
     fat32 = geometry.fat_bits == 32
     total = geometry.total_sectors
@@ -215,16 +110,16 @@ def write_image(layout: Layout, output: BinaryIO, seed: bytes,
     if b"" not in layout.extents:  # the FAT12/16 root has its own area
         output.seek(geometry.root_start * SECTOR)
         output.write(layout.directories[b""])
-    if volume_id is None:
-        # The derived volume id hashes every directory and file byte: skipped when given.
-        file_bytes = sum(entry.size for entry in layout.files)
-        with VolumeIdHash(seed, threaded=file_bytes >= THREAD_BYTES) as hasher:
-            for path, raw in layout.directories.items():
-                hasher.update(len(path).to_bytes(4, "little") + path + raw)
-            _write_clusters(layout, output, hasher)
-            volume_id = hasher.digest()
-    else:
-        _write_clusters(layout, output, None)
+    # The derived volume id hashes every directory and file byte: skipped when given.
+    hasher = (blake3.blake3(b"reprobuild vfat volume id v1\0" + seed + b"\0")
+              if volume_id is None else None)
+    if hasher is not None:
+        for path, raw in layout.directories.items():
+            hasher.update(len(path).to_bytes(4, "little") + path + raw)
+    write_data_area(layout, output, hasher)
+    if hasher is not None:
+        volume_id = int.from_bytes(hasher.digest(length=4), "little")
+    assert volume_id is not None
     table = fat_table(layout)
     for copy in range(NUM_FATS):
         output.seek((geometry.fat_start + copy * geometry.fat_length) * SECTOR)
