@@ -130,6 +130,8 @@ def _alias_part(part: str) -> tuple[str, bool]:
     """The part upper-cased with what 8.3 cannot hold dropped or replaced; True when
     something was lost."""
     upper = part.upper()
+    if part.isascii() and part.isalnum():  # the common case: nothing to drop or replace
+        return upper, False
     kept = upper.replace(" ", "").replace(".", "")
     out = _NOT_SHORT.sub("_", kept)
     return out, len(kept) != len(upper) or out != kept or len(upper) != len(part)
