@@ -44,8 +44,8 @@ def to_file(tree: Tree, path: Path, **extra: str) -> bytes:
     return path.read_bytes()
 
 
-BUFFERS = [1 << 20, 3000, 511]
-BUFFER_IDS = ["1MiB", "3000", "511"]  # smaller than files, clusters, sectors
+BUFFERS = [4 << 20, 3000, 511]
+BUFFER_IDS = ["4MiB", "3000", "511"]  # smaller than files, clusters, sectors
 
 
 @pytest.mark.parametrize("buffer", BUFFERS, ids=BUFFER_IDS)

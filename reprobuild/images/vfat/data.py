@@ -22,7 +22,7 @@ from reprobuild.images.contents import ContentStreamer
 from reprobuild.images.vfat.layout import Layout
 from reprobuild.trees.tree import Content, Entry, FileSource
 
-BATCH = 4 << 20  # bytes of the data area written at a time
+BATCH = 1 << 20  # bytes of the data area written at a time (4 MiB was no faster)
 _ZEROS = memoryview(bytes(64 << 10))  # padding: less than a cluster (at most 64 KiB)
 
 
