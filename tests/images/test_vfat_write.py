@@ -45,7 +45,7 @@ def to_file(tree: Tree, path: Path, **extra: str) -> bytes:
 
 
 BUFFERS = [4 << 20, 3000, 511]
-BUFFER_IDS = ["4MiB", "3000", "511"]  # smaller than files, clusters, sectors
+BUFFER_IDS = ["4MiB", "3000", "511"]  # 3000 and 511: less than files, clusters, sectors
 
 
 @pytest.mark.parametrize("buffer", BUFFERS, ids=BUFFER_IDS)
