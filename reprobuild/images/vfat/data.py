@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import io
 import os
-from typing import BinaryIO
+from typing import BinaryIO, NoReturn
 
 import blake3
 
@@ -59,7 +59,7 @@ def write_data_area(layout: Layout, output: BinaryIO, hasher: blake3.blake3 | No
     stream.flush()
 
 
-def _refuse_changed(entry: Entry, written: int) -> None:
+def _refuse_changed(entry: Entry, written: int) -> NoReturn:
     # A file is read one byte past its size at most: it grew by at least one.
     found = f"more than {entry.size}" if written > entry.size else written
     raise ImageError(f"{entry.display()}: content is {found} bytes, expected {entry.size}",

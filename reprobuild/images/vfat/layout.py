@@ -17,6 +17,7 @@ day) is stored as 1980-01-01 00:00:00, as the Linux driver does; an epoch after
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
+from typing import NoReturn
 
 from reprobuild.errors import ImageError
 from reprobuild.images.protocol import ImageOptions
@@ -127,7 +128,7 @@ def _scan(tree: Tree) -> _Scan:
     return _Scan(entries, children, directories, problem)
 
 
-def _refuse(entry: Entry) -> None:
+def _refuse(entry: Entry) -> NoReturn:
     what = REFUSED_TYPES.get(entry.type)
     if what is not None:
         raise ImageError(f"{entry.display()} is {what}, which FAT cannot hold",
