@@ -4,8 +4,9 @@ Runs our writer (a subprocess: walk the directory, plan, write; once with the vo
 derived from the content, which hashes every byte, once with it given) and
 ``mkfs.fat -C OUT KIB`` followed by ``mcopy -s -m -i OUT TREE/* ::/`` for an image of
 the same size (the size ours chose with size "min"), alternating, best of N each.
-Prints the times, the time ratios (ours / mkfs.fat + mcopy; target <= 1.5), and whether
-fsck.fat -n finds our image clean. The source is a directory argument or the generated
+Prints the times, the time ratios (ours / mkfs.fat + mcopy; target <= 1.5), the peak
+memory of each side (mkfs.fat and mcopy: the larger of the two), and whether fsck.fat -n
+finds our image clean. The source is a directory argument or the generated
 benchmark tree (scripts/benchtree.py, ~200 MB in 10,000 files) without its symlinks,
 which FAT cannot hold.
 """
@@ -19,7 +20,7 @@ import sys
 from pathlib import Path
 
 from benchtree import make_tree
-from benchutil import argument_parser, run_child, warm
+from benchutil import ChildRun, argument_parser, run_child, warm
 
 EPOCH = 1_700_000_000
 TARGET = 1.5
@@ -65,21 +66,25 @@ def main() -> int:
                     f"mcopy -s -m -i {shlex.quote(ref_out)} {entries} ::/"]
         env = {**os.environ, "MTOOLS_SKIP_CHECK": "1", "TZ": "UTC"}
         given_argv = [*ours_argv, "ABCD-1234"]
-        ours_times: list[float] = []
+        ours_runs: list[ChildRun] = []
         given_times: list[float] = []
-        ref_times: list[float] = []
+        ref_runs: list[ChildRun] = []
         for _ in range(args.repeat):
-            ref_times.append(run_child(ref_argv, output=ref_out, env=env, shell=True).wall)
+            ref_runs.append(run_child(ref_argv, output=ref_out, env=env, shell=True))
             given_times.append(run_child(given_argv, output=ours_out).wall)
-            ours_times.append(run_child(ours_argv, output=ours_out).wall)
-        ref_time, our_time = min(ref_times), min(ours_times)
+            ours_runs.append(run_child(ours_argv, output=ours_out))
+        ref_time = min(run.wall for run in ref_runs)
+        our_time = min(run.wall for run in ours_runs)
+        our_peak = max(run.peak_kib for run in ours_runs) / 1024
+        ref_peak = max(run.peak_kib for run in ref_runs) / 1024
         check = subprocess.run(["fsck.fat", "-n", ours_out], capture_output=True, text=True)
         ratio = our_time / ref_time
         verdict = "ok" if ratio <= TARGET and check.returncode == 0 else "MISSED"
         print(f"vfat: ours {our_time:.3f} s, mkfs.fat + mcopy -s {ref_time:.3f} s, "
               f"time ratio {ratio:.2f} (target <= {TARGET}), "
               f"{min(given_times) / ref_time:.2f} with the volume id given; "
-              f"image {kib} KiB; fsck.fat "
+              f"image {kib} KiB; peak memory {our_peak:.0f} MiB, theirs {ref_peak:.0f} MiB; "
+              f"fsck.fat "
               f"{'clean' if check.returncode == 0 else 'FAILED: ' + check.stdout.strip()}"
               f" [{verdict}]", flush=True)
         return 0 if verdict == "ok" else 1

@@ -2,6 +2,8 @@
 
 ``geometry`` chooses the FAT type and layout as ``mkfs.fat`` does, ``names`` turns tree
 names into long-name entries and 8.3 aliases, ``layout`` plans clusters and directories,
-``image`` writes and reads (the :class:`~reprobuild.images.protocol.TreeFormat` module),
-``ondisk`` holds the on-disk structures.
+``write`` serialises the plan (``data`` streams the directories and files into the data
+area), ``read`` reads an image back, ``image`` is the
+:class:`~reprobuild.images.protocol.TreeFormat` module, ``ondisk`` holds the on-disk
+structures.
 """

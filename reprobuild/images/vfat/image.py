@@ -18,7 +18,6 @@ from typing import BinaryIO
 from reprobuild.errors import ImageError
 from reprobuild.images.protocol import ImageOptions
 from reprobuild.images.vfat.layout import plan
-from reprobuild.images.vfat.read import read_tree
 from reprobuild.images.vfat.write import write_image
 from reprobuild.trees.tree import Tree
 
@@ -74,6 +73,8 @@ def write(tree: Tree, output: BinaryIO, options: ImageOptions) -> None:
 
 def read(path: str | bytes) -> Tree:
     """The tree a FAT image holds; contents stream from the image file."""
+    from reprobuild.images.vfat.read import read_tree  # a writer never needs the reader
+
     return read_tree(os.fsencode(path))
 
 

@@ -17,6 +17,7 @@ day) is stored as 1980-01-01 00:00:00, as the Linux driver does; an epoch after
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
+from typing import NoReturn
 
 from reprobuild.errors import ImageError
 from reprobuild.images.protocol import ImageOptions
@@ -54,7 +55,7 @@ REFUSED_TYPES = {
 }
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Extent:
     """A file's or directory's contiguous clusters (first 0 and count 0: no clusters)."""
 
@@ -75,11 +76,6 @@ class Layout:
     label: bytes | None
 
 
-def _stamp(entry: Entry, epoch: int) -> tuple[int, int]:
-    seconds = min(entry.mtime_ns // NS, epoch)
-    return fat_time(max(seconds, FAT_FIRST))
-
-
 def check_epoch(epoch: int) -> None:
     if epoch > FAT_LAST:
         raise ImageError(f"vfat: epoch {epoch} is after 2107-12-31, the last day FAT "
@@ -98,23 +94,64 @@ def check_label(label: str | None) -> bytes | None:
     return label.encode("ascii").ljust(11)
 
 
-def _check_entries(tree: Tree) -> dict[bytes, list[DirName]]:
-    """Every directory's stored names; refuses what FAT cannot hold."""
+class _Scan:
+    """The tree as the plan needs it, from one pass in canonical order (a plain class:
+    a dataclass costs a millisecond to define at import)."""
+
+    __slots__ = ("children", "directories", "entries", "problem")
+
+    def __init__(self, entries: list[Entry], children: dict[bytes, list[Entry]],
+                 directories: list[tuple[int, Entry]],
+                 problem: tuple[int, Entry] | None) -> None:
+        self.entries = entries
+        self.children = children  # directory -> its children, bytewise by name
+        self.directories = directories  # (position in ``entries``, directory)
+        self.problem = problem  # the first entry FAT cannot hold, and where
+
+
+def _scan(tree: Tree) -> _Scan:
+    entries = list(tree)
+    children: dict[bytes, list[Entry]] = {}
+    directories = []
+    problem = None
+    directory, regular = EntryType.DIRECTORY, EntryType.REGULAR
+    for index, entry in enumerate(entries):
+        kind = entry.type
+        if kind is directory:
+            children[entry.path] = []
+            directories.append((index, entry))
+        elif problem is None and (kind is not regular or entry.size > MAX_FILE_SIZE):
+            problem = (index, entry)
+        if entry.path:
+            # Canonical order lists siblings bytewise by name, as Tree.children does.
+            children[entry.path.rpartition(b"/")[0]].append(entry)
+    return _Scan(entries, children, directories, problem)
+
+
+def _refuse(entry: Entry) -> NoReturn:
+    what = REFUSED_TYPES.get(entry.type)
+    if what is not None:
+        raise ImageError(f"{entry.display()} is {what}, which FAT cannot hold",
+                         hint='set hardlinks = "copy" to store a copy of the file'
+                         if entry.type is EntryType.HARDLINK else
+                         "remove it from the tree (or replace it with a copy of the "
+                         "file) for a vfat image")
+    raise ImageError(f"{entry.display()} is {entry.size} bytes, over FAT's limit of "
+                     f"{MAX_FILE_SIZE} bytes", hint="split the file")
+
+
+def _check_entries(scan: _Scan) -> dict[bytes, list[DirName]]:
+    """Every directory's stored names; refuses what FAT cannot hold, the first problem
+    in canonical order first (a directory's names count as met at the directory)."""
     names: dict[bytes, list[DirName]] = {}
-    for entry in tree:
-        what = REFUSED_TYPES.get(entry.type)
-        if what is not None:
-            raise ImageError(f"{entry.display()} is {what}, which FAT cannot hold",
-                             hint='set hardlinks = "copy" to store a copy of the file'
-                             if entry.type is EntryType.HARDLINK else
-                             "remove it from the tree (or replace it with a copy of the "
-                             "file) for a vfat image")
-        if entry.type is EntryType.REGULAR and entry.size > MAX_FILE_SIZE:
-            raise ImageError(f"{entry.display()} is {entry.size} bytes, over FAT's limit of "
-                             f"{MAX_FILE_SIZE} bytes", hint="split the file")
-        if entry.type is EntryType.DIRECTORY:
-            children = [child.name for child in tree.children(entry.path)]
-            names[entry.path] = directory_names(children, entry.display())
+    problem = scan.problem
+    for index, entry in scan.directories:
+        if problem is not None and problem[0] < index:
+            _refuse(problem[1])
+        children = [child.path.rpartition(b"/")[2] for child in scan.children[entry.path]]
+        names[entry.path] = directory_names(children, entry.display())
+    if problem is not None:
+        _refuse(problem[1])
     return names
 
 
@@ -122,7 +159,7 @@ def _entry_counts(tree: Tree, names: dict[bytes, list[DirName]],
                   label: bytes | None) -> dict[bytes, int]:
     counts = {}
     for path, stored in names.items():
-        count = sum(name.entry_count for name in stored)
+        count = len(stored) + sum(len(name.slots) for name in stored)
         count += (1 if label else 0) if path == b"" else 2
         if count > MAX_DIR_ENTRIES:
             shown = tree.get(path).display()  # type: ignore[union-attr]
@@ -132,15 +169,31 @@ def _entry_counts(tree: Tree, names: dict[bytes, list[DirName]],
     return counts
 
 
-def _clusters_needed(tree: Tree, counts: dict[bytes, int], cluster_size: int,
-                     fat_bits: int) -> int:
-    total = 0
-    for entry in tree:
-        if entry.type is EntryType.REGULAR:
-            total += -(-entry.size // cluster_size)
-        elif entry.path or fat_bits == 32:
-            total += max(1, -(-counts[entry.path] * DIR_ENTRY_SIZE // cluster_size))
-    return total
+class _Sizes:
+    """Bytes of every file with data and of every directory's entries but the root's,
+    and the root's entry count."""
+
+    __slots__ = ("directories", "files", "root_entries")
+
+    def __init__(self, files: list[int], directories: list[int], root_entries: int) -> None:
+        self.files = files
+        self.directories = directories
+        self.root_entries = root_entries
+
+    def clusters(self, cluster_size: int, fat_bits: int) -> int:
+        total = sum([-(-size // cluster_size) for size in self.files])
+        total += sum([max(1, -(-size // cluster_size)) for size in self.directories])
+        if fat_bits == 32:
+            total += max(1, -(-self.root_entries * DIR_ENTRY_SIZE // cluster_size))
+        return total
+
+
+def _sizes(scan: _Scan, counts: dict[bytes, int]) -> _Sizes:
+    regular = EntryType.REGULAR
+    files = [entry.size for entry in scan.entries if entry.type is regular and entry.size]
+    directories = [counts[entry.path] * DIR_ENTRY_SIZE for _, entry in scan.directories
+                   if entry.path]
+    return _Sizes(files, directories, counts[b""])
 
 
 def _slack(clusters: int) -> int:
@@ -148,10 +201,10 @@ def _slack(clusters: int) -> int:
     return clusters // 16 + 16
 
 
-def _geometry(tree: Tree, counts: dict[bytes, int], options: ImageOptions,
+def _geometry(sizes: _Sizes, options: ImageOptions,
               fat_bits: int | None) -> tuple[Geometry, int, int]:
     """(geometry, image size, clusters used) for the given or smallest size."""
-    root_entries = max(DEFAULT_ROOT_ENTRIES, -(-counts[b""] // 16) * 16)
+    root_entries = max(DEFAULT_ROOT_ENTRIES, -(-sizes.root_entries // 16) * 16)
     if options.size is not None:
         size = options.size
         geometry = choose(size, fat_bits=fat_bits, root_entries=root_entries)
@@ -160,7 +213,7 @@ def _geometry(tree: Tree, counts: dict[bytes, int], options: ImageOptions,
                                 and geometry.cluster_count < MIN_CLUST_32):
             raise ImageError(f"vfat: no {kind} file system fits in {size} bytes",
                              hint='give another size, or size = "min"')
-        need = _clusters_needed(tree, counts, geometry.cluster_size, geometry.fat_bits)
+        need = sizes.clusters(geometry.cluster_size, geometry.fat_bits)
         if need > geometry.cluster_count:
             raise ImageError(f"vfat: the tree needs {need} clusters of {geometry.cluster_size}"
                              f" bytes, but {size} bytes hold {geometry.cluster_count}",
@@ -175,7 +228,7 @@ def _geometry(tree: Tree, counts: dict[bytes, int], options: ImageOptions,
                                 and geometry.cluster_count < MIN_CLUST_32):
             size += MIB
             continue
-        need = _clusters_needed(tree, counts, geometry.cluster_size, geometry.fat_bits)
+        need = sizes.clusters(geometry.cluster_size, geometry.fat_bits)
         short = need + _slack(need) - geometry.cluster_count
         if short <= 0:
             return geometry, size, need
@@ -205,27 +258,50 @@ def plan(tree: Tree, options: ImageOptions, *, fat_bits: int | None) -> Layout:
         raise ImageError(f"vfat size {options.size} is not a multiple of {SECTOR} bytes",
                          hint='give a size like "64M", or "min"')
     label = check_label(options.label)
-    names = _check_entries(tree)
+    scan = _scan(tree)
+    names = _check_entries(scan)
     counts = _entry_counts(tree, names, label)
-    geometry, size, used = _geometry(tree, counts, options, fat_bits)
+    geometry, size, used = _geometry(_sizes(scan, counts), options, fat_bits)
+    cluster_size = geometry.cluster_size
     extents: dict[bytes, Extent] = {}
     files = []
     next_cluster = 2
-    for entry in tree:
-        if entry.type is EntryType.REGULAR:
-            count = -(-entry.size // geometry.cluster_size)
+    regular = EntryType.REGULAR
+    for entry in scan.entries:
+        if entry.type is regular:
+            count = -(-entry.size // cluster_size)
             if count:
                 files.append(entry)
         elif entry.path or geometry.fat_bits == 32:
-            count = max(1, -(-counts[entry.path] * DIR_ENTRY_SIZE // geometry.cluster_size))
+            count = max(1, -(-counts[entry.path] * DIR_ENTRY_SIZE // cluster_size))
         else:
             continue
         extents[entry.path] = Extent(next_cluster if count else 0, count)
         next_cluster += count
-    directories = {path: _directory_bytes(tree, path, stored, extents, geometry, label,
-                                          options.epoch)
-                   for path, stored in names.items()}
+    stamps = _Stamps(options.epoch)
+    directories = {entry.path: _directory_bytes(entry, scan.children[entry.path],
+                                                names[entry.path], extents, geometry, label,
+                                                stamps)
+                   for _, entry in scan.directories}
     return Layout(geometry, size, extents, tuple(files), directories, used, label)
+
+
+class _Stamps:
+    """The FAT (date, time) of each mtime: clamped to the epoch, at least FAT_FIRST."""
+
+    def __init__(self, epoch: int) -> None:
+        self.epoch = epoch
+        self.known: dict[int, tuple[int, int]] = {}
+
+    def of(self, mtime_ns: int) -> tuple[int, int]:
+        stamp = self.known.get(mtime_ns)
+        if stamp is None:
+            seconds = min(mtime_ns // NS, self.epoch)
+            stamp = self.known[mtime_ns] = fat_time(max(seconds, FAT_FIRST))
+        return stamp
+
+
+_NO_EXTENT = Extent(0, 0)
 
 
 def _short_entry(name: bytes, attr: int, case_bits: int, stamp: tuple[int, int],
@@ -235,29 +311,31 @@ def _short_entry(name: bytes, attr: int, case_bits: int, stamp: tuple[int, int],
                                 time, date, cluster & 0xFFFF, size)
 
 
-def _directory_bytes(tree: Tree, path: bytes, stored: list[DirName],
+def _directory_bytes(entry: Entry, children: list[Entry], stored: list[DirName],
                      extents: dict[bytes, Extent], geometry: Geometry, label: bytes | None,
-                     epoch: int) -> bytes:
-    entry = tree.get(path)
-    assert entry is not None
+                     stamps: _Stamps) -> bytes:
+    path = entry.path
     parts = []
     if path:
-        stamp = _stamp(entry, epoch)
-        parent = extents.get(entry.parent, Extent(0, 0)).first if entry.parent else 0
+        stamp = stamps.of(entry.mtime_ns)
+        parent = extents.get(entry.parent, _NO_EXTENT).first if entry.parent else 0
         parts.append(_short_entry(b".".ljust(11), ATTR_DIR, 0, stamp, extents[path].first, 0))
         parts.append(_short_entry(b"..".ljust(11), ATTR_DIR, 0, stamp, parent, 0))
     elif label is not None:
-        stamp = fat_time(max(epoch, FAT_FIRST))
+        stamp = fat_time(max(stamps.epoch, FAT_FIRST))
         parts.append(_short_entry(label, ATTR_VOLUME, 0, stamp, 0, 0))
-    for child, name in zip(tree.children(path), stored, strict=True):
+    pack = MSDOS_DIR_ENTRY.pack
+    directory = EntryType.DIRECTORY
+    for child, name in zip(children, stored, strict=True):
         parts.extend(name.slots)
-        extent = extents.get(child.path, Extent(0, 0))
-        if child.type is EntryType.DIRECTORY:
+        first = extents.get(child.path, _NO_EXTENT).first
+        if child.type is directory:
             attr, size = ATTR_DIR, 0
         else:
             attr, size = ATTR_ARCH | (0 if child.mode & 0o222 else ATTR_RO), child.size
-        parts.append(_short_entry(name.short, attr, name.case_bits, _stamp(child, epoch),
-                                  extent.first, size))
+        date, time = stamps.of(child.mtime_ns)
+        parts.append(pack(name.short, attr, name.case_bits, 0, time, date, date, first >> 16,
+                          time, date, first & 0xFFFF, size))
     raw = b"".join(parts)
     if path or geometry.fat_bits == 32:
         room = extents[path].count * geometry.cluster_size

@@ -88,9 +88,14 @@ def unix_time(date: int, time: int) -> int | None:
     return int(moment.timestamp())
 
 
+# Each byte of the checksum rotated right by one bit.
+_ROTATED = bytes(((total & 1) << 7) | (total >> 1) for total in range(256))
+
+
 def alias_checksum(short_name: bytes) -> int:
-    """The checksum of an 8.3 name that every long-name slot before it carries."""
+    """The checksum of an 8.3 name that every long-name slot before it carries: for each
+    byte, rotate the sum right by one bit and add the byte."""
     total = 0
     for byte in short_name:
-        total = (((total & 1) << 7) + (total >> 1) + byte) & 0xFF
+        total = (_ROTATED[total] + byte) & 0xFF
     return total

@@ -9,7 +9,7 @@ from typing import BinaryIO
 
 import blake3
 
-from reprobuild.errors import ImageError
+from reprobuild.images.vfat.data import write_data_area
 from reprobuild.images.vfat.geometry import NUM_FATS, Geometry
 from reprobuild.images.vfat.layout import Layout
 from reprobuild.images.vfat.ondisk import (
@@ -74,35 +74,6 @@ def _fat12(entries: array.array[int]) -> bytes:
     return bytes(out[:(len(entries) * 3 + 1) // 2])
 
 
-def _write_clusters(layout: Layout, output: BinaryIO, hasher: blake3.blake3 | None) -> None:
-    """Directories and files in cluster order: they lie end to end from cluster 2, so
-    this is one sequential write (each file padded to its last cluster)."""
-    cluster_size = layout.geometry.cluster_size
-    padding = memoryview(bytes(cluster_size))
-    files = iter(layout.files)
-    output.seek(layout.geometry.cluster_offset(2))
-    for path, extent in layout.extents.items():
-        if not extent.count:
-            continue
-        raw = layout.directories.get(path)
-        if raw is not None:
-            output.write(raw)
-            continue
-        entry = next(files)
-        assert entry.path == path and entry.content is not None
-        written = 0
-        for chunk in entry.content.chunks():
-            output.write(chunk)
-            if hasher is not None:
-                hasher.update(chunk)
-            written += len(chunk)
-        if written != entry.size:
-            raise ImageError(f"{entry.display()}: content is {written} bytes, expected "
-                             f"{entry.size}", hint="do not modify the source tree during a "
-                                                   "build")
-        output.write(padding[:-written % cluster_size])
-
-
 def boot_sector(geometry: Geometry, volume_id: int, label: bytes | None) -> bytes:
     fat32 = geometry.fat_bits == 32
     total = geometry.total_sectors
@@ -136,23 +107,23 @@ def write_image(layout: Layout, output: BinaryIO, seed: bytes,
     geometry = layout.geometry
     output.seek(layout.image_size - 1)  # the full length, also for an in-memory output
     output.write(b"\0")
+    if b"" not in layout.extents:  # the FAT12/16 root has its own area
+        output.seek(geometry.root_start * SECTOR)
+        output.write(layout.directories[b""])
     # The derived volume id hashes every directory and file byte: skipped when given.
     hasher = (blake3.blake3(b"reprobuild vfat volume id v1\0" + seed + b"\0")
               if volume_id is None else None)
     if hasher is not None:
         for path, raw in layout.directories.items():
             hasher.update(len(path).to_bytes(4, "little") + path + raw)
-    if b"" not in layout.extents:  # the FAT12/16 root has its own area
-        output.seek(geometry.root_start * SECTOR)
-        output.write(layout.directories[b""])
-    _write_clusters(layout, output, hasher)
+    write_data_area(layout, output, hasher)
+    if hasher is not None:
+        volume_id = int.from_bytes(hasher.digest(length=4), "little")
+    assert volume_id is not None
     table = fat_table(layout)
     for copy in range(NUM_FATS):
         output.seek((geometry.fat_start + copy * geometry.fat_length) * SECTOR)
         output.write(table)
-    if hasher is not None:
-        volume_id = int.from_bytes(hasher.digest(length=4), "little")
-    assert volume_id is not None
     boot = boot_sector(geometry, volume_id, layout.label)
     output.seek(0)
     output.write(boot)
