@@ -69,6 +69,35 @@ def test_plan_orders_inodes_children_first_and_root_last() -> None:
     assert not sizes[b"small"].may_duplicate
 
 
+def test_plan_columns_name_each_inode_and_its_parent() -> None:
+    """The plan's columns (no object per entry) agree with the tree they were made of."""
+    tree = sample_tree()
+    plan = squashfs.plan(tree, ImageOptions(epoch=EPOCH))
+    number_of = {entry.path: i + 1 for i, entry in enumerate(plan.entries)}
+    listed = 0
+    for n, directory in enumerate(plan.directories):
+        path = plan.entries[directory.inode_index].path
+        assert [name for name, _ in directory.children] == [
+            child.name for child in tree.children(path)]
+        for name, child in directory.children:
+            entry = tree.resolve(tree.get(path + b"/" + name if path else name) or tree.root)
+            assert plan.entries[child] is entry
+            if entry.type is EntryType.DIRECTORY:
+                assert plan.inode(child).parent_number == directory.inode_index + 1
+        listed += len(directory.children)
+        # The listing follows its children's inodes and precedes its own.
+        assert max((c for _, c in directory.children), default=-1) < plan.listing_after[n]
+        assert plan.listing_after[n] <= directory.inode_index
+    assert listed == len(tree) - 1  # every path but the root, hardlinks included
+    assert b"etc/hl" not in number_of and b"hl" not in number_of  # links share bin/hl's
+    for index, entry in enumerate(plan.file_entries):
+        inode = plan.inode(number_of[entry.path] - 1)
+        assert inode.file_index == index and plan.file(index).size == entry.size
+    symlink = plan.inode(number_of[b"link"] - 1)
+    assert symlink.file_index is None and symlink.xattr_index is None
+    assert plan.inode(number_of[b"xattrs"] - 1).xattr_index is not None
+
+
 def test_rejects_what_squashfs_cannot_store(tmp_path: Path) -> None:
     tree = Tree()
     tree.add(Entry(b"f", EntryType.REGULAR, 0o644, xattrs=((b"system.posix_acl_access", b""),)))
