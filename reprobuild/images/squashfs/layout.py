@@ -13,10 +13,18 @@ The plan depends only on the tree and the block size; it reads no file. It fixes
 What depends on the bytes of the files is decided while they stream, in this order and
 so deterministically: which files duplicate an earlier one (same size and blake3), which
 blocks are all zero (stored sparse), which compress, and how tails pack into fragments.
+
+The plan keeps its per-inode and per-file values in columns: arrays of machine integers
+and lists of the tree's own entries, not an object per entry, so that it costs a few
+dozen bytes per entry on top of the tree (issue 13). ``inode(i)``, ``file(i)`` and
+``directory(n)`` give one row as a value; ``inodes``, ``files``, ``directories`` and
+``steps`` make them all, for tests and tools.
 """
 
 from __future__ import annotations
 
+from array import array
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 from reprobuild.errors import ImageError
@@ -45,6 +53,7 @@ BASIC_TYPE: dict[EntryType, int] = {
 }
 
 XattrSet = tuple[tuple[int, bytes, bytes], ...]  # (prefix index, name without prefix, value)
+NONE = -1  # in xattr_indexes and file_indexes: no xattr set, not a regular file
 
 
 @dataclass(frozen=True, slots=True)
@@ -86,21 +95,92 @@ class FilePlan:
 
 @dataclass(frozen=True)
 class SquashfsPlan:
+    """The layout, in columns (see the module docstring). Inode ``i`` has number i + 1."""
+
     block_size: int
-    inodes: tuple[InodePlan, ...]  # in inode-table order; number = index + 1
-    # The order in which the writer emits inodes and listings: ("inode", index) or
-    # ("dir", directory index); a directory's listing comes after its children's
-    # inodes and before its own inode.
-    steps: tuple[tuple[str, int], ...]
-    directories: tuple[DirectoryPlan, ...]
+    # Per inode, in inode-table order.
+    entries: tuple[Entry, ...]  # the primary entry (a hardlink's target)
+    nlinks: array[int]
+    uid_indexes: array[int]
+    gid_indexes: array[int]
+    xattr_indexes: array[int]  # NONE: no xattrs
+    file_indexes: array[int]  # NONE: not a regular file
+    parent_numbers: array[int]  # directories: the parent's number (root: count + 1)
+    # Per directory, in the order the writer emits the listings: the directory's inode,
+    # how many inodes the writer emits before the listing (the listing comes after its
+    # children's inodes and before its own inode), and where its children start in the
+    # two children columns (one more value than directories: the end).
+    directory_inodes: array[int]
+    listing_after: array[int]
+    children_start: array[int]
+    child_entries: tuple[Entry, ...]  # the name holders (a hardlink: the link itself)
+    child_inodes: array[int]
     ids: tuple[int, ...]
     xattr_sets: tuple[XattrSet, ...]
-    files: tuple[FilePlan, ...]  # canonical path order; the order data is written in
+    # Per regular file, in canonical path order: the order data is written in.
+    file_entries: tuple[Entry, ...]
+    full_blocks: array[int]
+    may_duplicate: bytes  # 1 where another file has the same size
     tail_fragments: bool  # tails of files larger than a block go to fragments too
 
     @property
     def root_index(self) -> int:
-        return len(self.inodes) - 1
+        return len(self.entries) - 1
+
+    @property
+    def inode_count(self) -> int:
+        return len(self.entries)
+
+    def inode(self, index: int) -> InodePlan:
+        xattr, file = self.xattr_indexes[index], self.file_indexes[index]
+        return InodePlan(index + 1, self.entries[index], self.nlinks[index],
+                         self.uid_indexes[index], self.gid_indexes[index],
+                         None if xattr == NONE else xattr, None if file == NONE else file,
+                         self.parent_numbers[index])
+
+    def children(self, number: int) -> Iterator[tuple[bytes, int]]:
+        """Directory ``number``'s listing: (name, inode index) in bytewise name order."""
+        start, end = self.children_start[number], self.children_start[number + 1]
+        inodes = self.child_inodes
+        for at in range(start, end):
+            yield self.child_entries[at].name, inodes[at]
+
+    def directory(self, number: int) -> DirectoryPlan:
+        return DirectoryPlan(self.directory_inodes[number], tuple(self.children(number)))
+
+    def file(self, index: int) -> FilePlan:
+        entry = self.file_entries[index]
+        return FilePlan(entry, entry.size, self.full_blocks[index],
+                        bool(self.may_duplicate[index]))
+
+    def emit_order(self) -> Iterator[tuple[str, int]]:
+        """The order in which the writer emits inodes and listings: ("inode", index) or
+        ("dir", directory number)."""
+        emitted = 0
+        for number, after in enumerate(self.listing_after):
+            while emitted < after:
+                yield "inode", emitted
+                emitted += 1
+            yield "dir", number
+        while emitted < len(self.entries):
+            yield "inode", emitted
+            emitted += 1
+
+    @property
+    def steps(self) -> tuple[tuple[str, int], ...]:
+        return tuple(self.emit_order())
+
+    @property
+    def inodes(self) -> tuple[InodePlan, ...]:
+        return tuple(self.inode(i) for i in range(len(self.entries)))
+
+    @property
+    def directories(self) -> tuple[DirectoryPlan, ...]:
+        return tuple(self.directory(n) for n in range(len(self.directory_inodes)))
+
+    @property
+    def files(self) -> tuple[FilePlan, ...]:
+        return tuple(self.file(i) for i in range(len(self.file_entries)))
 
 
 def split_xattr_name(name: bytes, where: str) -> tuple[int, bytes]:
@@ -121,64 +201,87 @@ def plan_image(tree: Tree, block_size: int, *, tail_fragments: bool = True) -> S
         if entry.type is EntryType.HARDLINK:
             assert entry.target is not None
             links[entry.target] = links.get(entry.target, 1) + 1
-    order, steps, dir_children, index_of = _inode_order(tree)
-    entries = [tree.resolve(tree.get(p) or tree.root) for p in order]
-    ids, inode_xattr, xattr_sets = _ids_and_xattrs(entries)
+    order = _inode_order(tree)
+    entries = order.entries
+    count = len(entries)
+    ids, xattr_indexes, xattr_sets = _ids_and_xattrs(entries)
     id_index = {v: i for i, v in enumerate(ids)}
-    files, file_index = _files(tree, block_size, tail_fragments=tail_fragments)
+    file_entries, full_blocks, may_duplicate, file_index = _files(
+        tree, block_size, tail_fragments=tail_fragments)
 
-    count = len(order)
-    parent_of: dict[bytes, int] = {b"": count + 1}
-    for dir_path, listing in dir_children:
-        for _, child_path in listing:
-            parent_of.setdefault(child_path, index_of[dir_path] + 1)
-    inodes = tuple(
-        InodePlan(
-            number=i + 1,
-            entry=entry,
-            nlink=_nlink(tree, entry, links),
-            uid_index=id_index[entry.uid],
-            gid_index=id_index[entry.gid],
-            xattr_index=inode_xattr[i],
-            file_index=file_index.get(entry.path) if entry.type is EntryType.REGULAR else None,
-            parent_number=parent_of.get(entry.path, 0),
-        )
-        for i, entry in enumerate(entries)
-    )
-    directories = tuple(
-        DirectoryPlan(index_of[path], tuple((name, index_of[p]) for name, p in listing))
-        for path, listing in dir_children
-    )
+    nlinks = array("I", bytes(4 * count))
+    uid_indexes = array("I", bytes(4 * count))
+    gid_indexes = array("I", bytes(4 * count))
+    file_indexes = array("i", [NONE]) * count
+    for i, entry in enumerate(entries):
+        uid_indexes[i] = id_index[entry.uid]
+        gid_indexes[i] = id_index[entry.gid]
+        if entry.type is not EntryType.DIRECTORY:  # directories: below
+            nlinks[i] = links.get(entry.path, 1)
+            if entry.type is EntryType.REGULAR:
+                file_indexes[i] = file_index[entry.path]
+    parent_numbers = array("I", bytes(4 * count))
+    parent_numbers[count - 1] = count + 1  # the root
+    child_inodes = order.child_inodes
+    for number, directory in enumerate(order.directory_inodes):
+        subdirectories = 0
+        for at in range(order.children_start[number], order.children_start[number + 1]):
+            child = child_inodes[at]
+            if not parent_numbers[child]:  # a hardlink's first listing, as before
+                parent_numbers[child] = directory + 1
+            if entries[child].type is EntryType.DIRECTORY:
+                subdirectories += 1
+        nlinks[directory] = 2 + subdirectories
     return SquashfsPlan(
         block_size=block_size,
-        inodes=inodes,
-        steps=tuple(steps),
-        directories=directories,
+        entries=entries,
+        nlinks=nlinks,
+        uid_indexes=uid_indexes,
+        gid_indexes=gid_indexes,
+        xattr_indexes=xattr_indexes,
+        file_indexes=file_indexes,
+        parent_numbers=parent_numbers,
+        directory_inodes=order.directory_inodes,
+        listing_after=order.listing_after,
+        children_start=order.children_start,
+        child_entries=order.child_entries,
+        child_inodes=child_inodes,
         ids=ids,
         xattr_sets=tuple(xattr_sets),
-        files=tuple(files),
+        file_entries=file_entries,
+        full_blocks=full_blocks,
+        may_duplicate=may_duplicate,
         tail_fragments=tail_fragments,
     )
 
 
-_Listing = list[tuple[bytes, bytes]]
+@dataclass(frozen=True)
+class _Order:
+    entries: tuple[Entry, ...]  # primary entries in inode order
+    directory_inodes: array[int]
+    listing_after: array[int]
+    children_start: array[int]
+    child_entries: tuple[Entry, ...]
+    child_inodes: array[int]
 
 
-def _inode_order(tree: Tree) -> tuple[list[bytes], list[tuple[str, int]],
-                                      list[tuple[bytes, _Listing]], dict[bytes, int]]:
-    """(primary paths in inode order, the writer's steps, each directory's listing, the
-    index of each primary path). Inode order: visit(dir) = visit(subdirs), then the
-    children's inodes."""
-    order: list[bytes] = []  # primary paths in inode order
-    steps: list[tuple[str, int]] = []
-    dir_children: list[tuple[bytes, _Listing]] = []
+def _inode_order(tree: Tree) -> _Order:
+    """Inode order: visit(dir) = visit(subdirs), then the children's inodes; each
+    directory's listing comes after its children's inodes. A directory's own inode is
+    placed by its parent's listing (the root's last), so listings first record the
+    children's paths and the indexes are filled in once every path has one."""
+    entries: list[Entry] = []  # primary entries in inode order
     index_of: dict[bytes, int] = {}
+    directory_paths: list[bytes] = []
+    listing_after = array("I")
+    children_start = array("I", [0])
+    child_entries: list[Entry] = []
+    child_primaries: list[bytes] = []  # paths until every primary has its index
 
-    def place(path: bytes) -> None:
-        if path not in index_of:
-            index_of[path] = len(order)
-            order.append(path)
-            steps.append(("inode", index_of[path]))
+    def place(entry: Entry) -> None:
+        if entry.path not in index_of:
+            index_of[entry.path] = len(entries)
+            entries.append(entry)
 
     # An explicit stack instead of recursion: deep trees must not hit the limit.
     stack: list[tuple[bytes, bool]] = [(b"", False)]
@@ -191,23 +294,27 @@ def _inode_order(tree: Tree) -> tuple[list[bytes], list[tuple[str, int]],
                 if child.type is EntryType.DIRECTORY:
                     stack.append((child.path, False))
             continue
-        listing: _Listing = []
         for child in children:
             if len(child.name) > SQUASHFS_NAME_LEN:
                 raise ImageError(f"squashfs: {child.display()}: name longer than"
                                  f" {SQUASHFS_NAME_LEN} bytes")
             _check_entry(child)
-            primary = tree.resolve(child).path
+            primary = tree.resolve(child)
             place(primary)
-            listing.append((child.name, primary))
-        steps.append(("dir", len(dir_children)))
-        dir_children.append((path, listing))
-    place(b"")
-    return order, steps, dir_children, index_of
+            child_entries.append(child)
+            child_primaries.append(primary.path)
+        listing_after.append(len(entries))
+        directory_paths.append(path)
+        children_start.append(len(child_entries))
+    place(tree.root)
+    child_inodes = array("I", [index_of[p] for p in child_primaries])
+    directory_inodes = array("I", [index_of[p] for p in directory_paths])
+    return _Order(tuple(entries), directory_inodes, listing_after, children_start,
+                  tuple(child_entries), child_inodes)
 
 
-def _ids_and_xattrs(entries: list[Entry]
-                    ) -> tuple[tuple[int, ...], list[int | None], dict[XattrSet, int]]:
+def _ids_and_xattrs(entries: tuple[Entry, ...]
+                    ) -> tuple[tuple[int, ...], array[int], dict[XattrSet, int]]:
     """Ids and xattr sets, in a content-defined order, and each inode's xattr set."""
     ids = tuple(sorted({e.uid for e in entries} | {e.gid for e in entries}))
     if len(ids) > SQUASHFS_IDS:
@@ -217,35 +324,38 @@ def _ids_and_xattrs(entries: list[Entry]
         if not 0 <= value < 1 << 32:
             raise ImageError(f"squashfs: uid or gid {value} does not fit 32 bits")
     xattr_sets: dict[XattrSet, int] = {}
-    inode_xattr: list[int | None] = []
-    for entry in entries:
+    inode_xattr = array("i", [NONE]) * len(entries)
+    for i, entry in enumerate(entries):
         if not entry.xattrs:
-            inode_xattr.append(None)
             continue
         parts = sorted((*split_xattr_name(name, entry.display()), value)
                        for name, value in entry.xattrs)
         key: XattrSet = tuple(parts)
-        inode_xattr.append(xattr_sets.setdefault(key, len(xattr_sets)))
+        inode_xattr[i] = xattr_sets.setdefault(key, len(xattr_sets))
     return ids, inode_xattr, xattr_sets
 
 
 def _files(tree: Tree, block_size: int, *, tail_fragments: bool
-           ) -> tuple[list[FilePlan], dict[bytes, int]]:
-    """Files in canonical path order, the order their data is written in."""
-    files: list[FilePlan] = []
-    file_index: dict[bytes, int] = {}
-    regulars = [e for e in tree if e.type is EntryType.REGULAR]
+           ) -> tuple[tuple[Entry, ...], array[int], bytes, dict[bytes, int]]:
+    """Files in canonical path order, the order their data is written in: the entries,
+    their full blocks, whether each may duplicate, and each path's index."""
+    regulars = tuple(e for e in tree if e.type is EntryType.REGULAR)
     size_count: dict[int, int] = {}
     for entry in regulars:
-        size_count[entry.size] = size_count.get(entry.size, 0) + 1
-    for entry in regulars:
-        full, tail = divmod(entry.size, block_size)
+        size = entry.size
+        size_count[size] = size_count.get(size, 0) + 1
+    full_blocks = array("Q", bytes(8 * len(regulars)))
+    may_duplicate = bytearray(len(regulars))
+    file_index: dict[bytes, int] = {}
+    for index, entry in enumerate(regulars):
+        size = entry.size
+        full, tail = divmod(size, block_size)
         if tail and full and not tail_fragments:
             full += 1
-        file_index[entry.path] = len(files)
-        files.append(FilePlan(entry, entry.size, full,
-                              entry.size > 0 and size_count[entry.size] > 1))
-    return files, file_index
+        full_blocks[index] = full
+        may_duplicate[index] = size > 0 and size_count[size] > 1
+        file_index[entry.path] = index
+    return regulars, full_blocks, bytes(may_duplicate), file_index
 
 
 SYMLINK_MAX = 4096  # the kernel refuses longer targets (squashfs_read_inode)
@@ -261,10 +371,3 @@ def _check_entry(entry: Entry) -> None:
         raise ImageError(f"squashfs: {entry.display()}: device {entry.rdev_major},"
                          f"{entry.rdev_minor} does not fit 32 bits (major < 4096,"
                          " minor < 1048576)")
-
-
-def _nlink(tree: Tree, entry: Entry, links: dict[bytes, int]) -> int:
-    if entry.type is EntryType.DIRECTORY:
-        return 2 + sum(1 for c in tree.children(entry.path) if c.type is EntryType.DIRECTORY)
-    return links.get(entry.path, 1)
-

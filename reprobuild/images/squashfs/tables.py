@@ -4,12 +4,14 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import sys
+from array import array
+from dataclasses import dataclass
 from typing import BinaryIO
 
 from reprobuild.errors import ImageError
 from reprobuild.images.squashfs.compressors import Compressor
-from reprobuild.images.squashfs.layout import BASIC_TYPE, InodePlan, SquashfsPlan
+from reprobuild.images.squashfs.layout import BASIC_TYPE, NONE, SquashfsPlan
 from reprobuild.images.squashfs.ondisk import (
     SQUASHFS_BASE_INODE,
     SQUASHFS_COMPRESSED_BIT,
@@ -43,57 +45,54 @@ from reprobuild.images.squashfs.ondisk import (
     U32,
     U64,
     encode_rdev,
-    inode_ref,
 )
-from reprobuild.trees.tree import EntryType
+from reprobuild.trees.tree import Entry, EntryType
 
 
 class MetadataWriter:
     """Packs bytes into 8 KiB metadata blocks, compressing each as soon as it is full.
 
     The on-disk start of a block depends only on the blocks before it, so a reference to
-    the next byte is known while the table is still growing.
+    the next byte is known while the table is still growing. The stored blocks are kept
+    in one buffer, not one object per block.
     """
 
     def __init__(self, compressor: Compressor) -> None:
         self.compressor = compressor
-        self.blocks: list[bytes] = []
-        self.block_starts: list[int] = []
-        self.written = 0  # bytes of finished blocks (with headers)
+        self.stored = bytearray()  # the finished blocks, with their headers
+        self.block_starts = array("Q")
         self.pending = bytearray()
 
-    def append(self, data: bytes) -> None:
+    def append(self, data: bytes | bytearray) -> None:
         self.pending += data
         while len(self.pending) >= SQUASHFS_METADATA_SIZE:
             self._flush(bytes(self.pending[:SQUASHFS_METADATA_SIZE]))
             del self.pending[:SQUASHFS_METADATA_SIZE]
 
     def _flush(self, raw: bytes) -> None:
-        stored = compress_metadata(self.compressor, raw)
-        self.block_starts.append(self.written)
-        self.blocks.append(stored)
-        self.written += len(stored)
+        self.block_starts.append(len(self.stored))
+        self.stored += compress_metadata(self.compressor, raw)
 
     @property
     def uncompressed_position(self) -> int:
         return len(self.block_starts) * SQUASHFS_METADATA_SIZE + len(self.pending)
 
-    def ref(self) -> tuple[int, int]:
-        """(block start relative to the table, offset) of the next byte appended."""
-        return self.written, len(self.pending)
+    def ref(self) -> int:
+        """The reference (see ``inode_ref``) of the next byte appended."""
+        return len(self.stored) << 16 | len(self.pending)
 
     def block_start(self, block_number: int) -> int:
         """On-disk start, relative to the table, of the ``block_number``-th block."""
         if block_number < len(self.block_starts):
             return self.block_starts[block_number]
         assert block_number == len(self.block_starts)
-        return self.written
+        return len(self.stored)
 
-    def finish(self) -> bytes:
+    def finish(self) -> bytearray:
         if self.pending:
             self._flush(bytes(self.pending))
             self.pending.clear()
-        return b"".join(self.blocks)
+        return self.stored
 
 
 def compress_metadata(compressor: Compressor, raw: bytes) -> bytes:
@@ -104,14 +103,35 @@ def compress_metadata(compressor: Compressor, raw: bytes) -> bytes:
     return SQUASHFS_METADATA_HEADER.pack(len(raw) | SQUASHFS_COMPRESSED_BIT) + raw
 
 
-@dataclass(slots=True)
-class FileResult:
-    """Where one file's data went (shared by the files that duplicate it)."""
+def little_endian(values: array[int]) -> bytes:
+    """The array's items as little-endian bytes, whatever the host's byte order."""
+    if sys.byteorder == "little":
+        return values.tobytes()
+    swapped = array(values.typecode, values)
+    swapped.byteswap()
+    return swapped.tobytes()
 
-    start: int = 0
-    sizes: list[int] = field(default_factory=list)
-    sparse: int = 0
-    fragment: tuple[int, int] | None = None  # (fragment block index, offset in it)
+
+class FileData:
+    """Where each file's data went, in columns indexed by file (SquashfsPlan.file_entries).
+
+    A file that duplicates an earlier one has that file's index as its ``origin`` and
+    shares its blocks and fragment. The sizes of every file's blocks are appended in
+    file order to one array; a file's run of ``full_blocks`` sizes starts at its
+    ``first_block``.
+    """
+
+    __slots__ = ("block_sizes", "first_block", "fragment", "fragment_offset", "origin",
+                 "sparse", "start")
+
+    def __init__(self, count: int) -> None:
+        self.origin = array("I", range(count))
+        self.start = array("Q", bytes(8 * count))
+        self.sparse = array("Q", bytes(8 * count))
+        self.first_block = array("Q", bytes(8 * count))
+        self.fragment = array("I", [SQUASHFS_INVALID_FRAG]) * count
+        self.fragment_offset = array("I", bytes(4 * count))
+        self.block_sizes = array("I")  # each stored block's size field; 0: sparse
 
 
 class ImageFile:
@@ -121,7 +141,7 @@ class ImageFile:
         self.output = output
         self.position = 0
 
-    def write(self, data: bytes) -> int:
+    def write(self, data: bytes | bytearray) -> int:
         at = self.position
         self.output.write(data)
         self.position += len(data)
@@ -132,38 +152,37 @@ class ImageFile:
 # -- inodes and directories ---------------------------------------------------------------
 @dataclass(frozen=True)
 class InodeTable:
-    table: bytes
-    refs: tuple[tuple[int, int], ...]  # per inode index: (block start, offset)
+    table: bytearray
+    refs: array[int]  # per inode index: its reference (see inode_ref)
 
 
 @dataclass(frozen=True)
 class Listing:
-    start: tuple[int, int]  # (directory block start, offset)
+    start: int  # reference of the listing in the directory table
     size: int  # bytes of headers and entries (the inode's file_size is this + 3)
     index: bytes  # packed squashfs_dir_index entries
     index_count: int
 
 
 def build_inode_and_directory_tables(
-    plan: SquashfsPlan, results: list[FileResult], compressor: Compressor
-) -> tuple[InodeTable, bytes]:
+    plan: SquashfsPlan, data: FileData, compressor: Compressor
+) -> tuple[InodeTable, bytearray]:
     inodes = MetadataWriter(compressor)
     directories = MetadataWriter(compressor)
-    refs: list[tuple[int, int]] = [(0, 0)] * len(plan.inodes)
+    refs = array("Q", bytes(8 * plan.inode_count))
     listings: dict[int, Listing] = {}
-    for kind, index in plan.steps:
+    for kind, index in plan.emit_order():
         if kind == "dir":
-            directory = plan.directories[index]
-            listings[directory.inode_index] = write_listing(
-                plan, directory.children, refs, directories)
+            listings[plan.directory_inodes[index]] = write_listing(
+                plan, index, refs, directories)
             continue
         refs[index] = inodes.ref()
-        inodes.append(encode_inode(plan, plan.inodes[index], results, listings))
-    return InodeTable(inodes.finish(), tuple(refs)), directories.finish()
+        inodes.append(encode_inode(plan, index, data, listings))
+    return InodeTable(inodes.finish(), refs), directories.finish()
 
 
-def write_listing(plan: SquashfsPlan, children: tuple[tuple[bytes, int], ...],
-                  refs: list[tuple[int, int]], table: MetadataWriter) -> Listing:
+def write_listing(plan: SquashfsPlan, directory: int, refs: array[int],
+                  table: MetadataWriter) -> Listing:
     """Append one directory's headers and entries; split runs where the format needs."""
     start = table.ref()
     base_position = table.uncompressed_position
@@ -174,9 +193,11 @@ def write_listing(plan: SquashfsPlan, children: tuple[tuple[bytes, int], ...],
     base_number = 0
     inode_block = -1
     headers: list[list[int]] = []  # [offset in out, first child's inode index, count]
-    for name, child in children:
-        block, offset = refs[child]
-        number = plan.inodes[child].number
+    entries = plan.entries
+    for name, child in plan.children(directory):
+        ref = refs[child]
+        block, offset = ref >> 16, ref & 0xFFFF
+        number = child + 1
         position = base_position + len(out)
         if (not headers or headers[-1][2] == SQUASHFS_DIR_COUNT or block != inode_block
                 or not -32768 <= number - base_number <= 32767
@@ -195,82 +216,87 @@ def write_listing(plan: SquashfsPlan, children: tuple[tuple[bytes, int], ...],
             out += bytes(SQUASHFS_DIR_HEADER.size)
             base_number = number
             inode_block = block
-        entry = plan.inodes[child].entry
-        out += SQUASHFS_DIR_ENTRY.pack(offset, number - base_number, BASIC_TYPE[entry.type],
-                                       len(name) - 1)
+        out += SQUASHFS_DIR_ENTRY.pack(offset, number - base_number,
+                                       BASIC_TYPE[entries[child].type], len(name) - 1)
         out += name
         headers[-1][2] += 1
     for at, first, count in headers:
-        SQUASHFS_DIR_HEADER.pack_into(out, at, count - 1, refs[first][0],
-                                      plan.inodes[first].number)
-    table.append(bytes(out))
+        SQUASHFS_DIR_HEADER.pack_into(out, at, count - 1, refs[first] >> 16, first + 1)
+    table.append(out)
     index = b"".join(
         SQUASHFS_DIR_INDEX.pack(offset, table.block_start(block), len(name) - 1) + name
         for offset, block, name in index_entries)
     return Listing(start, len(out), index, len(index_entries))
 
 
-def _mtime(inode: InodePlan) -> int:
-    seconds = inode.entry.mtime_ns // 1_000_000_000
+def _mtime(entry: Entry) -> int:
+    seconds = entry.mtime_ns // 1_000_000_000
     if not 0 <= seconds < 1 << 32:
-        raise ImageError(f"squashfs: {inode.entry.display()}: mtime {seconds} does not fit"
+        raise ImageError(f"squashfs: {entry.display()}: mtime {seconds} does not fit"
                          " 32 unsigned bits", hint="clamp times to the epoch first")
     return seconds
 
 
-def encode_inode(plan: SquashfsPlan, inode: InodePlan, results: list[FileResult],
+def encode_inode(plan: SquashfsPlan, index: int, data: FileData,
                  listings: dict[int, Listing]) -> bytes:
-    """One inode, basic where the basic form can hold it, extended otherwise."""
-    entry = inode.entry
-    xattr = SQUASHFS_INVALID_XATTR if inode.xattr_index is None else inode.xattr_index
-    has_xattr = inode.xattr_index is not None
-    basic = BASIC_TYPE[entry.type]
-    index = inode.number - 1
+    """Inode ``index``, basic where the basic form can hold it, extended otherwise."""
+    entry = plan.entries[index]
+    xattr_index = plan.xattr_indexes[index]
+    has_xattr = xattr_index != NONE
+    xattr = xattr_index if has_xattr else SQUASHFS_INVALID_XATTR
+    nlink = plan.nlinks[index]
+    number = index + 1
+    kind = entry.type
 
-    def base(kind: int) -> bytes:
-        return SQUASHFS_BASE_INODE.pack(kind, entry.mode & 0o7777, inode.uid_index,
-                                        inode.gid_index, _mtime(inode), inode.number)
+    def base(inode_type: int) -> bytes:
+        return SQUASHFS_BASE_INODE.pack(inode_type, entry.mode & 0o7777,
+                                        plan.uid_indexes[index], plan.gid_indexes[index],
+                                        _mtime(entry), number)
 
-    if entry.type is EntryType.DIRECTORY:
+    if kind is EntryType.DIRECTORY:
         listing = listings[index]
-        block, offset = listing.start
+        block, offset = listing.start >> 16, listing.start & 0xFFFF
         size = listing.size + 3
+        parent = plan.parent_numbers[index]
         if listing.index_count or has_xattr or size > 0xFFFF:
             return (base(SQUASHFS_LDIR_TYPE)
-                    + SQUASHFS_LDIR_INODE.pack(inode.nlink, size, block, inode.parent_number,
+                    + SQUASHFS_LDIR_INODE.pack(nlink, size, block, parent,
                                                listing.index_count, offset, xattr)
                     + listing.index)
         return base(SQUASHFS_DIR_TYPE) + SQUASHFS_DIR_INODE.pack(
-            block, inode.nlink, size, offset, inode.parent_number)
-    if entry.type is EntryType.REGULAR:
-        assert inode.file_index is not None
-        file = plan.files[inode.file_index]
-        result = results[inode.file_index]
-        sizes = result.sizes
-        fragment, frag_offset = result.fragment or (SQUASHFS_INVALID_FRAG, 0)
-        block_list = b"".join(U32.pack(s) for s in sizes)
-        if (file.size >= 1 << 32 or result.start >= 1 << 32 or inode.nlink > 1
-                or has_xattr or result.sparse):
+            block, nlink, size, offset, parent)
+    if kind is EntryType.REGULAR:
+        file_index = plan.file_indexes[index]
+        size = entry.size
+        origin = data.origin[file_index]
+        start = data.start[origin]
+        sparse = data.sparse[origin]
+        fragment, frag_offset = data.fragment[origin], data.fragment_offset[origin]
+        first = data.first_block[origin]
+        block_list = little_endian(
+            data.block_sizes[first:first + plan.full_blocks[origin]])
+        if size >= 1 << 32 or start >= 1 << 32 or nlink > 1 or has_xattr or sparse:
             return (base(SQUASHFS_LREG_TYPE)
-                    + SQUASHFS_LREG_INODE.pack(result.start, file.size, result.sparse,
-                                               inode.nlink, fragment, frag_offset, xattr)
+                    + SQUASHFS_LREG_INODE.pack(start, size, sparse, nlink, fragment,
+                                               frag_offset, xattr)
                     + block_list)
         return (base(SQUASHFS_REG_TYPE)
-                + SQUASHFS_REG_INODE.pack(result.start, fragment, frag_offset, file.size)
+                + SQUASHFS_REG_INODE.pack(start, fragment, frag_offset, size)
                 + block_list)
-    kind = basic + SQUASHFS_EXTENDED if has_xattr else basic
-    if entry.type is EntryType.SYMLINK:
+    basic = BASIC_TYPE[kind]
+    inode_type = basic + SQUASHFS_EXTENDED if has_xattr else basic
+    if kind is EntryType.SYMLINK:
         target = entry.target or b""
-        body = SQUASHFS_SYMLINK_INODE.pack(inode.nlink, len(target)) + target
-        return base(kind) + body + (U32.pack(xattr) if has_xattr else b"")
-    if entry.type in (EntryType.BLOCK, EntryType.CHAR):
+        body = SQUASHFS_SYMLINK_INODE.pack(nlink, len(target)) + target
+        return base(inode_type) + body + (U32.pack(xattr) if has_xattr else b"")
+    if kind in (EntryType.BLOCK, EntryType.CHAR):
         rdev = encode_rdev(entry.rdev_major, entry.rdev_minor)
         if has_xattr:
-            return base(kind) + SQUASHFS_LDEV_INODE.pack(inode.nlink, rdev, xattr)
-        return base(kind) + SQUASHFS_DEV_INODE.pack(inode.nlink, rdev)
+            return base(inode_type) + SQUASHFS_LDEV_INODE.pack(nlink, rdev, xattr)
+        return base(inode_type) + SQUASHFS_DEV_INODE.pack(nlink, rdev)
     if has_xattr:
-        return base(kind) + SQUASHFS_LIPC_INODE.pack(inode.nlink, xattr)
-    return base(kind) + SQUASHFS_IPC_INODE.pack(inode.nlink)
+        return base(inode_type) + SQUASHFS_LIPC_INODE.pack(nlink, xattr)
+    return base(inode_type) + SQUASHFS_IPC_INODE.pack(nlink)
 
 
 # -- lookup tables ------------------------------------------------------------------------
@@ -296,14 +322,14 @@ def write_xattr_table(image: ImageFile, compressor: Compressor, plan: SquashfsPl
     pairs = MetadataWriter(compressor)
     ids = bytearray()
     for xattr_set in plan.xattr_sets:
-        block, offset = pairs.ref()
+        ref = pairs.ref()
         size = 0
         for prefix, name, value in xattr_set:
             packed = (SQUASHFS_XATTR_ENTRY.pack(prefix, len(name)) + name
                       + SQUASHFS_XATTR_VAL.pack(len(value)) + value)
             pairs.append(packed)
             size += len(packed)
-        ids += SQUASHFS_XATTR_ID.pack(inode_ref(block, offset), len(xattr_set), size)
+        ids += SQUASHFS_XATTR_ID.pack(ref, len(xattr_set), size)
     pairs_start = image.write(pairs.finish())
     positions = write_metadata_blocks(image, compressor, bytes(ids))
     return image.write(SQUASHFS_XATTR_ID_TABLE.pack(pairs_start, len(plan.xattr_sets), 0)

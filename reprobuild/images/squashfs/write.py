@@ -45,13 +45,12 @@ from reprobuild.images.squashfs.ondisk import (
     SQUASHFS_NOX,
     SQUASHFS_SUPER_BLOCK,
     U32,
-    U64,
-    inode_ref,
 )
 from reprobuild.images.squashfs.tables import (
-    FileResult,
+    FileData,
     ImageFile,
     build_inode_and_directory_tables,
+    little_endian,
     write_lookup_table,
     write_xattr_table,
 )
@@ -98,10 +97,10 @@ def write_plan(plan: SquashfsPlan, output: BinaryIO, settings: WriteSettings) ->
     if not compressor.compresses:
         flags |= SQUASHFS_NOI | SQUASHFS_NOD | SQUASHFS_NOF | SQUASHFS_NOX | SQUASHFS_NOID
 
-    results, fragments = write_data(plan, image, compressor, settings.workers)
+    files, fragments = write_data(plan, image, compressor, settings.workers)
 
     inode_table_start = image.position
-    inode_refs, directory_table = build_inode_and_directory_tables(plan, results, compressor)
+    inode_refs, directory_table = build_inode_and_directory_tables(plan, files, compressor)
     image.write(inode_refs.table)
     directory_table_start = image.write(directory_table)
 
@@ -111,8 +110,8 @@ def write_plan(plan: SquashfsPlan, output: BinaryIO, settings: WriteSettings) ->
     lookup_table_start = SQUASHFS_INVALID_BLK
     if settings.exportable:
         flags |= SQUASHFS_EXPORT
-        lookup_table_start = write_lookup_table(
-            image, compressor, b"".join(U64.pack(inode_ref(*r)) for r in inode_refs.refs))
+        lookup_table_start = write_lookup_table(image, compressor,
+                                                little_endian(inode_refs.refs))
     id_table_start = write_lookup_table(
         image, compressor, b"".join(U32.pack(i) for i in plan.ids))
     xattr_id_table_start = write_xattr_table(image, compressor, plan)
@@ -131,13 +130,12 @@ def write_plan(plan: SquashfsPlan, output: BinaryIO, settings: WriteSettings) ->
         if end < padded:  # an in-memory file does not grow by truncate
             output.write(bytes(padded - end))
     block_log = plan.block_size.bit_length() - 1
-    root_ref = inode_refs.refs[plan.root_index]
     output.seek(0)
     output.write(SQUASHFS_SUPER_BLOCK.pack(
-        SQUASHFS_MAGIC, len(plan.inodes), settings.mkfs_time, plan.block_size,
+        SQUASHFS_MAGIC, plan.inode_count, settings.mkfs_time, plan.block_size,
         len(fragments), compressor.squashfs_id, block_log, flags, len(plan.ids),
-        SQUASHFS_MAJOR, SQUASHFS_MINOR, inode_ref(*root_ref), bytes_used, id_table_start,
-        xattr_id_table_start, inode_table_start, directory_table_start,
+        SQUASHFS_MAJOR, SQUASHFS_MINOR, inode_refs.refs[plan.root_index], bytes_used,
+        id_table_start, xattr_id_table_start, inode_table_start, directory_table_start,
         fragment_table_start, lookup_table_start))
     output.seek(padded)
 
@@ -179,12 +177,12 @@ class DataWriter:
     """
 
     def __init__(self, image: ImageFile, compressor: Compressor, pool: ThreadPoolExecutor,
-                 limit: int, results: list[FileResult]) -> None:
+                 limit: int, files: FileData) -> None:
         self.image = image
         self.compressor = compressor
         self.pool = pool
         self.limit = limit
-        self.results = results
+        self.files = files
         self.pending: deque[Job] = deque()
         self.fragments: list[tuple[int, int]] = []
 
@@ -206,6 +204,8 @@ class DataWriter:
     def drain(self, keep: int) -> None:
         pending = self.pending
         image = self.image
+        files = self.files
+        block_sizes = files.block_sizes
         while len(pending) > keep:
             file_index, number, length, future = pending.popleft()
             if file_index < 0:
@@ -213,16 +213,16 @@ class DataWriter:
                 data, size_field = future.result()
                 self.fragments[number] = (image.write(data), size_field)
                 continue
-            result = self.results[file_index]
             if number == 0:
-                result.start = image.position
+                files.start[file_index] = image.position
+                files.first_block[file_index] = len(block_sizes)
             if future is None:
-                result.sizes.append(0)
-                result.sparse += length
+                block_sizes.append(0)
+                files.sparse[file_index] += length
             else:
                 data, size_field = future.result()
                 image.write(data)
-                result.sizes.append(size_field)
+                block_sizes.append(size_field)
 
 
 class ReadAhead:
@@ -271,21 +271,21 @@ class ReadAhead:
     def _read_all(self, reader: ContentStreamer) -> bool:
         """Queue every block; False when stopped early."""
         block_size = self.plan.block_size
+        may_duplicate = self.plan.may_duplicate
         put = self._put
-        for index, file in enumerate(self.plan.files):
-            if file.size == 0:
+        for index, entry in enumerate(self.plan.file_entries):
+            content = entry.content
+            if content is None or content.size == 0:
                 continue
-            content = file.entry.content
-            assert content is not None
             digest: bytes | None = None
             hasher = None
-            if file.may_duplicate:
-                if content.known_blake3 is not None or file.size > HOLD_LIMIT:
+            if may_duplicate[index]:
+                if content.known_blake3 is not None or content.size > HOLD_LIMIT:
                     digest = content.blake3
                 else:
                     hasher = blake3.blake3()
             previous: bytes | None = None
-            for block in file_blocks(content, block_size, file.entry, reader):
+            for block in file_blocks(content, block_size, entry, reader):
                 if hasher is not None:
                     hasher.update(block)
                 if previous is not None and not put((index, previous, digest)):
@@ -308,7 +308,7 @@ class ReadAhead:
 
 
 def write_data(plan: SquashfsPlan, image: ImageFile, compressor: Compressor,
-               workers: int) -> tuple[list[FileResult], list[tuple[int, int]]]:
+               workers: int) -> tuple[FileData, list[tuple[int, int]]]:
     """Write every file's blocks and the fragment blocks; where each went.
 
     Each file is read once (see ReadAhead). A file that shares its size with another is
@@ -319,23 +319,28 @@ def write_data(plan: SquashfsPlan, image: ImageFile, compressor: Compressor,
     """
     block_size = plan.block_size
     zero_block = bytes(block_size)
-    results = [FileResult() for _ in plan.files]
-    first_of: dict[tuple[int, bytes], int] = {}
+    files = FileData(len(plan.file_entries))
+    full_blocks = plan.full_blocks
+    may_duplicate = plan.may_duplicate
+    # (digest + size) -> the first file with them. One bytes key, not a tuple of two
+    # objects: on a tree of small files every file may duplicate another.
+    first_of: dict[bytes, int] = {}
     fragment_buffer = bytearray()
     depth = max(4, READ_AHEAD_BYTES // block_size)
     with ThreadPoolExecutor(max_workers=max(1, workers),
                             thread_name_prefix="squashfs-compress") as pool, \
             ReadAhead(plan, depth) as reader:
         writer = DataWriter(image, compressor, pool, max(1, workers) * IN_FLIGHT_PER_WORKER,
-                            results)
+                            files)
 
         def place(index: int, number: int, block: bytes) -> None:
             nonlocal fragment_buffer
-            if number >= plan.files[index].full_blocks:
+            if number >= full_blocks[index]:
                 if len(fragment_buffer) + len(block) > block_size:
                     writer.fragment(bytes(fragment_buffer))
                     fragment_buffer = bytearray()
-                results[index].fragment = (len(writer.fragments), len(fragment_buffer))
+                files.fragment[index] = len(writer.fragments)
+                files.fragment_offset[index] = len(fragment_buffer)
                 fragment_buffer += block
             elif block == zero_block or (len(block) < block_size
                                          and not block.strip(b"\0")):
@@ -350,15 +355,16 @@ def write_data(plan: SquashfsPlan, image: ImageFile, compressor: Compressor,
         for index, block, digest in reader:
             if index != current:
                 current, number, held = index, 0, []
-                decided, skip = not plan.files[index].may_duplicate, False
+                decided, skip = not may_duplicate[index], False
             if not decided:
                 held.append(block)
                 if digest is None:
                     continue
                 decided = True
-                original = first_of.setdefault((plan.files[index].size, digest), index)
+                size = plan.file_entries[index].size
+                original = first_of.setdefault(digest + size.to_bytes(8, "little"), index)
                 if original != index:
-                    results[index] = results[original]
+                    files.origin[index] = original
                     skip = True
                 if not skip:
                     for waiting in held:
@@ -371,7 +377,7 @@ def write_data(plan: SquashfsPlan, image: ImageFile, compressor: Compressor,
         if fragment_buffer:
             writer.fragment(bytes(fragment_buffer))
         writer.drain(0)
-    return results, writer.fragments
+    return files, writer.fragments
 
 
 def default_workers() -> int:
