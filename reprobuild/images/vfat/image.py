@@ -12,6 +12,7 @@ See :mod:`reprobuild.images.vfat.layout` for what FAT cannot hold and the time p
 
 from __future__ import annotations
 
+import importlib
 import os
 from typing import BinaryIO
 
@@ -21,6 +22,7 @@ from reprobuild.images.vfat.layout import plan
 from reprobuild.images.vfat.write import write_image
 from reprobuild.trees.tree import Tree
 
+READER = "reprobuild.images.vfat.read"  # loaded by read(): a writer never needs it
 VERSION = "1"
 
 
@@ -73,9 +75,8 @@ def write(tree: Tree, output: BinaryIO, options: ImageOptions) -> None:
 
 def read(path: str | bytes) -> Tree:
     """The tree a FAT image holds; contents stream from the image file."""
-    from reprobuild.images.vfat.read import read_tree  # a writer never needs the reader
-
-    return read_tree(os.fsencode(path))
+    tree: Tree = importlib.import_module(READER).read_tree(os.fsencode(path))
+    return tree
 
 
 def identity(options: ImageOptions) -> dict[str, str]:
