@@ -11,13 +11,14 @@ the result is keyed by path: the bytes never depend on the number of processes.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 from reprobuild.errors import ImageError
 from reprobuild.images.composefs import ondisk
-from reprobuild.images.composefs.shares import in_processes
+from reprobuild.images.composefs.shares import started
 from reprobuild.integrity.fsverity import (
     FSVERITY_DESCRIPTOR,
     FsVerityParams,
@@ -105,11 +106,25 @@ def stored_by_reference(tree: Tree) -> list[Entry]:
 def content_digests(tree: Tree, *, processes: int | None = None) -> dict[bytes, bytes]:
     """Path -> content digest of every regular file ``tree`` stores by reference,
     computed in ``processes`` processes (default: one per CPU, at most 4)."""
-    entries = stored_by_reference(tree)
+    with hashing(stored_by_reference(tree), processes=processes) as results:
+        return results()
+
+
+@contextlib.contextmanager
+def hashing(entries: Sequence[Entry], *, processes: int | None = None,
+            head_start: int = 0) -> Iterator[Callable[[], dict[bytes, bytes]]]:
+    """The digests of ``entries`` started in child processes; yields a function that
+    hashes this process's share (``head_start`` lighter, see
+    :func:`reprobuild.images.composefs.shares.started`) and returns path -> digest."""
 
     def digest_all(run: Sequence[Entry]) -> bytes:
         return b"".join(map(_Digester(), run))
 
-    found = b"".join(in_processes(entries, digest_all, processes=processes))
-    return {e.path: found[i * DIGEST_SIZE:(i + 1) * DIGEST_SIZE]
-            for i, e in enumerate(entries)}
+    with started(entries, digest_all, processes=processes, head_start=head_start) as shares:
+
+        def results() -> dict[bytes, bytes]:
+            found = b"".join(shares())
+            return {e.path: found[i * DIGEST_SIZE:(i + 1) * DIGEST_SIZE]
+                    for i, e in enumerate(entries)}
+
+        yield results

@@ -82,10 +82,28 @@ class Layout:
     n_data_blocks: int = 0
 
 
+@dataclass
+class Draft:
+    """The part of a plan that needs no content digest: the rewritten tree in inode
+    order, and the files stored by reference (in tree order) whose xattrs are to come."""
+
+    nodes: list[Node]
+    version: int
+    has_acl: bool
+    build_time: tuple[int, int]
+    by_reference: list[tuple[Node, Entry]]
+
+
 def plan(tree: Tree, digest_of: DigestOf) -> Layout:
     """The layout of ``tree``'s composefs image; ``digest_of`` gives a regular file's
     fs-verity sha256 digest (called once per inode stored by reference)."""
-    root, version = _rewrite(tree, digest_of)
+    return finish(prepare(tree), digest_of)
+
+
+def prepare(tree: Tree) -> Draft:
+    """What :func:`finish` completes once the content digests are known (the digests
+    only add xattrs, which share, size and place the inodes, not number them)."""
+    root, version, by_reference = _rewrite(tree)
     nodes = _breadth_first(root)
     build_time = min(node.mtime for node in nodes)
     has_acl = False
@@ -95,20 +113,30 @@ def plan(tree: Tree, digest_of: DigestOf) -> Layout:
                                  if not link and child.kind == stat.S_IFDIR)
         has_acl = has_acl or any(n in node.xattrs for n in (b"system.posix_acl_access",
                                                             b"system.posix_acl_default"))
-    layout = Layout(nodes, root, version, has_acl, build_time)
+    return Draft(nodes, version, has_acl, build_time, by_reference)
+
+
+def finish(draft: Draft, digest_of: DigestOf) -> Layout:
+    """The layout from a :func:`prepare` draft; ``digest_of`` as for :func:`plan`."""
+    for node, entry in draft.by_reference:
+        _by_reference(node, digest_of(entry))
+    layout = Layout(draft.nodes, draft.nodes[0], draft.version, draft.has_acl,
+                    draft.build_time)
     _share_xattrs(layout)
     _place_inodes(layout)
     return layout
 
 
-def _rewrite(tree: Tree, digest_of: DigestOf) -> tuple[Node, int]:
-    """Nodes for the tree's inodes, with composefs's xattrs; the format version (1 when
-    the tree holds a whiteout device). One pass over the tree (a parent comes before
-    its children), then hardlinks, whiteouts and each directory's ``.`` and ``..``."""
+def _rewrite(tree: Tree) -> tuple[Node, int, list[tuple[Node, Entry]]]:
+    """Nodes for the tree's inodes, with composefs's xattrs but those of the files
+    stored by reference (listed instead); the format version (1 when the tree holds a
+    whiteout device). One pass over the tree (a parent comes before its children),
+    then hardlinks, whiteouts and each directory's ``.`` and ``..``."""
     nodes: dict[bytes, Node] = {}
     links: list[Entry] = []
     whiteouts: list[tuple[Node, Node]] = []
     directories: list[tuple[Node, Node]] = []  # a directory and its parent
+    by_reference: list[tuple[Node, Entry]] = []
     version = 0
     for entry in tree:
         path = entry.path
@@ -130,7 +158,7 @@ def _rewrite(tree: Tree, digest_of: DigestOf) -> tuple[Node, int]:
                     if len(node.content) != node.size:
                         raise ImageError(f"{entry.display()}: content changed while reading")
                 else:
-                    _by_reference(node, entry, digest_of(entry))
+                    by_reference.append((node, entry))
         elif node.kind == stat.S_IFDIR:
             directories.append((node, parent))
         elif node.kind == stat.S_IFCHR and node.rdev == 0:
@@ -151,7 +179,7 @@ def _rewrite(tree: Tree, digest_of: DigestOf) -> tuple[Node, int]:
         node.children.append((b".", node, True))
         node.children.append((b"..", parent, True))
         node.children.sort(key=_child_name)
-    return root, version
+    return root, version, by_reference
 
 
 def _child_name(child: tuple[bytes, Node, bool]) -> bytes:
@@ -181,7 +209,7 @@ def object_path(digest: bytes) -> str:
     return f"{text[:2]}/{text[2:]}"
 
 
-def _by_reference(node: Node, entry: Entry, digest: bytes) -> None:
+def _by_reference(node: Node, digest: bytes) -> None:
     node.digest = digest
     metacopy = bytes((0, 4 + len(digest), 0, ondisk.FS_VERITY_HASH_ALG_SHA256)) + digest
     node.set_xattr(ondisk.METACOPY, metacopy)
