@@ -29,6 +29,7 @@ FILE_COST = 16 << 10
 """What opening a file costs, counted in bytes read (measured on a root filesystem)."""
 
 Work = Callable[[Sequence[Entry]], bytes]
+_ENDING = (signal.SIGINT, signal.SIGTERM)
 
 
 def process_count(files: int, processes: int | None) -> int:
@@ -106,21 +107,28 @@ def _forked(run: Sequence[Entry], work: Work) -> tuple[int, int] | None:
         read_end, write_end = os.pipe()
     except OSError:
         return None
+    # SIGINT and SIGTERM held back over the fork, so that a child takes them (as the
+    # KeyboardInterrupt of reprobuild's handler) only inside the block that ends it:
+    # never in its copy of this process's stack.
+    mask = signal.pthread_sigmask(signal.SIG_BLOCK, _ENDING)
     try:
         pid = os.fork()
     except OSError:
+        signal.pthread_sigmask(signal.SIG_SETMASK, mask)
         os.close(read_end)
         os.close(write_end)
         return None
     if pid == 0:  # the child: the result out, then leave without running any cleanup
         code = 1
         try:
+            signal.pthread_sigmask(signal.SIG_SETMASK, mask)
             os.close(read_end)
             with open(write_end, "wb") as out:
                 out.write(b"\1" + work(run))
             code = 0
         finally:
             os._exit(code)
+    signal.pthread_sigmask(signal.SIG_SETMASK, mask)
     os.close(write_end)
     return pid, read_end
 
