@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from reprobuild.errors import ImageError
 from reprobuild.images.composefs import digests, shares
 from reprobuild.integrity.fsverity import digest_bytes, digest_file
 from reprobuild.trees.directory import tree_from_directory
@@ -138,3 +139,10 @@ def test_hashing_started_before_other_work_gives_the_same_digests(tmp_path: Path
     assert found[b"f00001"] == alone[b"f00001"]
     assert found[b"f00000"] == digest_bytes(b"x" * 65)  # the first share is hashed here
     assert found == {**alone, b"f00000": digest_bytes(b"x" * 65)}
+
+
+def test_a_file_that_shrank_is_refused_with_its_path(tmp_path: Path) -> None:
+    tree = tree_of(tmp_path, [100, 5000])
+    (tmp_path / "f00001").write_bytes(b"y" * 4000)
+    with pytest.raises(ImageError, match=r"/f00001: file ended 1000 bytes early"):
+        digests.content_digests(tree, processes=1)
