@@ -23,7 +23,6 @@ from typing import BinaryIO
 from reprobuild.errors import ImageError
 from reprobuild.images.composefs import digests
 from reprobuild.images.composefs.layout import Draft, Layout, finish, plan, prepare
-from reprobuild.images.composefs.store import fill_store
 from reprobuild.images.composefs.write import write_image
 from reprobuild.images.registry import ImageOptions
 from reprobuild.integrity.fsverity import digest_file
@@ -93,6 +92,8 @@ def write_with_store(tree: Tree, output: BinaryIO, options: ImageOptions, *,
                      digest_store: str) -> None:
     """Write the image of ``tree`` and put the files it stores by reference into the
     digest store at ``digest_store`` (each file hashed once for both)."""
+    from reprobuild.images.composefs.store import fill_store  # tempfile: only for a store
+
     _check_options(options)
     with collector_paused():
         draft, known = _draft_and_digests(tree)

@@ -122,8 +122,12 @@ def prepare(tree: Tree) -> Draft:
 
 def finish(draft: Draft, digest_of: DigestOf) -> Layout:
     """The layout from a :func:`prepare` draft; ``digest_of`` as for :func:`plan`."""
-    for node, entry in draft.by_reference:
-        _by_reference(node, digest_of(entry))
+    for node, entry in draft.by_reference:  # metacopy and redirect
+        digest = node.digest = digest_of(entry)
+        text = digest.hex().encode()
+        # New names: user trusted.overlay.* names were escaped by _rewrite.
+        node.xattrs[ondisk.METACOPY] = _METACOPY_HEAD + digest
+        node.xattrs[ondisk.REDIRECT] = b"/" + text[:2] + b"/" + text[2:]
     layout = Layout(draft.nodes, draft.nodes[0], draft.version, draft.has_acl,
                     draft.build_time)
     _share_xattrs(layout)
@@ -213,11 +217,9 @@ def object_path(digest: bytes) -> str:
     return f"{text[:2]}/{text[2:]}"
 
 
-def _by_reference(node: Node, digest: bytes) -> None:
-    node.digest = digest
-    metacopy = bytes((0, 4 + len(digest), 0, ondisk.FS_VERITY_HASH_ALG_SHA256)) + digest
-    node.set_xattr(ondisk.METACOPY, metacopy)
-    node.set_xattr(ondisk.REDIRECT, b"/" + object_path(digest).encode())
+_METACOPY_HEAD = bytes((0, 4 + 32, 0, ondisk.FS_VERITY_HASH_ALG_SHA256))
+"""A metacopy value before its sha256 digest (struct ovl_metacopy: version, length,
+flags, digest algorithm)."""
 
 
 def _escape_whiteout(node: Node, parent: Node, version: int) -> None:
