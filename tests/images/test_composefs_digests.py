@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from reprobuild.errors import ImageError
 from reprobuild.images.composefs import digests, shares
 from reprobuild.integrity.fsverity import digest_bytes, digest_file
 from reprobuild.trees.directory import tree_from_directory
@@ -115,3 +116,33 @@ def test_contents_held_in_memory_are_digested_too() -> None:
     tree = Tree()
     tree.add(Entry(b"f", EntryType.REGULAR, 0o644, content=Content.from_bytes(data)))
     assert digests.content_digests(tree) == {b"f": digest_bytes(data)}
+
+
+def test_a_head_start_lightens_the_first_share_only(tmp_path: Path) -> None:
+    tree = tree_of(tmp_path, [1000] * 40)
+    entries = digests.stored_by_reference(tree)
+    even = shares.shares(entries, 2)
+    lighter = shares.shares(entries, 2, head_start=10 * (1000 + shares.FILE_COST))
+    assert [len(run) for run in even] == [20, 20]
+    assert [len(run) for run in lighter] == [15, 25]
+    assert all(shares.shares(entries, 3, head_start=1 << 40))  # never an empty share
+
+
+def test_hashing_started_before_other_work_gives_the_same_digests(tmp_path: Path) -> None:
+    sizes = [65 + (i * 977) % 70_000 for i in range(2 * shares.PARALLEL_MIN_FILES)]
+    tree = tree_of(tmp_path, sizes)
+    alone = digests.content_digests(tree, processes=1)
+    entries = digests.stored_by_reference(tree)
+    with digests.hashing(entries, processes=2, head_start=1 << 20) as results:
+        (tmp_path / "f00000").write_bytes(b"x" * 65)  # after the fork: not seen by the child
+        found = results()
+    assert found[b"f00001"] == alone[b"f00001"]
+    assert found[b"f00000"] == digest_bytes(b"x" * 65)  # the first share is hashed here
+    assert found == {**alone, b"f00000": digest_bytes(b"x" * 65)}
+
+
+def test_a_file_that_shrank_is_refused_with_its_path(tmp_path: Path) -> None:
+    tree = tree_of(tmp_path, [100, 5000])
+    (tmp_path / "f00001").write_bytes(b"y" * 4000)
+    with pytest.raises(ImageError, match=r"/f00001: file ended 1000 bytes early"):
+        digests.content_digests(tree, processes=1)

@@ -22,8 +22,7 @@ from typing import BinaryIO
 
 from reprobuild.errors import ImageError
 from reprobuild.images.composefs import digests
-from reprobuild.images.composefs.layout import Layout, plan
-from reprobuild.images.composefs.store import fill_store
+from reprobuild.images.composefs.layout import Draft, Layout, finish, plan, prepare
 from reprobuild.images.composefs.write import write_image
 from reprobuild.images.registry import ImageOptions
 from reprobuild.integrity.fsverity import digest_file
@@ -44,6 +43,10 @@ so ``mount.composefs -o basedir=OUT/objects OUT/image.cfs`` mounts it."""
 
 READER = "reprobuild.images.composefs.read"
 """The reader (with the EROFS reader under it), loaded only to read an image back."""
+
+PREPARE_COST = 8 << 10
+"""What preparing the plan costs per tree entry, in the bytes-hashed units of the shares
+(measured on a root filesystem): this process's share of the hashing is lighter by it."""
 
 LCFS_VERSION = "1.0.8"
 """The libcomposefs release whose mkcomposefs output this writer reproduces."""
@@ -81,18 +84,30 @@ def write(tree: Tree, output: BinaryIO, options: ImageOptions) -> None:
     (:func:`reprobuild.images.composefs.store.fill_store`)."""
     _check_options(options)
     with collector_paused():  # the plan's objects all live until the image is written
-        write_image(layout_of(tree), output)
+        draft, known = _draft_and_digests(tree)
+        write_image(finish(draft, lambda entry: known[entry.path]), output)
 
 
 def write_with_store(tree: Tree, output: BinaryIO, options: ImageOptions, *,
                      digest_store: str) -> None:
     """Write the image of ``tree`` and put the files it stores by reference into the
     digest store at ``digest_store`` (each file hashed once for both)."""
+    from reprobuild.images.composefs.store import fill_store  # tempfile: only for a store
+
     _check_options(options)
-    known = content_digests(tree)
-    fill_store(tree, digest_store, known)
     with collector_paused():
-        write_image(plan(tree, lambda entry: known[entry.path]), output)
+        draft, known = _draft_and_digests(tree)
+        fill_store(tree, digest_store, known)
+        write_image(finish(draft, lambda entry: known[entry.path]), output)
+
+
+def _draft_and_digests(tree: Tree) -> tuple[Draft, dict[bytes, bytes]]:
+    """The plan's part that needs no digest, made while child processes hash the
+    files; then this process's share of the hashing."""
+    head_start = PREPARE_COST * len(tree)
+    with digests.hashing(digests.stored_by_reference(tree), head_start=head_start) as known:
+        draft = prepare(tree)
+        return draft, known()
 
 
 def read(path: str | bytes | os.PathLike[str]) -> Tree:

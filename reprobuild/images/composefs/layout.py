@@ -12,13 +12,16 @@ each inode on a 32-byte slot so that no inline tail crosses a block.
 from __future__ import annotations
 
 import stat
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from itertools import chain
+from stat import S_IFBLK, S_IFCHR, S_IFLNK, S_IFREG
 
 from reprobuild.errors import ImageError
 from reprobuild.images.composefs import ondisk
 from reprobuild.images.erofs.ondisk import BLOCK_SIZE, EROFS_SUPER_OFFSET, ISLOT_SIZE
-from reprobuild.trees.tree import Entry, EntryType, Tree
+from reprobuild.trees.tree import S_IFMT_OF_TYPE, Entry, EntryType, Tree
 
 SUPER_BLOCK_SIZE = 128
 DIRENT_SIZE = 12
@@ -38,16 +41,17 @@ class Node:
                  "size", "tail", "target", "uid", "unshared", "xattr_size", "xattrs")
 
     def __init__(self, entry: Entry) -> None:
-        self.mode = entry.st_mode
-        self.kind = stat.S_IFMT(self.mode)  # kept equal to S_IFMT(mode)
+        kind = self.kind = S_IFMT_OF_TYPE[entry.type]  # kept equal to S_IFMT(mode)
+        self.mode = kind | entry.mode
         self.uid = entry.uid
         self.gid = entry.gid
         self.mtime = divmod(entry.mtime_ns, 1_000_000_000)
-        self.size = entry.size if entry.type is EntryType.REGULAR else 0
+        content = entry.content
+        self.size = content.size if kind == S_IFREG and content is not None else 0
         self.rdev = (ondisk.encode_rdev(entry.rdev_major, entry.rdev_minor)
-                     if entry.type in (EntryType.CHAR, EntryType.BLOCK) else 0)
-        self.target = entry.target if entry.type is EntryType.SYMLINK else None
-        self.xattrs: dict[bytes, bytes] = dict(entry.xattrs)
+                     if kind in (S_IFCHR, S_IFBLK) else 0)
+        self.target = entry.target if kind == S_IFLNK else None
+        self.xattrs: dict[bytes, bytes] = dict(entry.xattrs) if entry.xattrs else {}
         self.children: list[tuple[bytes, Node, bool]] = []  # name, inode, is a link
         self.content: bytes | None = None  # inline file bytes
         self.digest: bytes | None = None
@@ -82,10 +86,28 @@ class Layout:
     n_data_blocks: int = 0
 
 
+@dataclass
+class Draft:
+    """The part of a plan that needs no content digest: the rewritten tree in inode
+    order, and the files stored by reference (in tree order) whose xattrs are to come."""
+
+    nodes: list[Node]
+    version: int
+    has_acl: bool
+    build_time: tuple[int, int]
+    by_reference: list[tuple[Node, Entry]]
+
+
 def plan(tree: Tree, digest_of: DigestOf) -> Layout:
     """The layout of ``tree``'s composefs image; ``digest_of`` gives a regular file's
     fs-verity sha256 digest (called once per inode stored by reference)."""
-    root, version = _rewrite(tree, digest_of)
+    return finish(prepare(tree), digest_of)
+
+
+def prepare(tree: Tree) -> Draft:
+    """What :func:`finish` completes once the content digests are known (the digests
+    only add xattrs, which share, size and place the inodes, not number them)."""
+    root, version, by_reference = _rewrite(tree)
     nodes = _breadth_first(root)
     build_time = min(node.mtime for node in nodes)
     has_acl = False
@@ -95,20 +117,34 @@ def plan(tree: Tree, digest_of: DigestOf) -> Layout:
                                  if not link and child.kind == stat.S_IFDIR)
         has_acl = has_acl or any(n in node.xattrs for n in (b"system.posix_acl_access",
                                                             b"system.posix_acl_default"))
-    layout = Layout(nodes, root, version, has_acl, build_time)
+    return Draft(nodes, version, has_acl, build_time, by_reference)
+
+
+def finish(draft: Draft, digest_of: DigestOf) -> Layout:
+    """The layout from a :func:`prepare` draft; ``digest_of`` as for :func:`plan`."""
+    for node, entry in draft.by_reference:  # metacopy and redirect
+        digest = node.digest = digest_of(entry)
+        text = digest.hex().encode()
+        # New names: user trusted.overlay.* names were escaped by _rewrite.
+        node.xattrs[ondisk.METACOPY] = _METACOPY_HEAD + digest
+        node.xattrs[ondisk.REDIRECT] = b"/" + text[:2] + b"/" + text[2:]
+    layout = Layout(draft.nodes, draft.nodes[0], draft.version, draft.has_acl,
+                    draft.build_time)
     _share_xattrs(layout)
     _place_inodes(layout)
     return layout
 
 
-def _rewrite(tree: Tree, digest_of: DigestOf) -> tuple[Node, int]:
-    """Nodes for the tree's inodes, with composefs's xattrs; the format version (1 when
-    the tree holds a whiteout device). One pass over the tree (a parent comes before
-    its children), then hardlinks, whiteouts and each directory's ``.`` and ``..``."""
+def _rewrite(tree: Tree) -> tuple[Node, int, list[tuple[Node, Entry]]]:
+    """Nodes for the tree's inodes, with composefs's xattrs but those of the files
+    stored by reference (listed instead); the format version (1 when the tree holds a
+    whiteout device). One pass over the tree (a parent comes before its children),
+    then hardlinks, whiteouts and each directory's ``.`` and ``..``."""
     nodes: dict[bytes, Node] = {}
     links: list[Entry] = []
     whiteouts: list[tuple[Node, Node]] = []
     directories: list[tuple[Node, Node]] = []  # a directory and its parent
+    by_reference: list[tuple[Node, Entry]] = []
     version = 0
     for entry in tree:
         path = entry.path
@@ -130,7 +166,7 @@ def _rewrite(tree: Tree, digest_of: DigestOf) -> tuple[Node, int]:
                     if len(node.content) != node.size:
                         raise ImageError(f"{entry.display()}: content changed while reading")
                 else:
-                    _by_reference(node, entry, digest_of(entry))
+                    by_reference.append((node, entry))
         elif node.kind == stat.S_IFDIR:
             directories.append((node, parent))
         elif node.kind == stat.S_IFCHR and node.rdev == 0:
@@ -151,7 +187,7 @@ def _rewrite(tree: Tree, digest_of: DigestOf) -> tuple[Node, int]:
         node.children.append((b".", node, True))
         node.children.append((b"..", parent, True))
         node.children.sort(key=_child_name)
-    return root, version
+    return root, version, by_reference
 
 
 def _child_name(child: tuple[bytes, Node, bool]) -> bytes:
@@ -181,11 +217,9 @@ def object_path(digest: bytes) -> str:
     return f"{text[:2]}/{text[2:]}"
 
 
-def _by_reference(node: Node, entry: Entry, digest: bytes) -> None:
-    node.digest = digest
-    metacopy = bytes((0, 4 + len(digest), 0, ondisk.FS_VERITY_HASH_ALG_SHA256)) + digest
-    node.set_xattr(ondisk.METACOPY, metacopy)
-    node.set_xattr(ondisk.REDIRECT, b"/" + object_path(digest).encode())
+_METACOPY_HEAD = bytes((0, 4 + 32, 0, ondisk.FS_VERITY_HASH_ALG_SHA256))
+"""A metacopy value before its sha256 digest (struct ovl_metacopy: version, length,
+flags, digest algorithm)."""
 
 
 def _escape_whiteout(node: Node, parent: Node, version: int) -> None:
@@ -227,34 +261,33 @@ def _breadth_first(root: Node) -> list[Node]:
 
 def _share_xattrs(layout: Layout) -> None:
     """xattrs (name and value) used by more than one inode go to the shared area, in
-    libcomposefs's order (names, then value lengths, then values, all descending)."""
-    uses: dict[tuple[bytes, bytes], int] = {}
-    for node in layout.nodes:
-        for item in node.xattrs.items():
-            uses[item] = uses.get(item, 0) + 1
+    libcomposefs's order (names, then value lengths, then values, all descending).
+    Each inode's xattr body size is set on the way."""
+    uses = Counter(chain.from_iterable(node.xattrs.items() for node in layout.nodes))
     shared = sorted((item for item, count in uses.items() if count > 1),
                     key=lambda item: (item[0], len(item[1]), item[1]), reverse=True)
     offsets: dict[tuple[bytes, bytes], int] = {}
     offset = 0
+    entry_size = ondisk.entry_size
     for name, value in shared:
         offsets[(name, value)] = offset
-        offset += ondisk.entry_size(name, value)
+        offset += entry_size(name, value)
     layout.shared_xattrs = shared
     layout.shared_size = offset
+    most = ondisk.MAX_SHARED_PER_INODE
     for node in layout.nodes:
-        for item in node.sorted_xattrs():
+        if not node.xattrs:
+            continue
+        size = 12
+        for item in sorted(node.xattrs.items()):
             at = offsets.get(item)
-            if at is not None and len(node.shared) < ondisk.MAX_SHARED_PER_INODE:
+            if at is not None and len(node.shared) < most:
                 node.shared.append(at)
+                size += 4
             else:
                 node.unshared.append(item)
-
-
-def xattr_body_size(node: Node) -> int:
-    """Bytes of the inode's xattr header, shared ids and inline entries (0: none)."""
-    if not node.shared and not node.unshared:
-        return 0
-    return 12 + 4 * len(node.shared) + sum(ondisk.entry_size(n, v) for n, v in node.unshared)
+                size += entry_size(*item)
+        node.xattr_size = size
 
 
 def _data_size(node: Node) -> None:
@@ -284,6 +317,10 @@ def _data_size(node: Node) -> None:
                 node.tail = 0
         else:
             node.tail = 4 * chunking(node.size)[1]
+
+
+ONE_CHUNK_MAX = 1 << (12 + 31)
+"""A file stored by reference of up to this size has one chunk (see :func:`chunking`)."""
 
 
 def chunking(size: int) -> tuple[int, int]:
@@ -329,13 +366,19 @@ def _tail_padding(node: Node, pos: int, inode_size: int, xattr_size: int) -> int
 
 def _place_inodes(layout: Layout) -> None:
     pos = EROFS_SUPER_OFFSET + SUPER_BLOCK_SIZE
+    build_time = layout.build_time
     for node in layout.nodes:
-        _data_size(node)
-        size = inode_size_field(node)
-        node.compact = (node.mtime == layout.build_time and node.nlink <= U16
+        if node.digest is not None:  # stored by reference: no data, its chunk indexes
+            size = node.size
+            node.n_blocks = 0
+            node.tail = 4 if size <= ONE_CHUNK_MAX else 4 * chunking(size)[1]
+        else:
+            _data_size(node)
+            size = inode_size_field(node)
+        node.compact = (node.mtime == build_time and node.nlink <= U16
                         and node.uid <= U16 and node.gid <= U16 and size <= U32)
         inode_size = COMPACT_SIZE if node.compact else EXTENDED_SIZE
-        xattr_size = node.xattr_size = xattr_body_size(node)
+        xattr_size = node.xattr_size
         start = -(-pos // ISLOT_SIZE) * ISLOT_SIZE
         pad = _tail_padding(node, start, inode_size, xattr_size)
         node.ipad = start - pos + pad

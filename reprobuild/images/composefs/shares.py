@@ -18,7 +18,7 @@ import contextlib
 import os
 import signal
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 from reprobuild.trees.tree import Entry
 
@@ -29,6 +29,7 @@ FILE_COST = 16 << 10
 """What opening a file costs, counted in bytes read (measured on a root filesystem)."""
 
 Work = Callable[[Sequence[Entry]], bytes]
+_ENDING = (signal.SIGINT, signal.SIGTERM)
 
 
 def process_count(files: int, processes: int | None) -> int:
@@ -40,13 +41,15 @@ def process_count(files: int, processes: int | None) -> int:
     return max(wanted, 1)
 
 
-def shares(entries: Sequence[Entry], count: int) -> list[Sequence[Entry]]:
+def shares(entries: Sequence[Entry], count: int, *, head_start: int = 0) -> list[Sequence[Entry]]:
     """``entries`` cut into at most ``count`` runs of about equal work (bytes, plus
-    what a file's open costs), none empty (one empty run for no entries)."""
+    what a file's open costs), none empty (one empty run for no entries). The first run
+    is ``head_start`` (in the same units) lighter: this process has other work to do."""
     costs = [e.size + FILE_COST for e in entries]
-    total = sum(costs)
+    total = sum(costs) + head_start
     runs: list[Sequence[Entry]] = []
-    start = done = 0
+    start = 0
+    done = head_start
     for index, cost in enumerate(costs):
         done += cost
         if len(runs) < count - 1 and done * count >= total * (len(runs) + 1):
@@ -60,18 +63,33 @@ def shares(entries: Sequence[Entry], count: int) -> list[Sequence[Entry]]:
 def in_processes(entries: Sequence[Entry], work: Work, *,
                  processes: int | None = None) -> list[bytes]:
     """``work`` of each share of ``entries``, in order; see the module's description."""
-    runs = shares(entries, process_count(len(entries), processes))
+    with started(entries, work, processes=processes) as results:
+        return results()
+
+
+@contextlib.contextmanager
+def started(entries: Sequence[Entry], work: Work, *, processes: int | None = None,
+            head_start: int = 0) -> Iterator[Callable[[], list[bytes]]]:
+    """The children for every share of ``entries`` but the first, forked now; yields a
+    function that does the first share here (do other work before calling it; the first
+    share is ``head_start`` lighter for it) and returns ``work`` of each share, in order.
+    Children left when the block ends (an error, an interruption) are ended."""
+    runs = shares(entries, process_count(len(entries), processes), head_start=head_start)
     children: list[tuple[int, int] | None] = []  # for runs[1:]; None: done here
+
+    def results() -> list[bytes]:
+        found = [work(runs[0])]
+        for index, run in enumerate(runs[1:]):
+            child, children[index] = children[index], None
+            result = None if child is None else _collect(*child)
+            found.append(work(run) if result is None else result)
+        return found
+
     try:
         for run in runs[1:]:  # after a fork fails (a process limit), no more tries
             failed = bool(children) and children[-1] is None
             children.append(None if failed else _forked(run, work))
-        results = [work(runs[0])]
-        for index, run in enumerate(runs[1:]):
-            child, children[index] = children[index], None
-            found = None if child is None else _collect(*child)
-            results.append(work(run) if found is None else found)
-        return results
+        yield results
     finally:  # an error or an interruption here: the children left are ended
         for child in children:
             if child is not None:
@@ -89,21 +107,28 @@ def _forked(run: Sequence[Entry], work: Work) -> tuple[int, int] | None:
         read_end, write_end = os.pipe()
     except OSError:
         return None
+    # SIGINT and SIGTERM held back over the fork, so that a child takes them (as the
+    # KeyboardInterrupt of reprobuild's handler) only inside the block that ends it:
+    # never in its copy of this process's stack.
+    mask = signal.pthread_sigmask(signal.SIG_BLOCK, _ENDING)
     try:
         pid = os.fork()
     except OSError:
+        signal.pthread_sigmask(signal.SIG_SETMASK, mask)
         os.close(read_end)
         os.close(write_end)
         return None
     if pid == 0:  # the child: the result out, then leave without running any cleanup
         code = 1
         try:
+            signal.pthread_sigmask(signal.SIG_SETMASK, mask)
             os.close(read_end)
             with open(write_end, "wb") as out:
                 out.write(b"\1" + work(run))
             code = 0
         finally:
             os._exit(code)
+    signal.pthread_sigmask(signal.SIG_SETMASK, mask)
     os.close(write_end)
     return pid, read_end
 

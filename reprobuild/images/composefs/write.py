@@ -4,6 +4,7 @@ symlink blocks, in the order libcomposefs 1.0.8 writes them."""
 
 from __future__ import annotations
 
+import functools
 import stat
 from typing import BinaryIO
 
@@ -30,6 +31,7 @@ from reprobuild.images.erofs.ondisk import (
 _FILE_TYPE = {stat.S_IFREG: 1, stat.S_IFDIR: 2, stat.S_IFCHR: 3, stat.S_IFBLK: 4,
               stat.S_IFIFO: 5, stat.S_IFSOCK: 6, stat.S_IFLNK: 7}
 _NULL_CHUNK = NULL_ADDR.to_bytes(4, "little")
+_PADDING = (b"", bytes(1), bytes(2), bytes(3))
 
 
 def write_image(layout: Layout, output: BinaryIO) -> None:
@@ -102,11 +104,16 @@ def _xattrs(out: bytearray, node: Node, shared_base: int) -> None:
 
 
 def _xattr_entry(out: bytearray, name: bytes, value: bytes) -> None:
-    index, suffix = ondisk.split_name(name)
-    out += EROFS_XATTR_ENTRY.pack(len(suffix), index, len(value))
-    out += suffix
+    out += _entry_head(name, len(value))
     out += value
-    out += bytes(-len(out) % 4)
+    out += _PADDING[-len(out) % 4]
+
+
+@functools.lru_cache(maxsize=4096)
+def _entry_head(name: bytes, value_size: int) -> bytes:
+    """An erofs_xattr_entry and its name suffix (the same for many inodes)."""
+    index, suffix = ondisk.split_name(name)
+    return EROFS_XATTR_ENTRY.pack(len(suffix), index, value_size) + suffix
 
 
 def _dirents(out: bytearray, children: list[tuple[bytes, Node, bool]]) -> None:
