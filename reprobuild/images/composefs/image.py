@@ -42,6 +42,7 @@ records its fs-verity digest, the composefs digest) and its digest store as STOR
 so ``mount.composefs -o basedir=OUT/objects OUT/image.cfs`` mounts it."""
 
 READER = "reprobuild.images.composefs.read"
+STORE = "reprobuild.images.composefs.store"  # tempfile and shutil: only for a store
 """The reader (with the EROFS reader under it), loaded only to read an image back."""
 
 PREPARE_COST = 8 << 10
@@ -92,12 +93,11 @@ def write_with_store(tree: Tree, output: BinaryIO, options: ImageOptions, *,
                      digest_store: str) -> None:
     """Write the image of ``tree`` and put the files it stores by reference into the
     digest store at ``digest_store`` (each file hashed once for both)."""
-    from reprobuild.images.composefs.store import fill_store  # tempfile: only for a store
-
     _check_options(options)
+    store = importlib.import_module(STORE)
     with collector_paused():
         draft, known = _draft_and_digests(tree)
-        fill_store(tree, digest_store, known)
+        store.fill_store(tree, digest_store, known)
         write_image(finish(draft, lambda entry: known[entry.path]), output)
 
 
