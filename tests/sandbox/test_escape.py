@@ -157,7 +157,7 @@ def escape(unprivileged: Unprivileged, sandbox_driver: Driver) -> Iterator[dict[
                     "dd if=/dev/zero of=$d/f bs=1M count=64 2>/dev/null; echo $d=$?; done; "
                     "df -k /tmp /dev/shm /build",
                     timeout=30, limits={"tmp": 8 << 20, "shm": 4 << 20}),
-        busybox_run("fork_bomb", "b() { b | b & }; b; sleep 60",
+        busybox_run("fork_bomb", "sh -c 'while :; do sleep 60 & done'; exec sleep 60",
                     timeout=60, limits={"pids": 64}),
         busybox_run("memory_hogs",
                     "for i in 1 2 3 4 5 6 7 8; do "
