@@ -63,7 +63,7 @@ def test_a_tar_image_loads_the_tar_writer_and_nothing_heavy(tmp_path: Path) -> N
     assert loaded(modules, TAR_IMAGE_NEVER) == []
 
 
-@pytest.mark.parametrize("fmt", ["tar", "cpio", "erofs", "composefs"])
+@pytest.mark.parametrize("fmt", ["tar", "cpio", "erofs", "composefs", "vfat"])
 def test_an_image_of_a_directory_loads_no_archive_reader(tmp_path: Path, fmt: str) -> None:
     source = tmp_path / "tree"
     (source / "etc").mkdir(parents=True)
