@@ -14,6 +14,7 @@ import os
 import signal
 import sys
 from collections.abc import Sequence
+from typing import Any
 
 from reprobuild import __version__
 from reprobuild.errors import ReprobuildError
@@ -62,6 +63,37 @@ def create_default_store(path: str) -> None:
         os.mkdir(path, 0o700)
 
 
+def terminal_columns() -> int:
+    """The width argparse would read through ``shutil.get_terminal_size``: $COLUMNS, else
+    the terminal's, else 80."""
+    with contextlib.suppress(KeyError, ValueError):
+        columns = int(os.environ["COLUMNS"])
+        if columns > 0:
+            return columns
+    try:
+        return os.get_terminal_size(sys.__stdout__.fileno()).columns or 80  # type: ignore[union-attr]
+    except (AttributeError, ValueError, OSError):  # no stdout (None), closed, not a tty
+        return 80
+
+
+class HelpFormatter(argparse.HelpFormatter):
+    """argparse's formatter, sized without importing shutil: argparse makes a formatter
+    for every argument added, and shutil loads bz2 and lzma, which no command needs."""
+
+    def __init__(self, prog: str, indent_increment: int = 2, max_help_position: int = 24,
+                 width: int | None = None) -> None:
+        super().__init__(prog, indent_increment, max_help_position,
+                         terminal_columns() - 2 if width is None else width)
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """A parser (and, through ``add_subparsers``, its subparsers) using HelpFormatter."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("formatter_class", HelpFormatter)
+        super().__init__(*args, **kwargs)
+
+
 def _common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--store", metavar="DIR", default=None,
                         help="store directory (default: $XDG_CACHE_HOME/reprobuild)")
@@ -70,7 +102,7 @@ def _common(parser: argparse.ArgumentParser) -> None:
 
 
 def build_parser(argv: Sequence[str]) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog="reprobuild",
         description="Build reproducible filesystem and disk images from recipes.")
     parser.add_argument("--version", action="version", version=f"reprobuild {__version__}")

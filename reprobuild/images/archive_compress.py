@@ -6,19 +6,23 @@ zlib-ng, or two libzstd releases, compress the same input differently), so
 ``zstandard`` wheel our dependency pins (level 9, one thread, content size unknown to
 the frame header as the archive is streamed); gzip uses the host's zlib (level 6, mtime
 0, no file name, OS byte 255). Without ``compress`` (or ``"none"``) archives are plain.
+
+The compressor modules are loaded when a compressor is asked for: a plain archive costs
+neither ``gzip`` nor ``zstandard`` at start-up.
 """
 
 from __future__ import annotations
 
 import contextlib
-import gzip
+import importlib
 import zlib
 from collections.abc import Iterator
 from typing import BinaryIO, cast
 
-import zstandard
-
 from reprobuild.errors import ImageError
+
+GZIP = "gzip"
+ZSTANDARD = "zstandard"
 
 COMPRESSORS = ("none", "zstd", "gzip")
 ZSTD_LEVEL = 9
@@ -38,6 +42,7 @@ def compressor_identity(compress: str | None) -> dict[str, str]:
     """What besides the options changes the compressed bytes: the library and version."""
     name = compress or "none"
     if name == "zstd":
+        zstandard = importlib.import_module(ZSTANDARD)
         return {"compressor": f"zstandard {zstandard.__version__}, libzstd "
                               f"{zstandard.ZSTD_VERSION[0]}.{zstandard.ZSTD_VERSION[1]}."
                               f"{zstandard.ZSTD_VERSION[2]}"}
@@ -56,10 +61,12 @@ def compressed_writer(output: BinaryIO, compress: str) -> Iterator[BinaryIO]:
         yield output
         return
     if compress == "gzip":
+        gzip = importlib.import_module(GZIP)
         with gzip.GzipFile(filename="", mode="wb", fileobj=output, compresslevel=GZIP_LEVEL,
                            mtime=0) as stream:
             yield cast(BinaryIO, stream)
         return
+    zstandard = importlib.import_module(ZSTANDARD)
     params = zstandard.ZstdCompressor(level=ZSTD_LEVEL, threads=0, write_checksum=True)
     with params.stream_writer(output, closefd=False, write_size=1 << 20) as writer:
         yield cast(BinaryIO, writer)

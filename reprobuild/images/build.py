@@ -21,23 +21,23 @@ import contextlib
 import functools
 import importlib
 import os
-import shutil
-import tempfile
 from collections.abc import Callable, Iterator, Mapping
 from typing import TYPE_CHECKING, Any, BinaryIO
 
 from reprobuild.errors import ImageError, disk_full
 from reprobuild.images.registry import ImageOptions, OptionValue, get_format
-from reprobuild.trees.load import load_tree
-from reprobuild.trees.oci import DEFAULT_PLATFORM
-from reprobuild.trees.tar_reader import Spool
+from reprobuild.trees.load import DEFAULT_PLATFORM, load_tree
 
 if TYPE_CHECKING:
+    from reprobuild.trees.tar_reader import Spool
     from reprobuild.trees.tree import Tree
 
 WriteImage = Callable[["Tree", BinaryIO, ImageOptions], None]
 # Loaded only for an image with overrides (it reads TOML).
 OVERRIDES = "reprobuild.trees.overrides"
+TAR_READER = "reprobuild.trees.tar_reader"
+TEMPFILE = "tempfile"  # makes a spool directory; it loads shutil, bz2 and lzma
+SHUTIL = "shutil"  # removes a spool: loaded only when one was made (it loads bz2 and lzma)
 
 
 def options_from_json(epoch: int, options: Mapping[str, Any]) -> ImageOptions:
@@ -49,18 +49,28 @@ def options_from_json(epoch: int, options: Mapping[str, Any]) -> ImageOptions:
 
 
 @contextlib.contextmanager
-def scratch_spool(scratch: str | None) -> Iterator[Spool]:
-    """A spool in a fresh directory under ``scratch`` (None: ``$TMPDIR``), removed
-    afterwards."""
+def scratch_spool(scratch: str | None) -> Iterator[Callable[[], Spool]]:
+    """A function that makes (once) a spool in a fresh directory under ``scratch``
+    (None: ``$TMPDIR``); the directory, if it was made, is removed afterwards. A
+    directory source never calls it: no directory and no tar reader for it."""
+    made: list[Spool] = []
+
+    def spool() -> Spool:
+        if not made:
+            try:
+                tempfile = importlib.import_module(TEMPFILE)
+                directory = tempfile.mkdtemp(prefix="reprobuild-spool-", dir=scratch)
+            except OSError as exc:
+                raise ImageError(f"cannot make a spool directory in "
+                                 f"{scratch or '$TMPDIR'}: {exc.strerror}") from None
+            made.append(importlib.import_module(TAR_READER).Spool(directory))
+        return made[0]
+
     try:
-        directory = tempfile.mkdtemp(prefix="reprobuild-spool-", dir=scratch)
-    except OSError as exc:
-        raise ImageError(f"cannot make a spool directory in {scratch or '$TMPDIR'}: "
-                         f"{exc.strerror}") from None
-    try:
-        yield Spool(directory)
+        yield spool
     finally:
-        shutil.rmtree(directory, ignore_errors=True)
+        for each in made:
+            importlib.import_module(SHUTIL).rmtree(each.directory, ignore_errors=True)
 
 
 def build_tree_image(fmt_name: str, source: str, output: str, options: ImageOptions, *,
@@ -102,11 +112,24 @@ def build_tree_image(fmt_name: str, source: str, output: str, options: ImageOpti
             raise full from None
 
 
+def _create_partial(directory: str, name: str) -> tuple[int, str]:
+    """A new file ``NAME.tmp-PID-N`` in ``directory``, made exclusively (mode 0600, as
+    ``tempfile.mkstemp`` makes it, without loading tempfile and through it shutil)."""
+    flags = os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
+    for attempt in range(10_000):
+        partial = os.path.join(directory, f"{name}.tmp-{os.getpid()}-{attempt}")
+        try:
+            return os.open(partial, flags, 0o600), partial
+        except FileExistsError:
+            continue
+    raise FileExistsError(f"no free name for a partial image {name}.tmp-* in {directory}")
+
+
 def _write_atomically(write: WriteImage, tree: Tree, output: str, options: ImageOptions,
                       *, sync: bool) -> int:
     directory = os.path.dirname(os.path.abspath(output))
     try:
-        fd, partial = tempfile.mkstemp(dir=directory, prefix=os.path.basename(output) + ".tmp-")
+        fd, partial = _create_partial(directory, os.path.basename(output))
     except OSError as exc:
         raise ImageError(f"cannot create the image beside {output}: {exc.strerror}",
                          hint="the output's directory must exist and be writable") from None

@@ -22,14 +22,11 @@ for an initramfs (:mod:`reprobuild.images.archive_compress`).
 
 from __future__ import annotations
 
-import lzma
+import importlib
 import os
 import struct
-import zlib
 from dataclasses import dataclass
 from typing import BinaryIO, NamedTuple, NoReturn
-
-import zstandard
 
 from reprobuild.errors import ImageError
 from reprobuild.images.archive_compress import (
@@ -43,11 +40,6 @@ from reprobuild.images.tar import check_archive_options
 from reprobuild.trees.builder import TreeBuilder
 from reprobuild.trees.gcpause import collector_paused
 from reprobuild.trees.region import file_region
-from reprobuild.trees.tar_reader import (
-    default_spool,
-    detect_compression,
-    open_decompressed,
-)
 from reprobuild.trees.tree import (
     S_IFMT_OF_TYPE,
     Content,
@@ -60,6 +52,9 @@ from reprobuild.trees.tree import (
 )
 
 VERSION = "1"
+
+# Loaded by read() alone (with tarfile and the decompressors): writing needs no reader.
+TAR_READER = "reprobuild.trees.tar_reader"
 
 NEWC_MAGIC = b"070701"
 CRC_MAGIC = b"070702"
@@ -299,15 +294,17 @@ def identity(options: ImageOptions) -> dict[str, str]:
 
 def _uncompressed(path: bytes) -> bytes:
     """``path`` itself, or a spooled, decompressed copy of a compressed archive."""
+    tar_reader = importlib.import_module(TAR_READER)
     with open(path, "rb") as raw:
-        compression = detect_compression(raw.read(6))
+        compression = tar_reader.detect_compression(raw.read(6))
         if compression is None:
             return path
         raw.seek(0)
         try:
-            with open_decompressed(raw, compression) as stream:
-                content = default_spool().store(stream, None, path.decode(errors="replace"))
-        except (OSError, EOFError, zlib.error, lzma.LZMAError, zstandard.ZstdError) as exc:
+            with tar_reader.open_decompressed(raw, compression) as stream:
+                content = tar_reader.default_spool().store(stream, None,
+                                                           path.decode(errors="replace"))
+        except tar_reader.DECOMPRESS_ERRORS as exc:
             raise ImageError(f"{path.decode(errors='replace')}: cannot decompress ({exc})"
                              ) from None
     assert isinstance(content.source, FileSource)

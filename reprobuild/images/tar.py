@@ -30,9 +30,10 @@ Sockets cannot be stored in tar and are refused.
 
 from __future__ import annotations
 
+import importlib
 import struct
 from collections.abc import Iterator
-from typing import BinaryIO, NamedTuple, NoReturn
+from typing import BinaryIO, NamedTuple, NoReturn, cast
 from zlib import adler32
 
 from reprobuild.errors import ImageError
@@ -44,10 +45,11 @@ from reprobuild.images.archive_compress import (
 from reprobuild.images.contents import ContentStreamer
 from reprobuild.images.registry import ImageOptions
 from reprobuild.trees.gcpause import collector_paused
-from reprobuild.trees.tar_reader import tree_from_tar
 from reprobuild.trees.tree import Content, Entry, EntryType, Tree, path_key
 
 VERSION = "2"
+# Loaded by read() alone: writing a tar needs no tar reader (nor tarfile, lzma, bz2).
+TAR_READER = "reprobuild.trees.tar_reader"
 
 BLOCK = 512
 RECORD = 10240
@@ -380,7 +382,7 @@ def _write_content(member: TarMember, output: BinaryIO, reader: ContentStreamer,
 
 def read(path: str | bytes) -> Tree:
     """Read a tar (ours or any other) back into a tree; contents stay in the archive."""
-    return tree_from_tar(path)
+    return cast(Tree, importlib.import_module(TAR_READER).tree_from_tar(path))
 
 
 def identity(options: ImageOptions) -> dict[str, str]:

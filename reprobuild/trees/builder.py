@@ -18,17 +18,25 @@ layer made. :class:`TreeBuilder` keeps that mutable state and produces a canonic
 from __future__ import annotations
 
 from collections.abc import Iterator
-from dataclasses import dataclass, replace
+from dataclasses import replace
 
 from reprobuild.errors import ImageError
 from reprobuild.trees.tree import Entry, EntryType, Tree, sort_key
 
 
-@dataclass(frozen=True)
 class _Link:
-    """A path that names a regular-file inode (inode metadata lives in ``inodes``)."""
+    """A path that names a regular-file inode (inode metadata lives in ``inodes``).
 
-    inode: int
+    A plain slotted class, not a dataclass: it is only made, tested with isinstance and
+    read, and a dataclass costs every start-up the making of its methods."""
+
+    __slots__ = ("inode",)
+
+    def __init__(self, inode: int) -> None:
+        self.inode = inode
+
+    def __repr__(self) -> str:
+        return f"_Link(inode={self.inode})"
 
 
 def _show(path: bytes) -> str:

@@ -8,21 +8,34 @@ each. (:mod:`reprobuild.trees.tree` re-exports these names.)
 
 from __future__ import annotations
 
+import functools
+import importlib
 import io
 import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import BinaryIO, Protocol
-
-import blake3
+from typing import TYPE_CHECKING, BinaryIO, Protocol, cast
 
 from reprobuild.errors import ImageError
 from reprobuild.trees.region import FileRegion
 
+if TYPE_CHECKING:
+    from blake3 import blake3 as Blake3
+
 CHUNK = 1 << 20
 """Read size when streaming file contents."""
 
-ZERO_BLAKE3 = blake3.blake3(b"").digest()
+ZERO_BLAKE3 = bytes.fromhex("af1349b9f5f9a1a6a0404dea36dcc9499bcb25c9adc112b7cc9a93cae41f3262")
+"""The blake3 digest of no bytes (a test checks it against the library)."""
+
+BLAKE3 = "blake3"
+
+
+@functools.cache
+def _blake3() -> type[Blake3]:
+    # The hasher class, its library loaded on the first content hashed: a format that
+    # never hashes a file's bytes (tar, cpio of a directory) does not load it at start-up.
+    return cast("type[Blake3]", importlib.import_module(BLAKE3).blake3)
 
 
 class ContentSource(Protocol):
@@ -87,7 +100,7 @@ class Content:
         return self._computed_blake3
 
     def _digest(self) -> bytes:
-        hasher = blake3.blake3()
+        hasher = _blake3()()
         size = 0
         for chunk in self.chunks():
             hasher.update(chunk)
@@ -114,7 +127,7 @@ class Content:
 
     @staticmethod
     def from_bytes(data: bytes) -> Content:
-        return Content(len(data), BytesSource(data), blake3.blake3(data).digest())
+        return Content(len(data), BytesSource(data), _blake3()(data).digest())
 
 
 class ContentReader:

@@ -28,6 +28,8 @@ from typing import Any
 
 from reprobuild.errors import ImageError
 from reprobuild.trees.builder import TreeBuilder
+from reprobuild.trees.load import DEFAULT_PLATFORM as DEFAULT_PLATFORM
+from reprobuild.trees.load import is_oci_layout as is_oci_layout
 from reprobuild.trees.tar_reader import Spool, iter_members
 from reprobuild.trees.tree import Entry, EntryType, Tree
 
@@ -48,13 +50,6 @@ LAYER_TYPES = (
     "application/vnd.docker.image.rootfs.diff.tar.gzip",
     "application/vnd.docker.image.rootfs.diff.tar",
 )
-DEFAULT_PLATFORM = ("linux", "amd64")
-
-
-def is_oci_layout(path: bytes | str) -> bool:
-    """Whether ``path`` is a directory holding an OCI image layout."""
-    path = os.fsencode(path)
-    return os.path.isfile(path + b"/oci-layout") and os.path.isfile(path + b"/index.json")
 
 
 @dataclass(frozen=True)

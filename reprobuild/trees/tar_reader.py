@@ -130,6 +130,9 @@ class _Clamped:
 
 
 _ZEROS = bytes(CHUNK)
+# What a damaged compressed stream raises while it is read through open_decompressed.
+DECOMPRESS_ERRORS: tuple[type[Exception], ...] = (EOFError, OSError, zlib.error,
+                                                  lzma.LZMAError, zstandard.ZstdError)
 
 
 class Spool:

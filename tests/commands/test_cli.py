@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import subprocess
@@ -199,3 +200,17 @@ def test_size_too_small_names_the_recipe_key(tmp_path: Path) -> None:
     assert "in [images.root]" in err and "size = " in err, err
     assert "--size" not in err
 
+
+
+@pytest.mark.parametrize("columns", ["50", "133", "", "junk"])
+def test_help_is_as_wide_as_argparse_makes_it(monkeypatch: pytest.MonkeyPatch,
+                                              columns: str) -> None:
+    # Our formatter sizes help without loading shutil; the text must be argparse's own.
+    monkeypatch.setenv("COLUMNS", columns)
+    parser = cli.build_parser(["image", "--help"])
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    image = sub.choices["image"]
+    assert parser.formatter_class is image.formatter_class is cli.HelpFormatter
+    ours = parser.format_help(), image.format_help(), image.format_usage()
+    parser.formatter_class = image.formatter_class = argparse.HelpFormatter
+    assert ours == (parser.format_help(), image.format_help(), image.format_usage())

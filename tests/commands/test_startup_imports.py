@@ -30,6 +30,10 @@ HEAVY = ("dask", "distributed", "boto3", "botocore", "cryptography", "urllib3", 
 TAR_IMAGE_NEVER = (*HEAVY, "reprobuild.trees.overrides", "tomllib", "traceback",
                    "difflib", "reprobuild.images.ext4", "reprobuild.images.squashfs",
                    "reprobuild.images.composefs")
+# A directory source needs neither the tar nor the OCI reader, nor what they load; a
+# plain archive needs no compressor; shutil (loaded by tempfile) loads bz2 and lzma.
+DIRECTORY_SOURCE_NEVER = ("tarfile", "lzma", "bz2", "gzip", "zstandard", "shutil",
+                          "tempfile", "reprobuild.trees.oci", "reprobuild.trees.tar_reader")
 HELP_NEVER = (*TAR_IMAGE_NEVER, "reprobuild.images.build", "reprobuild.trees.load",
               "reprobuild.trees.tree", "reprobuild.trees.tar_reader", "blake3",
               "zstandard")
@@ -57,6 +61,33 @@ def test_a_tar_image_loads_the_tar_writer_and_nothing_heavy(tmp_path: Path) -> N
     assert code == 0 and (tmp_path / "out.tar").stat().st_size > 0
     assert "reprobuild.images.tar" in modules and "reprobuild.trees.directory" in modules
     assert loaded(modules, TAR_IMAGE_NEVER) == []
+
+
+@pytest.mark.parametrize("fmt", ["tar", "cpio", "erofs", "composefs", "vfat"])
+def test_an_image_of_a_directory_loads_no_archive_reader(tmp_path: Path, fmt: str) -> None:
+    source = tmp_path / "tree"
+    (source / "etc").mkdir(parents=True)
+    (source / "etc" / "hostname").write_text("box\n")
+    output = tmp_path / f"out.{fmt}"
+    code, modules = imported("image", "--format", fmt, str(source), str(output))
+    assert code == 0 and output.stat().st_size > 0
+    assert "reprobuild.trees.directory" in modules
+    assert loaded(modules, DIRECTORY_SOURCE_NEVER) == []
+    # The archives hash no file's bytes (erofs and vfat derive their UUIDs with blake3).
+    assert ("blake3" in modules) == (fmt in ("erofs", "vfat"))
+    # The partial image was renamed into place: nothing else is left beside it.
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["tree", output.name])
+
+
+def test_an_image_of_a_tar_still_loads_the_tar_reader(tmp_path: Path) -> None:
+    source = tmp_path / "tree"
+    (source / "etc").mkdir(parents=True)
+    (source / "etc" / "hostname").write_text("box\n")
+    assert imported("image", "--format", "tar", str(source), str(tmp_path / "a.tar"))[0] == 0
+    code, modules = imported("image", "--format", "cpio", str(tmp_path / "a.tar"),
+                             str(tmp_path / "b.cpio"))
+    assert code == 0 and (tmp_path / "b.cpio").stat().st_size > 0
+    assert "reprobuild.trees.tar_reader" in modules
 
 
 @pytest.mark.parametrize("argv", [("image", "--help"), ("--help",), ("image",)])

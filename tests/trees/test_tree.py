@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import blake3
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
@@ -13,6 +14,8 @@ from reprobuild.errors import ImageError
 from reprobuild.trees.diff import diff_trees
 from reprobuild.trees.directory import tree_from_directory
 from reprobuild.trees.tree import (
+    ZERO_BLAKE3,
+    BytesSource,
     Content,
     Entry,
     EntryType,
@@ -108,3 +111,12 @@ def test_canonical_names_are_what_the_checked_path_gives(name: bytes) -> None:
     canonical = canonical_relative_path(name)
     if canonical is not None:
         assert check_relative_path(name, "test") == canonical
+
+
+def test_blake3_digests_are_the_library_s() -> None:
+    # Content loads the hash library on first use, and writes the empty digest out.
+    assert blake3.blake3(b"").digest() == ZERO_BLAKE3
+    data = b"reprobuild\n" * 100_000
+    assert Content.from_bytes(data).blake3 == blake3.blake3(data).digest()
+    assert Content(len(data), BytesSource(data)).blake3 == blake3.blake3(data).digest()
+    assert Content(0, BytesSource(b"")).blake3 == ZERO_BLAKE3
