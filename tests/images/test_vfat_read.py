@@ -81,7 +81,7 @@ def test_diff_reads_vfat_images(tmp_path: Path) -> None:
 
 
 # -- determinism -------------------------------------------------------------------------
-GOLDEN = "7318395d9ccb3dabc250ee49b50c4717c003406e33bdc577ff485f7d5c58caf2"
+GOLDEN = "523e8dc2d082754e50210a27c77b6c9755bda4e588a9906b861a365e32e936a8"
 
 
 def test_golden_digest() -> None:

@@ -110,12 +110,12 @@ def write_image(layout: Layout, output: BinaryIO, seed: bytes,
     if b"" not in layout.extents:  # the FAT12/16 root has its own area
         output.seek(geometry.root_start * SECTOR)
         output.write(layout.directories[b""])
-    # The derived volume id hashes every directory and file byte: skipped when given.
-    hasher = (blake3.blake3(b"reprobuild vfat volume id v1\0" + seed + b"\0")
+    # The derived volume id hashes the FAT12/16 root area and the data area as written
+    # (every directory, file and padding byte): skipped when given.
+    hasher = (blake3.blake3(b"reprobuild vfat volume id v2\0" + seed + b"\0")
               if volume_id is None else None)
-    if hasher is not None:
-        for path, raw in layout.directories.items():
-            hasher.update(len(path).to_bytes(4, "little") + path + raw)
+    if hasher is not None and b"" not in layout.extents:
+        hasher.update(layout.directories[b""])
     write_data_area(layout, output, hasher)
     if hasher is not None:
         volume_id = int.from_bytes(hasher.digest(length=4), "little")
