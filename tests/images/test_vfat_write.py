@@ -5,7 +5,9 @@ under the writer is refused with its path."""
 
 from __future__ import annotations
 
+import errno
 import os
+import threading
 from pathlib import Path
 
 import pytest
@@ -98,11 +100,36 @@ def test_a_file_changed_after_the_walk_is_refused(
             stream.write(change)
     else:
         changed.write_bytes(b"short")
+    threads = threading.active_count()
     got = "more than 10000" if change else "5"
     with pytest.raises(ImageError, match=rf"/big/f10000: content is {got} bytes, expected "
                                          r"10000") as caught:
         to_file(tree, tmp_path / "out.img")
     assert caught.value.hint == "do not modify the source tree during a build"
+    assert threading.active_count() == threads  # the writer thread was stopped
+
+
+@pytest.mark.parametrize("volume_id", [None, "ABCD-1234"], ids=["derived", "given"])
+def test_a_failed_write_is_raised_and_stops_the_writer(
+        volume_id: str | None, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(data, "BATCH", 3000)  # many buffers: the writer thread runs
+    real = os.pwrite
+    calls = []
+
+    def full_after_five(fd: int, piece: memoryview, offset: int) -> int:
+        calls.append(offset)
+        if len(calls) > 5:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real(fd, piece, offset)
+
+    monkeypatch.setattr(os, "pwrite", full_after_five)
+    threads = threading.active_count()
+    extra = {"volume_id": volume_id} if volume_id else {}
+    with pytest.raises(OSError) as caught:
+        to_file(many_files_tree(), tmp_path / "full.img", **extra)
+    assert caught.value.errno == errno.ENOSPC
+    assert len(calls) == 6  # nothing more was tried after the failure
+    assert threading.active_count() == threads
 
 
 def test_a_vanished_file_is_refused(tmp_path: Path) -> None:
