@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from reprobuild.trees.tree import Content, Entry, EntryType
-from tests.images.vfat_images import SAMPLE_IDS, SAMPLE_TYPES, image_of, write_sample_image
+from tests.images.vfat_images import image_of
 from tests.images.vfat_qemu import (
     expected_listing,
     fetch_kernel,
@@ -18,12 +18,6 @@ from tests.images.vfat_qemu import (
     startup_script,
 )
 from tests.images.vfat_trees import fat_view, vfat_tree
-
-
-@pytest.fixture(scope="module", params=SAMPLE_TYPES, ids=SAMPLE_IDS)
-def sample_image(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
-                 ) -> Path:
-    return write_sample_image(request.param, tmp_path_factory.mktemp("vfat"))
 
 
 # -- the kernel ---------------------------------------------------------------------------

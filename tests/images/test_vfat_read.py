@@ -19,19 +19,10 @@ from reprobuild.trees.tree import Content, Entry, EntryType, Tree
 from tests.conftest import Unprivileged
 from tests.images.hostconditions import CONDITIONS, Condition, build_under_conditions, write_tree
 from tests.images.vfat_images import (
-    SAMPLE_IDS,
-    SAMPLE_TYPES,
     file,
     image_of,
-    write_sample_image,
 )
 from tests.images.vfat_trees import EPOCH, fat_seconds, fat_view, vfat_tree
-
-
-@pytest.fixture(scope="module", params=SAMPLE_TYPES, ids=SAMPLE_IDS)
-def sample_image(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
-                 ) -> Path:
-    return write_sample_image(request.param, tmp_path_factory.mktemp("vfat"))
 
 
 # -- reading --------------------------------------------------------------------------------
