@@ -206,7 +206,7 @@ def test_step_cores_are_a_dask_resource(cluster: Cluster, tmp_path: Path) -> Non
 @pytest.mark.userns
 def test_ctrl_c_on_the_client_cancels_its_tasks(cluster: Cluster, tmp_path: Path) -> None:
     recipe = write_recipe(tmp_path / "r", '[steps.slow]\ninputs = ["bb"]\nbuilder = '
-                          '["bb", "sh", "-c", "echo started; sleep 3; echo > $out"]\n'
+                          '["bb", "sh", "-c", "echo started; sleep 6; echo > $out"]\n'
                           '[steps.after]\ninputs = ["bb", "slow"]\nbuilder = '
                           '["bb", "sh", "-c", "echo after > $out"]\n')
     ids = {}
@@ -228,7 +228,9 @@ def test_ctrl_c_on_the_client_cancels_its_tasks(cluster: Cluster, tmp_path: Path
     client.send_signal(signal.SIGINT)
     _out, err = client.communicate(timeout=60)
     assert client.returncode == 130, err
-    time.sleep(5)  # slow's sandbox ends on its own; after must never start
+    # slow's sandbox ends on its own, 6 s after it started (long enough that a loaded
+    # machine still sends the signal while it runs); after must never start.
+    time.sleep(8)
     assert not (cluster.cache / "meta" / f"{ids['after']}.json").exists()
     assert not any((cluster.worker_store(n) / "logs" / f"{ids['after']}.log").exists()
                    for n in cluster.workers)
