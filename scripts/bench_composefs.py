@@ -5,7 +5,8 @@ tests cache (``/var/tmp/reprobuild-test-cache/bookworm-minbase.tar``, unpacked h
 run as root so owners survive). mkcomposefs is Debian unstable's, from the chroot the
 tests cache (``sid-composefs``), run through its own loader with its default threads.
 Ours is a subprocess: walk the directory keeping owners, mtimes and xattrs as
-mkcomposefs does, hash every file over 64 bytes (fs-verity), plan and write. Both
+mkcomposefs does, hash every file over 64 bytes (fs-verity; started during the walk, as
+``reprobuild image`` does), plan and write. Both
 write the image only (no digest store). Alternating, best of N each; prints the times,
 the ratio (ours / mkcomposefs; target <= 1.2) and whether the images are identical.
 """
@@ -30,10 +31,11 @@ import sys
 from reprobuild.images.composefs import image as composefs
 from reprobuild.images.registry import ImageOptions
 from reprobuild.trees.directory import tree_from_directory
-tree = tree_from_directory(sys.argv[1], preserve_owner=True, preserve_mtime=True,
-                           read_xattrs=True, detect_hardlinks=False)
-with open(sys.argv[2], "wb") as output:
-    composefs.write(tree, output, ImageOptions(epoch=0))
+with composefs.while_loading() as early:  # as the image pipeline: hashing while walking
+    tree = tree_from_directory(sys.argv[1], preserve_owner=True, preserve_mtime=True,
+                               read_xattrs=True, detect_hardlinks=False, found=early.found)
+    with open(sys.argv[2], "wb") as output:
+        composefs.write(tree, output, ImageOptions(epoch=0), early=early)
 """
 
 

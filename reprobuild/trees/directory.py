@@ -13,6 +13,8 @@ from reprobuild.trees.builder import TreeBuilder
 from reprobuild.trees.tree import Content, Entry, EntryType, FileSource, Tree, sort_xattrs
 
 FileHook = Callable[[bytes, os.stat_result], Content | None]
+FoundFile = Callable[[bytes, int], None]
+"""Told each regular file the walk keeps, as it is found: its path on disk and size."""
 
 
 def tree_from_directory(
@@ -24,6 +26,7 @@ def tree_from_directory(
     read_xattrs: bool = False,
     detect_hardlinks: bool = True,
     file_hook: FileHook | None = None,
+    found: FoundFile | None = None,
 ) -> Tree:
     """Describe a directory on disk as a tree, independent of the host's quirks.
 
@@ -32,7 +35,10 @@ def tree_from_directory(
     canonicalised them). ``preserve_owner``, ``preserve_mtime`` and ``read_xattrs``
     read back a mounted image faithfully. Directory order never matters: children are
     sorted. Hardlinks (same device and inode) become HARDLINK entries pointing at the
-    first path in canonical order when ``detect_hardlinks`` is set.
+    first path in canonical order when ``detect_hardlinks`` is set. ``found`` is
+    called with the path on disk and the size of each regular file read from disk (not
+    for a hardlink to one already found), in the walk's order, while the walk goes on:
+    a writer can start reading files before the tree is complete.
     """
     top = os.fsencode(root)
     st = os.lstat(top)
@@ -40,7 +46,7 @@ def tree_from_directory(
         raise ImageError(f"{top.decode(errors='replace')} is not a directory")
     if not (preserve_owner or preserve_mtime or read_xattrs or file_hook):
         return _canonical_walk(top, st, (epoch or 0) * 1_000_000_000,
-                               detect_hardlinks=detect_hardlinks)
+                               detect_hardlinks=detect_hardlinks, found=found)
     reader = _MetadataReader(epoch, preserve_owner=preserve_owner,
                              preserve_mtime=preserve_mtime, read_xattrs=read_xattrs)
     builder = TreeBuilder(what=top.decode(errors="replace"))
@@ -63,6 +69,10 @@ def tree_from_directory(
                     continue
                 seen_inodes[key] = rel
             entry = _entry(reader, rel, path, st, file_hook)
+            if found is not None and entry.type is EntryType.REGULAR:
+                source = entry.content.source if entry.content is not None else None
+                if isinstance(source, FileSource):
+                    found(source.path, st.st_size)
             builder.add(entry, shown)
             if entry.type is EntryType.DIRECTORY:
                 subdirs.append(rel)
@@ -71,7 +81,7 @@ def tree_from_directory(
 
 
 def _canonical_walk(top: bytes, top_st: os.stat_result, mtime_ns: int, *,
-                    detect_hardlinks: bool) -> Tree:
+                    detect_hardlinks: bool, found: FoundFile | None) -> Tree:
     """The tree of a store output, made in one pass in its final form.
 
     Such a tree is normal as found (owners root, every mtime ``mtime_ns``, no xattrs),
@@ -99,7 +109,8 @@ def _canonical_walk(top: bytes, top_st: os.stat_result, mtime_ns: int, *,
                 mode = st.st_mode
                 kind = mode & 0o170000
                 if kind == stat.S_IFREG:
-                    content = Content(st.st_size, FileSource(disk_prefix + name))
+                    path = disk_prefix + name
+                    content = Content(st.st_size, FileSource(path))
                     if detect_hardlinks and st.st_nlink > 1:
                         inode = (st.st_dev, st.st_ino)
                         primary = first_path.get(inode)
@@ -110,9 +121,11 @@ def _canonical_walk(top: bytes, top_st: os.stat_result, mtime_ns: int, *,
                         first_path[inode] = Entry(prefix + name, regular, mode & 0o7777, 0,
                                                   0, mtime_ns, (), content)
                         append(first_path[inode])
-                        continue
-                    append(Entry(prefix + name, regular, mode & 0o7777, 0, 0, mtime_ns, (),
-                                 content))
+                    else:
+                        append(Entry(prefix + name, regular, mode & 0o7777, 0, 0, mtime_ns,
+                                     (), content))
+                    if found is not None:
+                        found(path, st.st_size)
                 elif kind == stat.S_IFDIR:
                     rel = prefix + name
                     append(Entry(rel, directory, mode & 0o7777, 0, 0, mtime_ns))
