@@ -49,6 +49,9 @@ def tree_from_directory(
                                detect_hardlinks=detect_hardlinks, found=found)
     reader = _MetadataReader(epoch, preserve_owner=preserve_owner,
                              preserve_mtime=preserve_mtime, read_xattrs=read_xattrs)
+    if file_hook is None:
+        return _walk_as_found(top, st, reader, detect_hardlinks=detect_hardlinks,
+                              found=found)
     builder = TreeBuilder(what=top.decode(errors="replace"))
     builder.add(reader.entry(b"", top, st, EntryType.DIRECTORY), "/")
     seen_inodes: dict[tuple[int, int], bytes] = {}
@@ -139,6 +142,59 @@ def _canonical_walk(top: bytes, top_st: os.stat_result, mtime_ns: int, *,
         finally:
             os.close(dir_fd)
     tree = Tree.try_canonical(root, entries, clamp_ns=mtime_ns)
+    assert tree is not None, "a sorted depth-first walk is in canonical order"
+    return tree
+
+
+def _walk_as_found(top: bytes, top_st: os.stat_result, reader: _MetadataReader, *,
+                   detect_hardlinks: bool, found: FoundFile | None) -> Tree:
+    """The tree of a directory read back with its owners, mtimes or xattrs, made in one
+    pass as :func:`_canonical_walk` makes a store output's: the entries, in canonical
+    order, are those :class:`TreeBuilder` makes of the general walk (a hardlink carries
+    its primary's metadata, as the builder gives it)."""
+    regular, directory, hardlink = EntryType.REGULAR, EntryType.DIRECTORY, EntryType.HARDLINK
+    entry_of = reader.entry
+    root = entry_of(b"", top, top_st, directory)
+    entries: list[Entry] = []
+    append = entries.append
+    lstat, listdir = os.lstat, os.listdir
+    first_path: dict[tuple[int, int], Entry] = {}
+    stack = [(b"", top + b"/", iter(sorted(listdir(top))))]
+    while stack:
+        prefix, disk_prefix, names = stack[-1]
+        dir_fd = os.open(disk_prefix, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            for name in names:
+                st = lstat(name, dir_fd=dir_fd)
+                kind = st.st_mode & 0o170000
+                rel, path = prefix + name, disk_prefix + name
+                if kind == stat.S_IFREG:
+                    if detect_hardlinks and st.st_nlink > 1:
+                        inode = (st.st_dev, st.st_ino)
+                        primary = first_path.get(inode)
+                        if primary is not None:
+                            append(Entry(rel, hardlink, primary.mode, primary.uid,
+                                         primary.gid, primary.mtime_ns, primary.xattrs,
+                                         target=primary.path))
+                            continue
+                    entry = entry_of(rel, path, st, regular,
+                                     content=Content(st.st_size, FileSource(path)))
+                    if detect_hardlinks and st.st_nlink > 1:
+                        first_path[inode] = entry
+                    append(entry)
+                    if found is not None:
+                        found(path, st.st_size)
+                elif kind == stat.S_IFDIR:
+                    append(entry_of(rel, path, st, directory))
+                    stack.append((rel + b"/", path + b"/", iter(sorted(listdir(path)))))
+                    break  # its entries come next, then the rest of this directory's
+                else:
+                    append(_entry(reader, rel, path, st, None))
+            else:
+                stack.pop()
+        finally:
+            os.close(dir_fd)
+    tree = Tree.try_canonical(root, entries)
     assert tree is not None, "a sorted depth-first walk is in canonical order"
     return tree
 
