@@ -7,9 +7,10 @@ tests cache (``sid-composefs``), run through its own loader with its default thr
 Ours is a subprocess: walk the directory keeping owners, mtimes and xattrs as
 mkcomposefs does, hash every file over 64 bytes (fs-verity; started during the walk, as
 ``reprobuild image`` does), plan and write. Both write the image only (no digest store).
-Alternating, best of N each; prints the times, the ratio (ours / mkcomposefs; target <= 1.2) and whether the images are identical;
-then the time of ``reprobuild image --format composefs`` itself (a store output's
-metadata: other bytes, the same work) against the same mkcomposefs time.
+Alternating, best of N each; prints the times, the ratio (ours / mkcomposefs; target
+<= 1.2) and whether the images are identical; then the time of ``reprobuild image
+--format composefs`` itself (a store output's metadata: other bytes, the same work)
+against the same mkcomposefs time.
 """
 
 from __future__ import annotations
