@@ -78,7 +78,7 @@ def _inode(out: bytearray, node: Node, blkaddr: int) -> None:
         i_u = node.rdev
     elif kind == stat.S_IFREG and node.size and node.content is None:
         layout = INODE_CHUNK_BASED
-        i_u = blkaddr | (chunking(node.size)[0] - BLOCK_BITS)
+        i_u = blkaddr | (chunking(node.size)[0] - BLOCK_BITS)  # the chunk bits
     size = inode_size_field(node)
     i_format = layout << 1 | (0 if node.compact else 1)
     if node.compact:
@@ -91,6 +91,14 @@ def _inode(out: bytearray, node: Node, blkaddr: int) -> None:
 
 
 def _xattrs(out: bytearray, node: Node, shared_base: int) -> None:
+    if node.only_ref:  # the usual file stored by reference: two entries of known shape
+        (_, metacopy), (_, redirect) = node.unshared
+        out += _ONLY_REF_HEAD
+        out += metacopy
+        out += _REDIRECT_HEAD
+        out += redirect
+        out += _PADDING[-len(out) % 4]
+        return
     if not node.shared and not node.unshared:
         return
     name_filter = 0
@@ -114,6 +122,15 @@ def _entry_head(name: bytes, value_size: int) -> bytes:
     """An erofs_xattr_entry and its name suffix (the same for many inodes)."""
     index, suffix = ondisk.split_name(name)
     return EROFS_XATTR_ENTRY.pack(len(suffix), index, value_size) + suffix
+
+
+# An inode marked only_ref: the ibody header (no shared xattr; the name filter of the
+# two names) and the metacopy entry's head, then its value; the redirect entry's head,
+# then its value. The metacopy entry ends 4-aligned (4 + 16 + 36 bytes).
+_ONLY_REF_HEAD = EROFS_XATTR_IBODY_HEADER.pack(
+    0xFFFFFFFF & ~(ondisk.filter_bit(ondisk.METACOPY) | ondisk.filter_bit(ondisk.REDIRECT)),
+    0, b"") + _entry_head(ondisk.METACOPY, 4 + 32)
+_REDIRECT_HEAD = _entry_head(ondisk.REDIRECT, 1 + 2 + 1 + 62)
 
 
 def _dirents(out: bytearray, children: list[tuple[bytes, Node, bool]]) -> None:
