@@ -33,13 +33,18 @@ import sys
 from reprobuild.images.composefs import image as composefs
 from reprobuild.images.registry import ImageOptions
 from reprobuild.trees.directory import tree_from_directory
+from reprobuild.trees.gcpause import collector_paused, freeze_after_pauses
 import gc
-with composefs.while_loading() as early:  # as the image pipeline: hashing while walking
-    tree = tree_from_directory(sys.argv[1], preserve_owner=True, preserve_mtime=True,
-                               read_xattrs=True, detect_hardlinks=False, found=early.found)
+# As the image command runs the pipeline: what each pause made frozen at its end, the
+# files hashed while the walk goes on, what is left to the exit.
+with freeze_after_pauses(), composefs.while_loading() as early:
+    with collector_paused():
+        tree = tree_from_directory(sys.argv[1], preserve_owner=True, preserve_mtime=True,
+                                   read_xattrs=True, detect_hardlinks=False,
+                                   found=early.found)
     with open(sys.argv[2], "wb") as output:
         composefs.write(tree, output, ImageOptions(epoch=0), early=early)
-gc.freeze()  # as the image command leaves its objects to the exit
+gc.freeze()
 """
 
 
