@@ -129,13 +129,18 @@ class EarlyDigests:
         lock one holds would stay held; not when no process or pipe can be made)."""
         if threading.active_count() > 1:
             return
-        marks = memoryview(mmap.mmap(-1, mmap.PAGESIZE)).cast("q")  # MAP_SHARED
-        marks[0], marks[1] = 0, _FAR
         try:
+            marks = memoryview(mmap.mmap(-1, mmap.PAGESIZE)).cast("q")  # MAP_SHARED
             records = os.pipe()
-            results = os.pipe()
         except OSError:
             return
+        try:
+            results = os.pipe()
+        except OSError:
+            os.close(records[0])
+            os.close(records[1])
+            return
+        marks[0], marks[1] = 0, _FAR
         with contextlib.suppress(OSError):  # a bigger pipe: the walk seldom waits
             fcntl.fcntl(records[1], fcntl.F_SETPIPE_SZ, _PIPE_SIZE)
         mask = signal.pthread_sigmask(signal.SIG_BLOCK, _ENDING)  # see shares._forked
