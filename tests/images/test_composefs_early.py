@@ -7,6 +7,8 @@ from __future__ import annotations
 import io
 import mmap
 import os
+import signal
+import time
 from pathlib import Path
 
 import pytest
@@ -114,6 +116,25 @@ def test_a_child_left_when_the_block_fails_is_ended(tmp_path: Path) -> None:
         raise RuntimeError("interrupted")
     with pytest.raises(ChildProcessError):
         os.waitpid(pid, os.WNOHANG)  # already reaped
+
+
+def test_a_child_that_died_leaves_its_files_to_this_process(tmp_path: Path) -> None:
+    make_files(tmp_path, 3 * shares.PARALLEL_MIN_FILES)
+    tree = tree_from_directory(tmp_path, epoch=0)
+    entries = digests.stored_by_reference(tree)
+    paths = [(e.content.source.path, e.size) for e in entries]  # type: ignore[union-attr]
+    with early.while_loading(processes=2) as watcher:
+        for path, size in paths[:shares.PARALLEL_MIN_FILES]:
+            watcher.found(path, size)
+        assert watcher._child is not None
+        pid = watcher._child[0]
+        os.kill(pid, signal.SIGKILL)
+        while Path(f"/proc/{pid}/stat").read_text().split(") ")[1][0] != "Z":
+            time.sleep(0.01)  # dead, not reaped: the records pipe has no reader
+        for path, size in paths[shares.PARALLEL_MIN_FILES:]:
+            watcher.found(path, size)  # the walk goes on: nothing is sent any more
+        with watcher.hashing(entries) as results:
+            assert results() == digests.content_digests(tree, processes=1)
 
 
 def hashed_in_order(tmp_path: Path, stop_at: int) -> tuple[bytes, int]:

@@ -70,11 +70,12 @@ class EarlyDigests:
         self.paths.append(path)
         self.sizes.append(size)
         if self._child is not None:
-            pending = self._pending
-            pending.append(_RECORD.pack(size, len(path)))
-            pending.append(path)
-            if len(pending) >= 2 * _BATCH:
-                self._send()
+            if self._child[1] >= 0:  # the child still takes records
+                pending = self._pending
+                pending.append(_RECORD.pack(size, len(path)))
+                pending.append(path)
+                if len(pending) >= 2 * _BATCH:
+                    self._send()
         elif len(self.paths) == PARALLEL_MIN_FILES and self._may_fork:
             self._may_fork = False
             self._fork()
@@ -110,19 +111,22 @@ class EarlyDigests:
             os.waitpid(pid, 0)
 
     def _send(self) -> None:
+        """Send the pending records; a child gone (it failed) takes no more: the files
+        it did not hash are hashed here."""
         assert self._child is not None
-        data = b"".join(self._pending)
+        if not _write_all(self._child[1], b"".join(self._pending)):
+            self._end_records(send=False)
         self._pending.clear()
-        view = memoryview(data)
-        while view:
-            view = view[os.write(self._child[1], view):]
 
-    def _end_records(self) -> None:
+    def _end_records(self, *, send: bool = True) -> None:
         assert self._child is not None
-        if self._child[1] >= 0:
-            self._send()
-            os.close(self._child[1])
-            self._child = (self._child[0], -1, self._child[2])
+        pid, records, results = self._child
+        if records >= 0:
+            if send:
+                _write_all(records, b"".join(self._pending))
+                self._pending.clear()
+            os.close(records)
+            self._child = (pid, -1, results)
 
     def _fork(self) -> None:
         """Fork the child (not when another thread runs: a fork copies no thread, and a
@@ -169,19 +173,7 @@ class EarlyDigests:
         """Hash from the last file found down to where the child has been, then take
         the child's digests and hash here whatever it did not send."""
         assert self._child is not None and self._marks is not None
-        index = {path: i for i, path in enumerate(self.paths)}
-        sizes = self.sizes
-        slots: list[Entry | None] = [None] * len(self.paths)
-        others: list[Entry] = []  # not found by the loader (an override), or found twice
-        for entry in entries:
-            content = entry.content
-            assert content is not None
-            source = content.source
-            at = index.get(source.path) if isinstance(source, FileSource) else None
-            if at is None or sizes[at] != content.size or slots[at] is not None:
-                others.append(entry)
-            else:
-                slots[at] = entry
+        slots, others = self._slots(entries)
         hasher = FileHasher()
         found = {entry.path: digests.digest_entry(entry, hasher) for entry in others}
         marks = self._marks
@@ -200,6 +192,29 @@ class EarlyDigests:
                 found[slot.path] = (from_child[at * DIGEST_SIZE:(at + 1) * DIGEST_SIZE]
                                     if at < done else digests.digest_entry(slot, hasher))
         return {entry.path: found[entry.path] for entry in entries}
+
+    def _slots(self, entries: Sequence[Entry]) -> tuple[list[Entry | None], list[Entry]]:
+        """The entry of each file found (None: not in the tree), and the entries not
+        found by the loader (an override) or found twice."""
+        paths, sizes = self.paths, self.sizes
+        if len(entries) == len(paths):  # the usual: every file as the walk found it
+            found = [getattr(entry.content.source, "path", None) if entry.content else None
+                     for entry in entries]
+            if found == paths and [entry.size for entry in entries] == sizes:
+                return list(entries), []
+        index = {path: i for i, path in enumerate(paths)}
+        slots: list[Entry | None] = [None] * len(paths)
+        others: list[Entry] = []
+        for entry in entries:
+            content = entry.content
+            assert content is not None
+            source = content.source
+            at = index.get(source.path) if isinstance(source, FileSource) else None
+            if at is None or sizes[at] != content.size or slots[at] is not None:
+                others.append(entry)
+            else:
+                slots[at] = entry
+        return slots, others
 
     def _collect(self) -> bytes:
         """The child's digests, in the order found (as many as it did), once it ended."""
@@ -257,6 +272,17 @@ def _hash_in_order(paths: list[bytes], sizes: list[int], records: int, marks: me
         done.append(digest(paths[at], size) if size <= WHOLE_MAX
                     else digest_file(paths[at], threads=1))
         at += 1
+
+
+def _write_all(fd: int, data: bytes) -> bool:
+    """Write ``data`` whole to the pipe ``fd``; False when its reader is gone."""
+    view = memoryview(data)
+    try:
+        while view:
+            view = view[os.write(fd, view):]
+    except OSError:
+        return False
+    return True
 
 
 def _parse(data: bytes, paths: list[bytes], sizes: list[int]) -> bytes:

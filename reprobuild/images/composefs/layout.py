@@ -121,8 +121,9 @@ def prepare(tree: Tree) -> Draft:
         if node.kind == stat.S_IFDIR:
             node.nlink = 2 + sum(1 for _, child, link in node.children
                                  if not link and child.kind == stat.S_IFDIR)
-        has_acl = has_acl or any(n in node.xattrs for n in (b"system.posix_acl_access",
-                                                            b"system.posix_acl_default"))
+        if node.xattrs and not has_acl:
+            has_acl = (b"system.posix_acl_access" in node.xattrs
+                       or b"system.posix_acl_default" in node.xattrs)
     uses = Counter(chain.from_iterable(node.xattrs.items() for node in nodes if node.xattrs))
     return Draft(nodes, version, has_acl, build_time, by_reference, uses)
 
