@@ -145,7 +145,7 @@ def finish(draft: Draft, digest_of: DigestOf) -> Layout:
         if not xattrs and copies[digest] == 1:  # the usual file: nothing to share
             node.xattrs = dict(items)
             node.unshared = list(items)
-            node.xattr_size = _ONLY_REF_XATTR_SIZE
+            node.xattr_size = ONLY_REF_XATTR_SIZE
             node.only_ref = True
         else:
             xattrs.update(items)
@@ -242,7 +242,7 @@ def object_path(digest: bytes) -> str:
 _METACOPY_HEAD = bytes((0, 4 + 32, 0, ondisk.FS_VERITY_HASH_ALG_SHA256))
 """A metacopy value before its sha256 digest (struct ovl_metacopy: version, length,
 flags, digest algorithm)."""
-_ONLY_REF_XATTR_SIZE = (12 + ondisk.entry_size(ondisk.METACOPY, bytes(4 + 32))
+ONLY_REF_XATTR_SIZE = (12 + ondisk.entry_size(ondisk.METACOPY, bytes(4 + 32))
                         + ondisk.entry_size(ondisk.REDIRECT, bytes(1 + 2 + 1 + 62)))
 """The xattr body of an inode whose only xattrs are its own metacopy and redirect."""
 

@@ -9,7 +9,13 @@ import stat
 from typing import BinaryIO
 
 from reprobuild.images.composefs import ondisk
-from reprobuild.images.composefs.layout import Layout, Node, chunking, inode_size_field
+from reprobuild.images.composefs.layout import (
+    ONLY_REF_XATTR_SIZE,
+    Layout,
+    Node,
+    chunking,
+    inode_size_field,
+)
 from reprobuild.images.erofs.ondisk import (
     BLOCK_BITS,
     BLOCK_SIZE,
@@ -49,7 +55,11 @@ def write_image(layout: Layout, output: BinaryIO) -> None:
     next_block = layout.data_start // BLOCK_SIZE
     shared_base = layout.inodes_end % BLOCK_SIZE
     for node in layout.nodes:
-        out += bytes(node.ipad)
+        if node.ipad:
+            out += bytes(node.ipad)
+        if node.only_ref and not node.n_blocks:  # most inodes of a root filesystem
+            _only_ref_inode(out, node)
+            continue
         blkaddr = 0
         if node.n_blocks and node.kind in (stat.S_IFDIR, stat.S_IFREG, stat.S_IFLNK):
             blkaddr = next_block
@@ -66,6 +76,31 @@ def write_image(layout: Layout, output: BinaryIO) -> None:
     for node in layout.nodes:
         _blocks(out, node)
     output.write(out)
+
+
+def _only_ref_inode(out: bytearray, node: Node) -> None:
+    """What _inode, _xattrs and _tail write for an inode marked ``only_ref`` whose chunk
+    indexes are inline (no block): a chunk-based inode with no block address, its two
+    xattrs, its null chunk indexes."""
+    size = node.size
+    bits = max((size - 1).bit_length(), BLOCK_BITS)
+    i_u = min(bits, BLOCK_BITS + 31) - BLOCK_BITS  # chunking(size)[0], the chunk bits
+    if node.compact:
+        out += EROFS_INODE_COMPACT.pack(_ONLY_REF_FORMAT, _ONLY_REF_ICOUNT, node.mode & 0xFFFF,
+                                        node.nlink, size, 0, i_u, node.ino, node.uid,
+                                        node.gid, 0)
+    else:
+        out += EROFS_INODE_EXTENDED.pack(_ONLY_REF_FORMAT | 1, _ONLY_REF_ICOUNT,
+                                         node.mode & 0xFFFF, 0, size, i_u, node.ino, node.uid,
+                                         node.gid, node.mtime[0], node.mtime[1], node.nlink,
+                                         b"")
+    (_, metacopy), (_, redirect) = node.unshared
+    out += _ONLY_REF_HEAD
+    out += metacopy
+    out += _REDIRECT_HEAD
+    out += redirect
+    out += _PADDING[-len(out) % 4]
+    out += _NULL_CHUNK * (node.tail // len(_NULL_CHUNK))
 
 
 def _inode(out: bytearray, node: Node, blkaddr: int) -> None:
@@ -131,6 +166,8 @@ _ONLY_REF_HEAD = EROFS_XATTR_IBODY_HEADER.pack(
     0xFFFFFFFF & ~(ondisk.filter_bit(ondisk.METACOPY) | ondisk.filter_bit(ondisk.REDIRECT)),
     0, b"") + _entry_head(ondisk.METACOPY, 4 + 32)
 _REDIRECT_HEAD = _entry_head(ondisk.REDIRECT, 1 + 2 + 1 + 62)
+_ONLY_REF_FORMAT = INODE_CHUNK_BASED << 1  # | 1 for an extended inode
+_ONLY_REF_ICOUNT = (ONLY_REF_XATTR_SIZE - 12) // 4 + 1
 
 
 def _dirents(out: bytearray, children: list[tuple[bytes, Node, bool]]) -> None:
