@@ -259,8 +259,9 @@ class _MetadataReader:
                 names = os.listxattr(path, follow_symlinks=False)
             except OSError:
                 names = []
-            xattrs = sort_xattrs(
-                (os.fsencode(n), os.getxattr(path, n, follow_symlinks=False)) for n in names)
+            if names:  # most files have none
+                xattrs = sort_xattrs((os.fsencode(n), os.getxattr(path, n, follow_symlinks=False))
+                                     for n in names)
         mtime = st.st_mtime_ns if self.preserve_mtime else (self.epoch or 0) * 1_000_000_000
         if self.preserve_mtime and self.epoch is not None:
             mtime = min(mtime, self.epoch * 1_000_000_000)
