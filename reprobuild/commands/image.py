@@ -88,6 +88,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="a format-specific option; " + "; ".join(
                             f"{name}: {', '.join(FORMATS[name].options.names())}"
                             for name in tree_formats if FORMATS[name].options.names()))
+    # Run as the process's command, the image's objects are left to the exit: no final
+    # collection walks the writers' node graphs (their cycles) only to free them.
+    parser.set_defaults(frozen_at_exit=True)
 
 
 def default_epoch() -> int:

@@ -85,19 +85,29 @@ def build_tree_image(fmt_name: str, source: str, output: str, options: ImageOpti
     fmt = get_format(fmt_name)
     fmt.options.check_image_options(options)
     writer = fmt.load_tree()
-    write: WriteImage = writer.write
+    write_function: Callable[..., None] = writer.write
+    write_options: dict[str, object] = {}
     if digest_store is not None:
         if fmt.name != "composefs":
             raise ImageError(f"a digest store is written only for composefs images, not "
                              f"{fmt.name}", hint="drop --digest-store or use --format composefs")
-        write = functools.partial(fmt.load_module().write_with_store,
-                                  digest_store=digest_store)
+        write_function = fmt.load_module().write_with_store
+        write_options["digest_store"] = digest_store
+    # A writer that reads every file (composefs hashes them) may start while the tree
+    # loads: its while_loading() gives an object the loader tells each file it finds,
+    # then given to the writer as ``early``.
+    while_loading = getattr(writer, "while_loading", None)
     directory = os.path.dirname(os.path.abspath(output))
     if not os.path.isdir(directory):
         raise ImageError(f"the directory of {output} does not exist",
                          hint="create it first; nothing was written")
-    with scratch_spool(scratch) as spool:
-        tree = load_tree(source, epoch=options.epoch, spool=spool, platform=platform)
+    with scratch_spool(scratch) as spool, (
+            contextlib.nullcontext() if while_loading is None else while_loading()) as early:
+        if early is not None:
+            write_options["early"] = early
+        write: WriteImage = functools.partial(write_function, **write_options)
+        tree = load_tree(source, epoch=options.epoch, spool=spool, platform=platform,
+                         found=None if early is None else early.found)
         if files:
             overrides = importlib.import_module(OVERRIDES)
             tree = overrides.apply_overrides(tree, files, where=where, epoch=options.epoch)

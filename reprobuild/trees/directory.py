@@ -13,6 +13,8 @@ from reprobuild.trees.builder import TreeBuilder
 from reprobuild.trees.tree import Content, Entry, EntryType, FileSource, Tree, sort_xattrs
 
 FileHook = Callable[[bytes, os.stat_result], Content | None]
+FoundFile = Callable[[bytes, int], None]
+"""Told each regular file the walk keeps, as it is found: its path on disk and size."""
 
 
 def tree_from_directory(
@@ -24,6 +26,7 @@ def tree_from_directory(
     read_xattrs: bool = False,
     detect_hardlinks: bool = True,
     file_hook: FileHook | None = None,
+    found: FoundFile | None = None,
 ) -> Tree:
     """Describe a directory on disk as a tree, independent of the host's quirks.
 
@@ -32,7 +35,10 @@ def tree_from_directory(
     canonicalised them). ``preserve_owner``, ``preserve_mtime`` and ``read_xattrs``
     read back a mounted image faithfully. Directory order never matters: children are
     sorted. Hardlinks (same device and inode) become HARDLINK entries pointing at the
-    first path in canonical order when ``detect_hardlinks`` is set.
+    first path in canonical order when ``detect_hardlinks`` is set. ``found`` is
+    called with the path on disk and the size of each regular file read from disk (not
+    for a hardlink to one already found), in the walk's order, while the walk goes on:
+    a writer can start reading files before the tree is complete.
     """
     top = os.fsencode(root)
     st = os.lstat(top)
@@ -40,9 +46,12 @@ def tree_from_directory(
         raise ImageError(f"{top.decode(errors='replace')} is not a directory")
     if not (preserve_owner or preserve_mtime or read_xattrs or file_hook):
         return _canonical_walk(top, st, (epoch or 0) * 1_000_000_000,
-                               detect_hardlinks=detect_hardlinks)
+                               detect_hardlinks=detect_hardlinks, found=found)
     reader = _MetadataReader(epoch, preserve_owner=preserve_owner,
                              preserve_mtime=preserve_mtime, read_xattrs=read_xattrs)
+    if file_hook is None:
+        return _walk_as_found(top, st, reader, detect_hardlinks=detect_hardlinks,
+                              found=found)
     builder = TreeBuilder(what=top.decode(errors="replace"))
     builder.add(reader.entry(b"", top, st, EntryType.DIRECTORY), "/")
     seen_inodes: dict[tuple[int, int], bytes] = {}
@@ -63,6 +72,10 @@ def tree_from_directory(
                     continue
                 seen_inodes[key] = rel
             entry = _entry(reader, rel, path, st, file_hook)
+            if found is not None and entry.type is EntryType.REGULAR:
+                source = entry.content.source if entry.content is not None else None
+                if isinstance(source, FileSource):
+                    found(source.path, st.st_size)
             builder.add(entry, shown)
             if entry.type is EntryType.DIRECTORY:
                 subdirs.append(rel)
@@ -71,7 +84,7 @@ def tree_from_directory(
 
 
 def _canonical_walk(top: bytes, top_st: os.stat_result, mtime_ns: int, *,
-                    detect_hardlinks: bool) -> Tree:
+                    detect_hardlinks: bool, found: FoundFile | None) -> Tree:
     """The tree of a store output, made in one pass in its final form.
 
     Such a tree is normal as found (owners root, every mtime ``mtime_ns``, no xattrs),
@@ -99,7 +112,8 @@ def _canonical_walk(top: bytes, top_st: os.stat_result, mtime_ns: int, *,
                 mode = st.st_mode
                 kind = mode & 0o170000
                 if kind == stat.S_IFREG:
-                    content = Content(st.st_size, FileSource(disk_prefix + name))
+                    path = disk_prefix + name
+                    content = Content(st.st_size, FileSource(path))
                     if detect_hardlinks and st.st_nlink > 1:
                         inode = (st.st_dev, st.st_ino)
                         primary = first_path.get(inode)
@@ -110,9 +124,11 @@ def _canonical_walk(top: bytes, top_st: os.stat_result, mtime_ns: int, *,
                         first_path[inode] = Entry(prefix + name, regular, mode & 0o7777, 0,
                                                   0, mtime_ns, (), content)
                         append(first_path[inode])
-                        continue
-                    append(Entry(prefix + name, regular, mode & 0o7777, 0, 0, mtime_ns, (),
-                                 content))
+                    else:
+                        append(Entry(prefix + name, regular, mode & 0o7777, 0, 0, mtime_ns,
+                                     (), content))
+                    if found is not None:
+                        found(path, st.st_size)
                 elif kind == stat.S_IFDIR:
                     rel = prefix + name
                     append(Entry(rel, directory, mode & 0o7777, 0, 0, mtime_ns))
@@ -126,6 +142,59 @@ def _canonical_walk(top: bytes, top_st: os.stat_result, mtime_ns: int, *,
         finally:
             os.close(dir_fd)
     tree = Tree.try_canonical(root, entries, clamp_ns=mtime_ns)
+    assert tree is not None, "a sorted depth-first walk is in canonical order"
+    return tree
+
+
+def _walk_as_found(top: bytes, top_st: os.stat_result, reader: _MetadataReader, *,
+                   detect_hardlinks: bool, found: FoundFile | None) -> Tree:
+    """The tree of a directory read back with its owners, mtimes or xattrs, made in one
+    pass as :func:`_canonical_walk` makes a store output's: the entries, in canonical
+    order, are those :class:`TreeBuilder` makes of the general walk (a hardlink carries
+    its primary's metadata, as the builder gives it)."""
+    regular, directory, hardlink = EntryType.REGULAR, EntryType.DIRECTORY, EntryType.HARDLINK
+    entry_of = reader.entry
+    root = entry_of(b"", top, top_st, directory)
+    entries: list[Entry] = []
+    append = entries.append
+    lstat, listdir = os.lstat, os.listdir
+    first_path: dict[tuple[int, int], Entry] = {}
+    stack = [(b"", top + b"/", iter(sorted(listdir(top))))]
+    while stack:
+        prefix, disk_prefix, names = stack[-1]
+        dir_fd = os.open(disk_prefix, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            for name in names:
+                st = lstat(name, dir_fd=dir_fd)
+                kind = st.st_mode & 0o170000
+                rel, path = prefix + name, disk_prefix + name
+                if kind == stat.S_IFREG:
+                    if detect_hardlinks and st.st_nlink > 1:
+                        inode = (st.st_dev, st.st_ino)
+                        primary = first_path.get(inode)
+                        if primary is not None:
+                            append(Entry(rel, hardlink, primary.mode, primary.uid,
+                                         primary.gid, primary.mtime_ns, primary.xattrs,
+                                         target=primary.path))
+                            continue
+                    entry = entry_of(rel, path, st, regular,
+                                     content=Content(st.st_size, FileSource(path)))
+                    if detect_hardlinks and st.st_nlink > 1:
+                        first_path[inode] = entry
+                    append(entry)
+                    if found is not None:
+                        found(path, st.st_size)
+                elif kind == stat.S_IFDIR:
+                    append(entry_of(rel, path, st, directory))
+                    stack.append((rel + b"/", path + b"/", iter(sorted(listdir(path)))))
+                    break  # its entries come next, then the rest of this directory's
+                else:
+                    append(_entry(reader, rel, path, st, None))
+            else:
+                stack.pop()
+        finally:
+            os.close(dir_fd)
+    tree = Tree.try_canonical(root, entries)
     assert tree is not None, "a sorted depth-first walk is in canonical order"
     return tree
 
@@ -190,8 +259,9 @@ class _MetadataReader:
                 names = os.listxattr(path, follow_symlinks=False)
             except OSError:
                 names = []
-            xattrs = sort_xattrs(
-                (os.fsencode(n), os.getxattr(path, n, follow_symlinks=False)) for n in names)
+            if names:  # most files have none
+                xattrs = sort_xattrs((os.fsencode(n), os.getxattr(path, n, follow_symlinks=False))
+                                     for n in names)
         mtime = st.st_mtime_ns if self.preserve_mtime else (self.epoch or 0) * 1_000_000_000
         if self.preserve_mtime and self.epoch is not None:
             mtime = min(mtime, self.epoch * 1_000_000_000)

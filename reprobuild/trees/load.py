@@ -25,7 +25,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from reprobuild.errors import ImageError
-from reprobuild.trees.directory import tree_from_directory
+from reprobuild.trees.directory import FoundFile, tree_from_directory
 from reprobuild.trees.gcpause import collector_paused
 
 if TYPE_CHECKING:
@@ -61,18 +61,21 @@ def source_kind(path: bytes | str) -> str:
 
 def load_tree(path: bytes | str, *, epoch: int,
               spool: Spool | Callable[[], Spool] | None = None,
-              platform: tuple[str, str] = DEFAULT_PLATFORM) -> Tree:
+              platform: tuple[str, str] = DEFAULT_PLATFORM,
+              found: FoundFile | None = None) -> Tree:
     """The normalised tree of a directory, tar file or OCI layout at ``path``.
 
     ``spool`` is a spool, or a function that makes one, called only for a source that
     spools (a tar or OCI layout), so a directory source makes no spool directory.
     ``platform`` (os, architecture) picks the manifest of a multi-platform OCI index.
+    ``found`` is told each regular file of a directory source as the walk finds it
+    (see :func:`~reprobuild.trees.directory.tree_from_directory`).
     """
     kind = source_kind(path)
     implied = epoch * 1_000_000_000
     with collector_paused():
         if kind == "directory":
-            tree = tree_from_directory(os.fsencode(path), epoch=epoch)
+            tree = tree_from_directory(os.fsencode(path), epoch=epoch, found=found)
         else:
             spooled = spool() if callable(spool) else spool
             if kind == "oci":

@@ -249,11 +249,16 @@ def test_image_steps_record_the_fsverity_digest_of_the_image_file(tmp_path: Path
     assert len({rows[t]["fsverity"] for t in targets}) == len(targets)
 
 
+@pytest.mark.parametrize("many", [0, 300])  # 300: hashed by two processes in the step
 def test_a_composefs_image_step_outputs_the_image_and_its_digest_store(
-        tmp_path: Path) -> None:
+        tmp_path: Path, many: int) -> None:
     (tmp_path / "files" / "etc").mkdir(parents=True)
     (tmp_path / "files" / "etc" / "motd").write_text("composed\n" * 20)
     (tmp_path / "files" / "etc" / "short").write_text("inline\n")
+    if many:
+        (tmp_path / "files" / "many").mkdir()
+    for index in range(many):
+        (tmp_path / "files" / "many" / f"f{index:03d}").write_text(f"file {index}\n" * 20)
     path = tmp_path / "r.toml"
     path.write_text(f'epoch = {EPOCH}\n[sources.files]\npath = "files"\n'
                     '[images.root]\nfrom = "files"\nformat = "composefs"\n')
@@ -265,8 +270,8 @@ def test_a_composefs_image_step_outputs_the_image_and_its_digest_store(
     result = Path(row["path"])
     assert sorted(p.name for p in result.iterdir()) == ["image.cfs", "objects"]
     assert row["fsverity"] == composefs.composefs_digest(result / "image.cfs")
-    objects = [p for p in (result / "objects").rglob("*") if p.is_file()]
-    assert len(objects) == 1  # the inline file is in the image
-    digest = objects[0].parent.name + objects[0].name
-    assert digest == digest_file(objects[0]).hex()
-    assert objects[0].read_text() == "composed\n" * 20
+    objects = sorted(p for p in (result / "objects").rglob("*") if p.is_file())
+    assert len(objects) == 1 + many  # the inline file is in the image
+    for each in objects:
+        assert each.parent.name + each.name == digest_file(each).hex()
+    assert "composed\n" * 20 in [each.read_text() for each in objects]

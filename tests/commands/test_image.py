@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import gc
 import io
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -164,3 +167,30 @@ def test_output_errors(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> No
     assert "does not exist" in capsys.readouterr().err
     assert main(["image", "-t", "tar", str(src), str(tmp_path)]) == 2
     assert "is a directory" in capsys.readouterr().err
+
+
+FREEZE_PROBE = """
+import gc, sys
+from reprobuild.cli import main
+sys.argv = ["reprobuild", *sys.argv[1:]]
+code = main()  # the process's own command line, as the console script runs it
+print(code, gc.get_freeze_count())
+"""
+
+
+def test_the_image_command_leaves_its_objects_to_the_exit(tmp_path: Path) -> None:
+    """Run as the process's command (argv from sys.argv), the image command freezes
+    what is left, so the interpreter's last collection does not walk it; called with an
+    argument list (in a process that goes on), it leaves the collector as it was."""
+    source = tmp_path / "tree"
+    source.mkdir()
+    (source / "file").write_bytes(b"x" * 100)
+    result = subprocess.run([sys.executable, "-c", FREEZE_PROBE, "image", "--format",
+                             "composefs", str(source), str(tmp_path / "a.cfs")],
+                            capture_output=True, text=True, check=True)
+    code, frozen = result.stdout.split()[-2:]
+    assert code == "0" and int(frozen) > 0
+    before = gc.get_freeze_count()
+    assert main(["image", "--format", "composefs", str(source), str(tmp_path / "b.cfs")]) == 0
+    assert gc.get_freeze_count() == before
+    assert (tmp_path / "a.cfs").read_bytes() == (tmp_path / "b.cfs").read_bytes()

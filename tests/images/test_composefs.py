@@ -131,6 +131,13 @@ def test_debian_minbase_matches_mkcomposefs(composefs_tools: ComposefsTools,
     image.write_bytes(ours(as_found(root)))
     assert image.read_bytes() == expected
     assert composefs.composefs_digest(image) == digest
+    with composefs.while_loading() as early:  # files hashed while the walk goes on
+        tree = tree_from_directory(root, preserve_owner=True, preserve_mtime=True,
+                                   read_xattrs=True, detect_hardlinks=False, found=early.found)
+        assert early.forked
+        out = io.BytesIO()
+        composefs.write(tree, out, OPTIONS, early=early)
+    assert out.getvalue() == expected
 
 
 def linked_tree() -> Tree:

@@ -86,9 +86,12 @@ def every_kind(top: Path) -> Path:
 
 def test_directory_walk_equals_the_builder_path(tmp_path: Path) -> None:
     top = every_kind(tmp_path / "t")
-    fast = tree_from_directory(top, epoch=EPOCH)
+    found: list[tuple[bytes, int]] = []
+    fast = tree_from_directory(top, epoch=EPOCH,
+                               found=lambda path, size: found.append((path, size)))
     general = general_directory_tree(top)
     assert full_view(fast) == full_view(general)
+    assert found == found_files(fast) and len(found) == 8  # once per hardlink group
     kinds = {e.type for e in fast}
     assert {EntryType.HARDLINK, EntryType.SYMLINK, EntryType.FIFO, EntryType.SOCKET} <= kinds
     link = fast.get(b"b-dir/exec-link")
@@ -103,6 +106,43 @@ def test_directory_walk_without_hardlink_detection(tmp_path: Path) -> None:
     fast = tree_from_directory(top, epoch=EPOCH, detect_hardlinks=False)
     assert full_view(fast) == full_view(general_directory_tree(top, detect_hardlinks=False))
     assert not fast.hardlink_groups()
+
+
+@pytest.mark.parametrize("kept", [{"preserve_owner": True},
+                                  {"preserve_mtime": True, "detect_hardlinks": False},
+                                  {"preserve_owner": True, "preserve_mtime": True,
+                                   "read_xattrs": True}])
+def test_directory_walk_keeping_metadata_equals_the_builder_path(
+        tmp_path: Path, kept: dict[str, bool]) -> None:
+    top = every_kind(tmp_path / "t")
+    os.utime(top / "b" / "z", ns=(0, (EPOCH + 5) * 10**9 + 7))  # clamped to the epoch
+    os.utime(top / "b" / "a", ns=(0, (EPOCH - 5) * 10**9 + 7))
+    try:
+        os.setxattr(top / "b" / "a", "user.b", b"2")
+        os.setxattr(top / "b" / "a", "user.a", b"1")  # listed after user.b
+        os.setxattr(top / "zeta" / "exec", "user.k", b"v")  # carried by its hardlinks
+    except OSError:
+        pytest.skip("the temporary directory's filesystem takes no user xattrs")
+    found: list[tuple[bytes, int]] = []
+    fast = tree_from_directory(top, epoch=EPOCH,
+                               found=lambda path, size: found.append((path, size)), **kept)
+    general = general_directory_tree(top, **kept)
+    assert full_view(fast) == full_view(general)
+    entry = {e.path: e for e in fast}
+    if kept.get("preserve_mtime"):
+        assert entry[b"b/a"].mtime_ns == (EPOCH - 5) * 10**9 + 7
+        assert entry[b"b/z"].mtime_ns == EPOCH * 10**9
+    if kept.get("read_xattrs"):
+        assert entry[b"b/a"].xattrs == ((b"user.a", b"1"), (b"user.b", b"2"))
+        assert entry[b"b-dir/exec-link"].xattrs == ((b"user.k", b"v"),)
+    assert found == found_files(fast)
+
+
+def found_files(tree: Tree) -> list[tuple[bytes, int]]:
+    """What a walk's ``found`` is told: each regular file read from disk, in order."""
+    return [(e.content.source.path, e.size) for e in tree
+            if e.type is EntryType.REGULAR and e.content is not None
+            and isinstance(e.content.source, FileSource)]
 
 
 def test_directory_walk_of_a_deep_tree(tmp_path: Path) -> None:

@@ -47,6 +47,9 @@ _digest_of = type(hashlib.sha256()).digest
 # Every block of a file read whole, as slices made once (cutting a buffer with reused
 # slice objects is the least Python work per block).
 _BLOCKS = tuple(slice(i, i + BLOCK_SIZE) for i in range(0, WHOLE_MAX, BLOCK_SIZE))
+_FIRST = _BLOCKS[0]
+_ZERO_VIEW = memoryview(_ZEROS)
+_pack = _DESCRIPTOR.pack
 
 
 def _root(leaves: bytes) -> bytes:
@@ -56,42 +59,52 @@ def _root(leaves: bytes) -> bytes:
     return root_hash_from_leaves(leaves, _PARAMS)
 
 
-def _digest_run(run: Sequence[Entry]) -> bytes:
-    """The digests of ``run``, joined; one reused buffer, and the usual file (from a
-    path, read whole) done inline: per-file Python work costs as much as its hashing."""
-    buffer = bytearray(1 << 20)
-    view = memoryview(buffer)
-    zeros = memoryview(_ZEROS)
-    first = _BLOCKS[0]
-    sha256, digest_of, blocks, pack = _sha256, _digest_of, _BLOCKS, _DESCRIPTOR.pack
-    found: list[bytes] = []
-    for entry in run:
-        content = entry.content
-        assert content is not None
-        size = content.size
-        source = content.source
-        if size > WHOLE_MAX or not isinstance(source, FileSource):
-            found.append(_digest_other(entry))
-            continue
+class FileHasher:
+    """Digests of files on disk read whole into one buffer this process reuses."""
+
+    def __init__(self) -> None:
+        self.buffer = bytearray(1 << 20)
+        self.view = memoryview(self.buffer)
+
+    def digest(self, path: bytes, size: int, what: Entry | None = None) -> bytes:
+        """The digest of the file at ``path`` of ``size`` bytes (at most
+        :data:`WHOLE_MAX`); a file that ends early is refused, named as the tree entry
+        ``what`` (or by its path on disk)."""
         padded = (size + BLOCK_SIZE - 1) & -BLOCK_SIZE
-        if len(buffer) < padded:
-            buffer = bytearray(padded)
-            view = memoryview(buffer)
-        fd = os.open(source.path, os.O_RDONLY | os.O_CLOEXEC)
+        view = self.view
+        if len(self.buffer) < padded:
+            self.buffer = bytearray(padded)
+            self.view = view = memoryview(self.buffer)
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
         try:
             got = os.preadv(fd, [view[:size]], 0)
             if got != size:
-                _read_rest(entry, fd, view, size, got)
+                _read_rest(path if what is None else what, fd, view, size, got)
         finally:
             os.close(fd)
-        view[size:padded] = zeros[:padded - size]
+        view[size:padded] = _ZERO_VIEW[:padded - size]
         if padded == BLOCK_SIZE:  # a one-block file: its block's hash is the root
-            root = sha256(view[first]).digest()
+            root = _sha256(view[_FIRST]).digest()
         else:
-            root = _root(b"".join(map(digest_of, map(sha256, map(
-                view.__getitem__, blocks[:padded // BLOCK_SIZE])))))
-        found.append(sha256(pack(_HEAD, size, root)).digest())
-    return b"".join(found)
+            root = _root(b"".join(map(_digest_of, map(_sha256, map(
+                view.__getitem__, _BLOCKS[:padded // BLOCK_SIZE])))))
+        return _sha256(_pack(_HEAD, size, root)).digest()
+
+
+def _digest_run(run: Sequence[Entry]) -> bytes:
+    """The digests of ``run``, joined, through one :class:`FileHasher`."""
+    hasher = FileHasher()
+    return b"".join([digest_entry(entry, hasher) for entry in run])
+
+
+def digest_entry(entry: Entry, hasher: FileHasher) -> bytes:
+    """The digest of one regular file of a tree."""
+    content = entry.content
+    assert content is not None
+    source = content.source
+    if content.size > WHOLE_MAX or not isinstance(source, FileSource):
+        return _digest_other(entry)
+    return hasher.digest(source.path, content.size, entry)
 
 
 def _digest_other(entry: Entry) -> bytes:
@@ -103,12 +116,13 @@ def _digest_other(entry: Entry) -> bytes:
     return digest_file(source.path, threads=1)
 
 
-def _read_rest(entry: Entry, fd: int, view: memoryview, size: int, done: int) -> None:
+def _read_rest(what: Entry | bytes, fd: int, view: memoryview, size: int, done: int) -> None:
     """Read the rest of a file that one read did not give whole."""
+    shown = what.display() if isinstance(what, Entry) else what.decode(errors="replace")
     while done < size:
         got = os.preadv(fd, [view[done:size]], done)
         if not got:
-            raise ImageError(f"{entry.display()}: file ended {size - done} bytes "
+            raise ImageError(f"{shown}: file ended {size - done} bytes "
                              "early", hint="do not modify the source during a build")
         done += got
 

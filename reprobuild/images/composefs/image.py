@@ -16,12 +16,16 @@ the tree's: the pipeline has already clamped them to the epoch.
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import os
+from collections.abc import Iterator
 from typing import BinaryIO
 
 from reprobuild.errors import ImageError
 from reprobuild.images.composefs import digests
+from reprobuild.images.composefs import early as early_digests
+from reprobuild.images.composefs.early import EarlyDigests
 from reprobuild.images.composefs.layout import Draft, Layout, finish, plan, prepare
 from reprobuild.images.composefs.write import write_image
 from reprobuild.images.registry import ImageOptions
@@ -30,7 +34,7 @@ from reprobuild.trees.gcpause import collector_paused
 from reprobuild.trees.tree import Tree
 
 __all__ = ["MAIN_FILE", "STORE_DIR", "VERSION", "composefs_digest", "content_digests",
-           "identity", "layout_of", "read", "write", "write_with_store"]
+           "identity", "layout_of", "read", "while_loading", "write", "write_with_store"]
 
 VERSION = "1"
 """The writer's code version: bump it whenever the bytes for a given tree change."""
@@ -80,32 +84,46 @@ def layout_of(tree: Tree, digests: dict[bytes, bytes] | None = None) -> Layout:
     return plan(tree, lambda entry: known[entry.path])
 
 
-def write(tree: Tree, output: BinaryIO, options: ImageOptions) -> None:
+@contextlib.contextmanager
+def while_loading() -> Iterator[EarlyDigests]:
+    """Hashing started while the tree loads: give the block's :class:`EarlyDigests`
+    ``found`` method to the loader and the object to :func:`write` (``early``). The
+    image is the same with or without it; a child still hashing when the block ends
+    is ended."""
+    with early_digests.while_loading() as early:
+        yield early
+
+
+def write(tree: Tree, output: BinaryIO, options: ImageOptions, *,
+          early: EarlyDigests | None = None) -> None:
     """Write the composefs image of ``tree``; the digest store is written separately
-    (:func:`reprobuild.images.composefs.store.fill_store`)."""
+    (:func:`reprobuild.images.composefs.store.fill_store`). ``early``: the files
+    hashed as the tree loaded (:func:`while_loading`)."""
     _check_options(options)
     with collector_paused():  # the plan's objects all live until the image is written
-        draft, known = _draft_and_digests(tree)
+        draft, known = _draft_and_digests(tree, early)
         write_image(finish(draft, lambda entry: known[entry.path]), output)
 
 
 def write_with_store(tree: Tree, output: BinaryIO, options: ImageOptions, *,
-                     digest_store: str) -> None:
+                     digest_store: str, early: EarlyDigests | None = None) -> None:
     """Write the image of ``tree`` and put the files it stores by reference into the
     digest store at ``digest_store`` (each file hashed once for both)."""
     _check_options(options)
     store = importlib.import_module(STORE)
     with collector_paused():
-        draft, known = _draft_and_digests(tree)
+        draft, known = _draft_and_digests(tree, early)
         store.fill_store(tree, digest_store, known)
         write_image(finish(draft, lambda entry: known[entry.path]), output)
 
 
-def _draft_and_digests(tree: Tree) -> tuple[Draft, dict[bytes, bytes]]:
+def _draft_and_digests(tree: Tree,
+                       early: EarlyDigests | None) -> tuple[Draft, dict[bytes, bytes]]:
     """The plan's part that needs no digest, made while child processes hash the
     files; then this process's share of the hashing."""
     head_start = PREPARE_COST * len(tree)
-    with digests.hashing(digests.stored_by_reference(tree), head_start=head_start) as known:
+    hashing = digests.hashing if early is None else early.hashing
+    with hashing(digests.stored_by_reference(tree), head_start=head_start) as known:
         draft = prepare(tree)
         return draft, known()
 

@@ -37,8 +37,9 @@ class Node:
     """One inode of the image."""
 
     __slots__ = ("children", "compact", "content", "digest", "gid", "ino", "ipad",
-                 "isize", "kind", "mode", "mtime", "n_blocks", "nid", "nlink", "rdev", "shared",
-                 "size", "tail", "target", "uid", "unshared", "xattr_size", "xattrs")
+                 "isize", "kind", "mode", "mtime", "n_blocks", "nid", "nlink", "only_ref",
+                 "rdev", "shared", "size", "tail", "target", "uid", "unshared", "xattr_size",
+                 "xattrs")
 
     def __init__(self, entry: Entry) -> None:
         kind = self.kind = S_IFMT_OF_TYPE[entry.type]  # kept equal to S_IFMT(mode)
@@ -61,6 +62,9 @@ class Node:
         self.compact = True
         self.shared: list[int] = []  # offsets into the shared xattr area
         self.unshared: list[tuple[bytes, bytes]] = []
+        # Stored by reference, its only xattrs metacopy and redirect, both its own (no
+        # other file has its content): they are unshared, in that order.
+        self.only_ref = False
 
     def set_xattr(self, name: bytes, value: bytes) -> None:
         self.xattrs.pop(name, None)
@@ -96,6 +100,8 @@ class Draft:
     has_acl: bool
     build_time: tuple[int, int]
     by_reference: list[tuple[Node, Entry]]
+    uses: Counter[tuple[bytes, bytes]]
+    """How many inodes carry each xattr (name, value), before metacopy and redirect."""
 
 
 def plan(tree: Tree, digest_of: DigestOf) -> Layout:
@@ -115,22 +121,38 @@ def prepare(tree: Tree) -> Draft:
         if node.kind == stat.S_IFDIR:
             node.nlink = 2 + sum(1 for _, child, link in node.children
                                  if not link and child.kind == stat.S_IFDIR)
-        has_acl = has_acl or any(n in node.xattrs for n in (b"system.posix_acl_access",
-                                                            b"system.posix_acl_default"))
-    return Draft(nodes, version, has_acl, build_time, by_reference)
+        if node.xattrs and not has_acl:
+            has_acl = (b"system.posix_acl_access" in node.xattrs
+                       or b"system.posix_acl_default" in node.xattrs)
+    uses = Counter(chain.from_iterable(node.xattrs.items() for node in nodes if node.xattrs))
+    return Draft(nodes, version, has_acl, build_time, by_reference, uses)
 
 
 def finish(draft: Draft, digest_of: DigestOf) -> Layout:
     """The layout from a :func:`prepare` draft; ``digest_of`` as for :func:`plan`."""
-    for node, entry in draft.by_reference:  # metacopy and redirect
-        digest = node.digest = digest_of(entry)
+    by_reference = draft.by_reference
+    found = [digest_of(entry) for _, entry in by_reference]
+    copies = Counter(found)
+    uses = draft.uses.copy()
+    metacopy, redirect = ondisk.METACOPY, ondisk.REDIRECT
+    for (node, _), digest in zip(by_reference, found, strict=True):  # metacopy, redirect
+        node.digest = digest
         text = digest.hex().encode()
         # New names: user trusted.overlay.* names were escaped by _rewrite.
-        node.xattrs[ondisk.METACOPY] = _METACOPY_HEAD + digest
-        node.xattrs[ondisk.REDIRECT] = b"/" + text[:2] + b"/" + text[2:]
+        xattrs = node.xattrs
+        items = ((metacopy, _METACOPY_HEAD + digest),
+                 (redirect, b"/" + text[:2] + b"/" + text[2:]))
+        if not xattrs and copies[digest] == 1:  # the usual file: nothing to share
+            node.xattrs = dict(items)
+            node.unshared = list(items)
+            node.xattr_size = ONLY_REF_XATTR_SIZE
+            node.only_ref = True
+        else:
+            xattrs.update(items)
+            uses.update(items)
     layout = Layout(draft.nodes, draft.nodes[0], draft.version, draft.has_acl,
                     draft.build_time)
-    _share_xattrs(layout)
+    _share_xattrs(layout, uses)
     _place_inodes(layout)
     return layout
 
@@ -220,6 +242,9 @@ def object_path(digest: bytes) -> str:
 _METACOPY_HEAD = bytes((0, 4 + 32, 0, ondisk.FS_VERITY_HASH_ALG_SHA256))
 """A metacopy value before its sha256 digest (struct ovl_metacopy: version, length,
 flags, digest algorithm)."""
+ONLY_REF_XATTR_SIZE = (12 + ondisk.entry_size(ondisk.METACOPY, bytes(4 + 32))
+                        + ondisk.entry_size(ondisk.REDIRECT, bytes(1 + 2 + 1 + 62)))
+"""The xattr body of an inode whose only xattrs are its own metacopy and redirect."""
 
 
 def _escape_whiteout(node: Node, parent: Node, version: int) -> None:
@@ -259,11 +284,11 @@ def _breadth_first(root: Node) -> list[Node]:
     return order
 
 
-def _share_xattrs(layout: Layout) -> None:
-    """xattrs (name and value) used by more than one inode go to the shared area, in
-    libcomposefs's order (names, then value lengths, then values, all descending).
-    Each inode's xattr body size is set on the way."""
-    uses = Counter(chain.from_iterable(node.xattrs.items() for node in layout.nodes))
+def _share_xattrs(layout: Layout, uses: Counter[tuple[bytes, bytes]]) -> None:
+    """xattrs (name and value) used by more than one inode (``uses``: but those of the
+    inodes marked ``only_ref``, used once) go to the shared area, in libcomposefs's
+    order (names, then value lengths, then values, all descending). Each inode's xattr
+    body size is set on the way (an ``only_ref`` inode's is set already)."""
     shared = sorted((item for item, count in uses.items() if count > 1),
                     key=lambda item: (item[0], len(item[1]), item[1]), reverse=True)
     offsets: dict[tuple[bytes, bytes], int] = {}
@@ -276,7 +301,7 @@ def _share_xattrs(layout: Layout) -> None:
     layout.shared_size = offset
     most = ondisk.MAX_SHARED_PER_INODE
     for node in layout.nodes:
-        if not node.xattrs:
+        if not node.xattrs or node.only_ref:
             continue
         size = 12
         for item in sorted(node.xattrs.items()):

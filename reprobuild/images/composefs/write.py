@@ -9,7 +9,13 @@ import stat
 from typing import BinaryIO
 
 from reprobuild.images.composefs import ondisk
-from reprobuild.images.composefs.layout import Layout, Node, chunking, inode_size_field
+from reprobuild.images.composefs.layout import (
+    ONLY_REF_XATTR_SIZE,
+    Layout,
+    Node,
+    chunking,
+    inode_size_field,
+)
 from reprobuild.images.erofs.ondisk import (
     BLOCK_BITS,
     BLOCK_SIZE,
@@ -49,7 +55,11 @@ def write_image(layout: Layout, output: BinaryIO) -> None:
     next_block = layout.data_start // BLOCK_SIZE
     shared_base = layout.inodes_end % BLOCK_SIZE
     for node in layout.nodes:
-        out += bytes(node.ipad)
+        if node.ipad:
+            out += bytes(node.ipad)
+        if node.only_ref and not node.n_blocks:  # most inodes of a root filesystem
+            _only_ref_inode(out, node)
+            continue
         blkaddr = 0
         if node.n_blocks and node.kind in (stat.S_IFDIR, stat.S_IFREG, stat.S_IFLNK):
             blkaddr = next_block
@@ -68,6 +78,31 @@ def write_image(layout: Layout, output: BinaryIO) -> None:
     output.write(out)
 
 
+def _only_ref_inode(out: bytearray, node: Node) -> None:
+    """What _inode, _xattrs and _tail write for an inode marked ``only_ref`` whose chunk
+    indexes are inline (no block): a chunk-based inode with no block address, its two
+    xattrs, its null chunk indexes."""
+    size = node.size
+    bits = max((size - 1).bit_length(), BLOCK_BITS)
+    i_u = min(bits, BLOCK_BITS + 31) - BLOCK_BITS  # chunking(size)[0], the chunk bits
+    if node.compact:
+        out += EROFS_INODE_COMPACT.pack(_ONLY_REF_FORMAT, _ONLY_REF_ICOUNT, node.mode & 0xFFFF,
+                                        node.nlink, size, 0, i_u, node.ino, node.uid,
+                                        node.gid, 0)
+    else:
+        out += EROFS_INODE_EXTENDED.pack(_ONLY_REF_FORMAT | 1, _ONLY_REF_ICOUNT,
+                                         node.mode & 0xFFFF, 0, size, i_u, node.ino, node.uid,
+                                         node.gid, node.mtime[0], node.mtime[1], node.nlink,
+                                         b"")
+    (_, metacopy), (_, redirect) = node.unshared
+    out += _ONLY_REF_HEAD
+    out += metacopy
+    out += _REDIRECT_HEAD
+    out += redirect
+    out += _PADDING[-len(out) % 4]
+    out += _NULL_CHUNK * (node.tail // len(_NULL_CHUNK))
+
+
 def _inode(out: bytearray, node: Node, blkaddr: int) -> None:
     kind = node.kind
     xattr_size = node.xattr_size
@@ -78,7 +113,7 @@ def _inode(out: bytearray, node: Node, blkaddr: int) -> None:
         i_u = node.rdev
     elif kind == stat.S_IFREG and node.size and node.content is None:
         layout = INODE_CHUNK_BASED
-        i_u = blkaddr | (chunking(node.size)[0] - BLOCK_BITS)
+        i_u = blkaddr | (chunking(node.size)[0] - BLOCK_BITS)  # the chunk bits
     size = inode_size_field(node)
     i_format = layout << 1 | (0 if node.compact else 1)
     if node.compact:
@@ -91,6 +126,14 @@ def _inode(out: bytearray, node: Node, blkaddr: int) -> None:
 
 
 def _xattrs(out: bytearray, node: Node, shared_base: int) -> None:
+    if node.only_ref:  # the usual file stored by reference: two entries of known shape
+        (_, metacopy), (_, redirect) = node.unshared
+        out += _ONLY_REF_HEAD
+        out += metacopy
+        out += _REDIRECT_HEAD
+        out += redirect
+        out += _PADDING[-len(out) % 4]
+        return
     if not node.shared and not node.unshared:
         return
     name_filter = 0
@@ -114,6 +157,17 @@ def _entry_head(name: bytes, value_size: int) -> bytes:
     """An erofs_xattr_entry and its name suffix (the same for many inodes)."""
     index, suffix = ondisk.split_name(name)
     return EROFS_XATTR_ENTRY.pack(len(suffix), index, value_size) + suffix
+
+
+# An inode marked only_ref: the ibody header (no shared xattr; the name filter of the
+# two names) and the metacopy entry's head, then its value; the redirect entry's head,
+# then its value. The metacopy entry ends 4-aligned (4 + 16 + 36 bytes).
+_ONLY_REF_HEAD = EROFS_XATTR_IBODY_HEADER.pack(
+    0xFFFFFFFF & ~(ondisk.filter_bit(ondisk.METACOPY) | ondisk.filter_bit(ondisk.REDIRECT)),
+    0, b"") + _entry_head(ondisk.METACOPY, 4 + 32)
+_REDIRECT_HEAD = _entry_head(ondisk.REDIRECT, 1 + 2 + 1 + 62)
+_ONLY_REF_FORMAT = INODE_CHUNK_BASED << 1  # | 1 for an extended inode
+_ONLY_REF_ICOUNT = (ONLY_REF_XATTR_SIZE - 12) // 4 + 1
 
 
 def _dirents(out: bytearray, children: list[tuple[bytes, Node, bool]]) -> None:
