@@ -32,11 +32,12 @@ from __future__ import annotations
 
 import importlib
 import struct
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import BinaryIO, NamedTuple, NoReturn, cast
 from zlib import adler32
 
 from reprobuild.errors import ImageError
+from reprobuild.images import native
 from reprobuild.images.archive_compress import (
     check_compress,
     compressed_writer,
@@ -45,7 +46,7 @@ from reprobuild.images.archive_compress import (
 from reprobuild.images.contents import ContentStreamer
 from reprobuild.images.registry import ImageOptions
 from reprobuild.trees.gcpause import collector_paused
-from reprobuild.trees.tree import Content, Entry, EntryType, Tree, path_key
+from reprobuild.trees.tree import Content, Entry, EntryType, FileSource, Tree, path_key
 
 VERSION = "2"
 # Loaded by read() alone: writing a tar needs no tar reader (nor tarfile, lzma, bz2).
@@ -80,6 +81,8 @@ SMALL_FILE = 1 << 18  # files up to this size are read whole into the write buff
 WRITE_SIZE = 1 << 20
 _PADDING = tuple(bytes(n) for n in range(BLOCK))
 SIZES_KEPT = 1 << 14  # distinct file sizes whose header field HeaderMaker remembers
+# The compiled header packer and small-file copier (_tarpack.c), None for pure Python.
+_TARPACK = native.load("_tarpack")
 
 
 class TarMember(NamedTuple):
@@ -133,12 +136,27 @@ def ustar_header(*, name: bytes, mode: int, uid: int, gid: int, size: int, mtime
 class HeaderMaker:
     """:func:`ustar_header` for the common member, with the fields that repeat (mode,
     owners, mtime, type, device) formatted once per distinct combination and the
-    checksum summed only over the name, link name and size; the same 512 bytes."""
+    checksum summed only over the name, link name and size; the same 512 bytes.
+
+    :attr:`pack` is the fastest way to the same header: the compiled ``_tarpack.ustar``
+    when it is built, else :meth:`pack_python`.
+    """
 
     def __init__(self) -> None:
         self._fixed: dict[tuple[int, int, int, int, bytes, int, int],
                           tuple[bytes, bytes, bytes, int]] = {}
         self._sizes: dict[int, tuple[bytes, int]] = {}
+        self.pack: Callable[[bytes, bytes, bytes, int, int, int, int, int, int, int],
+                            bytes] = self.pack_python
+        if _TARPACK is not None:
+            self.pack = _TARPACK.ustar
+
+    def pack_python(self, name: bytes, linkname: bytes, typeflag: bytes, mode: int,
+                    uid: int, gid: int, size: int, mtime: int, devmajor: int,
+                    devminor: int) -> bytes:
+        """:meth:`make` with the compiled ``ustar``'s arguments."""
+        return self.make(name, mode, uid, gid, size, mtime, typeflag, linkname, devmajor,
+                         devminor)
 
     def header(self, *, name: bytes, mode: int, uid: int, gid: int, size: int, mtime: int,
                typeflag: bytes, linkname: bytes = b"", devmajor: int = 0,
@@ -221,11 +239,9 @@ def plan_member(entry: Entry, inode: Entry, *, epoch: int, link_to: bytes | None
             and not fraction and 0 <= seconds <= MAX_MTIME
             and (kind is EntryType.HARDLINK or not inode.xattrs)):
         # No pax record: the common member.
-        return TarMember(headers.header(
-            name=name, mode=inode.mode & 0o7777, uid=uid, gid=gid, size=size,
-            mtime=seconds, typeflag=_TYPEFLAG_BY_NAME[kind._name_], linkname=linkname,
-            devmajor=devmajor,
-            devminor=devminor), content, entry.path)
+        return TarMember(headers.pack(
+            name, linkname, _TYPEFLAG_BY_NAME[kind._name_], inode.mode & 0o7777, uid, gid,
+            size, seconds, devmajor, devminor), content, entry.path)
     records: list[tuple[bytes, bytes]] = []
     if len(linkname) > NAME_MAX:
         records.append((b"linkpath", linkname))
@@ -284,7 +300,7 @@ def plan(tree: Tree, options: ImageOptions) -> list[TarMember]:
     members: list[TarMember] = []
     append = members.append
     headers = HeaderMaker()
-    make = headers.make
+    pack = headers.pack
     epoch = options.epoch
     clamp_ns = epoch * 1_000_000_000
     regular, directory = EntryType.REGULAR, EntryType.DIRECTORY
@@ -303,8 +319,9 @@ def plan(tree: Tree, options: ImageOptions) -> list[TarMember]:
             uid, gid = entry.uid, entry.gid
             if (len(name) <= NAME_MAX and name.isascii() and uid <= MAX_ID and gid <= MAX_ID
                     and size <= MAX_SIZE and not fraction and 0 <= seconds <= MAX_MTIME):
-                append(TarMember(make(name, entry.mode & 0o7777, uid, gid, size, seconds,
-                                      b"0" if kind is regular else b"5"), content, path))
+                append(TarMember(pack(name, b"", b"0" if kind is regular else b"5",
+                                      entry.mode & 0o7777, uid, gid, size, seconds, 0, 0),
+                                 content, path))
                 continue
         inode = tree.resolve(entry) if kind is EntryType.HARDLINK else entry
         group_first = first_of.get(path) if first_of else None
@@ -326,6 +343,8 @@ def _write(members: list[TarMember], output: BinaryIO, options: ImageOptions) ->
         # Headers and small files gather in one buffer, written a megabyte at a time.
         pending = bytearray()
         whole = reader.whole
+        # Files on disk straight into the buffer (one copy, no Python per syscall).
+        append_file = _TARPACK.append_file if _TARPACK is not None else None
         for member in members:
             header, content, _ = member
             pending += header
@@ -333,11 +352,17 @@ def _write(members: list[TarMember], output: BinaryIO, options: ImageOptions) ->
                 continue
             size = content.size
             if size <= SMALL_FILE:
-                data = whole(content)
-                if len(data) != size:
-                    _changed(member, len(data))
-                pending += data
-                pending += _PADDING[-size % BLOCK]
+                source = content.source
+                if append_file is not None and type(source) is FileSource:
+                    read = append_file(pending, source.path, size)  # padded too
+                    if read != size:
+                        _changed(member, read)
+                else:
+                    data = whole(content)
+                    if len(data) != size:
+                        _changed(member, len(data))
+                    pending += data
+                    pending += _PADDING[-size % BLOCK]
             else:
                 stream.write(pending)
                 total += len(pending)

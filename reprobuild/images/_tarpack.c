@@ -1,0 +1,279 @@
+/* reprobuild.images._tarpack: the tar writer's two per-member hot loops, compiled.
+ *
+ * Optional: reprobuild/images/native.py loads it when it was built (setup.py, by
+ * scripts/setup.sh) and the pure Python code in tar.py does the same work otherwise.
+ * Both give the same bytes; tests/images/test_tarpack.py checks it.
+ *
+ *   ustar(name, linkname, typeflag, mode, uid, gid, size, mtime, devmajor, devminor)
+ *       -> the 512-byte POSIX ustar header with its checksum, as tar.HeaderMaker.make
+ *          makes it (numeric owners only, no prefix field).
+ *   append_file(buffer, path, size)
+ *       -> the bytes of the file at path appended to the bytearray buffer, followed by
+ *          the zeros that pad them to a 512-byte block; returns how many were read (at
+ *          most size + 1: one more than planned says the file grew).
+ *
+ * Every value is checked before it is written: a field that does not fit raises
+ * ValueError (the caller only passes values that fit), a failed system call raises
+ * OSError naming the file. The GIL is released only around open/read/close, while the
+ * buffer's export keeps the bytearray from being resized.
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+
+#include <errno.h>
+#include <fcntl.h>
+#include <string.h>
+#include <unistd.h>
+
+#define BLOCK 512
+#define NAME_MAX_FIELD 100
+#define CHKSUM_OFFSET 148
+
+/* struct posix_header (POSIX pax/ustar; GNU tar src/tar.h) field offsets. */
+#define OFF_NAME 0
+#define OFF_MODE 100
+#define OFF_UID 108
+#define OFF_GID 116
+#define OFF_SIZE 124
+#define OFF_MTIME 136
+#define OFF_TYPEFLAG 156
+#define OFF_LINKNAME 157
+#define OFF_MAGIC 257
+#define OFF_DEVMAJOR 329
+#define OFF_DEVMINOR 337
+
+/* Writes value as width - 1 zero-padded octal digits and a NUL ("%0*o\0"); 0 when the
+ * value does not fit in them (negative, or 8 ** (width - 1) or more). */
+static int
+put_octal(unsigned char *field, int width, long long value)
+{
+    int digits = width - 1;
+    if (value < 0 || (digits < 21 && (value >> (3 * digits)) != 0)) {
+        return 0;
+    }
+    unsigned long long rest = (unsigned long long)value;
+    for (int i = digits - 1; i >= 0; i--) {
+        field[i] = (unsigned char)('0' + (rest & 7));
+        rest >>= 3;
+    }
+    field[digits] = '\0';
+    return 1;
+}
+
+static int
+put_number(unsigned char *header, int offset, int width, PyObject *number,
+           const char *what)
+{
+    long long value = PyLong_AsLongLong(number);
+    if (value == -1 && PyErr_Occurred()) {
+        return 0;
+    }
+    if (!put_octal(header + offset, width, value)) {
+        PyErr_Format(PyExc_ValueError, "tar header: %s %lld does not fit in %d octal digits",
+                     what, value, width - 1);
+        return 0;
+    }
+    return 1;
+}
+
+/* Copies at most NAME_MAX_FIELD bytes of a bytes object (the caller cuts long names). */
+static int
+put_name(unsigned char *header, int offset, PyObject *text, const char *what)
+{
+    if (!PyBytes_Check(text)) {
+        PyErr_Format(PyExc_TypeError, "tar header: %s must be bytes", what);
+        return 0;
+    }
+    Py_ssize_t length = PyBytes_GET_SIZE(text);
+    if (length > NAME_MAX_FIELD) {
+        length = NAME_MAX_FIELD;
+    }
+    memcpy(header + offset, PyBytes_AS_STRING(text), (size_t)length);
+    return 1;
+}
+
+static PyObject *
+tarpack_ustar(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
+{
+    (void)module;
+    if (nargs != 10) {
+        PyErr_Format(PyExc_TypeError, "ustar() takes 10 arguments (%zd given)", nargs);
+        return NULL;
+    }
+    PyObject *typeflag = args[2];
+    if (!PyBytes_Check(typeflag) || PyBytes_GET_SIZE(typeflag) != 1) {
+        PyErr_SetString(PyExc_TypeError, "ustar(): typeflag must be one byte");
+        return NULL;
+    }
+    PyObject *result = PyBytes_FromStringAndSize(NULL, BLOCK);
+    if (result == NULL) {
+        return NULL;
+    }
+    unsigned char *header = (unsigned char *)PyBytes_AS_STRING(result);
+    memset(header, 0, BLOCK);
+    if (!put_name(header, OFF_NAME, args[0], "name")
+        || !put_name(header, OFF_LINKNAME, args[1], "linkname")
+        || !put_number(header, OFF_MODE, 8, args[3], "mode")
+        || !put_number(header, OFF_UID, 8, args[4], "uid")
+        || !put_number(header, OFF_GID, 8, args[5], "gid")
+        || !put_number(header, OFF_SIZE, 12, args[6], "size")
+        || !put_number(header, OFF_MTIME, 12, args[7], "mtime")
+        || !put_number(header, OFF_DEVMAJOR, 8, args[8], "devmajor")
+        || !put_number(header, OFF_DEVMINOR, 8, args[9], "devminor")) {
+        Py_DECREF(result);
+        return NULL;
+    }
+    header[OFF_TYPEFLAG] = (unsigned char)PyBytes_AS_STRING(typeflag)[0];
+    memcpy(header + OFF_MAGIC, "ustar\0" "00", 8);
+    memset(header + CHKSUM_OFFSET, ' ', 8);
+    unsigned long checksum = 0;
+    for (int i = 0; i < BLOCK; i++) {
+        checksum += header[i];
+    }
+    /* "%06o\0 ": at most 512 * 255 = 130560 = 0377000, six digits. */
+    put_octal(header + CHKSUM_OFFSET, 7, (long long)checksum);
+    header[CHKSUM_OFFSET + 7] = ' ';
+    return result;
+}
+
+/* Reads up to want bytes from fd into out, until EOF; the count, or -1 with errno set.
+ * Called without the GIL. */
+static Py_ssize_t
+read_full(int fd, char *out, Py_ssize_t want, int *interrupted)
+{
+    Py_ssize_t got = 0;
+    while (got < want) {
+        ssize_t n = read(fd, out + got, (size_t)(want - got));
+        if (n < 0) {
+            if (errno == EINTR) {
+                *interrupted = 1;
+                return got;
+            }
+            return -1;
+        }
+        if (n == 0) {
+            break;
+        }
+        got += n;
+    }
+    return got;
+}
+
+static PyObject *
+tarpack_append_file(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
+{
+    (void)module;
+    if (nargs != 3) {
+        PyErr_Format(PyExc_TypeError, "append_file() takes 3 arguments (%zd given)", nargs);
+        return NULL;
+    }
+    PyObject *buffer = args[0], *path = args[1];
+    if (!PyByteArray_CheckExact(buffer)) {
+        PyErr_SetString(PyExc_TypeError, "append_file(): buffer must be a bytearray");
+        return NULL;
+    }
+    if (!PyBytes_Check(path)) {
+        PyErr_SetString(PyExc_TypeError, "append_file(): path must be bytes");
+        return NULL;
+    }
+    Py_ssize_t size = PyLong_AsSsize_t(args[2]);
+    if (size == -1 && PyErr_Occurred()) {
+        return NULL;
+    }
+    if (size < 0 || size > PY_SSIZE_T_MAX - 2 * BLOCK
+        || PyByteArray_GET_SIZE(buffer) > PY_SSIZE_T_MAX - 2 * BLOCK - size) {
+        PyErr_SetString(PyExc_ValueError, "append_file(): size out of range");
+        return NULL;
+    }
+    Py_ssize_t start = PyByteArray_GET_SIZE(buffer);
+    Py_ssize_t want = size + 1; /* one more: a file that grew shows it */
+    if (PyByteArray_Resize(buffer, start + want + BLOCK) < 0) {
+        return NULL;
+    }
+    Py_buffer view; /* the export keeps the bytearray from moving while we read */
+    if (PyObject_GetBuffer(buffer, &view, PyBUF_WRITABLE | PyBUF_SIMPLE) < 0) {
+        PyByteArray_Resize(buffer, start);
+        return NULL;
+    }
+    char *out = (char *)view.buf + start;
+    const char *name = PyBytes_AS_STRING(path);
+    if ((Py_ssize_t)strlen(name) != PyBytes_GET_SIZE(path)) {
+        PyBuffer_Release(&view);
+        PyByteArray_Resize(buffer, start);
+        PyErr_SetString(PyExc_ValueError, "append_file(): embedded null byte in path");
+        return NULL;
+    }
+    int fd, saved_errno = 0, interrupted;
+    Py_ssize_t got = 0;
+    do {
+        Py_BEGIN_ALLOW_THREADS
+        fd = open(name, O_RDONLY | O_CLOEXEC);
+        saved_errno = errno;
+        Py_END_ALLOW_THREADS
+    } while (fd < 0 && saved_errno == EINTR && PyErr_CheckSignals() == 0);
+    if (fd < 0) {
+        PyBuffer_Release(&view);
+        PyByteArray_Resize(buffer, start);
+        if (!PyErr_Occurred()) {
+            errno = saved_errno;
+            PyErr_SetFromErrnoWithFilenameObject(PyExc_OSError, path);
+        }
+        return NULL;
+    }
+    int read_failed = 0;
+    for (;;) {
+        Py_ssize_t n;
+        interrupted = 0;
+        Py_BEGIN_ALLOW_THREADS
+        n = read_full(fd, out + got, want - got, &interrupted);
+        saved_errno = errno;
+        Py_END_ALLOW_THREADS
+        if (n < 0) {
+            read_failed = 1;
+            break;
+        }
+        got += n;
+        if (!interrupted || PyErr_CheckSignals() < 0) {
+            break;
+        }
+    }
+    close(fd); /* read-only: nothing to lose on a failed close */
+    PyBuffer_Release(&view);
+    if (read_failed || PyErr_Occurred()) {
+        PyByteArray_Resize(buffer, start);
+        if (!PyErr_Occurred()) {
+            errno = saved_errno;
+            PyErr_SetFromErrnoWithFilenameObject(PyExc_OSError, path);
+        }
+        return NULL;
+    }
+    /* The bytes read, then zeros to the next block (got <= size + 1 < want + BLOCK). */
+    Py_ssize_t padding = (BLOCK - got % BLOCK) % BLOCK;
+    memset(out + got, 0, (size_t)padding);
+    if (PyByteArray_Resize(buffer, start + got + padding) < 0) {
+        return NULL;
+    }
+    return PyLong_FromSsize_t(got);
+}
+
+static PyMethodDef tarpack_methods[] = {
+    {"ustar", (PyCFunction)(void (*)(void))tarpack_ustar, METH_FASTCALL,
+     "ustar(name, linkname, typeflag, mode, uid, gid, size, mtime, devmajor, devminor)"
+     " -> the 512-byte ustar header with its checksum"},
+    {"append_file", (PyCFunction)(void (*)(void))tarpack_append_file, METH_FASTCALL,
+     "append_file(buffer, path, size) -> bytes read; the file's bytes and their padding"
+     " to 512 bytes appended to the bytearray"},
+    {NULL, NULL, 0, NULL},
+};
+
+static struct PyModuleDef tarpack_module = {
+    PyModuleDef_HEAD_INIT, "_tarpack",
+    "The tar writer's per-member hot loops, compiled (optional; see tar.py).", -1,
+    tarpack_methods, NULL, NULL, NULL, NULL,
+};
+
+PyMODINIT_FUNC
+PyInit__tarpack(void)
+{
+    return PyModule_Create(&tarpack_module);
+}

@@ -1,0 +1,218 @@
+"""The compiled tar helpers (reprobuild/images/_tarpack.c) give the pure Python path's bytes."""
+
+from __future__ import annotations
+
+import io
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from reprobuild.errors import ImageError
+from reprobuild.images import native, tar
+from reprobuild.images.registry import ImageOptions
+from reprobuild.trees.tree import Content, Entry, EntryType, FileSource, Tree
+from tests.conftest import REPO
+from tests.images.archive_trees import EPOCH, NS, sample_tree
+
+TARPACK = native.load("_tarpack")
+OPTIONS = ImageOptions(epoch=EPOCH)
+# Sizes around the 512-byte block and the small-file limit (read whole into the buffer).
+EDGE_SIZES = (0, 1, 511, 512, 513, 4096, tar.SMALL_FILE - 1, tar.SMALL_FILE,
+              tar.SMALL_FILE + 1)
+
+
+@pytest.fixture
+def pure_python(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    monkeypatch.setattr(tar, "_TARPACK", None)
+    yield
+
+
+def both_paths(make: object) -> tuple[bytes, bytes]:
+    """What ``make()`` returns with the compiled helpers, then without them."""
+    assert callable(make)
+    assert tar._TARPACK is not None
+    compiled = make()
+    saved, tar._TARPACK = tar._TARPACK, None
+    try:
+        python = make()
+    finally:
+        tar._TARPACK = saved
+    return compiled, python
+
+
+def tar_of(tree: Tree) -> bytes:
+    out = io.BytesIO()
+    tar.write(tree, out, OPTIONS)
+    return out.getvalue()
+
+
+def disk_tree(root: Path) -> Tree:
+    """:func:`sample_tree` (every kind of entry, pax records, hardlinks, long and non-UTF-8
+    names) plus files on disk at the block and small-file edges, hardlinked too."""
+    tree = sample_tree()
+    tree.add(Entry(b"disk", EntryType.DIRECTORY, 0o755, mtime_ns=EPOCH * NS))
+    names = []
+    for size in EDGE_SIZES:
+        path = root / f"f{size}"
+        path.write_bytes(bytes((i * 7 + size) % 251 for i in range(size)))
+        name = b"disk/" + b"n" * (size % 150 + 1) + b"\xff%d" % size
+        names.append(name)
+        tree.add(Entry(name, EntryType.REGULAR, 0o640, size % 3, 70_000_000 if size == 1
+                       else 4, (EPOCH - size) * NS, content=Content(
+                           size, FileSource(os.fsencode(path)))))
+    tree.add(Entry(b"disk/" + b"h" * 300, EntryType.HARDLINK, 0o640, target=names[3]))
+    tree.add(Entry(b"disk/" + b"l" * 300, EntryType.SYMLINK, 0o777, target=b"x" * 300))
+    return tree
+
+
+def test_the_extension_is_built_in_the_test_environment() -> None:
+    """CI must run the compiled path: setup.sh builds it (gcc and python3-dev)."""
+    assert TARPACK is not None, "reprobuild/images/_tarpack.c was not built: run setup.sh"
+    assert tar._TARPACK is TARPACK
+
+
+def test_pure_python_variable_turns_it_off(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(native.PURE_PYTHON_VARIABLE, "1")
+    assert native.load("_tarpack") is None
+    monkeypatch.setenv(native.PURE_PYTHON_VARIABLE, "0")
+    assert native.load("_tarpack") is TARPACK
+    assert native.load("_no_such_helper") is None
+
+
+def test_forced_python_path_uses_no_compiled_code(pure_python: None, tmp_path: Path) -> None:
+    maker = tar.HeaderMaker()
+    assert maker.pack == maker.pack_python
+    data = tar_of(disk_tree(tmp_path))
+    assert data[:2] == b"./" and len(data) % tar.RECORD == 0
+
+
+def test_same_archive_both_ways(tmp_path: Path) -> None:
+    compiled, python = both_paths(lambda: tar_of(disk_tree(tmp_path)))
+    assert compiled == python
+    for size in EDGE_SIZES:  # and the files' bytes are in it
+        assert (tmp_path / f"f{size}").read_bytes()[:600] in compiled
+
+
+def test_same_archive_both_ways_from_a_subprocess(tmp_path: Path) -> None:
+    """The environment variable reaches a command; both give the same bytes."""
+    (tmp_path / "src").mkdir()
+    for size in EDGE_SIZES:
+        (tmp_path / "src" / f"{size:07d}").write_bytes(b"%d" % size * (size // 2 + 1))
+    digests = []
+    for pure in ("0", "1"):
+        out = tmp_path / f"out{pure}.tar"
+        subprocess.run([sys.executable, "-m", "reprobuild", "image", "--format", "tar",
+                        "--epoch", str(EPOCH), str(tmp_path / "src"), str(out),
+                        "--store", str(tmp_path / "store")],
+                       check=True, cwd=REPO, env={**os.environ,
+                                                  native.PURE_PYTHON_VARIABLE: pure})
+        digests.append(out.read_bytes())
+    assert digests[0] == digests[1] and len(digests[0]) > sum(EDGE_SIZES)
+
+
+def test_same_plan_at_the_octal_limits() -> None:
+    """Sizes, owners and times at and past what octal fields hold (pax records past)."""
+    tree = Tree(Entry(b"", EntryType.DIRECTORY, 0o755, mtime_ns=EPOCH * NS))
+    for index, (size, owner, seconds) in enumerate((
+            (tar.MAX_SIZE, tar.MAX_ID, tar.MAX_MTIME), (tar.MAX_SIZE + 1, tar.MAX_ID + 1, 0),
+            (8**12, 2**32 - 1, -1), (0, 0, EPOCH))):
+        tree.add(Entry(b"f%d" % index, EntryType.REGULAR, 0o7777, owner, owner,
+                       seconds * NS, content=Content(size, FileSource(b"/nonexistent"))))
+    tree.add(Entry(b"dev", EntryType.BLOCK, 0o600, rdev_major=tar.MAX_ID,
+                   rdev_minor=tar.MAX_ID))
+    options = ImageOptions(epoch=tar.MAX_MTIME)
+    compiled, python = both_paths(lambda: b"".join(m.header for m in tar.plan(tree, options)))
+    assert compiled == python
+    assert b"%011o\0" % tar.MAX_SIZE in compiled and b" size=%d\n" % (tar.MAX_SIZE + 1) in compiled
+
+
+@settings(max_examples=300, deadline=None)
+@given(name=st.binary(max_size=120), linkname=st.binary(max_size=120),
+       mode=st.integers(0, 0o7777), owner=st.integers(0, tar.MAX_ID),
+       size=st.integers(0, tar.MAX_SIZE), mtime=st.integers(0, tar.MAX_MTIME),
+       typeflag=st.sampled_from(b"0123456"), device=st.integers(0, tar.MAX_ID))
+def test_ustar_equals_header_maker(name: bytes, linkname: bytes, mode: int, owner: int,
+                                   size: int, mtime: int, typeflag: int,
+                                   device: int) -> None:
+    assert TARPACK is not None
+    fields = (name, linkname, bytes([typeflag]), mode, owner, owner ^ 5, size, mtime,
+              device, device // 3)
+    header = TARPACK.ustar(*fields)
+    assert header == tar.HeaderMaker().pack_python(*fields)
+    assert len(header) == tar.BLOCK
+
+
+@pytest.mark.parametrize(("index", "value"), [
+    (3, -1), (3, 8**7), (4, 8**7), (5, 2**64), (6, 8**11), (7, 8**11), (8, 8**7), (9, -5)])
+def test_ustar_refuses_values_that_do_not_fit(index: int, value: int) -> None:
+    assert TARPACK is not None
+    fields: list[object] = [b"a", b"", b"0", 0o644, 0, 0, 0, 0, 0, 0]
+    fields[index] = value
+    with pytest.raises((ValueError, OverflowError)):
+        TARPACK.ustar(*fields)
+
+
+def test_ustar_refuses_wrong_types() -> None:
+    assert TARPACK is not None
+    with pytest.raises(TypeError):
+        TARPACK.ustar("a", b"", b"0", 0, 0, 0, 0, 0, 0, 0)  # type: ignore[arg-type]
+    with pytest.raises(TypeError):
+        TARPACK.ustar(b"a", b"", b"00", 0, 0, 0, 0, 0, 0, 0)
+    with pytest.raises(TypeError):
+        TARPACK.ustar(b"a")  # type: ignore[call-arg]
+
+
+@pytest.mark.parametrize("size", EDGE_SIZES)
+def test_append_file_pads_to_the_block(tmp_path: Path, size: int) -> None:
+    assert TARPACK is not None
+    path = tmp_path / "f"
+    path.write_bytes(b"\xa5" * size)
+    buffer = bytearray(b"head")
+    assert TARPACK.append_file(buffer, os.fsencode(path), size) == size
+    assert buffer == b"head" + b"\xa5" * size + bytes(-size % 512)
+    # One byte more than planned says the file grew; fewer that it shrank.
+    buffer = bytearray()
+    assert TARPACK.append_file(buffer, os.fsencode(path), max(size - 1, 0)) == size
+    assert TARPACK.append_file(bytearray(), os.fsencode(path), size + 10) == size
+
+
+def test_append_file_errors_leave_the_buffer(tmp_path: Path) -> None:
+    assert TARPACK is not None
+    buffer = bytearray(b"kept")
+    with pytest.raises(FileNotFoundError) as raised:
+        TARPACK.append_file(buffer, os.fsencode(tmp_path / "missing"), 3)
+    assert raised.value.filename == os.fsencode(tmp_path / "missing")
+    with pytest.raises(IsADirectoryError):
+        TARPACK.append_file(buffer, os.fsencode(tmp_path), 3)
+    with pytest.raises(ValueError, match="null byte"):
+        TARPACK.append_file(buffer, b"a\0b", 3)
+    with pytest.raises(ValueError, match="size"):
+        TARPACK.append_file(buffer, b"a", -1)
+    with pytest.raises(TypeError):
+        TARPACK.append_file(b"bytes", b"a", 1)  # type: ignore[arg-type]
+    view = memoryview(buffer)  # an exported buffer cannot grow
+    with pytest.raises(BufferError):
+        TARPACK.append_file(buffer, os.fsencode(tmp_path / "missing"), 3)
+    view.release()
+    assert buffer == b"kept"
+
+
+@pytest.mark.parametrize("compiled", [True, False])
+def test_a_file_that_changed_is_named(tmp_path: Path, compiled: bool,
+                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    if not compiled:
+        monkeypatch.setattr(tar, "_TARPACK", None)
+    path = tmp_path / "f"
+    path.write_bytes(b"12345")
+    for planned in (4, 6):
+        tree = Tree(Entry(b"", EntryType.DIRECTORY, 0o755))
+        tree.add(Entry(b"grew", EntryType.REGULAR, 0o644,
+                       content=Content(planned, FileSource(os.fsencode(path)))))
+        with pytest.raises(ImageError, match="/grew: content is 5 bytes, expected"):
+            tar_of(tree)
