@@ -8,10 +8,13 @@ reprobuild without it, and the pure Python code does the same work (same bytes).
 
 from setuptools import Extension, setup
 
+COMPILE_ARGS = ["-O2", "-std=c11", "-Wall", "-Wextra", "-Werror=vla"]
 NATIVE_EXTENSIONS = [
-    Extension("reprobuild.images._tarpack", ["reprobuild/images/_tarpack.c"],
-              extra_compile_args=["-O2", "-std=c11", "-Wall", "-Wextra", "-Werror=vla"],
-              optional=True),
+    Extension(module, [source], extra_compile_args=COMPILE_ARGS, optional=True)
+    for module, source in (
+        ("reprobuild.images._tarpack", "reprobuild/images/_tarpack.c"),  # tar writer
+        ("reprobuild.trees._tarscan", "reprobuild/trees/_tarscan.c"),  # tar reader
+    )
 ]
 
 setup(ext_modules=NATIVE_EXTENSIONS)

@@ -36,8 +36,8 @@ from collections.abc import Callable, Iterator
 from typing import BinaryIO, NamedTuple, NoReturn, cast
 from zlib import adler32
 
+from reprobuild import native
 from reprobuild.errors import ImageError
-from reprobuild.images import native
 from reprobuild.images.archive_compress import (
     check_compress,
     compressed_writer,
@@ -82,7 +82,7 @@ WRITE_SIZE = 1 << 20
 _PADDING = tuple(bytes(n) for n in range(BLOCK))
 SIZES_KEPT = 1 << 14  # distinct file sizes whose header field HeaderMaker remembers
 # The compiled header packer and small-file copier (_tarpack.c), None for pure Python.
-_TARPACK = native.load("_tarpack")
+_TARPACK = native.load("reprobuild.images._tarpack")
 
 
 class TarMember(NamedTuple):

@@ -13,14 +13,15 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from reprobuild import native
 from reprobuild.errors import ImageError
-from reprobuild.images import native, tar
+from reprobuild.images import tar
 from reprobuild.images.registry import ImageOptions
 from reprobuild.trees.tree import Content, Entry, EntryType, FileSource, Tree
 from tests.conftest import REPO
 from tests.images.archive_trees import EPOCH, NS, sample_tree
 
-TARPACK = native.load("_tarpack")
+TARPACK = native.load("reprobuild.images._tarpack")
 OPTIONS = ImageOptions(epoch=EPOCH)
 # Sizes around the 512-byte block and the small-file limit (read whole into the buffer).
 EDGE_SIZES = (0, 1, 511, 512, 513, 4096, tar.SMALL_FILE - 1, tar.SMALL_FILE,
@@ -79,10 +80,10 @@ def test_the_extension_is_built_in_the_test_environment() -> None:
 
 def test_pure_python_variable_turns_it_off(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv(native.PURE_PYTHON_VARIABLE, "1")
-    assert native.load("_tarpack") is None
+    assert native.load("reprobuild.images._tarpack") is None
     monkeypatch.setenv(native.PURE_PYTHON_VARIABLE, "0")
-    assert native.load("_tarpack") is TARPACK
-    assert native.load("_no_such_helper") is None
+    assert native.load("reprobuild.images._tarpack") is TARPACK
+    assert native.load("reprobuild.images._no_such_helper") is None
 
 
 def test_forced_python_path_uses_no_compiled_code(pure_python: None, tmp_path: Path) -> None:

@@ -12,11 +12,11 @@ from types import ModuleType
 PURE_PYTHON_VARIABLE = "REPROBUILD_PURE_PYTHON"
 
 
-def load(name: str) -> ModuleType | None:
-    """The compiled module ``reprobuild.images.NAME``, or None (not built, or not wanted)."""
+def load(module: str) -> ModuleType | None:
+    """The compiled ``module`` (a dotted name), or None (not built, or not wanted)."""
     if os.environ.get(PURE_PYTHON_VARIABLE, "") not in ("", "0"):
         return None
     try:
-        return importlib.import_module(f"reprobuild.images.{name}")
+        return importlib.import_module(module)
     except ImportError:
         return None
