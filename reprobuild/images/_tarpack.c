@@ -7,6 +7,13 @@
  *   ustar(name, linkname, typeflag, mode, uid, gid, size, mtime, devmajor, devminor)
  *       -> the 512-byte POSIX ustar header with its checksum, as tar.HeaderMaker.make
  *          makes it (numeric owners only, no prefix field).
+ *   plan_common(entries, start, clamp_ns, REGULAR, DIRECTORY, first_of, TarMember,
+ *               members)
+ *       -> tar.plan's inline loop: from entries[start] on, each common entry (a file or
+ *          directory with no xattrs, not in a hardlink group, a short ASCII name and
+ *          values that fit the ustar fields) appended to members as its TarMember;
+ *          returns the index of the first other entry (len(entries) at the end), which
+ *          the Python code plans.
  *   append_file(buffer, path, size)
  *       -> the bytes of the file at path appended to the bytearray buffer, followed by
  *          the zeros that pad them to a 512-byte block; returns how many were read (at
@@ -92,6 +99,22 @@ put_name(unsigned char *header, int offset, PyObject *text, const char *what)
     return 1;
 }
 
+/* The magic, version, type flag and checksum of a header whose other fields are set. */
+static void
+finish_header(unsigned char *header, unsigned char typeflag)
+{
+    header[OFF_TYPEFLAG] = typeflag;
+    memcpy(header + OFF_MAGIC, "ustar\0" "00", 8);
+    memset(header + CHKSUM_OFFSET, ' ', 8);
+    unsigned long checksum = 0;
+    for (int i = 0; i < BLOCK; i++) {
+        checksum += header[i];
+    }
+    /* "%06o\0 ": at most 512 * 255 = 130560 = 0377000, six digits. */
+    put_octal(header + CHKSUM_OFFSET, 7, (long long)checksum);
+    header[CHKSUM_OFFSET + 7] = ' ';
+}
+
 static PyObject *
 tarpack_ustar(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
 {
@@ -123,17 +146,193 @@ tarpack_ustar(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
         Py_DECREF(result);
         return NULL;
     }
-    header[OFF_TYPEFLAG] = (unsigned char)PyBytes_AS_STRING(typeflag)[0];
-    memcpy(header + OFF_MAGIC, "ustar\0" "00", 8);
-    memset(header + CHKSUM_OFFSET, ' ', 8);
-    unsigned long checksum = 0;
-    for (int i = 0; i < BLOCK; i++) {
-        checksum += header[i];
-    }
-    /* "%06o\0 ": at most 512 * 255 = 130560 = 0377000, six digits. */
-    put_octal(header + CHKSUM_OFFSET, 7, (long long)checksum);
-    header[CHKSUM_OFFSET + 7] = ' ';
+    finish_header(header, (unsigned char)PyBytes_AS_STRING(typeflag)[0]);
     return result;
+}
+
+/* PyUnicode names of the Entry and Content slots plan_common reads. */
+static PyObject *attr_path, *attr_type, *attr_xattrs, *attr_content, *attr_mtime_ns,
+    *attr_uid, *attr_gid, *attr_mode, *attr_size;
+
+/* A plain int attribute in [0, limit]; 0 (no exception) when it is not one. */
+static int
+small_attr(PyObject *object, PyObject *name, long long limit, long long *value)
+{
+    PyObject *number = PyObject_GetAttr(object, name);
+    if (number == NULL) {
+        return -1;
+    }
+    int overflow = 0;
+    *value = PyLong_Check(number) ? PyLong_AsLongLongAndOverflow(number, &overflow) : -1;
+    Py_DECREF(number);
+    if (*value == -1 && PyErr_Occurred()) {
+        return -1;
+    }
+    return !overflow && *value >= 0 && *value <= limit;
+}
+
+#define MAX_ID 07777777LL
+#define MAX_OCTAL11 077777777777LL
+
+/* The TarMember of a common entry (see plan_common), 0 when the entry is not one, -1
+ * on failure. */
+static int
+plan_one(PyObject *entry, PyObject *regular, PyObject *directory, long long clamp_ns,
+         PyObject *first_of, PyObject *member_type, PyObject *members)
+{
+    int result = 0;
+    PyObject *path = NULL, *kind = NULL, *xattrs = NULL, *content = NULL, *header = NULL;
+    long long mode, uid, gid, size = 0, mtime_ns;
+    if ((path = PyObject_GetAttr(entry, attr_path)) == NULL
+        || (kind = PyObject_GetAttr(entry, attr_type)) == NULL
+        || (xattrs = PyObject_GetAttr(entry, attr_xattrs)) == NULL) {
+        result = -1;
+        goto done;
+    }
+    if ((kind != regular && kind != directory) || !PyBytes_Check(path)
+        || !PyTuple_Check(xattrs) || PyTuple_GET_SIZE(xattrs) != 0) {
+        goto done;
+    }
+    if (PyDict_GET_SIZE(first_of) != 0) {
+        int linked = PyDict_Contains(first_of, path);
+        if (linked != 0) {
+            result = linked < 0 ? -1 : 0;
+            goto done;
+        }
+    }
+    int fits;
+    if ((fits = small_attr(entry, attr_mode, LLONG_MAX, &mode)) != 1
+        || (fits = small_attr(entry, attr_uid, MAX_ID, &uid)) != 1
+        || (fits = small_attr(entry, attr_gid, MAX_ID, &gid)) != 1
+        || (fits = small_attr(entry, attr_mtime_ns, LLONG_MAX, &mtime_ns)) != 1) {
+        result = fits < 0 ? -1 : 0;
+        goto done;
+    }
+    if (mtime_ns > clamp_ns) {
+        mtime_ns = clamp_ns;
+    }
+    long long seconds = mtime_ns / 1000000000LL;
+    if (mtime_ns % 1000000000LL != 0 || seconds < 0 || seconds > MAX_OCTAL11) {
+        goto done;
+    }
+    if (kind == regular) {
+        if ((content = PyObject_GetAttr(entry, attr_content)) == NULL) {
+            result = -1;
+            goto done;
+        }
+        if (content != Py_None
+            && (fits = small_attr(content, attr_size, MAX_OCTAL11, &size)) != 1) {
+            result = fits < 0 ? -1 : 0;
+            goto done;
+        }
+    }
+    /* The member name: "./" + path, and "/" after a directory's (the root is "./"). */
+    Py_ssize_t path_length = PyBytes_GET_SIZE(path);
+    const unsigned char *raw = (const unsigned char *)PyBytes_AS_STRING(path);
+    int slash = kind == directory && path_length > 0;
+    if (path_length + 2 + slash > NAME_MAX_FIELD) {
+        goto done;
+    }
+    for (Py_ssize_t i = 0; i < path_length; i++) {
+        if (raw[i] >= 0x80) {
+            goto done; /* a pax path record */
+        }
+    }
+    if ((header = PyBytes_FromStringAndSize(NULL, BLOCK)) == NULL) {
+        result = -1;
+        goto done;
+    }
+    unsigned char *block = (unsigned char *)PyBytes_AS_STRING(header);
+    memset(block, 0, BLOCK);
+    block[OFF_NAME] = '.';
+    block[OFF_NAME + 1] = '/';
+    memcpy(block + OFF_NAME + 2, raw, (size_t)path_length);
+    if (slash) {
+        block[OFF_NAME + 2 + path_length] = '/';
+    }
+    put_octal(block + OFF_MODE, 8, mode & 07777);
+    put_octal(block + OFF_UID, 8, uid);
+    put_octal(block + OFF_GID, 8, gid);
+    put_octal(block + OFF_SIZE, 12, size);
+    put_octal(block + OFF_MTIME, 12, seconds);
+    put_octal(block + OFF_DEVMAJOR, 8, 0);
+    put_octal(block + OFF_DEVMINOR, 8, 0);
+    finish_header(block, kind == regular ? '0' : '5');
+    /* TarMember(header, content, path), made as tuple.__new__ makes a tuple subclass's
+     * instance (the named tuple's Python __new__ costs more than the rest). */
+    PyObject *member = ((PyTypeObject *)member_type)->tp_alloc((PyTypeObject *)member_type, 3);
+    if (member == NULL) {
+        result = -1;
+        goto done;
+    }
+    PyObject *data = kind == regular ? content : Py_None;
+    Py_INCREF(header);
+    Py_INCREF(data);
+    Py_INCREF(path);
+    PyTuple_SET_ITEM(member, 0, header);
+    PyTuple_SET_ITEM(member, 1, data);
+    PyTuple_SET_ITEM(member, 2, path);
+    int appended = PyList_Append(members, member);
+    Py_DECREF(member);
+    if (appended < 0) {
+        result = -1;
+        goto done;
+    }
+    result = 1;
+done:
+    Py_XDECREF(path);
+    Py_XDECREF(kind);
+    Py_XDECREF(xattrs);
+    Py_XDECREF(content);
+    Py_XDECREF(header);
+    return result;
+}
+
+static PyObject *
+tarpack_plan_common(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
+{
+    (void)module;
+    if (nargs != 8) {
+        PyErr_Format(PyExc_TypeError, "plan_common() takes 8 arguments (%zd given)", nargs);
+        return NULL;
+    }
+    PyObject *entries = args[0], *regular = args[3], *directory = args[4];
+    PyObject *first_of = args[5], *member_type = args[6], *members = args[7];
+    if (!PyList_CheckExact(entries) || !PyDict_Check(first_of) || !PyList_Check(members)) {
+        PyErr_SetString(PyExc_TypeError,
+                        "plan_common(): entries and members must be lists, first_of a dict");
+        return NULL;
+    }
+    /* A named tuple: a tuple subclass whose instances have no __dict__. */
+    if (!PyType_Check(member_type)
+        || !PyType_IsSubtype((PyTypeObject *)member_type, &PyTuple_Type)
+        || ((PyTypeObject *)member_type)->tp_dictoffset != 0) {
+        PyErr_SetString(PyExc_TypeError, "plan_common(): TarMember must be a named tuple");
+        return NULL;
+    }
+    Py_ssize_t index = PyLong_AsSsize_t(args[1]);
+    long long clamp_ns = PyLong_AsLongLong(args[2]);
+    if (PyErr_Occurred()) {
+        return NULL;
+    }
+    if (index < 0) {
+        PyErr_SetString(PyExc_ValueError, "plan_common(): negative start");
+        return NULL;
+    }
+    for (; index < PyList_GET_SIZE(entries); index++) {
+        PyObject *entry = PyList_GET_ITEM(entries, index);
+        Py_INCREF(entry);
+        int planned = plan_one(entry, regular, directory, clamp_ns, first_of, member_type,
+                               members);
+        Py_DECREF(entry);
+        if (planned < 0) {
+            return NULL;
+        }
+        if (planned == 0) {
+            break;
+        }
+    }
+    return PyLong_FromSsize_t(index);
 }
 
 /* Reads up to want bytes from fd into out, until EOF; the count, or -1 with errno set.
@@ -263,6 +462,10 @@ static PyMethodDef tarpack_methods[] = {
     {"append_file", (PyCFunction)(void (*)(void))tarpack_append_file, METH_FASTCALL,
      "append_file(buffer, path, size) -> bytes read; the file's bytes and their padding"
      " to 512 bytes appended to the bytearray"},
+    {"plan_common", (PyCFunction)(void (*)(void))tarpack_plan_common, METH_FASTCALL,
+     "plan_common(entries, start, clamp_ns, REGULAR, DIRECTORY, first_of, TarMember,"
+     " members) -> the index of the first entry not planned; the common members from"
+     " start on appended to members"},
     {NULL, NULL, 0, NULL},
 };
 
@@ -275,5 +478,15 @@ static struct PyModuleDef tarpack_module = {
 PyMODINIT_FUNC
 PyInit__tarpack(void)
 {
+    static PyObject **const names[] = {&attr_path, &attr_type, &attr_xattrs, &attr_content,
+                                       &attr_mtime_ns, &attr_uid, &attr_gid, &attr_mode,
+                                       &attr_size};
+    static const char *const texts[] = {"path", "type", "xattrs", "content", "mtime_ns",
+                                        "uid", "gid", "mode", "size"};
+    for (size_t i = 0; i < sizeof names / sizeof names[0]; i++) {
+        if (*names[i] == NULL && (*names[i] = PyUnicode_InternFromString(texts[i])) == NULL) {
+            return NULL;
+        }
+    }
     return PyModule_Create(&tarpack_module);
 }

@@ -304,7 +304,18 @@ def plan(tree: Tree, options: ImageOptions) -> list[TarMember]:
     epoch = options.epoch
     clamp_ns = epoch * 1_000_000_000
     regular, directory = EntryType.REGULAR, EntryType.DIRECTORY
-    for entry in tree:
+    entries = list(tree)
+    plan_common = _TARPACK.plan_common if _TARPACK is not None and \
+        0 <= clamp_ns < 1 << 63 else None  # the C code's clamp is a signed 64-bit value
+    index, count = 0, len(entries)
+    while index < count:
+        if plan_common is not None:  # the common members below, compiled
+            index = plan_common(entries, index, clamp_ns, regular, directory, first_of,
+                                TarMember, members)
+            if index == count:
+                break
+        entry = entries[index]
+        index += 1
         path = entry.path
         kind = entry.type
         # The common member (a file or directory that needs no pax record), inline:

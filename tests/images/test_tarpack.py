@@ -8,6 +8,7 @@ import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 from hypothesis import given, settings
@@ -217,3 +218,47 @@ def test_a_file_that_changed_is_named(tmp_path: Path, compiled: bool,
                        content=Content(planned, FileSource(os.fsencode(path)))))
         with pytest.raises(ImageError, match="/grew: content is 5 bytes, expected"):
             tar_of(tree)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.tuples(
+    st.binary(min_size=1, max_size=99).filter(lambda n: b"/" not in n and n not in (b".", b"..")),
+    st.booleans(), st.integers(-1, 0o177777), st.integers(-2, tar.MAX_ID + 2),
+    st.integers(0, 2**64), st.integers(-2 * NS, 2**64), st.integers(0, tar.MAX_SIZE + 2),
+    st.sampled_from([(), ((b"user.a", b"1"),)])), max_size=8, unique_by=lambda t: t[0]),
+    st.sampled_from([0, EPOCH, tar.MAX_MTIME, 2**63 // NS + 1]))
+def test_plan_of_generated_entries_is_the_same(
+        spec: list[tuple[bytes, bool, int, int, int, int, int, tuple[tuple[bytes, bytes], ...]]],
+        epoch: int) -> None:
+    """plan_common hands every entry it does not take to Python: the same headers."""
+    tree = Tree(Entry(b"", EntryType.DIRECTORY, 0o755, mtime_ns=EPOCH * NS))
+    for name, is_dir, mode, uid, gid, mtime_ns, size, xattrs in sorted(spec):
+        tree.add(Entry(name, EntryType.DIRECTORY if is_dir else EntryType.REGULAR,
+                       mode & 0o7777, uid, gid, mtime_ns, xattrs,
+                       content=None if is_dir else Content(size, FileSource(b"/x"))))
+
+    def headers() -> bytes:
+        try:
+            return b"".join(m.header + m.path for m in tar.plan(tree, ImageOptions(epoch=epoch)))
+        except (ImageError, ValueError, OverflowError) as exc:
+            return type(exc).__name__.encode()
+
+    compiled, python = both_paths(headers)
+    assert compiled == python
+
+
+def test_plan_common_refuses_bad_arguments() -> None:
+    assert TARPACK is not None
+    members: list[object] = []
+    for member_type in (int, type("WithDict", (tuple,), {})):
+        with pytest.raises(TypeError, match="named tuple"):
+            TARPACK.plan_common([], 0, 0, 1, 2, {}, member_type, members)
+    with pytest.raises(TypeError, match="lists"):
+        TARPACK.plan_common((), 0, 0, 1, 2, {}, tar.TarMember, members)
+    with pytest.raises(ValueError, match="negative"):
+        TARPACK.plan_common([], -1, 0, 1, 2, {}, tar.TarMember, members)
+    with pytest.raises(AttributeError):
+        TARPACK.plan_common([object()], 0, 0, 1, 2, {}, tar.TarMember, members)
+    other_kind = SimpleNamespace(path=b"x", type=3, xattrs=())
+    assert TARPACK.plan_common([other_kind], 0, 0, 1, 2, {}, tar.TarMember, members) == 0
+    assert members == []
