@@ -1,6 +1,6 @@
-/* reprobuild.images._tarpack: the tar writer's two per-member hot loops, compiled.
+/* reprobuild.images._tarpack: the tar writer's per-member hot loops, compiled.
  *
- * Optional: reprobuild/images/native.py loads it when it was built (setup.py, by
+ * Optional: reprobuild/native.py loads it when it was built (setup.py, by
  * scripts/setup.sh) and the pure Python code in tar.py does the same work otherwise.
  * Both give the same bytes; tests/images/test_tarpack.py checks it.
  *
@@ -14,10 +14,14 @@
  *          values that fit the ustar fields) appended to members as its TarMember;
  *          returns the index of the first other entry (len(entries) at the end), which
  *          the Python code plans.
- *   append_file(buffer, path, size)
- *       -> the bytes of the file at path appended to the bytearray buffer, followed by
- *          the zeros that pad them to a 512-byte block; returns how many were read (at
- *          most size + 1: one more than planned says the file grew).
+ *   append_members(buffer, members, start, limit, small_file, FileSource)
+ *       -> (index, changed): tar._write's loop for headers and small files on disk:
+ *          from members[start] on, each member's header and, for a file of at most
+ *          small_file bytes whose source is a FileSource, its bytes and padding (read
+ *          through its directory's descriptor, kept open while the files of one
+ *          directory follow each other), until the buffer holds limit bytes. Stops
+ *          before a member with other content (index: Python writes it) and after a
+ *          file whose size was not the planned one (changed: the bytes read; else -1).
  *
  * Every value is checked before it is written: a field that does not fit raises
  * ValueError (the caller only passes values that fit), a failed system call raises
@@ -152,7 +156,7 @@ tarpack_ustar(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
 
 /* PyUnicode names of the Entry and Content slots plan_common reads. */
 static PyObject *attr_path, *attr_type, *attr_xattrs, *attr_content, *attr_mtime_ns,
-    *attr_uid, *attr_gid, *attr_mode, *attr_size;
+    *attr_uid, *attr_gid, *attr_mode, *attr_size, *attr_source;
 
 /* A plain int attribute in [0, limit]; 0 (no exception) when it is not one. */
 static int
@@ -358,69 +362,38 @@ read_full(int fd, char *out, Py_ssize_t want, int *interrupted)
     return got;
 }
 
-static PyObject *
-tarpack_append_file(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
+/* Appends the bytes of the file `name` (relative to dirfd, or AT_FDCWD) and their padding
+ * to the bytearray buffer; how many were read (at most size + 1), or -1 with OSError
+ * naming `path`. */
+static Py_ssize_t
+append_at(PyObject *buffer, int dirfd, const char *name, PyObject *path, Py_ssize_t size)
 {
-    (void)module;
-    if (nargs != 3) {
-        PyErr_Format(PyExc_TypeError, "append_file() takes 3 arguments (%zd given)", nargs);
-        return NULL;
-    }
-    PyObject *buffer = args[0], *path = args[1];
-    if (!PyByteArray_CheckExact(buffer)) {
-        PyErr_SetString(PyExc_TypeError, "append_file(): buffer must be a bytearray");
-        return NULL;
-    }
-    if (!PyBytes_Check(path)) {
-        PyErr_SetString(PyExc_TypeError, "append_file(): path must be bytes");
-        return NULL;
-    }
-    Py_ssize_t size = PyLong_AsSsize_t(args[2]);
-    if (size == -1 && PyErr_Occurred()) {
-        return NULL;
-    }
     if (size < 0 || size > PY_SSIZE_T_MAX - 2 * BLOCK
         || PyByteArray_GET_SIZE(buffer) > PY_SSIZE_T_MAX - 2 * BLOCK - size) {
-        PyErr_SetString(PyExc_ValueError, "append_file(): size out of range");
-        return NULL;
+        PyErr_SetString(PyExc_ValueError, "append_members(): size out of range");
+        return -1;
     }
     Py_ssize_t start = PyByteArray_GET_SIZE(buffer);
     Py_ssize_t want = size + 1; /* one more: a file that grew shows it */
     if (PyByteArray_Resize(buffer, start + want + BLOCK) < 0) {
-        return NULL;
+        return -1;
     }
     Py_buffer view; /* the export keeps the bytearray from moving while we read */
     if (PyObject_GetBuffer(buffer, &view, PyBUF_WRITABLE | PyBUF_SIMPLE) < 0) {
         PyByteArray_Resize(buffer, start);
-        return NULL;
+        return -1;
     }
     char *out = (char *)view.buf + start;
-    const char *name = PyBytes_AS_STRING(path);
-    if ((Py_ssize_t)strlen(name) != PyBytes_GET_SIZE(path)) {
-        PyBuffer_Release(&view);
-        PyByteArray_Resize(buffer, start);
-        PyErr_SetString(PyExc_ValueError, "append_file(): embedded null byte in path");
-        return NULL;
-    }
     int fd, saved_errno = 0, interrupted;
     Py_ssize_t got = 0;
     do {
         Py_BEGIN_ALLOW_THREADS
-        fd = open(name, O_RDONLY | O_CLOEXEC);
+        fd = openat(dirfd, name, O_RDONLY | O_CLOEXEC);
         saved_errno = errno;
         Py_END_ALLOW_THREADS
     } while (fd < 0 && saved_errno == EINTR && PyErr_CheckSignals() == 0);
-    if (fd < 0) {
-        PyBuffer_Release(&view);
-        PyByteArray_Resize(buffer, start);
-        if (!PyErr_Occurred()) {
-            errno = saved_errno;
-            PyErr_SetFromErrnoWithFilenameObject(PyExc_OSError, path);
-        }
-        return NULL;
-    }
-    int read_failed = 0;
-    for (;;) {
+    int read_failed = fd < 0;
+    while (fd >= 0) {
         Py_ssize_t n;
         interrupted = 0;
         Py_BEGIN_ALLOW_THREADS
@@ -436,7 +409,9 @@ tarpack_append_file(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
             break;
         }
     }
-    close(fd); /* read-only: nothing to lose on a failed close */
+    if (fd >= 0) {
+        close(fd); /* read-only: nothing to lose on a failed close */
+    }
     PyBuffer_Release(&view);
     if (read_failed || PyErr_Occurred()) {
         PyByteArray_Resize(buffer, start);
@@ -444,24 +419,197 @@ tarpack_append_file(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
             errno = saved_errno;
             PyErr_SetFromErrnoWithFilenameObject(PyExc_OSError, path);
         }
-        return NULL;
+        return -1;
     }
     /* The bytes read, then zeros to the next block (got <= size + 1 < want + BLOCK). */
     Py_ssize_t padding = (BLOCK - got % BLOCK) % BLOCK;
     memset(out + got, 0, (size_t)padding);
     if (PyByteArray_Resize(buffer, start + got + padding) < 0) {
+        return -1;
+    }
+    return got;
+}
+
+static int
+checked_path(PyObject *path)
+{
+    if (!PyBytes_Check(path)) {
+        PyErr_SetString(PyExc_TypeError, "append_members(): a FileSource path must be bytes");
+        return 0;
+    }
+    if ((Py_ssize_t)strlen(PyBytes_AS_STRING(path)) != PyBytes_GET_SIZE(path)) {
+        PyErr_SetString(PyExc_ValueError, "append_members(): embedded null byte in a path");
+        return 0;
+    }
+    return 1;
+}
+
+/* The directory of the last file opened by append_members, kept open (O_PATH) so that
+ * each file of it is opened by its name alone: no walk of the whole path each time. */
+struct open_directory {
+    PyObject *path; /* bytes, NULL when none is open */
+    int fd;
+};
+
+static void
+close_directory(struct open_directory *directory)
+{
+    if (directory->path != NULL) {
+        close(directory->fd);
+        Py_CLEAR(directory->path);
+    }
+}
+
+/* The descriptor of the directory part (slash bytes) of path, opened if it is not the
+ * one open already; -1 with OSError naming path. */
+static int
+directory_fd(struct open_directory *directory, PyObject *path, Py_ssize_t slash)
+{
+    const char *raw = PyBytes_AS_STRING(path);
+    Py_ssize_t length = slash == 0 ? 1 : slash; /* "/name": the root */
+    if (directory->path != NULL && PyBytes_GET_SIZE(directory->path) == length
+        && memcmp(PyBytes_AS_STRING(directory->path), raw, (size_t)length) == 0) {
+        return directory->fd;
+    }
+    close_directory(directory);
+    PyObject *name = PyBytes_FromStringAndSize(raw, length); /* NUL-terminated */
+    if (name == NULL) {
+        return -1;
+    }
+    int fd, saved_errno;
+    do {
+        Py_BEGIN_ALLOW_THREADS
+        fd = open(PyBytes_AS_STRING(name), O_PATH | O_DIRECTORY | O_CLOEXEC);
+        saved_errno = errno;
+        Py_END_ALLOW_THREADS
+    } while (fd < 0 && saved_errno == EINTR && PyErr_CheckSignals() == 0);
+    if (fd < 0) {
+        Py_DECREF(name);
+        if (!PyErr_Occurred()) {
+            errno = saved_errno;
+            PyErr_SetFromErrnoWithFilenameObject(PyExc_OSError, path);
+        }
+        return -1;
+    }
+    directory->path = name;
+    directory->fd = fd;
+    return fd;
+}
+
+/* What append_members does with one member: 1 taken, 0 left to Python, -1 failed; a
+ * file that did not have its planned size stops the run with *changed = bytes read. */
+static int
+append_member(PyObject *buffer, PyObject *member, Py_ssize_t small_file,
+              PyObject *file_source, struct open_directory *directory, Py_ssize_t *changed)
+{
+    if (!PyTuple_Check(member) || PyTuple_GET_SIZE(member) < 2
+        || !PyBytes_Check(PyTuple_GET_ITEM(member, 0))) {
+        return 0;
+    }
+    PyObject *header = PyTuple_GET_ITEM(member, 0), *content = PyTuple_GET_ITEM(member, 1);
+    PyObject *source = NULL, *path = NULL;
+    long long size = 0;
+    int result = 0;
+    if (content != Py_None) {
+        int fits = small_attr(content, attr_size, small_file, &size);
+        if (fits != 1) {
+            return fits;
+        }
+        if ((source = PyObject_GetAttr(content, attr_source)) == NULL) {
+            return -1;
+        }
+        if ((PyObject *)Py_TYPE(source) != file_source) {
+            goto done;
+        }
+        if ((path = PyObject_GetAttr(source, attr_path)) == NULL) {
+            result = -1;
+            goto done;
+        }
+        if (!checked_path(path)) {
+            result = -1;
+            goto done;
+        }
+    }
+    Py_ssize_t start = PyByteArray_GET_SIZE(buffer), length = PyBytes_GET_SIZE(header);
+    if (length > PY_SSIZE_T_MAX - start || PyByteArray_Resize(buffer, start + length) < 0) {
+        result = -1;
+        goto done;
+    }
+    memcpy(PyByteArray_AS_STRING(buffer) + start, PyBytes_AS_STRING(header), (size_t)length);
+    result = 1;
+    if (path != NULL) {
+        const char *raw = PyBytes_AS_STRING(path), *slash = strrchr(raw, '/');
+        int dirfd = slash == NULL ? AT_FDCWD : directory_fd(directory, path, slash - raw);
+        Py_ssize_t got = dirfd == -1 ? -1 : append_at(buffer, dirfd,
+                                                      slash == NULL ? raw : slash + 1, path,
+                                                      (Py_ssize_t)size);
+        if (got < 0) {
+            PyByteArray_Resize(buffer, start); /* the member is Python's to report */
+            result = -1;
+        } else if (got != size) {
+            *changed = got;
+        }
+    }
+done:
+    Py_XDECREF(source);
+    Py_XDECREF(path);
+    return result;
+}
+
+static PyObject *
+tarpack_append_members(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
+{
+    (void)module;
+    if (nargs != 6) {
+        PyErr_Format(PyExc_TypeError, "append_members() takes 6 arguments (%zd given)",
+                     nargs);
         return NULL;
     }
-    return PyLong_FromSsize_t(got);
+    PyObject *buffer = args[0], *members = args[1], *file_source = args[5];
+    if (!PyByteArray_CheckExact(buffer) || !PyList_CheckExact(members)) {
+        PyErr_SetString(PyExc_TypeError,
+                        "append_members(): buffer must be a bytearray, members a list");
+        return NULL;
+    }
+    Py_ssize_t index = PyLong_AsSsize_t(args[2]);
+    Py_ssize_t limit = PyLong_AsSsize_t(args[3]);
+    Py_ssize_t small_file = PyLong_AsSsize_t(args[4]);
+    if (PyErr_Occurred()) {
+        return NULL;
+    }
+    if (index < 0 || small_file < 0) {
+        PyErr_SetString(PyExc_ValueError, "append_members(): negative start or size");
+        return NULL;
+    }
+    struct open_directory directory = {NULL, -1};
+    Py_ssize_t changed = -1;
+    for (; index < PyList_GET_SIZE(members) && PyByteArray_GET_SIZE(buffer) < limit;
+         index++) {
+        PyObject *member = PyList_GET_ITEM(members, index);
+        Py_INCREF(member);
+        int taken = append_member(buffer, member, small_file, file_source, &directory,
+                                  &changed);
+        Py_DECREF(member);
+        if (taken < 0) {
+            close_directory(&directory);
+            return NULL;
+        }
+        if (taken == 0 || changed >= 0) {
+            break;
+        }
+    }
+    close_directory(&directory);
+    return Py_BuildValue("(nn)", index, changed);
 }
 
 static PyMethodDef tarpack_methods[] = {
     {"ustar", (PyCFunction)(void (*)(void))tarpack_ustar, METH_FASTCALL,
      "ustar(name, linkname, typeflag, mode, uid, gid, size, mtime, devmajor, devminor)"
      " -> the 512-byte ustar header with its checksum"},
-    {"append_file", (PyCFunction)(void (*)(void))tarpack_append_file, METH_FASTCALL,
-     "append_file(buffer, path, size) -> bytes read; the file's bytes and their padding"
-     " to 512 bytes appended to the bytearray"},
+    {"append_members", (PyCFunction)(void (*)(void))tarpack_append_members, METH_FASTCALL,
+     "append_members(buffer, members, start, limit, small_file, FileSource) ->"
+     " (index, changed): the members from start on appended, until the buffer holds"
+     " limit bytes or a member is left to Python (see the module comment)"},
     {"plan_common", (PyCFunction)(void (*)(void))tarpack_plan_common, METH_FASTCALL,
      "plan_common(entries, start, clamp_ns, REGULAR, DIRECTORY, first_of, TarMember,"
      " members) -> the index of the first entry not planned; the common members from"
@@ -480,9 +628,9 @@ PyInit__tarpack(void)
 {
     static PyObject **const names[] = {&attr_path, &attr_type, &attr_xattrs, &attr_content,
                                        &attr_mtime_ns, &attr_uid, &attr_gid, &attr_mode,
-                                       &attr_size};
+                                       &attr_size, &attr_source};
     static const char *const texts[] = {"path", "type", "xattrs", "content", "mtime_ns",
-                                        "uid", "gid", "mode", "size"};
+                                        "uid", "gid", "mode", "size", "source"};
     for (size_t i = 0; i < sizeof names / sizeof names[0]; i++) {
         if (*names[i] == NULL && (*names[i] = PyUnicode_InternFromString(texts[i])) == NULL) {
             return NULL;

@@ -354,26 +354,36 @@ def _write(members: list[TarMember], output: BinaryIO, options: ImageOptions) ->
         # Headers and small files gather in one buffer, written a megabyte at a time.
         pending = bytearray()
         whole = reader.whole
-        # Files on disk straight into the buffer (one copy, no Python per syscall).
-        append_file = _TARPACK.append_file if _TARPACK is not None else None
-        for member in members:
+        # Runs of headers and small files on disk, compiled: the members it leaves (other
+        # sources, large files) are written below.
+        append_members = _TARPACK.append_members if _TARPACK is not None else None
+        index, count = 0, len(members)
+        while index < count:
+            if append_members is not None:
+                index, changed = append_members(pending, members, index, WRITE_SIZE,
+                                                SMALL_FILE, FileSource)
+                if changed >= 0:
+                    _changed(members[index], changed)
+                if len(pending) >= WRITE_SIZE:
+                    stream.write(pending)
+                    total += len(pending)
+                    pending.clear()
+                    continue
+                if index == count:
+                    break
+            member = members[index]
+            index += 1
             header, content, _ = member
             pending += header
             if content is None:
                 continue
             size = content.size
             if size <= SMALL_FILE:
-                source = content.source
-                if append_file is not None and type(source) is FileSource:
-                    read = append_file(pending, source.path, size)  # padded too
-                    if read != size:
-                        _changed(member, read)
-                else:
-                    data = whole(content)
-                    if len(data) != size:
-                        _changed(member, len(data))
-                    pending += data
-                    pending += _PADDING[-size % BLOCK]
+                data = whole(content)
+                if len(data) != size:
+                    _changed(member, len(data))
+                pending += data
+                pending += _PADDING[-size % BLOCK]
             else:
                 stream.write(pending)
                 total += len(pending)

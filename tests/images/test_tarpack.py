@@ -170,39 +170,85 @@ def test_ustar_refuses_wrong_types() -> None:
         TARPACK.ustar(b"a")  # type: ignore[call-arg]
 
 
-@pytest.mark.parametrize("size", EDGE_SIZES)
-def test_append_file_pads_to_the_block(tmp_path: Path, size: int) -> None:
+def file_member(path: Path | bytes, size: int, header: bytes = b"H" * 512) -> tar.TarMember:
+    return tar.TarMember(header, Content(size, FileSource(os.fsencode(path))), b"f")
+
+
+def append(buffer: bytearray, members: list[tar.TarMember], start: int = 0,
+           limit: int = 1 << 30) -> tuple[int, int]:
     assert TARPACK is not None
+    result: tuple[int, int] = TARPACK.append_members(buffer, members, start, limit,
+                                                     tar.SMALL_FILE, FileSource)
+    return result
+
+
+@pytest.mark.parametrize("size", EDGE_SIZES)
+def test_append_members_pads_each_file_to_the_block(tmp_path: Path, size: int) -> None:
     path = tmp_path / "f"
     path.write_bytes(b"\xa5" * size)
     buffer = bytearray(b"head")
-    assert TARPACK.append_file(buffer, os.fsencode(path), size) == size
-    assert buffer == b"head" + b"\xa5" * size + bytes(-size % 512)
+    if size > tar.SMALL_FILE:  # a large file is Python's to copy
+        assert append(buffer, [file_member(path, size)]) == (0, -1)
+        assert buffer == b"head"
+        return
+    assert append(buffer, [file_member(path, size)]) == (1, -1)
+    assert buffer == b"head" + b"H" * 512 + b"\xa5" * size + bytes(-size % 512)
     # One byte more than planned says the file grew; fewer that it shrank.
+    assert append(bytearray(), [file_member(path, size - 1)] * 2)[1] == \
+        (size if size else -1)
+    if size + 10 <= tar.SMALL_FILE:
+        assert append(bytearray(), [file_member(path, size + 10)] * 2) == (0, size)
+
+
+def test_append_members_stops_where_python_takes_over(tmp_path: Path) -> None:
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    for name in ("a/1", "a/2", "b/1", "c"):
+        (tmp_path / name).write_bytes(name.encode())
+    directory = tar.TarMember(b"D" * 512, None, b"d")
+    in_memory = tar.TarMember(b"M" * 512, Content.from_bytes(b"m"), b"m")
+    members = [directory, file_member(tmp_path / "a/1", 3), file_member(tmp_path / "b/1", 3),
+               file_member(tmp_path / "a/2", 3), in_memory, file_member(tmp_path / "c", 1)]
     buffer = bytearray()
-    assert TARPACK.append_file(buffer, os.fsencode(path), max(size - 1, 0)) == size
-    assert TARPACK.append_file(bytearray(), os.fsencode(path), size + 10) == size
+    assert append(buffer, members) == (4, -1)  # the bytes in memory are Python's
+    assert buffer == b"".join([b"D" * 512, b"H" * 512, b"a/1".ljust(512, b"\0"), b"H" * 512,
+                               b"b/1".ljust(512, b"\0"), b"H" * 512,
+                               b"a/2".ljust(512, b"\0")])
+    assert append(buffer, members, 5) == (6, -1) and buffer.endswith(b"c" + bytes(511))
+    assert append(bytearray(), members, 0, limit=1) == (1, -1)  # full after one member
+    assert append(bytearray(), members, 6) == (6, -1)
 
 
-def test_append_file_errors_leave_the_buffer(tmp_path: Path) -> None:
+def test_append_members_opens_relative_paths(tmp_path: Path,
+                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "rel").write_bytes(b"r")
+    buffer = bytearray()
+    assert append(buffer, [file_member(b"rel", 1)]) == (1, -1)
+    assert buffer[512:513] == b"r"
+
+
+def test_append_members_errors_leave_the_buffer(tmp_path: Path) -> None:
     assert TARPACK is not None
     buffer = bytearray(b"kept")
-    with pytest.raises(FileNotFoundError) as raised:
-        TARPACK.append_file(buffer, os.fsencode(tmp_path / "missing"), 3)
-    assert raised.value.filename == os.fsencode(tmp_path / "missing")
+    for missing in (tmp_path / "missing", tmp_path / "no-dir" / "f"):
+        with pytest.raises(FileNotFoundError) as raised:
+            append(buffer, [file_member(missing, 3)])
+        assert raised.value.filename == os.fsencode(missing)
     with pytest.raises(IsADirectoryError):
-        TARPACK.append_file(buffer, os.fsencode(tmp_path), 3)
+        append(buffer, [file_member(tmp_path, 3)])
     with pytest.raises(ValueError, match="null byte"):
-        TARPACK.append_file(buffer, b"a\0b", 3)
-    with pytest.raises(ValueError, match="size"):
-        TARPACK.append_file(buffer, b"a", -1)
+        append(buffer, [file_member(b"a\0b", 3)])
     with pytest.raises(TypeError):
-        TARPACK.append_file(b"bytes", b"a", 1)  # type: ignore[arg-type]
+        TARPACK.append_members(b"x", [], 0, 1, 1, FileSource)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="negative"):
+        TARPACK.append_members(buffer, [], -1, 1, 1, FileSource)
     view = memoryview(buffer)  # an exported buffer cannot grow
     with pytest.raises(BufferError):
-        TARPACK.append_file(buffer, os.fsencode(tmp_path / "missing"), 3)
+        append(buffer, [file_member(tmp_path / "missing", 3)])
     view.release()
     assert buffer == b"kept"
+    assert append(buffer, [("not", "a member")]) == (0, -1)  # type: ignore[list-item]
 
 
 @pytest.mark.parametrize("compiled", [True, False])
