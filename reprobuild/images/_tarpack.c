@@ -339,19 +339,31 @@ tarpack_plan_common(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     return PyLong_FromSsize_t(index);
 }
 
-/* Reads up to want bytes from fd into out, until EOF; the count, or -1 with errno set.
- * Called without the GIL. */
+/* Opens name (relative to dirfd) and reads up to want bytes of it into out, until EOF;
+ * the count, or -1 with errno set. Called without the GIL, once per file: an
+ * interrupted call is retried here (a regular file's read is short), and *interrupted
+ * tells the caller to run the signal handlers once it holds the GIL again. */
 static Py_ssize_t
-read_full(int fd, char *out, Py_ssize_t want, int *interrupted)
+read_file_at(int dirfd, const char *name, char *out, Py_ssize_t want, int *interrupted)
 {
+    int fd;
+    while ((fd = openat(dirfd, name, O_RDONLY | O_CLOEXEC)) < 0) {
+        if (errno != EINTR) {
+            return -1;
+        }
+        *interrupted = 1;
+    }
     Py_ssize_t got = 0;
     while (got < want) {
         ssize_t n = read(fd, out + got, (size_t)(want - got));
+        if (n < 0 && errno == EINTR) {
+            *interrupted = 1;
+            continue;
+        }
         if (n < 0) {
-            if (errno == EINTR) {
-                *interrupted = 1;
-                return got;
-            }
+            int saved_errno = errno;
+            close(fd);
+            errno = saved_errno;
             return -1;
         }
         if (n == 0) {
@@ -359,6 +371,7 @@ read_full(int fd, char *out, Py_ssize_t want, int *interrupted)
         }
         got += n;
     }
+    close(fd); /* read-only: nothing to lose on a failed close */
     return got;
 }
 
@@ -384,36 +397,19 @@ append_at(PyObject *buffer, int dirfd, const char *name, PyObject *path, Py_ssiz
         return -1;
     }
     char *out = (char *)view.buf + start;
-    int fd, saved_errno = 0, interrupted;
-    Py_ssize_t got = 0;
-    do {
-        Py_BEGIN_ALLOW_THREADS
-        fd = openat(dirfd, name, O_RDONLY | O_CLOEXEC);
-        saved_errno = errno;
-        Py_END_ALLOW_THREADS
-    } while (fd < 0 && saved_errno == EINTR && PyErr_CheckSignals() == 0);
-    int read_failed = fd < 0;
-    while (fd >= 0) {
-        Py_ssize_t n;
-        interrupted = 0;
-        Py_BEGIN_ALLOW_THREADS
-        n = read_full(fd, out + got, want - got, &interrupted);
-        saved_errno = errno;
-        Py_END_ALLOW_THREADS
-        if (n < 0) {
-            read_failed = 1;
-            break;
-        }
-        got += n;
-        if (!interrupted || PyErr_CheckSignals() < 0) {
-            break;
-        }
-    }
-    if (fd >= 0) {
-        close(fd); /* read-only: nothing to lose on a failed close */
-    }
+    int saved_errno = 0, interrupted = 0;
+    Py_ssize_t got;
+    Py_BEGIN_ALLOW_THREADS
+    got = read_file_at(dirfd, name, out, want, &interrupted);
+    saved_errno = errno;
+    Py_END_ALLOW_THREADS
+    /* Signal handlers run while the export still stops them from resizing the buffer. */
+    int failed = got < 0 || (interrupted && PyErr_CheckSignals() < 0);
+    /* The bytes read, then zeros to the next block (got <= size + 1 < want + BLOCK). */
+    Py_ssize_t padding = failed ? 0 : (BLOCK - got % BLOCK) % BLOCK;
+    memset(out + (failed ? 0 : got), 0, (size_t)padding);
     PyBuffer_Release(&view);
-    if (read_failed || PyErr_Occurred()) {
+    if (failed) {
         PyByteArray_Resize(buffer, start);
         if (!PyErr_Occurred()) {
             errno = saved_errno;
@@ -421,9 +417,6 @@ append_at(PyObject *buffer, int dirfd, const char *name, PyObject *path, Py_ssiz
         }
         return -1;
     }
-    /* The bytes read, then zeros to the next block (got <= size + 1 < want + BLOCK). */
-    Py_ssize_t padding = (BLOCK - got % BLOCK) % BLOCK;
-    memset(out + got, 0, (size_t)padding);
     if (PyByteArray_Resize(buffer, start + got + padding) < 0) {
         return -1;
     }
