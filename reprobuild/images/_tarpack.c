@@ -14,12 +14,13 @@
  *          values that fit the ustar fields) appended to members as its TarMember;
  *          returns the index of the first other entry (len(entries) at the end), which
  *          the Python code plans.
- *   append_members(buffer, members, start, limit, small_file, FileSource)
- *       -> (index, changed): tar._write's loop for headers and small files on disk:
- *          from members[start] on, each member's header and, for a file of at most
+ *   append_members(buffer, fill, members, start, limit, small_file, FileSource)
+ *       -> (index, fill, changed): tar._write's loop for headers and small files on
+ *          disk: from members[start] on, each member's header and, for a file of at most
  *          small_file bytes whose source is a FileSource, its bytes and padding (read
  *          through its directory's descriptor, kept open while the files of one
- *          directory follow each other), until the buffer holds limit bytes. Stops
+ *          directory follow each other), put in the bytearray from offset fill on (it
+ *          grows as needed, never shrinks), until fill reaches limit. Stops
  *          before a member with other content (index: Python writes it) and after a
  *          file whose size was not the planned one (changed: the bytes read; else -1).
  *
@@ -375,28 +376,35 @@ read_file_at(int dirfd, const char *name, char *out, Py_ssize_t want, int *inter
     return got;
 }
 
-/* Appends the bytes of the file `name` (relative to dirfd, or AT_FDCWD) and their padding
- * to the bytearray buffer; how many were read (at most size + 1), or -1 with OSError
- * naming `path`. */
+/* Makes the bytearray buffer hold at least `length` bytes (it only ever grows: a buffer
+ * that shrank would be given back to the allocator and faulted in again). */
+static int
+reserve(PyObject *buffer, Py_ssize_t length)
+{
+    return PyByteArray_GET_SIZE(buffer) >= length ? 0 : PyByteArray_Resize(buffer, length);
+}
+
+/* Puts the bytes of the file `name` (relative to dirfd, or AT_FDCWD) and their padding
+ * into the bytearray buffer at *fill, which it moves past them; how many were read (at
+ * most size + 1), or -1 with OSError naming `path` (*fill unchanged). */
 static Py_ssize_t
-append_at(PyObject *buffer, int dirfd, const char *name, PyObject *path, Py_ssize_t size)
+read_at(PyObject *buffer, Py_ssize_t *fill, int dirfd, const char *name, PyObject *path,
+        Py_ssize_t size)
 {
     if (size < 0 || size > PY_SSIZE_T_MAX - 2 * BLOCK
-        || PyByteArray_GET_SIZE(buffer) > PY_SSIZE_T_MAX - 2 * BLOCK - size) {
+        || *fill > PY_SSIZE_T_MAX - 2 * BLOCK - size) {
         PyErr_SetString(PyExc_ValueError, "append_members(): size out of range");
         return -1;
     }
-    Py_ssize_t start = PyByteArray_GET_SIZE(buffer);
     Py_ssize_t want = size + 1; /* one more: a file that grew shows it */
-    if (PyByteArray_Resize(buffer, start + want + BLOCK) < 0) {
+    if (reserve(buffer, *fill + want + BLOCK) < 0) {
         return -1;
     }
     Py_buffer view; /* the export keeps the bytearray from moving while we read */
     if (PyObject_GetBuffer(buffer, &view, PyBUF_WRITABLE | PyBUF_SIMPLE) < 0) {
-        PyByteArray_Resize(buffer, start);
         return -1;
     }
-    char *out = (char *)view.buf + start;
+    char *out = (char *)view.buf + *fill;
     int saved_errno = 0, interrupted = 0;
     Py_ssize_t got;
     Py_BEGIN_ALLOW_THREADS
@@ -410,16 +418,13 @@ append_at(PyObject *buffer, int dirfd, const char *name, PyObject *path, Py_ssiz
     memset(out + (failed ? 0 : got), 0, (size_t)padding);
     PyBuffer_Release(&view);
     if (failed) {
-        PyByteArray_Resize(buffer, start);
         if (!PyErr_Occurred()) {
             errno = saved_errno;
             PyErr_SetFromErrnoWithFilenameObject(PyExc_OSError, path);
         }
         return -1;
     }
-    if (PyByteArray_Resize(buffer, start + got + padding) < 0) {
-        return -1;
-    }
+    *fill += got + padding;
     return got;
 }
 
@@ -492,7 +497,7 @@ directory_fd(struct open_directory *directory, PyObject *path, Py_ssize_t slash)
 /* What append_members does with one member: 1 taken, 0 left to Python, -1 failed; a
  * file that did not have its planned size stops the run with *changed = bytes read. */
 static int
-append_member(PyObject *buffer, PyObject *member, Py_ssize_t small_file,
+append_member(PyObject *buffer, Py_ssize_t *fill, PyObject *member, Py_ssize_t small_file,
               PyObject *file_source, struct open_directory *directory, Py_ssize_t *changed)
 {
     if (!PyTuple_Check(member) || PyTuple_GET_SIZE(member) < 2
@@ -523,21 +528,22 @@ append_member(PyObject *buffer, PyObject *member, Py_ssize_t small_file,
             goto done;
         }
     }
-    Py_ssize_t start = PyByteArray_GET_SIZE(buffer), length = PyBytes_GET_SIZE(header);
-    if (length > PY_SSIZE_T_MAX - start || PyByteArray_Resize(buffer, start + length) < 0) {
+    Py_ssize_t start = *fill, length = PyBytes_GET_SIZE(header);
+    if (length > PY_SSIZE_T_MAX - start || reserve(buffer, start + length) < 0) {
         result = -1;
         goto done;
     }
     memcpy(PyByteArray_AS_STRING(buffer) + start, PyBytes_AS_STRING(header), (size_t)length);
+    *fill = start + length;
     result = 1;
     if (path != NULL) {
         const char *raw = PyBytes_AS_STRING(path), *slash = strrchr(raw, '/');
         int dirfd = slash == NULL ? AT_FDCWD : directory_fd(directory, path, slash - raw);
-        Py_ssize_t got = dirfd == -1 ? -1 : append_at(buffer, dirfd,
-                                                      slash == NULL ? raw : slash + 1, path,
-                                                      (Py_ssize_t)size);
+        Py_ssize_t got = dirfd == -1 ? -1 : read_at(buffer, fill, dirfd,
+                                                    slash == NULL ? raw : slash + 1, path,
+                                                    (Py_ssize_t)size);
         if (got < 0) {
-            PyByteArray_Resize(buffer, start); /* the member is Python's to report */
+            *fill = start; /* the member is Python's to report */
             result = -1;
         } else if (got != size) {
             *changed = got;
@@ -553,34 +559,35 @@ static PyObject *
 tarpack_append_members(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
 {
     (void)module;
-    if (nargs != 6) {
-        PyErr_Format(PyExc_TypeError, "append_members() takes 6 arguments (%zd given)",
+    if (nargs != 7) {
+        PyErr_Format(PyExc_TypeError, "append_members() takes 7 arguments (%zd given)",
                      nargs);
         return NULL;
     }
-    PyObject *buffer = args[0], *members = args[1], *file_source = args[5];
+    PyObject *buffer = args[0], *members = args[2], *file_source = args[6];
     if (!PyByteArray_CheckExact(buffer) || !PyList_CheckExact(members)) {
         PyErr_SetString(PyExc_TypeError,
                         "append_members(): buffer must be a bytearray, members a list");
         return NULL;
     }
-    Py_ssize_t index = PyLong_AsSsize_t(args[2]);
-    Py_ssize_t limit = PyLong_AsSsize_t(args[3]);
-    Py_ssize_t small_file = PyLong_AsSsize_t(args[4]);
+    Py_ssize_t fill = PyLong_AsSsize_t(args[1]);
+    Py_ssize_t index = PyLong_AsSsize_t(args[3]);
+    Py_ssize_t limit = PyLong_AsSsize_t(args[4]);
+    Py_ssize_t small_file = PyLong_AsSsize_t(args[5]);
     if (PyErr_Occurred()) {
         return NULL;
     }
-    if (index < 0 || small_file < 0) {
-        PyErr_SetString(PyExc_ValueError, "append_members(): negative start or size");
+    if (index < 0 || small_file < 0 || fill < 0 || fill > PyByteArray_GET_SIZE(buffer)) {
+        PyErr_SetString(PyExc_ValueError,
+                        "append_members(): negative start or size, or fill past the buffer");
         return NULL;
     }
     struct open_directory directory = {NULL, -1};
     Py_ssize_t changed = -1;
-    for (; index < PyList_GET_SIZE(members) && PyByteArray_GET_SIZE(buffer) < limit;
-         index++) {
+    for (; index < PyList_GET_SIZE(members) && fill < limit; index++) {
         PyObject *member = PyList_GET_ITEM(members, index);
         Py_INCREF(member);
-        int taken = append_member(buffer, member, small_file, file_source, &directory,
+        int taken = append_member(buffer, &fill, member, small_file, file_source, &directory,
                                   &changed);
         Py_DECREF(member);
         if (taken < 0) {
@@ -592,7 +599,7 @@ tarpack_append_members(PyObject *module, PyObject *const *args, Py_ssize_t nargs
         }
     }
     close_directory(&directory);
-    return Py_BuildValue("(nn)", index, changed);
+    return Py_BuildValue("(nnn)", index, fill, changed);
 }
 
 static PyMethodDef tarpack_methods[] = {
@@ -600,9 +607,9 @@ static PyMethodDef tarpack_methods[] = {
      "ustar(name, linkname, typeflag, mode, uid, gid, size, mtime, devmajor, devminor)"
      " -> the 512-byte ustar header with its checksum"},
     {"append_members", (PyCFunction)(void (*)(void))tarpack_append_members, METH_FASTCALL,
-     "append_members(buffer, members, start, limit, small_file, FileSource) ->"
-     " (index, changed): the members from start on appended, until the buffer holds"
-     " limit bytes or a member is left to Python (see the module comment)"},
+     "append_members(buffer, fill, members, start, limit, small_file, FileSource) ->"
+     " (index, fill, changed): the members from start on put in the buffer at fill,"
+     " until fill reaches limit or a member is left to Python (see the module comment)"},
     {"plan_common", (PyCFunction)(void (*)(void))tarpack_plan_common, METH_FASTCALL,
      "plan_common(entries, start, clamp_ns, REGULAR, DIRECTORY, first_of, TarMember,"
      " members) -> the index of the first entry not planned; the common members from"

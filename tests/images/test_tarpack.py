@@ -176,10 +176,13 @@ def file_member(path: Path | bytes, size: int, header: bytes = b"H" * 512) -> ta
 
 def append(buffer: bytearray, members: list[tar.TarMember], start: int = 0,
            limit: int = 1 << 30) -> tuple[int, int]:
+    """append_members at the end of ``buffer``, cut to what it filled: (index, changed)."""
     assert TARPACK is not None
-    result: tuple[int, int] = TARPACK.append_members(buffer, members, start, limit,
-                                                     tar.SMALL_FILE, FileSource)
-    return result
+    index, fill, changed = TARPACK.append_members(buffer, len(buffer), members, start, limit,
+                                                  tar.SMALL_FILE, FileSource)
+    assert fill <= len(buffer)
+    del buffer[fill:]
+    return index, changed
 
 
 @pytest.mark.parametrize("size", EDGE_SIZES)
@@ -228,27 +231,51 @@ def test_append_members_opens_relative_paths(tmp_path: Path,
     assert buffer[512:513] == b"r"
 
 
-def test_append_members_errors_leave_the_buffer(tmp_path: Path) -> None:
+def test_append_members_errors_leave_the_fill(tmp_path: Path) -> None:
     assert TARPACK is not None
     buffer = bytearray(b"kept")
+
+    def fails(member: tar.TarMember) -> None:
+        assert TARPACK is not None
+        TARPACK.append_members(buffer, 4, [member], 0, 1 << 20, tar.SMALL_FILE, FileSource)
+
     for missing in (tmp_path / "missing", tmp_path / "no-dir" / "f"):
         with pytest.raises(FileNotFoundError) as raised:
-            append(buffer, [file_member(missing, 3)])
+            fails(file_member(missing, 3))
         assert raised.value.filename == os.fsencode(missing)
     with pytest.raises(IsADirectoryError):
-        append(buffer, [file_member(tmp_path, 3)])
+        fails(file_member(tmp_path, 3))
     with pytest.raises(ValueError, match="null byte"):
-        append(buffer, [file_member(b"a\0b", 3)])
+        fails(file_member(b"a\0b", 3))
     with pytest.raises(TypeError):
-        TARPACK.append_members(b"x", [], 0, 1, 1, FileSource)  # type: ignore[arg-type]
-    with pytest.raises(ValueError, match="negative"):
-        TARPACK.append_members(buffer, [], -1, 1, 1, FileSource)
-    view = memoryview(buffer)  # an exported buffer cannot grow
+        TARPACK.append_members(b"x", 0, [], 0, 1, 1, FileSource)  # type: ignore[arg-type]
+    for fill, start in ((0, -1), (-1, 0), (len(buffer) + 1, 0)):
+        with pytest.raises(ValueError, match="negative"):
+            TARPACK.append_members(buffer, fill, [], start, 1, 1, FileSource)
+    assert buffer[:4] == b"kept"
+    small = bytearray(b"k")
+    view = memoryview(small)  # an exported buffer cannot grow
     with pytest.raises(BufferError):
-        append(buffer, [file_member(tmp_path / "missing", 3)])
+        TARPACK.append_members(small, 1, [file_member(tmp_path / "missing", 3)], 0, 1 << 20,
+                               tar.SMALL_FILE, FileSource)
     view.release()
-    assert buffer == b"kept"
+    assert small == b"k"
     assert append(buffer, [("not", "a member")]) == (0, -1)  # type: ignore[list-item]
+
+
+def test_append_members_fills_in_place_and_never_shrinks(tmp_path: Path) -> None:
+    assert TARPACK is not None
+    (tmp_path / "f").write_bytes(b"data")
+    buffer = bytearray(b"\xee" * 4096)
+    member = file_member(tmp_path / "f", 4)
+    assert TARPACK.append_members(buffer, 100, [member], 0, 1 << 20, tar.SMALL_FILE,
+                                  FileSource) == (1, 100 + 1024, -1)
+    assert len(buffer) == 4096  # room enough: not resized
+    assert buffer[:100] == b"\xee" * 100 and buffer[100:612] == b"H" * 512
+    assert buffer[612:1124] == b"data" + bytes(508) and buffer[1124:] == b"\xee" * 2972
+    assert TARPACK.append_members(buffer, 4000, [member], 0, 1 << 20, tar.SMALL_FILE,
+                                  FileSource)[1] == 5024
+    assert len(buffer) >= 5024 and buffer[4512:4516] == b"data"
 
 
 @pytest.mark.parametrize("compiled", [True, False])
