@@ -230,6 +230,9 @@ def plan_member(entry: Entry, inode: Entry, *, epoch: int, link_to: bytes | None
     mtime_ns = min(inode.mtime_ns, epoch * 1_000_000_000)
     seconds, fraction = divmod(mtime_ns, 1_000_000_000)
     uid, gid = inode.uid, inode.gid
+    if uid < 0 or gid < 0:
+        raise ImageError(f"{entry.display()}: negative owner {uid}:{gid}",
+                         hint="owners are numbers from 0 up; fix the source's uid and gid")
     devmajor, devminor = entry.rdev_major, entry.rdev_minor
     if devmajor > MAX_ID or devminor > MAX_ID:
         raise ImageError(f"{entry.display()}: device number {devmajor}:{devminor} does not"
@@ -328,8 +331,9 @@ def plan(tree: Tree, options: ImageOptions) -> list[TarMember]:
             mtime_ns = entry.mtime_ns if entry.mtime_ns < clamp_ns else clamp_ns
             seconds, fraction = divmod(mtime_ns, 1_000_000_000)
             uid, gid = entry.uid, entry.gid
-            if (len(name) <= NAME_MAX and name.isascii() and uid <= MAX_ID and gid <= MAX_ID
-                    and size <= MAX_SIZE and not fraction and 0 <= seconds <= MAX_MTIME):
+            if (len(name) <= NAME_MAX and name.isascii() and 0 <= uid <= MAX_ID
+                    and 0 <= gid <= MAX_ID and size <= MAX_SIZE and not fraction
+                    and 0 <= seconds <= MAX_MTIME):
                 append(TarMember(pack(name, b"", b"0" if kind is regular else b"5",
                                       entry.mode & 0o7777, uid, gid, size, seconds, 0, 0),
                                  content, path))

@@ -349,3 +349,17 @@ def test_plan_common_refuses_bad_arguments() -> None:
     other_kind = SimpleNamespace(path=b"x", type=3, xattrs=())
     assert TARPACK.plan_common([other_kind], 0, 0, 1, 2, {}, tar.TarMember, members) == 0
     assert members == []
+
+
+@pytest.mark.parametrize("compiled_path", [True, False])
+def test_a_negative_owner_is_refused_both_ways(compiled_path: bool,
+                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """A pax uid of "-5" reads as -5: an ImageError naming the entry, never a bad field."""
+    if not compiled_path:
+        monkeypatch.setattr(tar, "_TARPACK", None)
+    for uid, gid in ((-5, 0), (0, -1)):
+        tree = Tree(Entry(b"", EntryType.DIRECTORY, 0o755))
+        tree.add(Entry(b"f", EntryType.REGULAR, 0o644, uid, gid,
+                       content=Content.from_bytes(b"x")))
+        with pytest.raises(ImageError, match="/f: negative owner"):
+            tar.plan(tree, OPTIONS)
