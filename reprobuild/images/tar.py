@@ -32,10 +32,11 @@ from __future__ import annotations
 
 import importlib
 import struct
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import BinaryIO, NamedTuple, NoReturn, cast
 from zlib import adler32
 
+from reprobuild import native
 from reprobuild.errors import ImageError
 from reprobuild.images.archive_compress import (
     check_compress,
@@ -45,7 +46,7 @@ from reprobuild.images.archive_compress import (
 from reprobuild.images.contents import ContentStreamer
 from reprobuild.images.registry import ImageOptions
 from reprobuild.trees.gcpause import collector_paused
-from reprobuild.trees.tree import Content, Entry, EntryType, Tree, path_key
+from reprobuild.trees.tree import Content, Entry, EntryType, FileSource, Tree, path_key
 
 VERSION = "2"
 # Loaded by read() alone: writing a tar needs no tar reader (nor tarfile, lzma, bz2).
@@ -80,6 +81,8 @@ SMALL_FILE = 1 << 18  # files up to this size are read whole into the write buff
 WRITE_SIZE = 1 << 20
 _PADDING = tuple(bytes(n) for n in range(BLOCK))
 SIZES_KEPT = 1 << 14  # distinct file sizes whose header field HeaderMaker remembers
+# The compiled header packer and small-file copier (_tarpack.c), None for pure Python.
+_TARPACK = native.load("reprobuild.images._tarpack")
 
 
 class TarMember(NamedTuple):
@@ -133,12 +136,27 @@ def ustar_header(*, name: bytes, mode: int, uid: int, gid: int, size: int, mtime
 class HeaderMaker:
     """:func:`ustar_header` for the common member, with the fields that repeat (mode,
     owners, mtime, type, device) formatted once per distinct combination and the
-    checksum summed only over the name, link name and size; the same 512 bytes."""
+    checksum summed only over the name, link name and size; the same 512 bytes.
+
+    :attr:`pack` is the fastest way to the same header: the compiled ``_tarpack.ustar``
+    when it is built, else :meth:`pack_python`.
+    """
 
     def __init__(self) -> None:
         self._fixed: dict[tuple[int, int, int, int, bytes, int, int],
                           tuple[bytes, bytes, bytes, int]] = {}
         self._sizes: dict[int, tuple[bytes, int]] = {}
+        self.pack: Callable[[bytes, bytes, bytes, int, int, int, int, int, int, int],
+                            bytes] = self.pack_python
+        if _TARPACK is not None:
+            self.pack = _TARPACK.ustar
+
+    def pack_python(self, name: bytes, linkname: bytes, typeflag: bytes, mode: int,
+                    uid: int, gid: int, size: int, mtime: int, devmajor: int,
+                    devminor: int) -> bytes:
+        """:meth:`make` with the compiled ``ustar``'s arguments."""
+        return self.make(name, mode, uid, gid, size, mtime, typeflag, linkname, devmajor,
+                         devminor)
 
     def header(self, *, name: bytes, mode: int, uid: int, gid: int, size: int, mtime: int,
                typeflag: bytes, linkname: bytes = b"", devmajor: int = 0,
@@ -212,6 +230,9 @@ def plan_member(entry: Entry, inode: Entry, *, epoch: int, link_to: bytes | None
     mtime_ns = min(inode.mtime_ns, epoch * 1_000_000_000)
     seconds, fraction = divmod(mtime_ns, 1_000_000_000)
     uid, gid = inode.uid, inode.gid
+    if uid < 0 or gid < 0:
+        raise ImageError(f"{entry.display()}: negative owner {uid}:{gid}",
+                         hint="owners are numbers from 0 up; fix the source's uid and gid")
     devmajor, devminor = entry.rdev_major, entry.rdev_minor
     if devmajor > MAX_ID or devminor > MAX_ID:
         raise ImageError(f"{entry.display()}: device number {devmajor}:{devminor} does not"
@@ -221,11 +242,9 @@ def plan_member(entry: Entry, inode: Entry, *, epoch: int, link_to: bytes | None
             and not fraction and 0 <= seconds <= MAX_MTIME
             and (kind is EntryType.HARDLINK or not inode.xattrs)):
         # No pax record: the common member.
-        return TarMember(headers.header(
-            name=name, mode=inode.mode & 0o7777, uid=uid, gid=gid, size=size,
-            mtime=seconds, typeflag=_TYPEFLAG_BY_NAME[kind._name_], linkname=linkname,
-            devmajor=devmajor,
-            devminor=devminor), content, entry.path)
+        return TarMember(headers.pack(
+            name, linkname, _TYPEFLAG_BY_NAME[kind._name_], inode.mode & 0o7777, uid, gid,
+            size, seconds, devmajor, devminor), content, entry.path)
     records: list[tuple[bytes, bytes]] = []
     if len(linkname) > NAME_MAX:
         records.append((b"linkpath", linkname))
@@ -284,11 +303,22 @@ def plan(tree: Tree, options: ImageOptions) -> list[TarMember]:
     members: list[TarMember] = []
     append = members.append
     headers = HeaderMaker()
-    make = headers.make
+    pack = headers.pack
     epoch = options.epoch
     clamp_ns = epoch * 1_000_000_000
     regular, directory = EntryType.REGULAR, EntryType.DIRECTORY
-    for entry in tree:
+    entries = list(tree)
+    plan_common = _TARPACK.plan_common if _TARPACK is not None and \
+        0 <= clamp_ns < 1 << 63 else None  # the C code's clamp is a signed 64-bit value
+    index, count = 0, len(entries)
+    while index < count:
+        if plan_common is not None:  # the common members below, compiled
+            index = plan_common(entries, index, clamp_ns, regular, directory, first_of,
+                                TarMember, members)
+            if index == count:
+                break
+        entry = entries[index]
+        index += 1
         path = entry.path
         kind = entry.type
         # The common member (a file or directory that needs no pax record), inline:
@@ -301,10 +331,12 @@ def plan(tree: Tree, options: ImageOptions) -> list[TarMember]:
             mtime_ns = entry.mtime_ns if entry.mtime_ns < clamp_ns else clamp_ns
             seconds, fraction = divmod(mtime_ns, 1_000_000_000)
             uid, gid = entry.uid, entry.gid
-            if (len(name) <= NAME_MAX and name.isascii() and uid <= MAX_ID and gid <= MAX_ID
-                    and size <= MAX_SIZE and not fraction and 0 <= seconds <= MAX_MTIME):
-                append(TarMember(make(name, entry.mode & 0o7777, uid, gid, size, seconds,
-                                      b"0" if kind is regular else b"5"), content, path))
+            if (len(name) <= NAME_MAX and name.isascii() and 0 <= uid <= MAX_ID
+                    and 0 <= gid <= MAX_ID and size <= MAX_SIZE and not fraction
+                    and 0 <= seconds <= MAX_MTIME):
+                append(TarMember(pack(name, b"", b"0" if kind is regular else b"5",
+                                      entry.mode & 0o7777, uid, gid, size, seconds, 0, 0),
+                                 content, path))
                 continue
         inode = tree.resolve(entry) if kind is EntryType.HARDLINK else entry
         group_first = first_of.get(path) if first_of else None
@@ -324,11 +356,36 @@ def _write(members: list[TarMember], output: BinaryIO, options: ImageOptions) ->
     with compressed_writer(output, check_compress(options.compress, "tar")) as stream, \
             ContentStreamer() as reader:
         # Headers and small files gather in one buffer, written a megabyte at a time.
-        pending = bytearray()
+        # It is filled from the start again after each write and never shrinks: a
+        # cleared bytearray goes back to the allocator, and each megabyte would be
+        # page-faulted in again (a fifth of the time of a tar of small files).
+        pending = bytearray(WRITE_SIZE + SMALL_FILE + 2 * BLOCK)
+        fill = 0
         whole = reader.whole
-        for member in members:
+        # Runs of headers and small files on disk, compiled (called where such a run
+        # starts): other sources and large files are written below.
+        append_members = _TARPACK.append_members if _TARPACK is not None else None
+        index, count = 0, len(members)
+        while index < count:
+            member = members[index]
             header, content, _ = member
-            pending += header
+            if append_members is not None and (content is None
+                                               or type(content.source) is FileSource):
+                start = index
+                index, fill, changed = append_members(pending, fill, members, index,
+                                                      WRITE_SIZE, SMALL_FILE, FileSource)
+                if changed >= 0:
+                    _changed(members[index], changed)
+                if fill >= WRITE_SIZE:
+                    total += _flush(stream, pending, fill)
+                    fill = 0
+                if index != start:
+                    continue
+                # Not taken (a large file): below.
+            index += 1
+            end = fill + len(header)
+            pending[fill:end] = header  # grows the buffer if it must
+            fill = end
             if content is None:
                 continue
             size = content.size
@@ -336,22 +393,29 @@ def _write(members: list[TarMember], output: BinaryIO, options: ImageOptions) ->
                 data = whole(content)
                 if len(data) != size:
                     _changed(member, len(data))
-                pending += data
-                pending += _PADDING[-size % BLOCK]
+                padded = size + -size % BLOCK
+                pending[fill:fill + size] = data
+                pending[fill + size:fill + padded] = _PADDING[padded - size]
+                fill += padded
             else:
-                stream.write(pending)
-                total += len(pending)
-                pending.clear()
+                total += _flush(stream, pending, fill)
+                fill = 0
                 total += _write_content(member, stream, reader, uncompressed=stream is output)
-            if len(pending) >= WRITE_SIZE:
-                stream.write(pending)
-                total += len(pending)
-                pending.clear()
-        total += len(pending)
+            if fill >= WRITE_SIZE:
+                total += _flush(stream, pending, fill)
+                fill = 0
+        total += fill
         end = 2 * BLOCK
         end += -(total + end) % RECORD
-        pending += bytes(end)
-        stream.write(pending)
+        pending[fill:fill + end] = bytes(end)
+        _flush(stream, pending, fill + end)
+
+
+def _flush(stream: BinaryIO, pending: bytearray, fill: int) -> int:
+    """Write the first ``fill`` bytes of ``pending``; their count."""
+    with memoryview(pending) as view, view[:fill] as filled:
+        stream.write(filled)
+    return fill
 
 
 def _changed(member: TarMember, read: int) -> NoReturn:

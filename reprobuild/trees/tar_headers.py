@@ -98,19 +98,20 @@ def _number(field: bytes) -> int:
     return value
 
 
-class _Blocks:
+class Blocks:
     """Sequential reads of an open file through one large buffer."""
 
-    def __init__(self, fd: int, size: int) -> None:
+    def __init__(self, fd: int, size: int, read_size: int = READ_SIZE) -> None:
         self.fd = fd
         self.file_size = size
+        self.read_size = read_size
         self.buffer = b""
         self.start = 0  # file offset of buffer[0]
 
     def read(self, offset: int, length: int) -> bytes:
         end = offset + length
         if offset < self.start or end > self.start + len(self.buffer):
-            want = max(length, READ_SIZE)
+            want = max(length, self.read_size)
             self.buffer = os.pread(self.fd, want, offset)
             self.start = offset
             if len(self.buffer) < length:
@@ -141,7 +142,7 @@ def _parse_pax(data: bytes) -> dict[str, str]:
     return records
 
 
-def _header(blocks: _Blocks, offset: int) -> tuple[tuple[bytes, ...], bytes] | None:
+def _header(blocks: Blocks, offset: int) -> tuple[tuple[bytes, ...], bytes] | None:
     """The unpacked fields at ``offset`` (None at the end-of-archive block)."""
     if offset + BLOCK > blocks.file_size:
         raise GiveUp
@@ -158,32 +159,38 @@ def _header(blocks: _Blocks, offset: int) -> tuple[tuple[bytes, ...], bytes] | N
 def fast_headers(fd: int, file_size: int) -> Iterator[Header]:
     """The members of the uncompressed tar open at ``fd``; :class:`GiveUp` when
     ``tarfile`` must take over (see the module docstring)."""
-    blocks = _Blocks(fd, file_size)
+    blocks = Blocks(fd, file_size)
     offset = 0
-    while True:
+    while (found := next_header(blocks, offset)) is not None:
+        header, offset = found
+        yield header
+
+
+def next_header(blocks: Blocks, offset: int) -> tuple[Header, int] | None:
+    """The member whose header is at ``offset`` and the offset of the next header; None
+    at the end of the archive, :class:`GiveUp` as for :func:`fast_headers`."""
+    found = _header(blocks, offset)
+    if found is None:
+        return None
+    fields, _ = found
+    pax: dict[str, str] = {}
+    if fields[7] == b"x":
+        size = _check_numbers(fields)
+        if offset + BLOCK + size > blocks.file_size:
+            raise GiveUp
+        pax = _parse_pax(blocks.read(offset + BLOCK, size))
+        offset += BLOCK + -(-size // BLOCK) * BLOCK
         found = _header(blocks, offset)
         if found is None:
-            return
+            raise GiveUp
         fields, _ = found
-        pax: dict[str, str] = {}
-        if fields[7] == b"x":
-            size = _check_numbers(fields)
-            if offset + BLOCK + size > file_size:
-                raise GiveUp
-            pax = _parse_pax(blocks.read(offset + BLOCK, size))
-            offset += BLOCK + -(-size // BLOCK) * BLOCK
-            found = _header(blocks, offset)
-            if found is None:
-                raise GiveUp
-            fields, _ = found
-        header = _member(fields, pax, offset + BLOCK)
-        end = header.offset_data
-        if header.type in _REGULAR:
-            end += -(-header.size // BLOCK) * BLOCK
-            if header.offset_data + header.size > file_size:
-                raise GiveUp
-        yield header
-        offset = end
+    header = _member(fields, pax, offset + BLOCK)
+    end = header.offset_data
+    if header.type in _REGULAR:
+        end += -(-header.size // BLOCK) * BLOCK
+        if header.offset_data + header.size > blocks.file_size:
+            raise GiveUp
+    return header, end
 
 
 def _check_numbers(fields: tuple[bytes, ...]) -> int:

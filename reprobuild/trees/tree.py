@@ -121,6 +121,14 @@ class Entry:
     Entry, *(f.name for f in fields(Entry)))
 
 
+def _with_mtime(entry: Entry, mtime_ns: int) -> Entry:
+    """``replace(entry, mtime_ns=mtime_ns)`` at a third of the cost (a tar of a tree
+    newer than the epoch clamps every entry)."""
+    return Entry(entry.path, entry.type, entry.mode, entry.uid, entry.gid, mtime_ns,
+                 entry.xattrs, entry.content, entry.target, entry.rdev_major,
+                 entry.rdev_minor)
+
+
 def path_key(path: bytes) -> tuple[bytes, ...]:
     """Canonical order: depth-first, parents before children, siblings bytewise."""
     return tuple(path.split(b"/")) if path else ()
@@ -234,7 +242,7 @@ class Tree:
             if entry.xattrs and not _xattrs_normal(entry.xattrs):
                 return None
             if clamp_ns is not None and entry.mtime_ns > clamp_ns:
-                entry = replace(entry, mtime_ns=clamp_ns)
+                entry = _with_mtime(entry, clamp_ns)
             known[path] = entry
             append(entry)
             last_key = key

@@ -36,9 +36,9 @@ UUID = "6a7e0c52-61d4-4f0e-9c3b-2f0a8f5d1e42"
 BLOCK = 4096
 
 
-def _no_fast_headers(fd: int, size: int) -> Iterator[object]:
+def _no_fast_headers(*args: object) -> Iterator[object]:
     raise GiveUp
-    yield
+    yield  # a generator, like tar_reader._fast_members
 
 
 def _walk_only(self: allocate.Allocator, count: int, *,
@@ -50,7 +50,7 @@ def _walk_only(self: allocate.Allocator, count: int, *,
 def general_paths() -> Iterator[None]:
     """Every fast path switched off."""
     with ExitStack() as stack:
-        stack.enter_context(mock.patch.object(tar_reader, "fast_headers", _no_fast_headers))
+        stack.enter_context(mock.patch.object(tar_reader, "_fast_members", _no_fast_headers))
         stack.enter_context(mock.patch.object(prepare, "WHOLE_READ_MAX", -1))
         stack.enter_context(mock.patch.object(write, "WHOLE_READ_MAX", -1))
         stack.enter_context(mock.patch.object(allocate.Allocator, "allocate", _walk_only))

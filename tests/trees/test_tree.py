@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from dataclasses import fields, replace
 from pathlib import Path
 
 import blake3
@@ -20,6 +21,7 @@ from reprobuild.trees.tree import (
     Entry,
     EntryType,
     Tree,
+    _with_mtime,
     canonical_relative_path,
     check_relative_path,
     path_key,
@@ -120,3 +122,13 @@ def test_blake3_digests_are_the_library_s() -> None:
     assert Content.from_bytes(data).blake3 == blake3.blake3(data).digest()
     assert Content(len(data), BytesSource(data)).blake3 == blake3.blake3(data).digest()
     assert Content(0, BytesSource(b"")).blake3 == ZERO_BLAKE3
+
+
+def test_with_mtime_is_replace() -> None:
+    """try_canonical's clamp copies every field but the mtime, as replace() does."""
+    entry = Entry(b"a/b", EntryType.CHAR, 0o640, 1, 2, 3, ((b"user.x", b"y"),),
+                  Content.from_bytes(b"c"), b"t", 4, 5)
+    assert _with_mtime(entry, 9) == replace(entry, mtime_ns=9)
+    assert [f.name for f in fields(Entry)] == [
+        "path", "type", "mode", "uid", "gid", "mtime_ns", "xattrs", "content", "target",
+        "rdev_major", "rdev_minor"]  # _with_mtime names them all
