@@ -94,13 +94,19 @@ def _only_ref_inode(out: bytearray, node: Node) -> None:
                                          node.mode & 0xFFFF, 0, size, i_u, node.ino, node.uid,
                                          node.gid, node.mtime[0], node.mtime[1], node.nlink,
                                          b"")
+    _only_ref_xattrs(out, node)
+    out += _NULL_CHUNK * (node.tail // len(_NULL_CHUNK))
+
+
+def _only_ref_xattrs(out: bytearray, node: Node) -> None:
+    """The two xattr entries of an inode marked ``only_ref`` (its metacopy and redirect,
+    of known shape), padded to 4 bytes."""
     (_, metacopy), (_, redirect) = node.unshared
     out += _ONLY_REF_HEAD
     out += metacopy
     out += _REDIRECT_HEAD
     out += redirect
     out += _PADDING[-len(out) % 4]
-    out += _NULL_CHUNK * (node.tail // len(_NULL_CHUNK))
 
 
 def _inode(out: bytearray, node: Node, blkaddr: int) -> None:
@@ -127,12 +133,7 @@ def _inode(out: bytearray, node: Node, blkaddr: int) -> None:
 
 def _xattrs(out: bytearray, node: Node, shared_base: int) -> None:
     if node.only_ref:  # the usual file stored by reference: two entries of known shape
-        (_, metacopy), (_, redirect) = node.unshared
-        out += _ONLY_REF_HEAD
-        out += metacopy
-        out += _REDIRECT_HEAD
-        out += redirect
-        out += _PADDING[-len(out) % 4]
+        _only_ref_xattrs(out, node)
         return
     if not node.shared and not node.unshared:
         return
