@@ -7,7 +7,6 @@ from __future__ import annotations
 import io
 import tarfile
 import tempfile
-from collections.abc import Iterator
 from pathlib import Path
 from unittest import mock
 
@@ -20,30 +19,21 @@ from reprobuild.errors import ImageError
 from reprobuild.images import tar
 from reprobuild.images.registry import ImageOptions
 from reprobuild.trees import tar_reader
-from reprobuild.trees.tar_headers import GiveUp
-from reprobuild.trees.tar_reader import Member, iter_members
+from reprobuild.trees.tar_reader import iter_members
 from tests.archive_helpers import M, dir_, file, hardlink, symlink, tar_bytes
 from tests.images.archive_trees import EPOCH, sample_tree
-from tests.trees.test_tar_headers import DAMAGE, _header_offsets, _patched, members
+from tests.trees.test_tar_headers import (
+    DAMAGE,
+    _header_offsets,
+    _patched,
+    _tarfile_only,
+    _view,
+    members,
+)
 
 TARSCAN = native.load("reprobuild.trees._tarscan")
 # Without the extension only the test that it is built fails; the others compare it.
 compiled = pytest.mark.skipif(TARSCAN is None, reason="_tarscan.c not built (see above)")
-
-
-def _tarfile_only(*args: object) -> Iterator[object]:
-    raise GiveUp
-    yield  # a generator, like tar_reader._fast_members
-
-
-def _view(member: Member) -> tuple[object, ...]:
-    entry = member.entry
-    content = None
-    if entry.content is not None:
-        content = (entry.content.size, entry.content.read())
-    return (member.name, member.link_target, entry.path, entry.type, entry.mode, entry.uid,
-            entry.gid, entry.mtime_ns, entry.xattrs, entry.target, entry.rdev_major,
-            entry.rdev_minor, content)
 
 
 def read_three(path: Path, *, read_size: int = tar_reader.SCAN_READ_SIZE) -> list[object]:
