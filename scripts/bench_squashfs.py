@@ -8,6 +8,11 @@ levels), our writer runs as a subprocess from the shape's tar and from its direc
 -all-root``. Runs alternate, best of ``--repeat`` kept. Prints the table (times, ratio
 ours / mksquashfs, target <= 1.0; peak memory), and per run the size ratio (target
 <= 1.02) and ``unsquashfs -lls`` of our image. A directory argument replaces the shapes.
+
+Both sides make the same layout (``--layout``): "packed", our default, puts the tails of
+files larger than a block into fragment blocks, which mksquashfs does with
+``-always-use-fragments``; "plain" is mksquashfs's default, where such a tail is a short
+block of its own (ours with ``tail_fragments`` false). "both" runs the two in turn.
 """
 
 from __future__ import annotations
@@ -39,7 +44,8 @@ from reprobuild.trees.gcpause import freeze_after_pauses
 from reprobuild.trees.load import load_tree
 from reprobuild.trees.tree import Tree
 options = ImageOptions(epoch={epoch}, compress=sys.argv[3], block_size=131072,
-                       extra=(("threads", int(sys.argv[4])),))
+                       extra=(("threads", int(sys.argv[4])),
+                              ("tail_fragments", sys.argv[5] == "packed")))
 with freeze_after_pauses():  # as `reprobuild image` does
     tree = load_tree(sys.argv[1], epoch={epoch}) if sys.argv[1] else Tree()
     with open(sys.argv[2], "wb") as output:
@@ -52,6 +58,9 @@ def main() -> int:
     add_shape_option(parser)
     parser.add_argument("--processors", type=int, default=2)
     parser.add_argument("--compressors", default="zstd,gzip")
+    parser.add_argument("--layout", choices=("packed", "plain", "both"), default="packed",
+                        help="tails of large files in fragments (packed, our default) or"
+                             " in short blocks of their own (plain, mksquashfs's default)")
     args = parser.parse_args()
     ours_py = OURS.format(epoch=EPOCH)
     ok = True
@@ -62,9 +71,11 @@ def main() -> int:
         else:
             shapes = [(s.name, s.entries, {"tar": str(s.tar), "dir": str(s.directory)},
                        str(s.directory)) for s in chosen(args)]
-        for comp in args.compressors.split(","):
-            def ours(path: str, comp: str = comp) -> list[str]:
-                return [sys.executable, "-c", ours_py, path, out, comp, str(args.processors)]
+        layouts = ("packed", "plain") if args.layout == "both" else (args.layout,)
+        for comp, layout in [(c, lay) for c in args.compressors.split(",") for lay in layouts]:
+            def ours(path: str, comp: str = comp, layout: str = layout) -> list[str]:
+                return [sys.executable, "-c", ours_py, path, out, comp, str(args.processors),
+                        layout]
 
             def check(image: str) -> str:
                 size = os.path.getsize(image) / os.path.getsize(ref_out)
@@ -80,11 +91,12 @@ def main() -> int:
                        "-noappend", "-processors", str(args.processors),
                        "-mkfs-time", str(EPOCH), "-all-time", str(EPOCH), "-all-root",
                        "-quiet", "-no-progress"]
+                ref += ["-always-use-fragments"] if layout == "packed" else []
                 rows += compare_on_shape(f"{name}", entries, sources, reference=ref,
                                          ref_output=ref_out, output=out, ours=ours,
                                          repeat=args.repeat, baseline_kib=baseline,
                                          check=check)
-            print_table(f"squashfs {comp}: ours / mksquashfs", "mksquashfs", rows,
+            print_table(f"squashfs {comp}, {layout} tails: ours / mksquashfs", "mksquashfs", rows,
                         baseline="a tree of the shape's largest file alone:")
             ok = ok and all(row.ratio <= TARGET for row in rows) and memory_ok(rows)
     print(f"targets: ratio <= {TARGET}, peak < 300 MB, < 2048 B per entry "

@@ -60,6 +60,7 @@ PAD_TO = 4096
 IN_FLIGHT_PER_WORKER = 4
 HOLD_LIMIT = 16 << 20  # files sharing a size are held in memory up to this size
 READ_AHEAD_BYTES = 2 << 20  # 16 blocks of 128 KiB: twice what the compressors hold
+BATCH_BYTES = 64 << 10  # a read-ahead batch: small files together, a large block alone
 
 
 @dataclass(frozen=True)
@@ -231,7 +232,9 @@ class ReadAhead:
     Yields (file index, block, digest or None). A file that may
     duplicate another gets its blake3 digest: on every block when known beforehand (given
     by the store, or hashed in a first pass when larger than HOLD_LIMIT), else on its last
-    block (hashed as it streams). At most ``depth`` blocks wait in the queue; reads release
+    block (hashed as it streams). Blocks travel in batches of up to BATCH_BYTES (a full
+    block goes alone; small files share one), so a tree of small files does not pay a
+    queue hand-over per file. At most ``depth`` batches wait in the queue; reads release
     the GIL, so they overlap with the main thread and with compression.
     """
 
@@ -273,6 +276,8 @@ class ReadAhead:
         block_size = self.plan.block_size
         may_duplicate = self.plan.may_duplicate
         put = self._put
+        batch: list[tuple[int, bytes, bytes | None]] = []
+        batched = 0
         for index, entry in enumerate(self.plan.file_entries):
             content = entry.content
             if content is None or content.size == 0:
@@ -288,14 +293,24 @@ class ReadAhead:
             for block in file_blocks(content, block_size, entry, reader):
                 if hasher is not None:
                     hasher.update(block)
-                if previous is not None and not put((index, previous, digest)):
-                    return False
+                if previous is not None:
+                    batch.append((index, previous, digest))
+                    batched += len(previous)
+                    if batched >= BATCH_BYTES:
+                        if not put(batch):
+                            return False
+                        batch, batched = [], 0
                 previous = block
             if hasher is not None:
                 digest = hasher.digest()
-            if not put((index, previous, digest)):
-                return False
-        return True
+            assert previous is not None  # file_blocks checked the size
+            batch.append((index, previous, digest))
+            batched += len(previous)
+            if batched >= BATCH_BYTES:
+                if not put(batch):
+                    return False
+                batch, batched = [], 0
+        return not batch or put(batch)
 
     def __iter__(self) -> Iterator[tuple[int, bytes, bytes | None]]:
         while True:
@@ -304,7 +319,7 @@ class ReadAhead:
                 return
             if isinstance(item, BaseException):
                 raise item
-            yield item  # type: ignore[misc]
+            yield from item  # type: ignore[misc]
 
 
 def write_data(plan: SquashfsPlan, image: ImageFile, compressor: Compressor,
@@ -326,7 +341,7 @@ def write_data(plan: SquashfsPlan, image: ImageFile, compressor: Compressor,
     # objects: on a tree of small files every file may duplicate another.
     first_of: dict[bytes, int] = {}
     fragment_buffer = bytearray()
-    depth = max(4, READ_AHEAD_BYTES // block_size)
+    depth = max(4, READ_AHEAD_BYTES // max(block_size, BATCH_BYTES))
     with ThreadPoolExecutor(max_workers=max(1, workers),
                             thread_name_prefix="squashfs-compress") as pool, \
             ReadAhead(plan, depth) as reader:
