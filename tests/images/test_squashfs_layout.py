@@ -3,7 +3,12 @@ sizes, duplicates and zero blocks, inode kinds, threads, identity, content error
 
 from __future__ import annotations
 
+import gc
 import io
+import os
+import threading
+import weakref
+import zlib
 from dataclasses import replace
 from pathlib import Path
 from typing import BinaryIO
@@ -12,6 +17,7 @@ import pytest
 
 from reprobuild.errors import ImageError
 from reprobuild.images.registry import ImageOptions
+from reprobuild.images.squashfs import compressors
 from reprobuild.images.squashfs import image as squashfs
 from reprobuild.images.squashfs.ondisk import (
     SQUASHFS_DIR_COUNT,
@@ -205,6 +211,41 @@ def test_threads_do_not_change_bytes(tmp_path: Path) -> None:
     one = build(tree, tmp_path / "one.sqfs", block_size=4096, threads=1).read_bytes()
     four = build(tree, tmp_path / "four.sqfs", block_size=4096, threads=4).read_bytes()
     assert one == four
+
+
+def test_kept_deflate_streams_give_zlib_compress_bytes(monkeypatch: pytest.MonkeyPatch
+                                                         ) -> None:
+    """Each thread's kept stream, reset per block, gives zlib.compress's bytes at every
+    level, after a level change, and for data larger than a squashfs block; a stream is
+    freed when its thread ends."""
+    assert compressors._LIBZ is not None, "the ctypes path did not load: nothing tested"
+    samples = [b"", b"a", os.urandom(5000), bytes(131072), b"squash " * 20000,
+               os.urandom(70000) + b"x" * 70000, b"y" * (compressors.DEFLATE_MAX_INPUT + 9)]
+    failures: list[str] = []
+    made: list[weakref.ref[compressors._Deflater]] = []
+    original = compressors._Deflater.__init__
+
+    def counting(self: compressors._Deflater, *args: object) -> None:
+        original(self, *args)  # type: ignore[arg-type]
+        made.append(weakref.ref(self))
+
+    def work(levels: list[int]) -> None:
+        for level in levels:
+            for data in samples:
+                if compressors.deflate(data, level) != zlib.compress(data, level):
+                    failures.append(f"level {level}, {len(data)} bytes")
+
+    monkeypatch.setattr(compressors._Deflater, "__init__", counting)
+    threads = [threading.Thread(target=work, args=(levels,))
+               for levels in ([9, 9, 1, 9], [6, 9], [1])]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert not failures
+    assert len(made) == 6  # one per thread and change of level: 3 + 2 + 1
+    gc.collect()
+    assert [ref() for ref in made] == [None] * 6  # released with their threads
 
 
 def test_identity_names_compressor_and_library() -> None:

@@ -131,27 +131,94 @@ class Compressor:
         return bytes(out)
 
 
+class _ZStream(ctypes.Structure):
+    """zlib's z_stream (zlib.h), for deflateInit2_, deflateReset, deflate, deflateEnd."""
+
+    _fields_ = [("next_in", ctypes.c_void_p), ("avail_in", ctypes.c_uint),
+                ("total_in", ctypes.c_ulong), ("next_out", ctypes.c_void_p),
+                ("avail_out", ctypes.c_uint), ("total_out", ctypes.c_ulong),
+                ("msg", ctypes.c_char_p), ("state", ctypes.c_void_p),
+                ("zalloc", ctypes.c_void_p), ("zfree", ctypes.c_void_p),
+                ("opaque", ctypes.c_void_p), ("data_type", ctypes.c_int),
+                ("adler", ctypes.c_ulong), ("reserved", ctypes.c_ulong)]
+
+
+Z_OK, Z_STREAM_END, Z_FINISH, Z_DEFLATED = 0, 1, 4, 8
+DEFLATE_MAX_INPUT = 1 << 20  # squashfs's largest block; a kept stream's output fits it
+
+
 class _Libz:
-    """zlib's compress2 through ctypes: one call that runs without the GIL.
+    """zlib through ctypes: deflate calls that run without the GIL.
 
     Python's own zlib functions either hold the GIL (zlib.compress on 3.11) or give it
     back and take it again for every 32 KiB of output, which under load makes the
-    compression threads queue for it. compress2 is zlib.compress with the same settings
-    (15-bit window, memLevel 8, default strategy), from the same shared library the
-    interpreter's zlib module uses.
+    compression threads queue for it. Each thread keeps one deflate stream per level and
+    resets it for every block, as mksquashfs does: a new stream per block (compress2)
+    allocates and clears about 270 KB each time. The settings are zlib.compress's (15-bit
+    window, memLevel 8, default strategy), so the bytes are too, from the same shared
+    library the interpreter's zlib module uses.
     """
 
     def __init__(self) -> None:
         lib = ctypes.CDLL(ctypes.util.find_library("z") or "libz.so.1")
-        self.compress2 = lib.compress2
-        self.compress2.argtypes = [ctypes.c_void_p, ctypes.POINTER(ctypes.c_ulong),
-                                   ctypes.c_char_p, ctypes.c_ulong, ctypes.c_int]
-        self.compress2.restype = ctypes.c_int
+        stream = ctypes.POINTER(_ZStream)
+        self.init2 = lib.deflateInit2_
+        self.init2.argtypes = [stream, ctypes.c_int, ctypes.c_int, ctypes.c_int,
+                               ctypes.c_int, ctypes.c_int, ctypes.c_char_p, ctypes.c_int]
+        self.init2.restype = ctypes.c_int
+        self.reset = lib.deflateReset
+        self.deflate = lib.deflate
+        self.end = lib.deflateEnd
+        for function in (self.reset, self.deflate, self.end):
+            function.restype = ctypes.c_int
+        self.reset.argtypes = self.end.argtypes = [stream]
+        self.deflate.argtypes = [stream, ctypes.c_int]
         self.bound = lib.compressBound
         self.bound.argtypes = [ctypes.c_ulong]
         self.bound.restype = ctypes.c_ulong
         lib.zlibVersion.restype = ctypes.c_char_p
-        self.version: str = lib.zlibVersion().decode()
+        self.version_bytes: bytes = lib.zlibVersion()
+        self.version = self.version_bytes.decode()
+        self.local = threading.local()
+
+
+class _Deflater:
+    """One thread's deflate stream at one level, and its output buffer."""
+
+    def __init__(self, libz: _Libz, level: int) -> None:
+        self.libz = libz
+        self.level = level
+        self.stream = _ZStream()
+        self.pointer = ctypes.pointer(self.stream)
+        self.end = libz.end  # kept: __del__ may run while the interpreter shuts down
+        self.live = False
+        status = libz.init2(self.pointer, level, Z_DEFLATED, 15, 8, 0,
+                            libz.version_bytes, ctypes.sizeof(_ZStream))
+        if status != Z_OK:
+            raise ImageError(f"squashfs: zlib deflateInit2 failed with status {status}")
+        self.live = True
+        self.capacity = libz.bound(DEFLATE_MAX_INPUT)
+        self.output = ctypes.create_string_buffer(self.capacity)
+        self.address = ctypes.addressof(self.output)
+
+    def __del__(self) -> None:  # the thread ended: free zlib's state
+        if self.live:
+            self.live = False
+            self.end(self.pointer)
+
+    def deflate(self, data: bytes) -> bytes:
+        stream = self.stream
+        libz = self.libz
+        libz.reset(self.pointer)
+        source = ctypes.c_char_p(data)  # the bytes' own buffer, not a copy
+        stream.next_in = ctypes.cast(source, ctypes.c_void_p)
+        stream.avail_in = len(data)
+        stream.next_out = self.address
+        stream.avail_out = self.capacity
+        status = libz.deflate(self.pointer, Z_FINISH)
+        if status != Z_STREAM_END:
+            raise ImageError(f"squashfs: zlib deflate failed with status {status}")
+        return ctypes.string_at(self.address, self.capacity - stream.avail_out)
 
 
 def _load_libz() -> _Libz | None:
@@ -168,16 +235,13 @@ _LIBZ = _load_libz()
 
 def deflate(data: bytes, level: int) -> bytes:
     """``zlib.compress(data, level)``, computed without holding the GIL when possible."""
-    if _LIBZ is None:
+    if _LIBZ is None or len(data) > DEFLATE_MAX_INPUT:
         stream = zlib.compressobj(level)
         return stream.compress(data) + stream.flush()
-    capacity = _LIBZ.bound(len(data))
-    out = ctypes.create_string_buffer(capacity)
-    size = ctypes.c_ulong(capacity)
-    status = _LIBZ.compress2(out, ctypes.byref(size), data, len(data), level)
-    if status != 0:
-        raise ImageError(f"squashfs: zlib compress2 failed with status {status}")
-    return ctypes.string_at(out, size.value)
+    deflater: _Deflater | None = getattr(_LIBZ.local, "deflater", None)
+    if deflater is None or deflater.level != level:
+        deflater = _LIBZ.local.deflater = _Deflater(_LIBZ, level)
+    return deflater.deflate(data)
 
 
 def make_compressor(name: str, block_size: int, level: int | None = None, *,
