@@ -272,12 +272,22 @@ class ReadAhead:
             self._put(error)
 
     def _read_all(self, reader: ContentStreamer) -> bool:
-        """Queue every block; False when stopped early."""
-        block_size = self.plan.block_size
-        may_duplicate = self.plan.may_duplicate
-        put = self._put
+        """Queue every block, in batches; False when stopped early."""
         batch: list[tuple[int, bytes, bytes | None]] = []
         batched = 0
+        for item in self._blocks(reader):
+            batch.append(item)
+            batched += len(item[1])
+            if batched >= BATCH_BYTES:
+                if not self._put(batch):
+                    return False
+                batch, batched = [], 0
+        return not batch or self._put(batch)
+
+    def _blocks(self, reader: ContentStreamer) -> Iterator[tuple[int, bytes, bytes | None]]:
+        """(file index, block, digest or None) for every block, in plan order."""
+        block_size = self.plan.block_size
+        may_duplicate = self.plan.may_duplicate
         for index, entry in enumerate(self.plan.file_entries):
             content = entry.content
             if content is None or content.size == 0:
@@ -294,23 +304,12 @@ class ReadAhead:
                 if hasher is not None:
                     hasher.update(block)
                 if previous is not None:
-                    batch.append((index, previous, digest))
-                    batched += len(previous)
-                    if batched >= BATCH_BYTES:
-                        if not put(batch):
-                            return False
-                        batch, batched = [], 0
+                    yield index, previous, digest
                 previous = block
             if hasher is not None:
                 digest = hasher.digest()
             assert previous is not None  # file_blocks checked the size
-            batch.append((index, previous, digest))
-            batched += len(previous)
-            if batched >= BATCH_BYTES:
-                if not put(batch):
-                    return False
-                batch, batched = [], 0
-        return not batch or put(batch)
+            yield index, previous, digest
 
     def __iter__(self) -> Iterator[tuple[int, bytes, bytes | None]]:
         while True:
