@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import os
 import stat
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 from reprobuild.errors import ImageError
 from reprobuild.trees.builder import TreeBuilder
@@ -83,6 +83,36 @@ def tree_from_directory(
     return builder.build()
 
 
+def _sorted_depth_first(top: bytes) -> Iterator[
+        tuple[bytes, bytes, bytes, os.stat_result, int]]:
+    """(path in the tree + "/" or b"", path on disk + "/", name, lstat, the directory's
+    descriptor) for everything below ``top``, depth-first with each directory's names
+    sorted: a directory's entries come right after it, so the order is canonical.
+
+    Names are looked up in the directory's descriptor, not through the whole path (a
+    fifth less per lstat); one descriptor is open at a time, whatever the depth, and it
+    stays valid while the caller handles the entry it came with.
+    """
+    lstat, listdir = os.lstat, os.listdir
+    stack = [(b"", top + b"/", iter(sorted(listdir(top))))]
+    while stack:
+        prefix, disk_prefix, names = stack[-1]
+        dir_fd = os.open(disk_prefix, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            for name in names:
+                st = lstat(name, dir_fd=dir_fd)
+                yield prefix, disk_prefix, name, st, dir_fd
+                if st.st_mode & 0o170000 == stat.S_IFDIR:
+                    path = disk_prefix + name
+                    stack.append((prefix + name + b"/", path + b"/",
+                                  iter(sorted(listdir(path)))))
+                    break  # its entries come next, then the rest of this directory's
+            else:
+                stack.pop()
+        finally:
+            os.close(dir_fd)
+
+
 def _canonical_walk(top: bytes, top_st: os.stat_result, mtime_ns: int, *,
                     detect_hardlinks: bool, found: FoundFile | None) -> Tree:
     """The tree of a store output, made in one pass in its final form.
@@ -97,50 +127,32 @@ def _canonical_walk(top: bytes, top_st: os.stat_result, mtime_ns: int, *,
     root = Entry(b"", directory, stat.S_IMODE(top_st.st_mode), 0, 0, mtime_ns)
     entries: list[Entry] = []
     append = entries.append
-    lstat, listdir = os.lstat, os.listdir
     first_path: dict[tuple[int, int], Entry] = {}
-    # (path in the tree + "/", path on disk + "/", the directory's names still to visit)
-    stack = [(b"", top + b"/", iter(sorted(listdir(top))))]
-    while stack:
-        prefix, disk_prefix, names = stack[-1]
-        # Names are looked up in the directory's descriptor, not through the whole path
-        # (a fifth less per lstat); one descriptor open at a time, whatever the depth.
-        dir_fd = os.open(disk_prefix, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-        try:
-            for name in names:
-                st = lstat(name, dir_fd=dir_fd)
-                mode = st.st_mode
-                kind = mode & 0o170000
-                if kind == stat.S_IFREG:
-                    path = disk_prefix + name
-                    content = Content(st.st_size, FileSource(path))
-                    if detect_hardlinks and st.st_nlink > 1:
-                        inode = (st.st_dev, st.st_ino)
-                        primary = first_path.get(inode)
-                        if primary is not None:
-                            append(Entry(prefix + name, hardlink, primary.mode, 0, 0,
-                                         mtime_ns, target=primary.path))
-                            continue
-                        first_path[inode] = Entry(prefix + name, regular, mode & 0o7777, 0,
-                                                  0, mtime_ns, (), content)
-                        append(first_path[inode])
-                    else:
-                        append(Entry(prefix + name, regular, mode & 0o7777, 0, 0, mtime_ns,
-                                     (), content))
-                    if found is not None:
-                        found(path, st.st_size)
-                elif kind == stat.S_IFDIR:
-                    rel = prefix + name
-                    append(Entry(rel, directory, mode & 0o7777, 0, 0, mtime_ns))
-                    path = disk_prefix + name
-                    stack.append((rel + b"/", path + b"/", iter(sorted(listdir(path)))))
-                    break  # its entries come next, then the rest of this directory's
-                else:
-                    append(_special(prefix + name, name, dir_fd, st, mtime_ns))
+    for prefix, disk_prefix, name, st, dir_fd in _sorted_depth_first(top):
+        mode = st.st_mode
+        kind = mode & 0o170000
+        if kind == stat.S_IFREG:
+            path = disk_prefix + name
+            content = Content(st.st_size, FileSource(path))
+            if detect_hardlinks and st.st_nlink > 1:
+                inode = (st.st_dev, st.st_ino)
+                primary = first_path.get(inode)
+                if primary is not None:
+                    append(Entry(prefix + name, hardlink, primary.mode, 0, 0,
+                                 mtime_ns, target=primary.path))
+                    continue
+                first_path[inode] = Entry(prefix + name, regular, mode & 0o7777, 0,
+                                          0, mtime_ns, (), content)
+                append(first_path[inode])
             else:
-                stack.pop()
-        finally:
-            os.close(dir_fd)
+                append(Entry(prefix + name, regular, mode & 0o7777, 0, 0, mtime_ns,
+                             (), content))
+            if found is not None:
+                found(path, st.st_size)
+        elif kind == stat.S_IFDIR:
+            append(Entry(prefix + name, directory, mode & 0o7777, 0, 0, mtime_ns))
+        else:
+            append(_special(prefix + name, name, dir_fd, st, mtime_ns))
     tree = Tree.try_canonical(root, entries, clamp_ns=mtime_ns)
     assert tree is not None, "a sorted depth-first walk is in canonical order"
     return tree
@@ -157,43 +169,30 @@ def _walk_as_found(top: bytes, top_st: os.stat_result, reader: _MetadataReader, 
     root = entry_of(b"", top, top_st, directory)
     entries: list[Entry] = []
     append = entries.append
-    lstat, listdir = os.lstat, os.listdir
     first_path: dict[tuple[int, int], Entry] = {}
-    stack = [(b"", top + b"/", iter(sorted(listdir(top))))]
-    while stack:
-        prefix, disk_prefix, names = stack[-1]
-        dir_fd = os.open(disk_prefix, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-        try:
-            for name in names:
-                st = lstat(name, dir_fd=dir_fd)
-                kind = st.st_mode & 0o170000
-                rel, path = prefix + name, disk_prefix + name
-                if kind == stat.S_IFREG:
-                    if detect_hardlinks and st.st_nlink > 1:
-                        inode = (st.st_dev, st.st_ino)
-                        primary = first_path.get(inode)
-                        if primary is not None:
-                            append(Entry(rel, hardlink, primary.mode, primary.uid,
-                                         primary.gid, primary.mtime_ns, primary.xattrs,
-                                         target=primary.path))
-                            continue
-                    entry = entry_of(rel, path, st, regular,
-                                     content=Content(st.st_size, FileSource(path)))
-                    if detect_hardlinks and st.st_nlink > 1:
-                        first_path[inode] = entry
-                    append(entry)
-                    if found is not None:
-                        found(path, st.st_size)
-                elif kind == stat.S_IFDIR:
-                    append(entry_of(rel, path, st, directory))
-                    stack.append((rel + b"/", path + b"/", iter(sorted(listdir(path)))))
-                    break  # its entries come next, then the rest of this directory's
-                else:
-                    append(_entry(reader, rel, path, st, None))
-            else:
-                stack.pop()
-        finally:
-            os.close(dir_fd)
+    for prefix, disk_prefix, name, st, _ in _sorted_depth_first(top):
+        kind = st.st_mode & 0o170000
+        rel, path = prefix + name, disk_prefix + name
+        if kind == stat.S_IFREG:
+            if detect_hardlinks and st.st_nlink > 1:
+                inode = (st.st_dev, st.st_ino)
+                primary = first_path.get(inode)
+                if primary is not None:
+                    append(Entry(rel, hardlink, primary.mode, primary.uid,
+                                 primary.gid, primary.mtime_ns, primary.xattrs,
+                                 target=primary.path))
+                    continue
+            entry = entry_of(rel, path, st, regular,
+                             content=Content(st.st_size, FileSource(path)))
+            if detect_hardlinks and st.st_nlink > 1:
+                first_path[inode] = entry
+            append(entry)
+            if found is not None:
+                found(path, st.st_size)
+        elif kind == stat.S_IFDIR:
+            append(entry_of(rel, path, st, directory))
+        else:
+            append(_entry(reader, rel, path, st, None))
     tree = Tree.try_canonical(root, entries)
     assert tree is not None, "a sorted depth-first walk is in canonical order"
     return tree
