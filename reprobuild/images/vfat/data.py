@@ -67,6 +67,8 @@ def _fill(layout: Layout, stream: _ClusterStream) -> None:
                 else:
                     written = stream.put_content(contents, entry.content)
             except OSError as error:
+                if error is stream.write_error:  # a full buffer went out and failed
+                    raise
                 raise ImageError(f"{entry.display()}: cannot read its content: "
                                  f"{error.strerror}",
                                  hint="check that the source tree is readable") from None
@@ -93,6 +95,7 @@ class _ClusterStream:
         self.output = output
         self.offset = offset
         self.hasher = hasher
+        self.write_error: OSError | None = None  # a failed write of a full buffer
         try:
             self.fd: int | None = output.fileno()
         except (OSError, AttributeError, io.UnsupportedOperation):
@@ -163,15 +166,21 @@ class _ClusterStream:
         if not self.used:
             return
         filled = self.view[:self.used]
-        if self.writer is not None:
-            self.view = self.writer.swap(self.view, self.used, self.offset)
-        else:
-            if self.hasher is not None:
-                self.hasher.update(filled)
-            if self.fd is None:
-                self.output.write(filled)
+        try:
+            if self.writer is not None:
+                self.view = self.writer.swap(self.view, self.used, self.offset)
             else:
-                _pwrite_all(self.fd, filled, self.offset)
+                if self.hasher is not None:
+                    self.hasher.update(filled)
+                if self.fd is None:
+                    self.output.write(filled)
+                else:
+                    _pwrite_all(self.fd, filled, self.offset)
+        except OSError as error:
+            # Raised unchanged, also from inside read_file: a write error is not the
+            # source's (the caller tells them apart by this).
+            self.write_error = error
+            raise
         self.offset += self.used
         self.used = 0
 
