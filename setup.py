@@ -14,6 +14,7 @@ NATIVE_EXTENSIONS = [
     for module, source in (
         ("reprobuild.images._tarpack", "reprobuild/images/_tarpack.c"),  # tar writer
         ("reprobuild.trees._tarscan", "reprobuild/trees/_tarscan.c"),  # tar reader
+        ("reprobuild.trees._dirscan", "reprobuild/trees/_dirscan.c"),  # directory walk
     )
 ]
 

@@ -7,7 +7,9 @@ from __future__ import annotations
 import os
 import stat
 from collections.abc import Callable, Iterator
+from typing import Protocol
 
+from reprobuild import native
 from reprobuild.errors import ImageError
 from reprobuild.trees.builder import TreeBuilder
 from reprobuild.trees.tree import Content, Entry, EntryType, FileSource, Tree, sort_xattrs
@@ -15,6 +17,45 @@ from reprobuild.trees.tree import Content, Entry, EntryType, FileSource, Tree, s
 FileHook = Callable[[bytes, os.stat_result], Content | None]
 FoundFile = Callable[[bytes, int], None]
 """Told each regular file the walk keeps, as it is found: its path on disk and size."""
+
+
+class Lstat(Protocol):
+    """The fields of an entry's lstat that the walks read: an ``os.stat_result``, or
+    the compiled scan's lighter ``stat`` with the same values."""
+
+    @property
+    def st_mode(self) -> int: ...
+    @property
+    def st_ino(self) -> int: ...
+    @property
+    def st_dev(self) -> int: ...
+    @property
+    def st_nlink(self) -> int: ...
+    @property
+    def st_uid(self) -> int: ...
+    @property
+    def st_gid(self) -> int: ...
+    @property
+    def st_size(self) -> int: ...
+    @property
+    def st_rdev(self) -> int: ...
+    @property
+    def st_mtime_ns(self) -> int: ...
+
+
+def _scan_python(path: bytes) -> list[tuple[bytes, Lstat]]:
+    """The names in the directory ``path`` in bytewise order, each with its lstat
+    (looked up in the directory's descriptor, not through the whole path)."""
+    names = sorted(os.listdir(path))  # bytes: listing a descriptor would give str
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        return [(name, os.lstat(name, dir_fd=fd)) for name in names]
+    finally:
+        os.close(fd)
+
+
+# The compiled scan (_dirscan.c): the same listing without an os.stat_result per name.
+_DIRSCAN = native.load("reprobuild.trees._dirscan")
 
 
 def tree_from_directory(
@@ -71,7 +112,8 @@ def tree_from_directory(
                     builder.link(rel, seen_inodes[key], shown, replace_existing=False)
                     continue
                 seen_inodes[key] = rel
-            entry = _entry(reader, rel, path, st, file_hook)
+            hooked = file_hook(path, st) if stat.S_ISREG(st.st_mode) else None
+            entry = _entry(reader, rel, path, st, hooked)
             if found is not None and entry.type is EntryType.REGULAR:
                 source = entry.content.source if entry.content is not None else None
                 if isinstance(source, FileSource):
@@ -83,34 +125,23 @@ def tree_from_directory(
     return builder.build()
 
 
-def _sorted_depth_first(top: bytes) -> Iterator[
-        tuple[bytes, bytes, bytes, os.stat_result, int]]:
-    """(path in the tree + "/" or b"", path on disk + "/", name, lstat, the directory's
-    descriptor) for everything below ``top``, depth-first with each directory's names
-    sorted: a directory's entries come right after it, so the order is canonical.
-
-    Names are looked up in the directory's descriptor, not through the whole path (a
-    fifth less per lstat); one descriptor is open at a time, whatever the depth, and it
-    stays valid while the caller handles the entry it came with.
-    """
-    lstat, listdir = os.lstat, os.listdir
-    stack = [(b"", top + b"/", iter(sorted(listdir(top))))]
+def _sorted_depth_first(top: bytes) -> Iterator[tuple[bytes, bytes, bytes, Lstat]]:
+    """(path in the tree + "/" or b"", path on disk + "/", name, lstat) for everything
+    below ``top``, depth-first with each directory's names sorted: a directory's
+    entries come right after it, so the order is canonical. Each directory is listed
+    when the walk reaches it, by the compiled scan when it is built."""
+    scan = _DIRSCAN.scan if _DIRSCAN is not None else _scan_python
+    stack = [(b"", top + b"/", iter(scan(top)))]
     while stack:
-        prefix, disk_prefix, names = stack[-1]
-        dir_fd = os.open(disk_prefix, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-        try:
-            for name in names:
-                st = lstat(name, dir_fd=dir_fd)
-                yield prefix, disk_prefix, name, st, dir_fd
-                if st.st_mode & 0o170000 == stat.S_IFDIR:
-                    path = disk_prefix + name
-                    stack.append((prefix + name + b"/", path + b"/",
-                                  iter(sorted(listdir(path)))))
-                    break  # its entries come next, then the rest of this directory's
-            else:
-                stack.pop()
-        finally:
-            os.close(dir_fd)
+        prefix, disk_prefix, listing = stack[-1]
+        for name, st in listing:
+            yield prefix, disk_prefix, name, st
+            if st.st_mode & 0o170000 == stat.S_IFDIR:
+                path = disk_prefix + name
+                stack.append((prefix + name + b"/", path + b"/", iter(scan(path))))
+                break  # its entries come next, then the rest of this directory's
+        else:
+            stack.pop()
 
 
 def _canonical_walk(top: bytes, top_st: os.stat_result, mtime_ns: int, *,
@@ -128,7 +159,7 @@ def _canonical_walk(top: bytes, top_st: os.stat_result, mtime_ns: int, *,
     entries: list[Entry] = []
     append = entries.append
     first_path: dict[tuple[int, int], Entry] = {}
-    for prefix, disk_prefix, name, st, dir_fd in _sorted_depth_first(top):
+    for prefix, disk_prefix, name, st in _sorted_depth_first(top):
         mode = st.st_mode
         kind = mode & 0o170000
         if kind == stat.S_IFREG:
@@ -152,7 +183,7 @@ def _canonical_walk(top: bytes, top_st: os.stat_result, mtime_ns: int, *,
         elif kind == stat.S_IFDIR:
             append(Entry(prefix + name, directory, mode & 0o7777, 0, 0, mtime_ns))
         else:
-            append(_special(prefix + name, name, dir_fd, st, mtime_ns))
+            append(_special(prefix + name, disk_prefix + name, st, mtime_ns))
     tree = Tree.try_canonical(root, entries, clamp_ns=mtime_ns)
     assert tree is not None, "a sorted depth-first walk is in canonical order"
     return tree
@@ -170,7 +201,7 @@ def _walk_as_found(top: bytes, top_st: os.stat_result, reader: _MetadataReader, 
     entries: list[Entry] = []
     append = entries.append
     first_path: dict[tuple[int, int], Entry] = {}
-    for prefix, disk_prefix, name, st, _ in _sorted_depth_first(top):
+    for prefix, disk_prefix, name, st in _sorted_depth_first(top):
         kind = st.st_mode & 0o170000
         rel, path = prefix + name, disk_prefix + name
         if kind == stat.S_IFREG:
@@ -198,13 +229,12 @@ def _walk_as_found(top: bytes, top_st: os.stat_result, reader: _MetadataReader, 
     return tree
 
 
-def _special(rel: bytes, name: bytes, dir_fd: int, st: os.stat_result,
-             mtime_ns: int) -> Entry:
+def _special(rel: bytes, path: bytes, st: Lstat, mtime_ns: int) -> Entry:
     """A symlink, device, fifo or socket of a store output as the tree holds it."""
     mode = st.st_mode
     if stat.S_ISLNK(mode):
         return Entry(rel, EntryType.SYMLINK, stat.S_IMODE(mode), 0, 0, mtime_ns,
-                     target=os.readlink(name, dir_fd=dir_fd))
+                     target=os.readlink(path))
     if stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
         return Entry(rel, EntryType.CHAR if stat.S_ISCHR(mode) else EntryType.BLOCK,
                      stat.S_IMODE(mode), 0, 0, mtime_ns, rdev_major=os.major(st.st_rdev),
@@ -216,13 +246,13 @@ def _special(rel: bytes, name: bytes, dir_fd: int, st: os.stat_result,
     raise ImageError(f"/{rel.decode(errors='replace')}: unknown file type")
 
 
-def _entry(reader: _MetadataReader, rel: bytes, path: bytes, st: os.stat_result,
-           file_hook: FileHook | None) -> Entry:
+def _entry(reader: _MetadataReader, rel: bytes, path: bytes, st: Lstat,
+           content: Content | None) -> Entry:
+    """The entry of ``path``; ``content`` is a regular file's, when a hook gave one."""
     mode = st.st_mode
     if stat.S_ISDIR(mode):
         return reader.entry(rel, path, st, EntryType.DIRECTORY)
     if stat.S_ISREG(mode):
-        content = file_hook(path, st) if file_hook else None
         if content is None:
             content = Content(st.st_size, FileSource(path))
         return reader.entry(rel, path, st, EntryType.REGULAR, content=content)
@@ -249,7 +279,7 @@ class _MetadataReader:
         self.preserve_mtime = preserve_mtime
         self.read_xattrs = read_xattrs
 
-    def entry(self, rel: bytes, path: bytes, st: os.stat_result, kind: EntryType, *,
+    def entry(self, rel: bytes, path: bytes, st: Lstat, kind: EntryType, *,
               content: Content | None = None, target: bytes | None = None,
               rdev_major: int = 0, rdev_minor: int = 0) -> Entry:
         xattrs: tuple[tuple[bytes, bytes], ...] = ()

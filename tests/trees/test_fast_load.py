@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from reprobuild.errors import ImageError
-from reprobuild.trees import tar_reader
+from reprobuild.trees import directory, tar_reader
 from reprobuild.trees.builder import TreeBuilder
 from reprobuild.trees.directory import tree_from_directory
 from reprobuild.trees.load import load_tree
@@ -36,6 +36,13 @@ def full_view(tree: Tree) -> list[tuple[object, ...]]:
     """Every entry with what equality leaves out: where its bytes come from."""
     return [(e, getattr(e.content.source, "path", None) if e.content else None)
             for e in tree]
+
+
+@pytest.fixture(params=["compiled scan", "python scan"])
+def either_scan(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Walk with the compiled directory listing (when built), then without it."""
+    if request.param == "python scan":
+        monkeypatch.setattr(directory, "_DIRSCAN", None)
 
 
 def general_directory_tree(root: Path, **kwargs: bool) -> Tree:
@@ -84,7 +91,7 @@ def every_kind(top: Path) -> Path:
     return top
 
 
-def test_directory_walk_equals_the_builder_path(tmp_path: Path) -> None:
+def test_directory_walk_equals_the_builder_path(tmp_path: Path, either_scan: None) -> None:
     top = every_kind(tmp_path / "t")
     found: list[tuple[bytes, int]] = []
     fast = tree_from_directory(top, epoch=EPOCH,
@@ -101,7 +108,7 @@ def test_directory_walk_equals_the_builder_path(tmp_path: Path) -> None:
     assert fast.is_normal(epoch=EPOCH) and fast.is_normal(epoch=None)
 
 
-def test_directory_walk_without_hardlink_detection(tmp_path: Path) -> None:
+def test_directory_walk_without_hardlink_detection(tmp_path: Path, either_scan: None) -> None:
     top = every_kind(tmp_path / "t")
     fast = tree_from_directory(top, epoch=EPOCH, detect_hardlinks=False)
     assert full_view(fast) == full_view(general_directory_tree(top, detect_hardlinks=False))
@@ -113,7 +120,7 @@ def test_directory_walk_without_hardlink_detection(tmp_path: Path) -> None:
                                   {"preserve_owner": True, "preserve_mtime": True,
                                    "read_xattrs": True}])
 def test_directory_walk_keeping_metadata_equals_the_builder_path(
-        tmp_path: Path, kept: dict[str, bool]) -> None:
+        tmp_path: Path, kept: dict[str, bool], either_scan: None) -> None:
     top = every_kind(tmp_path / "t")
     os.utime(top / "b" / "z", ns=(0, (EPOCH + 5) * 10**9 + 7))  # clamped to the epoch
     os.utime(top / "b" / "a", ns=(0, (EPOCH - 5) * 10**9 + 7))
@@ -145,7 +152,7 @@ def found_files(tree: Tree) -> list[tuple[bytes, int]]:
             and isinstance(e.content.source, FileSource)]
 
 
-def test_directory_walk_of_a_deep_tree(tmp_path: Path) -> None:
+def test_directory_walk_of_a_deep_tree(tmp_path: Path, either_scan: None) -> None:
     """Deeper than any recursion would like; siblings after a subtree come after it."""
     top = tmp_path / "deep"
     path = top
