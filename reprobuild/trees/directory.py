@@ -7,40 +7,24 @@ from __future__ import annotations
 import os
 import stat
 from collections.abc import Callable, Iterator
-from typing import Protocol
+from typing import TYPE_CHECKING, TypeAlias
 
 from reprobuild import native
 from reprobuild.errors import ImageError
 from reprobuild.trees.builder import TreeBuilder
 from reprobuild.trees.tree import Content, Entry, EntryType, FileSource, Tree, sort_xattrs
 
+if TYPE_CHECKING:
+    from reprobuild.trees._dirscan import stat as _CompiledStat
+
 FileHook = Callable[[bytes, os.stat_result], Content | None]
 FoundFile = Callable[[bytes, int], None]
 """Told each regular file the walk keeps, as it is found: its path on disk and size."""
 
 
-class Lstat(Protocol):
-    """The fields of an entry's lstat that the walks read: an ``os.stat_result``, or
-    the compiled scan's lighter ``stat`` with the same values."""
-
-    @property
-    def st_mode(self) -> int: ...
-    @property
-    def st_ino(self) -> int: ...
-    @property
-    def st_dev(self) -> int: ...
-    @property
-    def st_nlink(self) -> int: ...
-    @property
-    def st_uid(self) -> int: ...
-    @property
-    def st_gid(self) -> int: ...
-    @property
-    def st_size(self) -> int: ...
-    @property
-    def st_rdev(self) -> int: ...
-    @property
-    def st_mtime_ns(self) -> int: ...
+Lstat: TypeAlias = "os.stat_result | _CompiledStat"
+"""An entry's lstat as the walks read it: from ``os.lstat``, or the compiled scan's
+lighter ``stat`` with the same values in the fields the walks read."""
 
 
 def _scan_python(path: bytes) -> list[tuple[bytes, Lstat]]:
