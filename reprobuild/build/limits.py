@@ -138,14 +138,19 @@ def failure_note(result: SandboxResult, kind: str, name: str, limits: Limits,
     """What to add to a failed run's message (naming a limit) and the hint to raise it."""
     note = ""
     key = result.limit
-    if key is not None:
-        value = getattr(limits, key)
-        shown = str(value) if key == "pids" else human(value)
-        note = f"; stopped: {WHAT[key]} passed its limit {key} = {shown}"
-    elif result.signal == signal.SIGXFSZ or any("File too large" in line for line in log_tail):
+    file_too_large = (result.signal == signal.SIGXFSZ
+                      or any("File too large" in line for line in log_tail))
+    if file_too_large and key in (None, "disk"):
+        # The kernel refused a file past the size limit: the more precise of the two
+        # verdicts, also when the watcher's next scan saw that file push the total over
+        # before the process could exit.
         key = "disk"
         note = (f"; a file passed the size limit disk = {human(limits.disk)}"
                 if limits.disk is not None else "")
+    elif key is not None:
+        value = getattr(limits, key)
+        shown = str(value) if key == "pids" else human(value)
+        note = f"; stopped: {WHAT[key]} passed its limit {key} = {shown}"
     else:
         text = "\n".join(log_tail)
         key = next((k for k, pattern in SYMPTOMS if pattern.search(text)), None)

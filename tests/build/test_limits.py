@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
+import signal
 import time
 import tomllib
 from pathlib import Path
@@ -15,6 +17,7 @@ from reprobuild.build.plan import plan
 from reprobuild.build.recipe import Recipe, parse_recipe
 from reprobuild.errors import ImageError, RecipeError
 from reprobuild.images.registry import MAX_IMAGE_SIZE, ImageOptions
+from sandbox.spec import SandboxResult
 from tests.conftest import Unprivileged, need_tool
 
 BASE = """\
@@ -120,6 +123,24 @@ def test_a_sized_squashfs_stays_sparse(tmp_path: Path) -> None:
     assert st.st_size == 1 << 30
     assert st.st_blocks * 512 < 1 << 20  # holes, not a gigabyte of written zeros
     assert squashfs.read(str(out)).get(b"f") is not None
+
+
+@pytest.mark.parametrize("evidence", ["log", "signal"])
+def test_a_file_refused_by_the_kernel_is_named_also_when_the_watcher_saw_it_first(
+        evidence: str) -> None:
+    """A file stopped at the size limit (EFBIG or SIGXFSZ) while the watcher's next scan
+    saw it push /build and $out over the same limit: the file is the cause named."""
+    caps = dataclasses.replace(limits.DEFAULTS, disk=32 << 20)
+    tail = ["dd: error writing '/output/out/f': File too large"] if evidence == "log" else []
+    result = SandboxResult(None, signal.SIGXFSZ if evidence == "signal" else signal.SIGKILL,
+                           limit="disk")
+    note, hint = limits.failure_note(result, "step", "fill", caps, tail)
+    assert note == "; a file passed the size limit disk = 32 MiB"
+    assert hint == 'raise it in the recipe: [steps.fill.limits] disk = "64M"'
+    many_files = limits.failure_note(result, "step", "fill", caps, ["dd: 4+0 records out"])
+    if evidence == "log":  # no refused file: the watcher's total is the cause
+        assert many_files[0] == ("; stopped: what /build and $out hold passed its limit"
+                                 " disk = 32 MiB")
 
 
 # -- runaway steps, end to end as an unprivileged uid --------------------------------------
