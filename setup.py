@@ -10,11 +10,15 @@ from setuptools import Extension, setup
 
 COMPILE_ARGS = ["-O2", "-std=c11", "-Wall", "-Wextra", "-Werror=vla"]
 NATIVE_EXTENSIONS = [
-    Extension(module, [source], extra_compile_args=COMPILE_ARGS, optional=True)
-    for module, source in (
-        ("reprobuild.images._tarpack", "reprobuild/images/_tarpack.c"),  # tar writer
-        ("reprobuild.trees._tarscan", "reprobuild/trees/_tarscan.c"),  # tar reader
-        ("reprobuild.trees._dirscan", "reprobuild/trees/_dirscan.c"),  # directory walk
+    Extension(module, [source], extra_compile_args=COMPILE_ARGS, libraries=libraries,
+              optional=True)
+    for module, source, libraries in (
+        ("reprobuild.images._tarpack", "reprobuild/images/_tarpack.c", []),  # tar writer
+        ("reprobuild.trees._tarscan", "reprobuild/trees/_tarscan.c", []),  # tar reader
+        ("reprobuild.trees._dirscan", "reprobuild/trees/_dirscan.c", []),  # directory walk
+        # squashfs gzip blocks; libz's header comes with python3-dev (zlib1g-dev)
+        ("reprobuild.images.squashfs._blockpack", "reprobuild/images/squashfs/_blockpack.c",
+         ["z"]),
     )
 ]
 

@@ -15,21 +15,25 @@ from __future__ import annotations
 
 import _lzma
 import ctypes
-import ctypes.util
+import functools
+import importlib.util
 import lzma
 import struct
 import threading
 import zlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from types import ModuleType
 
 import lz4
 import lz4.block
 import zstandard
 
+from reprobuild import native
 from reprobuild.errors import ImageError
 from reprobuild.images.squashfs.ondisk import (
     LZ4_COMPRESSION,
+    SQUASHFS_COMPRESSED_BIT_BLOCK,
     XZ_COMPRESSION,
     ZLIB_COMPRESSION,
     ZSTD_COMPRESSION,
@@ -84,6 +88,23 @@ class Compressor:
         if len(data) > PROBE_SAMPLE and len(probe.compress(data[:PROBE_SAMPLE])) < PROBE_SAMPLE:
             return False
         return len(probe.compress(data)) >= len(data)
+
+    def store(self, raw: bytes) -> tuple[bytes, int]:
+        """A data or fragment block as stored, and its size field (bit 24: uncompressed).
+
+        Compressed when the probe lets it and the compressed form is smaller. gzip goes
+        through the compiled _blockpack when it is built: the same probe and deflate
+        in one call without the GIL, with the same bytes.
+        """
+        if self.name == "gzip" and len(raw) <= DEFLATE_MAX_INPUT:
+            blockpack = _blockpack()
+            if blockpack is not None:
+                return blockpack.compress_gzip(raw, self.level or 9, self.probe)  # type: ignore[no-any-return]
+        if self.compresses and not self.incompressible(raw):
+            packed = self.compress(raw)
+            if len(packed) < len(raw):
+                return packed, len(packed)
+        return raw, len(raw) | SQUASHFS_COMPRESSED_BIT_BLOCK
 
     def compress(self, data: bytes) -> bytes:
         """The compressed form of one block (the caller keeps it only if smaller)."""
@@ -160,6 +181,8 @@ class _Libz:
     """
 
     def __init__(self) -> None:
+        import ctypes.util  # here: it imports subprocess, and the compiled path needs neither
+
         lib = ctypes.CDLL(ctypes.util.find_library("z") or "libz.so.1")
         stream = ctypes.POINTER(_ZStream)
         self.init2 = lib.deflateInit2_
@@ -221,7 +244,9 @@ class _Deflater:
         return ctypes.string_at(self.address, self.capacity - stream.avail_out)
 
 
-def _load_libz() -> _Libz | None:
+@functools.cache
+def _libz() -> _Libz | None:
+    """libz through ctypes, loaded on first use (finding it runs ldconfig)."""
     try:
         libz = _Libz()
     except (OSError, AttributeError):
@@ -230,18 +255,44 @@ def _load_libz() -> _Libz | None:
     return libz if libz.version == zlib.ZLIB_RUNTIME_VERSION else None
 
 
-_LIBZ = _load_libz()
-
-
 def deflate(data: bytes, level: int) -> bytes:
-    """``zlib.compress(data, level)``, computed without holding the GIL when possible."""
-    if _LIBZ is None or len(data) > DEFLATE_MAX_INPUT:
-        stream = zlib.compressobj(level)
-        return stream.compress(data) + stream.flush()
-    deflater: _Deflater | None = getattr(_LIBZ.local, "deflater", None)
-    if deflater is None or deflater.level != level:
-        deflater = _LIBZ.local.deflater = _Deflater(_LIBZ, level)
-    return deflater.deflate(data)
+    """``zlib.compress(data, level)``, computed without holding the GIL when possible:
+    by _blockpack when it is built, else through ctypes."""
+    if len(data) <= DEFLATE_MAX_INPUT:
+        blockpack = _blockpack()
+        if blockpack is not None:
+            return blockpack.deflate(data, level)  # type: ignore[no-any-return]
+        libz = _libz()
+        if libz is not None:
+            deflater: _Deflater | None = getattr(libz.local, "deflater", None)
+            if deflater is None or deflater.level != level:
+                deflater = libz.local.deflater = _Deflater(libz, level)
+            return deflater.deflate(data)
+    stream = zlib.compressobj(level)
+    return stream.compress(data) + stream.flush()
+
+
+@functools.cache
+def _blockpack() -> ModuleType | None:
+    """The compiled gzip block path, bound to the probe's libzstd; None to use Python.
+
+    Only when it is linked with the libz the zlib module runs (the ctypes path's
+    condition) and libzstd is the pinned zstandard wheel's own copy, whose version the
+    probe's identity names: the copy in its cffi module exports the functions, the
+    C backend does not. Both copies are built from the wheel's one libzstd source.
+    """
+    module = native.load("reprobuild.images.squashfs._blockpack")
+    if module is None or module.zlib_version() != zlib.ZLIB_RUNTIME_VERSION:
+        return None
+    spec = importlib.util.find_spec("zstandard._cffi")
+    if spec is None or spec.origin is None:
+        return None
+    try:
+        version = module.bind_probe(spec.origin)
+    except OSError:
+        return None
+    major, minor, patch = zstandard.ZSTD_VERSION[:3]
+    return module if version == major * 10000 + minor * 100 + patch else None
 
 
 def make_compressor(name: str, block_size: int, level: int | None = None, *,

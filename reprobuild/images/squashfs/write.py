@@ -29,7 +29,6 @@ from reprobuild.images.squashfs.ondisk import (
     SQUASHFS_ALWAYS_FRAG,
     SQUASHFS_COMP_OPT,
     SQUASHFS_COMPRESSED_BIT,
-    SQUASHFS_COMPRESSED_BIT_BLOCK,
     SQUASHFS_DUPLICATE,
     SQUASHFS_EXPORT,
     SQUASHFS_FRAGMENT_ENTRY,
@@ -72,16 +71,6 @@ class WriteSettings:
     exportable: bool
     workers: int
     size: int | None = None  # pad the image to exactly this many bytes
-
-
-def compress_block(compressor: Compressor, raw: bytes) -> tuple[bytes, int]:
-    """A data or fragment block as stored, and its size field (bit 24: uncompressed)."""
-    if compressor.compresses and not compressor.incompressible(raw):
-        packed = compressor.compress(raw)
-        if len(packed) < len(raw):
-            return packed, len(packed)
-    return raw, len(raw) | SQUASHFS_COMPRESSED_BIT_BLOCK
-
 
 
 def write_plan(plan: SquashfsPlan, output: BinaryIO, settings: WriteSettings) -> None:
@@ -189,7 +178,7 @@ class DataWriter:
 
     def block(self, file_index: int, number: int, data: bytes) -> None:
         self.pending.append((file_index, number, len(data),
-                             self.pool.submit(compress_block, self.compressor, data)))
+                             self.pool.submit(self.compressor.store, data)))
         self.drain(self.limit)
 
     def sparse(self, file_index: int, number: int, length: int) -> None:
@@ -199,7 +188,7 @@ class DataWriter:
     def fragment(self, data: bytes) -> None:
         self.fragments.append((0, 0))
         self.pending.append((-1, len(self.fragments) - 1, len(data),
-                             self.pool.submit(compress_block, self.compressor, data)))
+                             self.pool.submit(self.compressor.store, data)))
         self.drain(self.limit)
 
     def drain(self, keep: int) -> None:
