@@ -271,3 +271,33 @@ def test_content_that_changed_size_is_an_error(tmp_path: Path, copies: int) -> N
         tree.add(Entry(name, EntryType.REGULAR, 0o644, content=Content(11, LyingSource())))
     with pytest.raises(ImageError, match="expected 11"):
         build(tree, tmp_path / "img.sqfs")
+
+
+@pytest.mark.parametrize("tail_fragments", [True, False])
+def test_tables_built_during_the_data_are_those_built_after_it(
+        monkeypatch: pytest.MonkeyPatch, tmp_path: Path, tail_fragments: bool) -> None:
+    """The inode and directory tables are packed as files' data is written; emitting
+    every step only once all the data is written gives the same image."""
+    from reprobuild.images.squashfs import tables, write
+
+    tree = sample_tree(4096)
+    emitted_early: list[int] = []
+    finish = tables.TableBuilder.finish
+
+    def counting_finish(self: tables.TableBuilder) -> tuple[tables.InodeTable, bytearray]:
+        emitted_early.append(self.inodes.uncompressed_position)
+        return finish(self)
+
+    monkeypatch.setattr(tables.TableBuilder, "finish", counting_finish)
+    during = build(tree, tmp_path / "during.sqfs", block_size=4096,
+                   tail_fragments=tail_fragments).read_bytes()
+    assert emitted_early and emitted_early[0] > 0  # inodes were packed before the end
+    original = write.write_data
+
+    def at_the_end(*args: object) -> object:
+        return original(*args[:-1], lambda files_written: None)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(write, "write_data", at_the_end)
+    after = build(tree, tmp_path / "after.sqfs", block_size=4096,
+                  tail_fragments=tail_fragments).read_bytes()
+    assert during == after

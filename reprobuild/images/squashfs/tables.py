@@ -164,21 +164,51 @@ class Listing:
     index_count: int
 
 
-def build_inode_and_directory_tables(
-    plan: SquashfsPlan, data: FileData, compressor: Compressor
-) -> tuple[InodeTable, bytearray]:
-    inodes = MetadataWriter(compressor)
-    directories = MetadataWriter(compressor)
-    refs = array("Q", bytes(8 * plan.inode_count))
-    listings: dict[int, Listing] = {}
-    for kind, index in plan.emit_order():
-        if kind == "dir":
-            listings[plan.directory_inodes[index]] = write_listing(
-                plan, index, refs, directories)
-            continue
-        refs[index] = inodes.ref()
-        inodes.append(encode_inode(plan, index, data, listings))
-    return InodeTable(inodes.finish(), refs), directories.finish()
+class TableBuilder:
+    """The inode and directory tables, built in emit order as the files' data is written.
+
+    A regular file's inode needs where its blocks went and their sizes; every other step
+    (a listing, another kind of inode) needs only steps before it. ``advance`` emits the
+    steps up to the first regular file whose data is not all written yet, so most of the
+    tables are packed and compressed on the writer's thread while the compression threads
+    work, not after them; ``finish`` emits the rest. The bytes are those of emitting every
+    step at the end: no step reads anything that changes after it is emitted.
+    """
+
+    def __init__(self, plan: SquashfsPlan, data: FileData, compressor: Compressor) -> None:
+        self.plan = plan
+        self.data = data
+        self.inodes = MetadataWriter(compressor)
+        self.directories = MetadataWriter(compressor)
+        self.refs = array("Q", bytes(8 * plan.inode_count))
+        self.listings: dict[int, Listing] = {}
+        self.steps = plan.emit_order()
+        self.step = next(self.steps, None)
+
+    def advance(self, files_written: int) -> None:
+        """Emit the steps that need no file at or after ``files_written`` (an index in
+        the data order: every file before it has all its blocks written)."""
+        plan = self.plan
+        file_indexes = plan.file_indexes
+        step = self.step
+        while step is not None:
+            kind, index = step
+            if kind == "dir":
+                self.listings[plan.directory_inodes[index]] = write_listing(
+                    plan, index, self.refs, self.directories)
+            else:
+                if file_indexes[index] >= files_written:  # NONE (-1) never waits
+                    break
+                self.refs[index] = self.inodes.ref()
+                self.inodes.append(encode_inode(plan, index, self.data, self.listings))
+            step = next(self.steps, None)
+        self.step = step
+
+    def finish(self) -> tuple[InodeTable, bytearray]:
+        """The two tables, once every file's data is written."""
+        self.advance(len(self.plan.file_entries))
+        assert self.step is None
+        return InodeTable(self.inodes.finish(), self.refs), self.directories.finish()
 
 
 def write_listing(plan: SquashfsPlan, directory: int, refs: array[int],

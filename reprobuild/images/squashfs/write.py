@@ -14,7 +14,7 @@ import os
 import queue
 import threading
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import BinaryIO
@@ -48,7 +48,7 @@ from reprobuild.images.squashfs.ondisk import (
 from reprobuild.images.squashfs.tables import (
     FileData,
     ImageFile,
-    build_inode_and_directory_tables,
+    TableBuilder,
     little_endian,
     write_lookup_table,
     write_xattr_table,
@@ -87,10 +87,12 @@ def write_plan(plan: SquashfsPlan, output: BinaryIO, settings: WriteSettings) ->
     if not compressor.compresses:
         flags |= SQUASHFS_NOI | SQUASHFS_NOD | SQUASHFS_NOF | SQUASHFS_NOX | SQUASHFS_NOID
 
-    files, fragments = write_data(plan, image, compressor, settings.workers)
+    files = FileData(len(plan.file_entries))
+    tables = TableBuilder(plan, files, compressor)
+    fragments = write_data(plan, image, compressor, settings.workers, files, tables.advance)
 
     inode_table_start = image.position
-    inode_refs, directory_table = build_inode_and_directory_tables(plan, files, compressor)
+    inode_refs, directory_table = tables.finish()
     image.write(inode_refs.table)
     directory_table_start = image.write(directory_table)
 
@@ -190,6 +192,13 @@ class DataWriter:
         self.pending.append((-1, len(self.fragments) - 1, len(data),
                              self.pool.submit(self.compressor.store, data)))
         self.drain(self.limit)
+
+    def first_pending_file(self, default: int) -> int:
+        """The first file with a block not yet written, else ``default``."""
+        for file_index, _, _, _ in self.pending:
+            if file_index >= 0:
+                return file_index
+        return default
 
     def drain(self, keep: int) -> None:
         pending = self.pending
@@ -310,19 +319,21 @@ class ReadAhead:
             yield from item  # type: ignore[misc]
 
 
-def write_data(plan: SquashfsPlan, image: ImageFile, compressor: Compressor,
-               workers: int) -> tuple[FileData, list[tuple[int, int]]]:
-    """Write every file's blocks and the fragment blocks; where each went.
+def write_data(plan: SquashfsPlan, image: ImageFile, compressor: Compressor, workers: int,
+               files: FileData, written: Callable[[int], None]
+               ) -> list[tuple[int, int]]:
+    """Write every file's blocks and the fragment blocks; where each file's went (in
+    ``files``) and each fragment block's position and size field.
 
     Each file is read once (see ReadAhead). A file that shares its size with another is
     held until its digest is known, so a duplicate of an earlier file is never written:
     it shares the earlier file's blocks and fragment. All-zero blocks are stored sparse.
     Tails pack into fragment blocks in file order; a fragment block is queued when the
-    next tail does not fit.
+    next tail does not fit. ``written(n)`` is called as files are done: every file before
+    index n has all its blocks written.
     """
     block_size = plan.block_size
     zero_block = bytes(block_size)
-    files = FileData(len(plan.file_entries))
     full_blocks = plan.full_blocks
     may_duplicate = plan.may_duplicate
     # (digest + size) -> the first file with them. One bytes key, not a tuple of two
@@ -357,6 +368,7 @@ def write_data(plan: SquashfsPlan, image: ImageFile, compressor: Compressor,
         held: list[bytes] = []
         for index, block, digest in reader:
             if index != current:
+                written(writer.first_pending_file(index))
                 current, number, held = index, 0, []
                 decided, skip = not may_duplicate[index], False
             if not decided:
@@ -380,7 +392,7 @@ def write_data(plan: SquashfsPlan, image: ImageFile, compressor: Compressor,
         if fragment_buffer:
             writer.fragment(bytes(fragment_buffer))
         writer.drain(0)
-    return files, writer.fragments
+    return writer.fragments
 
 
 def default_workers() -> int:
