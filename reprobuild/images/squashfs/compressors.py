@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import _lzma
 import ctypes
+import ctypes.util
 import functools
 import importlib.util
 import lzma
@@ -181,8 +182,6 @@ class _Libz:
     """
 
     def __init__(self) -> None:
-        import ctypes.util  # here: it imports subprocess, and the compiled path needs neither
-
         lib = ctypes.CDLL(ctypes.util.find_library("z") or "libz.so.1")
         stream = ctypes.POINTER(_ZStream)
         self.init2 = lib.deflateInit2_
