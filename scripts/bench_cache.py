@@ -90,7 +90,7 @@ def bench_transfer(work: Path, url: str, size_mib: int) -> None:
     print(f"  download reprobuild {rate(size_mib, down)}   curl -o {rate(size_mib, curl_down)}")
     cache.close()
     for path in (work / "a", work / "b"):
-        canon.remove_tree(path)
+        canon.remove_tree(str(path))
 
 
 def reprobuild(argv: list[str], *, fake: bool = False) -> float:

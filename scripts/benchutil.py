@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -38,7 +39,9 @@ def argument_parser(description: str | None, *, repeat: int = 3) -> argparse.Arg
     """The options every benchmark takes: the source directory and best of N runs."""
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument("tree", nargs="?", type=Path, help="source directory")
-    parser.add_argument("--repeat", type=int, default=repeat, help="best of N runs each")
+    parser.add_argument("--repeat", type=int, default=repeat,
+                        help="runs of each, alternating; the table has the best of them and"
+                             " the median of the run-by-run ratios")
     return parser
 
 
@@ -61,7 +64,7 @@ def source_tree(tree: Path | None, tmp: str) -> Path:
     return tree
 
 
-def warm(tree: Path) -> None:
+def warm(tree: str | Path) -> None:
     """Read every file once so that the page cache holds the tree for both sides."""
     subprocess.run(["tar", "-cf", "/dev/null", "-C", str(tree), "."], check=True)
 
@@ -94,6 +97,8 @@ class Row:
     reference: ChildRun
     entries: int
     baseline_kib: int  # peak of our child with the imports and an empty tree
+    paired: float = float("nan")  # median of ours / reference, run by run
+
 
     @property
     def ratio(self) -> float:
@@ -131,14 +136,18 @@ def print_table(title: str, reference: str, rows: list[Row], *,
                 baseline: str = "an empty tree's") -> None:
     """The shape table: shape, source, ours, reference, ratio, peak memory of both."""
     print(f"\n{title}: best wall time and CPU time (user + system) of each, peak RSS of "
-          f"the child (MB), our memory per entry beyond {baseline} peak", flush=True)
+          f"the child (MB), our memory per entry beyond {baseline} peak; 'paired' is the "
+          f"median of the wall ratios run by run (the runs alternate, so it holds when the "
+          f"machine's speed drifts between runs)", flush=True)
     print(f"{'shape':<12} {'from':<4} {'ours s':>7} {reference + ' s':>14} {'ratio':>6} "
+          f"{'paired':>6} "
           f"{'CPU ours':>9} {'CPU ref':>8} {'ratio':>6} {'ours MB':>8} "
           f"{reference + ' MB':>15} {'B/entry':>8}")
     for row in rows:
         cpu_ratio = row.ours.cpu / max(row.reference.cpu, 1e-9)
         print(f"{row.shape:<12} {row.source:<4} {row.ours.wall:>7.2f} "
-              f"{row.reference.wall:>14.2f} {row.ratio:>6.2f} {row.ours.cpu:>9.2f} "
+              f"{row.reference.wall:>14.2f} {row.ratio:>6.2f} {row.paired:>6.3f} "
+              f"{row.ours.cpu:>9.2f} "
               f"{row.reference.cpu:>8.2f} {cpu_ratio:>6.2f} {row.ours.peak_kib / 1024:>8.0f} "
               f"{row.reference.peak_kib / 1024:>15.0f} {row.per_entry_bytes:>8.0f}",
               flush=True)
@@ -150,7 +159,8 @@ def compare_on_shape(name: str, entries: int, sources: dict[str, str], *,
                      ref_env: dict[str, str] | None = None, ref_shell: bool = False,
                      ref_cwd: str | None = None,
                      check: Callable[[str], str] | None = None) -> list[Row]:
-    """Alternating best-of-``repeat`` runs of the reference and of ours from each source.
+    """Alternating best-of-``repeat`` runs of the reference and of ours from each source,
+    with the median of the run-by-run ratios beside the best against the best.
 
     ``sources`` maps "tar"/"dir" to the path ours reads; ``check`` (given our output)
     returns "clean" or what is wrong, printed for the first run from each source.
@@ -164,7 +174,9 @@ def compare_on_shape(name: str, entries: int, sources: dict[str, str], *,
             runs[source].append(run_child(ours(path), output=output))
             if check is not None and len(runs[source]) == 1:
                 print(f"{name} from {source}: {check(output)}", flush=True)
-    return [Row(name, source, best(runs[source]), best(refs), entries, baseline_kib)
+    return [Row(name, source, best(runs[source]), best(refs), entries, baseline_kib,
+                statistics.median(o.wall / r.wall
+                                  for o, r in zip(runs[source], refs, strict=True)))
             for source in sources]
 
 
