@@ -97,8 +97,7 @@ class Row:
     reference: ChildRun
     entries: int
     baseline_kib: int  # peak of our child with the imports and an empty tree
-    paired: float = float("nan")  # median of ours / reference, run by run
-
+    paired: float  # median of ours / reference, run by run
 
     @property
     def ratio(self) -> float:
