@@ -106,8 +106,9 @@ def test_failure_without_keep_going_stops_new_steps(tmp_path: Path) -> None:
     # s0..s5 are one derivation: one builds it, those that waited on its lock find it.
     built = [k for k in report.entries if k in steps]
     assert sorted(built + report.cancelled) == steps
-    assert len(report.cancelled) >= 3  # queued steps never start after a failure
     assert report.skipped == []  # none of them depended on the failure
+    # How many start before "bad" fails depends on the threads; that none starts after
+    # it is test_store_use.test_a_failed_step_cancels_what_has_not_started.
 
 
 def test_keep_failed_keeps_build_dir(tmp_path: Path) -> None:

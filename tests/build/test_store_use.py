@@ -6,17 +6,21 @@ from __future__ import annotations
 import json
 import os
 import signal
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
-from reprobuild.build.engine import Engine, Options
+from reprobuild.build.engine import BuildReport, Engine, Options
+from reprobuild.build.local import LocalExecutor
 from reprobuild.build.plan import plan
 from reprobuild.build.producers import PRODUCERS, Job
 from reprobuild.build.progress import Progress
 from reprobuild.build.recipe import load_recipe
+from reprobuild.build.scheduler import Scheduler
+from reprobuild.errors import BuildError
 from reprobuild.store.store import Store
 from tests.build.fakes import FakeRunner
 from tests.build.test_engine import fakecli, recipe, step
@@ -313,6 +317,52 @@ def test_an_error_that_is_not_ours_stops_everything_even_with_keep_going(
     assert flaky.calls[-1] == "bad"  # nothing started after it
 
 
+class _HoldsUntilCancelled(_Flaky):
+    """Step ``bad`` fails only while step ``first`` runs, and ``first`` ends only once the
+    walk is cancelled: the steps that wait for ``first`` are ready only after the
+    failure, so whether they start cannot depend on the threads' timing."""
+
+    def __init__(self, error: BaseException | None) -> None:
+        super().__init__(error)
+        self.scheduler: Scheduler[object] | None = None
+        self.first_running = threading.Event()
+
+    def produce(self, job: Job) -> None:
+        if job.node.key == "bad":
+            assert self.first_running.wait(60)
+        if job.node.key == "first":
+            assert self.scheduler is not None
+            self.first_running.set()
+            deadline = time.monotonic() + 60
+            while not self.scheduler.cancelled:
+                assert time.monotonic() < deadline, "the failure did not cancel the walk"
+                time.sleep(0.01)
+        super().produce(job)
+
+
+def _build_while_first_runs(tmp_path: Path, producer: _HoldsUntilCancelled) -> BuildReport:
+    engine = Engine(Store(str(tmp_path / "store")), FakeRunner, Options(jobs=2),
+                    producers={**PRODUCERS, "step": producer})
+    assert isinstance(engine.executor, LocalExecutor)
+    producer.scheduler = engine.executor.scheduler  # type: ignore[assignment]
+    body = step("bad", "true") + step("first", "echo first") + "".join(
+        step(f"s{i}", f"echo {i}", ("sh", "first")) for i in range(6))
+    report = engine.build(plan(load_recipe(recipe(tmp_path, body))))
+    assert [f.key for f in report.failures] == ["bad"]
+    # "first" was running when "bad" failed, and ends; none of those after it starts.
+    assert "first" in report.entries
+    assert report.cancelled == [f"s{i}" for i in range(6)]
+    assert report.skipped == []  # none depended on "bad"
+    assert not {f"s{i}" for i in range(6)} & set(producer.calls)
+    return report
+
+
+def test_a_failed_step_cancels_what_has_not_started(tmp_path: Path) -> None:
+    producer = _HoldsUntilCancelled(BuildError("bad failed with exit status 1"))
+    report = _build_while_first_runs(tmp_path, producer)
+    assert "exit status 1" in report.failures[0].message
+
+
 def test_enospc_while_registering_is_a_failure_that_cancels(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     real = Store.register
@@ -323,11 +373,5 @@ def test_enospc_while_registering_is_a_failure_that_cancels(
         return real(self, derivation_id, output, **kw)  # type: ignore[arg-type]
 
     monkeypatch.setattr(Store, "register", register)
-    engine = Engine(Store(str(tmp_path / "store")), FakeRunner, Options(jobs=1),
-                    producers={**PRODUCERS, "step": _Flaky(None)})
-    report = engine.build(plan(load_recipe(recipe(tmp_path, STEPS))))
-    assert [f.key for f in report.failures] == ["bad"]
+    report = _build_while_first_runs(tmp_path, _HoldsUntilCancelled(None))
     assert "No space left on device" in report.failures[0].message
-    steps = [f"s{i}" for i in range(6)]
-    assert sorted([k for k in report.entries if k in steps] + report.cancelled) == steps
-    assert len(report.cancelled) >= 3 and report.skipped == []  # none depended on "bad"
