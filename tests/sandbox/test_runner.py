@@ -48,8 +48,11 @@ def spare_pids(runner: ForkServer) -> list[int]:
 
 
 def test_concurrent_runs_each_get_their_own_sandbox(runner: ForkServer) -> None:
-    # Runs overlap (each sleeps), yet each sees only its own /tmp and 127.0.0.1:8080.
-    spec = busybox("echo $$; touch /tmp/mine; (nc -l -p 8080 >/dev/null &); sleep 0.3; "
+    # Runs overlap (each sleeps), yet each sees only its own /tmp and 127.0.0.1:8080
+    # (counted once the background nc listens: how soon it does is the machine's load).
+    spec = busybox("echo $$; touch /tmp/mine; (nc -l -p 8080 >/dev/null &); i=0; "
+                   "until netstat -ltn | grep -q :8080 || [ $i = 600 ]; do "
+                   "sleep 0.05; i=$((i+1)); done; sleep 0.3; "
                    "ls /tmp | wc -l; netstat -ltn | grep -c :8080")
     with ThreadPoolExecutor(4) as pool:
         outcomes = list(pool.map(lambda _: run(runner, spec), range(8)))
