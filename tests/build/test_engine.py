@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -168,12 +169,37 @@ def test_sigkill_mid_build_then_verify_and_rebuild(tmp_path: Path) -> None:
     assert sorted(os.listdir(report.entries["slow"].path)) == ["a", "b"]
 
 
+def waited_for_locks(store: Path) -> bool:
+    """Whether a process waits for the flock of a file in ``store``'s logs (each entry's
+    build lock is its log file)."""
+    keys = set()
+    with contextlib.suppress(FileNotFoundError):
+        for entry in os.scandir(store / "logs"):
+            st = entry.stat()
+            keys.add(f"{os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x}:{st.st_ino}")
+    # A waiter's line: "3: -> FLOCK  ADVISORY  WRITE 1234 fe:00:5678 0 EOF".
+    return any(line.split()[1] == "->" and line.split()[6] in keys
+               for line in Path("/proc/locks").read_text().splitlines())
+
+
 def test_two_concurrent_builders_build_once(tmp_path: Path) -> None:
     counter = tmp_path / "counter"
-    path = recipe(tmp_path, step("once", f"echo run >> {counter}; sleep 1; echo x > $out"))
+    release = tmp_path / "release"
+    # The step ends only once the other builder waits for a lock: that one has planned
+    # while the step's output was missing, so it cannot find it done before it starts
+    # (with a fixed sleep, a builder slow to start on a loaded machine could).
+    path = recipe(tmp_path, step("once", f"echo run >> {counter}; for i in $(seq 1200); do "
+                                         f"[ -e {release} ] && break; sleep 0.05; done; "
+                                         "echo x > $out"))
     store = tmp_path / "store"
     procs = [fakecli("build", "--json", "--store", str(store), "--no-out-link", path,
                      cwd=tmp_path) for _ in range(2)]
+    deadline = time.monotonic() + 30
+    while not waited_for_locks(store):
+        assert time.monotonic() < deadline, "neither builder waits for the other's lock"
+        assert all(p.poll() is None for p in procs), [p.communicate() for p in procs]
+        time.sleep(0.02)
+    release.touch()
     results = [p.communicate() for p in procs]
     assert [p.returncode for p in procs] == [0, 0], results
     assert counter.read_text() == "run\n"
