@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.build.test_engine import waited_for_locks
 from tests.conftest import REPO, Unprivileged, need, need_tool
 
 
@@ -44,6 +45,17 @@ def _start_slow_build(unprivileged: Unprivileged, name: str, script: str
         assert time.monotonic() < deadline and proc.poll() is None, proc.communicate()
         time.sleep(0.05)
     return work, recipe, store, proc
+
+
+def _pid_of(cmdline: bytes) -> int | None:
+    """A process whose command line is ``cmdline`` (NUL-separated), if one runs."""
+    for name in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            if Path(f"/proc/{name}/cmdline").read_bytes() == cmdline:
+                return int(name)
+        except OSError:
+            continue
+    return None
 
 
 def copy_recipes(unprivileged: Unprivileged, name: str) -> Path:
@@ -185,7 +197,7 @@ def test_two_sandboxed_builders_build_once(unprivileged: Unprivileged) -> None:
     work = unprivileged.scratch("twice")
     recipe = work / "r.toml"
     recipe.write_text('[sources.bb]\nhost = "/bin/busybox"\n[steps.once]\ninputs = ["bb"]\n'
-                      'builder = ["bb", "sh", "-c", "sleep 1; echo x > $out"]\n')
+                      'builder = ["bb", "sh", "-c", "sleep 7783; echo x > $out"]\n')
     os.chmod(recipe, 0o644)
     env = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "LANG": "C.UTF-8",
            "HOME": str(unprivileged.root / "home"), "PYTHONPATH": unprivileged.pythonpath,
@@ -194,7 +206,22 @@ def test_two_sandboxed_builders_build_once(unprivileged: Unprivileged) -> None:
                                  "--no-out-link", "--store", str(work / "store"), str(recipe)])
     procs = [subprocess.Popen(argv, env=env, cwd=work, stdout=subprocess.PIPE,
                               stderr=subprocess.PIPE, text=True) for _ in range(2)]
-    results = [p.communicate(timeout=120) for p in procs]
+    # The step's sleep ends (killed: its shell goes on) only once the other builder waits
+    # for a lock, so that one cannot find the output done before it starts.
+    try:
+        deadline = time.monotonic() + 60
+        while not (waited_for_locks(work / "store")
+                   and (sleeper := _pid_of(b"sleep\x007783\x00"))):
+            assert time.monotonic() < deadline, "the step never ran while the other waited"
+            assert all(p.poll() is None for p in procs), [p.communicate() for p in procs]
+            time.sleep(0.02)
+        os.kill(sleeper, signal.SIGTERM)
+        results = [p.communicate(timeout=120) for p in procs]
+    finally:
+        for proc in procs:  # failed: their sandboxes die with them
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
     assert [p.returncode for p in procs] == [0, 0], results
     assert len({json.loads(out)[0]["path"] for out, _ in results}) == 1
     states = sorted("once: done by another process" in err for _, err in results)
