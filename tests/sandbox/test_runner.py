@@ -91,7 +91,12 @@ def test_close_kills_running_sandboxes() -> None:
     server = start()
     with ThreadPoolExecutor(1) as pool:
         pending = pool.submit(run, server, busybox("sleep 7781"))
-        time.sleep(0.3)
+        # Closed while the sandbox runs (not before the run reached the server, which a
+        # fixed wait on a loaded machine may give: "closed" is a SandboxError too).
+        deadline = time.monotonic() + 30
+        while not marked("7781"):
+            assert time.monotonic() < deadline and not pending.done(), pending
+            time.sleep(0.02)
         server.close()
         with pytest.raises(SandboxError):
             pending.result(timeout=10)
