@@ -41,6 +41,19 @@ def need_tool(*names: str) -> None:
              f"missing tool {name} (run scripts/setup.sh --test)")
 
 
+def commands(marker: bytes) -> dict[int, bytes]:
+    """The command lines (NUL-separated, as in /proc) that contain ``marker``, by pid."""
+    found = {}
+    for name in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            cmdline = Path(f"/proc/{name}/cmdline").read_bytes()
+        except OSError:
+            continue  # it ended meanwhile
+        if marker in cmdline:
+            found[int(name)] = cmdline
+    return found
+
+
 @functools.cache
 def can_loop_mount() -> bool:
     if os.geteuid() != 0:

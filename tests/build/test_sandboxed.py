@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from tests.build.test_engine import waited_for_locks
-from tests.conftest import REPO, Unprivileged, need, need_tool
+from tests.conftest import REPO, Unprivileged, commands, need, need_tool
 
 
 def need_sandbox() -> None:
@@ -49,13 +49,7 @@ def _start_slow_build(unprivileged: Unprivileged, name: str, script: str
 
 def _pid_of(cmdline: bytes) -> int | None:
     """A process whose command line is ``cmdline`` (NUL-separated), if one runs."""
-    for name in filter(str.isdigit, os.listdir("/proc")):
-        try:
-            if Path(f"/proc/{name}/cmdline").read_bytes() == cmdline:
-                return int(name)
-        except OSError:
-            continue
-    return None
+    return next((pid for pid, line in commands(cmdline).items() if line == cmdline), None)
 
 
 def copy_recipes(unprivileged: Unprivileged, name: str) -> Path:
